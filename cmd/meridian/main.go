@@ -1,0 +1,43 @@
+// Command meridian is the Meridian registry: one binary for servers,
+// gateways and administration. This file holds only flag parsing and wiring.
+package main
+
+import (
+	"fmt"
+	"os"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+const usage = `meridian: a geo-replicated OCI container registry
+
+Usage:
+  meridian serve [flags]     run a registry node (OCI API on :5000)
+  meridian version           print the version
+
+Run 'meridian serve --help' for the node's flags.
+`
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	var err error
+	switch os.Args[1] {
+	case "serve":
+		err = serve(os.Args[2:])
+	case "version", "--version":
+		fmt.Println("meridian", version)
+	case "help", "-h", "--help":
+		fmt.Print(usage)
+	default:
+		fmt.Fprintf(os.Stderr, "meridian: unknown command %q\n\n%s", os.Args[1], usage)
+		os.Exit(2)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "meridian: %v\n", err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,344 @@
+package consensus
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/hashicorp/raft"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// LogVersion is the newest LogEntry format this binary applies. An entry with
+// a newer version panics the node rather than being applied wrongly; upgrade
+// every node before proposing entries of a new version.
+const LogVersion uint32 = 1
+
+// applyFunc applies one command to batch. It returns a business error (a
+// *meridianpb.Error) to reject the command; the batch is then discarded except
+// for the applied index.
+type applyFunc func(b *pebble.Batch, e *pb.LogEntry) error
+
+// commands maps each LogEntry command (its oneof field name) to the function
+// that applies it. TestEveryCommandHasAnApplyFunc keeps it complete.
+var commands = map[protoreflect.Name]applyFunc{
+	"put_manifest":    applyPutManifest,
+	"delete_manifest": applyDeleteManifest,
+	"delete_tag":      applyDeleteTag,
+	"link_blob":       applyLinkBlob,
+	"unlink_blob":     applyUnlinkBlob,
+	"set_upload_key":  applySetUploadKey,
+}
+
+var commandOneof = (&pb.LogEntry{}).ProtoReflect().Descriptor().Oneofs().ByName("command")
+
+// fsm applies committed log entries to the Store.
+type fsm struct {
+	store  *Store
+	logger *slog.Logger
+}
+
+// Apply decodes and applies one entry. An entry that does not decode, or
+// whose version or command this binary does not know, panics: crashing is
+// safe, diverging from the other replicas is not.
+func (f *fsm) Apply(l *raft.Log) any {
+	f.store.mu.RLock()
+	defer f.store.mu.RUnlock()
+	db := f.store.db
+	if db == nil {
+		panic("consensus: apply on a closed state store")
+	}
+	applied, _, err := appliedIndex(db)
+	if err != nil {
+		panic(fmt.Sprintf("consensus: read applied index: %v", err))
+	}
+	if l.Index <= applied {
+		// Replayed after a restart: the store already holds this entry's effect.
+		return nil
+	}
+	e := &pb.LogEntry{}
+	if err := proto.Unmarshal(l.Data, e); err != nil {
+		panic(fmt.Sprintf("consensus: entry %d does not decode: %v", l.Index, err))
+	}
+	if e.Version == 0 || e.Version > LogVersion {
+		panic(fmt.Sprintf("consensus: entry %d has format version %d; this binary applies up to %d", l.Index, e.Version, LogVersion))
+	}
+	which := e.ProtoReflect().WhichOneof(commandOneof)
+	if which == nil {
+		panic(fmt.Sprintf("consensus: entry %d carries no command this binary knows", l.Index))
+	}
+	apply, ok := commands[which.Name()]
+	if !ok {
+		panic(fmt.Sprintf("consensus: entry %d: no apply function for %s", l.Index, which.Name()))
+	}
+
+	b := db.NewIndexedBatch()
+	defer func() { b.Close() }()
+	result := apply(b, e)
+	if result != nil {
+		var rejected *pb.Error
+		if !errors.As(result, &rejected) {
+			// A storage failure, not a business answer: other replicas applied
+			// this entry, so carrying on would diverge from them.
+			panic(fmt.Sprintf("consensus: apply entry %d: %v", l.Index, result))
+		}
+		// Rejected: keep nothing but the applied index.
+		b.Close()
+		b = db.NewBatch()
+	}
+	if err := b.Set(key(tableApplied), encodeUint64s(l.Index, l.Term), nil); err != nil {
+		panic(err)
+	}
+	// The Raft log is synced; a crash that loses this unsynced batch replays
+	// the entry. Snapshot() syncs before the log behind it is compacted.
+	if err := b.Commit(pebble.NoSync); err != nil {
+		panic(fmt.Sprintf("consensus: commit entry %d: %v", l.Index, err))
+	}
+	return result
+}
+
+// Snapshot captures the store at the current applied index.
+func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
+	return f.store.snapshot()
+}
+
+// Restore replaces the store's contents with a snapshot stream.
+func (f *fsm) Restore(r io.ReadCloser) error {
+	defer r.Close()
+	return f.store.restore(r)
+}
+
+func ensureRepo(b *pebble.Batch, repo string, now int64) error {
+	ok, err := has(b, key(tableRepo, repo))
+	if err != nil || ok {
+		return err
+	}
+	return b.Set(key(tableRepo, repo), encodeUint64s(uint64(now)), nil)
+}
+
+func setProto(b *pebble.Batch, k []byte, m proto.Message) error {
+	v, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		return err
+	}
+	return b.Set(k, v, nil)
+}
+
+func applyPutManifest(b *pebble.Batch, e *pb.LogEntry) error {
+	c := e.GetPutManifest()
+	repo := c.Repository
+	if len(c.Tags) > 0 && (c.IfMatch != "" || c.IfNoneMatch) {
+		if len(c.Tags) != 1 {
+			return pb.Errorf(pb.Code_CODE_INVALID_ARGUMENT, "a conditional tag update names exactly one tag")
+		}
+		current, exists, err := get(b, key(tableTag, repo, c.Tags[0]))
+		if err != nil {
+			return err
+		}
+		if c.IfNoneMatch && exists {
+			return pb.Errorf(pb.Code_CODE_PRECONDITION_FAILED, "tag %s already exists", c.Tags[0])
+		}
+		if c.IfMatch != "" && (!exists || (c.IfMatch != "*" && string(current) != c.IfMatch)) {
+			return pb.Errorf(pb.Code_CODE_PRECONDITION_FAILED, "tag %s does not point at %s", c.Tags[0], c.IfMatch)
+		}
+	}
+	for _, d := range c.Blobs {
+		ok, err := has(b, key(tableLink, repo, d))
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return pb.Errorf(pb.Code_CODE_MANIFEST_BLOB_UNKNOWN, "blob %s is not in %s", d, repo)
+		}
+	}
+	for _, d := range c.Manifests {
+		ok, err := has(b, key(tableManifest, repo, d))
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return pb.Errorf(pb.Code_CODE_MANIFEST_BLOB_UNKNOWN, "manifest %s is not in %s", d, repo)
+		}
+	}
+	if err := ensureRepo(b, repo, e.TimeUnixNano); err != nil {
+		return err
+	}
+	mk := key(tableManifest, repo, c.Digest)
+	existing := &pb.ManifestRecord{}
+	found, err := getProto(b, mk, existing)
+	if err != nil {
+		return err
+	}
+	created := e.TimeUnixNano
+	if found {
+		created = existing.CreatedUnixNano
+	}
+	rec := &pb.ManifestRecord{
+		Digest: c.Digest, MediaType: c.MediaType, Content: c.Content,
+		Subject: c.Subject, ArtifactType: c.ArtifactType, Annotations: c.Annotations,
+		CreatedUnixNano: created,
+	}
+	if err := setProto(b, mk, rec); err != nil {
+		return err
+	}
+	if c.Subject != "" {
+		ref := &pb.Referrer{
+			MediaType: c.MediaType, Digest: c.Digest, Size: int64(len(c.Content)),
+			ArtifactType: c.ArtifactType, Annotations: c.Annotations,
+		}
+		if err := setProto(b, key(tableReferrer, repo, c.Subject, c.Digest), ref); err != nil {
+			return err
+		}
+	}
+	for _, tag := range c.Tags {
+		if err := setTag(b, repo, tag, c.Digest); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// setTag points tag at digest, keeping the reverse index in step.
+func setTag(b *pebble.Batch, repo, tag, digest string) error {
+	tk := key(tableTag, repo, tag)
+	old, ok, err := get(b, tk)
+	if err != nil {
+		return err
+	}
+	if ok {
+		if err := b.Delete(key(tableTagIndex, repo, string(old), tag), nil); err != nil {
+			return err
+		}
+	}
+	if err := b.Set(tk, []byte(digest), nil); err != nil {
+		return err
+	}
+	return b.Set(key(tableTagIndex, repo, digest, tag), nil, nil)
+}
+
+func applyDeleteManifest(b *pebble.Batch, e *pb.LogEntry) error {
+	c := e.GetDeleteManifest()
+	repo := c.Repository
+	mk := key(tableManifest, repo, c.Digest)
+	rec := &pb.ManifestRecord{}
+	found, err := getProto(b, mk, rec)
+	if err != nil {
+		return err
+	}
+	if !found {
+		return pb.Errorf(pb.Code_CODE_MANIFEST_UNKNOWN, "manifest %s not found in %s", c.Digest, repo)
+	}
+	// Collect first: deleting while iterating an indexed batch is not allowed.
+	var tags []string
+	if err := scan(b, prefix(tableTagIndex, repo, c.Digest), "", -1, func(k, _ []byte) error {
+		tags = append(tags, lastField(k))
+		return nil
+	}); err != nil {
+		return err
+	}
+	for _, tag := range tags {
+		if err := b.Delete(key(tableTag, repo, tag), nil); err != nil {
+			return err
+		}
+		if err := b.Delete(key(tableTagIndex, repo, c.Digest, tag), nil); err != nil {
+			return err
+		}
+	}
+	if rec.Subject != "" {
+		if err := b.Delete(key(tableReferrer, repo, rec.Subject, c.Digest), nil); err != nil {
+			return err
+		}
+	}
+	return b.Delete(mk, nil)
+}
+
+func applyDeleteTag(b *pebble.Batch, e *pb.LogEntry) error {
+	c := e.GetDeleteTag()
+	tk := key(tableTag, c.Repository, c.Tag)
+	d, ok, err := get(b, tk)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return pb.Errorf(pb.Code_CODE_MANIFEST_UNKNOWN, "tag %s not found in %s", c.Tag, c.Repository)
+	}
+	if err := b.Delete(key(tableTagIndex, c.Repository, string(d), c.Tag), nil); err != nil {
+		return err
+	}
+	return b.Delete(tk, nil)
+}
+
+func applyLinkBlob(b *pebble.Batch, e *pb.LogEntry) error {
+	c := e.GetLinkBlob()
+	bk := key(tableBlob, c.Digest)
+	rec := &pb.BlobRecord{}
+	found, err := getProto(b, bk, rec)
+	if err != nil {
+		return err
+	}
+	if c.PlacedRegion == "" {
+		// A mount: the bytes must already be somewhere, and in the source
+		// repository when one is named.
+		if !found {
+			return pb.Errorf(pb.Code_CODE_BLOB_UNKNOWN, "blob %s not found", c.Digest)
+		}
+		if c.MountFrom != "" {
+			ok, err := has(b, key(tableLink, c.MountFrom, c.Digest))
+			if err != nil {
+				return err
+			}
+			if !ok {
+				return pb.Errorf(pb.Code_CODE_BLOB_UNKNOWN, "blob %s not found in %s", c.Digest, c.MountFrom)
+			}
+		}
+	} else {
+		if !found {
+			rec = &pb.BlobRecord{Digest: c.Digest, Size: c.Size, CreatedUnixNano: e.TimeUnixNano}
+		} else if rec.Size != c.Size {
+			// Same digest, different size: the proposer's verification failed.
+			return pb.Errorf(pb.Code_CODE_INVALID_ARGUMENT, "blob %s has size %d, not %d", c.Digest, rec.Size, c.Size)
+		}
+		if !slices.Contains(rec.Regions, c.PlacedRegion) {
+			rec.Regions = append(rec.Regions, c.PlacedRegion)
+			slices.Sort(rec.Regions)
+		}
+		if err := setProto(b, bk, rec); err != nil {
+			return err
+		}
+	}
+	if err := ensureRepo(b, c.Repository, e.TimeUnixNano); err != nil {
+		return err
+	}
+	return b.Set(key(tableLink, c.Repository, c.Digest), nil, nil)
+}
+
+func applyUnlinkBlob(b *pebble.Batch, e *pb.LogEntry) error {
+	c := e.GetUnlinkBlob()
+	lk := key(tableLink, c.Repository, c.Digest)
+	ok, err := has(b, lk)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return pb.Errorf(pb.Code_CODE_BLOB_UNKNOWN, "blob %s not found in %s", c.Digest, c.Repository)
+	}
+	return b.Delete(lk, nil)
+}
+
+func applySetUploadKey(b *pebble.Batch, e *pb.LogEntry) error {
+	k := key(tableUploadKey)
+	ok, err := has(b, k)
+	if err != nil || ok {
+		return err
+	}
+	if len(e.GetSetUploadKey().Key) < 32 {
+		return pb.Errorf(pb.Code_CODE_INVALID_ARGUMENT, "upload key shorter than 32 bytes")
+	}
+	return b.Set(k, e.GetSetUploadKey().Key, nil)
+}

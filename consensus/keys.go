@@ -1,0 +1,95 @@
+package consensus
+
+import (
+	"bytes"
+	"encoding/binary"
+)
+
+// State-store key layout, version 1.
+//
+// Every key starts with the layout version byte and a table byte, so a later
+// layout can live beside this one while a cluster upgrades. Variable fields are
+// separated by 0x00, which repository names, tags and digests never contain
+// (the gateway validates them before they reach the log).
+//
+//	v 'L'                             layout version marker → uint32
+//	v 'A'                             last applied Raft index → uint64 index, uint64 term
+//	v 'K'                             upload-token signing key → raw bytes
+//	v 'R' repo                        repository → uint64 created (unix nanos)
+//	v 'M' repo 0 digest               manifest → ManifestRecord
+//	v 'T' repo 0 tag                  tag → manifest digest
+//	v 'X' repo 0 digest 0 tag         reverse tag index (tags of a manifest) → empty
+//	v 'B' digest                      blob record (size, placements) → BlobRecord
+//	v 'N' repo 0 digest               blob linked into a repository → empty
+//	v 'F' repo 0 subject 0 digest     referrer of subject → Referrer
+const layoutVersion byte = 1
+
+const (
+	tableLayout    byte = 'L'
+	tableApplied   byte = 'A'
+	tableUploadKey byte = 'K'
+	tableRepo      byte = 'R'
+	tableManifest  byte = 'M'
+	tableTag       byte = 'T'
+	tableTagIndex  byte = 'X'
+	tableBlob      byte = 'B'
+	tableLink      byte = 'N'
+	tableReferrer  byte = 'F'
+)
+
+const sep byte = 0
+
+// key builds a fresh key: layout version, table, then fields joined by sep.
+func key(table byte, fields ...string) []byte {
+	n := 2
+	for _, f := range fields {
+		n += len(f) + 1
+	}
+	k := make([]byte, 0, n)
+	k = append(k, layoutVersion, table)
+	for i, f := range fields {
+		if i > 0 {
+			k = append(k, sep)
+		}
+		k = append(k, f...)
+	}
+	return k
+}
+
+// prefix is key(...) followed by a separator: the bounds of every key that
+// extends fields with one more field.
+func prefix(table byte, fields ...string) []byte {
+	return append(key(table, fields...), sep)
+}
+
+// upperBound returns the smallest key greater than every key starting with p.
+func upperBound(p []byte) []byte {
+	end := bytes.Clone(p)
+	for i := len(end) - 1; i >= 0; i-- {
+		if end[i] < 0xff {
+			end[i]++
+			return end[:i+1]
+		}
+	}
+	return nil
+}
+
+// tableBounds returns the bounds of one whole table.
+func tableBounds(table byte) (lower, upper []byte) {
+	lower = []byte{layoutVersion, table}
+	return lower, upperBound(lower)
+}
+
+// lastField returns the text after the final separator of k.
+func lastField(k []byte) string {
+	i := bytes.LastIndexByte(k, sep)
+	return string(k[i+1:])
+}
+
+func encodeUint64s(vs ...uint64) []byte {
+	b := make([]byte, 8*len(vs))
+	for i, v := range vs {
+		binary.BigEndian.PutUint64(b[8*i:], v)
+	}
+	return b
+}

@@ -1,0 +1,315 @@
+package consensus
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// Config configures a consensus Node.
+type Config struct {
+	// NodeID is the node's stable Raft server id.
+	NodeID string
+	// DataDir holds raft/, state/ and snapshots/.
+	DataDir string
+	// RaftListener carries Raft traffic. The caller opens it, so tests can
+	// hand in 127.0.0.1:0 listeners without port races.
+	RaftListener net.Listener
+	// AdvertiseRaft is the address other nodes dial; empty means the
+	// listener's address.
+	AdvertiseRaft string
+	// Bootstrap makes a node with no Raft state start a new single-voter
+	// cluster. A node that has state never bootstraps again.
+	Bootstrap bool
+	// ApplyTimeout bounds how long a proposal waits for a leader and commit
+	// when the caller's context has no deadline.
+	ApplyTimeout time.Duration
+	// SnapshotThreshold and SnapshotInterval control log compaction;
+	// TrailingLogs is how many entries stay behind a snapshot for
+	// followers that lag a little.
+	SnapshotThreshold uint64
+	SnapshotInterval  time.Duration
+	TrailingLogs      uint64
+	// Raft timings; zero values take hashicorp/raft's defaults.
+	HeartbeatTimeout time.Duration
+	ElectionTimeout  time.Duration
+	Logger           *slog.Logger
+}
+
+// DefaultConfig returns the settings a single node runs with.
+func DefaultConfig() Config {
+	return Config{
+		ApplyTimeout:      10 * time.Second,
+		SnapshotThreshold: 8192,
+		SnapshotInterval:  2 * time.Minute,
+		TrailingLogs:      10240,
+		Logger:            slog.Default(),
+	}
+}
+
+// Node is one member of the Raft group: the log, the FSM and the store.
+type Node struct {
+	cfg       Config
+	logger    *slog.Logger
+	store     *Store
+	logs      *LogStore
+	snapshots *raft.FileSnapshotStore
+	transport *raft.NetworkTransport
+	raft      *raft.Raft
+	stop      chan struct{}
+	done      chan struct{}
+}
+
+// NewNode returns a Node; Open starts it.
+func NewNode(cfg Config) *Node {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return &Node{cfg: cfg, logger: cfg.Logger.With("component", "consensus")}
+}
+
+// Open opens the stores, starts Raft and bootstraps a new cluster when asked
+// to and no state exists.
+func (n *Node) Open(ctx context.Context) (err error) {
+	defer func() {
+		if err != nil {
+			n.Close()
+		}
+	}()
+	if n.cfg.NodeID == "" {
+		return errors.New("consensus: node id is required")
+	}
+	if n.cfg.RaftListener == nil {
+		return errors.New("consensus: a Raft listener is required")
+	}
+	if n.store, err = OpenStore(filepath.Join(n.cfg.DataDir, "state"), n.logger); err != nil {
+		return err
+	}
+	if n.logs, err = OpenLogStore(filepath.Join(n.cfg.DataDir, "raft"), n.logger); err != nil {
+		return err
+	}
+	hlog := newHCLogger(n.logger)
+	if n.snapshots, err = raft.NewFileSnapshotStoreWithLogger(n.cfg.DataDir, 2, hlog); err != nil {
+		return fmt.Errorf("open snapshot store: %w", err)
+	}
+	advertise := n.cfg.RaftListener.Addr()
+	if n.cfg.AdvertiseRaft != "" {
+		if advertise, err = net.ResolveTCPAddr("tcp", n.cfg.AdvertiseRaft); err != nil {
+			return fmt.Errorf("advertise raft address: %w", err)
+		}
+	}
+	n.transport = raft.NewNetworkTransportWithLogger(
+		&streamLayer{Listener: n.cfg.RaftListener, advertise: advertise}, 3, 10*time.Second, hlog)
+
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(n.cfg.NodeID)
+	rc.Logger = hlog
+	rc.NoSnapshotRestoreOnStart = true // the Pebble store is itself durable
+	rc.NoLegacyTelemetry = true
+	rc.SnapshotThreshold = n.cfg.SnapshotThreshold
+	rc.SnapshotInterval = n.cfg.SnapshotInterval
+	rc.TrailingLogs = n.cfg.TrailingLogs
+	if n.cfg.HeartbeatTimeout > 0 {
+		rc.HeartbeatTimeout = n.cfg.HeartbeatTimeout
+		rc.LeaderLeaseTimeout = n.cfg.HeartbeatTimeout
+	}
+	if n.cfg.ElectionTimeout > 0 {
+		rc.ElectionTimeout = n.cfg.ElectionTimeout
+	}
+	if err := raft.ValidateConfig(rc); err != nil {
+		return fmt.Errorf("raft config: %w", err)
+	}
+
+	hasState, err := raft.HasExistingState(n.logs, n.logs, n.snapshots)
+	if err != nil {
+		return err
+	}
+	f := &fsm{store: n.store, logger: n.logger}
+	if n.raft, err = raft.NewRaft(rc, f, n.logs, n.logs, n.snapshots, n.transport); err != nil {
+		return fmt.Errorf("start raft: %w", err)
+	}
+	if !hasState && n.cfg.Bootstrap {
+		n.logger.Info("bootstrapping a new cluster", "node_id", n.cfg.NodeID, "raft_addr", advertise.String())
+		boot := raft.Configuration{Servers: []raft.Server{{
+			ID: rc.LocalID, Address: raft.ServerAddress(advertise.String()), Suffrage: raft.Voter,
+		}}}
+		if err := n.raft.BootstrapCluster(boot).Error(); err != nil {
+			return fmt.Errorf("bootstrap: %w", err)
+		}
+	}
+	n.stop, n.done = make(chan struct{}), make(chan struct{})
+	go n.leaderDuties()
+	return nil
+}
+
+// Store returns the local state store for reads.
+func (n *Node) Store() *Store { return n.store }
+
+// Raft exposes the underlying raft for cluster administration.
+func (n *Node) Raft() *raft.Raft { return n.raft }
+
+// Addr is the Raft address other nodes reach this one at.
+func (n *Node) Addr() string { return string(n.transport.LocalAddr()) }
+
+// IsLeader reports whether this node is the current leader.
+func (n *Node) IsLeader() bool { return n.raft != nil && n.raft.State() == raft.Leader }
+
+// WaitLeader blocks until the cluster has a leader or ctx ends.
+func (n *Node) WaitLeader(ctx context.Context) error {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if addr, _ := n.raft.LeaderWithID(); addr != "" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w: no leader elected", pb.ErrUnavailable)
+		case <-t.C:
+		}
+	}
+}
+
+// Propose commits e through Raft and returns the apply result: nil, or a
+// business error (*meridianpb.Error) such as a failed tag precondition.
+// Proposals must be made on the leader; elsewhere ErrNotLeader comes back.
+func (n *Node) Propose(ctx context.Context, e *pb.LogEntry) error {
+	if e.Version == 0 {
+		e.Version = LogVersion
+	}
+	if e.TimeUnixNano == 0 {
+		e.TimeUnixNano = time.Now().UnixNano()
+	}
+	data, err := proto.Marshal(e)
+	if err != nil {
+		return err
+	}
+	timeout := n.cfg.ApplyTimeout
+	if d, ok := ctx.Deadline(); ok {
+		timeout = time.Until(d)
+	}
+	if timeout <= 0 {
+		return fmt.Errorf("%w: %v", pb.ErrUnavailable, context.DeadlineExceeded)
+	}
+	f := n.raft.Apply(data, timeout)
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err = <-done:
+	case <-ctx.Done():
+		// The entry may still commit; the caller only stops waiting.
+		return fmt.Errorf("%w: %v", pb.ErrUnavailable, ctx.Err())
+	}
+	switch {
+	case err == nil:
+	case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipLost),
+		errors.Is(err, raft.ErrLeadershipTransferInProgress):
+		return fmt.Errorf("%w: %v", pb.ErrNotLeader, err)
+	default:
+		return fmt.Errorf("%w: %v", pb.ErrUnavailable, err)
+	}
+	if resp, ok := f.Response().(error); ok && resp != nil {
+		return resp
+	}
+	return nil
+}
+
+// leaderDuties runs what only the leader does: installing the upload key once
+// and keeping its own address current in the configuration.
+func (n *Node) leaderDuties() {
+	defer close(n.done)
+	for {
+		select {
+		case <-n.stop:
+			return
+		case isLeader := <-n.raft.LeaderCh():
+			if isLeader {
+				n.onLeader()
+			}
+		}
+	}
+}
+
+func (n *Node) onLeader() {
+	ctx, cancel := context.WithTimeout(context.Background(), n.cfg.ApplyTimeout)
+	defer cancel()
+	if err := n.updateOwnAddress(); err != nil {
+		n.logger.Warn("update own raft address", "err", err)
+	}
+	if k, err := n.store.UploadKey(ctx); err == nil && k == nil {
+		key := make([]byte, 32)
+		rand.Read(key)
+		err := n.Propose(ctx, &pb.LogEntry{Command: &pb.LogEntry_SetUploadKey{SetUploadKey: &pb.SetUploadKey{Key: key}}})
+		if err != nil {
+			n.logger.Warn("install upload key", "err", err)
+		}
+	}
+}
+
+// updateOwnAddress re-adds this node under its current address when it was
+// restarted on another one (e.g. a :0 port in tests).
+func (n *Node) updateOwnAddress() error {
+	f := n.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return err
+	}
+	for _, s := range f.Configuration().Servers {
+		if s.ID == raft.ServerID(n.cfg.NodeID) && s.Address != n.transport.LocalAddr() {
+			n.logger.Info("raft address changed", "from", s.Address, "to", n.transport.LocalAddr())
+			if s.Suffrage == raft.Voter {
+				return n.raft.AddVoter(s.ID, n.transport.LocalAddr(), 0, 0).Error()
+			}
+			return n.raft.AddNonvoter(s.ID, n.transport.LocalAddr(), 0, 0).Error()
+		}
+	}
+	return nil
+}
+
+// Close stops Raft and closes the stores. It is safe to call more than once.
+func (n *Node) Close() error {
+	var errs []error
+	if n.stop != nil {
+		close(n.stop)
+		<-n.done
+		n.stop = nil
+	}
+	if n.raft != nil {
+		errs = append(errs, n.raft.Shutdown().Error())
+		n.raft = nil
+	}
+	if n.transport != nil {
+		errs = append(errs, n.transport.Close())
+		n.transport = nil
+	}
+	if n.logs != nil {
+		errs = append(errs, n.logs.Close())
+		n.logs = nil
+	}
+	if n.store != nil {
+		errs = append(errs, n.store.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// streamLayer is hashicorp/raft's TCP stream layer over a caller-provided
+// listener; TLS can wrap it later without touching Raft.
+type streamLayer struct {
+	net.Listener
+	advertise net.Addr
+}
+
+func (s *streamLayer) Addr() net.Addr { return s.advertise }
+
+func (s *streamLayer) Dial(addr raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	return net.DialTimeout("tcp", string(addr), timeout)
+}

@@ -1,0 +1,256 @@
+package gateway
+
+import (
+	"context"
+	_ "crypto/sha256" // digest algorithms go-digest looks up
+	_ "crypto/sha512"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+	"github.com/meridian-registry/meridian/replication"
+)
+
+// Metadata is what the gateway needs from the cluster: committed writes and
+// reads of the replicated state. Errors are *meridianpb.Error values where
+// they mean something to a client (unknown manifest, failed precondition,
+// no leader).
+type Metadata interface {
+	// Propose commits a log entry and returns its apply result.
+	Propose(ctx context.Context, e *pb.LogEntry) error
+	Manifest(ctx context.Context, repo, digest string) (*pb.ManifestRecord, error)
+	Tag(ctx context.Context, repo, tag string) (string, error)
+	Tags(ctx context.Context, repo, after string, limit int) ([]string, error)
+	Repositories(ctx context.Context, after string, limit int) ([]string, error)
+	Referrers(ctx context.Context, repo, subject string) ([]*pb.Referrer, error)
+	LinkedBlob(ctx context.Context, repo, digest string) (*pb.BlobRecord, error)
+	// UploadKey returns the cluster's upload-token key, nil until installed.
+	UploadKey(ctx context.Context) ([]byte, error)
+}
+
+// Authorizer decides whether a request may act on a repository. It is the
+// seam for access control; the default allows everything.
+type Authorizer interface {
+	// Authorize returns nil to allow, or an error (mapped to UNAUTHORIZED or
+	// DENIED with errorf) to refuse. repo is empty for /v2/ and /v2/_catalog.
+	Authorize(r *http.Request, repo string, write bool) error
+}
+
+type allowAll struct{}
+
+func (allowAll) Authorize(*http.Request, string, bool) error { return nil }
+
+// Config tunes the gateway. DefaultConfig gives working values.
+type Config struct {
+	// Region is the region whose store receives uploads.
+	Region string
+	// MaxManifestSize bounds a manifest body (413 above it).
+	MaxManifestSize int64
+	// MaxBlobSize bounds one blob (413 above it); 0 means no limit.
+	MaxBlobSize int64
+	// UploadTTL is how long an upload session stays usable after it starts.
+	UploadTTL time.Duration
+	// ChunkMinLength is advertised as OCI-Chunk-Min-Length (0: not sent).
+	ChunkMinLength int64
+	// ListLimit caps one page of tags or repositories when the client asks
+	// for more or for no limit; a Link header leads to the next page.
+	ListLimit int
+	// Authorizer checks each request; nil allows everything.
+	Authorizer Authorizer
+	Logger     *slog.Logger
+	// Registerer receives the gateway's metrics; nil means none.
+	Registerer prometheus.Registerer
+}
+
+// DefaultConfig returns the configuration a single node serves with.
+func DefaultConfig() Config {
+	return Config{
+		Region:          "local",
+		MaxManifestSize: 4 << 20,
+		MaxBlobSize:     0,
+		UploadTTL:       24 * time.Hour,
+		ListLimit:       10000,
+	}
+}
+
+// Validate reports the first unusable setting.
+func (c Config) Validate() error {
+	switch {
+	case c.Region == "":
+		return errors.New("gateway: region is required")
+	case c.MaxManifestSize <= 0:
+		return errors.New("gateway: max manifest size must be positive")
+	case c.MaxBlobSize < 0:
+		return errors.New("gateway: max blob size cannot be negative")
+	case c.UploadTTL <= 0:
+		return errors.New("gateway: upload TTL must be positive")
+	case c.ListLimit <= 0:
+		return errors.New("gateway: list limit must be positive")
+	}
+	return nil
+}
+
+// Gateway serves the OCI Distribution API.
+type Gateway struct {
+	cfg     Config
+	meta    Metadata
+	store   replication.Driver
+	logger  *slog.Logger
+	metrics *metrics
+
+	keyMu sync.Mutex
+	key   []byte
+}
+
+// New returns a gateway that writes blobs into store (cfg.Region's store).
+func New(cfg Config, meta Metadata, store replication.Driver) (*Gateway, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Authorizer == nil {
+		cfg.Authorizer = allowAll{}
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	g := &Gateway{cfg: cfg, meta: meta, store: store, logger: cfg.Logger.With("component", "gateway")}
+	m, err := newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	g.metrics = m
+	return g, nil
+}
+
+// Handler returns the HTTP handler for /v2/ and everything below it.
+func (g *Gateway) Handler() http.Handler {
+	return http.HandlerFunc(g.serve)
+}
+
+// serve routes one request and writes the error envelope when a handler fails.
+func (g *Gateway) serve(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	sw := &statusWriter{ResponseWriter: w}
+	w = sw
+	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+	rt, err := parsePath(r.URL.EscapedPath())
+	if err == nil {
+		err = g.cfg.Authorizer.Authorize(r, rt.name, isWrite(r.Method))
+	}
+	if err == nil {
+		err = g.dispatch(w, r, rt)
+	}
+	if err != nil {
+		e := asError(err)
+		if e.Code == CodeInternal {
+			g.logger.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+		}
+		if !sw.wrote {
+			writeError(w, r, e)
+		}
+	}
+	g.metrics.observe(rt.kind, r.Method, sw.status(), time.Since(start))
+}
+
+func isWrite(method string) bool {
+	return method != http.MethodGet && method != http.MethodHead
+}
+
+type handlerFunc func(g *Gateway, w http.ResponseWriter, r *http.Request, rt route) error
+
+// handlers is the routing table: endpoint kind and method to handler.
+var handlers = map[routeKind]map[string]handlerFunc{
+	routeBase:        {"GET": (*Gateway).base, "HEAD": (*Gateway).base},
+	routeCatalog:     {"GET": (*Gateway).catalog},
+	routeManifest:    {"GET": (*Gateway).getManifest, "HEAD": (*Gateway).getManifest, "PUT": (*Gateway).putManifest, "DELETE": (*Gateway).deleteManifest},
+	routeBlob:        {"GET": (*Gateway).getBlob, "HEAD": (*Gateway).getBlob, "DELETE": (*Gateway).deleteBlob},
+	routeUploadStart: {"POST": (*Gateway).startUpload},
+	routeUpload:      {"GET": (*Gateway).uploadStatus, "PATCH": (*Gateway).patchUpload, "PUT": (*Gateway).putUpload, "DELETE": (*Gateway).cancelUpload},
+	routeTags:        {"GET": (*Gateway).listTags},
+	routeReferrers:   {"GET": (*Gateway).referrers},
+}
+
+func (g *Gateway) dispatch(w http.ResponseWriter, r *http.Request, rt route) error {
+	h, ok := handlers[rt.kind][r.Method]
+	if !ok {
+		return errorf(CodeUnsupported, "%s is not supported on this endpoint", r.Method)
+	}
+	return h(g, w, r, rt)
+}
+
+func (g *Gateway) base(w http.ResponseWriter, r *http.Request, _ route) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", "2")
+	if r.Method == http.MethodGet {
+		w.Write([]byte("{}"))
+	}
+	return nil
+}
+
+// uploadKey returns the cluster's token key, fetched once.
+func (g *Gateway) uploadKey(ctx context.Context) ([]byte, error) {
+	g.keyMu.Lock()
+	defer g.keyMu.Unlock()
+	if g.key != nil {
+		return g.key, nil
+	}
+	k, err := g.meta.UploadKey(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if len(k) == 0 {
+		return nil, errorf(CodeUnavailable, "the cluster has not installed its upload key yet")
+	}
+	g.key = k
+	return k, nil
+}
+
+// statusWriter records the status a handler wrote, and whether it wrote.
+type statusWriter struct {
+	http.ResponseWriter
+	code  int
+	wrote bool
+}
+
+func (s *statusWriter) WriteHeader(code int) {
+	if !s.wrote {
+		s.code, s.wrote = code, true
+	}
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusWriter) Write(b []byte) (int, error) {
+	if !s.wrote {
+		s.code, s.wrote = http.StatusOK, true
+	}
+	return s.ResponseWriter.Write(b)
+}
+
+// ReadFrom keeps the sendfile path of the underlying writer.
+func (s *statusWriter) ReadFrom(src io.Reader) (int64, error) {
+	if !s.wrote {
+		s.code, s.wrote = http.StatusOK, true
+	}
+	if rf, ok := s.ResponseWriter.(io.ReaderFrom); ok {
+		return rf.ReadFrom(src)
+	}
+	return io.Copy(s.ResponseWriter, src)
+}
+
+func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+func (s *statusWriter) status() int {
+	if !s.wrote {
+		return http.StatusOK
+	}
+	return s.code
+}
+
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }

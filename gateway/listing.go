@@ -1,0 +1,121 @@
+package gateway
+
+import (
+	"encoding/json"
+	"net/http"
+	"net/url"
+	"strconv"
+)
+
+// page reads the n and last pagination parameters. n absent or above the
+// configured limit is capped at the limit.
+func (g *Gateway) page(r *http.Request) (n int, last string, err error) {
+	q := r.URL.Query()
+	n = g.cfg.ListLimit
+	if v, ok := q["n"]; ok {
+		parsed, perr := strconv.Atoi(v[0])
+		if perr != nil || parsed < 0 {
+			return 0, "", errorf(CodePaginationInvalid, "n must be a non-negative integer")
+		}
+		n = min(parsed, g.cfg.ListLimit)
+	}
+	return n, q.Get("last"), nil
+}
+
+// writePage writes a JSON list page and, when more may follow, a Link header
+// to the next page.
+func writePage(w http.ResponseWriter, path string, n int, items []string, body any) {
+	if n > 0 && len(items) == n {
+		next := url.Values{"n": {strconv.Itoa(n)}, "last": {items[len(items)-1]}}
+		w.Header().Set("Link", "<"+path+"?"+next.Encode()+`>; rel="next"`)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(body)
+}
+
+// listTags serves GET …/tags/list with n/last pagination.
+func (g *Gateway) listTags(w http.ResponseWriter, r *http.Request, rt route) error {
+	n, last, err := g.page(r)
+	if err != nil {
+		return err
+	}
+	// One extra tells whether another page follows.
+	tags, err := g.meta.Tags(r.Context(), rt.name, last, n+1)
+	if err != nil {
+		return err
+	}
+	if n == 0 {
+		tags = []string{}
+	}
+	more := len(tags) > n
+	if more {
+		tags = tags[:n]
+	}
+	if !more {
+		n = -1
+	}
+	writePage(w, "/v2/"+rt.name+"/tags/list", n, tags, struct {
+		Name string   `json:"name"`
+		Tags []string `json:"tags"`
+	}{rt.name, tags})
+	return nil
+}
+
+// catalog serves GET /v2/_catalog with n/last pagination.
+func (g *Gateway) catalog(w http.ResponseWriter, r *http.Request, _ route) error {
+	n, last, err := g.page(r)
+	if err != nil {
+		return err
+	}
+	repos, err := g.meta.Repositories(r.Context(), last, n+1)
+	if err != nil {
+		return err
+	}
+	if n == 0 {
+		repos = []string{}
+	}
+	more := len(repos) > n
+	if more {
+		repos = repos[:n]
+	} else {
+		n = -1
+	}
+	writePage(w, "/v2/_catalog", n, repos, struct {
+		Repositories []string `json:"repositories"`
+	}{repos})
+	return nil
+}
+
+// referrers serves GET …/referrers/<digest>: always an image index, empty
+// when nothing refers to the digest, optionally filtered by artifactType.
+func (g *Gateway) referrers(w http.ResponseWriter, r *http.Request, rt route) error {
+	d, err := parseDigest(rt.ref)
+	if err != nil {
+		return err
+	}
+	refs, err := g.meta.Referrers(r.Context(), rt.name, d.String())
+	if err != nil {
+		return err
+	}
+	filter, filtered := r.URL.Query()["artifactType"]
+	list := make([]descriptor, 0, len(refs))
+	for _, ref := range refs {
+		if filtered && ref.ArtifactType != filter[0] {
+			continue
+		}
+		list = append(list, descriptor{
+			MediaType: ref.MediaType, Digest: ref.Digest, Size: ref.Size,
+			ArtifactType: ref.ArtifactType, Annotations: ref.Annotations,
+		})
+	}
+	if filtered {
+		w.Header().Set("OCI-Filters-Applied", "artifactType")
+	}
+	w.Header().Set("Content-Type", mediaTypeOCIIndex)
+	json.NewEncoder(w).Encode(struct {
+		SchemaVersion int          `json:"schemaVersion"`
+		MediaType     string       `json:"mediaType"`
+		Manifests     []descriptor `json:"manifests"`
+	}{2, mediaTypeOCIIndex, list})
+	return nil
+}

@@ -1,0 +1,126 @@
+package gateway
+
+import (
+	"regexp"
+	"strings"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// routeKind says which API endpoint a path addresses.
+type routeKind int
+
+const (
+	routeBase routeKind = iota + 1
+	routeCatalog
+	routeManifest
+	routeBlob
+	routeUploadStart
+	routeUpload
+	routeTags
+	routeReferrers
+)
+
+func (k routeKind) String() string {
+	return [...]string{"", "base", "catalog", "manifest", "blob", "upload_start", "upload", "tags", "referrers"}[k]
+}
+
+// route is a parsed /v2/ path.
+type route struct {
+	kind routeKind
+	name string // repository
+	ref  string // tag or digest, blob digest, or upload token
+}
+
+const maxNameLength = 255
+
+var (
+	nameRE = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$`)
+	tagRE  = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
+)
+
+// parsePath parses the escaped path of a /v2/ request. It works from the
+// right end, since names may contain "blobs", "uploads" or "manifests".
+// Percent-escapes are never valid in any component (this refuses %2F
+// smuggled into a name), nor are empty components.
+func parsePath(escaped string) (route, error) {
+	if escaped == "/v2/" || escaped == "/v2" {
+		return route{kind: routeBase}, nil
+	}
+	if escaped == "/v2/_catalog" {
+		return route{kind: routeCatalog}, nil
+	}
+	rest, ok := strings.CutPrefix(escaped, "/v2/")
+	if !ok {
+		return route{}, errorf(CodeNameInvalid, "not an API path")
+	}
+	if strings.Contains(rest, "%") {
+		return route{}, errorf(CodeNameInvalid, "escaped characters are not allowed in the path")
+	}
+	parts := strings.Split(rest, "/")
+	n := len(parts)
+	var r route
+	var nameParts []string
+	switch {
+	case n >= 4 && parts[n-3] == "blobs" && parts[n-2] == "uploads" && parts[n-1] == "":
+		r, nameParts = route{kind: routeUploadStart}, parts[:n-3]
+	case n >= 3 && parts[n-2] == "blobs" && parts[n-1] == "uploads":
+		r, nameParts = route{kind: routeUploadStart}, parts[:n-2]
+	case n >= 4 && parts[n-3] == "blobs" && parts[n-2] == "uploads":
+		r, nameParts = route{kind: routeUpload, ref: parts[n-1]}, parts[:n-3]
+	case n >= 3 && parts[n-2] == "blobs":
+		r, nameParts = route{kind: routeBlob, ref: parts[n-1]}, parts[:n-2]
+	case n >= 3 && parts[n-2] == "manifests":
+		r, nameParts = route{kind: routeManifest, ref: parts[n-1]}, parts[:n-2]
+	case n >= 3 && parts[n-2] == "tags" && parts[n-1] == "list":
+		r, nameParts = route{kind: routeTags}, parts[:n-2]
+	case n >= 3 && parts[n-2] == "referrers":
+		r, nameParts = route{kind: routeReferrers, ref: parts[n-1]}, parts[:n-2]
+	default:
+		return route{}, errorf(CodeNameInvalid, "unknown API path")
+	}
+	r.name = strings.Join(nameParts, "/")
+	if err := validateName(r.name); err != nil {
+		return route{}, err
+	}
+	if r.ref == "" && (r.kind == routeUpload || r.kind == routeBlob || r.kind == routeManifest || r.kind == routeReferrers) {
+		return route{}, errorf(CodeNameInvalid, "empty reference in path")
+	}
+	return r, nil
+}
+
+// validateName checks a repository name against the spec's grammar.
+func validateName(name string) error {
+	if name == "" || len(name) > maxNameLength || !nameRE.MatchString(name) {
+		return errorf(CodeNameInvalid, "invalid repository name %q", truncate(name, 300))
+	}
+	return nil
+}
+
+// validateTag checks a tag against the spec's grammar.
+func validateTag(tag string) error {
+	if !tagRE.MatchString(tag) {
+		return errorf(CodeManifestInvalid, "invalid tag %q", truncate(tag, 200))
+	}
+	return nil
+}
+
+// parseDigest accepts sha256 and sha512 digests in canonical form.
+func parseDigest(s string) (digest.Digest, error) {
+	d, err := digest.Parse(s)
+	if err != nil || (d.Algorithm() != digest.SHA256 && d.Algorithm() != digest.SHA512) {
+		return "", errorf(CodeDigestInvalid, "invalid or unsupported digest %q", truncate(s, 200))
+	}
+	return d, nil
+}
+
+// isDigestRef tells a manifest reference that is a digest from a tag: tags
+// cannot contain ':'.
+func isDigestRef(ref string) bool { return strings.Contains(ref, ":") }
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "…"
+	}
+	return s
+}

@@ -1,0 +1,269 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/meridian-registry/meridian/consensus"
+	"github.com/meridian-registry/meridian/gateway"
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+	"github.com/meridian-registry/meridian/replication"
+)
+
+// Node is one running Meridian server.
+type Node struct {
+	cfg    Config
+	logger *slog.Logger
+
+	consensus *consensus.Node
+	blobs     *replication.Filesystem
+	gateway   *gateway.Gateway
+	registry  *prometheus.Registry
+
+	httpListener net.Listener
+	httpServer   *http.Server
+	serveErr     chan error
+
+	stopJanitor chan struct{}
+	wg          sync.WaitGroup
+	closeOnce   sync.Once
+	closeErr    error
+}
+
+// New checks cfg and returns a node; Start runs it.
+func New(cfg Config, logger *slog.Logger) (*Node, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("invalid configuration:\n%w", err)
+	}
+	if logger == nil {
+		logger = slog.Default()
+	}
+	return &Node{cfg: cfg, logger: logger.With("node_id", cfg.NodeID)}, nil
+}
+
+// Start opens the stores, starts Raft and begins serving HTTP. It returns
+// once the node serves; a leader may still be being elected (see /readyz).
+func (n *Node) Start(ctx context.Context) (err error) {
+	defer func() {
+		if err != nil {
+			n.Close(context.Background())
+		}
+	}()
+	if err := os.MkdirAll(n.cfg.DataDir, 0o755); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	n.registry = prometheus.NewRegistry()
+	n.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	if n.blobs, err = replication.NewFilesystem(filepath.Join(n.cfg.DataDir, "blobs")); err != nil {
+		return fmt.Errorf("blob store: %w", err)
+	}
+
+	raftLn, err := net.Listen("tcp", n.cfg.RaftAddr)
+	if err != nil {
+		return fmt.Errorf("raft listener: %w", err)
+	}
+	cc := consensus.DefaultConfig()
+	cc.NodeID = n.cfg.NodeID
+	cc.DataDir = n.cfg.DataDir
+	cc.RaftListener = raftLn
+	cc.AdvertiseRaft = n.cfg.AdvertiseRaft
+	cc.Bootstrap = true
+	cc.SnapshotThreshold = n.cfg.SnapshotThreshold
+	cc.Logger = n.logger
+	n.consensus = consensus.NewNode(cc)
+	if err := n.consensus.Open(ctx); err != nil {
+		raftLn.Close()
+		return err
+	}
+
+	gc := gateway.DefaultConfig()
+	gc.Region = n.cfg.Region
+	gc.MaxManifestSize = n.cfg.MaxManifestSize
+	gc.MaxBlobSize = n.cfg.MaxBlobSize
+	gc.UploadTTL = n.cfg.UploadTTL
+	gc.Logger = n.logger
+	gc.Registerer = n.registry
+	meta := localMetadata{Store: n.consensus.Store(), node: n.consensus}
+	if n.gateway, err = gateway.New(gc, meta, n.blobs); err != nil {
+		return err
+	}
+
+	if n.httpListener, err = net.Listen("tcp", n.cfg.HTTPAddr); err != nil {
+		return fmt.Errorf("http listener: %w", err)
+	}
+	n.httpServer = &http.Server{
+		Handler:           n.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(n.logger.Handler(), slog.LevelDebug),
+	}
+	n.serveErr = make(chan error, 1)
+	go func() { n.serveErr <- n.httpServer.Serve(n.httpListener) }()
+
+	n.stopJanitor = make(chan struct{})
+	n.wg.Add(1)
+	go n.purgeAbandonedUploads()
+
+	if err := n.writeReadyFile(); err != nil {
+		return err
+	}
+	n.logger.Info("serving", "http", n.HTTPAddr(), "raft", n.consensus.Addr(), "region", n.cfg.Region, "data_dir", n.cfg.DataDir)
+	return nil
+}
+
+// routes mounts the OCI API and the operational endpoints.
+func (n *Node) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/v2/", n.gateway.Handler())
+	mux.Handle("/v2", n.gateway.Handler())
+	mux.Handle("GET /metrics", promhttp.HandlerFor(n.registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if err := n.ready(r.Context()); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ready\n"))
+	})
+	return gateway.WithBodyIdleTimeout(mux, time.Minute)
+}
+
+// ready reports whether the node can serve writes: a leader is known and the
+// upload key is installed.
+func (n *Node) ready(ctx context.Context) error {
+	if leader, _ := n.consensus.Raft().LeaderWithID(); leader == "" {
+		return errors.New("no raft leader")
+	}
+	if k, err := n.consensus.Store().UploadKey(ctx); err != nil || k == nil {
+		return errors.New("cluster upload key not installed yet")
+	}
+	return nil
+}
+
+// WaitReady blocks until the node is ready or ctx ends.
+func (n *Node) WaitReady(ctx context.Context) error {
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		err := n.ready(ctx)
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("node %s not ready: %w", n.cfg.NodeID, err)
+		case <-t.C:
+		}
+	}
+}
+
+// HTTPAddr is the address the OCI API listens on.
+func (n *Node) HTTPAddr() string { return n.httpListener.Addr().String() }
+
+// RaftAddr is the address Raft listens on.
+func (n *Node) RaftAddr() string { return n.consensus.Addr() }
+
+// Consensus exposes the node's Raft member, for tests and administration.
+func (n *Node) Consensus() *consensus.Node { return n.consensus }
+
+// Done returns a channel that yields the HTTP server's error if it stops on
+// its own.
+func (n *Node) Done() <-chan error { return n.serveErr }
+
+// purgeAbandonedUploads removes upload data older than the session TTL: no
+// token can complete it any more.
+func (n *Node) purgeAbandonedUploads() {
+	defer n.wg.Done()
+	every := min(n.cfg.UploadTTL/4, 10*time.Minute)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.stopJanitor:
+			return
+		case <-t.C:
+			removed, err := n.blobs.PurgeUploads(context.Background(), time.Now().Add(-n.cfg.UploadTTL))
+			if err != nil {
+				n.logger.Warn("purge abandoned uploads", "err", err)
+			} else if removed > 0 {
+				n.logger.Info("purged abandoned uploads", "count", removed)
+			}
+		}
+	}
+}
+
+// readyInfo is what --ready-file receives.
+type readyInfo struct {
+	NodeID   string `json:"node_id"`
+	Region   string `json:"region"`
+	HTTPAddr string `json:"http_addr"`
+	RaftAddr string `json:"raft_addr"`
+	DataDir  string `json:"data_dir"`
+	PID      int    `json:"pid"`
+}
+
+func (n *Node) writeReadyFile() error {
+	if n.cfg.ReadyFile == "" {
+		return nil
+	}
+	b, _ := json.MarshalIndent(readyInfo{
+		NodeID: n.cfg.NodeID, Region: n.cfg.Region, HTTPAddr: n.HTTPAddr(),
+		RaftAddr: n.RaftAddr(), DataDir: n.cfg.DataDir, PID: os.Getpid(),
+	}, "", "  ")
+	tmp := n.cfg.ReadyFile + ".tmp"
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+		return fmt.Errorf("ready file: %w", err)
+	}
+	return os.Rename(tmp, n.cfg.ReadyFile)
+}
+
+// Close stops serving (letting in-flight requests finish until ctx ends),
+// then stops Raft and closes the stores. It is safe to call more than once.
+func (n *Node) Close(ctx context.Context) error {
+	n.closeOnce.Do(func() {
+		var errs []error
+		if n.httpServer != nil {
+			if err := n.httpServer.Shutdown(ctx); err != nil {
+				errs = append(errs, err, n.httpServer.Close())
+			}
+		} else if n.httpListener != nil {
+			n.httpListener.Close()
+		}
+		if n.stopJanitor != nil {
+			close(n.stopJanitor)
+			n.wg.Wait()
+		}
+		if n.consensus != nil {
+			errs = append(errs, n.consensus.Close())
+		}
+		n.closeErr = errors.Join(errs...)
+	})
+	return n.closeErr
+}
+
+// localMetadata serves the gateway from this node's own replica and Raft.
+type localMetadata struct {
+	*consensus.Store
+	node *consensus.Node
+}
+
+func (m localMetadata) Propose(ctx context.Context, e *pb.LogEntry) error {
+	return m.node.Propose(ctx, e)
+}

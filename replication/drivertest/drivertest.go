@@ -1,0 +1,697 @@
+// Package drivertest is the conformance suite that every replication.Driver
+// must pass. A driver's own test calls Run with a constructor:
+//
+//	func TestConformance(t *testing.T) {
+//		drivertest.Run(t, func(t *testing.T) replication.Driver {
+//			d, err := replication.NewFilesystem(t.TempDir())
+//			if err != nil {
+//				t.Fatal(err)
+//			}
+//			return d
+//		})
+//	}
+//
+// Each subtest calls newDriver with its own *testing.T and expects an empty
+// store that no other subtest uses (PurgeUploads, for one, sees every upload
+// of the store).
+package drivertest
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/url"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/meridian-registry/meridian/replication"
+)
+
+// Run runs the conformance suite as subtests of t.
+func Run(t *testing.T, newDriver func(t *testing.T) replication.Driver) {
+	tests := []struct {
+		name string
+		fn   func(t *testing.T, d replication.Driver)
+	}{
+		{"MissingBlob", testMissingBlob},
+		{"SingleWrite", testSingleWrite},
+		{"OpenOffsets", testOpenOffsets},
+		{"EmptyBlob", testEmptyBlob},
+		{"SHA512", testSHA512},
+		{"ChunkedUpload", testChunkedUpload},
+		{"RetryChunk", testRetryChunk},
+		{"OffsetBeyondSize", testOffsetBeyondSize},
+		{"ReaderErrorKeepsBytes", testReaderErrorKeepsBytes},
+		{"OpenUpload", testOpenUpload},
+		{"InvisibleBeforeCommit", testInvisibleBeforeCommit},
+		{"GoneAfterCommit", testGoneAfterCommit},
+		{"GoneAfterCancel", testGoneAfterCancel},
+		{"CommitShort", testCommitShort},
+		{"CommitTruncates", testCommitTruncates},
+		{"CommitSameDigestTwice", testCommitSameDigestTwice},
+		{"CommitCancelledContext", testCommitCancelledContext},
+		{"UploadIDs", testUploadIDs},
+		{"MalformedUploadIDs", testMalformedUploadIDs},
+		{"InvalidDigest", testInvalidDigest},
+		{"DeleteThenStat", testDeleteThenStat},
+		{"ConcurrentUploads", testConcurrentUploads},
+		{"ConcurrentCommitSameDigest", testConcurrentCommitSameDigest},
+		{"PurgeUploads", testPurgeUploads},
+		{"LargeBlob", testLargeBlob},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.fn(t, newDriver(t))
+		})
+	}
+}
+
+func testMissingBlob(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
+	dgst := digest.FromString("never stored")
+	if _, err := d.Stat(ctx, dgst); !errors.Is(err, replication.ErrBlobNotFound) {
+		t.Errorf("Stat: got %v, want ErrBlobNotFound", err)
+	}
+	if rc, err := d.Open(ctx, dgst, 0); !errors.Is(err, replication.ErrBlobNotFound) {
+		closeIfOpen(rc)
+		t.Errorf("Open: got %v, want ErrBlobNotFound", err)
+	}
+	if err := d.Delete(ctx, dgst); !errors.Is(err, replication.ErrBlobNotFound) {
+		t.Errorf("Delete: got %v, want ErrBlobNotFound", err)
+	}
+}
+
+func testSingleWrite(t *testing.T, d replication.Driver) {
+	content := randomBytes(1, 100_000)
+	dgst := pushBlob(t, d, content)
+	if size, err := d.Stat(t.Context(), dgst); err != nil || size != int64(len(content)) {
+		t.Fatalf("Stat = %d, %v; want %d", size, err, len(content))
+	}
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
+		t.Fatalf("read back %d bytes that differ from the %d written", len(got), len(content))
+	}
+}
+
+func testOpenOffsets(t *testing.T, d replication.Driver) {
+	content := randomBytes(2, 10_000)
+	dgst := pushBlob(t, d, content)
+	for _, off := range []int64{1, 4096, 9_999, 10_000} {
+		if got := readBlob(t, d, dgst, off); !bytes.Equal(got, content[off:]) {
+			t.Errorf("Open at %d: read %d bytes, want content[%d:] (%d bytes)", off, len(got), off, len(content)-int(off))
+		}
+	}
+	for _, off := range []int64{10_001, 1 << 40, -1} {
+		rc, err := d.Open(t.Context(), dgst, off)
+		if err == nil {
+			rc.Close()
+			t.Errorf("Open at %d of a 10000-byte blob succeeded, want an error", off)
+		}
+	}
+}
+
+func testEmptyBlob(t *testing.T, d replication.Driver) {
+	dgst := pushBlob(t, d, nil)
+	if size, err := d.Stat(t.Context(), dgst); err != nil || size != 0 {
+		t.Fatalf("Stat = %d, %v; want 0", size, err)
+	}
+	if got := readBlob(t, d, dgst, 0); len(got) != 0 {
+		t.Fatalf("read %d bytes from an empty blob", len(got))
+	}
+}
+
+func testSHA512(t *testing.T, d replication.Driver) {
+	content := randomBytes(3, 5000)
+	id, n := startWrite(t, d, content)
+	dgst := digest.SHA512.FromBytes(content)
+	if err := d.CommitUpload(t.Context(), id, n, dgst); err != nil {
+		t.Fatalf("CommitUpload(%s): %v", dgst, err)
+	}
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
+		t.Fatal("sha512 blob read back differs")
+	}
+}
+
+func testChunkedUpload(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
+	content := randomBytes(4, 300_000)
+	id := startUpload(t, d)
+	rng := rand.New(rand.NewPCG(4, 4))
+	var off int64
+	for off < int64(len(content)) {
+		end := min(off+1+rng.Int64N(8192), int64(len(content)))
+		n, err := d.WriteUpload(ctx, id, off, bytes.NewReader(content[off:end]))
+		if err != nil || n != end-off {
+			t.Fatalf("WriteUpload at %d = %d, %v; want %d", off, n, err, end-off)
+		}
+		off = end
+		if size, err := d.UploadSize(ctx, id); err != nil || size != off {
+			t.Fatalf("UploadSize = %d, %v; want %d", size, err, off)
+		}
+	}
+	dgst := digest.FromBytes(content)
+	if err := d.CommitUpload(ctx, id, off, dgst); err != nil {
+		t.Fatalf("CommitUpload: %v", err)
+	}
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
+		t.Fatal("chunked blob read back differs")
+	}
+}
+
+// A chunk retried at the same offset after a failure that left some of its
+// bytes behind must replace them, not append.
+func testRetryChunk(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
+	content := randomBytes(5, 30_000)
+	id := startUpload(t, d)
+	write(t, d, id, 0, content[:10_000])
+	write(t, d, id, 10_000, randomBytes(55, 15_000)) // a failed attempt's garbage
+	write(t, d, id, 10_000, content[10_000:20_000])  // the retry, shorter
+	if size := uploadSize(t, d, id); size != 20_000 {
+		t.Fatalf("after retry the upload holds %d bytes, want 20000", size)
+	}
+	write(t, d, id, 20_000, content[20_000:])
+	write(t, d, id, 20_000, content[20_000:]) // same chunk twice: idempotent
+	write(t, d, id, 5_000, content[5_000:])   // rewind to an earlier offset
+	dgst := digest.FromBytes(content)
+	if err := d.CommitUpload(ctx, id, int64(len(content)), dgst); err != nil {
+		t.Fatalf("CommitUpload: %v", err)
+	}
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
+		t.Fatal("blob written with retries differs")
+	}
+}
+
+func testOffsetBeyondSize(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
+	id := startUpload(t, d)
+	if _, err := d.WriteUpload(ctx, id, 1, bytes.NewReader([]byte("x"))); !errors.Is(err, replication.ErrUploadOffset) {
+		t.Errorf("write at 1 into an empty upload: got %v, want ErrUploadOffset", err)
+	}
+	write(t, d, id, 0, []byte("hello"))
+	for _, off := range []int64{6, 1 << 40, -1} {
+		if _, err := d.WriteUpload(ctx, id, off, bytes.NewReader([]byte("x"))); !errors.Is(err, replication.ErrUploadOffset) {
+			t.Errorf("write at %d into a 5-byte upload: got %v, want ErrUploadOffset", off, err)
+		}
+	}
+	if size := uploadSize(t, d, id); size != 5 {
+		t.Errorf("rejected writes changed the upload: it holds %d bytes, want 5", size)
+	}
+}
+
+var errBrokenReader = errors.New("drivertest: reader broke")
+
+func testReaderErrorKeepsBytes(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
+	content := randomBytes(6, 3000)
+	id := startUpload(t, d)
+	r := io.MultiReader(bytes.NewReader(content[:1000]), errReader{errBrokenReader})
+	n, err := d.WriteUpload(ctx, id, 0, r)
+	if !errors.Is(err, errBrokenReader) {
+		t.Fatalf("WriteUpload with a failing reader: got %v, want the reader's error", err)
+	}
+	if n != 1000 {
+		t.Fatalf("WriteUpload with a failing reader wrote %d, want the 1000 bytes read", n)
+	}
+	if size := uploadSize(t, d, id); size != n {
+		t.Fatalf("upload holds %d bytes, WriteUpload reported %d", size, n)
+	}
+	write(t, d, id, n, content[n:])
+	dgst := digest.FromBytes(content)
+	if err := d.CommitUpload(ctx, id, int64(len(content)), dgst); err != nil {
+		t.Fatalf("CommitUpload: %v", err)
+	}
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
+		t.Fatal("blob resumed after a reader error differs")
+	}
+}
+
+func testOpenUpload(t *testing.T, d replication.Driver) {
+	content := randomBytes(7, 20_000)
+	id, _ := startWrite(t, d, content)
+	rc, err := d.OpenUpload(t.Context(), id)
+	if err != nil {
+		t.Fatalf("OpenUpload: %v", err)
+	}
+	defer rc.Close()
+	got, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatalf("reading upload: %v", err)
+	}
+	if !bytes.Equal(got, content) {
+		t.Fatalf("OpenUpload read %d bytes that differ from the %d written", len(got), len(content))
+	}
+}
+
+func testInvisibleBeforeCommit(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
+	content := randomBytes(8, 1000)
+	dgst := digest.FromBytes(content)
+	id, n := startWrite(t, d, content)
+	if _, err := d.Stat(ctx, dgst); !errors.Is(err, replication.ErrBlobNotFound) {
+		t.Fatalf("Stat before commit: got %v, want ErrBlobNotFound", err)
+	}
+	if rc, err := d.Open(ctx, dgst, 0); !errors.Is(err, replication.ErrBlobNotFound) {
+		closeIfOpen(rc)
+		t.Fatalf("Open before commit: got %v, want ErrBlobNotFound", err)
+	}
+	if err := d.CommitUpload(ctx, id, n, dgst); err != nil {
+		t.Fatalf("CommitUpload: %v", err)
+	}
+	if size, err := d.Stat(ctx, dgst); err != nil || size != n {
+		t.Fatalf("Stat after commit = %d, %v; want %d", size, err, n)
+	}
+}
+
+func testGoneAfterCommit(t *testing.T, d replication.Driver) {
+	content := randomBytes(9, 1000)
+	id, n := startWrite(t, d, content)
+	if err := d.CommitUpload(t.Context(), id, n, digest.FromBytes(content)); err != nil {
+		t.Fatalf("CommitUpload: %v", err)
+	}
+	assertUploadGone(t, d, id)
+}
+
+func testGoneAfterCancel(t *testing.T, d replication.Driver) {
+	content := randomBytes(10, 1000)
+	id, _ := startWrite(t, d, content)
+	if err := d.CancelUpload(t.Context(), id); err != nil {
+		t.Fatalf("CancelUpload: %v", err)
+	}
+	assertUploadGone(t, d, id)
+	if _, err := d.Stat(t.Context(), digest.FromBytes(content)); !errors.Is(err, replication.ErrBlobNotFound) {
+		t.Fatalf("Stat of a cancelled upload's digest: got %v, want ErrBlobNotFound", err)
+	}
+}
+
+func testCommitShort(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
+	content := randomBytes(11, 2000)
+	id, _ := startWrite(t, d, content[:1000])
+	dgst := digest.FromBytes(content)
+	if err := d.CommitUpload(ctx, id, 2000, dgst); !errors.Is(err, replication.ErrUploadOffset) {
+		t.Fatalf("commit of 2000 bytes from a 1000-byte upload: got %v, want ErrUploadOffset", err)
+	}
+	if _, err := d.Stat(ctx, dgst); !errors.Is(err, replication.ErrBlobNotFound) {
+		t.Fatalf("failed commit made the blob visible: Stat = %v", err)
+	}
+	// The upload survives the failed commit and can be finished.
+	write(t, d, id, 1000, content[1000:])
+	if err := d.CommitUpload(ctx, id, 2000, dgst); err != nil {
+		t.Fatalf("CommitUpload after completing the upload: %v", err)
+	}
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
+		t.Fatal("blob differs")
+	}
+}
+
+func testCommitTruncates(t *testing.T, d replication.Driver) {
+	content := randomBytes(12, 3000)
+	id, _ := startWrite(t, d, content)
+	dgst := digest.FromBytes(content[:1234])
+	if err := d.CommitUpload(t.Context(), id, 1234, dgst); err != nil {
+		t.Fatalf("CommitUpload of the first 1234 bytes: %v", err)
+	}
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content[:1234]) {
+		t.Fatalf("blob holds %d bytes, want the upload's first 1234", len(got))
+	}
+}
+
+func testCommitSameDigestTwice(t *testing.T, d replication.Driver) {
+	content := randomBytes(13, 50_000)
+	first := pushBlob(t, d, content)
+	second := pushBlob(t, d, content)
+	if first != second {
+		t.Fatalf("digests differ: %s, %s", first, second)
+	}
+	if got := readBlob(t, d, first, 0); !bytes.Equal(got, content) {
+		t.Fatal("blob committed twice differs")
+	}
+}
+
+func testCommitCancelledContext(t *testing.T, d replication.Driver) {
+	content := randomBytes(14, 1000)
+	dgst := digest.FromBytes(content)
+	id, n := startWrite(t, d, content)
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if err := d.CommitUpload(ctx, id, n, dgst); err == nil {
+		t.Fatal("CommitUpload with a cancelled context succeeded")
+	}
+	if _, err := d.Stat(t.Context(), dgst); !errors.Is(err, replication.ErrBlobNotFound) {
+		t.Fatalf("commit with a cancelled context made the blob visible: Stat = %v", err)
+	}
+	if _, err := d.StartUpload(ctx); err == nil {
+		t.Fatal("StartUpload with a cancelled context succeeded")
+	}
+}
+
+func testUploadIDs(t *testing.T, d replication.Driver) {
+	seen := map[string]bool{}
+	for range 50 {
+		id := startUpload(t, d)
+		if seen[id] {
+			t.Fatalf("StartUpload returned %q twice", id)
+		}
+		seen[id] = true
+		if id == "" || url.PathEscape(id) != id || url.QueryEscape(id) != id {
+			t.Fatalf("upload id %q is not URL-safe", id)
+		}
+		if len(id) < 22 { // 128 bits need 22 base64 or 32 hex characters
+			t.Fatalf("upload id %q is too short to carry 128 random bits", id)
+		}
+		if size := uploadSize(t, d, id); size != 0 {
+			t.Fatalf("new upload holds %d bytes", size)
+		}
+	}
+}
+
+func testMalformedUploadIDs(t *testing.T, d replication.Driver) {
+	valid := startUpload(t, d)
+	ids := []string{
+		"", "../../etc/passwd", "a/b", "..", ".", "/", "/etc/passwd",
+		"../" + valid, "./" + valid, valid + "/", valid + "/x", valid[:len(valid)-1],
+		valid + "0", "%2e%2e%2f", "a\x00b", string(bytes.Repeat([]byte("x"), 4096)),
+	}
+	for _, id := range ids {
+		assertUploadGone(t, d, id)
+	}
+	// None of that may have touched the valid upload.
+	if size := uploadSize(t, d, valid); size != 0 {
+		t.Fatalf("valid upload holds %d bytes after malformed ids were used", size)
+	}
+}
+
+func testInvalidDigest(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
+	content := []byte("some bytes")
+	id, n := startWrite(t, d, content)
+	sum := sha256.Sum256(content)
+	hex := fmt.Sprintf("%x", sum)
+	invalid := []digest.Digest{
+		"",
+		"sha256",
+		"sha256:",
+		digest.Digest("sha256:" + hex[:63]),
+		digest.Digest("sha256:" + hex + "0"),
+		digest.Digest("sha256:" + string(bytes.ToUpper([]byte(hex)))),
+		digest.Digest("sha256:../../../../" + hex[12:]),
+		digest.Digest("md5:" + hex[:32]),
+		digest.Digest("sha384:" + hex + hex[:32]), // well formed, not supported
+		digest.Digest(hex),
+	}
+	for _, dgst := range invalid {
+		if _, err := d.Stat(ctx, dgst); !errors.Is(err, replication.ErrInvalidDigest) {
+			t.Errorf("Stat(%q): got %v, want ErrInvalidDigest", dgst, err)
+		}
+		if rc, err := d.Open(ctx, dgst, 0); !errors.Is(err, replication.ErrInvalidDigest) {
+			closeIfOpen(rc)
+			t.Errorf("Open(%q): got %v, want ErrInvalidDigest", dgst, err)
+		}
+		if err := d.Delete(ctx, dgst); !errors.Is(err, replication.ErrInvalidDigest) {
+			t.Errorf("Delete(%q): got %v, want ErrInvalidDigest", dgst, err)
+		}
+		if err := d.CommitUpload(ctx, id, n, dgst); !errors.Is(err, replication.ErrInvalidDigest) {
+			t.Errorf("CommitUpload(%q): got %v, want ErrInvalidDigest", dgst, err)
+		}
+	}
+	// A commit refused for its digest leaves the upload in place.
+	if err := d.CommitUpload(ctx, id, n, digest.FromBytes(content)); err != nil {
+		t.Fatalf("CommitUpload with the right digest after invalid ones: %v", err)
+	}
+}
+
+func testDeleteThenStat(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
+	content := randomBytes(15, 4000)
+	dgst := pushBlob(t, d, content)
+	if err := d.Delete(ctx, dgst); err != nil {
+		t.Fatalf("Delete: %v", err)
+	}
+	if _, err := d.Stat(ctx, dgst); !errors.Is(err, replication.ErrBlobNotFound) {
+		t.Fatalf("Stat after Delete: got %v, want ErrBlobNotFound", err)
+	}
+	if rc, err := d.Open(ctx, dgst, 0); !errors.Is(err, replication.ErrBlobNotFound) {
+		closeIfOpen(rc)
+		t.Fatalf("Open after Delete: got %v, want ErrBlobNotFound", err)
+	}
+	if err := d.Delete(ctx, dgst); !errors.Is(err, replication.ErrBlobNotFound) {
+		t.Fatalf("second Delete: got %v, want ErrBlobNotFound", err)
+	}
+	// The digest can be pushed again.
+	pushBlob(t, d, content)
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
+		t.Fatal("blob pushed again after Delete differs")
+	}
+}
+
+func testConcurrentUploads(t *testing.T, d replication.Driver) {
+	const workers = 16
+	contents := make([][]byte, workers)
+	for i := range contents {
+		contents[i] = randomBytes(uint64(100+i), 64<<10+i*1000)
+	}
+	var wg sync.WaitGroup
+	for i := range workers {
+		wg.Go(func() {
+			if err := pushChunked(t.Context(), d, contents[i], 4096+i); err != nil {
+				t.Errorf("worker %d: %v", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	for i, content := range contents {
+		if got := readBlob(t, d, digest.FromBytes(content), 0); !bytes.Equal(got, content) {
+			t.Errorf("blob of worker %d differs", i)
+		}
+	}
+}
+
+func testConcurrentCommitSameDigest(t *testing.T, d replication.Driver) {
+	const workers = 8
+	content := randomBytes(16, 256<<10)
+	var wg sync.WaitGroup
+	for i := range workers {
+		wg.Go(func() {
+			if err := pushChunked(t.Context(), d, content, 32<<10); err != nil {
+				t.Errorf("worker %d: %v", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	if got := readBlob(t, d, digest.FromBytes(content), 0); !bytes.Equal(got, content) {
+		t.Fatal("blob committed concurrently differs")
+	}
+}
+
+// purgeClockSlack covers the coarsest modification time a store may keep
+// (S3 keeps whole seconds, Linux file times lag the clock by a tick).
+const purgeClockSlack = 1100 * time.Millisecond
+
+func testPurgeUploads(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
+	stale := startUpload(t, d)
+	write(t, d, stale, 0, []byte("stale"))
+	touched := startUpload(t, d)
+	write(t, d, touched, 0, []byte("old start"))
+	cutoff := time.Now()
+	// The test needs time to pass: uploads written from now on must carry
+	// a modification time at or after cutoff in the store's resolution.
+	time.Sleep(purgeClockSlack)
+	write(t, d, touched, 9, []byte(", written again"))
+	fresh := startUpload(t, d)
+	write(t, d, fresh, 0, []byte("fresh"))
+
+	if n, err := d.PurgeUploads(ctx, cutoff.Add(-time.Hour)); err != nil || n != 0 {
+		t.Fatalf("PurgeUploads(an hour before every write) = %d, %v; want 0", n, err)
+	}
+	n, err := d.PurgeUploads(ctx, cutoff)
+	if err != nil || n != 1 {
+		t.Fatalf("PurgeUploads(cutoff) = %d, %v; want 1 (the stale upload)", n, err)
+	}
+	assertUploadGone(t, d, stale)
+	if size := uploadSize(t, d, touched); size != 24 {
+		t.Fatalf("upload written after the cutoff holds %d bytes, want 24", size)
+	}
+	if size := uploadSize(t, d, fresh); size != 5 {
+		t.Fatalf("fresh upload holds %d bytes, want 5", size)
+	}
+	if n, err := d.PurgeUploads(ctx, time.Now().Add(time.Hour)); err != nil || n != 2 {
+		t.Fatalf("PurgeUploads(an hour from now) = %d, %v; want 2", n, err)
+	}
+	assertUploadGone(t, d, touched)
+	assertUploadGone(t, d, fresh)
+}
+
+// testLargeBlob streams 64 MiB from a generator, never holding it in memory,
+// and compares digests of what was written and what is read back.
+func testLargeBlob(t *testing.T, d replication.Driver) {
+	if testing.Short() {
+		t.Skip("64 MiB blob skipped in -short mode")
+	}
+	ctx := t.Context()
+	const size = 64 << 20
+	id := startUpload(t, d)
+	h := digest.SHA256.Digester()
+	src := io.TeeReader(io.LimitReader(&generator{rng: rand.NewChaCha8([32]byte{17})}, size), h.Hash())
+	n, err := d.WriteUpload(ctx, id, 0, src)
+	if err != nil || n != size {
+		t.Fatalf("WriteUpload = %d, %v; want %d", n, err, size)
+	}
+	dgst := h.Digest()
+	if err := d.CommitUpload(ctx, id, size, dgst); err != nil {
+		t.Fatalf("CommitUpload: %v", err)
+	}
+	if got, err := d.Stat(ctx, dgst); err != nil || got != size {
+		t.Fatalf("Stat = %d, %v; want %d", got, err, size)
+	}
+	for _, off := range []int64{0, size/2 + 12345} {
+		rc, err := d.Open(ctx, dgst, off)
+		if err != nil {
+			t.Fatalf("Open at %d: %v", off, err)
+		}
+		rh := sha256.New()
+		got, err := io.Copy(rh, rc)
+		rc.Close()
+		if err != nil || got != size-off {
+			t.Fatalf("reading from %d: %d bytes, %v; want %d", off, got, err, size-off)
+		}
+		if off == 0 && digest.NewDigest(digest.SHA256, rh) != dgst {
+			t.Fatal("64 MiB blob read back has a different sha256")
+		}
+	}
+}
+
+// generator is an endless pseudo-random reader, so a large blob never exists
+// in memory.
+type generator struct{ rng *rand.ChaCha8 }
+
+func (g *generator) Read(p []byte) (int, error) {
+	return g.rng.Read(p)
+}
+
+type errReader struct{ err error }
+
+func (r errReader) Read([]byte) (int, error) { return 0, r.err }
+
+func randomBytes(seed uint64, n int) []byte {
+	var key [32]byte
+	key[0], key[1] = byte(seed), byte(seed>>8)
+	b := make([]byte, n)
+	rand.NewChaCha8(key).Read(b)
+	return b
+}
+
+func startUpload(t *testing.T, d replication.Driver) string {
+	t.Helper()
+	id, err := d.StartUpload(t.Context())
+	if err != nil {
+		t.Fatalf("StartUpload: %v", err)
+	}
+	return id
+}
+
+func write(t *testing.T, d replication.Driver, id string, offset int64, p []byte) {
+	t.Helper()
+	n, err := d.WriteUpload(t.Context(), id, offset, bytes.NewReader(p))
+	if err != nil || n != int64(len(p)) {
+		t.Fatalf("WriteUpload(%d bytes at %d) = %d, %v", len(p), offset, n, err)
+	}
+}
+
+func uploadSize(t *testing.T, d replication.Driver, id string) int64 {
+	t.Helper()
+	size, err := d.UploadSize(t.Context(), id)
+	if err != nil {
+		t.Fatalf("UploadSize: %v", err)
+	}
+	return size
+}
+
+// startWrite starts an upload and writes content into it in one request.
+func startWrite(t *testing.T, d replication.Driver, content []byte) (string, int64) {
+	t.Helper()
+	id := startUpload(t, d)
+	write(t, d, id, 0, content)
+	return id, int64(len(content))
+}
+
+// pushBlob uploads content in one write, commits it under its sha256 digest
+// and returns the digest.
+func pushBlob(t *testing.T, d replication.Driver, content []byte) digest.Digest {
+	t.Helper()
+	id, n := startWrite(t, d, content)
+	dgst := digest.FromBytes(content)
+	if err := d.CommitUpload(t.Context(), id, n, dgst); err != nil {
+		t.Fatalf("CommitUpload: %v", err)
+	}
+	return dgst
+}
+
+// pushChunked is pushBlob in chunks of chunk bytes, usable from goroutines.
+func pushChunked(ctx context.Context, d replication.Driver, content []byte, chunk int) error {
+	id, err := d.StartUpload(ctx)
+	if err != nil {
+		return fmt.Errorf("StartUpload: %w", err)
+	}
+	for off := 0; off < len(content); off += chunk {
+		end := min(off+chunk, len(content))
+		n, err := d.WriteUpload(ctx, id, int64(off), bytes.NewReader(content[off:end]))
+		if err != nil || n != int64(end-off) {
+			return fmt.Errorf("WriteUpload at %d = %d, %v", off, n, err)
+		}
+	}
+	if err := d.CommitUpload(ctx, id, int64(len(content)), digest.FromBytes(content)); err != nil {
+		return fmt.Errorf("CommitUpload: %w", err)
+	}
+	return nil
+}
+
+func readBlob(t *testing.T, d replication.Driver, dgst digest.Digest, offset int64) []byte {
+	t.Helper()
+	rc, err := d.Open(t.Context(), dgst, offset)
+	if err != nil {
+		t.Fatalf("Open(%s, %d): %v", dgst, offset, err)
+	}
+	defer rc.Close()
+	b, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatalf("reading %s from %d: %v", dgst, offset, err)
+	}
+	return b
+}
+
+// assertUploadGone checks that every upload operation on id reports
+// ErrUploadNotFound.
+func assertUploadGone(t *testing.T, d replication.Driver, id string) {
+	t.Helper()
+	ctx := t.Context()
+	if _, err := d.WriteUpload(ctx, id, 0, bytes.NewReader([]byte("x"))); !errors.Is(err, replication.ErrUploadNotFound) {
+		t.Errorf("WriteUpload(%.40q): got %v, want ErrUploadNotFound", id, err)
+	}
+	if _, err := d.UploadSize(ctx, id); !errors.Is(err, replication.ErrUploadNotFound) {
+		t.Errorf("UploadSize(%.40q): got %v, want ErrUploadNotFound", id, err)
+	}
+	if rc, err := d.OpenUpload(ctx, id); !errors.Is(err, replication.ErrUploadNotFound) {
+		closeIfOpen(rc)
+		t.Errorf("OpenUpload(%.40q): got %v, want ErrUploadNotFound", id, err)
+	}
+	if err := d.CommitUpload(ctx, id, 0, digest.FromString("")); !errors.Is(err, replication.ErrUploadNotFound) {
+		t.Errorf("CommitUpload(%.40q): got %v, want ErrUploadNotFound", id, err)
+	}
+	if err := d.CancelUpload(ctx, id); !errors.Is(err, replication.ErrUploadNotFound) {
+		t.Errorf("CancelUpload(%.40q): got %v, want ErrUploadNotFound", id, err)
+	}
+}
+
+func closeIfOpen(rc io.ReadCloser) {
+	if rc != nil {
+		rc.Close()
+	}
+}
