@@ -274,7 +274,8 @@ type PutManifest struct {
 	Content    []byte                 `protobuf:"bytes,4,opt,name=content,proto3" json:"content,omitempty"`
 	// Tags to point at this manifest.
 	Tags []string `protobuf:"bytes,5,rep,name=tags,proto3" json:"tags,omitempty"`
-	// Compare-and-swap: the single tag must currently point at this digest.
+	// Compare-and-swap: the single tag must currently point at this digest
+	// ("*": the tag must exist).
 	IfMatch string `protobuf:"bytes,6,opt,name=if_match,json=ifMatch,proto3" json:"if_match,omitempty"`
 	// Create-only: the single tag must not exist yet.
 	IfNoneMatch bool `protobuf:"varint,7,opt,name=if_none_match,json=ifNoneMatch,proto3" json:"if_none_match,omitempty"`
