@@ -53,3 +53,25 @@ func CodeOf(err error) Code {
 	}
 	return Code_CODE_UNSPECIFIED
 }
+
+// ResultOf describes err as a Result for a response message. It reports
+// false when err is not a business error (the caller then answers with a
+// gRPC status instead).
+func ResultOf(err error) (*Result, bool) {
+	if err == nil {
+		return nil, true
+	}
+	var e *Error
+	if !errors.As(err, &e) {
+		return nil, false
+	}
+	return &Result{Code: e.Code, Detail: e.Detail}, true
+}
+
+// Err returns the business error a Result carries, or nil for success.
+func (r *Result) Err() error {
+	if r == nil || r.Code == Code_CODE_UNSPECIFIED {
+		return nil
+	}
+	return &Error{Code: r.Code, Detail: r.Detail}
+}
