@@ -42,6 +42,8 @@ var commandOneof = (&pb.LogEntry{}).ProtoReflect().Descriptor().Oneofs().ByName(
 type fsm struct {
 	store  *Store
 	logger *slog.Logger
+	// onApplied, when set, learns each index once its batch is committed.
+	onApplied func(index uint64)
 }
 
 // Apply decodes and applies one entry. An entry that does not decode, or
@@ -100,6 +102,9 @@ func (f *fsm) Apply(l *raft.Log) any {
 	if err := b.Commit(pebble.NoSync); err != nil {
 		panic(fmt.Sprintf("consensus: commit entry %d: %v", l.Index, err))
 	}
+	if f.onApplied != nil {
+		f.onApplied(l.Index)
+	}
 	return result
 }
 
@@ -111,7 +116,17 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 // Restore replaces the store's contents with a snapshot stream.
 func (f *fsm) Restore(r io.ReadCloser) error {
 	defer r.Close()
-	return f.store.restore(r)
+	if err := f.store.restore(r); err != nil {
+		return err
+	}
+	if f.onApplied != nil {
+		index, _, err := f.store.AppliedIndex()
+		if err != nil {
+			return err
+		}
+		f.onApplied(index)
+	}
+	return nil
 }
 
 func ensureRepo(b *pebble.Batch, repo string, now int64) error {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -68,6 +69,11 @@ type Node struct {
 	raft      *raft.Raft
 	stop      chan struct{}
 	done      chan struct{}
+
+	// applied lets reads wait for an index; leaderReady is set once this
+	// node, as leader, has committed an entry of its own term.
+	applied     *appliedWaiter
+	leaderReady atomic.Bool
 }
 
 // NewNode returns a Node; Open starts it.
@@ -134,7 +140,12 @@ func (n *Node) Open(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	f := &fsm{store: n.store, logger: n.logger}
+	applied, _, err := n.store.AppliedIndex()
+	if err != nil {
+		return err
+	}
+	n.applied = newAppliedWaiter(applied)
+	f := &fsm{store: n.store, logger: n.logger, onApplied: n.applied.advance}
 	if n.raft, err = raft.NewRaft(rc, f, n.logs, n.logs, n.snapshots, n.transport); err != nil {
 		return fmt.Errorf("start raft: %w", err)
 	}
@@ -194,6 +205,10 @@ func (n *Node) Propose(ctx context.Context, e *pb.LogEntry) error {
 	if err != nil {
 		return err
 	}
+	if err := ctx.Err(); err != nil {
+		// The caller already gave up: proposing now would write on its behalf.
+		return fmt.Errorf("%w: %v", pb.ErrUnavailable, err)
+	}
 	timeout := n.cfg.ApplyTimeout
 	if d, ok := ctx.Deadline(); ok {
 		timeout = time.Until(d)
@@ -212,10 +227,12 @@ func (n *Node) Propose(ctx context.Context, e *pb.LogEntry) error {
 	}
 	switch {
 	case err == nil:
-	case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipLost),
-		errors.Is(err, raft.ErrLeadershipTransferInProgress):
+	case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipTransferInProgress):
+		// Refused before it entered the log: safe to send to the leader.
 		return fmt.Errorf("%w: %v", pb.ErrNotLeader, err)
 	default:
+		// Including ErrLeadershipLost: the entry may still commit, so the
+		// caller must not blindly retry it elsewhere.
 		return fmt.Errorf("%w: %v", pb.ErrUnavailable, err)
 	}
 	if resp, ok := f.Response().(error); ok && resp != nil {
@@ -233,6 +250,7 @@ func (n *Node) leaderDuties() {
 		case <-n.stop:
 			return
 		case isLeader := <-n.raft.LeaderCh():
+			n.leaderReady.Store(false)
 			if isLeader {
 				n.onLeader()
 			}
@@ -243,6 +261,13 @@ func (n *Node) leaderDuties() {
 func (n *Node) onLeader() {
 	ctx, cancel := context.WithTimeout(context.Background(), n.cfg.ApplyTimeout)
 	defer cancel()
+	// Once an entry of this term commits, the commit index is current and
+	// read-index reads may be served.
+	if err := n.raft.Barrier(n.cfg.ApplyTimeout).Error(); err != nil {
+		n.logger.Warn("leader barrier", "err", err)
+		return
+	}
+	n.leaderReady.Store(n.IsLeader())
 	if err := n.updateOwnAddress(); err != nil {
 		n.logger.Warn("update own raft address", "err", err)
 	}
@@ -284,8 +309,9 @@ func (n *Node) Close() error {
 		n.stop = nil
 	}
 	if n.raft != nil {
+		// n.raft stays set: Shutdown is idempotent, and a Propose that races
+		// Close then gets raft.ErrRaftShutdown instead of a nil dereference.
 		errs = append(errs, n.raft.Shutdown().Error())
-		n.raft = nil
 	}
 	if n.transport != nil {
 		errs = append(errs, n.transport.Close())

@@ -15,18 +15,54 @@ import (
 // Config configures one node. Every field has a YAML key (its tag), a flag
 // and a MERIDIAN_ environment variable; DefaultConfig runs with no file.
 type Config struct {
-	// DataDir holds the node's Raft log, state store, snapshots and, for the
-	// embedded filesystem store, its blobs.
+	// DataDir holds the node's Raft log, state store, snapshots and, unless
+	// BlobDir says otherwise, its blobs.
 	DataDir string `yaml:"data_dir"`
+	// BlobDir is the filesystem blob store; every node that serves the same
+	// blobs must see the same directory. Empty means DataDir/blobs.
+	BlobDir string `yaml:"blob_dir"`
+	// ClusterID must match on every member; a node of another cluster is
+	// refused at join.
+	ClusterID string `yaml:"cluster_id"`
 	// NodeID is the node's stable identity; it defaults to the host name.
 	NodeID string `yaml:"node_id"`
-	// Region is where the node runs; its blobs land in this region's store.
+	// Region and Zone place the node; its blobs land in its region's store.
 	Region string `yaml:"region"`
-	// HTTPAddr serves the OCI API, /metrics, /healthz and /readyz.
-	HTTPAddr string `yaml:"http_addr"`
-	// RaftAddr carries Raft traffic; AdvertiseRaft is what peers dial.
-	RaftAddr      string `yaml:"raft_addr"`
-	AdvertiseRaft string `yaml:"advertise_raft"`
+	Zone   string `yaml:"zone"`
+	// Listen addresses: HTTP serves the OCI API, /metrics, /healthz and
+	// /readyz; gRPC links nodes, gateways and operator commands; Raft
+	// carries consensus; gossip carries membership (UDP and TCP).
+	HTTPAddr   string `yaml:"http_addr"`
+	GRPCAddr   string `yaml:"grpc_addr"`
+	RaftAddr   string `yaml:"raft_addr"`
+	GossipAddr string `yaml:"gossip_addr"`
+	// Advertised addresses other members dial; empty means the listener's.
+	AdvertiseHTTP   string `yaml:"advertise_http"`
+	AdvertiseGRPC   string `yaml:"advertise_grpc"`
+	AdvertiseRaft   string `yaml:"advertise_raft"`
+	AdvertiseGossip string `yaml:"advertise_gossip"`
+	// Join lists gossip addresses of running members. A node started without
+	// Join and without state bootstraps a new cluster; with Join it never does.
+	Join []string `yaml:"join"`
+	// JoinTimeout bounds the first join of a node with no state.
+	JoinTimeout time.Duration `yaml:"join_timeout"`
+	// Voters is how many voters the leader keeps (spread across regions);
+	// further servers join as non-voters.
+	Voters int `yaml:"voters"`
+	// DeadVoterTimeout is how long a voter may be gone before the leader
+	// promotes a healthy non-voter in its place.
+	DeadVoterTimeout time.Duration `yaml:"dead_voter_timeout"`
+	// ReadConsistency is "local" (replica reads; misses confirmed with the
+	// leader) or "strong" (every read linearizable through a read index).
+	ReadConsistency string `yaml:"read_consistency"`
+	// ApplyTimeout bounds a write waiting for a leader and commit.
+	ApplyTimeout time.Duration `yaml:"apply_timeout"`
+	// RaftHeartbeatTimeout and RaftElectionTimeout tune failure detection;
+	// zero keeps hashicorp/raft's defaults (1s each).
+	RaftHeartbeatTimeout time.Duration `yaml:"raft_heartbeat_timeout"`
+	RaftElectionTimeout  time.Duration `yaml:"raft_election_timeout"`
+	// GossipProfile tunes membership timings: lan (default), wan or local.
+	GossipProfile string `yaml:"gossip_profile"`
 	// ReadyFile, when set, receives JSON with the node's id and actual
 	// addresses once it serves (so scripts can use :0 ports).
 	ReadyFile string `yaml:"ready_file"`
@@ -53,10 +89,19 @@ func DefaultConfig() Config {
 	g := gateway.DefaultConfig()
 	return Config{
 		DataDir:           "data",
+		ClusterID:         "meridian",
 		NodeID:            host,
 		Region:            "local",
 		HTTPAddr:          ":5000",
+		GRPCAddr:          "127.0.0.1:5001",
 		RaftAddr:          "127.0.0.1:5002",
+		GossipAddr:        "127.0.0.1:5003",
+		JoinTimeout:       30 * time.Second,
+		Voters:            3,
+		DeadVoterTimeout:  10 * time.Minute,
+		ReadConsistency:   "local",
+		ApplyTimeout:      10 * time.Second,
+		GossipProfile:     "lan",
 		MaxManifestSize:   g.MaxManifestSize,
 		MaxBlobSize:       g.MaxBlobSize,
 		UploadTTL:         g.UploadTTL,
@@ -80,15 +125,42 @@ func (c Config) Validate() error {
 	if !idRE.MatchString(c.Region) {
 		errs = append(errs, fmt.Errorf("region %q: use 1-63 letters, digits, '.', '_' or '-'", c.Region))
 	}
-	for name, addr := range map[string]string{"http_addr": c.HTTPAddr, "raft_addr": c.RaftAddr} {
-		if _, _, err := net.SplitHostPort(addr); err != nil {
-			errs = append(errs, fmt.Errorf("%s %q: want host:port", name, addr))
+	if !idRE.MatchString(c.ClusterID) {
+		errs = append(errs, fmt.Errorf("cluster_id %q: use 1-63 letters, digits, '.', '_' or '-'", c.ClusterID))
+	}
+	if c.Zone != "" && !idRE.MatchString(c.Zone) {
+		errs = append(errs, fmt.Errorf("zone %q: use 1-63 letters, digits, '.', '_' or '-'", c.Zone))
+	}
+	listen := map[string]string{"http_addr": c.HTTPAddr, "grpc_addr": c.GRPCAddr, "raft_addr": c.RaftAddr, "gossip_addr": c.GossipAddr}
+	for _, name := range sortedKeys(listen) {
+		if _, _, err := net.SplitHostPort(listen[name]); err != nil {
+			errs = append(errs, fmt.Errorf("%s %q: want host:port", name, listen[name]))
 		}
 	}
-	if c.AdvertiseRaft != "" {
-		if host, _, err := net.SplitHostPort(c.AdvertiseRaft); err != nil || host == "" {
-			errs = append(errs, fmt.Errorf("advertise_raft %q: want a dialable host:port", c.AdvertiseRaft))
+	advertise := map[string]string{"advertise_http": c.AdvertiseHTTP, "advertise_grpc": c.AdvertiseGRPC, "advertise_raft": c.AdvertiseRaft, "advertise_gossip": c.AdvertiseGossip}
+	for _, name := range sortedKeys(advertise) {
+		if a := advertise[name]; a != "" {
+			if host, _, err := net.SplitHostPort(a); err != nil || host == "" {
+				errs = append(errs, fmt.Errorf("%s %q: want a dialable host:port", name, a))
+			}
 		}
+	}
+	for _, j := range c.Join {
+		if _, _, err := net.SplitHostPort(j); err != nil {
+			errs = append(errs, fmt.Errorf("join %q: want host:port of a member's gossip address", j))
+		}
+	}
+	if c.Voters < 1 {
+		errs = append(errs, errors.New("voters must be at least 1"))
+	}
+	if c.ReadConsistency != "local" && c.ReadConsistency != "strong" {
+		errs = append(errs, fmt.Errorf("read_consistency %q: want local or strong", c.ReadConsistency))
+	}
+	if c.GossipProfile != "lan" && c.GossipProfile != "wan" && c.GossipProfile != "local" {
+		errs = append(errs, fmt.Errorf("gossip_profile %q: want lan, wan or local", c.GossipProfile))
+	}
+	if c.ApplyTimeout <= 0 || c.JoinTimeout <= 0 || c.DeadVoterTimeout <= 0 {
+		errs = append(errs, errors.New("apply_timeout, join_timeout and dead_voter_timeout must be positive"))
 	}
 	if c.MaxManifestSize <= 0 {
 		errs = append(errs, errors.New("max_manifest_size must be positive"))

@@ -17,8 +17,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"google.golang.org/grpc"
+
 	"github.com/meridian-registry/meridian/consensus"
 	"github.com/meridian-registry/meridian/gateway"
+	"github.com/meridian-registry/meridian/node/membership"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 	"github.com/meridian-registry/meridian/replication"
 )
@@ -28,19 +31,25 @@ type Node struct {
 	cfg    Config
 	logger *slog.Logger
 
-	consensus *consensus.Node
-	blobs     *replication.Filesystem
-	gateway   *gateway.Gateway
-	registry  *prometheus.Registry
+	consensus   *consensus.Node
+	membership  *membership.Membership
+	blobs       *replication.Filesystem
+	gateway     *gateway.Gateway
+	registry    *prometheus.Registry
+	peers       *peers
+	readIndexes *consensus.ReadIndexBatcher
+	started     time.Time
 
 	httpListener net.Listener
 	httpServer   *http.Server
+	grpcListener net.Listener
+	grpcServer   *grpc.Server
 	serveErr     chan error
 
-	stopJanitor chan struct{}
-	wg          sync.WaitGroup
-	closeOnce   sync.Once
-	closeErr    error
+	stop      chan struct{}
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // New checks cfg and returns a node; Start runs it.
@@ -54,41 +63,74 @@ func New(cfg Config, logger *slog.Logger) (*Node, error) {
 	return &Node{cfg: cfg, logger: logger.With("node_id", cfg.NodeID)}, nil
 }
 
-// Start opens the stores, starts Raft and begins serving HTTP. It returns
-// once the node serves; a leader may still be being elected (see /readyz).
+// Start opens the stores, starts Raft and gossip, joins the cluster when
+// asked to, and begins serving. It returns once the node serves; a leader
+// may still be being elected (see /readyz and WaitReady).
 func (n *Node) Start(ctx context.Context) (err error) {
 	defer func() {
 		if err != nil {
 			n.Close(context.Background())
 		}
 	}()
+	n.started = time.Now()
+	n.stop = make(chan struct{})
+	n.peers = newPeers()
 	if err := os.MkdirAll(n.cfg.DataDir, 0o755); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
 	n.registry = prometheus.NewRegistry()
 	n.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	if n.blobs, err = replication.NewFilesystem(filepath.Join(n.cfg.DataDir, "blobs")); err != nil {
+	blobDir := n.cfg.BlobDir
+	if blobDir == "" {
+		blobDir = filepath.Join(n.cfg.DataDir, "blobs")
+	}
+	if n.blobs, err = replication.NewFilesystem(blobDir); err != nil {
 		return fmt.Errorf("blob store: %w", err)
 	}
 
+	// Listen first, so every advertised address is known before gossip.
+	if n.httpListener, err = net.Listen("tcp", n.cfg.HTTPAddr); err != nil {
+		return fmt.Errorf("http listener: %w", err)
+	}
+	if n.grpcListener, err = net.Listen("tcp", n.cfg.GRPCAddr); err != nil {
+		return fmt.Errorf("grpc listener: %w", err)
+	}
 	raftLn, err := net.Listen("tcp", n.cfg.RaftAddr)
 	if err != nil {
 		return fmt.Errorf("raft listener: %w", err)
+	}
+
+	hasState, err := consensus.HasState(n.cfg.DataDir)
+	if err != nil {
+		raftLn.Close()
+		return err
 	}
 	cc := consensus.DefaultConfig()
 	cc.NodeID = n.cfg.NodeID
 	cc.DataDir = n.cfg.DataDir
 	cc.RaftListener = raftLn
 	cc.AdvertiseRaft = n.cfg.AdvertiseRaft
-	cc.Bootstrap = true
+	cc.Bootstrap = len(n.cfg.Join) == 0
 	cc.SnapshotThreshold = n.cfg.SnapshotThreshold
+	cc.ApplyTimeout = n.cfg.ApplyTimeout
+	cc.HeartbeatTimeout = n.cfg.RaftHeartbeatTimeout
+	cc.ElectionTimeout = n.cfg.RaftElectionTimeout
 	cc.Logger = n.logger
 	n.consensus = consensus.NewNode(cc)
 	if err := n.consensus.Open(ctx); err != nil {
 		raftLn.Close()
 		return err
 	}
+	n.readIndexes = consensus.NewReadIndexBatcher(n.readIndex, n.cfg.ApplyTimeout)
+
+	if err := n.startMembership(); err != nil {
+		return err
+	}
+
+	n.grpcServer = grpc.NewServer(grpc.MaxRecvMsgSize(64<<20), grpc.MaxSendMsgSize(64<<20))
+	pb.RegisterClusterServer(n.grpcServer, clusterServer{n: n})
+	go n.grpcServer.Serve(n.grpcListener)
 
 	gc := gateway.DefaultConfig()
 	gc.Region = n.cfg.Region
@@ -97,13 +139,8 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	gc.UploadTTL = n.cfg.UploadTTL
 	gc.Logger = n.logger
 	gc.Registerer = n.registry
-	meta := localMetadata{Store: n.consensus.Store(), node: n.consensus}
-	if n.gateway, err = gateway.New(gc, meta, n.blobs); err != nil {
+	if n.gateway, err = gateway.New(gc, n.metadata(false), n.blobs); err != nil {
 		return err
-	}
-
-	if n.httpListener, err = net.Listen("tcp", n.cfg.HTTPAddr); err != nil {
-		return fmt.Errorf("http listener: %w", err)
 	}
 	n.httpServer = &http.Server{
 		Handler:           n.routes(),
@@ -115,14 +152,19 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	n.serveErr = make(chan error, 1)
 	go func() { n.serveErr <- n.httpServer.Serve(n.httpListener) }()
 
-	n.stopJanitor = make(chan struct{})
-	n.wg.Add(1)
+	if err := n.joinCluster(ctx, hasState); err != nil {
+		return err
+	}
+	n.wg.Add(3)
 	go n.purgeAbandonedUploads()
+	go n.reconcileMembers()
+	go n.keepGossiping()
 
 	if err := n.writeReadyFile(); err != nil {
 		return err
 	}
-	n.logger.Info("serving", "http", n.HTTPAddr(), "raft", n.consensus.Addr(), "region", n.cfg.Region, "data_dir", n.cfg.DataDir)
+	n.logger.Info("serving", "http", n.HTTPAddr(), "grpc", n.GRPCAddr(), "raft", n.consensus.Addr(),
+		"gossip", n.membership.Addr(), "region", n.cfg.Region, "data_dir", n.cfg.DataDir)
 	return nil
 }
 
@@ -177,6 +219,27 @@ func (n *Node) WaitReady(ctx context.Context) error {
 // HTTPAddr is the address the OCI API listens on.
 func (n *Node) HTTPAddr() string { return n.httpListener.Addr().String() }
 
+// GRPCAddr is the gRPC address other members dial.
+func (n *Node) GRPCAddr() string {
+	if n.cfg.AdvertiseGRPC != "" {
+		return n.cfg.AdvertiseGRPC
+	}
+	return n.grpcListener.Addr().String()
+}
+
+// GossipAddr is the advertised gossip address (what --join takes).
+func (n *Node) GossipAddr() string { return n.membership.Addr() }
+
+// ID is the node's id.
+func (n *Node) ID() string { return n.cfg.NodeID }
+
+func (n *Node) advertisedHTTP() string {
+	if n.cfg.AdvertiseHTTP != "" {
+		return n.cfg.AdvertiseHTTP
+	}
+	return n.HTTPAddr()
+}
+
 // RaftAddr is the address Raft listens on.
 func (n *Node) RaftAddr() string { return n.consensus.Addr() }
 
@@ -196,7 +259,7 @@ func (n *Node) purgeAbandonedUploads() {
 	defer t.Stop()
 	for {
 		select {
-		case <-n.stopJanitor:
+		case <-n.stop:
 			return
 		case <-t.C:
 			removed, err := n.blobs.PurgeUploads(context.Background(), time.Now().Add(-n.cfg.UploadTTL))
@@ -211,12 +274,15 @@ func (n *Node) purgeAbandonedUploads() {
 
 // readyInfo is what --ready-file receives.
 type readyInfo struct {
-	NodeID   string `json:"node_id"`
-	Region   string `json:"region"`
-	HTTPAddr string `json:"http_addr"`
-	RaftAddr string `json:"raft_addr"`
-	DataDir  string `json:"data_dir"`
-	PID      int    `json:"pid"`
+	NodeID     string `json:"node_id"`
+	ClusterID  string `json:"cluster_id"`
+	Region     string `json:"region"`
+	HTTPAddr   string `json:"http_addr"`
+	GRPCAddr   string `json:"grpc_addr"`
+	RaftAddr   string `json:"raft_addr"`
+	GossipAddr string `json:"gossip_addr"`
+	DataDir    string `json:"data_dir"`
+	PID        int    `json:"pid"`
 }
 
 func (n *Node) writeReadyFile() error {
@@ -224,8 +290,9 @@ func (n *Node) writeReadyFile() error {
 		return nil
 	}
 	b, _ := json.MarshalIndent(readyInfo{
-		NodeID: n.cfg.NodeID, Region: n.cfg.Region, HTTPAddr: n.HTTPAddr(),
-		RaftAddr: n.RaftAddr(), DataDir: n.cfg.DataDir, PID: os.Getpid(),
+		NodeID: n.cfg.NodeID, ClusterID: n.cfg.ClusterID, Region: n.cfg.Region, HTTPAddr: n.HTTPAddr(),
+		GRPCAddr: n.GRPCAddr(), RaftAddr: n.RaftAddr(), GossipAddr: n.GossipAddr(),
+		DataDir: n.cfg.DataDir, PID: os.Getpid(),
 	}, "", "  ")
 	tmp := n.cfg.ReadyFile + ".tmp"
 	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
@@ -235,7 +302,8 @@ func (n *Node) writeReadyFile() error {
 }
 
 // Close stops serving (letting in-flight requests finish until ctx ends),
-// then stops Raft and closes the stores. It is safe to call more than once.
+// leaves gossip, then stops Raft and closes the stores. The node stays a
+// Raft member: stopping is not leaving. Safe to call more than once.
 func (n *Node) Close(ctx context.Context) error {
 	n.closeOnce.Do(func() {
 		var errs []error
@@ -246,9 +314,26 @@ func (n *Node) Close(ctx context.Context) error {
 		} else if n.httpListener != nil {
 			n.httpListener.Close()
 		}
-		if n.stopJanitor != nil {
-			close(n.stopJanitor)
+		if n.stop != nil {
+			close(n.stop)
 			n.wg.Wait()
+		}
+		if n.membership != nil {
+			errs = append(errs, n.membership.Close())
+		}
+		if n.grpcServer != nil {
+			stopped := make(chan struct{})
+			go func() { n.grpcServer.GracefulStop(); close(stopped) }()
+			select {
+			case <-stopped:
+			case <-time.After(5 * time.Second):
+				n.grpcServer.Stop()
+			}
+		} else if n.grpcListener != nil {
+			n.grpcListener.Close()
+		}
+		if n.peers != nil {
+			n.peers.close()
 		}
 		if n.consensus != nil {
 			errs = append(errs, n.consensus.Close())
@@ -256,14 +341,4 @@ func (n *Node) Close(ctx context.Context) error {
 		n.closeErr = errors.Join(errs...)
 	})
 	return n.closeErr
-}
-
-// localMetadata serves the gateway from this node's own replica and Raft.
-type localMetadata struct {
-	*consensus.Store
-	node *consensus.Node
-}
-
-func (m localMetadata) Propose(ctx context.Context, e *pb.LogEntry) error {
-	return m.node.Propose(ctx, e)
 }

@@ -23,44 +23,84 @@ type option struct {
 	usage string
 	set   func(c *node.Config, v string) error
 	get   func(c *node.Config) string
+	// list options take a comma-separated value; as flags they repeat.
+	list bool
 }
 
 func stringOpt(name, usage string, field func(*node.Config) *string) option {
-	return option{name, usage,
-		func(c *node.Config, v string) error { *field(c) = v; return nil },
-		func(c *node.Config) string { return *field(c) }}
+	return option{name: name, usage: usage,
+		set: func(c *node.Config, v string) error { *field(c) = v; return nil },
+		get: func(c *node.Config) string { return *field(c) }}
 }
 
 func int64Opt(name, usage string, field func(*node.Config) *int64) option {
-	return option{name, usage,
-		func(c *node.Config, v string) error {
+	return option{name: name, usage: usage,
+		set: func(c *node.Config, v string) error {
 			n, err := parseSize(v)
 			*field(c) = n
 			return err
 		},
-		func(c *node.Config) string { return strconv.FormatInt(*field(c), 10) }}
+		get: func(c *node.Config) string { return strconv.FormatInt(*field(c), 10) }}
 }
 
 func uint64Opt(name, usage string, field func(*node.Config) *uint64) option {
-	return option{name, usage,
-		func(c *node.Config, v string) (err error) { *field(c), err = strconv.ParseUint(v, 10, 64); return err },
-		func(c *node.Config) string { return strconv.FormatUint(*field(c), 10) }}
+	return option{name: name, usage: usage,
+		set: func(c *node.Config, v string) (err error) { *field(c), err = strconv.ParseUint(v, 10, 64); return err },
+		get: func(c *node.Config) string { return strconv.FormatUint(*field(c), 10) }}
+}
+
+func intOpt(name, usage string, field func(*node.Config) *int) option {
+	return option{name: name, usage: usage,
+		set: func(c *node.Config, v string) (err error) { *field(c), err = strconv.Atoi(v); return err },
+		get: func(c *node.Config) string { return strconv.Itoa(*field(c)) }}
+}
+
+func listOpt(name, usage string, field func(*node.Config) *[]string) option {
+	return option{name: name, usage: usage, list: true,
+		set: func(c *node.Config, v string) error {
+			var items []string
+			for _, item := range strings.Split(v, ",") {
+				if item = strings.TrimSpace(item); item != "" {
+					items = append(items, item)
+				}
+			}
+			*field(c) = items
+			return nil
+		},
+		get: func(c *node.Config) string { return strings.Join(*field(c), ",") }}
 }
 
 func durationOpt(name, usage string, field func(*node.Config) *time.Duration) option {
-	return option{name, usage,
-		func(c *node.Config, v string) (err error) { *field(c), err = time.ParseDuration(v); return err },
-		func(c *node.Config) string { return field(c).String() }}
+	return option{name: name, usage: usage,
+		set: func(c *node.Config, v string) (err error) { *field(c), err = time.ParseDuration(v); return err },
+		get: func(c *node.Config) string { return field(c).String() }}
 }
 
 // serveOptions are the settings of `meridian serve`.
 var serveOptions = []option{
 	stringOpt("data-dir", "directory for the node's state and blobs", func(c *node.Config) *string { return &c.DataDir }),
+	stringOpt("blob-dir", "filesystem blob store shared by the nodes that serve the same blobs (default: DATA_DIR/blobs)", func(c *node.Config) *string { return &c.BlobDir }),
+	stringOpt("cluster-id", "cluster identity; members of other clusters are refused", func(c *node.Config) *string { return &c.ClusterID }),
 	stringOpt("node-id", "stable node id (default: host name)", func(c *node.Config) *string { return &c.NodeID }),
 	stringOpt("region", "region this node runs in", func(c *node.Config) *string { return &c.Region }),
+	stringOpt("zone", "zone within the region", func(c *node.Config) *string { return &c.Zone }),
 	stringOpt("http-addr", "OCI API, /metrics, /healthz and /readyz listen address", func(c *node.Config) *string { return &c.HTTPAddr }),
+	stringOpt("grpc-addr", "gRPC listen address (nodes, gateways, meridian cluster)", func(c *node.Config) *string { return &c.GRPCAddr }),
 	stringOpt("raft-addr", "Raft listen address", func(c *node.Config) *string { return &c.RaftAddr }),
+	stringOpt("gossip-addr", "gossip listen address, UDP and TCP", func(c *node.Config) *string { return &c.GossipAddr }),
+	stringOpt("advertise-http", "HTTP address clients are told about (default: http-addr)", func(c *node.Config) *string { return &c.AdvertiseHTTP }),
+	stringOpt("advertise-grpc", "gRPC address other members dial (default: grpc-addr)", func(c *node.Config) *string { return &c.AdvertiseGRPC }),
 	stringOpt("advertise-raft", "Raft address other nodes dial (default: raft-addr)", func(c *node.Config) *string { return &c.AdvertiseRaft }),
+	stringOpt("advertise-gossip", "gossip address other members dial (default: gossip-addr)", func(c *node.Config) *string { return &c.AdvertiseGossip }),
+	listOpt("join", "gossip address of a running member; repeat for more (env: comma-separated)", func(c *node.Config) *[]string { return &c.Join }),
+	durationOpt("join-timeout", "how long a new node tries to reach --join before giving up", func(c *node.Config) *time.Duration { return &c.JoinTimeout }),
+	intOpt("voters", "Raft voters the leader keeps; further servers are non-voters", func(c *node.Config) *int { return &c.Voters }),
+	durationOpt("dead-voter-timeout", "a voter gone this long is replaced by a healthy non-voter", func(c *node.Config) *time.Duration { return &c.DeadVoterTimeout }),
+	stringOpt("read-consistency", "local (replica reads, misses confirmed with the leader) or strong (linearizable)", func(c *node.Config) *string { return &c.ReadConsistency }),
+	durationOpt("apply-timeout", "how long a write waits for a leader and commit before 503", func(c *node.Config) *time.Duration { return &c.ApplyTimeout }),
+	durationOpt("raft-heartbeat-timeout", "Raft heartbeat timeout (0: 1s)", func(c *node.Config) *time.Duration { return &c.RaftHeartbeatTimeout }),
+	durationOpt("raft-election-timeout", "Raft election timeout (0: 1s)", func(c *node.Config) *time.Duration { return &c.RaftElectionTimeout }),
+	stringOpt("gossip-profile", "gossip timings: lan, wan or local", func(c *node.Config) *string { return &c.GossipProfile }),
 	stringOpt("ready-file", "write JSON with the node's id and actual addresses here once serving", func(c *node.Config) *string { return &c.ReadyFile }),
 	int64Opt("max-manifest-size", "largest accepted manifest, bytes (suffixes KiB, MiB, GiB)", func(c *node.Config) *int64 { return &c.MaxManifestSize }),
 	int64Opt("max-blob-size", "largest accepted blob, bytes (suffixes KiB, MiB, GiB, TiB; 0: no limit)", func(c *node.Config) *int64 { return &c.MaxBlobSize }),
@@ -110,9 +150,22 @@ func loadConfig(name string, args []string, opts []option, defaults node.Config)
 			}
 		}
 	}
+	// Repeated list flags add up: --join a --join b.
+	lists := map[string][]string{}
 	for _, s := range fromFlags {
+		if s.opt.list {
+			lists[s.opt.name] = append(lists[s.opt.name], s.value)
+			continue
+		}
 		if err := s.opt.set(&cfg, s.value); err != nil {
 			return node.Config{}, fmt.Errorf("--%s=%q: %w", s.opt.name, s.value, err)
+		}
+	}
+	for _, o := range opts {
+		if vs, ok := lists[o.name]; ok {
+			if err := o.set(&cfg, strings.Join(vs, ",")); err != nil {
+				return node.Config{}, fmt.Errorf("--%s: %w", o.name, err)
+			}
 		}
 	}
 	return cfg, nil

@@ -14,6 +14,9 @@ const usage = `meridian: a geo-replicated OCI container registry
 
 Usage:
   meridian serve [flags]     run a registry node (OCI API on :5000)
+  meridian dev               run a local 3-node cluster (what make run starts)
+  meridian cluster …         status, transfer-leader, remove, recover
+  meridian bench [flags]     measure push, pull and manifest GET against the machine's limits
   meridian version           print the version
 
 Run 'meridian serve --help' for the node's flags.
@@ -28,6 +31,12 @@ func main() {
 	switch os.Args[1] {
 	case "serve":
 		err = serve(os.Args[2:])
+	case "dev":
+		err = dev(os.Args[2:])
+	case "cluster":
+		err = cluster(os.Args[2:])
+	case "bench":
+		err = bench(os.Args[2:])
 	case "version", "--version":
 		fmt.Println("meridian", version)
 	case "help", "-h", "--help":

@@ -20,6 +20,7 @@ func serve(args []string) error {
 		return err
 	}
 	logger := newLogger(cfg.LogLevel, cfg.LogFormat)
+	node.Version = version
 	n, err := node.New(cfg, logger)
 	if err != nil {
 		return err

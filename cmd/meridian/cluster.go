@@ -1,0 +1,228 @@
+package main
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/meridian-registry/meridian/consensus"
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+const clusterUsage = `Usage:
+  meridian cluster status [--addr HOST:PORT] [--json]
+  meridian cluster transfer-leader [--addr HOST:PORT] [ID]
+  meridian cluster remove [--addr HOST:PORT] ID
+  meridian cluster recover --data-dir DIR --node-id ID --server ID=RAFT_ADDR [--server …]
+
+--addr is any node's gRPC address (default 127.0.0.1:5001). recover runs on a
+stopped node; see docs/operations.md.
+`
+
+func cluster(args []string) error {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, clusterUsage)
+		return errors.New("cluster: missing subcommand")
+	}
+	switch args[0] {
+	case "status":
+		return clusterStatus(args[1:])
+	case "transfer-leader":
+		return clusterTransfer(args[1:])
+	case "remove":
+		return clusterRemove(args[1:])
+	case "recover":
+		return clusterRecover(args[1:])
+	default:
+		fmt.Fprint(os.Stderr, clusterUsage)
+		return fmt.Errorf("cluster: unknown subcommand %q", args[0])
+	}
+}
+
+// adminFlags are the flags every online cluster command takes.
+type adminFlags struct {
+	fs      *flag.FlagSet
+	addr    *string
+	timeout *time.Duration
+}
+
+func newAdminFlags(name string) adminFlags {
+	fs := flag.NewFlagSet("meridian cluster "+name, flag.ContinueOnError)
+	return adminFlags{
+		fs:      fs,
+		addr:    fs.String("addr", envOr("MERIDIAN_ADDR", "127.0.0.1:5001"), "gRPC address of any node (env MERIDIAN_ADDR)"),
+		timeout: fs.Duration("timeout", 15*time.Second, "how long to wait for an answer"),
+	}
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+// dial connects to a node's Cluster service.
+func (a adminFlags) dial() (pb.ClusterClient, context.Context, func(), error) {
+	conn, err := grpc.NewClient(*a.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("connect to %s: %w", *a.addr, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), *a.timeout)
+	return pb.NewClusterClient(conn), ctx, func() { cancel(); conn.Close() }, nil
+}
+
+func clusterStatus(args []string) error {
+	a := newAdminFlags("status")
+	asJSON := a.fs.Bool("json", false, "print JSON")
+	if err := a.fs.Parse(args); err != nil {
+		return err
+	}
+	c, ctx, done, err := a.dial()
+	if err != nil {
+		return err
+	}
+	defer done()
+	st, err := c.ClusterStatus(ctx, &pb.ClusterStatusRequest{})
+	if err != nil {
+		return fmt.Errorf("cluster status from %s: %w", *a.addr, err)
+	}
+	if *asJSON {
+		b, _ := protojson.MarshalOptions{Multiline: true, EmitUnpopulated: true}.Marshal(st)
+		fmt.Println(string(b))
+		return nil
+	}
+	leader := st.LeaderId
+	if leader == "" {
+		leader = "(none)"
+	}
+	fmt.Printf("cluster %s: leader %s, commit index %d (answered by %s)\n\n", st.ClusterId, leader, st.LeaderCommitIndex, st.AnsweredBy)
+	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "ID\tREGION\tROLE\tSUFFRAGE\tHEALTH\tRAFT\tAPPLIED\tLAG\tSTATE DIGEST\tHTTP")
+	for _, m := range st.Members {
+		raftState, applied, lag, digest, http := "-", "-", "-", "-", "-"
+		if s := m.Status; s != nil {
+			raftState, applied = s.RaftState, fmt.Sprint(s.AppliedIndex)
+			if st.LeaderCommitIndex >= s.AppliedIndex {
+				lag = fmt.Sprint(st.LeaderCommitIndex - s.AppliedIndex)
+			} else {
+				lag = "0"
+			}
+			digest = fmt.Sprintf("%s@%d", hex.EncodeToString(s.StateDigest)[:min(12, 2*len(s.StateDigest))], s.StateDigestIndex)
+			http = s.HttpAddr
+		} else if m.Error != "" {
+			raftState = "unreachable"
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Id, dash(m.Region), m.Role, m.Suffrage, m.Health, raftState, applied, lag, digest, http)
+	}
+	return w.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func clusterTransfer(args []string) error {
+	a := newAdminFlags("transfer-leader")
+	if err := a.fs.Parse(args); err != nil {
+		return err
+	}
+	if a.fs.NArg() > 1 {
+		return errors.New("transfer-leader takes at most one node id")
+	}
+	c, ctx, done, err := a.dial()
+	if err != nil {
+		return err
+	}
+	defer done()
+	resp, err := c.TransferLeadership(ctx, &pb.TransferLeadershipRequest{Id: a.fs.Arg(0)})
+	if err != nil {
+		return fmt.Errorf("transfer leadership: %w", err)
+	}
+	if err := resp.Result.Err(); err != nil {
+		return fmt.Errorf("transfer leadership: %s", resultText(resp.Result))
+	}
+	fmt.Printf("leader is now %s\n", dash(resp.NewLeaderId))
+	return nil
+}
+
+func clusterRemove(args []string) error {
+	a := newAdminFlags("remove")
+	if err := a.fs.Parse(args); err != nil {
+		return err
+	}
+	if a.fs.NArg() != 1 {
+		return errors.New("remove takes exactly one node id")
+	}
+	c, ctx, done, err := a.dial()
+	if err != nil {
+		return err
+	}
+	defer done()
+	resp, err := c.RemoveServer(ctx, &pb.RemoveServerRequest{Id: a.fs.Arg(0)})
+	if err != nil {
+		return fmt.Errorf("remove %s: %w", a.fs.Arg(0), err)
+	}
+	if resp.Result.Err() != nil {
+		return fmt.Errorf("remove %s: %s", a.fs.Arg(0), resultText(resp.Result))
+	}
+	fmt.Printf("removed %s from the cluster\n", a.fs.Arg(0))
+	return nil
+}
+
+func resultText(r *pb.Result) string {
+	if r.Detail != "" {
+		return r.Detail
+	}
+	return strings.ToLower(strings.TrimPrefix(r.Code.String(), "CODE_"))
+}
+
+// clusterRecover rewrites a stopped node's Raft configuration after a lost
+// quorum.
+func clusterRecover(args []string) error {
+	fs := flag.NewFlagSet("meridian cluster recover", flag.ContinueOnError)
+	dataDir := fs.String("data-dir", "data", "data directory of the stopped node")
+	nodeID := fs.String("node-id", "", "id of the node whose data this is")
+	var servers []consensus.Server
+	fs.Func("server", "ID=RAFT_ADDR of a surviving voter (repeat; include this node)", func(v string) error {
+		id, addr, ok := strings.Cut(v, "=")
+		if !ok || id == "" || addr == "" {
+			return fmt.Errorf("want ID=RAFT_ADDR, got %q", v)
+		}
+		servers = append(servers, consensus.Server{ID: id, Address: addr, Voter: true})
+		return nil
+	})
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *nodeID == "" || len(servers) == 0 {
+		return errors.New("recover needs --node-id and at least one --server")
+	}
+	found := false
+	for _, s := range servers {
+		found = found || s.ID == *nodeID
+	}
+	if !found {
+		return fmt.Errorf("--server list must include this node (%s)", *nodeID)
+	}
+	cfg := consensus.DefaultConfig()
+	cfg.NodeID, cfg.DataDir = *nodeID, *dataDir
+	if err := consensus.Recover(cfg, servers); err != nil {
+		return fmt.Errorf("recover: %w", err)
+	}
+	fmt.Printf("recovered %s: its Raft configuration is now %d voter(s); start the listed nodes\n", *nodeID, len(servers))
+	return nil
+}

@@ -1,0 +1,177 @@
+package consensus
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// appliedWaiter lets readers wait until the FSM has applied an index.
+type appliedWaiter struct {
+	mu      sync.Mutex
+	applied uint64
+	changed chan struct{} // closed and replaced on every advance
+}
+
+func newAppliedWaiter(start uint64) *appliedWaiter {
+	return &appliedWaiter{applied: start, changed: make(chan struct{})}
+}
+
+// advance records that index has been applied.
+func (w *appliedWaiter) advance(index uint64) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if index <= w.applied {
+		return
+	}
+	w.applied = index
+	close(w.changed)
+	w.changed = make(chan struct{})
+}
+
+func (w *appliedWaiter) current() (uint64, <-chan struct{}) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.applied, w.changed
+}
+
+// WaitApplied blocks until this node's state store reflects every entry up
+// to index.
+//
+// The store's applied index moves only with commands. Raft's own entries
+// (a new term's no-op, barriers, configuration changes) never reach the
+// FSM, so a read index that lands on one of them is reached once Raft has
+// processed it and no command lies between the store's index and it.
+func (n *Node) WaitApplied(ctx context.Context, index uint64) error {
+	poll := time.NewTicker(2 * time.Millisecond)
+	defer poll.Stop()
+	for {
+		applied, changed := n.applied.current()
+		if applied >= index || n.onlyRaftEntriesBetween(applied, index) {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-poll.C:
+		case <-ctx.Done():
+			return fmt.Errorf("%w: waiting to apply index %d (at %d): %v", pb.ErrUnavailable, index, applied, ctx.Err())
+		}
+	}
+}
+
+// onlyRaftEntriesBetween reports whether Raft has processed index and every
+// entry in (applied, index] is one the FSM never sees.
+func (n *Node) onlyRaftEntriesBetween(applied, index uint64) bool {
+	if n.raft.AppliedIndex() < index || index-applied > 1024 {
+		return false
+	}
+	var l raft.Log
+	for i := applied + 1; i <= index; i++ {
+		if err := n.logs.GetLog(i, &l); err != nil || l.Type == raft.LogCommand {
+			return false
+		}
+	}
+	return true
+}
+
+// AppliedIndex is the last index this node's state store reflects.
+func (n *Node) AppliedIndex() uint64 {
+	i, _ := n.applied.current()
+	return i
+}
+
+// ReadIndex returns an index that a linearizable read must have applied
+// before reading: the leader's commit index, taken after the leader has
+// confirmed with a quorum that it still leads. Only the leader can answer;
+// elsewhere it returns ErrNotLeader.
+func (n *Node) ReadIndex(ctx context.Context) (uint64, error) {
+	if !n.IsLeader() {
+		return 0, pb.ErrNotLeader
+	}
+	// A new leader's commit index is only current once an entry of its own
+	// term has committed; onLeader's barrier marks that.
+	if !n.leaderReady.Load() {
+		return 0, fmt.Errorf("%w: new leader has not committed its first entry yet", pb.ErrUnavailable)
+	}
+	index := n.raft.CommitIndex()
+	// VerifyLeader has no timeout of its own: bound it by ctx.
+	f := n.raft.VerifyLeader()
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			return 0, fmt.Errorf("%w: %v", pb.ErrNotLeader, err)
+		}
+	case <-ctx.Done():
+		return 0, fmt.Errorf("%w: confirming leadership: %v", pb.ErrUnavailable, ctx.Err())
+	}
+	return index, nil
+}
+
+// ReadIndexBatcher shares one read-index round trip among every read that
+// is waiting when the round starts. A read never joins a round that started
+// before it arrived, so each read still observes every write acknowledged
+// before it began.
+type ReadIndexBatcher struct {
+	fetch func(ctx context.Context) (uint64, error)
+	// timeout bounds one round, independent of any single caller.
+	timeout time.Duration
+
+	mu      sync.Mutex
+	pending []chan readIndexResult
+	running bool
+}
+
+type readIndexResult struct {
+	index uint64
+	err   error
+}
+
+// NewReadIndexBatcher batches calls to fetch.
+func NewReadIndexBatcher(fetch func(ctx context.Context) (uint64, error), timeout time.Duration) *ReadIndexBatcher {
+	return &ReadIndexBatcher{fetch: fetch, timeout: timeout}
+}
+
+// ReadIndex returns a read index fetched after this call began.
+func (b *ReadIndexBatcher) ReadIndex(ctx context.Context) (uint64, error) {
+	ch := make(chan readIndexResult, 1)
+	b.mu.Lock()
+	b.pending = append(b.pending, ch)
+	if !b.running {
+		b.running = true
+		go b.run()
+	}
+	b.mu.Unlock()
+	select {
+	case r := <-ch:
+		return r.index, r.err
+	case <-ctx.Done():
+		return 0, fmt.Errorf("%w: %v", pb.ErrUnavailable, ctx.Err())
+	}
+}
+
+func (b *ReadIndexBatcher) run() {
+	for {
+		b.mu.Lock()
+		batch := b.pending
+		b.pending = nil
+		if len(batch) == 0 {
+			b.running = false
+			b.mu.Unlock()
+			return
+		}
+		b.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
+		index, err := b.fetch(ctx)
+		cancel()
+		for _, ch := range batch {
+			ch <- readIndexResult{index, err}
+		}
+	}
+}

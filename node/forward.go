@@ -1,0 +1,127 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// propose commits e: on the leader directly, elsewhere by forwarding it to
+// the leader once. While no leader is known it waits, with jitter, until
+// ctx (or the apply timeout) runs out, then answers ErrUnavailable.
+func (n *Node) propose(ctx context.Context, e *pb.LogEntry) error {
+	if e.TimeUnixNano == 0 {
+		// Fixed here so a forwarded entry carries the proposer's time.
+		e.TimeUnixNano = time.Now().UnixNano()
+	}
+	return n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
+		resp, err := c.Propose(ctx, &pb.ProposeRequest{Entry: e, Forwarded: true})
+		if err != nil {
+			return fromGRPC(err)
+		}
+		return resp.Result.Err()
+	}, func(ctx context.Context) error {
+		return n.consensus.Propose(ctx, e)
+	})
+}
+
+// onLeader runs local on this node when it leads, or remote against the
+// leader's gRPC service. It retries while the answer is "not the leader"
+// (nothing was done) or no leader is known, until the deadline.
+func (n *Node) onLeader(ctx context.Context, remote func(context.Context, pb.ClusterClient) error, local func(context.Context) error) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
+		defer cancel()
+	}
+	var last error
+	for attempt := 0; ; attempt++ {
+		var err error
+		leaderID, _ := n.consensus.Leader()
+		switch {
+		case n.consensus.IsLeader():
+			err = local(ctx)
+		case leaderID == "":
+			err = fmt.Errorf("%w: no leader elected", pb.ErrUnavailable)
+		default:
+			err = n.callPeer(ctx, leaderID, remote)
+		}
+		if err == nil || !retryable(err) {
+			return err
+		}
+		last = err
+		backoff := time.Duration(10+rand.IntN(40)) * time.Millisecond << min(attempt, 4)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w: %v (last: %v)", pb.ErrUnavailable, ctx.Err(), last)
+		case <-time.After(backoff):
+		}
+	}
+}
+
+// retryable reports failures after which nothing was written: the node
+// asked was not the leader, or none was known or reachable to ask.
+func retryable(err error) bool {
+	return errors.Is(err, pb.ErrNotLeader) || errors.Is(err, errNoLeaderAddress) ||
+		(errors.Is(err, pb.ErrUnavailable) && errors.Is(err, errNotSent))
+}
+
+var (
+	errNoLeaderAddress = errors.New("leader's gRPC address is not known yet")
+	errNotSent         = errors.New("request not sent")
+)
+
+// callPeer runs fn against the gRPC service of node id.
+func (n *Node) callPeer(ctx context.Context, id string, fn func(context.Context, pb.ClusterClient) error) error {
+	addr := n.grpcAddrOf(id)
+	if addr == "" {
+		return fmt.Errorf("%w: %w (node %s)", pb.ErrUnavailable, errNoLeaderAddress, id)
+	}
+	c, err := n.peers.client(addr)
+	if err != nil {
+		return fmt.Errorf("%w: %w: %v", pb.ErrUnavailable, errNotSent, err)
+	}
+	return fn(ctx, c)
+}
+
+// grpcAddrOf finds a node's gRPC address through gossip.
+func (n *Node) grpcAddrOf(id string) string {
+	if id == n.cfg.NodeID {
+		return n.GRPCAddr()
+	}
+	if m, ok := n.membership.Member(id); ok {
+		return m.GRPCAddr
+	}
+	return ""
+}
+
+// readIndex fetches a read index from the leader (or itself when leading).
+func (n *Node) readIndex(ctx context.Context) (uint64, error) {
+	var index uint64
+	err := n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
+		resp, err := c.ReadIndex(ctx, &pb.ReadIndexRequest{})
+		if err != nil {
+			return fromGRPC(err)
+		}
+		index = resp.Index
+		return nil
+	}, func(ctx context.Context) (err error) {
+		index, err = n.consensus.ReadIndex(ctx)
+		return err
+	})
+	return index, err
+}
+
+// catchUp makes this replica at least as new as the leader was when the
+// call began: every write acknowledged before it is then visible here.
+func (n *Node) catchUp(ctx context.Context) error {
+	index, err := n.readIndexes.ReadIndex(ctx)
+	if err != nil {
+		return err
+	}
+	return n.consensus.WaitApplied(ctx, index)
+}

@@ -1,0 +1,146 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/meridian-registry/meridian/node/membership"
+)
+
+// startMembership starts gossip with this node's metadata.
+func (n *Node) startMembership() error {
+	mc := membership.DefaultConfig()
+	mc.Meta = membership.Meta{
+		ID: n.cfg.NodeID, ClusterID: n.cfg.ClusterID, Region: n.cfg.Region, Zone: n.cfg.Zone,
+		Role: membership.RoleServer, RaftAddr: n.consensus.Addr(), GRPCAddr: n.GRPCAddr(),
+		HTTPAddr: n.advertisedHTTP(), Version: membership.ProtocolVersion,
+	}
+	mc.BindAddr = n.cfg.GossipAddr
+	mc.AdvertiseAddr = n.cfg.AdvertiseGossip
+	switch n.cfg.GossipProfile {
+	case "wan":
+		mc.Timings = membership.WANTimings()
+	case "local":
+		mc.Timings = membership.LocalTimings()
+	}
+	mc.Logger = n.logger
+	m, err := membership.New(mc)
+	if err != nil {
+		return fmt.Errorf("gossip: %w", err)
+	}
+	if err := m.Start(); err != nil {
+		return fmt.Errorf("gossip: %w", err)
+	}
+	n.membership = m
+	return nil
+}
+
+// joinCluster joins gossip. A node without state that was told to join
+// must reach the cluster (or fail to start with the reason); a restarting
+// node retries in the background through keepGossiping.
+func (n *Node) joinCluster(ctx context.Context, hasState bool) error {
+	if len(n.cfg.Join) == 0 || hasState {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if seeds := n.seeds(); len(seeds) > 0 {
+				if err := n.membership.Join(ctx, seeds); err != nil {
+					n.logger.Warn("rejoining gossip", "seeds", seeds, "err", err)
+				}
+			}
+		}()
+		return nil
+	}
+	jctx, cancel := context.WithTimeout(ctx, n.cfg.JoinTimeout)
+	defer cancel()
+	err := n.membership.Join(jctx, n.cfg.Join)
+	if errors.Is(err, membership.ErrClusterMismatch) || errors.Is(err, membership.ErrIncompatibleVersion) {
+		return fmt.Errorf("refused to join: %w", err)
+	}
+	if err != nil {
+		return fmt.Errorf("join %v: %w", n.cfg.Join, err)
+	}
+	return nil
+}
+
+// seeds are the configured join addresses plus the gossip addresses of
+// members seen alive before the last stop, so a restarted node finds its
+// cluster again without --join.
+func (n *Node) seeds() []string {
+	seeds := slices.Clone(n.cfg.Join)
+	for _, s := range n.loadKnownPeers() {
+		if !slices.Contains(seeds, s) && s != n.membership.Addr() {
+			seeds = append(seeds, s)
+		}
+	}
+	return seeds
+}
+
+// keepGossiping rejoins gossip when this node sees no other member alive,
+// and records the members it sees for the next start.
+func (n *Node) keepGossiping() {
+	defer n.wg.Done()
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	var saved []string
+	for {
+		select {
+		case <-n.stop:
+			return
+		case <-t.C:
+		}
+		var alive []string
+		for _, m := range n.membership.Members() {
+			if m.ID != n.cfg.NodeID && m.State == membership.StateAlive && m.Role == membership.RoleServer {
+				alive = append(alive, m.GossipAddr)
+			}
+		}
+		if len(alive) == 0 {
+			if seeds := n.seeds(); len(seeds) > 0 {
+				ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
+				if err := n.membership.Join(ctx, seeds); err != nil {
+					n.logger.Debug("rejoining gossip", "err", err)
+				}
+				cancel()
+			}
+			continue
+		}
+		slices.Sort(alive)
+		if !slices.Equal(alive, saved) {
+			if err := n.saveKnownPeers(alive); err != nil {
+				n.logger.Warn("save known peers", "err", err)
+			} else {
+				saved = alive
+			}
+		}
+	}
+}
+
+func (n *Node) peersFile() string { return filepath.Join(n.cfg.DataDir, "peers.json") }
+
+func (n *Node) loadKnownPeers() []string {
+	b, err := os.ReadFile(n.peersFile())
+	if err != nil {
+		return nil
+	}
+	var addrs []string
+	if json.Unmarshal(b, &addrs) != nil {
+		return nil
+	}
+	return addrs
+}
+
+func (n *Node) saveKnownPeers(addrs []string) error {
+	b, _ := json.Marshal(addrs)
+	tmp := n.peersFile() + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, n.peersFile())
+}

@@ -1,0 +1,90 @@
+package node
+
+import (
+	"context"
+	"errors"
+
+	"github.com/meridian-registry/meridian/consensus"
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// clusterMetadata serves the gateway from this node's replica with the
+// configured consistency:
+//
+//   - local: read the replica; a miss is confirmed by catching up with the
+//     leader (read index) and reading again, so a pull right after a push
+//     through another node never gets a false 404;
+//   - strong: catch up with the leader before every read (linearizable).
+//
+// Writes go through Raft on the leader (forwarded when this node is not).
+type clusterMetadata struct {
+	n      *Node
+	store  *consensus.Store
+	strong bool
+}
+
+func (n *Node) metadata(strong bool) clusterMetadata {
+	return clusterMetadata{n: n, store: n.consensus.Store(), strong: strong || n.cfg.ReadConsistency == "strong"}
+}
+
+func (m clusterMetadata) Propose(ctx context.Context, e *pb.LogEntry) error {
+	return m.n.propose(ctx, e)
+}
+
+// read runs fn with the requested consistency; miss tells a "not found"
+// answer that local mode must confirm.
+func read[T any](ctx context.Context, m clusterMetadata, fn func() (T, error), miss ...*pb.Error) (T, error) {
+	if m.strong {
+		if err := m.n.catchUp(ctx); err != nil {
+			var zero T
+			return zero, err
+		}
+		return fn()
+	}
+	v, err := fn()
+	for _, target := range miss {
+		if errors.Is(err, target) {
+			if cerr := m.n.catchUp(ctx); cerr != nil {
+				// Cannot confirm the miss: say so rather than a 404.
+				return v, cerr
+			}
+			return fn()
+		}
+	}
+	return v, err
+}
+
+func (m clusterMetadata) Manifest(ctx context.Context, repo, digest string) (*pb.ManifestRecord, error) {
+	return read(ctx, m, func() (*pb.ManifestRecord, error) { return m.store.Manifest(ctx, repo, digest) }, pb.ErrManifestUnknown)
+}
+
+func (m clusterMetadata) Tag(ctx context.Context, repo, tag string) (string, error) {
+	return read(ctx, m, func() (string, error) { return m.store.Tag(ctx, repo, tag) }, pb.ErrTagUnknown)
+}
+
+func (m clusterMetadata) Tags(ctx context.Context, repo, after string, limit int) ([]string, error) {
+	return read(ctx, m, func() ([]string, error) { return m.store.Tags(ctx, repo, after, limit) }, pb.ErrNameUnknown)
+}
+
+func (m clusterMetadata) Repositories(ctx context.Context, after string, limit int) ([]string, error) {
+	return read(ctx, m, func() ([]string, error) { return m.store.Repositories(ctx, after, limit) })
+}
+
+func (m clusterMetadata) Referrers(ctx context.Context, repo, subject string) ([]*pb.Referrer, error) {
+	return read(ctx, m, func() ([]*pb.Referrer, error) { return m.store.Referrers(ctx, repo, subject) })
+}
+
+func (m clusterMetadata) LinkedBlob(ctx context.Context, repo, digest string) (*pb.BlobRecord, error) {
+	return read(ctx, m, func() (*pb.BlobRecord, error) { return m.store.LinkedBlob(ctx, repo, digest) }, pb.ErrBlobUnknown)
+}
+
+func (m clusterMetadata) UploadKey(ctx context.Context) ([]byte, error) {
+	k, err := m.store.UploadKey(ctx)
+	if err != nil || k != nil {
+		return k, err
+	}
+	if err := m.n.catchUp(ctx); err != nil {
+		return nil, err
+	}
+	return m.store.UploadKey(ctx)
+}

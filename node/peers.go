@@ -1,0 +1,91 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// peers keeps one gRPC connection per node address.
+type peers struct {
+	mu    sync.Mutex
+	conns map[string]*grpc.ClientConn
+}
+
+func newPeers() *peers { return &peers{conns: map[string]*grpc.ClientConn{}} }
+
+// client returns a Cluster client for addr, dialing lazily.
+func (p *peers) client(addr string) (pb.ClusterClient, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.conns == nil {
+		return nil, errors.New("node: peer connections closed")
+	}
+	if c, ok := p.conns[addr]; ok {
+		return pb.NewClusterClient(c), nil
+	}
+	c, err := grpc.NewClient(addr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second}),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)),
+	)
+	if err != nil {
+		return nil, err
+	}
+	p.conns[addr] = c
+	return pb.NewClusterClient(c), nil
+}
+
+func (p *peers) close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}
+
+// Between nodes, business outcomes travel in Result messages; gRPC status
+// codes carry availability. These two tables are the only translation.
+var codeToGRPC = map[pb.Code]codes.Code{
+	pb.Code_CODE_UNAVAILABLE: codes.Unavailable,
+	pb.Code_CODE_NOT_LEADER:  codes.FailedPrecondition,
+}
+
+// grpcError turns a failure that is not a business result into a status.
+func grpcError(err error) error {
+	if c, ok := codeToGRPC[pb.CodeOf(err)]; ok {
+		return status.Error(c, err.Error())
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return status.Error(codes.DeadlineExceeded, err.Error())
+	}
+	return status.Error(codes.Internal, err.Error())
+}
+
+// fromGRPC turns a failed call into a domain error: transport trouble and
+// timeouts mean the cluster is unavailable from here.
+func fromGRPC(err error) error {
+	if err == nil {
+		return nil
+	}
+	s, _ := status.FromError(err)
+	switch s.Code() {
+	case codes.FailedPrecondition:
+		return fmt.Errorf("%w: %s", pb.ErrNotLeader, s.Message())
+	case codes.Internal, codes.Unknown:
+		return fmt.Errorf("remote: %s", s.Message())
+	default:
+		return fmt.Errorf("%w: %s", pb.ErrUnavailable, s.Message())
+	}
+}

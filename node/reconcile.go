@@ -1,0 +1,165 @@
+package node
+
+import (
+	"context"
+	"slices"
+	"sort"
+	"time"
+
+	"github.com/meridian-registry/meridian/consensus"
+	"github.com/meridian-registry/meridian/node/membership"
+)
+
+// reconcileMembers runs on every node and acts while it leads: it adds
+// gossiping servers to the Raft configuration (voters up to the configured
+// count, spread across regions, non-voters beyond), follows address
+// changes, and replaces voters that have been gone too long by healthy
+// non-voters. Stopped nodes are not removed: stopping is not leaving.
+func (n *Node) reconcileMembers() {
+	defer n.wg.Done()
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.stop:
+			return
+		case <-n.membership.Events():
+		case <-t.C:
+		}
+		if n.consensus.IsLeader() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if err := n.reconcileOnce(ctx); err != nil {
+				n.logger.Warn("reconcile raft membership", "err", err)
+			}
+			cancel()
+		}
+	}
+}
+
+func (n *Node) reconcileOnce(ctx context.Context) error {
+	servers, err := n.consensus.Servers()
+	if err != nil {
+		return err
+	}
+	inConfig := map[string]consensus.Server{}
+	for _, s := range servers {
+		inConfig[s.ID] = s
+	}
+	members := map[string]membership.Member{}
+	for _, m := range n.membership.Members() {
+		if m.Role == membership.RoleServer {
+			members[m.ID] = m
+		}
+	}
+	regionOf := func(id string) string {
+		if m, ok := members[id]; ok {
+			return m.Region
+		}
+		return ""
+	}
+	votersByRegion := map[string]int{}
+	voters := 0
+	for _, s := range servers {
+		if s.Voter {
+			voters++
+			votersByRegion[regionOf(s.ID)]++
+		}
+	}
+
+	// New servers and moved addresses, in a stable order.
+	for _, id := range sortedKeys(members) {
+		m := members[id]
+		if m.State != membership.StateAlive || m.RaftAddr == "" {
+			continue
+		}
+		s, known := inConfig[id]
+		switch {
+		case !known:
+			voter := voters < n.cfg.Voters
+			n.logger.Info("adding server", "id", id, "raft_addr", m.RaftAddr, "region", m.Region, "voter", voter)
+			if err := n.consensus.AddServer(ctx, id, m.RaftAddr, voter); err != nil {
+				return err
+			}
+			if voter {
+				voters++
+				votersByRegion[m.Region]++
+			}
+		case s.Address != m.RaftAddr:
+			n.logger.Info("server moved", "id", id, "from", s.Address, "to", m.RaftAddr)
+			if err := n.consensus.AddServer(ctx, id, m.RaftAddr, s.Voter); err != nil {
+				return err
+			}
+		}
+	}
+
+	// Promote healthy non-voters while voters are missing or long gone.
+	gone := func(id string) bool {
+		m, ok := members[id]
+		return ok && m.State != membership.StateAlive && m.State != membership.StateSuspect &&
+			time.Since(m.Since) > n.cfg.DeadVoterTimeout
+	}
+	for _, s := range servers {
+		if !s.Voter || !gone(s.ID) || s.ID == n.cfg.NodeID {
+			continue
+		}
+		cand := n.pickNonvoter(servers, members, votersByRegion)
+		if cand == "" {
+			break
+		}
+		n.logger.Warn("replacing a voter that is gone", "gone", s.ID, "since", members[s.ID].Since, "replacement", cand)
+		if err := n.consensus.AddServer(ctx, cand, members[cand].RaftAddr, true); err != nil {
+			return err
+		}
+		votersByRegion[members[cand].Region]++
+		if err := n.consensus.DemoteVoter(ctx, s.ID); err != nil {
+			return err
+		}
+		votersByRegion[regionOf(s.ID)]--
+		servers, _ = n.consensus.Servers()
+	}
+	for voters < n.cfg.Voters {
+		cand := n.pickNonvoter(servers, members, votersByRegion)
+		if cand == "" {
+			break
+		}
+		n.logger.Info("promoting to voter", "id", cand, "region", members[cand].Region)
+		if err := n.consensus.AddServer(ctx, cand, members[cand].RaftAddr, true); err != nil {
+			return err
+		}
+		voters++
+		votersByRegion[members[cand].Region]++
+		servers, _ = n.consensus.Servers()
+	}
+	return nil
+}
+
+// pickNonvoter chooses an alive non-voter, preferring regions that hold the
+// fewest voters so losing a region costs the fewest votes.
+func (n *Node) pickNonvoter(servers []consensus.Server, members map[string]membership.Member, votersByRegion map[string]int) string {
+	var cands []membership.Member
+	for _, s := range servers {
+		if m, ok := members[s.ID]; ok && !s.Voter && m.State == membership.StateAlive {
+			cands = append(cands, m)
+		}
+	}
+	if len(cands) == 0 {
+		return ""
+	}
+	sort.Slice(cands, func(i, j int) bool {
+		ri, rj := votersByRegion[cands[i].Region], votersByRegion[cands[j].Region]
+		if ri != rj {
+			return ri < rj
+		}
+		return cands[i].ID < cands[j].ID
+	})
+	return cands[0].ID
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	ks := make([]string, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	slices.Sort(ks)
+	return ks
+}

@@ -1,0 +1,168 @@
+package node
+
+import (
+	"context"
+	"fmt"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// clusterServer answers the Cluster service for other nodes, gateways and
+// operator commands.
+type clusterServer struct {
+	pb.UnimplementedClusterServer
+	n *Node
+}
+
+// answer splits err into a business Result or a gRPC status.
+func answer(err error) (*pb.Result, error) {
+	if r, ok := pb.ResultOf(err); ok {
+		return r, nil
+	}
+	return nil, grpcError(err)
+}
+
+func (s clusterServer) Propose(ctx context.Context, req *pb.ProposeRequest) (*pb.ProposeResponse, error) {
+	if req.Entry == nil {
+		return &pb.ProposeResponse{Result: &pb.Result{Code: pb.Code_CODE_INVALID_ARGUMENT, Detail: "no entry"}}, nil
+	}
+	var err error
+	if req.Forwarded {
+		// One hop only: a forwarded write that finds no leader here goes back.
+		err = s.n.consensus.Propose(ctx, req.Entry)
+	} else {
+		err = s.n.propose(ctx, req.Entry)
+	}
+	r, gerr := answer(err)
+	if gerr != nil {
+		return nil, gerr
+	}
+	return &pb.ProposeResponse{Result: r}, nil
+}
+
+func (s clusterServer) ReadIndex(ctx context.Context, _ *pb.ReadIndexRequest) (*pb.ReadIndexResponse, error) {
+	i, err := s.n.consensus.ReadIndex(ctx)
+	if err != nil {
+		return nil, grpcError(err)
+	}
+	return &pb.ReadIndexResponse{Index: i}, nil
+}
+
+func (s clusterServer) Status(context.Context, *pb.StatusRequest) (*pb.NodeStatus, error) {
+	return s.n.status(), nil
+}
+
+func (s clusterServer) ClusterStatus(ctx context.Context, _ *pb.ClusterStatusRequest) (*pb.ClusterStatusResponse, error) {
+	return s.n.clusterStatus(ctx), nil
+}
+
+func (s clusterServer) TransferLeadership(ctx context.Context, req *pb.TransferLeadershipRequest) (*pb.TransferLeadershipResponse, error) {
+	err := s.n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
+		resp, err := c.TransferLeadership(ctx, req)
+		if err != nil {
+			return fromGRPC(err)
+		}
+		return resp.Result.Err()
+	}, func(ctx context.Context) error {
+		return s.n.consensus.TransferLeadership(ctx, req.Id)
+	})
+	r, gerr := answer(adminError(err))
+	if gerr != nil {
+		return nil, gerr
+	}
+	leader, _ := s.n.consensus.Leader()
+	return &pb.TransferLeadershipResponse{Result: r, NewLeaderId: leader}, nil
+}
+
+func (s clusterServer) RemoveServer(ctx context.Context, req *pb.RemoveServerRequest) (*pb.RemoveServerResponse, error) {
+	err := s.n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
+		resp, err := c.RemoveServer(ctx, req)
+		if err != nil {
+			return fromGRPC(err)
+		}
+		return resp.Result.Err()
+	}, func(ctx context.Context) error {
+		return s.n.consensus.RemoveServer(ctx, req.Id)
+	})
+	r, gerr := answer(adminError(err))
+	if gerr != nil {
+		return nil, gerr
+	}
+	return &pb.RemoveServerResponse{Result: r}, nil
+}
+
+// adminError makes refusals of operator commands business results with a
+// readable detail, so the CLI can print them.
+func adminError(err error) error {
+	if err == nil || pb.CodeOf(err) != pb.Code_CODE_UNSPECIFIED {
+		return err
+	}
+	return &pb.Error{Code: pb.Code_CODE_INVALID_ARGUMENT, Detail: err.Error()}
+}
+
+func consistency(c pb.Consistency) bool { return c == pb.Consistency_CONSISTENCY_STRONG }
+
+func (s clusterServer) GetManifest(ctx context.Context, req *pb.GetManifestRequest) (*pb.GetManifestResponse, error) {
+	m, err := s.n.metadata(consistency(req.Consistency)).Manifest(ctx, req.Repository, req.Digest)
+	r, gerr := answer(err)
+	if gerr != nil {
+		return nil, gerr
+	}
+	return &pb.GetManifestResponse{Result: r, Manifest: m}, nil
+}
+
+func (s clusterServer) GetTag(ctx context.Context, req *pb.GetTagRequest) (*pb.GetTagResponse, error) {
+	d, err := s.n.metadata(consistency(req.Consistency)).Tag(ctx, req.Repository, req.Tag)
+	r, gerr := answer(err)
+	if gerr != nil {
+		return nil, gerr
+	}
+	return &pb.GetTagResponse{Result: r, Digest: d}, nil
+}
+
+func (s clusterServer) ListTags(ctx context.Context, req *pb.ListRequest) (*pb.ListResponse, error) {
+	items, err := s.n.metadata(consistency(req.Consistency)).Tags(ctx, req.Repository, req.After, int(req.Limit))
+	r, gerr := answer(err)
+	if gerr != nil {
+		return nil, gerr
+	}
+	return &pb.ListResponse{Result: r, Items: items}, nil
+}
+
+func (s clusterServer) ListRepositories(ctx context.Context, req *pb.ListRequest) (*pb.ListResponse, error) {
+	items, err := s.n.metadata(consistency(req.Consistency)).Repositories(ctx, req.After, int(req.Limit))
+	r, gerr := answer(err)
+	if gerr != nil {
+		return nil, gerr
+	}
+	return &pb.ListResponse{Result: r, Items: items}, nil
+}
+
+func (s clusterServer) ListReferrers(ctx context.Context, req *pb.ListReferrersRequest) (*pb.ListReferrersResponse, error) {
+	refs, err := s.n.metadata(consistency(req.Consistency)).Referrers(ctx, req.Repository, req.Subject)
+	r, gerr := answer(err)
+	if gerr != nil {
+		return nil, gerr
+	}
+	return &pb.ListReferrersResponse{Result: r, Referrers: refs}, nil
+}
+
+func (s clusterServer) GetLinkedBlob(ctx context.Context, req *pb.GetLinkedBlobRequest) (*pb.GetLinkedBlobResponse, error) {
+	b, err := s.n.metadata(consistency(req.Consistency)).LinkedBlob(ctx, req.Repository, req.Digest)
+	r, gerr := answer(err)
+	if gerr != nil {
+		return nil, gerr
+	}
+	return &pb.GetLinkedBlobResponse{Result: r, Blob: b}, nil
+}
+
+func (s clusterServer) GetUploadKey(ctx context.Context, _ *pb.GetUploadKeyRequest) (*pb.GetUploadKeyResponse, error) {
+	k, err := s.n.metadata(false).UploadKey(ctx)
+	if err != nil {
+		return nil, grpcError(err)
+	}
+	if k == nil {
+		return nil, grpcError(fmt.Errorf("%w: upload key not installed yet", pb.ErrUnavailable))
+	}
+	return &pb.GetUploadKeyResponse{Key: k}, nil
+}
