@@ -1,6 +1,6 @@
 # Meridian: build, run and test.
 #
-#   make run     build and start a local registry on localhost:5000
+#   make run     build and start a local 3-node cluster; registry on localhost:5000
 #   make test    install what the tests need (pinned), then run them all
 #   make bench   performance figures next to this machine's limits
 #
@@ -26,9 +26,10 @@ all: build
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(MERIDIAN) ./cmd/meridian
 
-## run: a single node with its data under ./data/node (kept between runs).
+## run: a local three-node cluster (dev-a on localhost:5000, dev-b on 5100,
+## dev-c on 5200), data under ./data/dev (kept between runs).
 run: build
-	$(MERIDIAN) serve --data-dir data/node --node-id local --http-addr :5000
+	$(MERIDIAN) dev --dir data/dev
 
 ## test: static checks, every package's tests (unit, integration, restart,
 ## real clients) and the OCI conformance suite against a real node.
