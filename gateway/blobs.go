@@ -82,6 +82,10 @@ func parseRange(header string, size int64) (start, end int64, partial bool, err 
 		if n == 0 {
 			return 0, 0, false, unsatisfiable
 		}
+		if size == 0 {
+			// The whole of an empty blob: no Content-Range can describe it.
+			return 0, 0, false, nil
+		}
 		return max(size-n, 0), size, true, nil
 	}
 	s, perr := strconv.ParseInt(first, 10, 64)

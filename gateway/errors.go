@@ -106,6 +106,11 @@ type envelopeEntry struct {
 // writeError emits the error envelope for err.
 func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	e := asError(err)
+	// Handlers may have set success headers before failing; a stale
+	// Content-Length would also cut the envelope short or hang the client.
+	for _, k := range []string{"Location", "Docker-Content-Digest", "Content-Length", "Content-Range", "ETag"} {
+		w.Header().Del(k)
+	}
 	for k, v := range e.Headers {
 		w.Header().Set(k, v)
 	}
@@ -113,9 +118,6 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		w.Header().Set("Retry-After", "1")
 	}
 	w.Header().Set("Content-Type", "application/json")
-	// Handlers may have set success headers before failing.
-	w.Header().Del("Location")
-	w.Header().Del("Docker-Content-Digest")
 	w.WriteHeader(e.Code.Status)
 	if r.Method == http.MethodHead {
 		return

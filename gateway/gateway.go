@@ -7,8 +7,11 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -180,7 +183,10 @@ var handlers = map[routeKind]map[string]handlerFunc{
 func (g *Gateway) dispatch(w http.ResponseWriter, r *http.Request, rt route) error {
 	h, ok := handlers[rt.kind][r.Method]
 	if !ok {
-		return errorf(CodeUnsupported, "%s is not supported on this endpoint", r.Method)
+		e := errorf(CodeUnsupported, "%s is not supported on this endpoint", r.Method)
+		// A 405 must say what is allowed (RFC 9110, section 15.5.6).
+		e.Headers = map[string]string{"Allow": strings.Join(slices.Sorted(maps.Keys(handlers[rt.kind])), ", ")}
+		return e
 	}
 	return h(g, w, r, rt)
 }
