@@ -41,6 +41,9 @@ type Config struct {
 	SnapshotThreshold uint64
 	SnapshotInterval  time.Duration
 	TrailingLogs      uint64
+	// Dial opens Raft connections to peers; nil means net.DialTimeout. Tests
+	// use it to cut nodes off from each other.
+	Dial func(addr string, timeout time.Duration) (net.Conn, error)
 	// Raft timings; zero values take hashicorp/raft's defaults.
 	HeartbeatTimeout time.Duration
 	ElectionTimeout  time.Duration
@@ -115,7 +118,7 @@ func (n *Node) Open(ctx context.Context) (err error) {
 		}
 	}
 	n.transport = raft.NewNetworkTransportWithLogger(
-		&streamLayer{Listener: n.cfg.RaftListener, advertise: advertise}, 3, 10*time.Second, hlog)
+		&streamLayer{Listener: n.cfg.RaftListener, advertise: advertise, dial: n.cfg.Dial}, 3, 10*time.Second, hlog)
 
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(n.cfg.NodeID)
@@ -209,10 +212,15 @@ func (n *Node) Propose(ctx context.Context, e *pb.LogEntry) error {
 		// The caller already gave up: proposing now would write on its behalf.
 		return fmt.Errorf("%w: %v", pb.ErrUnavailable, err)
 	}
-	timeout := n.cfg.ApplyTimeout
-	if d, ok := ctx.Deadline(); ok {
-		timeout = time.Until(d)
+	if _, ok := ctx.Deadline(); !ok {
+		// ApplyTimeout bounds the whole wait, not only raft's enqueue: a
+		// future can go unanswered (one queued for the FSM at shutdown).
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
+		defer cancel()
 	}
+	deadline, _ := ctx.Deadline()
+	timeout := time.Until(deadline)
 	if timeout <= 0 {
 		return fmt.Errorf("%w: %v", pb.ErrUnavailable, context.DeadlineExceeded)
 	}
@@ -332,10 +340,14 @@ func (n *Node) Close() error {
 type streamLayer struct {
 	net.Listener
 	advertise net.Addr
+	dial      func(addr string, timeout time.Duration) (net.Conn, error)
 }
 
 func (s *streamLayer) Addr() net.Addr { return s.advertise }
 
 func (s *streamLayer) Dial(addr raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	if s.dial != nil {
+		return s.dial(string(addr), timeout)
+	}
 	return net.DialTimeout("tcp", string(addr), timeout)
 }

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -77,6 +78,10 @@ type Config struct {
 	// SnapshotThreshold is how many log entries trigger a snapshot and log
 	// compaction.
 	SnapshotThreshold uint64 `yaml:"snapshot_threshold"`
+
+	// Dial, when set, opens this node's Raft and gRPC connections to other
+	// nodes (tests use it to cut nodes off); nil means plain TCP.
+	Dial func(ctx context.Context, addr string) (net.Conn, error) `yaml:"-"`
 
 	// LogLevel is debug, info, warn or error; LogFormat is text or json.
 	LogLevel  string `yaml:"log_level"`

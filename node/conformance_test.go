@@ -84,6 +84,8 @@ func startConformanceNode(t *testing.T) *node.Node {
 	cfg.DataDir = t.TempDir()
 	cfg.HTTPAddr = "127.0.0.1:0"
 	cfg.RaftAddr = "127.0.0.1:0"
+	cfg.GRPCAddr = "127.0.0.1:0"
+	cfg.GossipAddr = "127.0.0.1:0"
 	cfg.LogLevel = "warn"
 	n, err := node.New(cfg, nil)
 	if err != nil {

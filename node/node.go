@@ -74,7 +74,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	}()
 	n.started = time.Now()
 	n.stop = make(chan struct{})
-	n.peers = newPeers()
+	n.peers = newPeers(n.cfg.Dial)
 	if err := os.MkdirAll(n.cfg.DataDir, 0o755); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
@@ -117,6 +117,13 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	cc.HeartbeatTimeout = n.cfg.RaftHeartbeatTimeout
 	cc.ElectionTimeout = n.cfg.RaftElectionTimeout
 	cc.Logger = n.logger
+	if dial := n.cfg.Dial; dial != nil {
+		cc.Dial = func(addr string, timeout time.Duration) (net.Conn, error) {
+			ctx, cancel := context.WithTimeout(context.Background(), timeout)
+			defer cancel()
+			return dial(ctx, addr)
+		}
+	}
 	n.consensus = consensus.NewNode(cc)
 	if err := n.consensus.Open(ctx); err != nil {
 		raftLn.Close()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"time"
 
@@ -18,11 +19,14 @@ import (
 
 // peers keeps one gRPC connection per node address.
 type peers struct {
+	dial  func(ctx context.Context, addr string) (net.Conn, error)
 	mu    sync.Mutex
 	conns map[string]*grpc.ClientConn
 }
 
-func newPeers() *peers { return &peers{conns: map[string]*grpc.ClientConn{}} }
+func newPeers(dial func(ctx context.Context, addr string) (net.Conn, error)) *peers {
+	return &peers{dial: dial, conns: map[string]*grpc.ClientConn{}}
+}
 
 // client returns a Cluster client for addr, dialing lazily.
 func (p *peers) client(addr string) (pb.ClusterClient, error) {
@@ -34,11 +38,15 @@ func (p *peers) client(addr string) (pb.ClusterClient, error) {
 	if c, ok := p.conns[addr]; ok {
 		return pb.NewClusterClient(c), nil
 	}
-	c, err := grpc.NewClient(addr,
+	opts := []grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)),
-	)
+	}
+	if p.dial != nil {
+		opts = append(opts, grpc.WithContextDialer(p.dial))
+	}
+	c, err := grpc.NewClient(addr, opts...)
 	if err != nil {
 		return nil, err
 	}
