@@ -1,12 +1,16 @@
 package gateway
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
+	"syscall"
 	"testing"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -213,6 +217,7 @@ func TestUnknownErrorsDoNotLeak(t *testing.T) {
 }
 
 func TestStoreErrorsMapToOCI(t *testing.T) {
+	g := &Gateway{logger: slog.New(slog.DiscardHandler)}
 	tests := []struct {
 		err    error
 		status int
@@ -227,10 +232,36 @@ func TestStoreErrorsMapToOCI(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.code, func(t *testing.T) {
-			e := asError(storeError(tt.err))
+			e := asError(g.storeError(tt.err))
 			if e.Code.Status != tt.status || e.Code.Value != tt.code {
 				t.Errorf("storeError(%v) = %s %d, want %s %d", tt.err, e.Code.Value, e.Code.Status, tt.code, tt.status)
 			}
 		})
+	}
+}
+
+// A full store's error names the file that could not be written; the client
+// is told only that the store is full, and the operator finds the cause in
+// the log.
+func TestStorageFullHidesPaths(t *testing.T) {
+	var log bytes.Buffer
+	g := &Gateway{logger: slog.New(slog.NewTextHandler(&log, nil))}
+	const path = "/srv/meridian/blobs/uploads/0123456789abcdef0123456789abcdef"
+	err := fmt.Errorf("%w: replication: write upload: %w", replication.ErrStorageFull,
+		&os.PathError{Op: "write", Path: path, Err: syscall.ENOSPC})
+	w := httptest.NewRecorder()
+	writeError(w, httptest.NewRequest(http.MethodPatch, "/v2/app/blobs/uploads/x", nil), g.storeError(err))
+	if w.Code != http.StatusInsufficientStorage {
+		t.Fatalf("status = %d, want 507", w.Code)
+	}
+	e := decodeEnvelope(t, w.Body.Bytes()).Errors[0]
+	if e.Code != "STORAGE_FULL" || e.Detail != "the blob store is out of space" {
+		t.Errorf("entry = %+v, want STORAGE_FULL saying the blob store is out of space", e)
+	}
+	if strings.Contains(w.Body.String(), "/srv/") || strings.Contains(w.Body.String(), "uploads") {
+		t.Errorf("body leaks a server path: %s", w.Body.String())
+	}
+	if !strings.Contains(log.String(), path) || !strings.Contains(log.String(), "no space left on device") {
+		t.Errorf("log lacks the cause: %q", log.String())
 	}
 }

@@ -43,7 +43,7 @@ func (g *Gateway) startUpload(w http.ResponseWriter, r *http.Request, rt route) 
 	}
 	id, err := g.store.StartUpload(r.Context())
 	if err != nil {
-		return storeError(err)
+		return g.storeError(err)
 	}
 	st := uploadState{Repo: rt.name, Region: g.cfg.Region, ID: id, Expires: time.Now().Add(g.cfg.UploadTTL).Unix()}
 	if want == "" {
@@ -100,8 +100,16 @@ func (g *Gateway) uploadStatus(w http.ResponseWriter, r *http.Request, rt route)
 	if err != nil {
 		return err
 	}
-	if _, err := g.store.UploadSize(r.Context(), st.ID); err != nil {
-		return storeError(err)
+	size, err := g.store.UploadSize(r.Context(), st.ID)
+	if err != nil {
+		return g.storeError(err)
+	}
+	if size != st.Offset {
+		// The store only appends at its end, so a token whose offset is not
+		// the upload's size can never write or commit again: a later chunk
+		// was accepted (the token is stale) or a crash left part of a chunk
+		// behind. Either way the client has to start over.
+		return errorf(CodeBlobUploadUnknown, "upload session is stale or was interrupted; start a new upload")
 	}
 	return g.writeSession(w, rt, key, st, http.StatusNoContent)
 }
@@ -135,11 +143,18 @@ func (g *Gateway) putUpload(w http.ResponseWriter, r *http.Request, rt route) er
 	if err != nil {
 		return err
 	}
-	if _, err := g.store.UploadSize(r.Context(), st.ID); errors.Is(err, replication.ErrUploadNotFound) {
+	size, err := g.store.UploadSize(r.Context(), st.ID)
+	if errors.Is(err, replication.ErrUploadNotFound) {
 		return g.retryCompletedPut(w, r, rt, st, want)
+	}
+	if err != nil {
+		return g.storeError(err)
 	}
 	if err := checkContentRange(r, st.Offset); err != nil {
 		return err
+	}
+	if size != st.Offset {
+		return errStaleOffset(st.Offset)
 	}
 	if r.ContentLength != 0 {
 		if st, err = g.receive(r, st); err != nil {
@@ -176,7 +191,7 @@ func (g *Gateway) cancelUpload(w http.ResponseWriter, r *http.Request, rt route)
 		return err
 	}
 	if err := g.store.CancelUpload(r.Context(), st.ID); err != nil {
-		return storeError(err)
+		return g.storeError(err)
 	}
 	w.Header().Set("Content-Length", "0")
 	w.WriteHeader(http.StatusNoContent)
@@ -213,6 +228,13 @@ func rangeError(offset int64, format string, args ...any) *Error {
 	return e
 }
 
+// errStaleOffset answers a write or commit through a token whose offset is
+// not the upload's size. The store refused it and changed nothing; the Range
+// is the token's, the only progress this token can vouch for.
+func errStaleOffset(offset int64) *Error {
+	return rangeError(offset, "the upload does not end where this session token says; the token is stale")
+}
+
 // errTooLarge ends a body that passes the configured blob size limit.
 var errTooLarge = errors.New("blob exceeds the size limit")
 
@@ -229,20 +251,24 @@ func (g *Gateway) receive(r *http.Request, st uploadState) (uploadState, error) 
 	if g.cfg.MaxBlobSize > 0 {
 		body = &limitReader{r: body, n: g.cfg.MaxBlobSize - st.Offset}
 	}
+	// The store takes the chunk whole or not at all, and only at its end:
+	// on any error it holds what it held before, which this token still
+	// describes, so the client can retry the chunk with the same token.
 	n, err := g.store.WriteUpload(r.Context(), st.ID, st.Offset, io.TeeReader(body, h))
 	if err != nil {
 		switch {
 		case errors.Is(err, errTooLarge):
 			return st, errorf(CodeTooLarge, "blobs are limited to %d bytes", g.cfg.MaxBlobSize)
-		case errors.Is(err, replication.ErrUploadNotFound), errors.Is(err, replication.ErrUploadOffset),
-			errors.Is(err, replication.ErrStorageFull):
-			return st, storeError(err)
+		case errors.Is(err, replication.ErrUploadOffset):
+			return st, errStaleOffset(st.Offset)
+		case errors.Is(err, replication.ErrUploadNotFound), errors.Is(err, replication.ErrStorageFull):
+			return st, g.storeError(err)
 		case r.Context().Err() != nil:
 			return st, errorf(CodeBlobUploadInvalid, "request ended: %v", r.Context().Err())
 		default:
 			var maxErr *http.MaxBytesError
 			if errors.As(err, &maxErr) || errors.Is(err, io.ErrUnexpectedEOF) {
-				return st, errorf(CodeBlobUploadInvalid, "request body ended early after %d bytes", n)
+				return st, errorf(CodeBlobUploadInvalid, "request body ended before its declared length; the chunk was dropped")
 			}
 			return st, err
 		}
@@ -266,7 +292,12 @@ func (g *Gateway) complete(w http.ResponseWriter, r *http.Request, rt route, st 
 		return errorf(CodeDigestInvalid, "content has digest %s, not %s", got, want)
 	}
 	if err := g.store.CommitUpload(r.Context(), st.ID, st.Offset, want); err != nil {
-		return storeError(err)
+		if errors.Is(err, replication.ErrUploadOffset) {
+			// A chunk landed through this same token after we looked:
+			// the upload holds bytes the verified digest does not cover.
+			return errStaleOffset(st.Offset)
+		}
+		return g.storeError(err)
 	}
 	if err := g.link(r.Context(), rt, want, st.Offset); err != nil {
 		return err
@@ -301,7 +332,7 @@ func (g *Gateway) sessionDigest(ctx context.Context, st uploadState, alg digest.
 	}
 	rc, err := g.store.OpenUpload(ctx, st.ID)
 	if err != nil {
-		return "", storeError(err)
+		return "", g.storeError(err)
 	}
 	defer rc.Close()
 	if _, err := io.CopyN(h, rc, st.Offset); err != nil {
@@ -335,15 +366,17 @@ func writeBlobCreated(w http.ResponseWriter, rt route, d digest.Digest) {
 	w.WriteHeader(http.StatusCreated)
 }
 
-// storeError maps blob-store failures to OCI errors.
-func storeError(err error) error {
+// storeError maps blob-store failures to OCI errors. A full store is logged
+// with its cause, which names server paths that clients must not see.
+func (g *Gateway) storeError(err error) error {
 	switch {
 	case errors.Is(err, replication.ErrUploadNotFound):
 		return errorf(CodeBlobUploadUnknown, "upload session is unknown, expired or finished")
 	case errors.Is(err, replication.ErrUploadOffset):
 		return errorf(CodeRangeInvalid, "chunk does not continue the upload")
 	case errors.Is(err, replication.ErrStorageFull):
-		return errorf(CodeStorageFull, "%v", err)
+		g.logger.Error("blob store is out of space", "err", err)
+		return errorf(CodeStorageFull, "the blob store is out of space")
 	case errors.Is(err, replication.ErrBlobNotFound):
 		return errorf(CodeBlobUnknown, "blob not found")
 	case errors.Is(err, replication.ErrInvalidDigest):

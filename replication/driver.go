@@ -39,18 +39,25 @@ type Driver interface {
 	// (URL-safe, unguessable: 128 random bits).
 	StartUpload(ctx context.Context) (string, error)
 
-	// WriteUpload writes r into upload id starting at offset and returns the
-	// number of bytes written.
+	// WriteUpload appends r to upload id and returns the number of bytes
+	// written. offset must equal the upload's current size; otherwise it
+	// returns ErrUploadOffset and changes nothing. Bytes once written are
+	// never rewritten: the gateway's session tokens carry a hash over the
+	// upload's first offset bytes, and an earlier token must not be able to
+	// replace bytes that a later token's hash already covers.
 	//
-	// Bytes the upload already holds at or past offset (left by an earlier
-	// request that failed after writing) are discarded first, so retrying a
-	// chunk with the same offset is idempotent. ErrUploadNotFound if the id is
-	// unknown, malformed, completed or cancelled; ErrUploadOffset if offset is
-	// greater than the upload's current size (or negative).
+	// A chunk is all or nothing: if reading r or writing fails midway, the
+	// driver truncates the upload back to offset before returning 0 and the
+	// error (ErrStorageFull, an I/O error, or r's error wrapped), so the
+	// upload is exactly as it was and the same chunk can be retried at the
+	// same offset. If even that truncation fails, the upload is removed.
+	// Only a crash mid-write can leave the upload longer than any caller
+	// knows; every later write or commit at the old size is then refused.
 	//
-	// If r fails midway, the bytes written so far stay (the caller learns n)
-	// and the caller decides. If the store fails (ErrStorageFull, I/O
-	// errors), the upload is left as it was at offset and n is 0.
+	// Writes to one upload are serialized: of two writes at the same
+	// offset, the second sees the first's bytes and gets ErrUploadOffset.
+	// ErrUploadNotFound if the id is unknown, malformed, completed or
+	// cancelled.
 	WriteUpload(ctx context.Context, id string, offset int64, r io.Reader) (int64, error)
 
 	// UploadSize returns how many bytes the upload holds.
@@ -60,15 +67,16 @@ type Driver interface {
 	// an algorithm that was not streamed, e.g. sha512).
 	OpenUpload(ctx context.Context, id string) (io.ReadCloser, error)
 
-	// CommitUpload makes the upload's first size bytes durable and visible as
-	// blob dgst (the caller verified the digest). Afterwards the upload id no
-	// longer exists. Committing over an existing blob of that digest succeeds
-	// (content-addressed). ErrInvalidDigest for a malformed digest (the upload
-	// is kept); ErrUploadNotFound; ErrUploadOffset if the upload holds fewer
-	// than size bytes.
+	// CommitUpload makes the upload's bytes durable and visible as blob dgst
+	// (the caller verified the digest). The upload must hold exactly size
+	// bytes, ErrUploadOffset otherwise: a commit never truncates, since
+	// bytes past what the caller hashed can only come from a write it does
+	// not know about. Afterwards the upload id no longer exists. Committing
+	// over an existing blob of that digest succeeds (content-addressed).
+	// ErrInvalidDigest for a malformed digest; ErrUploadNotFound. An upload
+	// refused for its digest or its size is kept.
 	//
-	// Filesystem: truncate to size if longer, fsync the file, rename into
-	// place, fsync the directory.
+	// Filesystem: fsync the file, rename into place, fsync the directory.
 	CommitUpload(ctx context.Context, id string, size int64, dgst digest.Digest) error
 
 	// CancelUpload discards an upload (ErrUploadNotFound if unknown).
@@ -88,9 +96,9 @@ var (
 	// committed, cancelled or purged. The client must start a new upload.
 	ErrUploadNotFound = errors.New("replication: upload not found")
 
-	// ErrUploadOffset means a write did not start within the bytes the
-	// upload holds, or a commit asked for more bytes than it holds. The
-	// caller can ask UploadSize and resume from there.
+	// ErrUploadOffset means a write did not start at the end of the
+	// upload, or a commit asked for a size other than the upload holds.
+	// Nothing was changed.
 	ErrUploadOffset = errors.New("replication: upload offset out of range")
 
 	// ErrStorageFull means the store is out of space or over quota. The

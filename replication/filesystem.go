@@ -165,7 +165,8 @@ func (f *Filesystem) StartUpload(ctx context.Context) (string, error) {
 	return id, nil
 }
 
-// WriteUpload implements Driver.
+// WriteUpload implements Driver: append under the upload's lock, and on any
+// failure truncate back to where the upload stood.
 func (f *Filesystem) WriteUpload(ctx context.Context, id string, offset int64, r io.Reader) (int64, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
@@ -175,33 +176,30 @@ func (f *Filesystem) WriteUpload(ctx context.Context, id string, offset int64, r
 		return 0, err
 	}
 	defer file.Close()
-	if offset < 0 || offset > size {
+	if offset != size {
 		return 0, fmt.Errorf("%w: write at %d, upload %s holds %d bytes", ErrUploadOffset, offset, id, size)
-	}
-	if size > offset {
-		if err := file.Truncate(offset); err != nil {
-			return 0, storageError(fmt.Errorf("replication: write upload %s: %w", id, err))
-		}
 	}
 	if _, err := file.Seek(offset, io.SeekStart); err != nil {
 		return 0, fmt.Errorf("replication: write upload %s: %w", id, err)
 	}
 	n, werr, rerr := copyToFile(file, r)
-	if werr != nil {
-		// The store failed (full disk, I/O error): leave the upload exactly
-		// as it was at offset so that the caller's view stays true, or remove
-		// it if even that fails.
-		werr = storageError(fmt.Errorf("replication: write upload %s: %w", id, werr))
-		if err := file.Truncate(offset); err != nil {
-			os.Remove(file.Name())
-			return 0, fmt.Errorf("%w (upload removed: %w)", werr, err)
-		}
-		return 0, werr
+	var failed error
+	switch {
+	case werr != nil:
+		failed = storageError(fmt.Errorf("replication: write upload %s: %w", id, werr))
+	case rerr != nil:
+		failed = fmt.Errorf("replication: write upload %s: reading input failed after %d bytes, chunk dropped: %w", id, n, rerr)
+	default:
+		return n, nil
 	}
-	if rerr != nil {
-		return n, fmt.Errorf("replication: write upload %s: reading input after %d bytes: %w", id, n, rerr)
+	// A partial chunk is dropped, so the bytes the caller knows of (and has
+	// hashed) stay exactly those the upload holds; if even that fails, the
+	// upload goes and the client starts over.
+	if err := file.Truncate(offset); err != nil {
+		os.Remove(file.Name())
+		return 0, fmt.Errorf("%w (upload removed: %w)", failed, err)
 	}
-	return n, nil
+	return 0, failed
 }
 
 // UploadSize implements Driver.
@@ -236,8 +234,8 @@ func (f *Filesystem) OpenUpload(ctx context.Context, id string) (io.ReadCloser, 
 	return file, nil
 }
 
-// CommitUpload implements Driver: truncate the upload to size if it is
-// longer, fsync it, rename it into blobs/, fsync the blob's directory.
+// CommitUpload implements Driver: check the upload holds exactly size bytes,
+// fsync it, rename it into blobs/, fsync the blob's directory.
 func (f *Filesystem) CommitUpload(ctx context.Context, id string, size int64, dgst digest.Digest) error {
 	if err := checkDigest(dgst); err != nil {
 		return err
@@ -250,13 +248,8 @@ func (f *Filesystem) CommitUpload(ctx context.Context, id string, size int64, dg
 		return err
 	}
 	defer file.Close()
-	if size < 0 || held < size {
+	if held != size {
 		return fmt.Errorf("%w: commit of %d bytes, upload %s holds %d", ErrUploadOffset, size, id, held)
-	}
-	if held > size {
-		if err := file.Truncate(size); err != nil {
-			return storageError(fmt.Errorf("replication: commit upload %s: %w", id, err))
-		}
 	}
 	dir, dst := f.blobPath(dgst)
 	if err := f.ensureDir(dir); err != nil {

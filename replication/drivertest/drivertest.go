@@ -46,15 +46,16 @@ func Run(t *testing.T, newDriver func(t *testing.T) replication.Driver) {
 		{"EmptyBlob", testEmptyBlob},
 		{"SHA512", testSHA512},
 		{"ChunkedUpload", testChunkedUpload},
-		{"RetryChunk", testRetryChunk},
+		{"EarlierOffsetRefused", testEarlierOffsetRefused},
 		{"OffsetBeyondSize", testOffsetBeyondSize},
-		{"ReaderErrorKeepsBytes", testReaderErrorKeepsBytes},
+		{"ReaderErrorRollsBack", testReaderErrorRollsBack},
+		{"ConcurrentWritesSameOffset", testConcurrentWritesSameOffset},
 		{"OpenUpload", testOpenUpload},
 		{"InvisibleBeforeCommit", testInvisibleBeforeCommit},
 		{"GoneAfterCommit", testGoneAfterCommit},
 		{"GoneAfterCancel", testGoneAfterCancel},
 		{"CommitShort", testCommitShort},
-		{"CommitTruncates", testCommitTruncates},
+		{"CommitSizeMismatch", testCommitSizeMismatch},
 		{"CommitSameDigestTwice", testCommitSameDigestTwice},
 		{"CommitCancelledContext", testCommitCancelledContext},
 		{"UploadIDs", testUploadIDs},
@@ -164,27 +165,41 @@ func testChunkedUpload(t *testing.T, d replication.Driver) {
 	}
 }
 
-// A chunk retried at the same offset after a failure that left some of its
-// bytes behind must replace them, not append.
-func testRetryChunk(t *testing.T, d replication.Driver) {
+// Bytes once written are never rewritten: a write at an earlier offset, even
+// of the very same bytes, is refused and changes nothing. (Callers resume
+// from a hash over the first offset bytes, which a rewrite would falsify.)
+func testEarlierOffsetRefused(t *testing.T, d replication.Driver) {
 	ctx := t.Context()
 	content := randomBytes(5, 30_000)
 	id := startUpload(t, d)
 	write(t, d, id, 0, content[:10_000])
-	write(t, d, id, 10_000, randomBytes(55, 15_000)) // a failed attempt's garbage
-	write(t, d, id, 10_000, content[10_000:20_000])  // the retry, shorter
-	if size := uploadSize(t, d, id); size != 20_000 {
-		t.Fatalf("after retry the upload holds %d bytes, want 20000", size)
+	write(t, d, id, 10_000, content[10_000:20_000])
+	for _, w := range []struct {
+		name string
+		off  int64
+		p    []byte
+	}{
+		{"same chunk again", 10_000, content[10_000:20_000]},
+		{"other bytes at the last offset", 10_000, randomBytes(55, 15_000)},
+		{"other bytes at the start", 0, randomBytes(56, 20_000)},
+		{"one byte inside", 19_999, []byte("x")},
+		{"empty at the start", 0, nil},
+	} {
+		n, err := d.WriteUpload(ctx, id, w.off, bytes.NewReader(w.p))
+		if !errors.Is(err, replication.ErrUploadOffset) || n != 0 {
+			t.Errorf("%s (write at %d into a 20000-byte upload) = %d, %v; want 0, ErrUploadOffset", w.name, w.off, n, err)
+		}
+	}
+	if got := readUpload(t, d, id); !bytes.Equal(got, content[:20_000]) {
+		t.Fatalf("refused writes changed the upload: it holds %d bytes that differ from the 20000 written", len(got))
 	}
 	write(t, d, id, 20_000, content[20_000:])
-	write(t, d, id, 20_000, content[20_000:]) // same chunk twice: idempotent
-	write(t, d, id, 5_000, content[5_000:])   // rewind to an earlier offset
 	dgst := digest.FromBytes(content)
 	if err := d.CommitUpload(ctx, id, int64(len(content)), dgst); err != nil {
 		t.Fatalf("CommitUpload: %v", err)
 	}
 	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
-		t.Fatal("blob written with retries differs")
+		t.Fatal("blob differs after refused rewrites")
 	}
 }
 
@@ -207,28 +222,79 @@ func testOffsetBeyondSize(t *testing.T, d replication.Driver) {
 
 var errBrokenReader = errors.New("drivertest: reader broke")
 
-func testReaderErrorKeepsBytes(t *testing.T, d replication.Driver) {
+// A chunk whose reader fails midway is dropped whole, whether or not some of
+// it reached the store, and the same chunk can be sent again at the same
+// offset.
+func testReaderErrorRollsBack(t *testing.T, d replication.Driver) {
+	for _, failAfter := range []int{0, 1000, 3<<20 + 17} { // none, less and more than any write buffer
+		t.Run(fmt.Sprintf("after %d bytes", failAfter), func(t *testing.T) {
+			ctx := t.Context()
+			content := randomBytes(6, 4000+failAfter)
+			id := startUpload(t, d)
+			write(t, d, id, 0, content[:2000])
+			r := io.MultiReader(bytes.NewReader(content[2000:2000+failAfter]), errReader{errBrokenReader})
+			n, err := d.WriteUpload(ctx, id, 2000, r)
+			if !errors.Is(err, errBrokenReader) {
+				t.Fatalf("WriteUpload with a failing reader: got %v, want the reader's error", err)
+			}
+			if n != 0 {
+				t.Errorf("WriteUpload with a failing reader reported %d bytes written, want 0", n)
+			}
+			if got := readUpload(t, d, id); !bytes.Equal(got, content[:2000]) {
+				t.Fatalf("after a failed chunk the upload holds %d bytes, want the 2000 it held before", len(got))
+			}
+			write(t, d, id, 2000, content[2000:]) // the retry, at the same offset
+			dgst := digest.FromBytes(content)
+			if err := d.CommitUpload(ctx, id, int64(len(content)), dgst); err != nil {
+				t.Fatalf("CommitUpload: %v", err)
+			}
+			if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
+				t.Fatal("blob retried after a reader error differs")
+			}
+		})
+	}
+}
+
+// Of concurrent writes at the same offset exactly one lands; the others see
+// its bytes and are refused, so no interleaving of two chunks can exist.
+func testConcurrentWritesSameOffset(t *testing.T, d replication.Driver) {
+	const writers = 8
 	ctx := t.Context()
-	content := randomBytes(6, 3000)
 	id := startUpload(t, d)
-	r := io.MultiReader(bytes.NewReader(content[:1000]), errReader{errBrokenReader})
-	n, err := d.WriteUpload(ctx, id, 0, r)
-	if !errors.Is(err, errBrokenReader) {
-		t.Fatalf("WriteUpload with a failing reader: got %v, want the reader's error", err)
+	head := randomBytes(20, 100)
+	write(t, d, id, 0, head)
+	chunks := make([][]byte, writers)
+	errs := make([]error, writers)
+	for i := range chunks {
+		chunks[i] = randomBytes(uint64(200+i), 256<<10)
 	}
-	if n != 1000 {
-		t.Fatalf("WriteUpload with a failing reader wrote %d, want the 1000 bytes read", n)
+	var wg sync.WaitGroup
+	for i := range writers {
+		wg.Go(func() {
+			n, err := d.WriteUpload(ctx, id, int64(len(head)), bytes.NewReader(chunks[i]))
+			if err == nil && n != int64(len(chunks[i])) {
+				err = fmt.Errorf("wrote %d of %d bytes", n, len(chunks[i]))
+			}
+			errs[i] = err
+		})
 	}
-	if size := uploadSize(t, d, id); size != n {
-		t.Fatalf("upload holds %d bytes, WriteUpload reported %d", size, n)
+	wg.Wait()
+	winner := -1
+	for i, err := range errs {
+		switch {
+		case err == nil && winner >= 0:
+			t.Errorf("writers %d and %d both wrote at offset %d", winner, i, len(head))
+		case err == nil:
+			winner = i
+		case !errors.Is(err, replication.ErrUploadOffset):
+			t.Errorf("writer %d: got %v, want success or ErrUploadOffset", i, err)
+		}
 	}
-	write(t, d, id, n, content[n:])
-	dgst := digest.FromBytes(content)
-	if err := d.CommitUpload(ctx, id, int64(len(content)), dgst); err != nil {
-		t.Fatalf("CommitUpload: %v", err)
+	if winner < 0 {
+		t.Fatal("no concurrent write succeeded")
 	}
-	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
-		t.Fatal("blob resumed after a reader error differs")
+	if got := readUpload(t, d, id); !bytes.Equal(got, append(head, chunks[winner]...)) {
+		t.Fatalf("upload holds %d bytes, want its head and exactly the winning chunk", len(got))
 	}
 }
 
@@ -311,15 +377,31 @@ func testCommitShort(t *testing.T, d replication.Driver) {
 	}
 }
 
-func testCommitTruncates(t *testing.T, d replication.Driver) {
+// A commit must cover exactly the bytes the upload holds: one for fewer is
+// refused rather than truncating, and leaves the upload to be committed
+// whole.
+func testCommitSizeMismatch(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
 	content := randomBytes(12, 3000)
-	id, _ := startWrite(t, d, content)
-	dgst := digest.FromBytes(content[:1234])
-	if err := d.CommitUpload(t.Context(), id, 1234, dgst); err != nil {
-		t.Fatalf("CommitUpload of the first 1234 bytes: %v", err)
+	id, n := startWrite(t, d, content)
+	for _, size := range []int64{0, 1234, n - 1, n + 1, -1} {
+		dgst := digest.FromBytes(content[:max(0, min(size, n))])
+		if err := d.CommitUpload(ctx, id, size, dgst); !errors.Is(err, replication.ErrUploadOffset) {
+			t.Errorf("commit of %d bytes from a %d-byte upload: got %v, want ErrUploadOffset", size, n, err)
+		}
+		if _, err := d.Stat(ctx, dgst); !errors.Is(err, replication.ErrBlobNotFound) {
+			t.Errorf("refused commit of %d bytes made its digest visible: Stat = %v", size, err)
+		}
 	}
-	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content[:1234]) {
-		t.Fatalf("blob holds %d bytes, want the upload's first 1234", len(got))
+	if got := readUpload(t, d, id); !bytes.Equal(got, content) {
+		t.Fatalf("refused commits changed the upload: it holds %d bytes, want the %d written", len(got), n)
+	}
+	dgst := digest.FromBytes(content)
+	if err := d.CommitUpload(ctx, id, n, dgst); err != nil {
+		t.Fatalf("CommitUpload of the whole upload: %v", err)
+	}
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
+		t.Fatal("blob differs")
 	}
 }
 
@@ -663,6 +745,21 @@ func readBlob(t *testing.T, d replication.Driver, dgst digest.Digest, offset int
 	b, err := io.ReadAll(rc)
 	if err != nil {
 		t.Fatalf("reading %s from %d: %v", dgst, offset, err)
+	}
+	return b
+}
+
+// readUpload returns everything upload id holds.
+func readUpload(t *testing.T, d replication.Driver, id string) []byte {
+	t.Helper()
+	rc, err := d.OpenUpload(t.Context(), id)
+	if err != nil {
+		t.Fatalf("OpenUpload: %v", err)
+	}
+	defer rc.Close()
+	b, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatalf("reading upload: %v", err)
 	}
 	return b
 }
