@@ -109,6 +109,12 @@ func (s *Store) restore(r io.Reader) error {
 		os.RemoveAll(building)
 		return err
 	}
+	// A leftover of a restore whose cleanup failed is garbage while s.dir
+	// exists (see recoverInterruptedRestore), and would block the rename.
+	old := s.dir + ".old"
+	if err := os.RemoveAll(old); err != nil {
+		return err
+	}
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -119,7 +125,6 @@ func (s *Store) restore(r io.Reader) error {
 		}
 		s.db = nil
 	}
-	old := s.dir + ".old"
 	if err := os.Rename(s.dir, old); err != nil {
 		return err
 	}
