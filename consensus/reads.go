@@ -2,7 +2,9 @@ package consensus
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
@@ -65,18 +67,44 @@ func (n *Node) WaitApplied(ctx context.Context, index uint64) error {
 }
 
 // onlyRaftEntriesBetween reports whether Raft has processed index and every
-// entry in (applied, index] is one the FSM never sees.
+// entry in (applied, index] is one the FSM never sees or one a snapshot
+// already brought into the store.
 func (n *Node) onlyRaftEntriesBetween(applied, index uint64) bool {
-	if n.raft.AppliedIndex() < index || index-applied > 1024 {
+	if n.raft.AppliedIndex() < index {
 		return false
 	}
 	var l raft.Log
+	read := 0
 	for i := applied + 1; i <= index; i++ {
-		if err := n.logs.GetLog(i, &l); err != nil || l.Type == raft.LogCommand {
+		if read++; read > 1024 {
+			return false
+		}
+		err := n.logs.GetLog(i, &l)
+		switch {
+		case errors.Is(err, raft.ErrLogNotFound):
+			// Compacted behind a snapshot, or never received because this
+			// node installed a snapshot: either way the store reflects every
+			// entry the snapshot covers (one taken here was taken after the
+			// FSM applied up to its index; an installed one is restored
+			// before Raft records it). Without this, a node whose snapshot
+			// ends in Raft's own entries waited for the next command.
+			snap := n.lastSnapshotIndex()
+			if i > snap {
+				return false
+			}
+			i = snap
+		case err != nil || l.Type == raft.LogCommand:
 			return false
 		}
 	}
 	return true
+}
+
+// lastSnapshotIndex is the index of the last snapshot Raft took or
+// installed, 0 if none.
+func (n *Node) lastSnapshotIndex() uint64 {
+	i, _ := strconv.ParseUint(n.raft.Stats()["last_snapshot_index"], 10, 64)
+	return i
 }
 
 // AppliedIndex is the last index this node's state store reflects.

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -69,15 +71,19 @@ type Config struct {
 	ReadyFile string `yaml:"ready_file"`
 
 	// MaxManifestSize and MaxBlobSize bound uploads in bytes (0: no blob limit).
-	MaxManifestSize int64 `yaml:"max_manifest_size"`
-	MaxBlobSize     int64 `yaml:"max_blob_size"`
+	MaxManifestSize ByteSize `yaml:"max_manifest_size"`
+	MaxBlobSize     ByteSize `yaml:"max_blob_size"`
 	// UploadTTL is how long an upload session stays usable; abandoned
 	// uploads are removed after it.
 	UploadTTL time.Duration `yaml:"upload_ttl"`
 
 	// SnapshotThreshold is how many log entries trigger a snapshot and log
-	// compaction.
-	SnapshotThreshold uint64 `yaml:"snapshot_threshold"`
+	// compaction; SnapshotInterval is how often Raft checks the threshold.
+	SnapshotThreshold uint64        `yaml:"snapshot_threshold"`
+	SnapshotInterval  time.Duration `yaml:"snapshot_interval"`
+	// TrailingLogs is how many log entries stay behind a snapshot, so a
+	// follower that lags by fewer catches up from the log, not a snapshot.
+	TrailingLogs uint64 `yaml:"trailing_logs"`
 
 	// Dial, when set, opens this node's Raft and gRPC connections to other
 	// nodes (tests use it to cut nodes off); nil means plain TCP.
@@ -107,10 +113,12 @@ func DefaultConfig() Config {
 		ReadConsistency:   "local",
 		ApplyTimeout:      10 * time.Second,
 		GossipProfile:     "lan",
-		MaxManifestSize:   g.MaxManifestSize,
-		MaxBlobSize:       g.MaxBlobSize,
+		MaxManifestSize:   ByteSize(g.MaxManifestSize),
+		MaxBlobSize:       ByteSize(g.MaxBlobSize),
 		UploadTTL:         g.UploadTTL,
 		SnapshotThreshold: 8192,
+		SnapshotInterval:  2 * time.Minute,
+		TrailingLogs:      10240,
 		LogLevel:          "info",
 		LogFormat:         "text",
 	}
@@ -179,6 +187,9 @@ func (c Config) Validate() error {
 	if c.SnapshotThreshold == 0 {
 		errs = append(errs, errors.New("snapshot_threshold must be positive"))
 	}
+	if c.SnapshotInterval < 5*time.Millisecond {
+		errs = append(errs, errors.New("snapshot_interval must be at least 5ms"))
+	}
 	switch strings.ToLower(c.LogLevel) {
 	case "debug", "info", "warn", "error":
 	default:
@@ -189,3 +200,40 @@ func (c Config) Validate() error {
 	}
 	return errors.Join(errs...)
 }
+
+// ByteSize is a byte count that configuration may write with a binary
+// suffix: 4194304, 4MiB, 10GiB.
+type ByteSize int64
+
+// ParseByteSize reads a byte count with an optional KiB, MiB, GiB or TiB
+// suffix. Negative counts and counts that overflow are errors.
+func ParseByteSize(s string) (ByteSize, error) {
+	t := strings.TrimSpace(s)
+	mult := int64(1)
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40}} {
+		if v, ok := strings.CutSuffix(t, u.suffix); ok {
+			t, mult = strings.TrimSpace(v), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || n < 0 || n > math.MaxInt64/mult {
+		return 0, fmt.Errorf("not a byte count (a non-negative number, optionally with KiB, MiB, GiB or TiB): %q", s)
+	}
+	return ByteSize(n * mult), nil
+}
+
+// UnmarshalText lets YAML and flags use the same notation.
+func (b *ByteSize) UnmarshalText(text []byte) error {
+	v, err := ParseByteSize(string(text))
+	if err != nil {
+		return err
+	}
+	*b = v
+	return nil
+}
+
+func (b ByteSize) String() string { return strconv.FormatInt(int64(b), 10) }

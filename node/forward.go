@@ -46,7 +46,8 @@ func (n *Node) onLeader(ctx context.Context, remote func(context.Context, pb.Clu
 		case n.consensus.IsLeader():
 			err = local(ctx)
 		case leaderID == "":
-			err = fmt.Errorf("%w: no leader elected", pb.ErrUnavailable)
+			// Nothing was sent: wait for an election.
+			err = fmt.Errorf("%w: %w: no leader elected", pb.ErrUnavailable, errNotSent)
 		default:
 			err = n.callPeer(ctx, leaderID, remote)
 		}
@@ -64,16 +65,29 @@ func (n *Node) onLeader(ctx context.Context, remote func(context.Context, pb.Clu
 }
 
 // retryable reports failures after which nothing was written: the node
-// asked was not the leader, or none was known or reachable to ask.
+// asked was not the leader, none was known or reachable to ask, or the call
+// has no effect anyway.
 func retryable(err error) bool {
 	return errors.Is(err, pb.ErrNotLeader) || errors.Is(err, errNoLeaderAddress) ||
-		(errors.Is(err, pb.ErrUnavailable) && errors.Is(err, errNotSent))
+		(errors.Is(err, pb.ErrUnavailable) && (errors.Is(err, errNotSent) || errors.Is(err, errNoEffect)))
 }
 
 var (
 	errNoLeaderAddress = errors.New("leader's gRPC address is not known yet")
 	errNotSent         = errors.New("request not sent")
+	errNoEffect        = errors.New("the call changes nothing")
 )
+
+// noEffect marks a failure of a call that changes nothing (a read index),
+// so that onLeader asks again, of the same or a new leader, until its
+// deadline: a leader that just died or has not committed its first entry
+// yet is then waited out instead of failing the read.
+func noEffect(err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("%w: %w", errNoEffect, err)
+}
 
 // callPeer runs fn against the gRPC service of node id.
 func (n *Node) callPeer(ctx context.Context, id string, fn func(context.Context, pb.ClusterClient) error) error {
@@ -105,13 +119,13 @@ func (n *Node) readIndex(ctx context.Context) (uint64, error) {
 	err := n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
 		resp, err := c.ReadIndex(ctx, &pb.ReadIndexRequest{})
 		if err != nil {
-			return fromGRPC(err)
+			return noEffect(fromGRPC(err))
 		}
 		index = resp.Index
 		return nil
 	}, func(ctx context.Context) (err error) {
 		index, err = n.consensus.ReadIndex(ctx)
-		return err
+		return noEffect(err)
 	})
 	return index, err
 }
@@ -119,9 +133,20 @@ func (n *Node) readIndex(ctx context.Context) (uint64, error) {
 // catchUp makes this replica at least as new as the leader was when the
 // call began: every write acknowledged before it is then visible here.
 func (n *Node) catchUp(ctx context.Context) error {
+	if _, ok := ctx.Deadline(); !ok {
+		// HTTP requests carry no deadline: bound the wait like a write's, so
+		// a node that cannot catch up answers 503 instead of hanging.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
+		defer cancel()
+	}
 	index, err := n.readIndexes.ReadIndex(ctx)
 	if err != nil {
 		return err
 	}
-	return n.consensus.WaitApplied(ctx, index)
+	if err := n.consensus.WaitApplied(ctx, index); err != nil {
+		return err
+	}
+	n.caughtUp.Store(true)
+	return nil
 }

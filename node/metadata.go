@@ -34,7 +34,10 @@ func (m clusterMetadata) Propose(ctx context.Context, e *pb.LogEntry) error {
 // read runs fn with the requested consistency; miss tells a "not found"
 // answer that local mode must confirm.
 func read[T any](ctx context.Context, m clusterMetadata, fn func() (T, error), miss ...*pb.Error) (T, error) {
-	if m.strong {
+	// Until a replica has caught up once since it started, its store may
+	// lack entries it had applied before a crash (applies are not synced;
+	// Raft replays them), so even local reads wait for the leader then.
+	if m.strong || !m.n.caughtUp.Load() {
 		if err := m.n.catchUp(ctx); err != nil {
 			var zero T
 			return zero, err

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -38,7 +39,10 @@ type Node struct {
 	registry    *prometheus.Registry
 	peers       *peers
 	readIndexes *consensus.ReadIndexBatcher
-	started     time.Time
+	// caughtUp is set once this replica has applied a read index from the
+	// leader since it started; before that its reads wait for one.
+	caughtUp atomic.Bool
+	started  time.Time
 
 	httpListener net.Listener
 	httpServer   *http.Server
@@ -113,6 +117,8 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	cc.AdvertiseRaft = n.cfg.AdvertiseRaft
 	cc.Bootstrap = len(n.cfg.Join) == 0
 	cc.SnapshotThreshold = n.cfg.SnapshotThreshold
+	cc.SnapshotInterval = n.cfg.SnapshotInterval
+	cc.TrailingLogs = n.cfg.TrailingLogs
 	cc.ApplyTimeout = n.cfg.ApplyTimeout
 	cc.HeartbeatTimeout = n.cfg.RaftHeartbeatTimeout
 	cc.ElectionTimeout = n.cfg.RaftElectionTimeout
@@ -141,8 +147,8 @@ func (n *Node) Start(ctx context.Context) (err error) {
 
 	gc := gateway.DefaultConfig()
 	gc.Region = n.cfg.Region
-	gc.MaxManifestSize = n.cfg.MaxManifestSize
-	gc.MaxBlobSize = n.cfg.MaxBlobSize
+	gc.MaxManifestSize = int64(n.cfg.MaxManifestSize)
+	gc.MaxBlobSize = int64(n.cfg.MaxBlobSize)
 	gc.UploadTTL = n.cfg.UploadTTL
 	gc.Logger = n.logger
 	gc.Registerer = n.registry
@@ -202,6 +208,13 @@ func (n *Node) ready(ctx context.Context) error {
 	}
 	if k, err := n.consensus.Store().UploadKey(ctx); err != nil || k == nil {
 		return errors.New("cluster upload key not installed yet")
+	}
+	if !n.caughtUp.Load() {
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		if err := n.catchUp(cctx); err != nil {
+			return fmt.Errorf("not caught up with the leader yet: %w", err)
+		}
 	}
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -42,6 +43,7 @@ func (p *peers) client(addr string) (pb.ClusterClient, error) {
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)),
+		grpc.WithUnaryInterceptor(markNotSent),
 	}
 	if p.dial != nil {
 		opts = append(opts, grpc.WithContextDialer(p.dial))
@@ -52,6 +54,19 @@ func (p *peers) client(addr string) (pb.ClusterClient, error) {
 	}
 	p.conns[addr] = c
 	return pb.NewClusterClient(c), nil
+}
+
+// markNotSent marks a call that failed before any connection carried it
+// (the peer is down or unreachable; gRPC fills in the peer only once a
+// stream exists): the peer did nothing, so even a write may be sent again,
+// for instance to the leader elected after this one died.
+func markNotSent(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	var p peer.Peer
+	err := invoker(ctx, method, req, reply, cc, append(opts, grpc.Peer(&p))...)
+	if err != nil && p.Addr == nil {
+		return fmt.Errorf("%w: %w", errNotSent, err)
+	}
+	return err
 }
 
 func (p *peers) close() {
@@ -94,6 +109,9 @@ func fromGRPC(err error) error {
 	case codes.Internal, codes.Unknown:
 		return fmt.Errorf("remote: %s", s.Message())
 	default:
+		if errors.Is(err, errNotSent) {
+			return fmt.Errorf("%w: %w: %s", pb.ErrUnavailable, errNotSent, s.Message())
+		}
 		return fmt.Errorf("%w: %s", pb.ErrUnavailable, s.Message())
 	}
 }

@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"fmt"
+	"time"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
@@ -57,6 +58,7 @@ func (s clusterServer) ClusterStatus(ctx context.Context, _ *pb.ClusterStatusReq
 }
 
 func (s clusterServer) TransferLeadership(ctx context.Context, req *pb.TransferLeadershipRequest) (*pb.TransferLeadershipResponse, error) {
+	before, _ := s.n.consensus.Leader()
 	err := s.n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
 		resp, err := c.TransferLeadership(ctx, req)
 		if err != nil {
@@ -70,8 +72,33 @@ func (s clusterServer) TransferLeadership(ctx context.Context, req *pb.TransferL
 	if gerr != nil {
 		return nil, gerr
 	}
-	leader, _ := s.n.consensus.Leader()
-	return &pb.TransferLeadershipResponse{Result: r, NewLeaderId: leader}, nil
+	resp := &pb.TransferLeadershipResponse{Result: r}
+	if err == nil {
+		resp.NewLeaderId = s.n.leaderOtherThan(ctx, before)
+	}
+	return resp, nil
+}
+
+// leaderOtherThan waits briefly (bounded by ctx) until this node knows a
+// leader other than old and returns it, or whatever it knows then. Right
+// after a transfer the old leader has stepped down but learns its successor
+// only from the successor's first heartbeat.
+func (n *Node) leaderOtherThan(ctx context.Context, old string) string {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		leader, _ := n.consensus.Leader()
+		if leader != "" && leader != old {
+			return leader
+		}
+		select {
+		case <-ctx.Done():
+			return leader
+		case <-t.C:
+		}
+	}
 }
 
 func (s clusterServer) RemoveServer(ctx context.Context, req *pb.RemoveServerRequest) (*pb.RemoveServerResponse, error) {

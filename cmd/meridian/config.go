@@ -33,14 +33,10 @@ func stringOpt(name, usage string, field func(*node.Config) *string) option {
 		get: func(c *node.Config) string { return *field(c) }}
 }
 
-func int64Opt(name, usage string, field func(*node.Config) *int64) option {
+func sizeOpt(name, usage string, field func(*node.Config) *node.ByteSize) option {
 	return option{name: name, usage: usage,
-		set: func(c *node.Config, v string) error {
-			n, err := parseSize(v)
-			*field(c) = n
-			return err
-		},
-		get: func(c *node.Config) string { return strconv.FormatInt(*field(c), 10) }}
+		set: func(c *node.Config, v string) error { return field(c).UnmarshalText([]byte(v)) },
+		get: func(c *node.Config) string { return field(c).String() }}
 }
 
 func uint64Opt(name, usage string, field func(*node.Config) *uint64) option {
@@ -102,8 +98,8 @@ var serveOptions = []option{
 	durationOpt("raft-election-timeout", "Raft election timeout (0: 1s)", func(c *node.Config) *time.Duration { return &c.RaftElectionTimeout }),
 	stringOpt("gossip-profile", "gossip timings: lan, wan or local", func(c *node.Config) *string { return &c.GossipProfile }),
 	stringOpt("ready-file", "write JSON with the node's id and actual addresses here once serving", func(c *node.Config) *string { return &c.ReadyFile }),
-	int64Opt("max-manifest-size", "largest accepted manifest, bytes (suffixes KiB, MiB, GiB)", func(c *node.Config) *int64 { return &c.MaxManifestSize }),
-	int64Opt("max-blob-size", "largest accepted blob, bytes (suffixes KiB, MiB, GiB, TiB; 0: no limit)", func(c *node.Config) *int64 { return &c.MaxBlobSize }),
+	sizeOpt("max-manifest-size", "largest accepted manifest, bytes (suffixes KiB, MiB, GiB)", func(c *node.Config) *node.ByteSize { return &c.MaxManifestSize }),
+	sizeOpt("max-blob-size", "largest accepted blob, bytes (suffixes KiB, MiB, GiB, TiB; 0: no limit)", func(c *node.Config) *node.ByteSize { return &c.MaxBlobSize }),
 	durationOpt("upload-ttl", "how long an upload session stays usable", func(c *node.Config) *time.Duration { return &c.UploadTTL }),
 	uint64Opt("snapshot-threshold", "log entries between Raft snapshots", func(c *node.Config) *uint64 { return &c.SnapshotThreshold }),
 	stringOpt("log-level", "debug, info, warn or error", func(c *node.Config) *string { return &c.LogLevel }),
@@ -185,23 +181,4 @@ func readYAML(path string, cfg *node.Config) error {
 		return fmt.Errorf("config file %s: %w", path, err)
 	}
 	return nil
-}
-
-// parseSize reads a byte count with an optional binary suffix.
-func parseSize(s string) (int64, error) {
-	mult := int64(1)
-	for _, u := range []struct {
-		suffix string
-		mult   int64
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40}} {
-		if v, ok := strings.CutSuffix(s, u.suffix); ok {
-			s, mult = v, u.mult
-			break
-		}
-	}
-	n, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("not a byte count: %q", s)
-	}
-	return n * mult, nil
 }

@@ -3,6 +3,8 @@
 package main
 
 import (
+	"errors"
+	"flag"
 	"fmt"
 	"os"
 )
@@ -44,6 +46,9 @@ func main() {
 	default:
 		fmt.Fprintf(os.Stderr, "meridian: unknown command %q\n\n%s", os.Args[1], usage)
 		os.Exit(2)
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return // the flag package already printed the usage
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "meridian: %v\n", err)
