@@ -52,10 +52,14 @@ const (
 	uploadIDBytes = 16
 	uploadIDLen   = 2 * uploadIDBytes
 
-	// copyBufferSize is the size of the writes into an upload file: large
-	// enough to run at the disk's sequential speed whatever the size of the
-	// reads from the request body.
-	copyBufferSize = 1 << 20
+	// copyBufferSize is the size of the writes into an upload file. Buffered
+	// writes reach the disk in the kernel's own sizes whatever this is; small
+	// writes reuse warm page-cache pages, and 1 MiB writes measured up to 3x
+	// slower on virtual machines that fault in cold memory.
+	copyBufferSize = 64 << 10
+	// writebackEvery starts the kernel writing an upload's bytes to disk as
+	// they arrive, so the fsync at commit has little left to do.
+	writebackEvery = 8 << 20
 )
 
 var copyBuffers = sync.Pool{New: func() any {
@@ -452,7 +456,13 @@ func copyToFile(file *os.File, r io.Reader) (written int64, werr, rerr error) {
 	bp := copyBuffers.Get().(*[]byte)
 	defer copyBuffers.Put(bp)
 	buf := *bp
+	start, _ := file.Seek(0, io.SeekCurrent)
+	flushed := start
 	for {
+		if pos := start + written; pos-flushed >= writebackEvery {
+			startWriteback(file, flushed, pos-flushed)
+			flushed = pos
+		}
 		n := 0
 		for n < len(buf) && rerr == nil {
 			var m int

@@ -1,0 +1,415 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// The bench tests assert what the bench reports and that it cleans up, never
+// how fast anything was: a slow machine must not fail them.
+
+// TestBenchServeHelper is `meridian serve` when the bench tests start this
+// test binary as the node (the arguments after "--" are serve's). It returns
+// when serve does, on SIGTERM, so the test binary exits normally.
+func TestBenchServeHelper(t *testing.T) {
+	if os.Getenv("BENCH_HELPER_SERVE") != "1" {
+		t.Skip("helper process for the bench tests")
+	}
+	i := slices.Index(os.Args, "--")
+	if err := serve(os.Args[i+1:]); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func testBenchOptions(t *testing.T) benchOptions {
+	return benchOptions{
+		size: 3<<20 + 12345, chunk: 1 << 20, duration: 300 * time.Millisecond, concurrency: 4, runs: 2,
+		dir: t.TempDir(), nginx: "none", distribution: "none",
+		serveCmd: []string{os.Args[0], "-test.run=^TestBenchServeHelper$", "--"},
+		serveEnv: []string{"BENCH_HELPER_SERVE=1"},
+		progress: testWriter{t},
+	}
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+func TestRunBench(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a node")
+	}
+	opts := testBenchOptions(t)
+	rep, err := runBench(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkReport(t, rep, false)
+	if entries, _ := os.ReadDir(opts.dir); len(entries) != 0 {
+		t.Errorf("temp dir left behind: %v", entries)
+	}
+	if !strings.HasPrefix(rep.Limits.Static.Server, "Go http.FileServer") {
+		t.Errorf("static server %q, want the Go fallback with --nginx=none", rep.Limits.Static.Server)
+	}
+	if got := rep.Meridian.PushMonolithic.Method; !strings.HasPrefix(got, "POST ?digest=") {
+		t.Errorf("meridian monolithic push used %q, want a single POST ?digest=", got)
+	}
+}
+
+// TestRunBenchWithNginxAndDistribution runs the whole comparison when both
+// are installed.
+func TestRunBenchWithNginxAndDistribution(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts three servers")
+	}
+	for _, bin := range []string{"nginx", "registry"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Skipf("%s not on PATH", bin)
+		}
+	}
+	opts := testBenchOptions(t)
+	opts.nginx, opts.distribution, opts.keep = "", "", true
+	rep, err := runBench(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkReport(t, rep, true)
+	if !strings.HasPrefix(rep.Limits.Static.Server, "nginx") {
+		t.Errorf("static server %q, want nginx", rep.Limits.Static.Server)
+	}
+	if entries, _ := os.ReadDir(opts.dir); len(entries) != 1 {
+		t.Errorf("--keep: want the temp dir kept, found %v", entries)
+	}
+}
+
+// checkReport checks that every figure was measured and judged, and that
+// the table and the JSON carry them.
+func checkReport(t *testing.T, rep *benchReport, withDistribution bool) {
+	t.Helper()
+	if rep.Limits.DiskWrite == nil || rep.Limits.SHA256 == nil || rep.Limits.Static == nil || rep.Meridian == nil {
+		t.Fatalf("missing measurements: %+v", rep)
+	}
+	if (rep.Distribution != nil) != withDistribution {
+		t.Fatalf("distribution measured: %v, want %v (skipped: %s)", rep.Distribution != nil, withDistribution, rep.DistributionSkipped)
+	}
+	m := rep.Meridian
+	for name, v := range map[string]float64{
+		"disk": rep.Limits.DiskWrite.MBps, "sha256": rep.Limits.SHA256.MBps, "static": rep.Limits.Static.Pull.MBps,
+		"push": m.PushMonolithic.MBps, "chunked push": m.PushChunked.MBps, "pull": m.Pull.MBps, "manifest GET": m.ManifestGET.RPS,
+	} {
+		if !(v > 0) {
+			t.Errorf("%s: %v, want a positive figure", name, v)
+		}
+	}
+	if m.ManifestGET.Errors != 0 {
+		t.Errorf("manifest GET errors: %d (%s)", m.ManifestGET.Errors, m.ManifestGET.FirstError)
+	}
+	if len(m.PushMonolithic.RunsMBps) != 2 || len(m.Pull.RunsMBps) != 2 {
+		t.Errorf("want 2 runs of each push and pull, got %v and %v", m.PushMonolithic.RunsMBps, m.Pull.RunsMBps)
+	}
+	// The targets: both pushes, the pull and, with Distribution, the
+	// manifest GET are judged; without it the last one cannot be.
+	var results []string
+	for _, row := range rep.Rows {
+		if row.Target != "" {
+			results = append(results, row.Result)
+		}
+	}
+	lastWant := "n/a"
+	if withDistribution {
+		lastWant = "PASS or MISS"
+	}
+	if len(results) != 4 {
+		t.Fatalf("%d targets judged (%q), want 4", len(results), results)
+	}
+	for i, r := range results {
+		want := "PASS or MISS"
+		if i == 3 {
+			want = lastWant
+		}
+		if !slices.Contains(strings.Split(want, " or "), r) {
+			t.Errorf("target %d judged %q, want %s", i, r, want)
+		}
+	}
+
+	var table bytes.Buffer
+	rep.writeTable(&table)
+	for _, s := range []string{"limit: disk write", "meridian push, monolithic", "meridian manifest GET by tag, 4 clients", "RESULT"} {
+		if !strings.Contains(table.String(), s) {
+			t.Errorf("table lacks %q:\n%s", s, table.String())
+		}
+	}
+	path := filepath.Join(t.TempDir(), "bench.json")
+	if err := rep.writeJSON(path); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	var decoded benchReport
+	if err := json.Unmarshal(b, &decoded); err != nil {
+		t.Fatal(err)
+	}
+	if len(decoded.Rows) != len(rep.Rows) || decoded.Meridian.Pull.Bytes != rep.SizeBytes {
+		t.Errorf("JSON does not round-trip the report:\n%s", b)
+	}
+}
+
+func TestBlobSpecIsDeterministicAndStreams(t *testing.T) {
+	size := int64(2<<20 + 100)
+	a, b := newBlobSpec(7, size), newBlobSpec(7, size)
+	if a.digest != b.digest {
+		t.Fatalf("same seed, different digests: %s, %s", a.digest, b.digest)
+	}
+	if c := newBlobSpec(8, size); c.digest == a.digest {
+		t.Fatal("different seeds give the same blob")
+	}
+	// Odd read sizes cross block boundaries and stamps.
+	h := sha256.New()
+	r, buf := a.reader(), make([]byte, 4097)
+	var n int64
+	var blocks [][]byte
+	for {
+		k, err := r.Read(buf[:1+int(n)%len(buf)])
+		h.Write(buf[:k])
+		n += int64(k)
+		if err == io.EOF {
+			break
+		}
+	}
+	if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); n != size || got != a.digest {
+		t.Fatalf("read %d bytes with digest %s, want %d with %s", n, got, size, a.digest)
+	}
+	all, _ := io.ReadAll(a.reader())
+	for i := int64(0); i < size/genBlockSize; i++ {
+		blocks = append(blocks, all[i*genBlockSize:(i+1)*genBlockSize])
+	}
+	if bytes.Equal(blocks[0], blocks[1]) {
+		t.Error("consecutive blocks are equal")
+	}
+
+	// The disk test writes the same bytes.
+	path := filepath.Join(t.TempDir(), "blob")
+	if _, err := measureFsyncWrite(context.Background(), path, a); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(path); !bytes.Equal(got, all) {
+		t.Error("the disk test's file differs from the generator's bytes")
+	}
+}
+
+// fakeRegistry behaves like CNCF Distribution where the bench must adapt: it
+// ignores ?digest= on POST (202, a session) and answers with absolute
+// Locations that carry their state in the query.
+type fakeRegistry struct {
+	mu        sync.Mutex
+	uploads   map[string]*bytes.Buffer
+	blobs     map[string][]byte
+	manifests map[string][]byte
+	srv       *httptest.Server
+}
+
+func newFakeRegistry(t *testing.T) *fakeRegistry {
+	f := &fakeRegistry{uploads: map[string]*bytes.Buffer{}, blobs: map[string][]byte{}, manifests: map[string][]byte{}}
+	f.srv = httptest.NewServer(http.HandlerFunc(f.serve))
+	t.Cleanup(f.srv.Close)
+	return f
+}
+
+func (f *fakeRegistry) serve(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	p := r.URL.Path
+	session := func(id string) {
+		w.Header().Set("Location", f.srv.URL+"/v2/"+benchRepo+"/blobs/uploads/"+id+"?_state=opaque")
+		w.WriteHeader(http.StatusAccepted)
+	}
+	switch {
+	case r.Method == http.MethodPost && strings.HasSuffix(p, "/blobs/uploads/"):
+		id := fmt.Sprint(len(f.uploads))
+		f.uploads[id] = &bytes.Buffer{}
+		session(id)
+	case strings.Contains(p, "/blobs/uploads/"):
+		id := p[strings.LastIndex(p, "/")+1:]
+		up, ok := f.uploads[id]
+		if !ok || r.URL.Query().Get("_state") != "opaque" {
+			http.Error(w, "unknown upload", http.StatusNotFound)
+			return
+		}
+		io.Copy(up, r.Body)
+		if r.Method == http.MethodPatch {
+			session(id)
+			return
+		}
+		if d := r.URL.Query().Get("digest"); d != sha256Digest(up.Bytes()) {
+			http.Error(w, "digest mismatch", http.StatusBadRequest)
+			return
+		}
+		f.blobs[r.URL.Query().Get("digest")] = up.Bytes()
+		w.WriteHeader(http.StatusCreated)
+	case strings.Contains(p, "/blobs/"):
+		b, ok := f.blobs[p[strings.LastIndex(p, "/")+1:]]
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		w.Write(b)
+	case strings.Contains(p, "/manifests/") && r.Method == http.MethodPut:
+		f.manifests[p], _ = io.ReadAll(r.Body)
+		w.WriteHeader(http.StatusCreated)
+	case strings.Contains(p, "/manifests/"):
+		m, ok := f.manifests[p]
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		w.Write(m)
+	default:
+		http.NotFound(w, r)
+	}
+}
+
+func TestWorkloadAdaptsToRegistryWithoutMonolithicPOST(t *testing.T) {
+	f := newFakeRegistry(t)
+	opts := testBenchOptions(t)
+	opts.size, opts.duration = 2<<20+1, 200*time.Millisecond
+	target := newBenchTarget("fake", f.srv.URL, nil, opts.concurrency)
+	w := &workload{opts: opts, blobs: newBenchBlobs(opts.size, opts.runs), rep: &benchReport{}, logf: t.Logf}
+	if err := w.run(context.Background(), []*benchTarget{target}); err != nil {
+		t.Fatal(err)
+	}
+	res := target.res
+	if !strings.Contains(res.PushMonolithic.Method, "POST ?digest= not supported") {
+		t.Errorf("monolithic method %q, want the POST+PUT fallback", res.PushMonolithic.Method)
+	}
+	// Four big blobs (two runs of each push) and the config blob.
+	if len(f.blobs) != 5 {
+		t.Errorf("registry holds %d blobs, want 5", len(f.blobs))
+	}
+	if len(res.PushChunked.RunsMBps) != 2 || len(res.Pull.RunsMBps) != 2 {
+		t.Errorf("want 2 runs of each push and pull, got %v and %v", res.PushChunked.RunsMBps, res.Pull.RunsMBps)
+	}
+	if res.ManifestGET.Requests == 0 || res.ManifestGET.Errors != 0 {
+		t.Errorf("manifest GET: %+v", res.ManifestGET)
+	}
+	if u := res.CPU["push_monolithic"]; u.Runs != 2 || u.ServerSeconds != 0 {
+		t.Errorf("CPU of the pushes: %+v, want 2 runs and no server figure for an in-process server", u)
+	}
+}
+
+// A registry that fails after the first target is dropped, and its error
+// reported, while the first one is measured to the end.
+func TestWorkloadDropsAFailingSecondRegistry(t *testing.T) {
+	good := newFakeRegistry(t)
+	broken := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "out of order", http.StatusInternalServerError)
+	}))
+	defer broken.Close()
+	opts := testBenchOptions(t)
+	opts.size, opts.runs, opts.duration = 1<<20, 1, 100*time.Millisecond
+	first := newBenchTarget("first", good.srv.URL, nil, opts.concurrency)
+	second := newBenchTarget("second", broken.URL, nil, opts.concurrency)
+	rep := &benchReport{}
+	w := &workload{opts: opts, blobs: newBenchBlobs(opts.size, opts.runs), rep: rep, logf: t.Logf}
+	if err := w.run(context.Background(), []*benchTarget{first, second}); err != nil {
+		t.Fatal(err)
+	}
+	if first.res.ManifestGET.Requests == 0 {
+		t.Error("the first registry was not measured to the end")
+	}
+	if !strings.Contains(rep.DistributionSkipped, "500") {
+		t.Errorf("the second registry's failure is not reported: %q", rep.DistributionSkipped)
+	}
+}
+
+func TestManifestLoadCountsErrors(t *testing.T) {
+	body := []byte(`{"schemaVersion":2}`)
+	var n int64
+	var mu sync.Mutex
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		n++
+		odd := n%2 == 1
+		mu.Unlock()
+		if odd {
+			http.Error(w, "boom", http.StatusInternalServerError)
+			return
+		}
+		w.Write(body)
+	}))
+	defer srv.Close()
+	c := newBenchClient(2)
+	var s loadSample
+	for range 2 {
+		s.merge(manifestLoad(context.Background(), c, srv.URL, len(body), 2, 100*time.Millisecond))
+	}
+	res := s.result(2)
+	if res.Requests == 0 || res.Errors == 0 || !strings.Contains(res.FirstError, "500") || len(res.SlicesRPS) != 2 {
+		t.Errorf("want successes and counted 500s over 2 slices, got %+v", res)
+	}
+	if res.P50Ms > res.P99Ms || res.P99Ms > res.MaxMs {
+		t.Errorf("percentiles out of order: %+v", res)
+	}
+
+	rep := &benchReport{Meridian: &registryResult{Name: "meridian", ManifestGET: res}}
+	rep.buildRows()
+	if got := rep.Rows[len(rep.Rows)-1].Result; got != "ERR" {
+		t.Errorf("a load with errors is judged %q, want ERR", got)
+	}
+}
+
+func TestPairedRatio(t *testing.T) {
+	for _, tc := range []struct {
+		values, limits []float64
+		want           float64
+	}{
+		{[]float64{100, 50, 90}, []float64{100, 100, 100}, 0.9},
+		// Paired: the second run's limit was as slow as its figure.
+		{[]float64{100, 50, 90}, []float64{100, 50, 100}, 1},
+		// Unpaired: ratio of the medians.
+		{[]float64{100, 50}, []float64{100, 50, 200}, 1},
+		{nil, []float64{1}, 0},
+	} {
+		if got := pairedRatio(tc.values, tc.limits); math.Abs(got-tc.want) > 1e-9 {
+			t.Errorf("pairedRatio(%v, %v) = %v, want %v", tc.values, tc.limits, got, tc.want)
+		}
+	}
+}
+
+func TestParseBenchFlags(t *testing.T) {
+	opts, err := parseBenchFlags(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if opts.size != 256<<20 || opts.chunk != 16<<20 || opts.concurrency != 32 || opts.duration != 10*time.Second || opts.runs != 3 || opts.dir != "." {
+		t.Errorf("defaults: %+v", opts)
+	}
+	for _, args := range [][]string{
+		{"--size", "0"}, {"--size", "lots"}, {"--concurrency", "0"}, {"--duration", "-1s"}, {"--runs", "0"}, {"extra"},
+	} {
+		if _, err := parseBenchFlags(args); err == nil {
+			t.Errorf("%q: accepted", args)
+		}
+	}
+	opts, err = parseBenchFlags([]string{"--size", "4MiB", "--duration", "1s", "--concurrency", "8", "--json", "x.json", "--keep"})
+	if err != nil || opts.size != 4<<20 || opts.concurrency != 8 || opts.jsonFile != "x.json" || !opts.keep {
+		t.Errorf("parsed %+v, %v", opts, err)
+	}
+}
