@@ -254,7 +254,9 @@ func (g *Gateway) receive(r *http.Request, st uploadState) (uploadState, error) 
 	// The store takes the chunk whole or not at all, and only at its end:
 	// on any error it holds what it held before, which this token still
 	// describes, so the client can retry the chunk with the same token.
-	n, err := g.store.WriteUpload(r.Context(), st.ID, st.Offset, io.TeeReader(body, h))
+	hashed := newPipelinedHash(body, h)
+	n, err := g.store.WriteUpload(r.Context(), st.ID, st.Offset, hashed)
+	hashed.Wait()
 	if err != nil {
 		switch {
 		case errors.Is(err, errTooLarge):
