@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -95,6 +96,7 @@ func (n *Node) keepGossiping() {
 			return
 		case <-t.C:
 		}
+		n.rejoinStopped()
 		var alive []string
 		for _, m := range n.membership.Members() {
 			if m.ID != n.cfg.NodeID && m.State == membership.StateAlive && m.Role == membership.RoleServer {
@@ -120,6 +122,58 @@ func (n *Node) keepGossiping() {
 			}
 		}
 	}
+}
+
+// rejoinStopped brings Raft servers that left gossip back into it once
+// they accept connections again. A restarted node normally finds the
+// cluster itself (its join seeds and the peers it saved), but one with
+// neither, such as the bootstrap node stopped before it saved its peers,
+// would otherwise stay alone: gossip does not probe members that left, and
+// without gossip the node cannot reach the leader to forward or confirm.
+func (n *Node) rejoinStopped() {
+	servers, err := n.consensus.Servers()
+	if err != nil {
+		return
+	}
+	var seeds []string
+	for _, s := range servers {
+		m, ok := n.membership.Member(s.ID)
+		if !ok || s.ID == n.cfg.NodeID || m.GRPCAddr == "" ||
+			(m.State != membership.StateLeft && m.State != membership.StateDead) {
+			continue
+		}
+		if n.accepts(m.GRPCAddr) {
+			seeds = append(seeds, m.GossipAddr)
+		}
+	}
+	if len(seeds) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
+	defer cancel()
+	if err := n.membership.Join(ctx, seeds); err != nil {
+		n.logger.Debug("bringing stopped servers back into gossip", "seeds", seeds, "err", err)
+	}
+}
+
+// accepts reports whether something accepts connections at addr, dialing
+// the way this node reaches its peers.
+func (n *Node) accepts(addr string) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	var c net.Conn
+	var err error
+	if n.cfg.Dial != nil {
+		c, err = n.cfg.Dial(ctx, addr)
+	} else {
+		var d net.Dialer
+		c, err = d.DialContext(ctx, "tcp", addr)
+	}
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
 }
 
 func (n *Node) peersFile() string { return filepath.Join(n.cfg.DataDir, "peers.json") }

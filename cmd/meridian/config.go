@@ -102,6 +102,8 @@ var serveOptions = []option{
 	sizeOpt("max-blob-size", "largest accepted blob, bytes (suffixes KiB, MiB, GiB, TiB; 0: no limit)", func(c *node.Config) *node.ByteSize { return &c.MaxBlobSize }),
 	durationOpt("upload-ttl", "how long an upload session stays usable", func(c *node.Config) *time.Duration { return &c.UploadTTL }),
 	uint64Opt("snapshot-threshold", "log entries between Raft snapshots", func(c *node.Config) *uint64 { return &c.SnapshotThreshold }),
+	durationOpt("snapshot-interval", "how often Raft checks whether to snapshot", func(c *node.Config) *time.Duration { return &c.SnapshotInterval }),
+	uint64Opt("trailing-logs", "log entries kept behind a snapshot for followers that lag a little", func(c *node.Config) *uint64 { return &c.TrailingLogs }),
 	stringOpt("log-level", "debug, info, warn or error", func(c *node.Config) *string { return &c.LogLevel }),
 	stringOpt("log-format", "text or json", func(c *node.Config) *string { return &c.LogFormat }),
 }
