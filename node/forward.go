@@ -55,7 +55,9 @@ func (n *Node) onLeader(ctx context.Context, remote func(context.Context, pb.Clu
 			return err
 		}
 		last = err
-		backoff := time.Duration(10+rand.IntN(40)) * time.Millisecond << min(attempt, 4)
+		// Short waits: an election takes about a heartbeat timeout, and a
+		// long backoff would notice the new leader late.
+		backoff := time.Duration(10+rand.IntN(40)) * time.Millisecond << min(attempt, 1)
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("%w: %v (last: %v)", pb.ErrUnavailable, ctx.Err(), last)

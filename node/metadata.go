@@ -3,6 +3,8 @@ package node
 import (
 	"context"
 	"errors"
+	"net/http"
+	"sync/atomic"
 
 	"github.com/meridian-registry/meridian/consensus"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -38,7 +40,7 @@ func read[T any](ctx context.Context, m clusterMetadata, fn func() (T, error), m
 	// lack entries it had applied before a crash (applies are not synced;
 	// Raft replays them), so even local reads wait for the leader then.
 	if m.strong || !m.n.caughtUp.Load() {
-		if err := m.n.catchUp(ctx); err != nil {
+		if err := m.catchUpOnce(ctx); err != nil {
 			var zero T
 			return zero, err
 		}
@@ -47,7 +49,7 @@ func read[T any](ctx context.Context, m clusterMetadata, fn func() (T, error), m
 	v, err := fn()
 	for _, target := range miss {
 		if errors.Is(err, target) {
-			if cerr := m.n.catchUp(ctx); cerr != nil {
+			if cerr := m.catchUpOnce(ctx); cerr != nil {
 				// Cannot confirm the miss: say so rather than a 404.
 				return v, cerr
 			}
@@ -86,8 +88,38 @@ func (m clusterMetadata) UploadKey(ctx context.Context) ([]byte, error) {
 	if err != nil || k != nil {
 		return k, err
 	}
-	if err := m.n.catchUp(ctx); err != nil {
+	if err := m.catchUpOnce(ctx); err != nil {
 		return nil, err
 	}
 	return m.store.UploadKey(ctx)
+}
+
+// requestCatchUp marks a request whose reads already caught up with the
+// leader: later reads of the same request (a tag, then its manifest) see a
+// state at least that new, so one read index serves them all.
+type requestCatchUp struct{ done atomic.Bool }
+
+type requestCatchUpKey struct{}
+
+// withRequestCatchUp gives each request its own marker.
+func withRequestCatchUp(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx := context.WithValue(r.Context(), requestCatchUpKey{}, &requestCatchUp{})
+		next.ServeHTTP(w, r.WithContext(ctx))
+	})
+}
+
+// catchUpOnce catches up unless this request already did.
+func (m clusterMetadata) catchUpOnce(ctx context.Context) error {
+	mark, _ := ctx.Value(requestCatchUpKey{}).(*requestCatchUp)
+	if mark != nil && mark.done.Load() {
+		return nil
+	}
+	if err := m.n.catchUp(ctx); err != nil {
+		return err
+	}
+	if mark != nil {
+		mark.done.Store(true)
+	}
+	return nil
 }

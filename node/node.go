@@ -168,10 +168,11 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := n.joinCluster(ctx, hasState); err != nil {
 		return err
 	}
-	n.wg.Add(3)
+	n.wg.Add(4)
 	go n.purgeAbandonedUploads()
 	go n.reconcileMembers()
 	go n.keepGossiping()
+	go n.catchUpAfterStart()
 
 	if err := n.writeReadyFile(); err != nil {
 		return err
@@ -184,8 +185,9 @@ func (n *Node) Start(ctx context.Context) (err error) {
 // routes mounts the OCI API and the operational endpoints.
 func (n *Node) routes() http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("/v2/", n.gateway.Handler())
-	mux.Handle("/v2", n.gateway.Handler())
+	api := withRequestCatchUp(n.gateway.Handler())
+	mux.Handle("/v2/", api)
+	mux.Handle("/v2", api)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Write([]byte("ok\n"))
@@ -217,6 +219,35 @@ func (n *Node) ready(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// catchUpAfterStart catches this replica up with the leader once, so it can
+// serve local reads without waiting even if nothing asks it before, say, a
+// partition.
+func (n *Node) catchUpAfterStart() {
+	defer n.wg.Done()
+	stopped, stop := context.WithCancel(context.Background())
+	defer stop()
+	go func() {
+		select {
+		case <-n.stop:
+			stop()
+		case <-stopped.Done():
+		}
+	}()
+	for !n.caughtUp.Load() {
+		ctx, cancel := context.WithTimeout(stopped, n.cfg.ApplyTimeout)
+		err := n.catchUp(ctx)
+		cancel()
+		if err == nil {
+			return
+		}
+		select {
+		case <-n.stop:
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // WaitReady blocks until the node is ready or ctx ends.
