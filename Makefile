@@ -86,10 +86,14 @@ fuzz:
 
 ## bench: push/pull/manifest-GET figures beside the disk's fsync rate, the
 ## sha256 rate, nginx (installed from Debian when missing) and CNCF
-## Distribution doing the same work.
+## Distribution doing the same work; then a 3-node loopback cluster's
+## tag-update latency and throughput (1 and 32 writers), local vs strong tag
+## reads, and leader failover time.
 bench: build $(TOOLS)/registry
 	@command -v nginx >/dev/null || (apt-get install -y nginx >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y nginx >/dev/null)) || echo "nginx unavailable: comparing with Go's file server"
 	$(MERIDIAN) bench --distribution $(TOOLS)/registry
+	$(GO) test -run '^$$' -bench 'TagUpdate|TagRead' -benchtime 2000x -timeout 30m ./node/
+	$(GO) test -run '^$$' -bench 'LeaderFailover' -benchtime 10x -timeout 30m ./node/
 	$(GO) test -run '^$$' -bench . -benchtime 2000x ./consensus/
 
 clean:
