@@ -130,7 +130,46 @@ func (n *Node) reconcileOnce(ctx context.Context) error {
 		votersByRegion[members[cand].Region]++
 		servers, _ = n.consensus.Servers()
 	}
-	return nil
+	return n.spreadVoters(ctx, servers, members, votersByRegion)
+}
+
+// spreadVoters swaps voters so that regions share them: while an alive
+// non-voter sits in a region without a voter and another region holds two
+// or more, the non-voter is promoted and one of those voters demoted.
+// Losing any one region then costs as few votes as possible.
+func (n *Node) spreadVoters(ctx context.Context, servers []consensus.Server, members map[string]membership.Member, votersByRegion map[string]int) error {
+	for {
+		cand, crowded := "", ""
+		for _, s := range servers {
+			m, ok := members[s.ID]
+			if !ok || m.State != membership.StateAlive {
+				continue
+			}
+			switch {
+			case !s.Voter && votersByRegion[m.Region] == 0 && cand == "":
+				cand = s.ID
+			case s.Voter && votersByRegion[m.Region] >= 2 && s.ID != n.cfg.NodeID && crowded == "":
+				crowded = s.ID
+			}
+		}
+		if cand == "" || crowded == "" {
+			return nil
+		}
+		n.logger.Info("spreading voters across regions", "promote", cand, "region", members[cand].Region,
+			"demote", crowded, "from_region", members[crowded].Region)
+		if err := n.consensus.AddServer(ctx, cand, members[cand].RaftAddr, true); err != nil {
+			return err
+		}
+		votersByRegion[members[cand].Region]++
+		if err := n.consensus.DemoteVoter(ctx, crowded); err != nil {
+			return err
+		}
+		votersByRegion[members[crowded].Region]--
+		var err error
+		if servers, err = n.consensus.Servers(); err != nil {
+			return err
+		}
+	}
 }
 
 // pickNonvoter chooses an alive non-voter, preferring regions that hold the
