@@ -1,5 +1,3 @@
-// Command meridian is the Meridian registry: one binary for servers,
-// gateways and administration. This file holds only flag parsing and wiring.
 package main
 
 import (
