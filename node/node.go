@@ -284,9 +284,18 @@ func (n *Node) GossipAddr() string { return n.membership.Addr() }
 // ID is the node's id.
 func (n *Node) ID() string { return n.cfg.NodeID }
 
+// advertisedHTTP is the registry address other members and operators are
+// told about. A wildcard listener (":5000") is advertised on the host of the
+// gRPC address, which other members already reach.
 func (n *Node) advertisedHTTP() string {
 	if n.cfg.AdvertiseHTTP != "" {
 		return n.cfg.AdvertiseHTTP
+	}
+	host, port, err := net.SplitHostPort(n.HTTPAddr())
+	if ip := net.ParseIP(host); err == nil && ip != nil && ip.IsUnspecified() {
+		if ghost, _, gerr := net.SplitHostPort(n.GRPCAddr()); gerr == nil {
+			return net.JoinHostPort(ghost, port)
+		}
 	}
 	return n.HTTPAddr()
 }
