@@ -18,7 +18,7 @@ import (
 
 // The cluster benchmarks run three real nodes on loopback in this process,
 // with the default configuration (fsync on, hashicorp/raft's default
-// timeouts), and drive them over HTTP like registry clients. The issue's
+// timeouts), and drive them over HTTP like registry clients. The cluster's
 // targets: ≥ 2,000 tag updates/s with 32 writers, p50 < 10 ms with one
 // writer, first push ≤ 5 s after the leader is killed. Nothing here
 // asserts them; the figures are reported with b.ReportMetric.

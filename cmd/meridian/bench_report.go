@@ -9,7 +9,7 @@ import (
 	"time"
 )
 
-// The foundation issue's targets.
+// Meridian's performance targets for a single node.
 const (
 	targetPushOfDisk      = 0.80 // push ≥ 80% of the fsync'd write rate
 	targetPullOfStatic    = 0.90 // pull ≥ 90% of the static file server
