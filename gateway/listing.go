@@ -22,11 +22,21 @@ func (g *Gateway) page(r *http.Request) (n int, last string, err error) {
 	return n, q.Get("last"), nil
 }
 
-// writePage writes a JSON list page and, when more may follow, a Link header
-// to the next page.
-func writePage(w http.ResponseWriter, path string, n int, items []string, body any) {
-	if n > 0 && len(items) == n {
-		next := url.Values{"n": {strconv.Itoa(n)}, "last": {items[len(items)-1]}}
+// onePage cuts a page of at most n items from items, which were fetched
+// with one extra, and reports whether another page follows. n = 0 asks for
+// an empty page and gets no link to a next one.
+func onePage(items []string, n int) ([]string, bool) {
+	if len(items) > n {
+		return items[:n], n > 0
+	}
+	return items, false
+}
+
+// writePage writes a JSON list page and, when more follow, a Link header to
+// the next page.
+func writePage(w http.ResponseWriter, path string, page []string, more bool, body any) {
+	if more {
+		next := url.Values{"n": {strconv.Itoa(len(page))}, "last": {page[len(page)-1]}}
 		w.Header().Set("Link", "<"+path+"?"+next.Encode()+`>; rel="next"`)
 	}
 	w.Header().Set("Content-Type", "application/json")
@@ -39,22 +49,12 @@ func (g *Gateway) listTags(w http.ResponseWriter, r *http.Request, rt route) err
 	if err != nil {
 		return err
 	}
-	// One extra tells whether another page follows.
 	tags, err := g.meta.Tags(r.Context(), rt.name, last, n+1)
 	if err != nil {
 		return err
 	}
-	if n == 0 {
-		tags = []string{}
-	}
-	more := len(tags) > n
-	if more {
-		tags = tags[:n]
-	}
-	if !more {
-		n = -1
-	}
-	writePage(w, "/v2/"+rt.name+"/tags/list", n, tags, struct {
+	tags, more := onePage(tags, n)
+	writePage(w, "/v2/"+rt.name+"/tags/list", tags, more, struct {
 		Name string   `json:"name"`
 		Tags []string `json:"tags"`
 	}{rt.name, tags})
@@ -71,16 +71,8 @@ func (g *Gateway) catalog(w http.ResponseWriter, r *http.Request, _ route) error
 	if err != nil {
 		return err
 	}
-	if n == 0 {
-		repos = []string{}
-	}
-	more := len(repos) > n
-	if more {
-		repos = repos[:n]
-	} else {
-		n = -1
-	}
-	writePage(w, "/v2/_catalog", n, repos, struct {
+	repos, more := onePage(repos, n)
+	writePage(w, "/v2/_catalog", repos, more, struct {
 		Repositories []string `json:"repositories"`
 	}{repos})
 	return nil

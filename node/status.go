@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"time"
 
@@ -19,7 +20,7 @@ func (n *Node) status() *pb.NodeStatus {
 	leader, _ := n.consensus.Leader()
 	s := &pb.NodeStatus{
 		Id: n.cfg.NodeID, ClusterId: n.cfg.ClusterID, Region: n.cfg.Region, Zone: n.cfg.Zone,
-		RaftState: lower(st.State), Suffrage: "none", LeaderId: leader, Term: st.Term,
+		RaftState: strings.ToLower(st.State), Suffrage: "none", LeaderId: leader, Term: st.Term,
 		CommitIndex: st.CommitIndex, AppliedIndex: st.AppliedIndex, LastLogIndex: st.LastLogIndex,
 		RaftAddr: n.consensus.Addr(), GrpcAddr: n.GRPCAddr(), HttpAddr: n.advertisedHTTP(),
 		Version: Version, UptimeSeconds: int64(time.Since(n.started).Seconds()),
@@ -43,16 +44,6 @@ func suffrageOf(servers []consensus.Server, id string) string {
 		}
 	}
 	return "none"
-}
-
-func lower(s string) string {
-	b := []byte(s)
-	for i, c := range b {
-		if 'A' <= c && c <= 'Z' {
-			b[i] = c + 'a' - 'A'
-		}
-	}
-	return string(b)
 }
 
 // clusterStatus asks every known member for its status, in parallel.
