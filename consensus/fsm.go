@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"slices"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/hashicorp/raft"
@@ -34,6 +33,10 @@ var commands = map[protoreflect.Name]applyFunc{
 	"link_blob":       applyLinkBlob,
 	"unlink_blob":     applyUnlinkBlob,
 	"set_upload_key":  applySetUploadKey,
+	"place_blob":      applyPlaceBlob,
+	"set_policy":      applySetPolicy,
+	"delete_policy":   applyDeletePolicy,
+	"set_regions":     applySetRegions,
 }
 
 var commandOneof = (&pb.LogEntry{}).ProtoReflect().Descriptor().Oneofs().ByName("command")
@@ -319,18 +322,30 @@ func applyLinkBlob(b *pebble.Batch, e *pb.LogEntry) error {
 			// Same digest, different size: the proposer's verification failed.
 			return pb.Errorf(pb.Code_CODE_INVALID_ARGUMENT, "blob %s has size %d, not %d", c.Digest, rec.Size, c.Size)
 		}
-		if !slices.Contains(rec.Regions, c.PlacedRegion) {
-			rec.Regions = append(rec.Regions, c.PlacedRegion)
-			slices.Sort(rec.Regions)
-		}
-		if err := setProto(b, bk, rec); err != nil {
+		if err := addPlacement(b, rec, c.PlacedRegion); err != nil {
 			return err
 		}
 	}
 	if err := ensureRepo(b, c.Repository, e.TimeUnixNano); err != nil {
 		return err
 	}
-	return b.Set(key(tableLink, c.Repository, c.Digest), nil, nil)
+	if err := b.Set(key(tableLink, c.Repository, c.Digest), nil, nil); err != nil {
+		return err
+	}
+	if err := b.Set(key(tableBlobRepos, c.Digest, c.Repository), nil, nil); err != nil {
+		return err
+	}
+	return recomputeBlob(b, c.Digest, e.TimeUnixNano)
+}
+
+// recomputeBlob refreshes one blob's Wanted rows after its links or
+// placements changed.
+func recomputeBlob(b *pebble.Batch, digest string, now int64) error {
+	rules, err := loadRules(b)
+	if err != nil {
+		return err
+	}
+	return recomputeWanted(b, rules, digest, now)
 }
 
 func applyUnlinkBlob(b *pebble.Batch, e *pb.LogEntry) error {
@@ -343,7 +358,13 @@ func applyUnlinkBlob(b *pebble.Batch, e *pb.LogEntry) error {
 	if !ok {
 		return pb.Errorf(pb.Code_CODE_BLOB_UNKNOWN, "blob %s not found in %s", c.Digest, c.Repository)
 	}
-	return b.Delete(lk, nil)
+	if err := b.Delete(lk, nil); err != nil {
+		return err
+	}
+	if err := b.Delete(key(tableBlobRepos, c.Digest, c.Repository), nil); err != nil {
+		return err
+	}
+	return recomputeBlob(b, c.Digest, e.TimeUnixNano)
 }
 
 func applySetUploadKey(b *pebble.Batch, e *pb.LogEntry) error {

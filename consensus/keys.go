@@ -22,6 +22,10 @@ import (
 //	v 'B' digest                      blob record (size, placements) → BlobRecord
 //	v 'N' repo 0 digest               blob linked into a repository → empty
 //	v 'F' repo 0 subject 0 digest     referrer of subject → Referrer
+//	v 'Y' digest 0 repo               reverse link index (repositories of a blob) → empty
+//	v 'G'                             region names of the cluster → SetRegions
+//	v 'P' prefix                      replication policy of a name prefix → Policy
+//	v 'W' region 0 digest             blob wanted in a region but not placed there → Wanted
 const layoutVersion byte = 1
 
 const (
@@ -35,6 +39,10 @@ const (
 	tableBlob      byte = 'B'
 	tableLink      byte = 'N'
 	tableReferrer  byte = 'F'
+	tableBlobRepos byte = 'Y'
+	tableRegions   byte = 'G'
+	tablePolicy    byte = 'P'
+	tableWanted    byte = 'W'
 )
 
 const sep byte = 0

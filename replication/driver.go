@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"syscall"
 	"time"
 
@@ -135,3 +136,27 @@ func storageError(err error) error {
 	}
 	return err
 }
+
+// Presigner is implemented by drivers whose backend can hand a client a
+// short-lived URL to read a blob directly (S3), so a gateway may answer a
+// blob GET with a redirect instead of streaming the bytes itself.
+type Presigner interface {
+	// PresignGet returns a URL that reads committed blob dgst with a plain
+	// GET until ttl passes. It does not check that the blob exists.
+	PresignGet(ctx context.Context, dgst digest.Digest, ttl time.Duration) (*url.URL, error)
+}
+
+// ServerSideCopier is implemented by drivers that can copy a committed blob
+// from another store on the same backend endpoint without the bytes passing
+// through this process (S3 CopyObject between buckets of one endpoint).
+type ServerSideCopier interface {
+	// CopyBlob copies blob dgst from src into this store. It returns
+	// ErrNotSameBackend, having changed nothing, when src is not on the
+	// same endpoint (or is another kind of driver); the caller then streams.
+	// The copy is visible under dgst only once complete.
+	CopyBlob(ctx context.Context, src Driver, dgst digest.Digest) error
+}
+
+// ErrNotSameBackend means a server-side copy is impossible between the two
+// stores; the caller must stream the bytes instead.
+var ErrNotSameBackend = errors.New("replication: stores are not on the same backend")

@@ -25,6 +25,7 @@ var (
 	ErrInvalidArgument     = &Error{Code: Code_CODE_INVALID_ARGUMENT}
 	ErrUnavailable         = &Error{Code: Code_CODE_UNAVAILABLE}
 	ErrNotLeader           = &Error{Code: Code_CODE_NOT_LEADER}
+	ErrPolicyUnknown       = &Error{Code: Code_CODE_POLICY_UNKNOWN}
 )
 
 // Errorf returns an *Error with code and a formatted detail.

@@ -43,21 +43,23 @@ const (
 	Code_CODE_INVALID_ARGUMENT      Code = 7
 	Code_CODE_UNAVAILABLE           Code = 8
 	Code_CODE_NOT_LEADER            Code = 9
+	Code_CODE_POLICY_UNKNOWN        Code = 10
 )
 
 // Enum value maps for Code.
 var (
 	Code_name = map[int32]string{
-		0: "CODE_UNSPECIFIED",
-		1: "CODE_BLOB_UNKNOWN",
-		2: "CODE_MANIFEST_UNKNOWN",
-		3: "CODE_MANIFEST_BLOB_UNKNOWN",
-		4: "CODE_NAME_UNKNOWN",
-		5: "CODE_TAG_UNKNOWN",
-		6: "CODE_PRECONDITION_FAILED",
-		7: "CODE_INVALID_ARGUMENT",
-		8: "CODE_UNAVAILABLE",
-		9: "CODE_NOT_LEADER",
+		0:  "CODE_UNSPECIFIED",
+		1:  "CODE_BLOB_UNKNOWN",
+		2:  "CODE_MANIFEST_UNKNOWN",
+		3:  "CODE_MANIFEST_BLOB_UNKNOWN",
+		4:  "CODE_NAME_UNKNOWN",
+		5:  "CODE_TAG_UNKNOWN",
+		6:  "CODE_PRECONDITION_FAILED",
+		7:  "CODE_INVALID_ARGUMENT",
+		8:  "CODE_UNAVAILABLE",
+		9:  "CODE_NOT_LEADER",
+		10: "CODE_POLICY_UNKNOWN",
 	}
 	Code_value = map[string]int32{
 		"CODE_UNSPECIFIED":           0,
@@ -70,6 +72,7 @@ var (
 		"CODE_INVALID_ARGUMENT":      7,
 		"CODE_UNAVAILABLE":           8,
 		"CODE_NOT_LEADER":            9,
+		"CODE_POLICY_UNKNOWN":        10,
 	}
 )
 
@@ -115,6 +118,10 @@ type LogEntry struct {
 	//	*LogEntry_LinkBlob
 	//	*LogEntry_UnlinkBlob
 	//	*LogEntry_SetUploadKey
+	//	*LogEntry_PlaceBlob
+	//	*LogEntry_SetPolicy
+	//	*LogEntry_DeletePolicy
+	//	*LogEntry_SetRegions
 	Command       isLogEntry_Command `protobuf_oneof:"command"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -225,6 +232,42 @@ func (x *LogEntry) GetSetUploadKey() *SetUploadKey {
 	return nil
 }
 
+func (x *LogEntry) GetPlaceBlob() *PlaceBlob {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_PlaceBlob); ok {
+			return x.PlaceBlob
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetSetPolicy() *SetPolicy {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_SetPolicy); ok {
+			return x.SetPolicy
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetDeletePolicy() *DeletePolicy {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_DeletePolicy); ok {
+			return x.DeletePolicy
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetSetRegions() *SetRegions {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_SetRegions); ok {
+			return x.SetRegions
+		}
+	}
+	return nil
+}
+
 type isLogEntry_Command interface {
 	isLogEntry_Command()
 }
@@ -253,6 +296,22 @@ type LogEntry_SetUploadKey struct {
 	SetUploadKey *SetUploadKey `protobuf:"bytes,15,opt,name=set_upload_key,json=setUploadKey,proto3,oneof"`
 }
 
+type LogEntry_PlaceBlob struct {
+	PlaceBlob *PlaceBlob `protobuf:"bytes,16,opt,name=place_blob,json=placeBlob,proto3,oneof"`
+}
+
+type LogEntry_SetPolicy struct {
+	SetPolicy *SetPolicy `protobuf:"bytes,17,opt,name=set_policy,json=setPolicy,proto3,oneof"`
+}
+
+type LogEntry_DeletePolicy struct {
+	DeletePolicy *DeletePolicy `protobuf:"bytes,18,opt,name=delete_policy,json=deletePolicy,proto3,oneof"`
+}
+
+type LogEntry_SetRegions struct {
+	SetRegions *SetRegions `protobuf:"bytes,19,opt,name=set_regions,json=setRegions,proto3,oneof"`
+}
+
 func (*LogEntry_PutManifest) isLogEntry_Command() {}
 
 func (*LogEntry_DeleteManifest) isLogEntry_Command() {}
@@ -264,6 +323,14 @@ func (*LogEntry_LinkBlob) isLogEntry_Command() {}
 func (*LogEntry_UnlinkBlob) isLogEntry_Command() {}
 
 func (*LogEntry_SetUploadKey) isLogEntry_Command() {}
+
+func (*LogEntry_PlaceBlob) isLogEntry_Command() {}
+
+func (*LogEntry_SetPolicy) isLogEntry_Command() {}
+
+func (*LogEntry_DeletePolicy) isLogEntry_Command() {}
+
+func (*LogEntry_SetRegions) isLogEntry_Command() {}
 
 // PutManifest stores a manifest and optionally points tags at it.
 type PutManifest struct {
@@ -693,6 +760,334 @@ func (x *SetUploadKey) GetKey() []byte {
 	return nil
 }
 
+// PlaceBlob records that a region's store now holds verified bytes of a blob
+// (BlobPlaced). The replicator proposes it after copying and re-hashing.
+type PlaceBlob struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Digest        string                 `protobuf:"bytes,1,opt,name=digest,proto3" json:"digest,omitempty"`
+	Size          int64                  `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	Region        string                 `protobuf:"bytes,3,opt,name=region,proto3" json:"region,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PlaceBlob) Reset() {
+	*x = PlaceBlob{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PlaceBlob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PlaceBlob) ProtoMessage() {}
+
+func (x *PlaceBlob) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PlaceBlob.ProtoReflect.Descriptor instead.
+func (*PlaceBlob) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *PlaceBlob) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *PlaceBlob) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *PlaceBlob) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+// SetPolicy creates or replaces the replication policy of a repository-name
+// prefix.
+type SetPolicy struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Policy        *Policy                `protobuf:"bytes,1,opt,name=policy,proto3" json:"policy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPolicy) Reset() {
+	*x = SetPolicy{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPolicy) ProtoMessage() {}
+
+func (x *SetPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPolicy.ProtoReflect.Descriptor instead.
+func (*SetPolicy) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *SetPolicy) GetPolicy() *Policy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+// DeletePolicy removes the policy of a prefix.
+type DeletePolicy struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Prefix        string                 `protobuf:"bytes,1,opt,name=prefix,proto3" json:"prefix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeletePolicy) Reset() {
+	*x = DeletePolicy{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeletePolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeletePolicy) ProtoMessage() {}
+
+func (x *DeletePolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeletePolicy.ProtoReflect.Descriptor instead.
+func (*DeletePolicy) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *DeletePolicy) GetPrefix() string {
+	if x != nil {
+		return x.Prefix
+	}
+	return ""
+}
+
+// SetRegions records the cluster's region names (its topology). Policies that
+// name no regions mean all of these.
+type SetRegions struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Regions       []string               `protobuf:"bytes,1,rep,name=regions,proto3" json:"regions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetRegions) Reset() {
+	*x = SetRegions{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetRegions) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetRegions) ProtoMessage() {}
+
+func (x *SetRegions) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetRegions.ProtoReflect.Descriptor instead.
+func (*SetRegions) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *SetRegions) GetRegions() []string {
+	if x != nil {
+		return x.Regions
+	}
+	return nil
+}
+
+// Policy says where the blobs of repositories under a name prefix live. The
+// longest matching prefix wins; a field left unset (no regions, min_regions
+// 0) inherits from the next shorter matching prefix, and at the root from the
+// defaults: every region, min_regions 1.
+type Policy struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Prefix string                 `protobuf:"bytes,1,opt,name=prefix,proto3" json:"prefix,omitempty"`
+	// Regions whose stores must hold every blob of these repositories.
+	Regions []string `protobuf:"bytes,2,rep,name=regions,proto3" json:"regions,omitempty"`
+	// How many regions must hold a pushed blob before its PUT answers 201.
+	MinRegions    int32 `protobuf:"varint,3,opt,name=min_regions,json=minRegions,proto3" json:"min_regions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Policy) Reset() {
+	*x = Policy{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Policy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Policy) ProtoMessage() {}
+
+func (x *Policy) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Policy.ProtoReflect.Descriptor instead.
+func (*Policy) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *Policy) GetPrefix() string {
+	if x != nil {
+		return x.Prefix
+	}
+	return ""
+}
+
+func (x *Policy) GetRegions() []string {
+	if x != nil {
+		return x.Regions
+	}
+	return nil
+}
+
+func (x *Policy) GetMinRegions() int32 {
+	if x != nil {
+		return x.MinRegions
+	}
+	return 0
+}
+
+// Wanted is a blob that a region's store should hold but does not yet: the
+// replicator's work list, kept by the state machine.
+type Wanted struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Digest string                 `protobuf:"bytes,1,opt,name=digest,proto3" json:"digest,omitempty"`
+	Size   int64                  `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	// When the blob first became wanted in the region (the proposer's clock).
+	SinceUnixNano int64 `protobuf:"varint,3,opt,name=since_unix_nano,json=sinceUnixNano,proto3" json:"since_unix_nano,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Wanted) Reset() {
+	*x = Wanted{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Wanted) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Wanted) ProtoMessage() {}
+
+func (x *Wanted) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Wanted.ProtoReflect.Descriptor instead.
+func (*Wanted) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *Wanted) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *Wanted) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *Wanted) GetSinceUnixNano() int64 {
+	if x != nil {
+		return x.SinceUnixNano
+	}
+	return 0
+}
+
 // ManifestRecord is a stored manifest.
 type ManifestRecord struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
@@ -709,7 +1104,7 @@ type ManifestRecord struct {
 
 func (x *ManifestRecord) Reset() {
 	*x = ManifestRecord{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[7]
+	mi := &file_meridianpb_meridian_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -721,7 +1116,7 @@ func (x *ManifestRecord) String() string {
 func (*ManifestRecord) ProtoMessage() {}
 
 func (x *ManifestRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[7]
+	mi := &file_meridianpb_meridian_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -734,7 +1129,7 @@ func (x *ManifestRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ManifestRecord.ProtoReflect.Descriptor instead.
 func (*ManifestRecord) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{7}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ManifestRecord) GetDigest() string {
@@ -800,7 +1195,7 @@ type BlobRecord struct {
 
 func (x *BlobRecord) Reset() {
 	*x = BlobRecord{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[8]
+	mi := &file_meridianpb_meridian_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -812,7 +1207,7 @@ func (x *BlobRecord) String() string {
 func (*BlobRecord) ProtoMessage() {}
 
 func (x *BlobRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[8]
+	mi := &file_meridianpb_meridian_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -825,7 +1220,7 @@ func (x *BlobRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlobRecord.ProtoReflect.Descriptor instead.
 func (*BlobRecord) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{8}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *BlobRecord) GetDigest() string {
@@ -870,7 +1265,7 @@ type Referrer struct {
 
 func (x *Referrer) Reset() {
 	*x = Referrer{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[9]
+	mi := &file_meridianpb_meridian_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -882,7 +1277,7 @@ func (x *Referrer) String() string {
 func (*Referrer) ProtoMessage() {}
 
 func (x *Referrer) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[9]
+	mi := &file_meridianpb_meridian_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -895,7 +1290,7 @@ func (x *Referrer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Referrer.ProtoReflect.Descriptor instead.
 func (*Referrer) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{9}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Referrer) GetMediaType() string {
@@ -937,7 +1332,7 @@ var File_meridianpb_meridian_proto protoreflect.FileDescriptor
 
 const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\n" +
-	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\"\xca\x03\n" +
+	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\"\xba\x05\n" +
 	"\bLogEntry\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12$\n" +
 	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\x12=\n" +
@@ -949,7 +1344,14 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\tlink_blob\x18\r \x01(\v2\x15.meridian.v1.LinkBlobH\x00R\blinkBlob\x12:\n" +
 	"\vunlink_blob\x18\x0e \x01(\v2\x17.meridian.v1.UnlinkBlobH\x00R\n" +
 	"unlinkBlob\x12A\n" +
-	"\x0eset_upload_key\x18\x0f \x01(\v2\x19.meridian.v1.SetUploadKeyH\x00R\fsetUploadKeyB\t\n" +
+	"\x0eset_upload_key\x18\x0f \x01(\v2\x19.meridian.v1.SetUploadKeyH\x00R\fsetUploadKey\x127\n" +
+	"\n" +
+	"place_blob\x18\x10 \x01(\v2\x16.meridian.v1.PlaceBlobH\x00R\tplaceBlob\x127\n" +
+	"\n" +
+	"set_policy\x18\x11 \x01(\v2\x16.meridian.v1.SetPolicyH\x00R\tsetPolicy\x12@\n" +
+	"\rdelete_policy\x18\x12 \x01(\v2\x19.meridian.v1.DeletePolicyH\x00R\fdeletePolicy\x12:\n" +
+	"\vset_regions\x18\x13 \x01(\v2\x17.meridian.v1.SetRegionsH\x00R\n" +
+	"setRegionsB\t\n" +
 	"\acommand\"\xd1\x03\n" +
 	"\vPutManifest\x12\x1e\n" +
 	"\n" +
@@ -997,7 +1399,27 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"repository\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\tR\x06digest\" \n" +
 	"\fSetUploadKey\x12\x10\n" +
-	"\x03key\x18\x01 \x01(\fR\x03key\"\xdc\x02\n" +
+	"\x03key\x18\x01 \x01(\fR\x03key\"O\n" +
+	"\tPlaceBlob\x12\x16\n" +
+	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x12\n" +
+	"\x04size\x18\x02 \x01(\x03R\x04size\x12\x16\n" +
+	"\x06region\x18\x03 \x01(\tR\x06region\"8\n" +
+	"\tSetPolicy\x12+\n" +
+	"\x06policy\x18\x01 \x01(\v2\x13.meridian.v1.PolicyR\x06policy\"&\n" +
+	"\fDeletePolicy\x12\x16\n" +
+	"\x06prefix\x18\x01 \x01(\tR\x06prefix\"&\n" +
+	"\n" +
+	"SetRegions\x12\x18\n" +
+	"\aregions\x18\x01 \x03(\tR\aregions\"[\n" +
+	"\x06Policy\x12\x16\n" +
+	"\x06prefix\x18\x01 \x01(\tR\x06prefix\x12\x18\n" +
+	"\aregions\x18\x02 \x03(\tR\aregions\x12\x1f\n" +
+	"\vmin_regions\x18\x03 \x01(\x05R\n" +
+	"minRegions\"\\\n" +
+	"\x06Wanted\x12\x16\n" +
+	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x12\n" +
+	"\x04size\x18\x02 \x01(\x03R\x04size\x12&\n" +
+	"\x0fsince_unix_nano\x18\x03 \x01(\x03R\rsinceUnixNano\"\xdc\x02\n" +
 	"\x0eManifestRecord\x12\x16\n" +
 	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x1d\n" +
 	"\n" +
@@ -1025,7 +1447,7 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\vannotations\x18\x05 \x03(\v2&.meridian.v1.Referrer.AnnotationsEntryR\vannotations\x1a>\n" +
 	"\x10AnnotationsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xff\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\x98\x02\n" +
 	"\x04Code\x12\x14\n" +
 	"\x10CODE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11CODE_BLOB_UNKNOWN\x10\x01\x12\x19\n" +
@@ -1036,7 +1458,9 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\x18CODE_PRECONDITION_FAILED\x10\x06\x12\x19\n" +
 	"\x15CODE_INVALID_ARGUMENT\x10\a\x12\x14\n" +
 	"\x10CODE_UNAVAILABLE\x10\b\x12\x13\n" +
-	"\x0fCODE_NOT_LEADER\x10\tB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
+	"\x0fCODE_NOT_LEADER\x10\t\x12\x17\n" +
+	"\x13CODE_POLICY_UNKNOWN\x10\n" +
+	"B8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
 
 var (
 	file_meridianpb_meridian_proto_rawDescOnce sync.Once
@@ -1051,7 +1475,7 @@ func file_meridianpb_meridian_proto_rawDescGZIP() []byte {
 }
 
 var file_meridianpb_meridian_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_meridianpb_meridian_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_meridianpb_meridian_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_meridianpb_meridian_proto_goTypes = []any{
 	(Code)(0),              // 0: meridian.v1.Code
 	(*LogEntry)(nil),       // 1: meridian.v1.LogEntry
@@ -1061,12 +1485,18 @@ var file_meridianpb_meridian_proto_goTypes = []any{
 	(*LinkBlob)(nil),       // 5: meridian.v1.LinkBlob
 	(*UnlinkBlob)(nil),     // 6: meridian.v1.UnlinkBlob
 	(*SetUploadKey)(nil),   // 7: meridian.v1.SetUploadKey
-	(*ManifestRecord)(nil), // 8: meridian.v1.ManifestRecord
-	(*BlobRecord)(nil),     // 9: meridian.v1.BlobRecord
-	(*Referrer)(nil),       // 10: meridian.v1.Referrer
-	nil,                    // 11: meridian.v1.PutManifest.AnnotationsEntry
-	nil,                    // 12: meridian.v1.ManifestRecord.AnnotationsEntry
-	nil,                    // 13: meridian.v1.Referrer.AnnotationsEntry
+	(*PlaceBlob)(nil),      // 8: meridian.v1.PlaceBlob
+	(*SetPolicy)(nil),      // 9: meridian.v1.SetPolicy
+	(*DeletePolicy)(nil),   // 10: meridian.v1.DeletePolicy
+	(*SetRegions)(nil),     // 11: meridian.v1.SetRegions
+	(*Policy)(nil),         // 12: meridian.v1.Policy
+	(*Wanted)(nil),         // 13: meridian.v1.Wanted
+	(*ManifestRecord)(nil), // 14: meridian.v1.ManifestRecord
+	(*BlobRecord)(nil),     // 15: meridian.v1.BlobRecord
+	(*Referrer)(nil),       // 16: meridian.v1.Referrer
+	nil,                    // 17: meridian.v1.PutManifest.AnnotationsEntry
+	nil,                    // 18: meridian.v1.ManifestRecord.AnnotationsEntry
+	nil,                    // 19: meridian.v1.Referrer.AnnotationsEntry
 }
 var file_meridianpb_meridian_proto_depIdxs = []int32{
 	2,  // 0: meridian.v1.LogEntry.put_manifest:type_name -> meridian.v1.PutManifest
@@ -1075,14 +1505,19 @@ var file_meridianpb_meridian_proto_depIdxs = []int32{
 	5,  // 3: meridian.v1.LogEntry.link_blob:type_name -> meridian.v1.LinkBlob
 	6,  // 4: meridian.v1.LogEntry.unlink_blob:type_name -> meridian.v1.UnlinkBlob
 	7,  // 5: meridian.v1.LogEntry.set_upload_key:type_name -> meridian.v1.SetUploadKey
-	11, // 6: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
-	12, // 7: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
-	13, // 8: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
-	9,  // [9:9] is the sub-list for method output_type
-	9,  // [9:9] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	8,  // 6: meridian.v1.LogEntry.place_blob:type_name -> meridian.v1.PlaceBlob
+	9,  // 7: meridian.v1.LogEntry.set_policy:type_name -> meridian.v1.SetPolicy
+	10, // 8: meridian.v1.LogEntry.delete_policy:type_name -> meridian.v1.DeletePolicy
+	11, // 9: meridian.v1.LogEntry.set_regions:type_name -> meridian.v1.SetRegions
+	17, // 10: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
+	12, // 11: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
+	18, // 12: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
+	19, // 13: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
+	14, // [14:14] is the sub-list for method output_type
+	14, // [14:14] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_meridian_proto_init() }
@@ -1097,6 +1532,10 @@ func file_meridianpb_meridian_proto_init() {
 		(*LogEntry_LinkBlob)(nil),
 		(*LogEntry_UnlinkBlob)(nil),
 		(*LogEntry_SetUploadKey)(nil),
+		(*LogEntry_PlaceBlob)(nil),
+		(*LogEntry_SetPolicy)(nil),
+		(*LogEntry_DeletePolicy)(nil),
+		(*LogEntry_SetRegions)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1104,7 +1543,7 @@ func file_meridianpb_meridian_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridianpb_meridian_proto_rawDesc), len(file_meridianpb_meridian_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   13,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
