@@ -203,3 +203,10 @@ func (b *ReadIndexBatcher) run() {
 		}
 	}
 }
+
+// Changed returns a channel that is closed when the next entry is applied
+// (or a snapshot restored), for waiters on a condition of the state.
+func (n *Node) Changed() <-chan struct{} {
+	_, ch := n.applied.current()
+	return ch
+}

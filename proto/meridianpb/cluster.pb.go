@@ -1328,7 +1328,9 @@ type ClusterStatusResponse struct {
 	LeaderCommitIndex uint64                 `protobuf:"varint,3,opt,name=leader_commit_index,json=leaderCommitIndex,proto3" json:"leader_commit_index,omitempty"`
 	Members           []*MemberStatus        `protobuf:"bytes,4,rep,name=members,proto3" json:"members,omitempty"`
 	// The node that answered.
-	AnsweredBy    string `protobuf:"bytes,5,opt,name=answered_by,json=answeredBy,proto3" json:"answered_by,omitempty"`
+	AnsweredBy string `protobuf:"bytes,5,opt,name=answered_by,json=answeredBy,proto3" json:"answered_by,omitempty"`
+	// Replication backlog of every region, from the answering node's replica.
+	Regions       []*RegionLag `protobuf:"bytes,6,rep,name=regions,proto3" json:"regions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1398,6 +1400,348 @@ func (x *ClusterStatusResponse) GetAnsweredBy() string {
 	return ""
 }
 
+func (x *ClusterStatusResponse) GetRegions() []*RegionLag {
+	if x != nil {
+		return x.Regions
+	}
+	return nil
+}
+
+// RegionLag is what a region's store is missing.
+type RegionLag struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Region       string                 `protobuf:"bytes,1,opt,name=region,proto3" json:"region,omitempty"`
+	MissingBlobs int64                  `protobuf:"varint,2,opt,name=missing_blobs,json=missingBlobs,proto3" json:"missing_blobs,omitempty"`
+	MissingBytes int64                  `protobuf:"varint,3,opt,name=missing_bytes,json=missingBytes,proto3" json:"missing_bytes,omitempty"`
+	// Age of the longest-missing blob; 0 when nothing is missing.
+	OldestMissingSeconds float64 `protobuf:"fixed64,4,opt,name=oldest_missing_seconds,json=oldestMissingSeconds,proto3" json:"oldest_missing_seconds,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *RegionLag) Reset() {
+	*x = RegionLag{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegionLag) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegionLag) ProtoMessage() {}
+
+func (x *RegionLag) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegionLag.ProtoReflect.Descriptor instead.
+func (*RegionLag) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *RegionLag) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *RegionLag) GetMissingBlobs() int64 {
+	if x != nil {
+		return x.MissingBlobs
+	}
+	return 0
+}
+
+func (x *RegionLag) GetMissingBytes() int64 {
+	if x != nil {
+		return x.MissingBytes
+	}
+	return 0
+}
+
+func (x *RegionLag) GetOldestMissingSeconds() float64 {
+	if x != nil {
+		return x.OldestMissingSeconds
+	}
+	return 0
+}
+
+type ListPoliciesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPoliciesRequest) Reset() {
+	*x = ListPoliciesRequest{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPoliciesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPoliciesRequest) ProtoMessage() {}
+
+func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPoliciesRequest.ProtoReflect.Descriptor instead.
+func (*ListPoliciesRequest) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{23}
+}
+
+type ListPoliciesResponse struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Policies []*Policy              `protobuf:"bytes,1,rep,name=policies,proto3" json:"policies,omitempty"`
+	// The cluster's regions, for reading policies that name none.
+	Regions       []string `protobuf:"bytes,2,rep,name=regions,proto3" json:"regions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPoliciesResponse) Reset() {
+	*x = ListPoliciesResponse{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPoliciesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPoliciesResponse) ProtoMessage() {}
+
+func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPoliciesResponse.ProtoReflect.Descriptor instead.
+func (*ListPoliciesResponse) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ListPoliciesResponse) GetPolicies() []*Policy {
+	if x != nil {
+		return x.Policies
+	}
+	return nil
+}
+
+func (x *ListPoliciesResponse) GetRegions() []string {
+	if x != nil {
+		return x.Regions
+	}
+	return nil
+}
+
+type SetPolicyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Policy        *Policy                `protobuf:"bytes,1,opt,name=policy,proto3" json:"policy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPolicyRequest) Reset() {
+	*x = SetPolicyRequest{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPolicyRequest) ProtoMessage() {}
+
+func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPolicyRequest.ProtoReflect.Descriptor instead.
+func (*SetPolicyRequest) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *SetPolicyRequest) GetPolicy() *Policy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+type SetPolicyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Result        *Result                `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPolicyResponse) Reset() {
+	*x = SetPolicyResponse{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPolicyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPolicyResponse) ProtoMessage() {}
+
+func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPolicyResponse.ProtoReflect.Descriptor instead.
+func (*SetPolicyResponse) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *SetPolicyResponse) GetResult() *Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+type DeletePolicyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Prefix        string                 `protobuf:"bytes,1,opt,name=prefix,proto3" json:"prefix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeletePolicyRequest) Reset() {
+	*x = DeletePolicyRequest{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeletePolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeletePolicyRequest) ProtoMessage() {}
+
+func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeletePolicyRequest.ProtoReflect.Descriptor instead.
+func (*DeletePolicyRequest) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *DeletePolicyRequest) GetPrefix() string {
+	if x != nil {
+		return x.Prefix
+	}
+	return ""
+}
+
+type DeletePolicyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Result        *Result                `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeletePolicyResponse) Reset() {
+	*x = DeletePolicyResponse{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeletePolicyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeletePolicyResponse) ProtoMessage() {}
+
+func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeletePolicyResponse.ProtoReflect.Descriptor instead.
+func (*DeletePolicyResponse) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *DeletePolicyResponse) GetResult() *Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
 type TransferLeadershipRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1407,7 +1751,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[22]
+	mi := &file_meridianpb_cluster_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1419,7 +1763,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[22]
+	mi := &file_meridianpb_cluster_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1432,7 +1776,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{22}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *TransferLeadershipRequest) GetId() string {
@@ -1452,7 +1796,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[23]
+	mi := &file_meridianpb_cluster_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1464,7 +1808,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[23]
+	mi := &file_meridianpb_cluster_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1477,7 +1821,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{23}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *TransferLeadershipResponse) GetResult() *Result {
@@ -1503,7 +1847,7 @@ type RemoveServerRequest struct {
 
 func (x *RemoveServerRequest) Reset() {
 	*x = RemoveServerRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[24]
+	mi := &file_meridianpb_cluster_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1515,7 +1859,7 @@ func (x *RemoveServerRequest) String() string {
 func (*RemoveServerRequest) ProtoMessage() {}
 
 func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[24]
+	mi := &file_meridianpb_cluster_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1528,7 +1872,7 @@ func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveServerRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{24}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RemoveServerRequest) GetId() string {
@@ -1547,7 +1891,7 @@ type RemoveServerResponse struct {
 
 func (x *RemoveServerResponse) Reset() {
 	*x = RemoveServerResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[25]
+	mi := &file_meridianpb_cluster_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1559,7 +1903,7 @@ func (x *RemoveServerResponse) String() string {
 func (*RemoveServerResponse) ProtoMessage() {}
 
 func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[25]
+	mi := &file_meridianpb_cluster_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1572,7 +1916,7 @@ func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveServerResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{25}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RemoveServerResponse) GetResult() *Result {
@@ -1681,7 +2025,7 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\bsuffrage\x18\x05 \x01(\tR\bsuffrage\x12\x16\n" +
 	"\x06health\x18\x06 \x01(\tR\x06health\x12/\n" +
 	"\x06status\x18\a \x01(\v2\x17.meridian.v1.NodeStatusR\x06status\x12\x14\n" +
-	"\x05error\x18\b \x01(\tR\x05error\"\xd9\x01\n" +
+	"\x05error\x18\b \x01(\tR\x05error\"\x8b\x02\n" +
 	"\x15ClusterStatusResponse\x12\x1d\n" +
 	"\n" +
 	"cluster_id\x18\x01 \x01(\tR\tclusterId\x12\x1b\n" +
@@ -1689,7 +2033,25 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x13leader_commit_index\x18\x03 \x01(\x04R\x11leaderCommitIndex\x123\n" +
 	"\amembers\x18\x04 \x03(\v2\x19.meridian.v1.MemberStatusR\amembers\x12\x1f\n" +
 	"\vanswered_by\x18\x05 \x01(\tR\n" +
-	"answeredBy\"+\n" +
+	"answeredBy\x120\n" +
+	"\aregions\x18\x06 \x03(\v2\x16.meridian.v1.RegionLagR\aregions\"\xa3\x01\n" +
+	"\tRegionLag\x12\x16\n" +
+	"\x06region\x18\x01 \x01(\tR\x06region\x12#\n" +
+	"\rmissing_blobs\x18\x02 \x01(\x03R\fmissingBlobs\x12#\n" +
+	"\rmissing_bytes\x18\x03 \x01(\x03R\fmissingBytes\x124\n" +
+	"\x16oldest_missing_seconds\x18\x04 \x01(\x01R\x14oldestMissingSeconds\"\x15\n" +
+	"\x13ListPoliciesRequest\"a\n" +
+	"\x14ListPoliciesResponse\x12/\n" +
+	"\bpolicies\x18\x01 \x03(\v2\x13.meridian.v1.PolicyR\bpolicies\x12\x18\n" +
+	"\aregions\x18\x02 \x03(\tR\aregions\"?\n" +
+	"\x10SetPolicyRequest\x12+\n" +
+	"\x06policy\x18\x01 \x01(\v2\x13.meridian.v1.PolicyR\x06policy\"@\n" +
+	"\x11SetPolicyResponse\x12+\n" +
+	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\"-\n" +
+	"\x13DeletePolicyRequest\x12\x16\n" +
+	"\x06prefix\x18\x01 \x01(\tR\x06prefix\"C\n" +
+	"\x14DeletePolicyResponse\x12+\n" +
+	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\"+\n" +
 	"\x19TransferLeadershipRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"m\n" +
 	"\x1aTransferLeadershipResponse\x12+\n" +
@@ -1701,14 +2063,18 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result*<\n" +
 	"\vConsistency\x12\x15\n" +
 	"\x11CONSISTENCY_LOCAL\x10\x00\x12\x16\n" +
-	"\x12CONSISTENCY_STRONG\x10\x012\x92\b\n" +
+	"\x12CONSISTENCY_STRONG\x10\x012\x88\n" +
+	"\n" +
 	"\aCluster\x12D\n" +
 	"\aPropose\x12\x1b.meridian.v1.ProposeRequest\x1a\x1c.meridian.v1.ProposeResponse\x12J\n" +
 	"\tReadIndex\x12\x1d.meridian.v1.ReadIndexRequest\x1a\x1e.meridian.v1.ReadIndexResponse\x12=\n" +
 	"\x06Status\x12\x1a.meridian.v1.StatusRequest\x1a\x17.meridian.v1.NodeStatus\x12V\n" +
 	"\rClusterStatus\x12!.meridian.v1.ClusterStatusRequest\x1a\".meridian.v1.ClusterStatusResponse\x12e\n" +
 	"\x12TransferLeadership\x12&.meridian.v1.TransferLeadershipRequest\x1a'.meridian.v1.TransferLeadershipResponse\x12S\n" +
-	"\fRemoveServer\x12 .meridian.v1.RemoveServerRequest\x1a!.meridian.v1.RemoveServerResponse\x12P\n" +
+	"\fRemoveServer\x12 .meridian.v1.RemoveServerRequest\x1a!.meridian.v1.RemoveServerResponse\x12S\n" +
+	"\fListPolicies\x12 .meridian.v1.ListPoliciesRequest\x1a!.meridian.v1.ListPoliciesResponse\x12J\n" +
+	"\tSetPolicy\x12\x1d.meridian.v1.SetPolicyRequest\x1a\x1e.meridian.v1.SetPolicyResponse\x12S\n" +
+	"\fDeletePolicy\x12 .meridian.v1.DeletePolicyRequest\x1a!.meridian.v1.DeletePolicyResponse\x12P\n" +
 	"\vGetManifest\x12\x1f.meridian.v1.GetManifestRequest\x1a .meridian.v1.GetManifestResponse\x12A\n" +
 	"\x06GetTag\x12\x1a.meridian.v1.GetTagRequest\x1a\x1b.meridian.v1.GetTagResponse\x12?\n" +
 	"\bListTags\x12\x18.meridian.v1.ListRequest\x1a\x19.meridian.v1.ListResponse\x12G\n" +
@@ -1730,7 +2096,7 @@ func file_meridianpb_cluster_proto_rawDescGZIP() []byte {
 }
 
 var file_meridianpb_cluster_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_meridianpb_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_meridianpb_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_meridianpb_cluster_proto_goTypes = []any{
 	(Consistency)(0),                   // 0: meridian.v1.Consistency
 	(*Result)(nil),                     // 1: meridian.v1.Result
@@ -1755,68 +2121,87 @@ var file_meridianpb_cluster_proto_goTypes = []any{
 	(*ClusterStatusRequest)(nil),       // 20: meridian.v1.ClusterStatusRequest
 	(*MemberStatus)(nil),               // 21: meridian.v1.MemberStatus
 	(*ClusterStatusResponse)(nil),      // 22: meridian.v1.ClusterStatusResponse
-	(*TransferLeadershipRequest)(nil),  // 23: meridian.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 24: meridian.v1.TransferLeadershipResponse
-	(*RemoveServerRequest)(nil),        // 25: meridian.v1.RemoveServerRequest
-	(*RemoveServerResponse)(nil),       // 26: meridian.v1.RemoveServerResponse
-	(Code)(0),                          // 27: meridian.v1.Code
-	(*LogEntry)(nil),                   // 28: meridian.v1.LogEntry
-	(*ManifestRecord)(nil),             // 29: meridian.v1.ManifestRecord
-	(*Referrer)(nil),                   // 30: meridian.v1.Referrer
-	(*BlobRecord)(nil),                 // 31: meridian.v1.BlobRecord
+	(*RegionLag)(nil),                  // 23: meridian.v1.RegionLag
+	(*ListPoliciesRequest)(nil),        // 24: meridian.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),       // 25: meridian.v1.ListPoliciesResponse
+	(*SetPolicyRequest)(nil),           // 26: meridian.v1.SetPolicyRequest
+	(*SetPolicyResponse)(nil),          // 27: meridian.v1.SetPolicyResponse
+	(*DeletePolicyRequest)(nil),        // 28: meridian.v1.DeletePolicyRequest
+	(*DeletePolicyResponse)(nil),       // 29: meridian.v1.DeletePolicyResponse
+	(*TransferLeadershipRequest)(nil),  // 30: meridian.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 31: meridian.v1.TransferLeadershipResponse
+	(*RemoveServerRequest)(nil),        // 32: meridian.v1.RemoveServerRequest
+	(*RemoveServerResponse)(nil),       // 33: meridian.v1.RemoveServerResponse
+	(Code)(0),                          // 34: meridian.v1.Code
+	(*LogEntry)(nil),                   // 35: meridian.v1.LogEntry
+	(*ManifestRecord)(nil),             // 36: meridian.v1.ManifestRecord
+	(*Referrer)(nil),                   // 37: meridian.v1.Referrer
+	(*BlobRecord)(nil),                 // 38: meridian.v1.BlobRecord
+	(*Policy)(nil),                     // 39: meridian.v1.Policy
 }
 var file_meridianpb_cluster_proto_depIdxs = []int32{
-	27, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
-	28, // 1: meridian.v1.ProposeRequest.entry:type_name -> meridian.v1.LogEntry
+	34, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
+	35, // 1: meridian.v1.ProposeRequest.entry:type_name -> meridian.v1.LogEntry
 	1,  // 2: meridian.v1.ProposeResponse.result:type_name -> meridian.v1.Result
 	0,  // 3: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 4: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
-	29, // 5: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
+	36, // 5: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
 	0,  // 6: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 7: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
 	0,  // 8: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 9: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
 	0,  // 10: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 11: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
-	30, // 12: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
+	37, // 12: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
 	0,  // 13: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 14: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
-	31, // 15: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
+	38, // 15: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
 	19, // 16: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
 	21, // 17: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
-	1,  // 18: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
-	1,  // 19: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
-	2,  // 20: meridian.v1.Cluster.Propose:input_type -> meridian.v1.ProposeRequest
-	4,  // 21: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
-	18, // 22: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
-	20, // 23: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
-	23, // 24: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
-	25, // 25: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
-	6,  // 26: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
-	8,  // 27: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
-	10, // 28: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
-	10, // 29: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
-	12, // 30: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
-	14, // 31: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
-	16, // 32: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
-	3,  // 33: meridian.v1.Cluster.Propose:output_type -> meridian.v1.ProposeResponse
-	5,  // 34: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
-	19, // 35: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
-	22, // 36: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
-	24, // 37: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
-	26, // 38: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
-	7,  // 39: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
-	9,  // 40: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
-	11, // 41: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
-	11, // 42: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
-	13, // 43: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
-	15, // 44: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
-	17, // 45: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
-	33, // [33:46] is the sub-list for method output_type
-	20, // [20:33] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	23, // 18: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
+	39, // 19: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
+	39, // 20: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
+	1,  // 21: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 22: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 23: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
+	1,  // 24: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
+	2,  // 25: meridian.v1.Cluster.Propose:input_type -> meridian.v1.ProposeRequest
+	4,  // 26: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
+	18, // 27: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
+	20, // 28: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
+	30, // 29: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
+	32, // 30: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
+	24, // 31: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
+	26, // 32: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
+	28, // 33: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
+	6,  // 34: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
+	8,  // 35: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
+	10, // 36: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
+	10, // 37: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
+	12, // 38: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
+	14, // 39: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
+	16, // 40: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
+	3,  // 41: meridian.v1.Cluster.Propose:output_type -> meridian.v1.ProposeResponse
+	5,  // 42: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
+	19, // 43: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
+	22, // 44: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
+	31, // 45: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
+	33, // 46: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
+	25, // 47: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
+	27, // 48: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
+	29, // 49: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
+	7,  // 50: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
+	9,  // 51: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
+	11, // 52: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
+	11, // 53: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
+	13, // 54: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
+	15, // 55: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
+	17, // 56: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
+	41, // [41:57] is the sub-list for method output_type
+	25, // [25:41] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_cluster_proto_init() }
@@ -1831,7 +2216,7 @@ func file_meridianpb_cluster_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridianpb_cluster_proto_rawDesc), len(file_meridianpb_cluster_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   26,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
