@@ -17,6 +17,7 @@ export GOFLAGS ?= -mod=readonly
 
 CONFORMANCE_VERSION  := v0.0.0-20260831232431-97274622c111
 DISTRIBUTION_VERSION := v3.1.2
+VERSITYGW_VERSION    := v1.8.0
 VERSION              := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
 .PHONY: protoc all build run test unit conformance vet fmt-check proto proto-check fuzz bench tools clean
@@ -32,9 +33,11 @@ run: build
 	$(MERIDIAN) dev --dir data/dev
 
 ## test: static checks, every package's tests (unit, integration, restart,
-## real clients) and the OCI conformance suite against a real node.
-test: vet fmt-check proto-check $(TOOLS)/conformance
-	MERIDIAN_CONFORMANCE=$(TOOLS)/conformance $(GO) test -count=1 -timeout 20m ./...
+## real clients, geo-replication against real S3 servers) and the OCI
+## conformance suite against a real node.
+TEST_ENV := MERIDIAN_CONFORMANCE=$(TOOLS)/conformance MERIDIAN_VERSITYGW=$(TOOLS)/versitygw MERIDIAN_REQUIRE_S3=1
+test: vet fmt-check proto-check $(TOOLS)/conformance $(TOOLS)/versitygw
+	$(TEST_ENV) $(GO) test -count=1 -timeout 25m ./...
 
 unit:
 	$(GO) test -count=1 ./...
@@ -51,6 +54,11 @@ fmt-check:
 
 $(TOOLS)/conformance:
 	GOBIN=$(TOOLS) $(GO) install github.com/opencontainers/distribution-spec/conformance@$(CONFORMANCE_VERSION)
+
+# versitygw: a light S3-compatible server the S3 driver and the
+# geo-replication tests run against.
+$(TOOLS)/versitygw:
+	GOBIN=$(TOOLS) $(GO) install github.com/versity/versitygw/cmd/versitygw@$(VERSITYGW_VERSION)
 
 $(TOOLS)/registry:
 	GOBIN=$(TOOLS) $(GO) install github.com/distribution/distribution/v3/cmd/registry@$(DISTRIBUTION_VERSION)

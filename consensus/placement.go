@@ -213,7 +213,6 @@ func recomputeAllWanted(b *pebble.Batch, now int64) error {
 	return nil
 }
 
-
 // Regions returns the cluster's region names, empty until the leader has
 // recorded them.
 func (s *Store) Regions(context.Context) ([]string, error) {

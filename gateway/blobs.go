@@ -7,6 +7,9 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
+
+	"github.com/opencontainers/go-digest"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 	"github.com/meridian-registry/meridian/replication"
@@ -43,21 +46,61 @@ func (g *Gateway) getBlob(w http.ResponseWriter, r *http.Request, rt route) erro
 		w.WriteHeader(status)
 		return nil
 	}
-	body, err := g.store.Open(r.Context(), d, start)
-	if err != nil {
-		if errors.Is(err, replication.ErrBlobNotFound) {
-			// Linked in the metadata but missing from this region's store.
-			return fmt.Errorf("blob %s is linked but missing from region %s: %w", d, g.cfg.Region, err)
+	return g.streamBlob(w, r, rec, d, start, end, status)
+}
+
+// streamBlob sends the blob's bytes from the nearest region whose placement
+// lists it, falling back to the next while stores fail to open it. Once bytes
+// flow, a failure can only cut the response short (the client sees a short
+// body and retries).
+func (g *Gateway) streamBlob(w http.ResponseWriter, r *http.Request, rec *pb.BlobRecord, d digest.Digest, start, end int64, status int) error {
+	regions := g.stores.Nearest(rec.Regions)
+	var lastErr error
+	for _, region := range regions {
+		store, _ := g.stores.Driver(region)
+		if g.cfg.RedirectReads {
+			if p, ok := store.(replication.Presigner); ok {
+				u, err := p.PresignGet(r.Context(), d, g.cfg.PresignTTL)
+				if err == nil {
+					g.metrics.blobReads.WithLabelValues(region, "redirect").Inc()
+					w.Header().Del("Content-Length")
+					http.Redirect(w, r, u.String(), http.StatusTemporaryRedirect)
+					return nil
+				}
+				g.logger.Warn("cannot presign a blob URL; streaming instead", "region", region, "digest", d, "err", err)
+			}
 		}
-		return err
+		began := time.Now()
+		body, err := store.Open(r.Context(), d, start)
+		g.stores.Observe(region, time.Since(began), err)
+		if err != nil {
+			if r.Context().Err() != nil {
+				return r.Context().Err()
+			}
+			g.logger.Warn("blob store failed a read; trying the next region", "region", region, "digest", d, "err", err)
+			lastErr = err
+			continue
+		}
+		g.metrics.blobReads.WithLabelValues(region, "stream").Inc()
+		w.WriteHeader(status)
+		// io.Copy onto the response lets net/http sendfile from an *os.File.
+		n, err := io.Copy(w, io.LimitReader(body, end-start))
+		body.Close()
+		g.metrics.blobReadBytes.WithLabelValues(region).Add(float64(n))
+		if err != nil {
+			g.logger.Debug("blob stream ended early", "region", region, "digest", d, "err", err)
+		}
+		return nil
 	}
-	defer body.Close()
-	w.WriteHeader(status)
-	// io.Copy onto the response lets net/http sendfile from an *os.File.
-	if _, err := io.Copy(w, io.LimitReader(body, end-start)); err != nil {
-		g.logger.Debug("blob stream ended early", "digest", d, "err", err)
+	if lastErr == nil {
+		lastErr = fmt.Errorf("placed in %v, none of which this gateway reaches", rec.Regions)
 	}
-	return nil
+	if errors.Is(lastErr, replication.ErrBlobNotFound) {
+		// Placed, yet gone from the store: a server fault, not a retry.
+		return fmt.Errorf("blob %s is placed in %v but missing from the store: %w", d, rec.Regions, lastErr)
+	}
+	g.logger.Error("no region could serve a blob", "digest", d, "regions", rec.Regions, "err", lastErr)
+	return errorf(CodeUnavailable, "no region holding blob %s can serve it right now", d)
 }
 
 // parseRange interprets a Range header against a blob of size bytes and

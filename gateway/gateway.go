@@ -34,6 +34,11 @@ type Metadata interface {
 	Repositories(ctx context.Context, after string, limit int) ([]string, error)
 	Referrers(ctx context.Context, repo, subject string) ([]*pb.Referrer, error)
 	LinkedBlob(ctx context.Context, repo, digest string) (*pb.BlobRecord, error)
+	// Policy resolves where a repository's blobs live.
+	Policy(ctx context.Context, repo string) (pb.EffectivePolicy, error)
+	// WaitPlaced blocks until at least regions regions hold the blob, and
+	// returns its record; it gives up with ctx.
+	WaitPlaced(ctx context.Context, digest string, regions int) (*pb.BlobRecord, error)
 	// UploadKey returns the cluster's upload-token key, nil until installed.
 	UploadKey(ctx context.Context) ([]byte, error)
 }
@@ -52,8 +57,6 @@ func (allowAll) Authorize(*http.Request, string, bool) error { return nil }
 
 // Config tunes the gateway. DefaultConfig gives working values.
 type Config struct {
-	// Region is the region whose store receives uploads.
-	Region string
 	// MaxManifestSize bounds a manifest body (413 above it).
 	MaxManifestSize int64
 	// MaxBlobSize bounds one blob (413 above it); 0 means no limit.
@@ -65,6 +68,13 @@ type Config struct {
 	// ListLimit caps one page of tags or repositories when the client asks
 	// for more or for no limit; a Link header leads to the next page.
 	ListLimit int
+	// SyncTimeout bounds how long a blob PUT waits for a policy's
+	// min_regions copies before answering 503 with Retry-After.
+	SyncTimeout time.Duration
+	// RedirectReads answers a blob GET served from a store that can presign
+	// (S3) with a 307 to a URL valid for PresignTTL, instead of streaming.
+	RedirectReads bool
+	PresignTTL    time.Duration
 	// Authorizer checks each request; nil allows everything.
 	Authorizer Authorizer
 	Logger     *slog.Logger
@@ -75,19 +85,18 @@ type Config struct {
 // DefaultConfig returns the configuration a single node serves with.
 func DefaultConfig() Config {
 	return Config{
-		Region:          "local",
 		MaxManifestSize: 4 << 20,
 		MaxBlobSize:     0,
 		UploadTTL:       24 * time.Hour,
 		ListLimit:       10000,
+		SyncTimeout:     30 * time.Second,
+		PresignTTL:      5 * time.Minute,
 	}
 }
 
 // Validate reports the first unusable setting.
 func (c Config) Validate() error {
 	switch {
-	case c.Region == "":
-		return errors.New("gateway: region is required")
 	case c.MaxManifestSize <= 0:
 		return errors.New("gateway: max manifest size must be positive")
 	case c.MaxBlobSize < 0:
@@ -96,6 +105,10 @@ func (c Config) Validate() error {
 		return errors.New("gateway: upload TTL must be positive")
 	case c.ListLimit <= 0:
 		return errors.New("gateway: list limit must be positive")
+	case c.SyncTimeout <= 0:
+		return errors.New("gateway: sync timeout must be positive")
+	case c.RedirectReads && c.PresignTTL <= 0:
+		return errors.New("gateway: presign TTL must be positive")
 	}
 	return nil
 }
@@ -104,7 +117,7 @@ func (c Config) Validate() error {
 type Gateway struct {
 	cfg     Config
 	meta    Metadata
-	store   replication.Driver
+	stores  *replication.Regions
 	logger  *slog.Logger
 	metrics *metrics
 
@@ -112,10 +125,14 @@ type Gateway struct {
 	key   []byte
 }
 
-// New returns a gateway that writes blobs into store (cfg.Region's store).
-func New(cfg Config, meta Metadata, store replication.Driver) (*Gateway, error) {
+// New returns a gateway that reads and writes blobs through stores, the
+// region stores it can reach (its own region is stores.Local()).
+func New(cfg Config, meta Metadata, stores *replication.Regions) (*Gateway, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
+	}
+	if stores == nil || len(stores.Names()) == 0 {
+		return nil, errors.New("gateway: no blob stores")
 	}
 	if cfg.Authorizer == nil {
 		cfg.Authorizer = allowAll{}
@@ -123,7 +140,7 @@ func New(cfg Config, meta Metadata, store replication.Driver) (*Gateway, error) 
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	g := &Gateway{cfg: cfg, meta: meta, store: store, logger: cfg.Logger.With("component", "gateway")}
+	g := &Gateway{cfg: cfg, meta: meta, stores: stores, logger: cfg.Logger.With("component", "gateway")}
 	m, err := newMetrics(cfg.Registerer)
 	if err != nil {
 		return nil, err

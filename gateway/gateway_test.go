@@ -44,7 +44,9 @@ func newHarness(t *testing.T, tweaks ...func(*Config)) *harness {
 	for _, tweak := range tweaks {
 		tweak(&cfg)
 	}
-	gw, err := New(cfg, meta, store)
+	stores := replication.NewRegions("local")
+	stores.Add("local", store)
+	gw, err := New(cfg, meta, stores)
 	if err != nil {
 		t.Fatal(err)
 	}

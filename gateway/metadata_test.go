@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -33,6 +34,8 @@ type fakeMetadata struct {
 	// fail, when set, is what every proposal returns (no leader, say).
 	fail      error
 	proposals int
+	// policy is what Policy answers for every repository.
+	policy pb.EffectivePolicy
 }
 
 type repoKey struct{ repo, digest string }
@@ -50,6 +53,7 @@ func newFakeMetadata(t *testing.T) *fakeMetadata {
 		links:     map[repoKey]bool{},
 		blobs:     map[string]*pb.BlobRecord{},
 		referrers: map[repoKey]map[string]*pb.Referrer{},
+		policy:    pb.EffectivePolicy{Regions: []string{"local"}, MinRegions: 1},
 	}
 }
 
@@ -295,6 +299,37 @@ func (m *fakeMetadata) LinkedBlob(_ context.Context, repo, d string) (*pb.BlobRe
 		return nil, pb.Errorf(pb.Code_CODE_BLOB_UNKNOWN, "blob %s not found in %s", d, repo)
 	}
 	return proto.Clone(rec).(*pb.BlobRecord), nil
+}
+
+func (m *fakeMetadata) Policy(context.Context, string) (pb.EffectivePolicy, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.policy, nil
+}
+
+// place records a copy of a blob in another region, as a replicator would.
+func (m *fakeMetadata) place(d, region string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	rec := m.blobs[d]
+	rec.Regions = append(rec.Regions, region)
+	slices.Sort(rec.Regions)
+}
+
+func (m *fakeMetadata) WaitPlaced(ctx context.Context, d string, n int) (*pb.BlobRecord, error) {
+	for {
+		m.mu.Lock()
+		rec := proto.Clone(m.blobs[d]).(*pb.BlobRecord)
+		m.mu.Unlock()
+		if len(rec.Regions) >= n {
+			return rec, nil
+		}
+		select {
+		case <-ctx.Done():
+			return rec, ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
 }
 
 func (m *fakeMetadata) UploadKey(context.Context) ([]byte, error) {

@@ -9,7 +9,9 @@ import (
 
 // metrics are the gateway's request counters and latencies.
 type metrics struct {
-	requests *prometheus.HistogramVec
+	requests      *prometheus.HistogramVec
+	blobReads     *prometheus.CounterVec
+	blobReadBytes *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -21,10 +23,20 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help:      "OCI API requests by endpoint, method and status code.",
 			Buckets:   []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 		}, []string{"endpoint", "method", "code"}),
+		blobReads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "meridian", Subsystem: "gateway", Name: "blob_reads_total",
+			Help: "Blob GETs by the region whose store served them, streamed or redirected to a presigned URL.",
+		}, []string{"region", "how"}),
+		blobReadBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "meridian", Subsystem: "gateway", Name: "blob_read_bytes_total",
+			Help: "Blob bytes streamed to clients by the region whose store served them.",
+		}, []string{"region"}),
 	}
 	if reg != nil {
-		if err := reg.Register(m.requests); err != nil {
-			return nil, err
+		for _, c := range []prometheus.Collector{m.requests, m.blobReads, m.blobReadBytes} {
+			if err := reg.Register(c); err != nil {
+				return nil, err
+			}
 		}
 	}
 	return m, nil

@@ -10,6 +10,7 @@ import (
 	"hash"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -41,11 +42,11 @@ func (g *Gateway) startUpload(w http.ResponseWriter, r *http.Request, rt route) 
 			return err
 		}
 	}
-	id, err := g.store.StartUpload(r.Context())
+	region, store, id, err := g.openUpload(r.Context(), rt.name)
 	if err != nil {
-		return g.storeError(err)
+		return err
 	}
-	st := uploadState{Repo: rt.name, Region: g.cfg.Region, ID: id, Expires: time.Now().Add(g.cfg.UploadTTL).Unix()}
+	st := uploadState{Repo: rt.name, Region: region, ID: id, Expires: time.Now().Add(g.cfg.UploadTTL).Unix()}
 	if want == "" {
 		if g.cfg.ChunkMinLength > 0 {
 			w.Header().Set("OCI-Chunk-Min-Length", itoa(g.cfg.ChunkMinLength))
@@ -53,13 +54,59 @@ func (g *Gateway) startUpload(w http.ResponseWriter, r *http.Request, rt route) 
 		return g.writeSession(w, rt, key, st, http.StatusAccepted)
 	}
 	// Monolithic: the body is the whole blob.
-	if st, err = g.receive(r, st); err == nil {
-		err = g.complete(w, r, rt, st, want)
+	if st, err = g.receive(r, store, st); err == nil {
+		err = g.complete(w, r, rt, store, st, want)
 	}
 	if err != nil {
-		g.store.CancelUpload(context.WithoutCancel(r.Context()), id)
+		store.CancelUpload(context.WithoutCancel(r.Context()), id)
 	}
 	return err
+}
+
+// openUpload starts an upload in the nearest region the repository lives in,
+// falling back to farther ones while stores fail.
+func (g *Gateway) openUpload(ctx context.Context, repo string) (string, replication.Driver, string, error) {
+	pol, err := g.meta.Policy(ctx, repo)
+	if err != nil {
+		return "", nil, "", err
+	}
+	regions := g.stores.Nearest(pol.Regions)
+	if len(regions) == 0 {
+		// The topology is not recorded yet (a new cluster): use our own.
+		regions = []string{g.stores.Local()}
+	}
+	var lastErr error
+	for _, region := range regions {
+		store, ok := g.stores.Driver(region)
+		if !ok {
+			continue
+		}
+		start := time.Now()
+		id, err := store.StartUpload(ctx)
+		g.stores.Observe(region, time.Since(start), err)
+		if err == nil {
+			return region, store, id, nil
+		}
+		if errors.Is(err, replication.ErrStorageFull) {
+			return "", nil, "", g.storeError(err)
+		}
+		g.logger.Warn("cannot start an upload; trying the next region", "region", region, "err", err)
+		lastErr = err
+	}
+	if lastErr == nil {
+		lastErr = fmt.Errorf("no store of regions %v is reachable", regions)
+	}
+	g.logger.Error("no blob store can take an upload", "repository", repo, "regions", regions, "err", lastErr)
+	return "", nil, "", errorf(CodeUnavailable, "no blob store of this repository's regions can take the upload")
+}
+
+// sessionStore returns the store holding a session's bytes.
+func (g *Gateway) sessionStore(st uploadState) (replication.Driver, error) {
+	d, ok := g.stores.Driver(st.Region)
+	if !ok {
+		return nil, errorf(CodeBlobUploadUnknown, "upload session is in region %q, which this registry does not have", st.Region)
+	}
+	return d, nil
 }
 
 // mount links a blob that already exists into rt.name. It reports false when
@@ -80,27 +127,30 @@ func (g *Gateway) mount(w http.ResponseWriter, r *http.Request, rt route, m, fro
 	if err != nil {
 		return false, err
 	}
-	writeBlobCreated(w, rt, d)
-	return true, nil
+	return true, g.finish(w, r, rt, d)
 }
 
-// session verifies the token in the path and checks the upload still exists.
-func (g *Gateway) session(r *http.Request, rt route) (uploadState, []byte, error) {
+// session verifies the token in the path and finds the store of its upload.
+func (g *Gateway) session(r *http.Request, rt route) (uploadState, []byte, replication.Driver, error) {
 	key, err := g.uploadKey(r.Context())
 	if err != nil {
-		return uploadState{}, nil, err
+		return uploadState{}, nil, nil, err
 	}
 	st, err := parseToken(key, rt.ref, rt.name, time.Now())
-	return st, key, err
+	if err != nil {
+		return st, nil, nil, err
+	}
+	store, err := g.sessionStore(st)
+	return st, key, store, err
 }
 
 // uploadStatus handles GET on a session: where it stands.
 func (g *Gateway) uploadStatus(w http.ResponseWriter, r *http.Request, rt route) error {
-	st, key, err := g.session(r, rt)
+	st, key, store, err := g.session(r, rt)
 	if err != nil {
 		return err
 	}
-	size, err := g.store.UploadSize(r.Context(), st.ID)
+	size, err := store.UploadSize(r.Context(), st.ID)
 	if err != nil {
 		return g.storeError(err)
 	}
@@ -116,14 +166,14 @@ func (g *Gateway) uploadStatus(w http.ResponseWriter, r *http.Request, rt route)
 
 // patchUpload appends one chunk (with Content-Range) or a stream (without).
 func (g *Gateway) patchUpload(w http.ResponseWriter, r *http.Request, rt route) error {
-	st, key, err := g.session(r, rt)
+	st, key, store, err := g.session(r, rt)
 	if err != nil {
 		return err
 	}
 	if err := checkContentRange(r, st.Offset); err != nil {
 		return err
 	}
-	if st, err = g.receive(r, st); err != nil {
+	if st, err = g.receive(r, store, st); err != nil {
 		return err
 	}
 	return g.writeSession(w, rt, key, st, http.StatusAccepted)
@@ -131,7 +181,7 @@ func (g *Gateway) patchUpload(w http.ResponseWriter, r *http.Request, rt route) 
 
 // putUpload completes a session, with an optional last chunk in the body.
 func (g *Gateway) putUpload(w http.ResponseWriter, r *http.Request, rt route) error {
-	st, _, err := g.session(r, rt)
+	st, _, store, err := g.session(r, rt)
 	if err != nil {
 		return err
 	}
@@ -143,9 +193,9 @@ func (g *Gateway) putUpload(w http.ResponseWriter, r *http.Request, rt route) er
 	if err != nil {
 		return err
 	}
-	size, err := g.store.UploadSize(r.Context(), st.ID)
+	size, err := store.UploadSize(r.Context(), st.ID)
 	if errors.Is(err, replication.ErrUploadNotFound) {
-		return g.retryCompletedPut(w, r, rt, st, want)
+		return g.retryCompletedPut(w, r, rt, store, st, want)
 	}
 	if err != nil {
 		return g.storeError(err)
@@ -157,40 +207,72 @@ func (g *Gateway) putUpload(w http.ResponseWriter, r *http.Request, rt route) er
 		return errStaleOffset(st.Offset)
 	}
 	if r.ContentLength != 0 {
-		if st, err = g.receive(r, st); err != nil {
+		if st, err = g.receive(r, store, st); err != nil {
 			return err
 		}
 	}
-	return g.complete(w, r, rt, st, want)
+	return g.complete(w, r, rt, store, st, want)
 }
 
 // retryCompletedPut answers a PUT whose session's bytes were already committed
-// to the store: when the earlier PUT failed to commit the metadata (no
-// leader), linking now finishes it. A session that fully completed stays
-// finished.
-func (g *Gateway) retryCompletedPut(w http.ResponseWriter, r *http.Request, rt route, st uploadState, want digest.Digest) error {
+// to the store. When the earlier PUT failed to commit the metadata (no
+// leader), linking now finishes it; when it committed but answered 503 while
+// waiting for the policy's min_regions copies, the retry waits again and
+// answers 201 once they exist. Either way nothing is written.
+func (g *Gateway) retryCompletedPut(w http.ResponseWriter, r *http.Request, rt route, store replication.Driver, st uploadState, want digest.Digest) error {
 	unknown := errorf(CodeBlobUploadUnknown, "upload session is unknown, expired or finished")
-	if _, err := g.meta.LinkedBlob(r.Context(), rt.name, want.String()); err == nil {
-		return unknown
+	if rec, err := g.meta.LinkedBlob(r.Context(), rt.name, want.String()); err == nil {
+		// Only the session's own completing request, repeated: same bytes
+		// before and in the body, so the same size.
+		if st.Offset+max(r.ContentLength, 0) != rec.Size || !slices.Contains(rec.Regions, st.Region) {
+			return unknown
+		}
+		return g.finish(w, r, rt, want)
 	}
-	size, err := g.store.Stat(r.Context(), want)
+	size, err := store.Stat(r.Context(), want)
 	if err != nil || size < st.Offset {
 		return unknown
 	}
-	if err := g.link(r.Context(), rt, want, size); err != nil {
+	if err := g.link(r.Context(), rt, st.Region, want, size); err != nil {
 		return err
 	}
-	writeBlobCreated(w, rt, want)
+	return g.finish(w, r, rt, want)
+}
+
+// finish answers 201 for a linked blob once the repository's policy has as
+// many regions holding it as it asks for; 503 with Retry-After if that takes
+// longer than the sync timeout. The blob stays committed either way, and the
+// same PUT retried later answers 201 once the copies exist.
+func (g *Gateway) finish(w http.ResponseWriter, r *http.Request, rt route, d digest.Digest) error {
+	pol, err := g.meta.Policy(r.Context(), rt.name)
+	if err != nil {
+		return err
+	}
+	if pol.MinRegions > 1 {
+		ctx, cancel := context.WithTimeout(r.Context(), g.cfg.SyncTimeout)
+		defer cancel()
+		rec, err := g.meta.WaitPlaced(ctx, d.String(), pol.MinRegions)
+		if err != nil {
+			if r.Context().Err() != nil {
+				return err
+			}
+			e := errorf(CodeUnavailable, "blob %s is stored in %d of the %d regions this repository's policy requires before acknowledging; retry the same request",
+				d, len(rec.GetRegions()), pol.MinRegions)
+			e.Headers = map[string]string{"Retry-After": "5"}
+			return e
+		}
+	}
+	writeBlobCreated(w, rt, d)
 	return nil
 }
 
 // cancelUpload handles DELETE on a session.
 func (g *Gateway) cancelUpload(w http.ResponseWriter, r *http.Request, rt route) error {
-	st, _, err := g.session(r, rt)
+	st, _, store, err := g.session(r, rt)
 	if err != nil {
 		return err
 	}
-	if err := g.store.CancelUpload(r.Context(), st.ID); err != nil {
+	if err := store.CancelUpload(r.Context(), st.ID); err != nil {
 		return g.storeError(err)
 	}
 	w.Header().Set("Content-Length", "0")
@@ -240,7 +322,7 @@ var errTooLarge = errors.New("blob exceeds the size limit")
 
 // receive streams the request body into the session's upload, hashing as it
 // goes, and returns the advanced state.
-func (g *Gateway) receive(r *http.Request, st uploadState) (uploadState, error) {
+func (g *Gateway) receive(r *http.Request, store replication.Driver, st uploadState) (uploadState, error) {
 	h := sha256.New()
 	if st.Hash != nil {
 		if err := h.(encoding.BinaryUnmarshaler).UnmarshalBinary(st.Hash); err != nil {
@@ -255,7 +337,7 @@ func (g *Gateway) receive(r *http.Request, st uploadState) (uploadState, error) 
 	// on any error it holds what it held before, which this token still
 	// describes, so the client can retry the chunk with the same token.
 	hashed := newPipelinedHash(body, h)
-	n, err := g.store.WriteUpload(r.Context(), st.ID, st.Offset, hashed)
+	n, err := store.WriteUpload(r.Context(), st.ID, st.Offset, hashed)
 	hashed.Wait()
 	if err != nil {
 		switch {
@@ -284,16 +366,16 @@ func (g *Gateway) receive(r *http.Request, st uploadState) (uploadState, error) 
 
 // complete verifies the session's bytes against want, makes them durable as
 // the blob, and commits the placement and link through Raft.
-func (g *Gateway) complete(w http.ResponseWriter, r *http.Request, rt route, st uploadState, want digest.Digest) error {
-	got, err := g.sessionDigest(r.Context(), st, want.Algorithm())
+func (g *Gateway) complete(w http.ResponseWriter, r *http.Request, rt route, store replication.Driver, st uploadState, want digest.Digest) error {
+	got, err := g.sessionDigest(r.Context(), store, st, want.Algorithm())
 	if err != nil {
 		return err
 	}
 	if got != want {
-		g.store.CancelUpload(r.Context(), st.ID)
+		store.CancelUpload(r.Context(), st.ID)
 		return errorf(CodeDigestInvalid, "content has digest %s, not %s", got, want)
 	}
-	if err := g.store.CommitUpload(r.Context(), st.ID, st.Offset, want); err != nil {
+	if err := store.CommitUpload(r.Context(), st.ID, st.Offset, want); err != nil {
 		if errors.Is(err, replication.ErrUploadOffset) {
 			// A chunk landed through this same token after we looked:
 			// the upload holds bytes the verified digest does not cover.
@@ -301,22 +383,21 @@ func (g *Gateway) complete(w http.ResponseWriter, r *http.Request, rt route, st 
 		}
 		return g.storeError(err)
 	}
-	if err := g.link(r.Context(), rt, want, st.Offset); err != nil {
+	if err := g.link(r.Context(), rt, st.Region, want, st.Offset); err != nil {
 		return err
 	}
-	writeBlobCreated(w, rt, want)
-	return nil
+	return g.finish(w, r, rt, want)
 }
 
-// link commits that this region holds the blob and that rt.name links it.
-func (g *Gateway) link(ctx context.Context, rt route, d digest.Digest, size int64) error {
+// link commits that region holds the blob and that rt.name links it.
+func (g *Gateway) link(ctx context.Context, rt route, region string, d digest.Digest, size int64) error {
 	return g.meta.Propose(ctx, &pb.LogEntry{Command: &pb.LogEntry_LinkBlob{LinkBlob: &pb.LinkBlob{
-		Repository: rt.name, Digest: d.String(), Size: size, PlacedRegion: g.cfg.Region}}})
+		Repository: rt.name, Digest: d.String(), Size: size, PlacedRegion: region}}})
 }
 
 // sessionDigest returns the digest of the session's bytes. sha256 comes from
 // the streamed state; another algorithm costs one re-read of the upload.
-func (g *Gateway) sessionDigest(ctx context.Context, st uploadState, alg digest.Algorithm) (digest.Digest, error) {
+func (g *Gateway) sessionDigest(ctx context.Context, store replication.Driver, st uploadState, alg digest.Algorithm) (digest.Digest, error) {
 	var h hash.Hash
 	switch alg {
 	case digest.SHA256:
@@ -332,7 +413,7 @@ func (g *Gateway) sessionDigest(ctx context.Context, st uploadState, alg digest.
 	default:
 		return "", errorf(CodeDigestInvalid, "unsupported digest algorithm %s", alg)
 	}
-	rc, err := g.store.OpenUpload(ctx, st.ID)
+	rc, err := store.OpenUpload(ctx, st.ID)
 	if err != nil {
 		return "", g.storeError(err)
 	}

@@ -21,9 +21,15 @@ type Config struct {
 	// DataDir holds the node's Raft log, state store, snapshots and, unless
 	// BlobDir says otherwise, its blobs.
 	DataDir string `yaml:"data_dir"`
-	// BlobDir is the filesystem blob store; every node that serves the same
-	// blobs must see the same directory. Empty means DataDir/blobs.
+	// BlobDir is the filesystem blob store of a cluster that lists no
+	// Regions (one region, the node's own). Empty means DataDir/blobs.
 	BlobDir string `yaml:"blob_dir"`
+	// Regions lists every region of the cluster with its blob store; every
+	// node lists the same regions, and a node whose list differs is refused
+	// at join. Empty: a single region, Region, stored in BlobDir.
+	Regions []RegionConfig `yaml:"regions"`
+	// Replication tunes geo-replication and seeds the policies.
+	Replication ReplicationConfig `yaml:"replication"`
 	// ClusterID must match on every member; a node of another cluster is
 	// refused at join.
 	ClusterID string `yaml:"cluster_id"`
@@ -99,23 +105,28 @@ func DefaultConfig() Config {
 	host, _ := os.Hostname()
 	g := gateway.DefaultConfig()
 	return Config{
-		DataDir:           "data",
-		ClusterID:         "meridian",
-		NodeID:            host,
-		Region:            "local",
-		HTTPAddr:          ":5000",
-		GRPCAddr:          "127.0.0.1:5001",
-		RaftAddr:          "127.0.0.1:5002",
-		GossipAddr:        "127.0.0.1:5003",
-		JoinTimeout:       30 * time.Second,
-		Voters:            3,
-		DeadVoterTimeout:  10 * time.Minute,
-		ReadConsistency:   "local",
-		ApplyTimeout:      10 * time.Second,
-		GossipProfile:     "lan",
-		MaxManifestSize:   ByteSize(g.MaxManifestSize),
-		MaxBlobSize:       ByteSize(g.MaxBlobSize),
-		UploadTTL:         g.UploadTTL,
+		DataDir:          "data",
+		ClusterID:        "meridian",
+		NodeID:           host,
+		Region:           "local",
+		HTTPAddr:         ":5000",
+		GRPCAddr:         "127.0.0.1:5001",
+		RaftAddr:         "127.0.0.1:5002",
+		GossipAddr:       "127.0.0.1:5003",
+		JoinTimeout:      30 * time.Second,
+		Voters:           3,
+		DeadVoterTimeout: 10 * time.Minute,
+		ReadConsistency:  "local",
+		ApplyTimeout:     10 * time.Second,
+		GossipProfile:    "lan",
+		MaxManifestSize:  ByteSize(g.MaxManifestSize),
+		MaxBlobSize:      ByteSize(g.MaxBlobSize),
+		UploadTTL:        g.UploadTTL,
+		Replication: ReplicationConfig{
+			Workers:     4,
+			SyncTimeout: g.SyncTimeout,
+			PresignTTL:  g.PresignTTL,
+		},
 		SnapshotThreshold: 8192,
 		SnapshotInterval:  2 * time.Minute,
 		TrailingLogs:      10240,
@@ -190,6 +201,7 @@ func (c Config) Validate() error {
 	if c.SnapshotInterval < 5*time.Millisecond {
 		errs = append(errs, errors.New("snapshot_interval must be at least 5ms"))
 	}
+	errs = append(errs, c.validateRegions()...)
 	switch strings.ToLower(c.LogLevel) {
 	case "debug", "info", "warn", "error":
 	default:

@@ -21,6 +21,7 @@ func (n *Node) startMembership() error {
 		ID: n.cfg.NodeID, ClusterID: n.cfg.ClusterID, Region: n.cfg.Region, Zone: n.cfg.Zone,
 		Role: membership.RoleServer, RaftAddr: n.consensus.Addr(), GRPCAddr: n.GRPCAddr(),
 		HTTPAddr: n.advertisedHTTP(), Version: membership.ProtocolVersion,
+		Topology: n.cfg.topologyFingerprint(),
 	}
 	mc.BindAddr = n.cfg.GossipAddr
 	mc.AdvertiseAddr = n.cfg.AdvertiseGossip

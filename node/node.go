@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,7 +33,9 @@ type Node struct {
 
 	consensus   *consensus.Node
 	membership  *membership.Membership
-	blobs       *replication.Filesystem
+	regions     *replication.Regions
+	localStore  replication.Driver
+	replicator  *replication.Replicator
 	gateway     *gateway.Gateway
 	registry    *prometheus.Registry
 	peers       *peers
@@ -85,14 +86,6 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	n.registry = prometheus.NewRegistry()
 	n.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	blobDir := n.cfg.BlobDir
-	if blobDir == "" {
-		blobDir = filepath.Join(n.cfg.DataDir, "blobs")
-	}
-	if n.blobs, err = replication.NewFilesystem(blobDir); err != nil {
-		return fmt.Errorf("blob store: %w", err)
-	}
-
 	// Listen first, so every advertised address is known before gossip.
 	if n.httpListener, err = net.Listen("tcp", n.cfg.HTTPAddr); err != nil {
 		return fmt.Errorf("http listener: %w", err)
@@ -140,19 +133,36 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := n.startMembership(); err != nil {
 		return err
 	}
+	if err := n.openStores(ctx); err != nil {
+		return err
+	}
 
 	n.grpcServer = grpc.NewServer(grpc.MaxRecvMsgSize(64<<20), grpc.MaxSendMsgSize(64<<20))
 	pb.RegisterClusterServer(n.grpcServer, clusterServer{n: n})
+	// Other regions reach this region's store through its nodes.
+	pb.RegisterBlobStoreServer(n.grpcServer, replication.NewBlobStoreServer(map[string]replication.Driver{n.cfg.Region: n.localStore}))
 	go n.grpcServer.Serve(n.grpcListener)
 
+	if n.replicator, err = replication.NewReplicator(replication.ReplicatorConfig{
+		Region: n.cfg.Region, Regions: n.regions, Source: placementSource{n},
+		Workers: n.cfg.Replication.Workers, Logger: n.logger, Registerer: n.registry,
+	}); err != nil {
+		return err
+	}
+	if err := n.registerLagMetrics(); err != nil {
+		return err
+	}
+
 	gc := gateway.DefaultConfig()
-	gc.Region = n.cfg.Region
+	gc.SyncTimeout = n.cfg.Replication.SyncTimeout
+	gc.RedirectReads = n.cfg.Replication.RedirectReads
+	gc.PresignTTL = n.cfg.Replication.PresignTTL
 	gc.MaxManifestSize = int64(n.cfg.MaxManifestSize)
 	gc.MaxBlobSize = int64(n.cfg.MaxBlobSize)
 	gc.UploadTTL = n.cfg.UploadTTL
 	gc.Logger = n.logger
 	gc.Registerer = n.registry
-	if n.gateway, err = gateway.New(gc, n.metadata(false), n.blobs); err != nil {
+	if n.gateway, err = gateway.New(gc, n.metadata(false), n.regions); err != nil {
 		return err
 	}
 	n.httpServer = &http.Server{
@@ -168,11 +178,13 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := n.joinCluster(ctx, hasState); err != nil {
 		return err
 	}
-	n.wg.Add(4)
+	n.wg.Add(6)
 	go n.purgeAbandonedUploads()
 	go n.reconcileMembers()
 	go n.keepGossiping()
 	go n.catchUpAfterStart()
+	go n.maintainTopology()
+	go n.runReplicator()
 
 	if err := n.writeReadyFile(); err != nil {
 		return err
@@ -322,7 +334,7 @@ func (n *Node) purgeAbandonedUploads() {
 		case <-n.stop:
 			return
 		case <-t.C:
-			removed, err := n.blobs.PurgeUploads(context.Background(), time.Now().Add(-n.cfg.UploadTTL))
+			removed, err := n.localStore.PurgeUploads(context.Background(), time.Now().Add(-n.cfg.UploadTTL))
 			if err != nil {
 				n.logger.Warn("purge abandoned uploads", "err", err)
 			} else if removed > 0 {

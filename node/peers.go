@@ -31,13 +31,22 @@ func newPeers(dial func(ctx context.Context, addr string) (net.Conn, error)) *pe
 
 // client returns a Cluster client for addr, dialing lazily.
 func (p *peers) client(addr string) (pb.ClusterClient, error) {
+	c, err := p.conn(addr)
+	if err != nil {
+		return nil, err
+	}
+	return pb.NewClusterClient(c), nil
+}
+
+// conn returns the pooled connection to addr, dialing lazily.
+func (p *peers) conn(addr string) (*grpc.ClientConn, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.conns == nil {
 		return nil, errors.New("node: peer connections closed")
 	}
 	if c, ok := p.conns[addr]; ok {
-		return pb.NewClusterClient(c), nil
+		return c, nil
 	}
 	opts := []grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
@@ -53,7 +62,7 @@ func (p *peers) client(addr string) (pb.ClusterClient, error) {
 		return nil, err
 	}
 	p.conns[addr] = c
-	return pb.NewClusterClient(c), nil
+	return c, nil
 }
 
 // markNotSent marks a call that failed before any connection carried it

@@ -109,5 +109,6 @@ func (n *Node) clusterStatus(ctx context.Context) *pb.ClusterStatusResponse {
 		}
 	}
 	resp.Members = out
+	resp.Regions = n.regionLags(ctx)
 	return resp
 }

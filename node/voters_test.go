@@ -15,8 +15,14 @@ import (
 // longer than the dead-voter timeout is replaced by a healthy non-voter.
 func TestClusterVoterPlacement(t *testing.T) {
 	regions := []string{"r1", "r1", "r2", "r3"}
+	var stores []node.RegionConfig
+	for _, r := range []string{"r1", "r2", "r3"} {
+		stores = append(stores, node.RegionConfig{Name: r, Store: "file://" + t.TempDir()})
+	}
 	c := clustertest.New(t, 4, clustertest.WithVoters(3), clustertest.WithConfig(func(i int, cfg *node.Config) {
 		cfg.Region = regions[i]
+		cfg.BlobDir = ""
+		cfg.Regions = stores
 		cfg.DeadVoterTimeout = 2 * time.Second
 	}))
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)

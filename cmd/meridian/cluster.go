@@ -125,7 +125,23 @@ func clusterStatus(args []string) error {
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Id, dash(m.Region), m.Role, m.Suffrage, m.Health, raftState, applied, lag, digest, http)
 	}
-	return w.Flush()
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	if len(st.Regions) > 0 {
+		fmt.Println()
+		w = tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(w, "REGION	MISSING BLOBS	MISSING BYTES	OLDEST MISSING")
+		for _, r := range st.Regions {
+			oldest := "-"
+			if r.MissingBlobs > 0 {
+				oldest = (time.Duration(r.OldestMissingSeconds * float64(time.Second))).Round(time.Millisecond).String()
+			}
+			fmt.Fprintf(w, "%s\t%d\t%d\t%s\n", r.Region, r.MissingBlobs, r.MissingBytes, oldest)
+		}
+		return w.Flush()
+	}
+	return nil
 }
 
 func dash(s string) string {

@@ -13,6 +13,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/meridian-registry/meridian/node"
+	"github.com/meridian-registry/meridian/replication"
 )
 
 // option is one setting: its flag name (the YAML key is the same in
@@ -72,10 +73,47 @@ func durationOpt(name, usage string, field func(*node.Config) *time.Duration) op
 		get: func(c *node.Config) string { return field(c).String() }}
 }
 
+func boolOpt(name, usage string, field func(*node.Config) *bool) option {
+	return option{name: name, usage: usage,
+		set: func(c *node.Config, v string) (err error) { *field(c), err = strconv.ParseBool(v); return err },
+		get: func(c *node.Config) string { return strconv.FormatBool(*field(c)) }}
+}
+
+// regionStoresOpt sets the region list from NAME=URL items.
+var regionStoresOpt = option{name: "region-store", list: true,
+	usage: "a region and its blob store, NAME=s3://…|file:///…; repeat for every region (env: comma-separated)",
+	set: func(c *node.Config, v string) error {
+		var regions []node.RegionConfig
+		for _, item := range strings.Split(v, ",") {
+			if item = strings.TrimSpace(item); item == "" {
+				continue
+			}
+			name, url, ok := strings.Cut(item, "=")
+			if !ok || name == "" || url == "" {
+				return fmt.Errorf("%q: want NAME=STORE_URL", item)
+			}
+			regions = append(regions, node.RegionConfig{Name: name, Store: url})
+		}
+		c.Regions = regions
+		return nil
+	},
+	get: func(c *node.Config) string {
+		var items []string
+		for _, r := range c.Regions {
+			items = append(items, r.Name+"="+replication.RedactStoreURL(r.Store))
+		}
+		return strings.Join(items, ",")
+	}}
+
 // serveOptions are the settings of `meridian serve`.
 var serveOptions = []option{
 	stringOpt("data-dir", "directory for the node's state and blobs", func(c *node.Config) *string { return &c.DataDir }),
-	stringOpt("blob-dir", "filesystem blob store shared by the nodes that serve the same blobs (default: DATA_DIR/blobs)", func(c *node.Config) *string { return &c.BlobDir }),
+	stringOpt("blob-dir", "blob directory of a cluster without --region-store (default: DATA_DIR/blobs)", func(c *node.Config) *string { return &c.BlobDir }),
+	regionStoresOpt,
+	intOpt("replication-workers", "blobs this node copies into its region at once", func(c *node.Config) *int { return &c.Replication.Workers }),
+	durationOpt("sync-timeout", "how long a blob PUT waits for a policy's min_regions copies before 503", func(c *node.Config) *time.Duration { return &c.Replication.SyncTimeout }),
+	boolOpt("redirect-reads", "answer blob GETs served from S3 with a 307 to a presigned URL", func(c *node.Config) *bool { return &c.Replication.RedirectReads }),
+	durationOpt("presign-ttl", "lifetime of presigned blob URLs", func(c *node.Config) *time.Duration { return &c.Replication.PresignTTL }),
 	stringOpt("cluster-id", "cluster identity; members of other clusters are refused", func(c *node.Config) *string { return &c.ClusterID }),
 	stringOpt("node-id", "stable node id (default: host name)", func(c *node.Config) *string { return &c.NodeID }),
 	stringOpt("region", "region this node runs in", func(c *node.Config) *string { return &c.Region }),
@@ -165,6 +203,10 @@ func loadConfig(name string, args []string, opts []option, defaults node.Config)
 				return node.Config{}, fmt.Errorf("--%s: %w", o.name, err)
 			}
 		}
+	}
+	// Store credentials may stay out of files and flags.
+	for i, r := range cfg.Regions {
+		cfg.Regions[i].AccessKey, cfg.Regions[i].SecretKey = replication.CredentialsFromEnv(r.Name, os.LookupEnv)
 	}
 	return cfg, nil
 }

@@ -17,9 +17,9 @@ import (
 // devNodes are the three nodes of `meridian dev`: one per simulated region,
 // dev-a on the ports a newcomer expects (5000-5003).
 var devNodes = []struct {
-	id   string
-	base int
-}{{"dev-a", 5000}, {"dev-b", 5100}, {"dev-c", 5200}}
+	id, region string
+	base       int
+}{{"dev-a", "us-east", 5000}, {"dev-b", "eu-west", 5100}, {"dev-c", "ap-south", 5200}}
 
 // dev runs a local three-node cluster in this process until Ctrl-C.
 func dev(args []string) error {
@@ -33,6 +33,18 @@ func dev(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
+	blobs, err := filepath.Abs(filepath.Join(*dir, "blobs"))
+	if err != nil {
+		return err
+	}
+	// Each simulated region keeps its blobs in its own directory, which only
+	// its node uses; the others reach it through that node, and the
+	// replicators copy every blob into every region.
+	var regions []node.RegionConfig
+	for _, d := range devNodes {
+		regions = append(regions, node.RegionConfig{Name: d.region, Store: "file://" + filepath.Join(blobs, d.region)})
+	}
+
 	var nodes []*node.Node
 	defer func() {
 		shutdown, cancel := context.WithTimeout(context.Background(), 15*time.Second)
@@ -43,11 +55,9 @@ func dev(args []string) error {
 	}()
 	for i, d := range devNodes {
 		cfg := node.DefaultConfig()
-		cfg.NodeID, cfg.Region = d.id, d.id
+		cfg.NodeID, cfg.Region = d.id, d.region
 		cfg.DataDir = filepath.Join(*dir, d.id)
-		// One blob directory for the whole dev cluster: every node serves
-		// every blob.
-		cfg.BlobDir = filepath.Join(*dir, "blobs")
+		cfg.Regions = regions
 		cfg.HTTPAddr = fmt.Sprintf(":%d", d.base)
 		cfg.GRPCAddr = fmt.Sprintf("127.0.0.1:%d", d.base+1)
 		cfg.RaftAddr = fmt.Sprintf("127.0.0.1:%d", d.base+2)
@@ -79,7 +89,8 @@ func dev(args []string) error {
 	fmt.Println()
 	fmt.Println("Meridian dev cluster is up (Ctrl-C stops it; data in " + *dir + "):")
 	for _, d := range devNodes {
-		fmt.Printf("  %s  registry http://localhost:%d   grpc 127.0.0.1:%d\n", d.id, d.base, d.base+1)
+		fmt.Printf("  %s  region %-9s registry http://localhost:%d   grpc 127.0.0.1:%d   blobs %s\n",
+			d.id, d.region, d.base, d.base+1, filepath.Join(blobs, d.region))
 	}
 	fmt.Println()
 	fmt.Println("Push to localhost:5000 with any OCI client; `meridian cluster status` shows the nodes.")

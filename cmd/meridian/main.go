@@ -16,6 +16,7 @@ Usage:
   meridian serve [flags]     run a registry node (OCI API on :5000)
   meridian dev               run a local 3-node cluster (what make run starts)
   meridian cluster …         status, transfer-leader, remove, recover
+  meridian policy …          list, set, delete replication policies
   meridian bench [flags]     measure push, pull and manifest GET against the machine's limits
   meridian version           print the version
 
@@ -35,6 +36,8 @@ func main() {
 		err = dev(os.Args[2:])
 	case "cluster":
 		err = cluster(os.Args[2:])
+	case "policy":
+		err = policy(os.Args[2:])
 	case "bench":
 		err = bench(os.Args[2:])
 	case "version", "--version":

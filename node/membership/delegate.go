@@ -134,6 +134,10 @@ func (m *Membership) compatible(n *memberlist.Node) error {
 		return fmt.Errorf("%w: protocol version %d of this node does not match protocol version %d of node %q at %s",
 			ErrIncompatibleVersion, local.Version, w.Version, n.Name, n.Address())
 	}
+	if w.Topology != local.Topology {
+		return fmt.Errorf("%w: the region list of this node (%s) differs from that of node %q at %s (%s); every member must list the same regions and stores",
+			ErrClusterMismatch, topologyName(local.Topology), n.Name, n.Address(), topologyName(w.Topology))
+	}
 	return nil
 }
 
@@ -222,4 +226,11 @@ func (m *Membership) forgetLocked(now time.Time) {
 			delete(m.notices, id)
 		}
 	}
+}
+
+func topologyName(fingerprint string) string {
+	if fingerprint == "" {
+		return "no regions configured"
+	}
+	return "fingerprint " + fingerprint
 }

@@ -615,8 +615,13 @@ func TestUnreadEventsNeverBlockGossip(t *testing.T) {
 
 func TestMetaEncoding(t *testing.T) {
 	m := Meta{ID: "n1", ClusterID: "c", Region: "eu", Zone: "eu-1", Role: RoleGateway,
-		RaftAddr: "10.0.0.1:5002", GRPCAddr: "[::1]:5001", HTTPAddr: "10.0.0.1:5000", Version: 7}
+		RaftAddr: "10.0.0.1:5002", GRPCAddr: "[::1]:5001", HTTPAddr: "10.0.0.1:5000", Version: 7, Topology: "0123456789ab"}
 	b := encodeMeta(wireMeta{Meta: m, instance: 42})
+	// Metadata of a binary that predates Topology ends before it.
+	old := b[:len(b)-1-len(m.Topology)]
+	if got, err := decodeMeta("n1", old); err != nil || got.Topology != "" || got.HTTPAddr != m.HTTPAddr {
+		t.Errorf("without topology: %+v %v", got, err)
+	}
 	got, err := decodeMeta("n1", b)
 	if err != nil || got.Meta != m || got.instance != 42 {
 		t.Fatalf("round trip: %+v %v, want %+v instance 42", got, err, m)
@@ -626,6 +631,9 @@ func TestMetaEncoding(t *testing.T) {
 		t.Errorf("with trailing bytes: %+v %v", got, err)
 	}
 	for i := range len(b) {
+		if i == len(old) {
+			continue
+		}
 		if _, err := decodeMeta("n1", b[:i]); err == nil {
 			t.Errorf("truncated to %d bytes: no error", i)
 		}

@@ -43,6 +43,9 @@ type Meta struct {
 	// Version is the protocol version the member speaks (major only); zero
 	// means ProtocolVersion. Members with another version are refused.
 	Version uint32
+	// Topology fingerprints the member's configured region list; members
+	// whose fingerprints differ are refused (empty: not compared).
+	Topology string
 }
 
 // Wire format of the metadata (memberlist limits it to MetaMaxSize bytes):
@@ -52,6 +55,7 @@ type Meta struct {
 //	uvarint     Meta.Version
 //	7 strings   ClusterID, Region, Zone, Role, RaftAddr, GRPCAddr, HTTPAddr,
 //	            each a uvarint length then the bytes
+//	1 string    Topology (appended later; absent in older metadata)
 //
 // The ID is not encoded: it is the memberlist node name. Decoders ignore
 // trailing bytes, so later versions of this binary may append fields without
@@ -82,6 +86,8 @@ func encodeMeta(w wireMeta) []byte {
 		buf = binary.AppendUvarint(buf, uint64(len(*f)))
 		buf = append(buf, *f...)
 	}
+	buf = binary.AppendUvarint(buf, uint64(len(w.Topology)))
+	buf = append(buf, w.Topology...)
 	return buf
 }
 
@@ -112,6 +118,13 @@ func decodeMeta(id string, b []byte) (wireMeta, error) {
 		}
 		*f = string(b[n : n+int(l)])
 		b = b[n+int(l):]
+	}
+	if len(b) > 0 { // absent in metadata of older binaries
+		l, n := binary.Uvarint(b)
+		if n <= 0 || l > uint64(len(b)-n) {
+			return w, errMetaTruncated
+		}
+		w.Topology = string(b[n : n+int(l)])
 	}
 	return w, nil
 }

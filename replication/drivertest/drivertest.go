@@ -50,6 +50,10 @@ func Run(t *testing.T, newDriver func(t *testing.T) replication.Driver) {
 		{"ConcurrentCommitSameDigest", testConcurrentCommitSameDigest},
 		{"PurgeUploads", testPurgeUploads},
 		{"LargeBlob", testLargeBlob},
+		{"SmallChunksAcrossParts", testSmallChunksAcrossParts},
+		{"OddChunksAcrossParts", testOddChunksAcrossParts},
+		{"OpenUploadBetweenWrites", testOpenUploadBetweenWrites},
+		{"ReaderErrorAfterParts", testReaderErrorAfterParts},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -632,6 +636,129 @@ func testLargeBlob(t *testing.T, d replication.Driver) {
 			t.Fatal("64 MiB blob read back has a different sha256")
 		}
 	}
+}
+
+// The tests below write blobs of several times 5 MiB, the smallest part an
+// S3 multipart upload accepts (and the part size S3 drivers are tested
+// with), in chunks that start, end and straddle part boundaries.
+
+// testSmallChunksAcrossParts writes 12 MiB in chunks of 64 KiB to 3 MiB, as
+// a client sending small PATCH requests does, and reads the upload back
+// midway.
+func testSmallChunksAcrossParts(t *testing.T, d replication.Driver) {
+	content := randomBytes(30, 12<<20+12345)
+	id := startUpload(t, d)
+	rng := rand.New(rand.NewPCG(30, 30))
+	checked := 0
+	for off := 0; off < len(content); {
+		end := min(off+64<<10+rng.IntN(3<<20-64<<10), len(content))
+		write(t, d, id, int64(off), content[off:end])
+		off = end
+		if size := uploadSize(t, d, id); size != int64(off) {
+			t.Fatalf("UploadSize = %d after writing %d bytes", size, off)
+		}
+		if off >= (checked+1)*(5<<20) { // once past each 5 MiB boundary
+			checked++
+			if got := readUpload(t, d, id); !bytes.Equal(got, content[:off]) {
+				t.Fatalf("upload read after %d bytes: %d bytes that differ", off, len(got))
+			}
+		}
+	}
+	commitAndCheck(t, d, id, content)
+}
+
+// testOddChunksAcrossParts writes 25 MiB in chunks of 1 byte, 5 MiB minus
+// one, 5 MiB, 5 MiB plus one and other odd sizes.
+func testOddChunksAcrossParts(t *testing.T, d replication.Driver) {
+	sizes := []int{1, 5<<20 - 1, 5 << 20, 5<<20 + 1, 7<<20 + 3, 3<<20 + 5, 17, 1}
+	total := 0
+	for _, n := range sizes {
+		total += n
+	}
+	content := randomBytes(31, total)
+	id := startUpload(t, d)
+	off := 0
+	for _, n := range sizes {
+		write(t, d, id, int64(off), content[off:off+n])
+		off += n
+	}
+	if size := uploadSize(t, d, id); size != int64(total) {
+		t.Fatalf("UploadSize = %d, want %d", size, total)
+	}
+	dgst := commitAndCheck(t, d, id, content)
+	for _, off := range []int64{5<<20 - 1, 5 << 20, 10<<20 + 1, 15 << 20, int64(total) - 1} {
+		if got := readBlob(t, d, dgst, off); !bytes.Equal(got, content[off:]) {
+			t.Errorf("Open at %d: %d bytes that differ from content[%d:]", off, len(got), off)
+		}
+	}
+}
+
+// testOpenUploadBetweenWrites reads the upload (as a gateway hashing sha512
+// does) between writes that each cross part boundaries: reading must not
+// change what later writes and the commit see.
+func testOpenUploadBetweenWrites(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
+	content := randomBytes(32, 13<<20+100)
+	id := startUpload(t, d)
+	marks := []int{6 << 20, 6<<20 + 10, 13 << 20, len(content)}
+	off := 0
+	for _, end := range marks {
+		write(t, d, id, int64(off), content[off:end])
+		off = end
+		if got := readUpload(t, d, id); !bytes.Equal(got, content[:off]) {
+			t.Fatalf("upload read at %d: %d bytes that differ", off, len(got))
+		}
+	}
+	// A failed chunk after a read leaves the upload as it was.
+	r := io.MultiReader(bytes.NewReader(randomBytes(33, 6<<20)), errReader{errBrokenReader})
+	if _, err := d.WriteUpload(ctx, id, int64(off), r); !errors.Is(err, errBrokenReader) {
+		t.Fatalf("WriteUpload with a failing reader: got %v", err)
+	}
+	if got := readUpload(t, d, id); !bytes.Equal(got, content) {
+		t.Fatalf("after a failed chunk the upload holds %d bytes that differ", len(got))
+	}
+	dgst := digest.SHA512.FromBytes(content)
+	if err := d.CommitUpload(ctx, id, int64(len(content)), dgst); err != nil {
+		t.Fatalf("CommitUpload: %v", err)
+	}
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
+		t.Fatal("blob read back differs")
+	}
+}
+
+// testReaderErrorAfterParts fails a chunk after more than two 5 MiB parts of
+// it may have been stored.
+func testReaderErrorAfterParts(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
+	content := randomBytes(34, 2000+11<<20+5+3000)
+	id := startUpload(t, d)
+	write(t, d, id, 0, content[:2000])
+	r := io.MultiReader(bytes.NewReader(content[2000:2000+11<<20+5]), errReader{errBrokenReader})
+	if n, err := d.WriteUpload(ctx, id, 2000, r); !errors.Is(err, errBrokenReader) || n != 0 {
+		t.Fatalf("WriteUpload with a reader failing after 11 MiB = %d, %v; want 0 and the reader's error", n, err)
+	}
+	if size := uploadSize(t, d, id); size != 2000 {
+		t.Fatalf("after a failed chunk the upload holds %d bytes, want 2000", size)
+	}
+	write(t, d, id, 2000, content[2000:])
+	commitAndCheck(t, d, id, content)
+}
+
+// commitAndCheck commits upload id as content's sha256 digest and checks the
+// blob reads back as content.
+func commitAndCheck(t *testing.T, d replication.Driver, id string, content []byte) digest.Digest {
+	t.Helper()
+	dgst := digest.FromBytes(content)
+	if err := d.CommitUpload(t.Context(), id, int64(len(content)), dgst); err != nil {
+		t.Fatalf("CommitUpload: %v", err)
+	}
+	if size, err := d.Stat(t.Context(), dgst); err != nil || size != int64(len(content)) {
+		t.Fatalf("Stat = %d, %v; want %d", size, err, len(content))
+	}
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
+		t.Fatalf("blob read back: %d bytes that differ from the %d written", len(got), len(content))
+	}
+	return dgst
 }
 
 // generator is an endless pseudo-random reader, so a large blob never exists
