@@ -48,8 +48,12 @@ func (g *Gateway) startUpload(w http.ResponseWriter, r *http.Request, rt route) 
 	}
 	st := uploadState{Repo: rt.name, Region: region, ID: id, Expires: time.Now().Add(g.cfg.UploadTTL).Unix()}
 	if want == "" {
-		if g.cfg.ChunkMinLength > 0 {
-			w.Header().Set("OCI-Chunk-Min-Length", itoa(g.cfg.ChunkMinLength))
+		minChunk := g.cfg.ChunkMinLength
+		if h, ok := store.(replication.ChunkHinter); ok {
+			minChunk = max(minChunk, h.MinChunkLength())
+		}
+		if minChunk > 0 {
+			w.Header().Set("OCI-Chunk-Min-Length", itoa(minChunk))
 		}
 		return g.writeSession(w, rt, key, st, http.StatusAccepted)
 	}

@@ -308,10 +308,21 @@ func (r *Replicator) copyFrom(ctx context.Context, src string, dst Driver, dgst 
 		}
 	}
 	began := time.Now()
-	rc, err := from.Open(ctx, dgst, 0)
-	r.cfg.Regions.Observe(src, time.Since(began), err)
+	err := Copy(ctx, from, dst, dgst, size)
 	if err != nil {
-		return fmt.Errorf("open in %s: %w", src, err)
+		r.cfg.Regions.Observe(src, time.Since(began), err)
+		return fmt.Errorf("copy from %s: %w", src, err)
+	}
+	r.copyBytes.Add(float64(size))
+	return nil
+}
+
+// Copy streams blob dgst of size bytes from src into dst through a hash,
+// and commits it in dst only if the bytes match the digest and size.
+func Copy(ctx context.Context, src, dst Driver, dgst digest.Digest, size int64) error {
+	rc, err := src.Open(ctx, dgst, 0)
+	if err != nil {
+		return fmt.Errorf("open: %w", err)
 	}
 	defer rc.Close()
 	id, err := dst.StartUpload(ctx)
@@ -327,16 +338,15 @@ func (r *Replicator) copyFrom(ctx context.Context, src string, dst Driver, dgst 
 	v := dgst.Verifier()
 	n, err := dst.WriteUpload(ctx, id, 0, io.TeeReader(io.LimitReader(rc, size+1), v))
 	if err != nil {
-		return fmt.Errorf("copy from %s: %w", src, err)
+		return err
 	}
 	if n != size || !v.Verified() {
-		return fmt.Errorf("bytes read from %s do not match %s (%d bytes of %d)", src, dgst, n, size)
+		return fmt.Errorf("bytes read do not match %s (%d bytes of %d)", dgst, n, size)
 	}
 	if err := dst.CommitUpload(ctx, id, size, dgst); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
 	committed = true
-	r.copyBytes.Add(float64(size))
 	return nil
 }
 
