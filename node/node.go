@@ -36,6 +36,7 @@ type Node struct {
 	regions     *replication.Regions
 	localStore  replication.Driver
 	replicator  *replication.Replicator
+	rtt         *membership.RTT
 	gateway     *gateway.Gateway
 	registry    *prometheus.Registry
 	peers       *peers
@@ -80,6 +81,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	n.started = time.Now()
 	n.stop = make(chan struct{})
 	n.peers = newPeers(n.cfg.Dial)
+	n.rtt = membership.NewRTT()
 	if err := os.MkdirAll(n.cfg.DataDir, 0o755); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
@@ -178,7 +180,8 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := n.joinCluster(ctx, hasState); err != nil {
 		return err
 	}
-	n.wg.Add(6)
+	n.wg.Add(7)
+	go n.pingPeers()
 	go n.purgeAbandonedUploads()
 	go n.reconcileMembers()
 	go n.keepGossiping()

@@ -2,8 +2,6 @@ package node
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -81,16 +79,11 @@ func (c Config) regionNames() []string {
 // topologyFingerprint identifies the region list (names and stores without
 // credentials) so members with different lists refuse each other at join.
 func (c Config) topologyFingerprint() string {
-	if len(c.Regions) == 0 {
-		return "" // a single implicit region: nothing to compare
-	}
-	var lines []string
+	regions := map[string]string{}
 	for _, r := range c.Regions {
-		lines = append(lines, r.Name+"="+replication.RedactStoreURL(r.Store))
+		regions[r.Name] = r.Store
 	}
-	slices.Sort(lines)
-	sum := sha256.Sum256([]byte(strings.Join(lines, "\n")))
-	return hex.EncodeToString(sum[:6])
+	return replication.TopologyFingerprint(regions)
 }
 
 func (c Config) validateRegions() []error {

@@ -2,7 +2,10 @@ package replication
 
 import (
 	"cmp"
+	"crypto/sha256"
+	"encoding/hex"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 )
@@ -125,4 +128,21 @@ func (r *Regions) Nearest(candidates []string) []string {
 		return cmp.Compare(a, b)
 	})
 	return out
+}
+
+// TopologyFingerprint identifies a region list (names and store URLs without
+// credentials, see RedactStoreURL) so processes configured with different
+// lists can refuse each other. regions maps name to store URL; an empty map
+// gives "".
+func TopologyFingerprint(regions map[string]string) string {
+	if len(regions) == 0 {
+		return ""
+	}
+	lines := make([]string, 0, len(regions))
+	for name, store := range regions {
+		lines = append(lines, name+"="+RedactStoreURL(store))
+	}
+	slices.Sort(lines)
+	sum := sha256.Sum256([]byte(strings.Join(lines, "\n")))
+	return hex.EncodeToString(sum[:6])
 }

@@ -879,6 +879,405 @@ func (x *GetLinkedBlobResponse) GetBlob() *BlobRecord {
 	return nil
 }
 
+type GetPolicyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repository    string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetPolicyRequest) Reset() {
+	*x = GetPolicyRequest{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetPolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetPolicyRequest) ProtoMessage() {}
+
+func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
+func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *GetPolicyRequest) GetRepository() string {
+	if x != nil {
+		return x.Repository
+	}
+	return ""
+}
+
+type GetPolicyResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Result *Result                `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
+	// The effective policy: regions, sorted, and min_regions.
+	Regions       []string `protobuf:"bytes,2,rep,name=regions,proto3" json:"regions,omitempty"`
+	MinRegions    int32    `protobuf:"varint,3,opt,name=min_regions,json=minRegions,proto3" json:"min_regions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetPolicyResponse) Reset() {
+	*x = GetPolicyResponse{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetPolicyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetPolicyResponse) ProtoMessage() {}
+
+func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
+func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *GetPolicyResponse) GetResult() *Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *GetPolicyResponse) GetRegions() []string {
+	if x != nil {
+		return x.Regions
+	}
+	return nil
+}
+
+func (x *GetPolicyResponse) GetMinRegions() int32 {
+	if x != nil {
+		return x.MinRegions
+	}
+	return 0
+}
+
+type WaitBlobPlacedRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Digest        string                 `protobuf:"bytes,1,opt,name=digest,proto3" json:"digest,omitempty"`
+	Regions       int32                  `protobuf:"varint,2,opt,name=regions,proto3" json:"regions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WaitBlobPlacedRequest) Reset() {
+	*x = WaitBlobPlacedRequest{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WaitBlobPlacedRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WaitBlobPlacedRequest) ProtoMessage() {}
+
+func (x *WaitBlobPlacedRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WaitBlobPlacedRequest.ProtoReflect.Descriptor instead.
+func (*WaitBlobPlacedRequest) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *WaitBlobPlacedRequest) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *WaitBlobPlacedRequest) GetRegions() int32 {
+	if x != nil {
+		return x.Regions
+	}
+	return 0
+}
+
+type WaitBlobPlacedResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Result        *Result                `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
+	Blob          *BlobRecord            `protobuf:"bytes,2,opt,name=blob,proto3" json:"blob,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WaitBlobPlacedResponse) Reset() {
+	*x = WaitBlobPlacedResponse{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WaitBlobPlacedResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WaitBlobPlacedResponse) ProtoMessage() {}
+
+func (x *WaitBlobPlacedResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WaitBlobPlacedResponse.ProtoReflect.Descriptor instead.
+func (*WaitBlobPlacedResponse) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *WaitBlobPlacedResponse) GetResult() *Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *WaitBlobPlacedResponse) GetBlob() *BlobRecord {
+	if x != nil {
+		return x.Blob
+	}
+	return nil
+}
+
+// Coordinate is a Vivaldi network coordinate (hashicorp/serf/coordinate).
+type Coordinate struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Vec           []float64              `protobuf:"fixed64,1,rep,packed,name=vec,proto3" json:"vec,omitempty"`
+	Error         float64                `protobuf:"fixed64,2,opt,name=error,proto3" json:"error,omitempty"`
+	Adjustment    float64                `protobuf:"fixed64,3,opt,name=adjustment,proto3" json:"adjustment,omitempty"`
+	Height        float64                `protobuf:"fixed64,4,opt,name=height,proto3" json:"height,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Coordinate) Reset() {
+	*x = Coordinate{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Coordinate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Coordinate) ProtoMessage() {}
+
+func (x *Coordinate) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Coordinate.ProtoReflect.Descriptor instead.
+func (*Coordinate) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *Coordinate) GetVec() []float64 {
+	if x != nil {
+		return x.Vec
+	}
+	return nil
+}
+
+func (x *Coordinate) GetError() float64 {
+	if x != nil {
+		return x.Error
+	}
+	return 0
+}
+
+func (x *Coordinate) GetAdjustment() float64 {
+	if x != nil {
+		return x.Adjustment
+	}
+	return 0
+}
+
+func (x *Coordinate) GetHeight() float64 {
+	if x != nil {
+		return x.Height
+	}
+	return 0
+}
+
+type PingRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The caller's id and coordinate, so the answering node learns too.
+	FromId        string      `protobuf:"bytes,1,opt,name=from_id,json=fromId,proto3" json:"from_id,omitempty"`
+	Coordinate    *Coordinate `protobuf:"bytes,2,opt,name=coordinate,proto3" json:"coordinate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PingRequest) Reset() {
+	*x = PingRequest{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PingRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PingRequest) ProtoMessage() {}
+
+func (x *PingRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PingRequest.ProtoReflect.Descriptor instead.
+func (*PingRequest) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *PingRequest) GetFromId() string {
+	if x != nil {
+		return x.FromId
+	}
+	return ""
+}
+
+func (x *PingRequest) GetCoordinate() *Coordinate {
+	if x != nil {
+		return x.Coordinate
+	}
+	return nil
+}
+
+type PingResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Region        string                 `protobuf:"bytes,2,opt,name=region,proto3" json:"region,omitempty"`
+	Zone          string                 `protobuf:"bytes,3,opt,name=zone,proto3" json:"zone,omitempty"`
+	Coordinate    *Coordinate            `protobuf:"bytes,4,opt,name=coordinate,proto3" json:"coordinate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PingResponse) Reset() {
+	*x = PingResponse{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PingResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PingResponse) ProtoMessage() {}
+
+func (x *PingResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PingResponse.ProtoReflect.Descriptor instead.
+func (*PingResponse) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *PingResponse) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *PingResponse) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *PingResponse) GetZone() string {
+	if x != nil {
+		return x.Zone
+	}
+	return ""
+}
+
+func (x *PingResponse) GetCoordinate() *Coordinate {
+	if x != nil {
+		return x.Coordinate
+	}
+	return nil
+}
+
 type GetUploadKeyRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -887,7 +1286,7 @@ type GetUploadKeyRequest struct {
 
 func (x *GetUploadKeyRequest) Reset() {
 	*x = GetUploadKeyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[15]
+	mi := &file_meridianpb_cluster_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -899,7 +1298,7 @@ func (x *GetUploadKeyRequest) String() string {
 func (*GetUploadKeyRequest) ProtoMessage() {}
 
 func (x *GetUploadKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[15]
+	mi := &file_meridianpb_cluster_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -912,7 +1311,7 @@ func (x *GetUploadKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetUploadKeyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{15}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{22}
 }
 
 type GetUploadKeyResponse struct {
@@ -924,7 +1323,7 @@ type GetUploadKeyResponse struct {
 
 func (x *GetUploadKeyResponse) Reset() {
 	*x = GetUploadKeyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[16]
+	mi := &file_meridianpb_cluster_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -936,7 +1335,7 @@ func (x *GetUploadKeyResponse) String() string {
 func (*GetUploadKeyResponse) ProtoMessage() {}
 
 func (x *GetUploadKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[16]
+	mi := &file_meridianpb_cluster_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -949,7 +1348,7 @@ func (x *GetUploadKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetUploadKeyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{16}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetUploadKeyResponse) GetKey() []byte {
@@ -967,7 +1366,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[17]
+	mi := &file_meridianpb_cluster_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -979,7 +1378,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[17]
+	mi := &file_meridianpb_cluster_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -992,7 +1391,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{17}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{24}
 }
 
 // NodeStatus is one node's view of itself.
@@ -1025,7 +1424,7 @@ type NodeStatus struct {
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[18]
+	mi := &file_meridianpb_cluster_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1037,7 +1436,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[18]
+	mi := &file_meridianpb_cluster_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1050,7 +1449,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{18}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *NodeStatus) GetId() string {
@@ -1187,7 +1586,7 @@ type ClusterStatusRequest struct {
 
 func (x *ClusterStatusRequest) Reset() {
 	*x = ClusterStatusRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[19]
+	mi := &file_meridianpb_cluster_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1199,7 +1598,7 @@ func (x *ClusterStatusRequest) String() string {
 func (*ClusterStatusRequest) ProtoMessage() {}
 
 func (x *ClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[19]
+	mi := &file_meridianpb_cluster_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1212,7 +1611,7 @@ func (x *ClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*ClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{19}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{26}
 }
 
 // MemberStatus is one member as seen by the answering node.
@@ -1237,7 +1636,7 @@ type MemberStatus struct {
 
 func (x *MemberStatus) Reset() {
 	*x = MemberStatus{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[20]
+	mi := &file_meridianpb_cluster_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1249,7 +1648,7 @@ func (x *MemberStatus) String() string {
 func (*MemberStatus) ProtoMessage() {}
 
 func (x *MemberStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[20]
+	mi := &file_meridianpb_cluster_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1262,7 +1661,7 @@ func (x *MemberStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberStatus.ProtoReflect.Descriptor instead.
 func (*MemberStatus) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{20}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *MemberStatus) GetId() string {
@@ -1337,7 +1736,7 @@ type ClusterStatusResponse struct {
 
 func (x *ClusterStatusResponse) Reset() {
 	*x = ClusterStatusResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[21]
+	mi := &file_meridianpb_cluster_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1349,7 +1748,7 @@ func (x *ClusterStatusResponse) String() string {
 func (*ClusterStatusResponse) ProtoMessage() {}
 
 func (x *ClusterStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[21]
+	mi := &file_meridianpb_cluster_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1362,7 +1761,7 @@ func (x *ClusterStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatusResponse.ProtoReflect.Descriptor instead.
 func (*ClusterStatusResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{21}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ClusterStatusResponse) GetClusterId() string {
@@ -1421,7 +1820,7 @@ type RegionLag struct {
 
 func (x *RegionLag) Reset() {
 	*x = RegionLag{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[22]
+	mi := &file_meridianpb_cluster_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1433,7 +1832,7 @@ func (x *RegionLag) String() string {
 func (*RegionLag) ProtoMessage() {}
 
 func (x *RegionLag) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[22]
+	mi := &file_meridianpb_cluster_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1446,7 +1845,7 @@ func (x *RegionLag) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegionLag.ProtoReflect.Descriptor instead.
 func (*RegionLag) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{22}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RegionLag) GetRegion() string {
@@ -1485,7 +1884,7 @@ type ListPoliciesRequest struct {
 
 func (x *ListPoliciesRequest) Reset() {
 	*x = ListPoliciesRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[23]
+	mi := &file_meridianpb_cluster_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1497,7 +1896,7 @@ func (x *ListPoliciesRequest) String() string {
 func (*ListPoliciesRequest) ProtoMessage() {}
 
 func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[23]
+	mi := &file_meridianpb_cluster_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1510,7 +1909,7 @@ func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesRequest.ProtoReflect.Descriptor instead.
 func (*ListPoliciesRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{23}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{30}
 }
 
 type ListPoliciesResponse struct {
@@ -1524,7 +1923,7 @@ type ListPoliciesResponse struct {
 
 func (x *ListPoliciesResponse) Reset() {
 	*x = ListPoliciesResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[24]
+	mi := &file_meridianpb_cluster_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1536,7 +1935,7 @@ func (x *ListPoliciesResponse) String() string {
 func (*ListPoliciesResponse) ProtoMessage() {}
 
 func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[24]
+	mi := &file_meridianpb_cluster_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1549,7 +1948,7 @@ func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesResponse.ProtoReflect.Descriptor instead.
 func (*ListPoliciesResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{24}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListPoliciesResponse) GetPolicies() []*Policy {
@@ -1575,7 +1974,7 @@ type SetPolicyRequest struct {
 
 func (x *SetPolicyRequest) Reset() {
 	*x = SetPolicyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[25]
+	mi := &file_meridianpb_cluster_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1587,7 +1986,7 @@ func (x *SetPolicyRequest) String() string {
 func (*SetPolicyRequest) ProtoMessage() {}
 
 func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[25]
+	mi := &file_meridianpb_cluster_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1600,7 +1999,7 @@ func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{25}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SetPolicyRequest) GetPolicy() *Policy {
@@ -1619,7 +2018,7 @@ type SetPolicyResponse struct {
 
 func (x *SetPolicyResponse) Reset() {
 	*x = SetPolicyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[26]
+	mi := &file_meridianpb_cluster_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1631,7 +2030,7 @@ func (x *SetPolicyResponse) String() string {
 func (*SetPolicyResponse) ProtoMessage() {}
 
 func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[26]
+	mi := &file_meridianpb_cluster_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1644,7 +2043,7 @@ func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*SetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{26}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SetPolicyResponse) GetResult() *Result {
@@ -1663,7 +2062,7 @@ type DeletePolicyRequest struct {
 
 func (x *DeletePolicyRequest) Reset() {
 	*x = DeletePolicyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[27]
+	mi := &file_meridianpb_cluster_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1675,7 +2074,7 @@ func (x *DeletePolicyRequest) String() string {
 func (*DeletePolicyRequest) ProtoMessage() {}
 
 func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[27]
+	mi := &file_meridianpb_cluster_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1688,7 +2087,7 @@ func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyRequest.ProtoReflect.Descriptor instead.
 func (*DeletePolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{27}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *DeletePolicyRequest) GetPrefix() string {
@@ -1707,7 +2106,7 @@ type DeletePolicyResponse struct {
 
 func (x *DeletePolicyResponse) Reset() {
 	*x = DeletePolicyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	mi := &file_meridianpb_cluster_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1719,7 +2118,7 @@ func (x *DeletePolicyResponse) String() string {
 func (*DeletePolicyResponse) ProtoMessage() {}
 
 func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	mi := &file_meridianpb_cluster_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1732,7 +2131,7 @@ func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyResponse.ProtoReflect.Descriptor instead.
 func (*DeletePolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{28}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *DeletePolicyResponse) GetResult() *Result {
@@ -1751,7 +2150,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[29]
+	mi := &file_meridianpb_cluster_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1763,7 +2162,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[29]
+	mi := &file_meridianpb_cluster_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1776,7 +2175,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{29}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *TransferLeadershipRequest) GetId() string {
@@ -1796,7 +2195,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[30]
+	mi := &file_meridianpb_cluster_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1808,7 +2207,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[30]
+	mi := &file_meridianpb_cluster_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1821,7 +2220,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{30}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *TransferLeadershipResponse) GetResult() *Result {
@@ -1847,7 +2246,7 @@ type RemoveServerRequest struct {
 
 func (x *RemoveServerRequest) Reset() {
 	*x = RemoveServerRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[31]
+	mi := &file_meridianpb_cluster_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1859,7 +2258,7 @@ func (x *RemoveServerRequest) String() string {
 func (*RemoveServerRequest) ProtoMessage() {}
 
 func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[31]
+	mi := &file_meridianpb_cluster_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1872,7 +2271,7 @@ func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveServerRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{31}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *RemoveServerRequest) GetId() string {
@@ -1891,7 +2290,7 @@ type RemoveServerResponse struct {
 
 func (x *RemoveServerResponse) Reset() {
 	*x = RemoveServerResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[32]
+	mi := &file_meridianpb_cluster_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1903,7 +2302,7 @@ func (x *RemoveServerResponse) String() string {
 func (*RemoveServerResponse) ProtoMessage() {}
 
 func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[32]
+	mi := &file_meridianpb_cluster_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1916,7 +2315,7 @@ func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveServerResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{32}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *RemoveServerResponse) GetResult() *Result {
@@ -1988,7 +2387,42 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\vconsistency\x18\x03 \x01(\x0e2\x18.meridian.v1.ConsistencyR\vconsistency\"q\n" +
 	"\x15GetLinkedBlobResponse\x12+\n" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\x12+\n" +
-	"\x04blob\x18\x02 \x01(\v2\x17.meridian.v1.BlobRecordR\x04blob\"\x15\n" +
+	"\x04blob\x18\x02 \x01(\v2\x17.meridian.v1.BlobRecordR\x04blob\"2\n" +
+	"\x10GetPolicyRequest\x12\x1e\n" +
+	"\n" +
+	"repository\x18\x01 \x01(\tR\n" +
+	"repository\"{\n" +
+	"\x11GetPolicyResponse\x12+\n" +
+	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\x12\x18\n" +
+	"\aregions\x18\x02 \x03(\tR\aregions\x12\x1f\n" +
+	"\vmin_regions\x18\x03 \x01(\x05R\n" +
+	"minRegions\"I\n" +
+	"\x15WaitBlobPlacedRequest\x12\x16\n" +
+	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x18\n" +
+	"\aregions\x18\x02 \x01(\x05R\aregions\"r\n" +
+	"\x16WaitBlobPlacedResponse\x12+\n" +
+	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\x12+\n" +
+	"\x04blob\x18\x02 \x01(\v2\x17.meridian.v1.BlobRecordR\x04blob\"l\n" +
+	"\n" +
+	"Coordinate\x12\x10\n" +
+	"\x03vec\x18\x01 \x03(\x01R\x03vec\x12\x14\n" +
+	"\x05error\x18\x02 \x01(\x01R\x05error\x12\x1e\n" +
+	"\n" +
+	"adjustment\x18\x03 \x01(\x01R\n" +
+	"adjustment\x12\x16\n" +
+	"\x06height\x18\x04 \x01(\x01R\x06height\"_\n" +
+	"\vPingRequest\x12\x17\n" +
+	"\afrom_id\x18\x01 \x01(\tR\x06fromId\x127\n" +
+	"\n" +
+	"coordinate\x18\x02 \x01(\v2\x17.meridian.v1.CoordinateR\n" +
+	"coordinate\"\x8c\x01\n" +
+	"\fPingResponse\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x16\n" +
+	"\x06region\x18\x02 \x01(\tR\x06region\x12\x12\n" +
+	"\x04zone\x18\x03 \x01(\tR\x04zone\x127\n" +
+	"\n" +
+	"coordinate\x18\x04 \x01(\v2\x17.meridian.v1.CoordinateR\n" +
+	"coordinate\"\x15\n" +
 	"\x13GetUploadKeyRequest\"(\n" +
 	"\x14GetUploadKeyResponse\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\fR\x03key\"\x0f\n" +
@@ -2063,8 +2497,7 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result*<\n" +
 	"\vConsistency\x12\x15\n" +
 	"\x11CONSISTENCY_LOCAL\x10\x00\x12\x16\n" +
-	"\x12CONSISTENCY_STRONG\x10\x012\x88\n" +
-	"\n" +
+	"\x12CONSISTENCY_STRONG\x10\x012\xec\v\n" +
 	"\aCluster\x12D\n" +
 	"\aPropose\x12\x1b.meridian.v1.ProposeRequest\x1a\x1c.meridian.v1.ProposeResponse\x12J\n" +
 	"\tReadIndex\x12\x1d.meridian.v1.ReadIndexRequest\x1a\x1e.meridian.v1.ReadIndexResponse\x12=\n" +
@@ -2081,7 +2514,10 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x10ListRepositories\x12\x18.meridian.v1.ListRequest\x1a\x19.meridian.v1.ListResponse\x12V\n" +
 	"\rListReferrers\x12!.meridian.v1.ListReferrersRequest\x1a\".meridian.v1.ListReferrersResponse\x12V\n" +
 	"\rGetLinkedBlob\x12!.meridian.v1.GetLinkedBlobRequest\x1a\".meridian.v1.GetLinkedBlobResponse\x12S\n" +
-	"\fGetUploadKey\x12 .meridian.v1.GetUploadKeyRequest\x1a!.meridian.v1.GetUploadKeyResponseB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
+	"\fGetUploadKey\x12 .meridian.v1.GetUploadKeyRequest\x1a!.meridian.v1.GetUploadKeyResponse\x12J\n" +
+	"\tGetPolicy\x12\x1d.meridian.v1.GetPolicyRequest\x1a\x1e.meridian.v1.GetPolicyResponse\x12Y\n" +
+	"\x0eWaitBlobPlaced\x12\".meridian.v1.WaitBlobPlacedRequest\x1a#.meridian.v1.WaitBlobPlacedResponse\x12;\n" +
+	"\x04Ping\x12\x18.meridian.v1.PingRequest\x1a\x19.meridian.v1.PingResponseB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
 
 var (
 	file_meridianpb_cluster_proto_rawDescOnce sync.Once
@@ -2096,7 +2532,7 @@ func file_meridianpb_cluster_proto_rawDescGZIP() []byte {
 }
 
 var file_meridianpb_cluster_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_meridianpb_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_meridianpb_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_meridianpb_cluster_proto_goTypes = []any{
 	(Consistency)(0),                   // 0: meridian.v1.Consistency
 	(*Result)(nil),                     // 1: meridian.v1.Result
@@ -2114,94 +2550,112 @@ var file_meridianpb_cluster_proto_goTypes = []any{
 	(*ListReferrersResponse)(nil),      // 13: meridian.v1.ListReferrersResponse
 	(*GetLinkedBlobRequest)(nil),       // 14: meridian.v1.GetLinkedBlobRequest
 	(*GetLinkedBlobResponse)(nil),      // 15: meridian.v1.GetLinkedBlobResponse
-	(*GetUploadKeyRequest)(nil),        // 16: meridian.v1.GetUploadKeyRequest
-	(*GetUploadKeyResponse)(nil),       // 17: meridian.v1.GetUploadKeyResponse
-	(*StatusRequest)(nil),              // 18: meridian.v1.StatusRequest
-	(*NodeStatus)(nil),                 // 19: meridian.v1.NodeStatus
-	(*ClusterStatusRequest)(nil),       // 20: meridian.v1.ClusterStatusRequest
-	(*MemberStatus)(nil),               // 21: meridian.v1.MemberStatus
-	(*ClusterStatusResponse)(nil),      // 22: meridian.v1.ClusterStatusResponse
-	(*RegionLag)(nil),                  // 23: meridian.v1.RegionLag
-	(*ListPoliciesRequest)(nil),        // 24: meridian.v1.ListPoliciesRequest
-	(*ListPoliciesResponse)(nil),       // 25: meridian.v1.ListPoliciesResponse
-	(*SetPolicyRequest)(nil),           // 26: meridian.v1.SetPolicyRequest
-	(*SetPolicyResponse)(nil),          // 27: meridian.v1.SetPolicyResponse
-	(*DeletePolicyRequest)(nil),        // 28: meridian.v1.DeletePolicyRequest
-	(*DeletePolicyResponse)(nil),       // 29: meridian.v1.DeletePolicyResponse
-	(*TransferLeadershipRequest)(nil),  // 30: meridian.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 31: meridian.v1.TransferLeadershipResponse
-	(*RemoveServerRequest)(nil),        // 32: meridian.v1.RemoveServerRequest
-	(*RemoveServerResponse)(nil),       // 33: meridian.v1.RemoveServerResponse
-	(Code)(0),                          // 34: meridian.v1.Code
-	(*LogEntry)(nil),                   // 35: meridian.v1.LogEntry
-	(*ManifestRecord)(nil),             // 36: meridian.v1.ManifestRecord
-	(*Referrer)(nil),                   // 37: meridian.v1.Referrer
-	(*BlobRecord)(nil),                 // 38: meridian.v1.BlobRecord
-	(*Policy)(nil),                     // 39: meridian.v1.Policy
+	(*GetPolicyRequest)(nil),           // 16: meridian.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),          // 17: meridian.v1.GetPolicyResponse
+	(*WaitBlobPlacedRequest)(nil),      // 18: meridian.v1.WaitBlobPlacedRequest
+	(*WaitBlobPlacedResponse)(nil),     // 19: meridian.v1.WaitBlobPlacedResponse
+	(*Coordinate)(nil),                 // 20: meridian.v1.Coordinate
+	(*PingRequest)(nil),                // 21: meridian.v1.PingRequest
+	(*PingResponse)(nil),               // 22: meridian.v1.PingResponse
+	(*GetUploadKeyRequest)(nil),        // 23: meridian.v1.GetUploadKeyRequest
+	(*GetUploadKeyResponse)(nil),       // 24: meridian.v1.GetUploadKeyResponse
+	(*StatusRequest)(nil),              // 25: meridian.v1.StatusRequest
+	(*NodeStatus)(nil),                 // 26: meridian.v1.NodeStatus
+	(*ClusterStatusRequest)(nil),       // 27: meridian.v1.ClusterStatusRequest
+	(*MemberStatus)(nil),               // 28: meridian.v1.MemberStatus
+	(*ClusterStatusResponse)(nil),      // 29: meridian.v1.ClusterStatusResponse
+	(*RegionLag)(nil),                  // 30: meridian.v1.RegionLag
+	(*ListPoliciesRequest)(nil),        // 31: meridian.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),       // 32: meridian.v1.ListPoliciesResponse
+	(*SetPolicyRequest)(nil),           // 33: meridian.v1.SetPolicyRequest
+	(*SetPolicyResponse)(nil),          // 34: meridian.v1.SetPolicyResponse
+	(*DeletePolicyRequest)(nil),        // 35: meridian.v1.DeletePolicyRequest
+	(*DeletePolicyResponse)(nil),       // 36: meridian.v1.DeletePolicyResponse
+	(*TransferLeadershipRequest)(nil),  // 37: meridian.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 38: meridian.v1.TransferLeadershipResponse
+	(*RemoveServerRequest)(nil),        // 39: meridian.v1.RemoveServerRequest
+	(*RemoveServerResponse)(nil),       // 40: meridian.v1.RemoveServerResponse
+	(Code)(0),                          // 41: meridian.v1.Code
+	(*LogEntry)(nil),                   // 42: meridian.v1.LogEntry
+	(*ManifestRecord)(nil),             // 43: meridian.v1.ManifestRecord
+	(*Referrer)(nil),                   // 44: meridian.v1.Referrer
+	(*BlobRecord)(nil),                 // 45: meridian.v1.BlobRecord
+	(*Policy)(nil),                     // 46: meridian.v1.Policy
 }
 var file_meridianpb_cluster_proto_depIdxs = []int32{
-	34, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
-	35, // 1: meridian.v1.ProposeRequest.entry:type_name -> meridian.v1.LogEntry
+	41, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
+	42, // 1: meridian.v1.ProposeRequest.entry:type_name -> meridian.v1.LogEntry
 	1,  // 2: meridian.v1.ProposeResponse.result:type_name -> meridian.v1.Result
 	0,  // 3: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 4: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
-	36, // 5: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
+	43, // 5: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
 	0,  // 6: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 7: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
 	0,  // 8: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 9: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
 	0,  // 10: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 11: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
-	37, // 12: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
+	44, // 12: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
 	0,  // 13: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 14: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
-	38, // 15: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
-	19, // 16: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
-	21, // 17: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
-	23, // 18: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
-	39, // 19: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
-	39, // 20: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
-	1,  // 21: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 22: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 23: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
-	1,  // 24: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
-	2,  // 25: meridian.v1.Cluster.Propose:input_type -> meridian.v1.ProposeRequest
-	4,  // 26: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
-	18, // 27: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
-	20, // 28: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
-	30, // 29: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
-	32, // 30: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
-	24, // 31: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
-	26, // 32: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
-	28, // 33: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
-	6,  // 34: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
-	8,  // 35: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
-	10, // 36: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
-	10, // 37: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
-	12, // 38: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
-	14, // 39: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
-	16, // 40: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
-	3,  // 41: meridian.v1.Cluster.Propose:output_type -> meridian.v1.ProposeResponse
-	5,  // 42: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
-	19, // 43: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
-	22, // 44: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
-	31, // 45: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
-	33, // 46: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
-	25, // 47: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
-	27, // 48: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
-	29, // 49: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
-	7,  // 50: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
-	9,  // 51: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
-	11, // 52: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
-	11, // 53: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
-	13, // 54: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
-	15, // 55: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
-	17, // 56: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
-	41, // [41:57] is the sub-list for method output_type
-	25, // [25:41] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	45, // 15: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
+	1,  // 16: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 17: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
+	45, // 18: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
+	20, // 19: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
+	20, // 20: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
+	26, // 21: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
+	28, // 22: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
+	30, // 23: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
+	46, // 24: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
+	46, // 25: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
+	1,  // 26: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 27: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 28: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
+	1,  // 29: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
+	2,  // 30: meridian.v1.Cluster.Propose:input_type -> meridian.v1.ProposeRequest
+	4,  // 31: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
+	25, // 32: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
+	27, // 33: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
+	37, // 34: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
+	39, // 35: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
+	31, // 36: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
+	33, // 37: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
+	35, // 38: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
+	6,  // 39: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
+	8,  // 40: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
+	10, // 41: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
+	10, // 42: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
+	12, // 43: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
+	14, // 44: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
+	23, // 45: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
+	16, // 46: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
+	18, // 47: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
+	21, // 48: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
+	3,  // 49: meridian.v1.Cluster.Propose:output_type -> meridian.v1.ProposeResponse
+	5,  // 50: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
+	26, // 51: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
+	29, // 52: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
+	38, // 53: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
+	40, // 54: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
+	32, // 55: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
+	34, // 56: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
+	36, // 57: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
+	7,  // 58: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
+	9,  // 59: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
+	11, // 60: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
+	11, // 61: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
+	13, // 62: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
+	15, // 63: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
+	24, // 64: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
+	17, // 65: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
+	19, // 66: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
+	22, // 67: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
+	49, // [49:68] is the sub-list for method output_type
+	30, // [30:49] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_cluster_proto_init() }
@@ -2216,7 +2670,7 @@ func file_meridianpb_cluster_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridianpb_cluster_proto_rawDesc), len(file_meridianpb_cluster_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   33,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -39,6 +39,9 @@ const (
 	Cluster_ListReferrers_FullMethodName      = "/meridian.v1.Cluster/ListReferrers"
 	Cluster_GetLinkedBlob_FullMethodName      = "/meridian.v1.Cluster/GetLinkedBlob"
 	Cluster_GetUploadKey_FullMethodName       = "/meridian.v1.Cluster/GetUploadKey"
+	Cluster_GetPolicy_FullMethodName          = "/meridian.v1.Cluster/GetPolicy"
+	Cluster_WaitBlobPlaced_FullMethodName     = "/meridian.v1.Cluster/WaitBlobPlaced"
+	Cluster_Ping_FullMethodName               = "/meridian.v1.Cluster/Ping"
 )
 
 // ClusterClient is the client API for Cluster service.
@@ -75,6 +78,14 @@ type ClusterClient interface {
 	ListReferrers(ctx context.Context, in *ListReferrersRequest, opts ...grpc.CallOption) (*ListReferrersResponse, error)
 	GetLinkedBlob(ctx context.Context, in *GetLinkedBlobRequest, opts ...grpc.CallOption) (*GetLinkedBlobResponse, error)
 	GetUploadKey(ctx context.Context, in *GetUploadKeyRequest, opts ...grpc.CallOption) (*GetUploadKeyResponse, error)
+	GetPolicy(ctx context.Context, in *GetPolicyRequest, opts ...grpc.CallOption) (*GetPolicyResponse, error)
+	// WaitBlobPlaced answers once at least `regions` regions hold the blob, or
+	// when the call's deadline is near (result CODE_UNAVAILABLE, with the
+	// record as it stands).
+	WaitBlobPlaced(ctx context.Context, in *WaitBlobPlacedRequest, opts ...grpc.CallOption) (*WaitBlobPlacedResponse, error)
+	// Ping measures round-trip time on the connection that carries requests
+	// and exchanges Vivaldi network coordinates.
+	Ping(ctx context.Context, in *PingRequest, opts ...grpc.CallOption) (*PingResponse, error)
 }
 
 type clusterClient struct {
@@ -245,6 +256,36 @@ func (c *clusterClient) GetUploadKey(ctx context.Context, in *GetUploadKeyReques
 	return out, nil
 }
 
+func (c *clusterClient) GetPolicy(ctx context.Context, in *GetPolicyRequest, opts ...grpc.CallOption) (*GetPolicyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetPolicyResponse)
+	err := c.cc.Invoke(ctx, Cluster_GetPolicy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *clusterClient) WaitBlobPlaced(ctx context.Context, in *WaitBlobPlacedRequest, opts ...grpc.CallOption) (*WaitBlobPlacedResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(WaitBlobPlacedResponse)
+	err := c.cc.Invoke(ctx, Cluster_WaitBlobPlaced_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *clusterClient) Ping(ctx context.Context, in *PingRequest, opts ...grpc.CallOption) (*PingResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PingResponse)
+	err := c.cc.Invoke(ctx, Cluster_Ping_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ClusterServer is the server API for Cluster service.
 // All implementations must embed UnimplementedClusterServer
 // for forward compatibility.
@@ -279,6 +320,14 @@ type ClusterServer interface {
 	ListReferrers(context.Context, *ListReferrersRequest) (*ListReferrersResponse, error)
 	GetLinkedBlob(context.Context, *GetLinkedBlobRequest) (*GetLinkedBlobResponse, error)
 	GetUploadKey(context.Context, *GetUploadKeyRequest) (*GetUploadKeyResponse, error)
+	GetPolicy(context.Context, *GetPolicyRequest) (*GetPolicyResponse, error)
+	// WaitBlobPlaced answers once at least `regions` regions hold the blob, or
+	// when the call's deadline is near (result CODE_UNAVAILABLE, with the
+	// record as it stands).
+	WaitBlobPlaced(context.Context, *WaitBlobPlacedRequest) (*WaitBlobPlacedResponse, error)
+	// Ping measures round-trip time on the connection that carries requests
+	// and exchanges Vivaldi network coordinates.
+	Ping(context.Context, *PingRequest) (*PingResponse, error)
 	mustEmbedUnimplementedClusterServer()
 }
 
@@ -336,6 +385,15 @@ func (UnimplementedClusterServer) GetLinkedBlob(context.Context, *GetLinkedBlobR
 }
 func (UnimplementedClusterServer) GetUploadKey(context.Context, *GetUploadKeyRequest) (*GetUploadKeyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetUploadKey not implemented")
+}
+func (UnimplementedClusterServer) GetPolicy(context.Context, *GetPolicyRequest) (*GetPolicyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetPolicy not implemented")
+}
+func (UnimplementedClusterServer) WaitBlobPlaced(context.Context, *WaitBlobPlacedRequest) (*WaitBlobPlacedResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method WaitBlobPlaced not implemented")
+}
+func (UnimplementedClusterServer) Ping(context.Context, *PingRequest) (*PingResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Ping not implemented")
 }
 func (UnimplementedClusterServer) mustEmbedUnimplementedClusterServer() {}
 func (UnimplementedClusterServer) testEmbeddedByValue()                 {}
@@ -646,6 +704,60 @@ func _Cluster_GetUploadKey_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Cluster_GetPolicy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetPolicyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServer).GetPolicy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cluster_GetPolicy_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServer).GetPolicy(ctx, req.(*GetPolicyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Cluster_WaitBlobPlaced_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(WaitBlobPlacedRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServer).WaitBlobPlaced(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cluster_WaitBlobPlaced_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServer).WaitBlobPlaced(ctx, req.(*WaitBlobPlacedRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Cluster_Ping_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PingRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServer).Ping(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cluster_Ping_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServer).Ping(ctx, req.(*PingRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Cluster_ServiceDesc is the grpc.ServiceDesc for Cluster service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -716,6 +828,18 @@ var Cluster_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetUploadKey",
 			Handler:    _Cluster_GetUploadKey_Handler,
+		},
+		{
+			MethodName: "GetPolicy",
+			Handler:    _Cluster_GetPolicy_Handler,
+		},
+		{
+			MethodName: "WaitBlobPlaced",
+			Handler:    _Cluster_WaitBlobPlaced_Handler,
+		},
+		{
+			MethodName: "Ping",
+			Handler:    _Cluster_Ping_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
