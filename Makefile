@@ -96,13 +96,18 @@ fuzz:
 ## sha256 rate, nginx (installed from Debian when missing) and CNCF
 ## Distribution doing the same work; then a 3-node loopback cluster's
 ## tag-update latency and throughput (1 and 32 writers), local vs strong tag
-## reads, and leader failover time.
-bench: build $(TOOLS)/registry
+## reads, and leader failover time; then geo-replication on versitygw: the
+## lag from a blob PUT's 201 to its placement in all three regions of a
+## loopback cluster (one run: -benchtime 1x), and replication.Copy between
+## two S3 servers beside a raw minio-go copy of the same bytes.
+bench: build $(TOOLS)/registry $(TOOLS)/versitygw
 	@command -v nginx >/dev/null || (apt-get install -y nginx >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y nginx >/dev/null)) || echo "nginx unavailable: comparing with Go's file server"
 	$(MERIDIAN) bench --distribution $(TOOLS)/registry
 	$(GO) test -run '^$$' -bench 'TagUpdate|TagRead' -benchtime 2000x -timeout 30m ./node/
 	$(GO) test -run '^$$' -bench 'LeaderFailover' -benchtime 10x -timeout 30m ./node/
 	$(GO) test -run '^$$' -bench . -benchtime 2000x ./consensus/
+	MERIDIAN_VERSITYGW=$(TOOLS)/versitygw $(GO) test -run '^$$' -bench 'ReplicationLag' -benchtime 1x -timeout 30m ./node/
+	MERIDIAN_VERSITYGW=$(TOOLS)/versitygw $(GO) test -run '^$$' -bench 'CrossRegionCopy' -benchtime 5x -timeout 30m ./replication/
 
 clean:
 	rm -rf bin data
