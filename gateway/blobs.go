@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -50,15 +51,21 @@ func (g *Gateway) getBlob(w http.ResponseWriter, r *http.Request, rt route) erro
 }
 
 // streamBlob sends the blob's bytes from the nearest region whose placement
-// lists it, falling back to the next while stores fail to open it. Once bytes
-// flow, a failure can only cut the response short (the client sees a short
-// body and retries).
+// lists it, falling back to the next while stores fail to open it. A store
+// (or the node in front of it) that fails mid-stream is replaced the same
+// way, resuming from the byte the response reached; only when no source is
+// left is the response cut short (the client sees a short body and retries).
 func (g *Gateway) streamBlob(w http.ResponseWriter, r *http.Request, rec *pb.BlobRecord, d digest.Digest, start, end int64, status int) error {
 	regions := g.stores.Nearest(rec.Regions)
+	// Each region twice: a region reached through its nodes may answer
+	// through another node the second time.
+	sources := append(slices.Clone(regions), regions...)
 	var lastErr error
-	for _, region := range regions {
+	sent := int64(0)
+	headers := false
+	for _, region := range sources {
 		store, _ := g.stores.Driver(region)
-		if g.cfg.RedirectReads {
+		if g.cfg.RedirectReads && !headers {
 			if p, ok := store.(replication.Presigner); ok {
 				u, err := p.PresignGet(r.Context(), d, g.cfg.PresignTTL)
 				if err == nil {
@@ -71,25 +78,41 @@ func (g *Gateway) streamBlob(w http.ResponseWriter, r *http.Request, rec *pb.Blo
 			}
 		}
 		began := time.Now()
-		body, err := store.Open(r.Context(), d, start)
+		body, err := store.Open(r.Context(), d, start+sent)
 		g.stores.Observe(region, time.Since(began), err)
 		if err != nil {
 			if r.Context().Err() != nil {
 				return r.Context().Err()
 			}
-			g.logger.Warn("blob store failed a read; trying the next region", "region", region, "digest", d, "err", err)
+			g.logger.Warn("blob store failed a read; trying the next source", "region", region, "digest", d, "offset", start+sent, "err", err)
 			lastErr = err
 			continue
 		}
-		g.metrics.blobReads.WithLabelValues(region, "stream").Inc()
-		w.WriteHeader(status)
-		// io.Copy onto the response lets net/http sendfile from an *os.File.
-		n, err := io.Copy(w, io.LimitReader(body, end-start))
-		body.Close()
-		g.metrics.blobReadBytes.WithLabelValues(region).Add(float64(n))
-		if err != nil {
-			g.logger.Debug("blob stream ended early", "region", region, "digest", d, "err", err)
+		if !headers {
+			w.WriteHeader(status)
+			headers = true
+			g.metrics.blobReads.WithLabelValues(region, "stream").Inc()
 		}
+		// io.Copy onto the response lets net/http sendfile from an *os.File.
+		n, err := io.Copy(w, io.LimitReader(body, end-start-sent))
+		body.Close()
+		sent += n
+		g.metrics.blobReadBytes.WithLabelValues(region).Add(float64(n))
+		if err == nil && sent < end-start {
+			err = io.ErrUnexpectedEOF // the source ended early
+		}
+		if err == nil {
+			return nil
+		}
+		if r.Context().Err() != nil {
+			return nil // the client went away
+		}
+		g.logger.Warn("blob stream broke; resuming from the next source", "region", region, "digest", d, "offset", start+sent, "err", err)
+		g.stores.Observe(region, 0, err)
+		lastErr = err
+	}
+	if headers {
+		g.logger.Error("no source could finish a blob stream", "digest", d, "sent", sent, "err", lastErr)
 		return nil
 	}
 	if lastErr == nil {

@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -171,4 +172,44 @@ func TestMinRegionsWait(t *testing.T) {
 		}
 	}()
 	h.do(t, "POST", "/v2/app/blobs/uploads/?digest="+od.String(), bytes.NewReader(other)).wantStatus(t, http.StatusCreated)
+}
+
+// breakingStore serves reads that fail after limit bytes.
+type breakingStore struct {
+	replication.Driver
+	limit int64
+}
+
+func (b breakingStore) Open(ctx context.Context, d digest.Digest, off int64) (io.ReadCloser, error) {
+	rc, err := b.Driver.Open(ctx, d, off)
+	if err != nil {
+		return nil, err
+	}
+	return struct {
+		io.Reader
+		io.Closer
+	}{io.MultiReader(io.LimitReader(rc, b.limit), iotest.ErrReader(errStoreDown)), rc}, nil
+}
+
+// A source that breaks mid-stream is replaced by the next region, resuming
+// at the byte the response reached: the client gets the whole blob.
+func TestBlobStreamResumes(t *testing.T) {
+	localFS, far := newFS(t), newFS(t)
+	h := twoRegions(t, breakingStore{Driver: localFS, limit: 100_000}, far)
+	content := randomBytes(1 << 20)
+	d := h.pushBlob(t, "app", content)
+	rc, _ := localFS.Open(context.Background(), d, 0)
+	id, _ := far.StartUpload(context.Background())
+	far.WriteUpload(context.Background(), id, 0, rc)
+	rc.Close()
+	if err := far.CommitUpload(context.Background(), id, int64(len(content)), d); err != nil {
+		t.Fatal(err)
+	}
+	h.meta.place(d.String(), "far")
+	h.wantBlob(t, "app", content)
+	r := h.do(t, "GET", "/v2/app/blobs/"+d.String(), nil, "Range", "bytes=50000-")
+	r.wantStatus(t, http.StatusPartialContent)
+	if !bytes.Equal(r.body, content[50000:]) {
+		t.Fatalf("range after a broken source: %d bytes, want the last %d of the blob", len(r.body), len(content)-50000)
+	}
 }

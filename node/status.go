@@ -2,6 +2,9 @@ package node
 
 import (
 	"context"
+	"fmt"
+	"io"
+	"net/http"
 	"strings"
 	"sync"
 	"time"
@@ -9,6 +12,7 @@ import (
 	"github.com/meridian-registry/meridian/consensus"
 	"github.com/meridian-registry/meridian/node/membership"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+	"google.golang.org/protobuf/encoding/protojson"
 )
 
 // Version is reported in status; cmd sets it from the build.
@@ -77,6 +81,20 @@ func (n *Node) clusterStatus(ctx context.Context) *pb.ClusterStatusResponse {
 			ms.Status = n.status()
 			continue
 		}
+		if gossiped && m.Role == membership.RoleGateway && m.State == membership.StateAlive && m.HTTPAddr != "" {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				gs, err := gatewayStatus(ctx, m.HTTPAddr)
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					ms.Error = err.Error()
+				}
+				ms.Gateway = gs
+			}()
+			continue
+		}
 		if !gossiped || m.Role != membership.RoleServer || m.State != membership.StateAlive {
 			ms.Error = "not reachable through gossip"
 			continue
@@ -111,4 +129,31 @@ func (n *Node) clusterStatus(ctx context.Context) *pb.ClusterStatusResponse {
 	resp.Members = out
 	resp.Regions = n.regionLags(ctx)
 	return resp
+}
+
+// gatewayStatus asks a standalone gateway which nodes it routes to.
+func gatewayStatus(ctx context.Context, httpAddr string) (*pb.GatewayStatus, error) {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+httpAddr+"/status", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("gateway status: %w", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return nil, fmt.Errorf("gateway status: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("gateway status: HTTP %d", resp.StatusCode)
+	}
+	gs := &pb.GatewayStatus{}
+	if err := (protojson.UnmarshalOptions{DiscardUnknown: true}).Unmarshal(body, gs); err != nil {
+		return nil, fmt.Errorf("gateway status: %w", err)
+	}
+	return gs, nil
 }

@@ -128,6 +128,25 @@ func clusterStatus(args []string) error {
 	if err := w.Flush(); err != nil {
 		return err
 	}
+	for _, m := range st.Members {
+		g := m.Gateway
+		if g == nil {
+			continue
+		}
+		fmt.Printf("\ngateway %s (region %s) prefers %s:\n", m.Id, dash(g.Region), dash(g.PreferredNode))
+		w = tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(w, "  NODE\tREGION\tRTT\tHEALTHY")
+		for _, n := range g.Nodes {
+			rtt := "-"
+			if n.RttKnown {
+				rtt = time.Duration(n.RttSeconds * float64(time.Second)).Round(10 * time.Microsecond).String()
+			}
+			fmt.Fprintf(w, "  %s\t%s\t%s\t%v\n", n.Id, dash(n.Region), rtt, n.Healthy)
+		}
+		if err := w.Flush(); err != nil {
+			return err
+		}
+	}
 	if len(st.Regions) > 0 {
 		fmt.Println()
 		w = tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)

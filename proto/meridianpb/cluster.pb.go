@@ -1629,7 +1629,9 @@ type MemberStatus struct {
 	// Present when the member answered its Status call.
 	Status *NodeStatus `protobuf:"bytes,7,opt,name=status,proto3" json:"status,omitempty"`
 	// Why status is absent.
-	Error         string `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
+	Error string `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
+	// Present for a gateway that answered: the nodes it routes to.
+	Gateway       *GatewayStatus `protobuf:"bytes,9,opt,name=gateway,proto3" json:"gateway,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1720,6 +1722,178 @@ func (x *MemberStatus) GetError() string {
 	return ""
 }
 
+func (x *MemberStatus) GetGateway() *GatewayStatus {
+	if x != nil {
+		return x.Gateway
+	}
+	return nil
+}
+
+// GatewayStatus is a standalone gateway's view of the nodes, served as JSON
+// on its /status endpoint (protojson of this message).
+type GatewayStatus struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Id     string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Region string                 `protobuf:"bytes,2,opt,name=region,proto3" json:"region,omitempty"`
+	Zone   string                 `protobuf:"bytes,3,opt,name=zone,proto3" json:"zone,omitempty"`
+	// The node metadata reads go to now.
+	PreferredNode string          `protobuf:"bytes,4,opt,name=preferred_node,json=preferredNode,proto3" json:"preferred_node,omitempty"`
+	Nodes         []*UpstreamNode `protobuf:"bytes,5,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GatewayStatus) Reset() {
+	*x = GatewayStatus{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GatewayStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GatewayStatus) ProtoMessage() {}
+
+func (x *GatewayStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GatewayStatus.ProtoReflect.Descriptor instead.
+func (*GatewayStatus) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *GatewayStatus) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *GatewayStatus) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *GatewayStatus) GetZone() string {
+	if x != nil {
+		return x.Zone
+	}
+	return ""
+}
+
+func (x *GatewayStatus) GetPreferredNode() string {
+	if x != nil {
+		return x.PreferredNode
+	}
+	return ""
+}
+
+func (x *GatewayStatus) GetNodes() []*UpstreamNode {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+// UpstreamNode is one node as a gateway sees it, nearest first.
+type UpstreamNode struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Id         string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Region     string                 `protobuf:"bytes,2,opt,name=region,proto3" json:"region,omitempty"`
+	Zone       string                 `protobuf:"bytes,3,opt,name=zone,proto3" json:"zone,omitempty"`
+	RttSeconds float64                `protobuf:"fixed64,4,opt,name=rtt_seconds,json=rttSeconds,proto3" json:"rtt_seconds,omitempty"`
+	// Whether rtt_seconds is a measurement or estimate (false: unknown).
+	RttKnown      bool `protobuf:"varint,5,opt,name=rtt_known,json=rttKnown,proto3" json:"rtt_known,omitempty"`
+	Healthy       bool `protobuf:"varint,6,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpstreamNode) Reset() {
+	*x = UpstreamNode{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpstreamNode) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpstreamNode) ProtoMessage() {}
+
+func (x *UpstreamNode) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpstreamNode.ProtoReflect.Descriptor instead.
+func (*UpstreamNode) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *UpstreamNode) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *UpstreamNode) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *UpstreamNode) GetZone() string {
+	if x != nil {
+		return x.Zone
+	}
+	return ""
+}
+
+func (x *UpstreamNode) GetRttSeconds() float64 {
+	if x != nil {
+		return x.RttSeconds
+	}
+	return 0
+}
+
+func (x *UpstreamNode) GetRttKnown() bool {
+	if x != nil {
+		return x.RttKnown
+	}
+	return false
+}
+
+func (x *UpstreamNode) GetHealthy() bool {
+	if x != nil {
+		return x.Healthy
+	}
+	return false
+}
+
 type ClusterStatusResponse struct {
 	state             protoimpl.MessageState `protogen:"open.v1"`
 	ClusterId         string                 `protobuf:"bytes,1,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
@@ -1736,7 +1910,7 @@ type ClusterStatusResponse struct {
 
 func (x *ClusterStatusResponse) Reset() {
 	*x = ClusterStatusResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	mi := &file_meridianpb_cluster_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1748,7 +1922,7 @@ func (x *ClusterStatusResponse) String() string {
 func (*ClusterStatusResponse) ProtoMessage() {}
 
 func (x *ClusterStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	mi := &file_meridianpb_cluster_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1761,7 +1935,7 @@ func (x *ClusterStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatusResponse.ProtoReflect.Descriptor instead.
 func (*ClusterStatusResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{28}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ClusterStatusResponse) GetClusterId() string {
@@ -1820,7 +1994,7 @@ type RegionLag struct {
 
 func (x *RegionLag) Reset() {
 	*x = RegionLag{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[29]
+	mi := &file_meridianpb_cluster_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1832,7 +2006,7 @@ func (x *RegionLag) String() string {
 func (*RegionLag) ProtoMessage() {}
 
 func (x *RegionLag) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[29]
+	mi := &file_meridianpb_cluster_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1845,7 +2019,7 @@ func (x *RegionLag) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegionLag.ProtoReflect.Descriptor instead.
 func (*RegionLag) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{29}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RegionLag) GetRegion() string {
@@ -1884,7 +2058,7 @@ type ListPoliciesRequest struct {
 
 func (x *ListPoliciesRequest) Reset() {
 	*x = ListPoliciesRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[30]
+	mi := &file_meridianpb_cluster_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1896,7 +2070,7 @@ func (x *ListPoliciesRequest) String() string {
 func (*ListPoliciesRequest) ProtoMessage() {}
 
 func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[30]
+	mi := &file_meridianpb_cluster_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1909,7 +2083,7 @@ func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesRequest.ProtoReflect.Descriptor instead.
 func (*ListPoliciesRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{30}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{32}
 }
 
 type ListPoliciesResponse struct {
@@ -1923,7 +2097,7 @@ type ListPoliciesResponse struct {
 
 func (x *ListPoliciesResponse) Reset() {
 	*x = ListPoliciesResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[31]
+	mi := &file_meridianpb_cluster_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1935,7 +2109,7 @@ func (x *ListPoliciesResponse) String() string {
 func (*ListPoliciesResponse) ProtoMessage() {}
 
 func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[31]
+	mi := &file_meridianpb_cluster_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1948,7 +2122,7 @@ func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesResponse.ProtoReflect.Descriptor instead.
 func (*ListPoliciesResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{31}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ListPoliciesResponse) GetPolicies() []*Policy {
@@ -1974,7 +2148,7 @@ type SetPolicyRequest struct {
 
 func (x *SetPolicyRequest) Reset() {
 	*x = SetPolicyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[32]
+	mi := &file_meridianpb_cluster_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1986,7 +2160,7 @@ func (x *SetPolicyRequest) String() string {
 func (*SetPolicyRequest) ProtoMessage() {}
 
 func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[32]
+	mi := &file_meridianpb_cluster_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1999,7 +2173,7 @@ func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{32}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *SetPolicyRequest) GetPolicy() *Policy {
@@ -2018,7 +2192,7 @@ type SetPolicyResponse struct {
 
 func (x *SetPolicyResponse) Reset() {
 	*x = SetPolicyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[33]
+	mi := &file_meridianpb_cluster_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2030,7 +2204,7 @@ func (x *SetPolicyResponse) String() string {
 func (*SetPolicyResponse) ProtoMessage() {}
 
 func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[33]
+	mi := &file_meridianpb_cluster_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2043,7 +2217,7 @@ func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*SetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{33}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *SetPolicyResponse) GetResult() *Result {
@@ -2062,7 +2236,7 @@ type DeletePolicyRequest struct {
 
 func (x *DeletePolicyRequest) Reset() {
 	*x = DeletePolicyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[34]
+	mi := &file_meridianpb_cluster_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2074,7 +2248,7 @@ func (x *DeletePolicyRequest) String() string {
 func (*DeletePolicyRequest) ProtoMessage() {}
 
 func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[34]
+	mi := &file_meridianpb_cluster_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2087,7 +2261,7 @@ func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyRequest.ProtoReflect.Descriptor instead.
 func (*DeletePolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{34}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *DeletePolicyRequest) GetPrefix() string {
@@ -2106,7 +2280,7 @@ type DeletePolicyResponse struct {
 
 func (x *DeletePolicyResponse) Reset() {
 	*x = DeletePolicyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[35]
+	mi := &file_meridianpb_cluster_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2118,7 +2292,7 @@ func (x *DeletePolicyResponse) String() string {
 func (*DeletePolicyResponse) ProtoMessage() {}
 
 func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[35]
+	mi := &file_meridianpb_cluster_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2131,7 +2305,7 @@ func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyResponse.ProtoReflect.Descriptor instead.
 func (*DeletePolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{35}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *DeletePolicyResponse) GetResult() *Result {
@@ -2150,7 +2324,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[36]
+	mi := &file_meridianpb_cluster_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2162,7 +2336,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[36]
+	mi := &file_meridianpb_cluster_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2175,7 +2349,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{36}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *TransferLeadershipRequest) GetId() string {
@@ -2195,7 +2369,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[37]
+	mi := &file_meridianpb_cluster_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2207,7 +2381,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[37]
+	mi := &file_meridianpb_cluster_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2220,7 +2394,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{37}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *TransferLeadershipResponse) GetResult() *Result {
@@ -2246,7 +2420,7 @@ type RemoveServerRequest struct {
 
 func (x *RemoveServerRequest) Reset() {
 	*x = RemoveServerRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[38]
+	mi := &file_meridianpb_cluster_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2258,7 +2432,7 @@ func (x *RemoveServerRequest) String() string {
 func (*RemoveServerRequest) ProtoMessage() {}
 
 func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[38]
+	mi := &file_meridianpb_cluster_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2271,7 +2445,7 @@ func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveServerRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{38}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *RemoveServerRequest) GetId() string {
@@ -2290,7 +2464,7 @@ type RemoveServerResponse struct {
 
 func (x *RemoveServerResponse) Reset() {
 	*x = RemoveServerResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[39]
+	mi := &file_meridianpb_cluster_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2302,7 +2476,7 @@ func (x *RemoveServerResponse) String() string {
 func (*RemoveServerResponse) ProtoMessage() {}
 
 func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[39]
+	mi := &file_meridianpb_cluster_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2315,7 +2489,7 @@ func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveServerResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{39}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *RemoveServerResponse) GetResult() *Result {
@@ -2450,7 +2624,7 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\thttp_addr\x18\x10 \x01(\tR\bhttpAddr\x12\x18\n" +
 	"\aversion\x18\x11 \x01(\tR\aversion\x12%\n" +
 	"\x0euptime_seconds\x18\x12 \x01(\x03R\ruptimeSeconds\"\x16\n" +
-	"\x14ClusterStatusRequest\"\xd9\x01\n" +
+	"\x14ClusterStatusRequest\"\x8f\x02\n" +
 	"\fMemberStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06region\x18\x02 \x01(\tR\x06region\x12\x12\n" +
@@ -2459,7 +2633,22 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\bsuffrage\x18\x05 \x01(\tR\bsuffrage\x12\x16\n" +
 	"\x06health\x18\x06 \x01(\tR\x06health\x12/\n" +
 	"\x06status\x18\a \x01(\v2\x17.meridian.v1.NodeStatusR\x06status\x12\x14\n" +
-	"\x05error\x18\b \x01(\tR\x05error\"\x8b\x02\n" +
+	"\x05error\x18\b \x01(\tR\x05error\x124\n" +
+	"\agateway\x18\t \x01(\v2\x1a.meridian.v1.GatewayStatusR\agateway\"\xa3\x01\n" +
+	"\rGatewayStatus\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06region\x18\x02 \x01(\tR\x06region\x12\x12\n" +
+	"\x04zone\x18\x03 \x01(\tR\x04zone\x12%\n" +
+	"\x0epreferred_node\x18\x04 \x01(\tR\rpreferredNode\x12/\n" +
+	"\x05nodes\x18\x05 \x03(\v2\x19.meridian.v1.UpstreamNodeR\x05nodes\"\xa2\x01\n" +
+	"\fUpstreamNode\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06region\x18\x02 \x01(\tR\x06region\x12\x12\n" +
+	"\x04zone\x18\x03 \x01(\tR\x04zone\x12\x1f\n" +
+	"\vrtt_seconds\x18\x04 \x01(\x01R\n" +
+	"rttSeconds\x12\x1b\n" +
+	"\trtt_known\x18\x05 \x01(\bR\brttKnown\x12\x18\n" +
+	"\ahealthy\x18\x06 \x01(\bR\ahealthy\"\x8b\x02\n" +
 	"\x15ClusterStatusResponse\x12\x1d\n" +
 	"\n" +
 	"cluster_id\x18\x01 \x01(\tR\tclusterId\x12\x1b\n" +
@@ -2532,7 +2721,7 @@ func file_meridianpb_cluster_proto_rawDescGZIP() []byte {
 }
 
 var file_meridianpb_cluster_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_meridianpb_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
+var file_meridianpb_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_meridianpb_cluster_proto_goTypes = []any{
 	(Consistency)(0),                   // 0: meridian.v1.Consistency
 	(*Result)(nil),                     // 1: meridian.v1.Result
@@ -2563,99 +2752,103 @@ var file_meridianpb_cluster_proto_goTypes = []any{
 	(*NodeStatus)(nil),                 // 26: meridian.v1.NodeStatus
 	(*ClusterStatusRequest)(nil),       // 27: meridian.v1.ClusterStatusRequest
 	(*MemberStatus)(nil),               // 28: meridian.v1.MemberStatus
-	(*ClusterStatusResponse)(nil),      // 29: meridian.v1.ClusterStatusResponse
-	(*RegionLag)(nil),                  // 30: meridian.v1.RegionLag
-	(*ListPoliciesRequest)(nil),        // 31: meridian.v1.ListPoliciesRequest
-	(*ListPoliciesResponse)(nil),       // 32: meridian.v1.ListPoliciesResponse
-	(*SetPolicyRequest)(nil),           // 33: meridian.v1.SetPolicyRequest
-	(*SetPolicyResponse)(nil),          // 34: meridian.v1.SetPolicyResponse
-	(*DeletePolicyRequest)(nil),        // 35: meridian.v1.DeletePolicyRequest
-	(*DeletePolicyResponse)(nil),       // 36: meridian.v1.DeletePolicyResponse
-	(*TransferLeadershipRequest)(nil),  // 37: meridian.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 38: meridian.v1.TransferLeadershipResponse
-	(*RemoveServerRequest)(nil),        // 39: meridian.v1.RemoveServerRequest
-	(*RemoveServerResponse)(nil),       // 40: meridian.v1.RemoveServerResponse
-	(Code)(0),                          // 41: meridian.v1.Code
-	(*LogEntry)(nil),                   // 42: meridian.v1.LogEntry
-	(*ManifestRecord)(nil),             // 43: meridian.v1.ManifestRecord
-	(*Referrer)(nil),                   // 44: meridian.v1.Referrer
-	(*BlobRecord)(nil),                 // 45: meridian.v1.BlobRecord
-	(*Policy)(nil),                     // 46: meridian.v1.Policy
+	(*GatewayStatus)(nil),              // 29: meridian.v1.GatewayStatus
+	(*UpstreamNode)(nil),               // 30: meridian.v1.UpstreamNode
+	(*ClusterStatusResponse)(nil),      // 31: meridian.v1.ClusterStatusResponse
+	(*RegionLag)(nil),                  // 32: meridian.v1.RegionLag
+	(*ListPoliciesRequest)(nil),        // 33: meridian.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),       // 34: meridian.v1.ListPoliciesResponse
+	(*SetPolicyRequest)(nil),           // 35: meridian.v1.SetPolicyRequest
+	(*SetPolicyResponse)(nil),          // 36: meridian.v1.SetPolicyResponse
+	(*DeletePolicyRequest)(nil),        // 37: meridian.v1.DeletePolicyRequest
+	(*DeletePolicyResponse)(nil),       // 38: meridian.v1.DeletePolicyResponse
+	(*TransferLeadershipRequest)(nil),  // 39: meridian.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 40: meridian.v1.TransferLeadershipResponse
+	(*RemoveServerRequest)(nil),        // 41: meridian.v1.RemoveServerRequest
+	(*RemoveServerResponse)(nil),       // 42: meridian.v1.RemoveServerResponse
+	(Code)(0),                          // 43: meridian.v1.Code
+	(*LogEntry)(nil),                   // 44: meridian.v1.LogEntry
+	(*ManifestRecord)(nil),             // 45: meridian.v1.ManifestRecord
+	(*Referrer)(nil),                   // 46: meridian.v1.Referrer
+	(*BlobRecord)(nil),                 // 47: meridian.v1.BlobRecord
+	(*Policy)(nil),                     // 48: meridian.v1.Policy
 }
 var file_meridianpb_cluster_proto_depIdxs = []int32{
-	41, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
-	42, // 1: meridian.v1.ProposeRequest.entry:type_name -> meridian.v1.LogEntry
+	43, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
+	44, // 1: meridian.v1.ProposeRequest.entry:type_name -> meridian.v1.LogEntry
 	1,  // 2: meridian.v1.ProposeResponse.result:type_name -> meridian.v1.Result
 	0,  // 3: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 4: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
-	43, // 5: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
+	45, // 5: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
 	0,  // 6: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 7: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
 	0,  // 8: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 9: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
 	0,  // 10: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 11: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
-	44, // 12: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
+	46, // 12: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
 	0,  // 13: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
 	1,  // 14: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
-	45, // 15: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
+	47, // 15: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
 	1,  // 16: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
 	1,  // 17: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
-	45, // 18: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
+	47, // 18: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
 	20, // 19: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
 	20, // 20: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
 	26, // 21: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
-	28, // 22: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
-	30, // 23: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
-	46, // 24: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
-	46, // 25: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
-	1,  // 26: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 27: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 28: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
-	1,  // 29: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
-	2,  // 30: meridian.v1.Cluster.Propose:input_type -> meridian.v1.ProposeRequest
-	4,  // 31: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
-	25, // 32: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
-	27, // 33: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
-	37, // 34: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
-	39, // 35: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
-	31, // 36: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
-	33, // 37: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
-	35, // 38: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
-	6,  // 39: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
-	8,  // 40: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
-	10, // 41: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
-	10, // 42: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
-	12, // 43: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
-	14, // 44: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
-	23, // 45: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
-	16, // 46: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
-	18, // 47: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
-	21, // 48: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
-	3,  // 49: meridian.v1.Cluster.Propose:output_type -> meridian.v1.ProposeResponse
-	5,  // 50: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
-	26, // 51: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
-	29, // 52: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
-	38, // 53: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
-	40, // 54: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
-	32, // 55: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
-	34, // 56: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
-	36, // 57: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
-	7,  // 58: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
-	9,  // 59: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
-	11, // 60: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
-	11, // 61: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
-	13, // 62: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
-	15, // 63: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
-	24, // 64: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
-	17, // 65: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
-	19, // 66: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
-	22, // 67: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
-	49, // [49:68] is the sub-list for method output_type
-	30, // [30:49] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	29, // 22: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
+	30, // 23: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
+	28, // 24: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
+	32, // 25: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
+	48, // 26: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
+	48, // 27: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
+	1,  // 28: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 29: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 30: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
+	1,  // 31: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
+	2,  // 32: meridian.v1.Cluster.Propose:input_type -> meridian.v1.ProposeRequest
+	4,  // 33: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
+	25, // 34: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
+	27, // 35: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
+	39, // 36: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
+	41, // 37: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
+	33, // 38: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
+	35, // 39: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
+	37, // 40: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
+	6,  // 41: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
+	8,  // 42: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
+	10, // 43: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
+	10, // 44: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
+	12, // 45: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
+	14, // 46: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
+	23, // 47: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
+	16, // 48: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
+	18, // 49: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
+	21, // 50: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
+	3,  // 51: meridian.v1.Cluster.Propose:output_type -> meridian.v1.ProposeResponse
+	5,  // 52: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
+	26, // 53: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
+	31, // 54: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
+	40, // 55: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
+	42, // 56: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
+	34, // 57: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
+	36, // 58: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
+	38, // 59: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
+	7,  // 60: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
+	9,  // 61: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
+	11, // 62: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
+	11, // 63: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
+	13, // 64: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
+	15, // 65: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
+	24, // 66: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
+	17, // 67: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
+	19, // 68: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
+	22, // 69: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
+	51, // [51:70] is the sub-list for method output_type
+	32, // [32:51] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_cluster_proto_init() }
@@ -2670,7 +2863,7 @@ func file_meridianpb_cluster_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridianpb_cluster_proto_rawDesc), len(file_meridianpb_cluster_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   40,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
