@@ -99,7 +99,11 @@ fuzz:
 ## reads, and leader failover time; then geo-replication on versitygw: the
 ## lag from a blob PUT's 201 to its placement in all three regions of a
 ## loopback cluster (one run: -benchtime 1x), and replication.Copy between
-## two S3 servers beside a raw minio-go copy of the same bytes.
+## two S3 servers beside a raw minio-go copy of the same bytes; then a real
+## `meridian gateway` process in front of three `meridian serve` processes:
+## manifest GETs at 500 req/s and a 256 MiB blob GET through the gateway
+## beside the node it prefers, and a 2 GiB blob streamed through the gateway
+## with its peak RSS (one run: -benchtime 1x).
 bench: build $(TOOLS)/registry $(TOOLS)/versitygw
 	@command -v nginx >/dev/null || (apt-get install -y nginx >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y nginx >/dev/null)) || echo "nginx unavailable: comparing with Go's file server"
 	$(MERIDIAN) bench --distribution $(TOOLS)/registry
@@ -108,6 +112,7 @@ bench: build $(TOOLS)/registry $(TOOLS)/versitygw
 	$(GO) test -run '^$$' -bench . -benchtime 2000x ./consensus/
 	MERIDIAN_VERSITYGW=$(TOOLS)/versitygw $(GO) test -run '^$$' -bench 'ReplicationLag' -benchtime 1x -timeout 30m ./node/
 	MERIDIAN_VERSITYGW=$(TOOLS)/versitygw $(GO) test -run '^$$' -bench 'CrossRegionCopy' -benchtime 5x -timeout 30m ./replication/
+	$(GO) test -run '^$$' -bench 'Gateway' -benchtime 1x -timeout 30m ./cmd/meridian/
 
 clean:
 	rm -rf bin data

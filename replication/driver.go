@@ -142,7 +142,8 @@ func storageError(err error) error {
 // blob GET with a redirect instead of streaming the bytes itself.
 type Presigner interface {
 	// PresignGet returns a URL that reads committed blob dgst with a plain
-	// GET until ttl passes. It does not check that the blob exists.
+	// GET until ttl passes, or ErrBlobNotFound when the store has no such
+	// blob (a driver may find that out at no more cost than one small read).
 	PresignGet(ctx context.Context, dgst digest.Digest, ttl time.Duration) (*url.URL, error)
 }
 

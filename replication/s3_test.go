@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -83,6 +84,16 @@ func s3ListMultipart(t *testing.T, c *minio.Client, bucket, prefix string) []min
 	return res.Uploads
 }
 
+// s3Object returns the object at key, which must exist.
+func s3Object(t *testing.T, c *minio.Client, bucket, key string) minio.ObjectInfo {
+	t.Helper()
+	info, err := c.StatObject(t.Context(), bucket, key, minio.StatObjectOptions{})
+	if err != nil {
+		t.Fatalf("stat %s/%s: %v", bucket, key, err)
+	}
+	return info
+}
+
 func s3Random(seed uint64, n int) []byte {
 	b := make([]byte, n)
 	rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8)}).Read(b)
@@ -126,7 +137,8 @@ func s3ReadAll(t *testing.T, d replication.Driver, dgst digest.Digest) []byte {
 
 // TestS3UploadLayout checks the design the driver documents: chunks below
 // 5 MiB only move a single tail object, a part is stored once 5 MiB have
-// arrived, and a commit leaves nothing under uploads/.
+// arrived, straight into the upload's data object, and a commit leaves
+// nothing under uploads/, the data object in place and a small link to it.
 func TestS3UploadLayout(t *testing.T) {
 	srv := s3test.Start(t)
 	srv.CreateBucket(t, "layout")
@@ -154,8 +166,9 @@ func TestS3UploadLayout(t *testing.T) {
 	for ; off < len(content); off += chunk {
 		s3Write(t, d, id, int64(off), content[off:off+chunk])
 	}
-	if mpus := s3ListMultipart(t, c, "layout", "p/"); len(mpus) != 1 || mpus[0].Key != uploadDir+"data" {
-		t.Fatalf("multipart uploads after 7 MiB: %+v; want one at %sdata", mpus, uploadDir)
+	dataKey := "p/data/" + id
+	if mpus := s3ListMultipart(t, c, "layout", "p/"); len(mpus) != 1 || mpus[0].Key != dataKey {
+		t.Fatalf("multipart uploads after 7 MiB: %+v; want one at %s", mpus, dataKey)
 	}
 	dgst := digest.FromBytes(content)
 	if err := d.CommitUpload(ctx, id, int64(len(content)), dgst); err != nil {
@@ -167,8 +180,18 @@ func TestS3UploadLayout(t *testing.T) {
 	if mpus := s3ListMultipart(t, c, "layout", "p/"); len(mpus) != 0 {
 		t.Fatalf("multipart uploads left after commit: %+v", mpus)
 	}
-	if keys := s3ListKeys(t, c, "layout", "p/blobs/"); len(keys) != 1 || keys[0] != "p/blobs/sha256/"+dgst.Encoded() {
-		t.Fatalf("blobs: %v; want p/blobs/sha256/%s", keys, dgst.Encoded())
+	linkKey := "p/blobs/sha256/" + dgst.Encoded()
+	if keys := s3ListKeys(t, c, "layout", "p/blobs/"); len(keys) != 1 || keys[0] != linkKey {
+		t.Fatalf("blobs: %v; want %s", keys, linkKey)
+	}
+	if keys := s3ListKeys(t, c, "layout", "p/data/"); len(keys) != 1 || keys[0] != dataKey {
+		t.Fatalf("data objects: %v; want %s", keys, dataKey)
+	}
+	if link := s3Object(t, c, "layout", linkKey); link.Size > 1024 {
+		t.Fatalf("the link is %d bytes, want a small object", link.Size)
+	}
+	if data := s3Object(t, c, "layout", dataKey); data.Size != int64(len(content)) {
+		t.Fatalf("the data object is %d bytes, want %d", data.Size, len(content))
 	}
 	if !bytes.Equal(s3ReadAll(t, d, dgst), content) {
 		t.Fatal("blob differs")
@@ -277,8 +300,8 @@ func TestS3ConcurrentWritesAcrossProcesses(t *testing.T) {
 }
 
 // TestS3PurgeAbortsMultipart checks that PurgeUploads aborts the multipart
-// uploads of stale uploads, those no state records (a crashed write) and
-// those of interrupted copies into blobs/, and keeps a live upload's.
+// uploads of stale uploads, those no state records (a crashed write or an
+// interrupted copy), and keeps a live upload's.
 func TestS3PurgeAbortsMultipart(t *testing.T) {
 	srv := s3test.Start(t)
 	srv.CreateBucket(t, "purge")
@@ -293,8 +316,8 @@ func TestS3PurgeAbortsMultipart(t *testing.T) {
 	}
 	s3Write(t, d, stale, 0, s3Random(4, 6<<20))
 	for _, key := range []string{
-		"store/uploads/0123456789abcdef0123456789abcdef/data", // state never written
-		"store/blobs/sha256/" + strings.Repeat("ab", 32),      // copy cut short
+		"store/data/0123456789abcdef0123456789abcdef", // state never written
+		"store/data/" + strings.Repeat("ab", 16),      // copy cut short
 	} {
 		if _, err := core.NewMultipartUpload(ctx, "purge", key, minio.PutObjectOptions{PartSize: 5 << 20}); err != nil {
 			t.Fatal(err)
@@ -330,8 +353,10 @@ func TestS3PurgeAbortsMultipart(t *testing.T) {
 	if size, err := d.UploadSize(ctx, live); err != nil || size != 6<<20 {
 		t.Fatalf("live upload: UploadSize = %d, %v", size, err)
 	}
-	if keys := s3ListKeys(t, c, "purge", "store/uploads/"+stale); len(keys) != 0 {
-		t.Fatalf("objects of the purged upload remain: %v", keys)
+	for _, prefix := range []string{"store/uploads/" + stale, "store/data/" + stale} {
+		if keys := s3ListKeys(t, c, "purge", prefix); len(keys) != 0 {
+			t.Fatalf("objects of the purged upload remain: %v", keys)
+		}
 	}
 	if other := s3ListMultipart(t, c, "purge", "other-app/"); len(other) != 1 || other[0].UploadID != outside {
 		t.Fatalf("a multipart upload outside the store's prefix was touched: %+v", other)
@@ -357,17 +382,20 @@ func TestS3PresignGet(t *testing.T) {
 	if err != nil || resp.StatusCode != http.StatusOK || !bytes.Equal(got, content) {
 		t.Fatalf("GET presigned URL: %s, %d bytes, %v; want 200 and the blob", resp.Status, len(got), err)
 	}
-	missing, err := d.PresignGet(t.Context(), digest.FromString("absent"), time.Minute)
-	if err != nil {
+	if _, err := d.PresignGet(t.Context(), digest.FromString("absent"), time.Minute); !errors.Is(err, replication.ErrBlobNotFound) {
+		t.Fatalf("PresignGet of a missing blob: got %v, want ErrBlobNotFound", err)
+	}
+	// A URL handed out before the blob was deleted stops working.
+	if err := d.Delete(t.Context(), dgst); err != nil {
 		t.Fatal(err)
 	}
-	resp, err = http.Get(missing.String())
+	resp, err = http.Get(u.String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusNotFound {
-		t.Fatalf("GET presigned URL of a missing blob: %s, want 404", resp.Status)
+		t.Fatalf("GET presigned URL of a deleted blob: %s, want 404", resp.Status)
 	}
 }
 
@@ -388,6 +416,17 @@ func TestS3CopyBlob(t *testing.T) {
 		}
 		if !bytes.Equal(s3ReadAll(t, b, dgst), content) {
 			t.Fatalf("copy of %d bytes differs", size)
+		}
+		if err := b.CopyBlob(ctx, a, dgst); err != nil { // already there: nothing to do
+			t.Fatalf("CopyBlob of a blob already copied: %v", err)
+		}
+	}
+	// The copies are in the new store's own layout: a link and a data
+	// object each, nothing left under uploads/.
+	c := srv.Client(t)
+	for prefix, want := range map[string]int{"meridian/blobs/": 2, "meridian/data/": 2, "meridian/uploads/": 0} {
+		if keys := s3ListKeys(t, c, "region-b", prefix); len(keys) != want {
+			t.Errorf("%s after two copies: %v; want %d objects", prefix, keys, want)
 		}
 	}
 	if err := b.CopyBlob(ctx, a, digest.FromString("absent")); !errors.Is(err, replication.ErrBlobNotFound) {
@@ -653,4 +692,368 @@ func TestS3BoundedMemory(t *testing.T) {
 	if n, err := io.Copy(rh, rc); err != nil || n != size || digest.NewDigest(digest.SHA256, rh) != dgst {
 		t.Fatalf("read back %d bytes, %v; digest match %v", n, err, digest.NewDigest(digest.SHA256, rh) == dgst)
 	}
+}
+
+// s3Requests records the requests a FaultProxy receives.
+type s3Requests struct {
+	mu   sync.Mutex
+	reqs []s3Request
+}
+
+type s3Request struct {
+	method, path string
+	copySource   string // x-amz-copy-source: the request copies an object server-side
+	length       int64
+}
+
+func (r *s3Requests) observe(req *http.Request) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.reqs = append(r.reqs, s3Request{req.Method, req.URL.Path, req.Header.Get("X-Amz-Copy-Source"), req.ContentLength})
+}
+
+// take returns the requests recorded since the last call.
+func (r *s3Requests) take() []s3Request {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	reqs := r.reqs
+	r.reqs = nil
+	return reqs
+}
+
+// TestS3CommitDoesNotCopy checks that a commit costs O(1) in the blob's
+// size: the store sees no copy, read or upload of the blob's bytes (only a
+// server-side copy of a tail under 5 MiB), and the blob's key holds a small
+// link to the data object the upload wrote.
+func TestS3CommitDoesNotCopy(t *testing.T) {
+	srv := s3test.Start(t)
+	srv.CreateBucket(t, "commit")
+	proxy := s3test.NewFaultProxy(t, srv.Endpoint())
+	var seen s3Requests
+	proxy.SetObserver(seen.observe)
+	c := srv.Client(t)
+	tests := []struct {
+		name       string
+		size       int
+		readFirst  bool // hash sha512 by reading the upload back before the commit
+		tailCopies int  // at commit
+	}{
+		{"parts only", 30 << 20, false, 0},
+		{"parts and a tail", 30<<20 + 3<<20 + 7, false, 1},
+		{"a tail only", 3 << 20, false, 1},
+		{"read before commit", 30<<20 + 1234, true, 0},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			prefix := fmt.Sprint("case", i)
+			d := newS3(t, srv, "commit", prefix, func(c *replication.S3Config) { c.Endpoint = proxy.Addr() })
+			ctx := t.Context()
+			content := s3Random(uint64(40+i), tt.size)
+			id, err := d.StartUpload(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			const chunk = 1 << 20
+			for off := 0; off < len(content); off += chunk {
+				s3Write(t, d, id, int64(off), content[off:min(off+chunk, len(content))])
+			}
+			dgst := digest.FromBytes(content)
+			if tt.readFirst {
+				dgst = digest.SHA512.FromBytes(content)
+				rc, err := d.OpenUpload(ctx, id)
+				if err != nil {
+					t.Fatal(err)
+				}
+				got, err := io.ReadAll(rc)
+				rc.Close()
+				if err != nil || !bytes.Equal(got, content) {
+					t.Fatalf("OpenUpload read %d bytes, %v; want the %d written", len(got), err, len(content))
+				}
+			}
+			for _, r := range seen.take() {
+				if r.copySource != "" && !strings.Contains(r.copySource, "/tail.") {
+					t.Errorf("writing and reading the upload copied %s, not a tail", r.copySource)
+				}
+			}
+
+			if err := d.CommitUpload(ctx, id, int64(len(content)), dgst); err != nil {
+				t.Fatalf("CommitUpload: %v", err)
+			}
+			reqs := seen.take()
+			copies, sent := 0, int64(0)
+			for _, r := range reqs {
+				switch {
+				case r.copySource != "":
+					copies++
+					if !strings.Contains(r.copySource, "/tail.") {
+						t.Errorf("commit copied %s, not a tail", r.copySource)
+					}
+				case r.method == http.MethodGet && strings.Contains(r.path, "/data/"):
+					t.Errorf("commit read the data: GET %s", r.path)
+				}
+				sent += max(r.length, 0)
+			}
+			t.Logf("commit of %d bytes: %d requests, %d tail copies, %d bytes sent", len(content), len(reqs), copies, sent)
+			if copies != tt.tailCopies {
+				t.Errorf("commit copied %d tails, want %d", copies, tt.tailCopies)
+			}
+			if sent > 64<<10 {
+				t.Errorf("commit sent %d bytes to the store", sent)
+			}
+
+			linkKey := prefix + "/blobs/" + dgst.Algorithm().String() + "/" + dgst.Encoded()
+			if link := s3Object(t, c, "commit", linkKey); link.Size > 1024 {
+				t.Errorf("the link is %d bytes, want a small object", link.Size)
+			}
+			dataKey := prefix + "/data/" + id
+			if keys := s3ListKeys(t, c, "commit", prefix+"/data/"); len(keys) != 1 || keys[0] != dataKey {
+				t.Fatalf("data objects %v; want %s", keys, dataKey)
+			}
+			if data := s3Object(t, c, "commit", dataKey); data.Size != int64(len(content)) {
+				t.Errorf("the data object holds %d bytes, want %d", data.Size, len(content))
+			}
+			if keys := s3ListKeys(t, c, "commit", prefix+"/uploads/"); len(keys) != 0 {
+				t.Errorf("objects left under uploads/: %v", keys)
+			}
+			if !bytes.Equal(s3ReadAll(t, d, dgst), content) {
+				t.Fatal("blob differs")
+			}
+		})
+	}
+}
+
+// TestS3ConcurrentCommitSameDigest commits one content from several uploads
+// in two driver instances (processes) at once: every commit succeeds, and
+// exactly one upload's data object remains, linked.
+func TestS3ConcurrentCommitSameDigest(t *testing.T) {
+	srv := s3test.Start(t)
+	srv.CreateBucket(t, "same")
+	c := srv.Client(t)
+	for _, size := range []int{256 << 10, 11<<20 + 5} { // a tail; parts and a tail
+		t.Run(fmt.Sprint(size), func(t *testing.T) {
+			prefix := fmt.Sprint("size", size)
+			drivers := []*replication.S3{newS3(t, srv, "same", prefix), newS3(t, srv, "same", prefix)}
+			ctx := t.Context()
+			content := s3Random(50, size)
+			dgst := digest.FromBytes(content)
+			const uploads = 6
+			ids := make([]string, uploads)
+			for i := range ids {
+				id, err := drivers[i%2].StartUpload(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				s3Write(t, drivers[i%2], id, 0, content)
+				ids[i] = id
+			}
+			errs := make([]error, uploads)
+			var wg sync.WaitGroup
+			for i, id := range ids {
+				wg.Go(func() { errs[i] = drivers[i%2].CommitUpload(ctx, id, int64(size), dgst) })
+			}
+			wg.Wait()
+			for i, err := range errs {
+				if err != nil {
+					t.Errorf("commit %d: %v", i, err)
+				}
+			}
+			data := s3ListKeys(t, c, "same", prefix+"/data/")
+			if len(data) != 1 || !slices.Contains(ids, strings.TrimPrefix(data[0], prefix+"/data/")) {
+				t.Fatalf("data objects after %d commits of one digest: %v; want one upload's", uploads, data)
+			}
+			if keys := s3ListKeys(t, c, "same", prefix+"/uploads/"); len(keys) != 0 {
+				t.Errorf("objects left under uploads/: %v", keys)
+			}
+			if mpus := s3ListMultipart(t, c, "same", prefix+"/"); len(mpus) != 0 {
+				t.Errorf("multipart uploads left: %+v", mpus)
+			}
+			for _, d := range drivers {
+				if !bytes.Equal(s3ReadAll(t, d, dgst), content) {
+					t.Fatal("blob differs")
+				}
+			}
+		})
+	}
+}
+
+// TestS3PurgeInterrupted interrupts commits, a delete and a copy where they
+// may leave a data object unlinked, or linked with its intent still
+// recorded, by failing the next request as a crash would end the operation
+// there. PurgeUploads then removes the unlinked data and never the linked,
+// and a retried commit completes.
+func TestS3PurgeInterrupted(t *testing.T) {
+	srv := s3test.Start(t)
+	srv.CreateBucket(t, "crash")
+	proxy := s3test.NewFaultProxy(t, srv.Endpoint())
+	c := srv.Client(t)
+	newDriver := func(t *testing.T, prefix string) *replication.S3 {
+		return newS3(t, srv, "crash", prefix, func(c *replication.S3Config) { c.Endpoint, c.MaxRetries = proxy.Addr(), 1 })
+	}
+	// failing fails the requests f accepts until the returned func is called.
+	failing := func(f func(*http.Request) bool) (restore func()) {
+		proxy.SetFilter(f)
+		proxy.SetMode(s3test.Fail)
+		return func() {
+			proxy.SetMode(s3test.Pass)
+			proxy.SetFilter(nil)
+		}
+	}
+	to := func(method, pathPart string) func(*http.Request) bool {
+		return func(r *http.Request) bool { return r.Method == method && strings.Contains(r.URL.Path, pathPart) }
+	}
+	start := func(t *testing.T, d *replication.S3, content []byte) string {
+		t.Helper()
+		id, err := d.StartUpload(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		s3Write(t, d, id, 0, content)
+		return id
+	}
+	purgeAll := func(t *testing.T, d *replication.S3, want int) {
+		t.Helper()
+		if n, err := d.PurgeUploads(t.Context(), time.Now().Add(time.Hour)); err != nil || n != want {
+			t.Fatalf("PurgeUploads = %d, %v; want %d", n, err, want)
+		}
+	}
+	dataKeys := func(t *testing.T, prefix string) []string {
+		t.Helper()
+		return s3ListKeys(t, c, "crash", prefix+"/data/")
+	}
+
+	t.Run("commit", func(t *testing.T) {
+		d := newDriver(t, "commit")
+		ctx := t.Context()
+		committed := s3Random(60, 6<<20+5)
+		committedDgst := s3Push(t, d, committed)
+
+		// Completed into its data object, but never recorded as such.
+		unrecorded := s3Random(61, 6<<20)
+		id1 := start(t, d, unrecorded)
+		restore := failing(to(http.MethodPut, "/uploads/"+id1+"/state"))
+		err := d.CommitUpload(ctx, id1, int64(len(unrecorded)), digest.FromBytes(unrecorded))
+		restore()
+		if err == nil {
+			t.Fatal("CommitUpload succeeded although its state could not be written")
+		}
+
+		// Recorded with its intent; the link never written.
+		unlinked := s3Random(62, 7<<20)
+		id2 := start(t, d, unlinked)
+		restore = failing(to(http.MethodPut, "/blobs/"))
+		err = d.CommitUpload(ctx, id2, int64(len(unlinked)), digest.FromBytes(unlinked))
+		restore()
+		if err == nil {
+			t.Fatal("CommitUpload succeeded although the link could not be written")
+		}
+		if _, err := d.Stat(ctx, digest.FromBytes(unlinked)); !errors.Is(err, replication.ErrBlobNotFound) {
+			t.Fatalf("Stat of a blob whose link was never written: %v, want ErrBlobNotFound", err)
+		}
+		if _, err := d.UploadSize(ctx, id2); !errors.Is(err, replication.ErrUploadNotFound) {
+			t.Fatalf("UploadSize of an upload whose commit began: %v, want ErrUploadNotFound", err)
+		}
+
+		// Linked; the state, intent included, never removed.
+		linked := s3Random(63, 5<<20+9)
+		linkedDgst := digest.FromBytes(linked)
+		id3 := start(t, d, linked)
+		restore = failing(to(http.MethodDelete, "/uploads/"+id3+"/state"))
+		err = d.CommitUpload(ctx, id3, int64(len(linked)), linkedDgst)
+		restore()
+		if err == nil {
+			t.Fatal("CommitUpload succeeded although its state could not be removed")
+		}
+
+		if keys := dataKeys(t, "commit"); len(keys) != 4 {
+			t.Fatalf("data objects before the purge: %v, want 4", keys)
+		}
+		purgeAll(t, d, 3)
+		if keys := dataKeys(t, "commit"); len(keys) != 2 || !slices.Contains(keys, "commit/data/"+id3) {
+			t.Fatalf("data objects after the purge: %v; want the committed blob's and commit/data/%s", keys, id3)
+		}
+		if keys := s3ListKeys(t, c, "crash", "commit/uploads/"); len(keys) != 0 {
+			t.Fatalf("objects left under uploads/: %v", keys)
+		}
+		if !bytes.Equal(s3ReadAll(t, d, committedDgst), committed) || !bytes.Equal(s3ReadAll(t, d, linkedDgst), linked) {
+			t.Fatal("a committed blob differs after the purge")
+		}
+	})
+
+	t.Run("commit retried", func(t *testing.T) {
+		d := newDriver(t, "retry")
+		ctx := t.Context()
+		content := s3Random(64, 6<<20)
+		dgst := digest.FromBytes(content)
+		id := start(t, d, content)
+		restore := failing(to(http.MethodPut, "/blobs/"))
+		err := d.CommitUpload(ctx, id, int64(len(content)), dgst)
+		restore()
+		if err == nil {
+			t.Fatal("CommitUpload succeeded although the link could not be written")
+		}
+		other := digest.SHA512.FromBytes(content)
+		if err := d.CommitUpload(ctx, id, int64(len(content)), other); !errors.Is(err, replication.ErrUploadNotFound) {
+			t.Fatalf("retry as another digest: got %v, want ErrUploadNotFound", err)
+		}
+		if err := d.CommitUpload(ctx, id, int64(len(content)), dgst); err != nil {
+			t.Fatalf("retried CommitUpload: %v", err)
+		}
+		if !bytes.Equal(s3ReadAll(t, d, dgst), content) {
+			t.Fatal("blob differs")
+		}
+		if keys := s3ListKeys(t, c, "crash", "retry/uploads/"); len(keys) != 0 {
+			t.Fatalf("objects left under uploads/: %v", keys)
+		}
+	})
+
+	t.Run("delete", func(t *testing.T) {
+		d := newDriver(t, "delete")
+		ctx := t.Context()
+		dgst := s3Push(t, d, s3Random(65, 1000))
+		restore := failing(to(http.MethodDelete, "/data/"))
+		err := d.Delete(ctx, dgst)
+		restore()
+		if err != nil {
+			t.Fatalf("Delete whose data could not be removed: %v; want success, the blob being gone", err)
+		}
+		if _, err := d.Stat(ctx, dgst); !errors.Is(err, replication.ErrBlobNotFound) {
+			t.Fatalf("Stat after Delete: %v, want ErrBlobNotFound", err)
+		}
+		if keys := dataKeys(t, "delete"); len(keys) != 1 {
+			t.Fatalf("data objects before the purge: %v, want the deleted blob's", keys)
+		}
+		purgeAll(t, d, 1)
+		if keys := dataKeys(t, "delete"); len(keys) != 0 {
+			t.Fatalf("data objects after the purge: %v, want none", keys)
+		}
+	})
+
+	t.Run("copy", func(t *testing.T) {
+		src, dst := newDriver(t, "copy-src"), newDriver(t, "copy-dst")
+		ctx := t.Context()
+		content := s3Random(66, 2000)
+		dgst := s3Push(t, src, content)
+		broken := func(r *http.Request) bool {
+			return to(http.MethodPut, "/copy-dst/blobs/")(r) || to(http.MethodDelete, "/copy-dst/data/")(r)
+		}
+		restore := failing(broken)
+		err := dst.CopyBlob(ctx, src, dgst)
+		restore()
+		if err == nil {
+			t.Fatal("CopyBlob succeeded although the link could not be written")
+		}
+		if keys := dataKeys(t, "copy-dst"); len(keys) != 1 {
+			t.Fatalf("data objects before the purge: %v, want the copy's", keys)
+		}
+		purgeAll(t, dst, 1)
+		if keys := dataKeys(t, "copy-dst"); len(keys) != 0 {
+			t.Fatalf("data objects after the purge: %v, want none", keys)
+		}
+		if err := dst.CopyBlob(ctx, src, dgst); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(s3ReadAll(t, dst, dgst), content) {
+			t.Fatal("copy differs")
+		}
+	})
 }

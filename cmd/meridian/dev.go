@@ -11,15 +11,19 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/meridian-registry/meridian/gateway"
 	"github.com/meridian-registry/meridian/node"
 )
 
-// devNodes are the three nodes of `meridian dev`: one per simulated region,
-// dev-a on the ports a newcomer expects (5000-5003).
+// devNodes are the three nodes of `meridian dev`, one per simulated region;
+// a gateway in front of them serves the registry on localhost:5000.
 var devNodes = []struct {
 	id, region string
 	base       int
-}{{"dev-a", "us-east", 5000}, {"dev-b", "eu-west", 5100}, {"dev-c", "ap-south", 5200}}
+}{{"dev-a", "us-east", 5100}, {"dev-b", "eu-west", 5200}, {"dev-c", "ap-south", 5300}}
+
+// devGateway is where `meridian dev` serves the registry.
+const devGateway = "localhost:5000"
 
 // dev runs a local three-node cluster in this process until Ctrl-C.
 func dev(args []string) error {
@@ -86,14 +90,42 @@ func dev(args []string) error {
 			return err
 		}
 	}
+
+	// The gateway: in us-east, in front of all three nodes.
+	gc := node.DefaultConfig()
+	gc.Region = devNodes[0].region
+	gc.Regions = regions
+	gc.HTTPAddr = ":5000"
+	gc.GossipAddr = "127.0.0.1:5004"
+	gc.GossipProfile = "local"
+	gc.Join = []string{fmt.Sprintf("127.0.0.1:%d", devNodes[0].base+3)}
+	sc, err := standaloneConfig(gc)
+	if err != nil {
+		return err
+	}
+	sc.ID = "dev-gateway"
+	sc.Logger = logger.With("node", "dev-gateway")
+	gw, err := gateway.NewStandalone(sc)
+	if err != nil {
+		return err
+	}
+	if err := gw.Start(ctx); err != nil {
+		return fmt.Errorf("start the gateway: %w", err)
+	}
+	defer func() {
+		shutdown, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		gw.Close(shutdown)
+	}()
 	fmt.Println()
 	fmt.Println("Meridian dev cluster is up (Ctrl-C stops it; data in " + *dir + "):")
+	fmt.Printf("  gateway  registry http://%s   (in front of every node)\n", devGateway)
 	for _, d := range devNodes {
 		fmt.Printf("  %s  region %-9s registry http://localhost:%d   grpc 127.0.0.1:%d   blobs %s\n",
 			d.id, d.region, d.base, d.base+1, filepath.Join(blobs, d.region))
 	}
 	fmt.Println()
-	fmt.Println("Push to localhost:5000 with any OCI client; `meridian cluster status` shows the nodes.")
+	fmt.Println("Push to " + devGateway + " with any OCI client; `meridian cluster status --addr 127.0.0.1:5101` shows the nodes.")
 	<-ctx.Done()
 	logger.Info("stopping the dev cluster")
 	return nil

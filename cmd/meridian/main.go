@@ -14,7 +14,8 @@ const usage = `meridian: a geo-replicated OCI container registry
 
 Usage:
   meridian serve [flags]     run a registry node (OCI API on :5000)
-  meridian dev               run a local 3-node cluster (what make run starts)
+  meridian gateway [flags]   run a stateless gateway in front of a cluster (--join, --region-store …)
+  meridian dev               run a local 3-region cluster with a gateway (what make run starts)
   meridian cluster …         status, transfer-leader, remove, recover
   meridian policy …          list, set, delete replication policies
   meridian bench [flags]     measure push, pull and manifest GET against the machine's limits
@@ -32,6 +33,8 @@ func main() {
 	switch os.Args[1] {
 	case "serve":
 		err = serve(os.Args[2:])
+	case "gateway":
+		err = gatewayCmd(os.Args[2:])
 	case "dev":
 		err = dev(os.Args[2:])
 	case "cluster":

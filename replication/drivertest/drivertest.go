@@ -48,7 +48,9 @@ func Run(t *testing.T, newDriver func(t *testing.T) replication.Driver) {
 		{"DeleteThenStat", testDeleteThenStat},
 		{"ConcurrentUploads", testConcurrentUploads},
 		{"ConcurrentCommitSameDigest", testConcurrentCommitSameDigest},
+		{"ConcurrentCommitSameDigestAcrossParts", testConcurrentCommitSameDigestAcrossParts},
 		{"PurgeUploads", testPurgeUploads},
+		{"PurgeKeepsBlobs", testPurgeKeepsBlobs},
 		{"LargeBlob", testLargeBlob},
 		{"SmallChunksAcrossParts", testSmallChunksAcrossParts},
 		{"OddChunksAcrossParts", testOddChunksAcrossParts},
@@ -557,6 +559,51 @@ func testConcurrentCommitSameDigest(t *testing.T, d replication.Driver) {
 	wg.Wait()
 	if got := readBlob(t, d, digest.FromBytes(content), 0); !bytes.Equal(got, content) {
 		t.Fatal("blob committed concurrently differs")
+	}
+}
+
+// testConcurrentCommitSameDigestAcrossParts races commits of a blob of
+// several 5 MiB parts, each upload ending in a partial part.
+func testConcurrentCommitSameDigestAcrossParts(t *testing.T, d replication.Driver) {
+	const workers = 4
+	content := randomBytes(17, 11<<20+4321)
+	var wg sync.WaitGroup
+	for i := range workers {
+		wg.Go(func() {
+			if err := pushChunked(t.Context(), d, content, 3<<20); err != nil {
+				t.Errorf("worker %d: %v", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	dgst := digest.FromBytes(content)
+	if size, err := d.Stat(t.Context(), dgst); err != nil || size != int64(len(content)) {
+		t.Fatalf("Stat = %d, %v; want %d", size, err, len(content))
+	}
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, content) {
+		t.Fatal("blob committed concurrently differs")
+	}
+}
+
+// testPurgeKeepsBlobs purges with a cutoff after everything was written:
+// every upload goes, no committed blob does.
+func testPurgeKeepsBlobs(t *testing.T, d replication.Driver) {
+	ctx := t.Context()
+	contents := [][]byte{nil, randomBytes(18, 1000), randomBytes(19, 6<<20+7)}
+	var dgsts []digest.Digest
+	for _, content := range contents {
+		dgsts = append(dgsts, pushBlob(t, d, content))
+	}
+	open := startUpload(t, d)
+	write(t, d, open, 0, randomBytes(20, 6<<20))
+	if n, err := d.PurgeUploads(ctx, time.Now().Add(time.Hour)); err != nil || n != 1 {
+		t.Fatalf("PurgeUploads(an hour from now) = %d, %v; want 1 (the open upload)", n, err)
+	}
+	assertUploadGone(t, d, open)
+	for i, dgst := range dgsts {
+		if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, contents[i]) {
+			t.Errorf("blob of %d bytes after the purge: %d bytes that differ", len(contents[i]), len(got))
+		}
 	}
 }
 

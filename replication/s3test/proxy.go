@@ -67,6 +67,7 @@ type FaultProxy struct {
 	failStatus int
 	failCode   string
 	filter     func(*http.Request) bool         // requests the mode applies to; nil: all
+	observer   func(*http.Request)              // sees every request; nil: none
 	changed    chan struct{}                    // closed and replaced by SetMode
 	inflight   map[*context.CancelFunc]struct{} // forwarded requests, aborted by Cut
 
@@ -134,6 +135,15 @@ func (p *FaultProxy) SetFilter(f func(*http.Request) bool) {
 	p.filter = f
 }
 
+// SetObserver makes the proxy call f with every request it receives, before
+// the mode applies, e.g. to count requests of some kind. f sees the method,
+// URL and headers; it must not read the body. nil removes it.
+func (p *FaultProxy) SetObserver(f func(*http.Request)) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.observer = f
+}
+
 // SetFailure sets the HTTP status and S3 error code that Fail mode answers
 // with, e.g. 500 InternalError or 507 XMinioStorageFull.
 func (p *FaultProxy) SetFailure(status int, code string) {
@@ -162,6 +172,12 @@ func (p *FaultProxy) Close() {
 
 func (p *FaultProxy) serve(w http.ResponseWriter, r *http.Request) {
 	p.requests.Add(1)
+	p.mu.Lock()
+	observe := p.observer
+	p.mu.Unlock()
+	if observe != nil {
+		observe(r)
+	}
 	for {
 		p.mu.Lock()
 		mode, status, code, changed := p.mode, p.failStatus, p.failCode, p.changed

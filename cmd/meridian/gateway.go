@@ -1,0 +1,114 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/meridian-registry/meridian/gateway"
+	"github.com/meridian-registry/meridian/node"
+	"github.com/meridian-registry/meridian/node/membership"
+)
+
+// gatewayOptions are the settings of `meridian gateway`. Its config file has
+// the same format as a node's (nodes and gateways can share one), and keys
+// that only concern nodes are ignored.
+var gatewayOptions = []option{
+	stringOpt("cluster-id", "cluster identity; must match the nodes'", func(c *node.Config) *string { return &c.ClusterID }),
+	stringOpt("region", "region this gateway runs in (uploads go to the nearest of a repository's regions)", func(c *node.Config) *string { return &c.Region }),
+	stringOpt("zone", "zone within the region (same-zone nodes win ties)", func(c *node.Config) *string { return &c.Zone }),
+	stringOpt("http-addr", "OCI API, /metrics, /healthz and /readyz listen address", func(c *node.Config) *string { return &c.HTTPAddr }),
+	stringOpt("gossip-addr", "gossip listen address, UDP and TCP", func(c *node.Config) *string { return &c.GossipAddr }),
+	stringOpt("advertise-gossip", "gossip address members dial (default: gossip-addr)", func(c *node.Config) *string { return &c.AdvertiseGossip }),
+	listOpt("join", "gossip address of a running member; repeat for more (env: comma-separated)", func(c *node.Config) *[]string { return &c.Join }),
+	durationOpt("join-timeout", "how long the gateway tries to reach --join before giving up", func(c *node.Config) *time.Duration { return &c.JoinTimeout }),
+	regionStoresOpt,
+	stringOpt("read-consistency", "local or strong, as on nodes", func(c *node.Config) *string { return &c.ReadConsistency }),
+	stringOpt("gossip-profile", "gossip timings: lan, wan or local", func(c *node.Config) *string { return &c.GossipProfile }),
+	stringOpt("ready-file", "write JSON with the gateway's id and actual addresses here once serving", func(c *node.Config) *string { return &c.ReadyFile }),
+	sizeOpt("max-manifest-size", "largest accepted manifest, bytes", func(c *node.Config) *node.ByteSize { return &c.MaxManifestSize }),
+	sizeOpt("max-blob-size", "largest accepted blob, bytes (0: no limit)", func(c *node.Config) *node.ByteSize { return &c.MaxBlobSize }),
+	durationOpt("upload-ttl", "how long an upload session stays usable", func(c *node.Config) *time.Duration { return &c.UploadTTL }),
+	durationOpt("sync-timeout", "how long a blob PUT waits for a policy's min_regions copies before 503", func(c *node.Config) *time.Duration { return &c.Replication.SyncTimeout }),
+	boolOpt("redirect-reads", "answer blob GETs served from S3 with a 307 to a presigned URL", func(c *node.Config) *bool { return &c.Replication.RedirectReads }),
+	durationOpt("presign-ttl", "lifetime of presigned blob URLs", func(c *node.Config) *time.Duration { return &c.Replication.PresignTTL }),
+	stringOpt("log-level", "debug, info, warn or error", func(c *node.Config) *string { return &c.LogLevel }),
+	stringOpt("log-format", "text or json", func(c *node.Config) *string { return &c.LogFormat }),
+}
+
+// gatewayDefaults are a node's defaults with the gateway's own gossip port,
+// so a gateway and a node can share a host.
+func gatewayDefaults() node.Config {
+	c := node.DefaultConfig()
+	c.GossipAddr = "127.0.0.1:5004"
+	return c
+}
+
+// standaloneConfig maps the shared configuration onto a gateway's.
+func standaloneConfig(c node.Config) (gateway.StandaloneConfig, error) {
+	sc := gateway.StandaloneConfig{
+		ClusterID: c.ClusterID, Region: c.Region, Zone: c.Zone, HTTPAddr: c.HTTPAddr,
+		GossipAddr: c.GossipAddr, AdvertiseGossip: c.AdvertiseGossip, Join: c.Join,
+		ReadConsistency: c.ReadConsistency, ReadyFile: c.ReadyFile, JoinTimeout: c.JoinTimeout,
+	}
+	switch c.GossipProfile {
+	case "lan":
+	case "wan":
+		sc.GossipTimings = membership.WANTimings()
+	case "local":
+		sc.GossipTimings = membership.LocalTimings()
+	default:
+		return sc, fmt.Errorf("gossip_profile %q: want lan, wan or local", c.GossipProfile)
+	}
+	if c.ReadConsistency != "local" && c.ReadConsistency != "strong" {
+		return sc, fmt.Errorf("read_consistency %q: want local or strong", c.ReadConsistency)
+	}
+	for _, r := range c.Regions {
+		sc.Regions = append(sc.Regions, gateway.RegionStore{Name: r.Name, Store: r.Store, AccessKey: r.AccessKey, SecretKey: r.SecretKey})
+	}
+	g := gateway.DefaultConfig()
+	g.MaxManifestSize = int64(c.MaxManifestSize)
+	g.MaxBlobSize = int64(c.MaxBlobSize)
+	g.UploadTTL = c.UploadTTL
+	g.SyncTimeout = c.Replication.SyncTimeout
+	g.RedirectReads = c.Replication.RedirectReads
+	g.PresignTTL = c.Replication.PresignTTL
+	sc.Gateway = g
+	return sc, nil
+}
+
+// gatewayCmd runs a standalone gateway until SIGINT or SIGTERM.
+func gatewayCmd(args []string) error {
+	cfg, err := loadConfig("gateway", args, gatewayOptions, gatewayDefaults())
+	if err != nil {
+		return err
+	}
+	sc, err := standaloneConfig(cfg)
+	if err != nil {
+		return err
+	}
+	logger := newLogger(cfg.LogLevel, cfg.LogFormat)
+	sc.Logger = logger
+	g, err := gateway.NewStandalone(sc)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := g.Start(ctx); err != nil {
+		if ctx.Err() != nil {
+			// Stopped while still joining: not a failure.
+			logger.Info("stopped before joining the cluster")
+			return nil
+		}
+		return err
+	}
+	<-ctx.Done()
+	logger.Info("shutting down")
+	shutdown, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	return g.Close(shutdown)
+}

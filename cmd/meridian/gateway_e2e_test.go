@@ -1,0 +1,638 @@
+package main
+
+// End-to-end tests of `meridian gateway`: three `meridian serve` processes,
+// one per region, and a gateway process in front of them, all on
+// 127.0.0.1:0 ports read from their ready files. The binary is the one
+// e2e_test.go builds; the harness here takes a testing.TB so that the
+// benchmarks in bench_gateway_test.go run the same processes. Identifiers
+// start with gwe2e.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/meridian-registry/meridian/node"
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// gwe2eRegions are the cluster's regions, one node each (node i runs in
+// region i); the gateway runs in the first.
+var gwe2eRegions = []string{"us-east", "eu-west", "ap-south"}
+
+// gwe2eMaxRSS bounds the gateway's peak resident memory while it streams a
+// blob of any size: a gateway holding a blob would exceed it at once.
+const gwe2eMaxRSS = 100 << 20
+
+// gwe2eNeedBinary is e2eNeedBinary for tests and benchmarks alike: the same
+// build, done once.
+func gwe2eNeedBinary(tb testing.TB) {
+	tb.Helper()
+	if testing.Short() {
+		tb.Skip("end-to-end test of the binary: skipped with -short")
+	}
+	e2eBuildOnce.Do(func() {
+		if e2eDir, e2eBuildErr = os.MkdirTemp("", "meridian-e2e-"); e2eBuildErr != nil {
+			return
+		}
+		e2eBinary, e2eBuildErr = e2eBuild(filepath.Join(e2eDir, "meridian"))
+	})
+	if e2eBuildErr != nil {
+		tb.Fatalf("building meridian: %v", e2eBuildErr)
+	}
+}
+
+// gwe2eReady is what a node or a gateway writes to --ready-file.
+type gwe2eReady struct {
+	NodeID     string `json:"node_id"`
+	GatewayID  string `json:"gateway_id"`
+	Region     string `json:"region"`
+	HTTPAddr   string `json:"http_addr"`
+	GRPCAddr   string `json:"grpc_addr"`
+	GossipAddr string `json:"gossip_addr"`
+	PID        int    `json:"pid"`
+}
+
+// gwe2eProc is one running meridian process.
+type gwe2eProc struct {
+	tb        testing.TB
+	name      string
+	cmd       *exec.Cmd
+	readyFile string
+	logPath   string
+	exited    chan struct{}
+	ready     gwe2eReady
+}
+
+// gwe2eStart runs the binary with args; it is killed when the test ends if
+// it is still running, and by the kernel if the test process dies.
+func gwe2eStart(tb testing.TB, name, dir string, args ...string) *gwe2eProc {
+	tb.Helper()
+	p := &gwe2eProc{tb: tb, name: name, readyFile: filepath.Join(dir, name+".ready.json"),
+		logPath: filepath.Join(dir, name+".log"), exited: make(chan struct{})}
+	logFile, err := os.Create(p.logPath)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer logFile.Close()
+	p.cmd = exec.Command(e2eBinary, append(args, "--ready-file", p.readyFile)...)
+	p.cmd.Env = e2eEnv()
+	p.cmd.Stdout, p.cmd.Stderr = logFile, logFile
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := p.cmd.Start(); err != nil {
+		tb.Fatalf("start %s: %v", name, err)
+	}
+	go func() {
+		p.cmd.Wait()
+		close(p.exited)
+	}()
+	tb.Cleanup(func() {
+		select {
+		case <-p.exited:
+		default:
+			p.cmd.Process.Kill()
+			<-p.exited
+		}
+		if tb.Failed() {
+			tb.Logf("%s (pid %d) log:\n%s", name, p.cmd.Process.Pid, p.logTail())
+		}
+	})
+	return p
+}
+
+func (p *gwe2eProc) logTail() string {
+	b, _ := os.ReadFile(p.logPath)
+	if len(b) > 16<<10 {
+		b = b[len(b)-16<<10:]
+	}
+	return string(b)
+}
+
+// poll calls check every 20 ms until it succeeds; it fails the test when
+// d passes or the process exits first.
+func (p *gwe2eProc) poll(what string, d time.Duration, check func() error) {
+	p.tb.Helper()
+	deadline := time.Now().Add(d)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		err := check()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			p.tb.Fatalf("%s: %s: not within %v: %v", p.name, what, d, err)
+		}
+		select {
+		case <-p.exited:
+			p.tb.Fatalf("%s: %s: the process exited (%v):\n%s", p.name, what, p.cmd.ProcessState, p.logTail())
+		case <-tick.C:
+		}
+	}
+}
+
+// waitWritten waits for the ready file this process wrote.
+func (p *gwe2eProc) waitWritten() {
+	p.tb.Helper()
+	p.poll("ready file", time.Minute, func() error {
+		b, err := os.ReadFile(p.readyFile)
+		if err != nil {
+			return err
+		}
+		var r gwe2eReady
+		if err := json.Unmarshal(b, &r); err != nil {
+			return err
+		}
+		if r.PID != p.cmd.Process.Pid {
+			return fmt.Errorf("ready file is from pid %d", r.PID)
+		}
+		p.ready = r
+		return nil
+	})
+}
+
+// waitReady waits for /readyz to answer 200.
+func (p *gwe2eProc) waitReady() {
+	p.tb.Helper()
+	p.poll("/readyz", time.Minute, func() error {
+		resp, err := http.Get(p.url("/readyz"))
+		if err != nil {
+			return err
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("%s: %s", resp.Status, bytes.TrimSpace(b))
+		}
+		return nil
+	})
+}
+
+func (p *gwe2eProc) url(path string) string { return "http://" + p.ready.HTTPAddr + path }
+
+// ref parses "repo:tag" or "repo@digest" on this process.
+func (p *gwe2eProc) ref(s string) name.Reference {
+	p.tb.Helper()
+	r, err := name.ParseReference(p.ready.HTTPAddr+"/"+s, name.Insecure)
+	if err != nil {
+		p.tb.Fatal(err)
+	}
+	return r
+}
+
+// stop sends SIGTERM and expects a clean exit (status 0) within 30 s.
+func (p *gwe2eProc) stop() {
+	p.tb.Helper()
+	// Shutdown waits for connections a client keeps open; close the idle
+	// ones of the shared transports.
+	e2eCloseIdle()
+	start := time.Now()
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		p.tb.Fatalf("%s: SIGTERM: %v", p.name, err)
+	}
+	select {
+	case <-p.exited:
+	case <-time.After(30 * time.Second):
+		p.tb.Fatalf("%s did not exit within 30s of SIGTERM:\n%s", p.name, p.logTail())
+	}
+	if st := p.cmd.ProcessState; st.ExitCode() != 0 {
+		p.tb.Fatalf("%s: after SIGTERM exited with %v, want status 0:\n%s", p.name, st, p.logTail())
+	}
+	p.tb.Logf("%s: SIGTERM: clean exit in %v", p.name, time.Since(start).Round(time.Millisecond))
+}
+
+// peakRSS is the process's peak resident set size so far (VmHWM).
+func (p *gwe2eProc) peakRSS() int64 {
+	p.tb.Helper()
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+	if err != nil {
+		p.tb.Fatalf("%s: %v", p.name, err)
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		if v, ok := strings.CutPrefix(s.Text(), "VmHWM:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			if err != nil {
+				p.tb.Fatalf("%s: VmHWM %q: %v", p.name, v, err)
+			}
+			return kb << 10
+		}
+	}
+	p.tb.Fatalf("%s: no VmHWM in /proc/%d/status", p.name, p.cmd.Process.Pid)
+	return 0
+}
+
+// gwe2eCluster is three nodes, one per region, and a gateway in the first
+// region, all sharing one region list.
+type gwe2eCluster struct {
+	tb      testing.TB
+	dir     string
+	regions []string // --region-store flags, the same for every process
+	nodes   []*gwe2eProc
+	gw      *gwe2eProc
+}
+
+// gwe2eStartCluster starts the nodes (the first bootstraps, the others join
+// its gossip address), then the gateway, and waits until the gateway has
+// measured every node.
+func gwe2eStartCluster(tb testing.TB) *gwe2eCluster {
+	tb.Helper()
+	gwe2eNeedBinary(tb)
+	c := &gwe2eCluster{tb: tb, dir: tb.TempDir()}
+	for _, r := range gwe2eRegions {
+		c.regions = append(c.regions, "--region-store", r+"=file://"+filepath.Join(c.dir, "blobs", r))
+	}
+	common := slices.Concat(c.regions, []string{"--cluster-id", "gwe2e", "--gossip-profile", "local"})
+	for i, region := range gwe2eRegions {
+		id := fmt.Sprintf("n%d", i)
+		args := slices.Concat([]string{"serve", "--node-id", id, "--region", region,
+			"--data-dir", filepath.Join(c.dir, id)}, e2eLoopback, common)
+		if i > 0 {
+			args = append(args, "--join", c.nodes[0].ready.GossipAddr)
+		}
+		p := gwe2eStart(tb, id, c.dir, args...)
+		if i == 0 {
+			p.waitWritten() // the others need its gossip address
+		}
+		c.nodes = append(c.nodes, p)
+	}
+	for _, p := range c.nodes {
+		p.waitWritten()
+		p.waitReady()
+	}
+	c.gw = gwe2eStart(tb, "gateway", c.dir, slices.Concat([]string{"gateway", "--region", gwe2eRegions[0],
+		"--http-addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0", "--join", c.nodes[0].ready.GossipAddr}, common)...)
+	c.gw.waitWritten()
+	c.gw.waitReady()
+	c.gw.poll("every node measured", time.Minute, func() error {
+		st, err := c.gatewayStatus()
+		if err != nil {
+			return err
+		}
+		healthy := 0
+		for _, n := range st.Nodes {
+			if n.Healthy && n.RttKnown {
+				healthy++
+			}
+		}
+		if healthy != len(c.nodes) || st.PreferredNode == "" {
+			return fmt.Errorf("%d of %d nodes healthy and measured, preferred %q", healthy, len(c.nodes), st.PreferredNode)
+		}
+		return nil
+	})
+	return c
+}
+
+// gatewayStatus is the gateway's view of the nodes (its GET /status).
+func (c *gwe2eCluster) gatewayStatus() (*pb.GatewayStatus, error) {
+	resp, err := http.Get(c.gw.url("/status"))
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET /status: %s: %s", resp.Status, b)
+	}
+	st := &pb.GatewayStatus{}
+	return st, protojson.UnmarshalOptions{DiscardUnknown: true}.Unmarshal(b, st)
+}
+
+// preferred is the node the gateway sends metadata reads to now.
+func (c *gwe2eCluster) preferred() *gwe2eProc {
+	c.tb.Helper()
+	st, err := c.gatewayStatus()
+	if err != nil {
+		c.tb.Fatal(err)
+	}
+	for _, p := range c.nodes {
+		if p.ready.NodeID == st.PreferredNode {
+			return p
+		}
+	}
+	c.tb.Fatalf("the gateway prefers %q, which is none of the nodes", st.PreferredNode)
+	return nil
+}
+
+// meridian runs a short-lived meridian command (cluster status, …) and
+// returns its stdout and stderr.
+func (c *gwe2eCluster) meridian(args ...string) (stdout, stderr string, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, e2eBinary, args...)
+	cmd.Env = e2eEnv()
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err = cmd.Run()
+	return out.String(), errOut.String(), err
+}
+
+// waitReplicated waits until no region misses a blob, so that background
+// copies do not compete with what a benchmark measures.
+func (c *gwe2eCluster) waitReplicated(d time.Duration) {
+	c.tb.Helper()
+	c.nodes[0].poll("every region holds every blob", d, func() error {
+		out, stderr, err := c.meridian("cluster", "status", "--json", "--addr", c.nodes[0].ready.GRPCAddr)
+		if err != nil {
+			return fmt.Errorf("cluster status: %v: %s", err, stderr)
+		}
+		st := &pb.ClusterStatusResponse{}
+		if err := (protojson.UnmarshalOptions{DiscardUnknown: true}).Unmarshal([]byte(out), st); err != nil {
+			return err
+		}
+		for _, r := range st.Regions {
+			if r.MissingBlobs > 0 {
+				return fmt.Errorf("region %s misses %d blobs", r.Region, r.MissingBlobs)
+			}
+		}
+		return nil
+	})
+}
+
+// gwe2eClient is an HTTP client of its own, so that its connections are
+// its own to close.
+func gwe2eClient() *http.Client {
+	return &http.Client{Transport: &http.Transport{Proxy: nil, MaxIdleConnsPerHost: 128, DisableCompression: true}}
+}
+
+// gwe2eBlobDigest hashes the size bytes of the stream seed, without holding
+// them.
+func gwe2eBlobDigest(tb testing.TB, seed uint64, size int64) string {
+	tb.Helper()
+	h := sha256.New()
+	if _, err := io.CopyN(h, e2eStream(seed), size); err != nil {
+		tb.Fatal(err)
+	}
+	return "sha256:" + hex.EncodeToString(h.Sum(nil))
+}
+
+// gwe2ePushBlob pushes the size bytes of the stream seed to repo on base in
+// one POST ?digest= (a monolithic upload), read from the generator as the
+// request goes.
+func gwe2ePushBlob(ctx context.Context, client *http.Client, base, repo, digest string, seed uint64, size int64) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v2/"+repo+"/blobs/uploads/?digest="+digest,
+		io.LimitReader(e2eStream(seed), size))
+	if err != nil {
+		return err
+	}
+	req.ContentLength = size
+	req.Header.Set("Content-Type", "application/octet-stream")
+	resp, err := client.Do(req)
+	if err != nil {
+		return fmt.Errorf("push %s to %s: %w", digest, base, err)
+	}
+	defer resp.Body.Close()
+	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<10))
+	if resp.StatusCode != http.StatusCreated {
+		return fmt.Errorf("push %s to %s: %s: %s", digest, base, resp.Status, msg)
+	}
+	return nil
+}
+
+// gwe2eGetBlob GETs a blob from base and checks its length; with verify it
+// also hashes the bytes against digest (the caller's CPU is then part of
+// the measurement).
+func gwe2eGetBlob(ctx context.Context, client *http.Client, base, repo, digest string, size int64, verify bool) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/v2/"+repo+"/blobs/"+digest, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return fmt.Errorf("GET %s from %s: %w", digest, base, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<10))
+		return fmt.Errorf("GET %s from %s: %s: %s", digest, base, resp.Status, msg)
+	}
+	var w io.Writer = io.Discard
+	h := sha256.New()
+	if verify {
+		w = h
+	}
+	n, err := io.Copy(w, resp.Body)
+	if err != nil {
+		return fmt.Errorf("GET %s from %s: after %d bytes: %w", digest, base, n, err)
+	}
+	if n != size {
+		return fmt.Errorf("GET %s from %s: %d bytes, want %d", digest, base, n, size)
+	}
+	if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); verify && got != digest {
+		return fmt.Errorf("GET %s from %s: the bytes hash to %s", digest, base, got)
+	}
+	return nil
+}
+
+// gwe2eTransferTimeout bounds moving size bytes once: generous for a slow
+// or race-instrumented build, finite for a hung one.
+func gwe2eTransferTimeout(size int64) time.Duration {
+	return 2*time.Minute + time.Duration(size/(5<<20))*time.Second
+}
+
+// gwe2eRaceBuild reports whether this test binary, and so the server it
+// built, runs with the race detector, which multiplies memory use.
+func gwe2eRaceBuild() bool {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return false
+	}
+	for _, s := range bi.Settings {
+		if s.Key == "-race" && s.Value == "true" {
+			return true
+		}
+	}
+	return false
+}
+
+// The gateway process serves pushes and pulls in front of a three-region
+// cluster, shows up in `meridian cluster status` with the node it prefers,
+// refuses bad command lines with a message, and stops cleanly on SIGTERM.
+func TestGatewayBinary(t *testing.T) {
+	gwe2eNeedBinary(t)
+	t.Run("bad command line", func(t *testing.T) {
+		dir := t.TempDir()
+		store := []string{"--region-store", "us-east=file://" + dir}
+		loopback := []string{"--http-addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0"}
+		gateway := func(extra ...string) []string {
+			return slices.Concat([]string{"gateway"}, loopback, extra)
+		}
+		cases := []struct {
+			name string
+			args []string
+			want []string // all must appear on stderr
+		}{
+			{"unknown flag", gateway("--no-such-flag"), []string{"flag provided but not defined", "-no-such-flag"}},
+			{"missing join", gateway(slices.Concat(store, []string{"--region", "us-east"})...), []string{"invalid gateway configuration", "join", "gossip address"}},
+			{"missing regions", gateway("--join", "127.0.0.1:1"), []string{"regions", "stores"}},
+			{"region not configured", gateway(slices.Concat(store, []string{"--join", "127.0.0.1:1", "--region", "mars"})...), []string{`region "mars"`}},
+			{"bad gossip profile", gateway(slices.Concat(store, []string{"--join", "127.0.0.1:1", "--gossip-profile", "fast"})...), []string{`gossip_profile "fast"`}},
+			{"stray argument", gateway("extra"), []string{"unexpected arguments: extra"}},
+		}
+		for _, c := range cases {
+			t.Run(c.name, func(t *testing.T) {
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				defer cancel()
+				cmd := exec.CommandContext(ctx, e2eBinary, c.args...)
+				cmd.Env = e2eEnv()
+				var stderr bytes.Buffer
+				cmd.Stderr = &stderr
+				err := cmd.Run()
+				var exit *exec.ExitError
+				if !errors.As(err, &exit) || exit.ExitCode() <= 0 {
+					t.Fatalf("meridian %s: %v, want a non-zero exit status\n%s", strings.Join(c.args, " "), err, stderr.String())
+				}
+				msg := stderr.String()
+				for _, w := range c.want {
+					if !strings.Contains(msg, w) {
+						t.Errorf("stderr does not mention %q:\n%s", w, msg)
+					}
+				}
+				if strings.Contains(msg, "goroutine ") || strings.Contains(msg, "panic:") {
+					t.Errorf("stderr shows a crash:\n%s", msg)
+				}
+			})
+		}
+	})
+
+	c := gwe2eStartCluster(t)
+	img, err := random.Image(256<<10, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(c.gw.ref("gw/app:v1"), img); err != nil {
+		t.Fatalf("push through the gateway: %v", err)
+	}
+	e2eCheckImage(t, c.gw.ref("gw/app:v1"), img)
+	for _, p := range c.nodes {
+		e2eCheckImage(t, p.ref("gw/app:v1"), img)
+	}
+
+	// Gossip carries the gateway to the nodes within a few rounds; the node
+	// asks the gateway for its view when asked for the status.
+	gwID := c.gw.ready.GatewayID
+	prefers := regexp.MustCompile(`(?m)^gateway ` + regexp.QuoteMeta(gwID) + ` \(region us-east\) prefers (n[0-9]):$`)
+	member := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(gwID) + `\s+us-east\s+gateway\s`)
+	var status string
+	c.gw.poll("cluster status lists the gateway", 30*time.Second, func() error {
+		out, stderr, err := c.meridian("cluster", "status", "--addr", c.nodes[0].ready.GRPCAddr)
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, stderr)
+		}
+		status = out
+		if !member.MatchString(out) || !prefers.MatchString(out) {
+			return fmt.Errorf("no gateway %s with its preferred node in:\n%s", gwID, out)
+		}
+		return nil
+	})
+	t.Logf("meridian cluster status:\n%s", status)
+	// Below that line, the gateway lists every node it routes to.
+	section, _, _ := strings.Cut(status[prefers.FindStringIndex(status)[1]:], "\n\n")
+	for _, p := range c.nodes {
+		row := regexp.MustCompile(`(?m)^\s+` + p.ready.NodeID + `\s+` + p.ready.Region + `\s+\S+\s+true$`)
+		if !row.MatchString(section) {
+			t.Errorf("the gateway's view does not list node %s as healthy:\n%s", p.ready.NodeID, section)
+		}
+	}
+
+	c.gw.stop()
+	// The nodes serve on without it.
+	e2eCheckImage(t, c.nodes[1].ref("gw/app:v1"), img)
+}
+
+// The gateway streams a blob through without holding it: pushed in one
+// request from a generator and read back whole, its peak RSS stays under
+// 100 MiB. MERIDIAN_GATEWAY_MEM_BLOB sets the blob's size (default 256MiB).
+func TestGatewayStreamMemory(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("reads the gateway's peak RSS from /proc")
+	}
+	size := gwe2eMemBlobSize(t, 256<<20)
+	c := gwe2eStartCluster(t)
+	peak, push, pull := gwe2eStream(t, c, size, false)
+	t.Logf("%d MiB through the gateway: push %.0f MB/s, GET %.0f MB/s, gateway peak RSS %d MiB",
+		size>>20, push, pull, peak>>20)
+	switch {
+	case gwe2eRaceBuild():
+		t.Logf("race build: the %d MiB bound is not checked", gwe2eMaxRSS>>20)
+	case peak >= gwe2eMaxRSS:
+		t.Errorf("gateway peak RSS %d MiB after streaming %d MiB, want under %d MiB", peak>>20, size>>20, gwe2eMaxRSS>>20)
+	}
+	c.gw.stop()
+}
+
+// gwe2eMemBlobSize is MERIDIAN_GATEWAY_MEM_BLOB (a byte count such as
+// 256MiB or 2GiB), or def.
+func gwe2eMemBlobSize(tb testing.TB, def int64) int64 {
+	tb.Helper()
+	v := os.Getenv("MERIDIAN_GATEWAY_MEM_BLOB")
+	if v == "" {
+		return def
+	}
+	n, err := node.ParseByteSize(v)
+	if err != nil || n <= 0 {
+		tb.Fatalf("MERIDIAN_GATEWAY_MEM_BLOB=%q: want a positive byte count such as 256MiB (%v)", v, err)
+	}
+	return int64(n)
+}
+
+// gwe2eStream pushes a blob of size bytes through the gateway in one
+// request, then GETs it back through the gateway and checks its bytes; it
+// returns the gateway's peak RSS after both and the MB/s of each. With
+// settle it waits for the other regions' copies before the GET.
+func gwe2eStream(tb testing.TB, c *gwe2eCluster, size int64, settle bool) (peak int64, pushMBps, pullMBps float64) {
+	tb.Helper()
+	const repo, seed = "gw/big", 42
+	digest := gwe2eBlobDigest(tb, seed, size)
+	tb.Logf("gateway RSS before the transfers: peak %d MiB", c.gw.peakRSS()>>20)
+	client := gwe2eClient()
+	defer client.CloseIdleConnections()
+
+	ctx, cancel := context.WithTimeout(context.Background(), gwe2eTransferTimeout(size))
+	defer cancel()
+	start := time.Now()
+	if err := gwe2ePushBlob(ctx, client, c.gw.url(""), repo, digest, seed, size); err != nil {
+		tb.Fatal(err)
+	}
+	pushMBps = float64(size) / 1e6 / time.Since(start).Seconds()
+	if settle {
+		c.waitReplicated(gwe2eTransferTimeout(size))
+	}
+
+	ctx, cancel = context.WithTimeout(context.Background(), gwe2eTransferTimeout(size))
+	defer cancel()
+	start = time.Now()
+	if err := gwe2eGetBlob(ctx, client, c.gw.url(""), repo, digest, size, true); err != nil {
+		tb.Fatal(err)
+	}
+	pullMBps = float64(size) / 1e6 / time.Since(start).Seconds()
+	return c.gw.peakRSS(), pushMBps, pullMBps
+}

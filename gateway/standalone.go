@@ -1,0 +1,379 @@
+package gateway
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/meridian-registry/meridian/node/membership"
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+	"github.com/meridian-registry/meridian/replication"
+)
+
+// RegionStore is one region of the cluster and its blob store, as every
+// member's configuration lists it.
+type RegionStore struct {
+	Name, Store          string
+	AccessKey, SecretKey string
+}
+
+// StandaloneConfig configures a gateway process that runs apart from the
+// nodes (`meridian gateway`).
+type StandaloneConfig struct {
+	// ID names the gateway in gossip; empty picks "gateway-<host>-<random>",
+	// since a gateway has no state to keep its identity in.
+	ID        string
+	ClusterID string
+	// Region and Zone place the gateway: uploads go to the nearest of a
+	// repository's regions, and same-zone nodes win ties.
+	Region, Zone string
+	// HTTPAddr serves the OCI API, /metrics, /healthz and /readyz.
+	HTTPAddr string
+	// GossipAddr and AdvertiseGossip are the gateway's gossip listener and
+	// the address members reach it at; Join lists members to join through.
+	GossipAddr, AdvertiseGossip string
+	Join                        []string
+	// JoinTimeout bounds the first join; zero means 30s.
+	JoinTimeout   time.Duration
+	GossipTimings membership.Timings
+	// Regions lists every region and its store; it must equal the nodes'.
+	Regions []RegionStore
+	// ReadConsistency is "local" or "strong", as on nodes.
+	ReadConsistency string
+	// ReadyFile, when set, receives JSON with the gateway's id and actual
+	// addresses once it serves.
+	ReadyFile string
+	// Gateway tunes the OCI API (limits, timeouts).
+	Gateway Config
+	// Dial, when set, opens the gateway's connections to nodes (tests put
+	// TCP proxies in between); nil means plain TCP.
+	Dial   func(ctx context.Context, addr string) (net.Conn, error)
+	Logger *slog.Logger
+}
+
+// Standalone is a running gateway process: gossip membership as a gateway
+// member, the cluster's nodes reached over gRPC, the regions' stores read
+// and written directly, and the OCI API over HTTP. It keeps no state.
+type Standalone struct {
+	cfg      StandaloneConfig
+	logger   *slog.Logger
+	registry *prometheus.Registry
+	members  *membership.Membership
+	upstream *Upstream
+	regions  *replication.Regions
+	gateway  *Gateway
+
+	connMu sync.Mutex
+	conns  map[string]*grpc.ClientConn
+
+	httpLn  net.Listener
+	httpSrv *http.Server
+	stop    context.CancelFunc
+	wg      sync.WaitGroup
+}
+
+// NewStandalone checks cfg; Start runs the gateway.
+func NewStandalone(cfg StandaloneConfig) (*Standalone, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.ID == "" {
+		host, _ := os.Hostname()
+		b := make([]byte, 3)
+		rand.Read(b)
+		cfg.ID = "gateway-" + strings.ToLower(host) + "-" + hex.EncodeToString(b)
+	}
+	var errs []error
+	if len(cfg.Join) == 0 {
+		errs = append(errs, errors.New("join: a gateway needs at least one member's gossip address"))
+	}
+	if len(cfg.Regions) == 0 {
+		errs = append(errs, errors.New("regions: a gateway needs the cluster's regions and their stores"))
+	}
+	found := false
+	for _, r := range cfg.Regions {
+		found = found || r.Name == cfg.Region
+	}
+	if !found && cfg.Region != "" {
+		errs = append(errs, fmt.Errorf("region %q is not among the configured regions", cfg.Region))
+	}
+	if err := cfg.Gateway.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("invalid gateway configuration:\n%w", err)
+	}
+	return &Standalone{cfg: cfg, logger: cfg.Logger.With("gateway_id", cfg.ID), conns: map[string]*grpc.ClientConn{}}, nil
+}
+
+// Start joins the cluster and begins serving; it returns once serving.
+func (s *Standalone) Start(ctx context.Context) (err error) {
+	defer func() {
+		if err != nil {
+			s.Close(context.Background())
+		}
+	}()
+	s.registry = prometheus.NewRegistry()
+	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if s.httpLn, err = net.Listen("tcp", s.cfg.HTTPAddr); err != nil {
+		return fmt.Errorf("http listener: %w", err)
+	}
+
+	stores := map[string]string{}
+	for _, r := range s.cfg.Regions {
+		stores[r.Name] = r.Store
+	}
+	mc := membership.DefaultConfig()
+	mc.Meta = membership.Meta{ID: s.cfg.ID, ClusterID: s.cfg.ClusterID, Region: s.cfg.Region, Zone: s.cfg.Zone,
+		Role: membership.RoleGateway, HTTPAddr: s.advertisedHTTP(), Version: membership.ProtocolVersion,
+		Topology: replication.TopologyFingerprint(stores)}
+	mc.BindAddr = s.cfg.GossipAddr
+	mc.AdvertiseAddr = s.cfg.AdvertiseGossip
+	mc.Timings = s.cfg.GossipTimings
+	mc.Logger = s.logger
+	if s.members, err = membership.New(mc); err != nil {
+		return fmt.Errorf("gossip: %w", err)
+	}
+	if err := s.members.Start(); err != nil {
+		return fmt.Errorf("gossip: %w", err)
+	}
+	joinTimeout := s.cfg.JoinTimeout
+	if joinTimeout <= 0 {
+		joinTimeout = 30 * time.Second
+	}
+	jctx, cancel := context.WithTimeout(ctx, joinTimeout)
+	err = s.members.Join(jctx, s.cfg.Join)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("join %v: %w", s.cfg.Join, err)
+	}
+
+	if s.upstream, err = NewUpstream(UpstreamConfig{
+		ID: s.cfg.ID, Region: s.cfg.Region, Zone: s.cfg.Zone, Members: s.members.Members, Dial: s.dial,
+		ReadConsistency: s.cfg.ReadConsistency, Logger: s.logger, Registerer: s.registry,
+	}); err != nil {
+		return err
+	}
+	s.regions = replication.NewRegions(s.cfg.Region)
+	for _, r := range s.cfg.Regions {
+		if strings.HasPrefix(r.Store, "file://") {
+			// A directory only that region's nodes see: through them.
+			s.regions.Add(r.Name, replication.NewRemote(r.Name, s.upstream.RegionConn(r.Name)))
+			continue
+		}
+		d, err := replication.OpenStore(ctx, replication.StoreConfig{Region: r.Name, URL: r.Store, AccessKey: r.AccessKey, SecretKey: r.SecretKey})
+		if err != nil {
+			return fmt.Errorf("region %s store: %w", r.Name, err)
+		}
+		s.regions.Add(r.Name, d)
+	}
+	gc := s.cfg.Gateway
+	gc.Logger = s.logger
+	gc.Registerer = s.registry
+	if s.gateway, err = New(gc, s.upstream.Metadata(), s.regions); err != nil {
+		return err
+	}
+
+	runCtx, cancel := context.WithCancel(context.Background())
+	s.stop = cancel
+	s.wg.Add(2)
+	go func() { defer s.wg.Done(); s.upstream.Run(runCtx) }()
+	go func() { defer s.wg.Done(); s.keepJoined(runCtx) }()
+
+	s.httpSrv = &http.Server{
+		Handler:           s.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(s.logger.Handler(), slog.LevelDebug),
+	}
+	go s.httpSrv.Serve(s.httpLn)
+	if err := s.writeReadyFile(); err != nil {
+		return err
+	}
+	s.logger.Info("gateway serving", "http", s.HTTPAddr(), "gossip", s.members.Addr(), "region", s.cfg.Region)
+	return nil
+}
+
+func (s *Standalone) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/v2/", s.gateway.Handler())
+	mux.Handle("/v2", s.gateway.Handler())
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
+		b, _ := protojson.Marshal(s.Status())
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(b)
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		for _, n := range s.upstream.Nodes() {
+			if n.Healthy {
+				w.Write([]byte("ready\n"))
+				return
+			}
+		}
+		http.Error(w, "no healthy node known", http.StatusServiceUnavailable)
+	})
+	return WithBodyIdleTimeout(mux, time.Minute)
+}
+
+var reconnectBackoff = func() backoff.Config {
+	b := backoff.DefaultConfig
+	b.MaxDelay = 5 * time.Second
+	return b
+}()
+
+// dial returns the pooled connection to a node's gRPC address.
+func (s *Standalone) dial(addr string) (grpc.ClientConnInterface, error) {
+	s.connMu.Lock()
+	defer s.connMu.Unlock()
+	if s.conns == nil {
+		return nil, errors.New("gateway: closed")
+	}
+	if c, ok := s.conns[addr]; ok {
+		return c, nil
+	}
+	opts := []grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second}),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)),
+		// A node that comes back must be reachable within seconds, not after
+		// gRPC's default 2-minute reconnect backoff.
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff, MinConnectTimeout: 5 * time.Second}),
+	}
+	if s.cfg.Dial != nil {
+		opts = append(opts, grpc.WithContextDialer(s.cfg.Dial))
+	}
+	c, err := grpc.NewClient(addr, opts...)
+	if err != nil {
+		return nil, err
+	}
+	s.conns[addr] = c
+	return c, nil
+}
+
+// keepJoined rejoins through the seeds whenever no node is alive in the
+// gateway's view (a partition healed, or every node restarted).
+func (s *Standalone) keepJoined(ctx context.Context) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		alive := false
+		for _, m := range s.members.Members() {
+			alive = alive || (m.Role == membership.RoleServer && m.State == membership.StateAlive)
+		}
+		if !alive {
+			jctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			if err := s.members.Join(jctx, s.cfg.Join); err != nil {
+				s.logger.Warn("rejoining the cluster", "seeds", s.cfg.Join, "err", err)
+			}
+			cancel()
+		}
+	}
+}
+
+// Status is the gateway's view of the nodes, nearest first.
+func (s *Standalone) Status() *pb.GatewayStatus {
+	gs := &pb.GatewayStatus{Id: s.cfg.ID, Region: s.cfg.Region, Zone: s.cfg.Zone}
+	for _, n := range s.upstream.Nodes() {
+		if gs.PreferredNode == "" && n.Healthy {
+			gs.PreferredNode = n.ID
+		}
+		gs.Nodes = append(gs.Nodes, &pb.UpstreamNode{Id: n.ID, Region: n.Region, Zone: n.Zone,
+			RttSeconds: n.RTT.Seconds(), RttKnown: n.Known, Healthy: n.Healthy})
+	}
+	return gs
+}
+
+// advertisedHTTP is the OCI API address other members are told about: a
+// wildcard listener is advertised on the gossip host.
+func (s *Standalone) advertisedHTTP() string {
+	addr := s.httpLn.Addr().String()
+	host, port, err := net.SplitHostPort(addr)
+	if ip := net.ParseIP(host); err == nil && ip != nil && ip.IsUnspecified() {
+		gossip := s.cfg.AdvertiseGossip
+		if gossip == "" {
+			gossip = s.cfg.GossipAddr
+		}
+		if ghost, _, gerr := net.SplitHostPort(gossip); gerr == nil && ghost != "" {
+			return net.JoinHostPort(ghost, port)
+		}
+	}
+	return addr
+}
+
+// HTTPAddr is the address the OCI API listens on.
+func (s *Standalone) HTTPAddr() string { return s.httpLn.Addr().String() }
+
+// ID is the gateway's gossip identity.
+func (s *Standalone) ID() string { return s.cfg.ID }
+
+// Upstream exposes the gateway's view of the nodes.
+func (s *Standalone) Upstream() *Upstream { return s.upstream }
+
+func (s *Standalone) writeReadyFile() error {
+	if s.cfg.ReadyFile == "" {
+		return nil
+	}
+	b, _ := json.MarshalIndent(map[string]any{
+		"gateway_id": s.cfg.ID, "cluster_id": s.cfg.ClusterID, "region": s.cfg.Region,
+		"http_addr": s.HTTPAddr(), "gossip_addr": s.members.Addr(), "pid": os.Getpid(),
+	}, "", "  ")
+	tmp := s.cfg.ReadyFile + ".tmp"
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+		return fmt.Errorf("ready file: %w", err)
+	}
+	return os.Rename(tmp, s.cfg.ReadyFile)
+}
+
+// Close stops serving (in-flight requests get until ctx ends), leaves
+// gossip and closes connections.
+func (s *Standalone) Close(ctx context.Context) error {
+	var errs []error
+	if s.httpSrv != nil {
+		if err := s.httpSrv.Shutdown(ctx); err != nil {
+			errs = append(errs, err, s.httpSrv.Close())
+		}
+	} else if s.httpLn != nil {
+		s.httpLn.Close()
+	}
+	if s.stop != nil {
+		s.stop()
+		s.wg.Wait()
+	}
+	if s.members != nil {
+		errs = append(errs, s.members.Close())
+	}
+	s.connMu.Lock()
+	for _, c := range s.conns {
+		c.Close()
+	}
+	s.conns = nil
+	s.connMu.Unlock()
+	return errors.Join(errs...)
+}
