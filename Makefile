@@ -1,8 +1,11 @@
 # Meridian: build, run and test.
 #
-#   make run     build and start a local 3-node cluster; registry on localhost:5000
-#   make test    install what the tests need (pinned), then run them all
-#   make bench   performance figures next to this machine's limits
+#   make run          build and start a local 3-region cluster; registry on localhost:5000
+#   make test         install what the tests need (pinned), then run them all,
+#                     ending with make chaos-short
+#   make chaos        a 30-minute fault-injection run (3 regions, 5 nodes, 2 gateways)
+#   make chaos-short  the same harness, smaller, at most 5 minutes
+#   make bench        performance figures next to this machine's limits
 #
 # Tools are installed with `go install` at pinned versions into bin/tools;
 # their builds are cached in the Go build cache.
@@ -20,24 +23,38 @@ DISTRIBUTION_VERSION := v3.1.2
 VERSITYGW_VERSION    := v1.8.0
 VERSION              := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: protoc all build run test unit conformance vet fmt-check proto proto-check fuzz bench tools clean
+.PHONY: protoc all build run test unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
 
 all: build
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(MERIDIAN) ./cmd/meridian
 
-## run: a local three-node cluster (dev-a on localhost:5000, dev-b on 5100,
-## dev-c on 5200), data under ./data/dev (kept between runs).
+## run: a local cluster of three regions, one node each (dev-a on :5100,
+## dev-b on :5200, dev-c on :5300) behind a gateway on localhost:5000,
+## data under ./data/dev (kept between runs).
 run: build
 	$(MERIDIAN) dev --dir data/dev
 
 ## test: static checks, every package's tests (unit, integration, restart,
 ## real clients, geo-replication against real S3 servers) and the OCI
-## conformance suite against a real node.
+## conformance suite against a real node; then the short chaos run.
 TEST_ENV := MERIDIAN_CONFORMANCE=$(TOOLS)/conformance MERIDIAN_VERSITYGW=$(TOOLS)/versitygw MERIDIAN_REQUIRE_S3=1
 test: vet fmt-check proto-check $(TOOLS)/conformance $(TOOLS)/versitygw
 	$(TEST_ENV) $(GO) test -count=1 -timeout 25m ./...
+	$(MAKE) chaos-short
+
+## chaos: real meridian processes under a seeded workload and seeded faults
+## (kill -9, SIGSTOP, partitions, latency, S3 errors/stalls/outages, a
+## gateway killed mid-upload), then the checkers; the summary and a JSON
+## report land in the run directory (and chaos-report.json). SEED=n
+## reproduces a run; DURATION=10m changes its length.
+CHAOS_FLAGS = -meridian $(MERIDIAN) -versitygw $(TOOLS)/versitygw $(if $(SEED),-seed $(SEED)) $(if $(DURATION),-duration $(DURATION))
+chaos: build $(TOOLS)/versitygw
+	$(GO) run ./chaos/cmd/chaos -profile long -report chaos-report.json $(CHAOS_FLAGS)
+
+chaos-short: build $(TOOLS)/versitygw
+	$(GO) run ./chaos/cmd/chaos -profile short -report chaos-short-report.json $(CHAOS_FLAGS)
 
 unit:
 	$(GO) test -count=1 ./...

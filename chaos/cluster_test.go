@@ -1,0 +1,178 @@
+package chaos
+
+import (
+	"context"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// testLog writes progress lines to the test log.
+type testLog struct{ t *testing.T }
+
+func (l testLog) Write(b []byte) (int, error) {
+	l.t.Log(strings.TrimSpace(string(b)))
+	return len(b), nil
+}
+
+// binaries returns the meridian and versitygw binaries, or skips: versitygw
+// comes from MERIDIAN_VERSITYGW, meridian from MERIDIAN_BIN or a fresh
+// build of ./cmd/meridian.
+func binaries(t *testing.T) (meridian, versitygw string) {
+	t.Helper()
+	versitygw = os.Getenv("MERIDIAN_VERSITYGW")
+	if versitygw == "" {
+		t.Skip("MERIDIAN_VERSITYGW is not set (make bin/tools/versitygw, then point it there)")
+	}
+	if testing.Short() {
+		t.Skip("starts a real cluster")
+	}
+	if meridian = os.Getenv("MERIDIAN_BIN"); meridian != "" {
+		return meridian, versitygw
+	}
+	meridian = filepath.Join(t.TempDir(), "meridian")
+	build := exec.Command("go", "build", "-o", meridian, "./cmd/meridian")
+	build.Dir = ".."
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Skipf("cannot build meridian: %v\n%s", err, out)
+	}
+	return meridian, versitygw
+}
+
+// TestShortCluster starts the short profile's cluster, checks its shape,
+// puts each node fault on it briefly (through the same code InjectFaults
+// uses), runs the scheduler for a few seconds, heals and waits for
+// convergence.
+func TestShortCluster(t *testing.T) {
+	meridian, versitygw := binaries(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	if keep := os.Getenv("CHAOS_TEST_DIR"); keep != "" {
+		dir = keep // kept after the test, for its logs
+	}
+	started := time.Now()
+	c, err := StartCluster(ctx, Options{Meridian: meridian, Versitygw: versitygw, Dir: dir, Profile: ShortProfile(), Log: testLog{t}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	t.Logf("cluster started in %v", time.Since(started).Round(time.Millisecond))
+
+	st, err := c.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	voters := 0
+	for _, n := range st.Nodes {
+		if n.Suffrage == "voter" && n.Reachable {
+			voters++
+		}
+	}
+	if st.Leader == "" || voters != 3 || len(st.Regions) != 2 {
+		t.Fatalf("status: %+v", st)
+	}
+	for _, gw := range c.Gateways() {
+		if code, err := httpStatus(ctx, gw.URL+"/v2/"); err != nil || (code != 200 && code != 401) {
+			t.Fatalf("gateway %s /v2/: %d %v", gw.ID, code, err)
+		}
+	}
+	// Every member reached the others through the fault proxies, and the
+	// proxies told nodes and gateways apart.
+	acc := c.Network().Accepted()
+	for _, want := range []string{"gw-strong->", "gw-local->", "us-east-a->"} {
+		found := false
+		for k := range acc {
+			found = found || strings.HasPrefix(k, want)
+		}
+		if !found {
+			t.Errorf("no connection from %s… through the proxies: %v", want, acc)
+		}
+	}
+	cost, n := c.Network().IdentifyCost()
+	t.Logf("proxied connections by source: %v; identification %v each (%d)", acc, cost, n)
+
+	// One of each node fault, briefly, one at a time. The leader faults
+	// must make the others elect a new leader.
+	newLeader := func(old string) string {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for time.Now().Before(deadline) {
+			if l, err := c.Leader(ctx); err == nil && l != old {
+				return l
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+		t.Fatalf("no leader other than %s within 30 s", old)
+		return ""
+	}
+	leader := st.Leader
+	for _, f := range []*faultSpec{
+		{kind: FaultKill, detail: "leader"},
+		{kind: FaultPause, detail: "leader"},
+		{kind: FaultPartition, detail: "leader"},
+		{kind: FaultLatency, delay: 100 * time.Millisecond, hold: 3 * time.Second},
+		{kind: FaultGatewayKill, gateway: "gw-local", target: "gw-local", hold: time.Second},
+		{kind: FaultS3Error, region: "us-east", target: "us-east", hold: 2 * time.Second},
+		{kind: FaultS3Stall, region: "us-east", target: "us-east", hold: 2 * time.Second},
+		{kind: FaultS3Stop, region: "us-east", target: "us-east", hold: 2 * time.Second},
+	} {
+		if f.target == "" {
+			f.node, f.target = leader, leader
+		}
+		faultStart := time.Now()
+		heal, err := c.inject(f)
+		if err != nil {
+			t.Fatalf("%s: %v", f.kind, err)
+		}
+		if f.detail == "leader" {
+			leader = newLeader(leader)
+			t.Logf("%s of the leader %s: %s took over after %v", f.kind, f.target, leader, time.Since(faultStart).Round(time.Millisecond))
+		} else {
+			time.Sleep(f.hold)
+		}
+		if note := heal(ctx); note != "" {
+			t.Fatalf("healing %s: %s", f.kind, note)
+		}
+		t.Logf("%s on %s: healed after %v", f.kind, f.target, time.Since(faultStart).Round(time.Millisecond))
+	}
+	if err := c.Heal(ctx); err != nil {
+		t.Fatalf("Heal: %v", err)
+	}
+
+	// The scheduler: a few seconds of random faults, healed when it stops.
+	var mu sync.Mutex
+	var faults []Fault
+	fctx, stop := context.WithTimeout(ctx, 8*time.Second)
+	c.InjectFaults(fctx, rand.New(rand.NewPCG(1, 2)), FaultPlan{MeanInterval: time.Second, MaxConcurrent: 1, Base: started},
+		func(f Fault) { mu.Lock(); faults = append(faults, f); mu.Unlock() })
+	stop()
+	if len(faults) == 0 {
+		t.Fatal("InjectFaults recorded no fault")
+	}
+	for _, f := range faults {
+		t.Logf("fault %+v", f)
+		if f.End < f.Start || f.Kind == "" || f.Target == "" {
+			t.Errorf("bad fault record %+v", f)
+		}
+	}
+
+	healStart := time.Now()
+	if err := c.Heal(ctx); err != nil {
+		t.Fatalf("Heal: %v", err)
+	}
+	t.Logf("healed in %v", time.Since(healStart).Round(time.Millisecond))
+	conv := c.WaitConverged(ctx)
+	t.Logf("convergence: %+v", conv)
+	if !conv.Converged {
+		t.Fatalf("not converged: %s", conv.Detail)
+	}
+	if exits := c.UnexpectedExits(); len(exits) > 0 {
+		t.Fatalf("unexpected exits: %+v", exits)
+	}
+}

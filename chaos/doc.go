@@ -1,0 +1,24 @@
+// Package chaos drives a real multi-region Meridian cluster through faults
+// while clients work, then checks every promise the registry makes.
+//
+// The harness uses only the meridian binary and its public interfaces:
+// processes started with --ready-file, the OCI API on /v2/, and
+// `meridian cluster status --json`. It starts versitygw S3 servers behind
+// an HTTP fault proxy of its own, puts a TCP fault proxy in front of each
+// node's gRPC and Raft ports (through --advertise-grpc/--advertise-raft),
+// runs a seeded concurrent workload through two gateways, injects faults
+// on a seeded schedule (kill -9, restart, SIGSTOP, partitions, latency, S3
+// errors and stalls, a gateway killed mid-upload), heals, and checks:
+//
+//   - every acknowledged push that was not deleted pulls back byte for byte;
+//   - no pull returned bytes that do not match the requested digest;
+//   - tag histories read through a strong gateway are linearizable
+//     (porcupine, each tag a compare-and-swap register);
+//   - no 404 through a local gateway for content acknowledged before the
+//     read began;
+//   - after healing every node reaches the same applied index and state
+//     digest, and no region misses a blob its policy names.
+//
+// Everything runs on loopback and every run stops by itself. The seed
+// reproduces the workload and the fault schedule (timing still varies).
+package chaos

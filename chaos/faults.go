@@ -1,0 +1,435 @@
+package chaos
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Fault kinds.
+const (
+	FaultKill        = "kill"         // kill -9 a node (the leader half the time), restart it after 3–15 s
+	FaultPause       = "pause"        // SIGSTOP a node (leader-biased) for longer than the election timeout
+	FaultPartition   = "partition"    // isolate a node (leader-biased) or split the nodes in two, 5–20 s
+	FaultLatency     = "latency"      // 50–300 ms more on every link of a node, 10–30 s
+	FaultS3Error     = "s3-error"     // an S3 region's proxy answers 503, 5–15 s
+	FaultS3Stall     = "s3-stall"     // an S3 region's proxy holds requests, 5–15 s
+	FaultS3Stop      = "s3-stop"      // kill an S3 server, restart it after 5–15 s
+	FaultGatewayKill = "gateway-kill" // kill -9 a gateway, restart it after 2–8 s
+)
+
+// FaultKinds lists every fault kind.
+var FaultKinds = []string{FaultKill, FaultPause, FaultPartition, FaultLatency, FaultS3Error, FaultS3Stall, FaultS3Stop, FaultGatewayKill}
+
+// FaultPlan paces InjectFaults.
+type FaultPlan struct {
+	// MeanInterval is the mean time between injections (exponentially
+	// distributed); 0 takes the profile's FaultEvery.
+	MeanInterval time.Duration
+	// MaxConcurrent is how many faults may be active at once (0: 1).
+	// Node faults never take down more than a minority of the voters.
+	MaxConcurrent int
+	// Kinds are the kinds to draw from; nil: every kind the cluster can
+	// have (S3 kinds need an S3 region, gateway-kill a gateway).
+	Kinds []string
+	// Base is the instant Fault.Start and End count from (zero: when
+	// InjectFaults starts).
+	Base time.Time
+}
+
+// faultSpec is one drawn fault, before it runs.
+type faultSpec struct {
+	kind    string
+	target  string   // what Fault.Target says
+	nodes   []string // nodes the fault takes down (kill, pause, partition's minority)
+	node    string   // the node acted on (kill, pause, latency, isolate)
+	groups  [2][]string
+	region  string // s3 faults
+	gateway string
+	hold    time.Duration
+	delay   time.Duration // latency
+	detail  string
+}
+
+// InjectFaults injects faults until ctx ends, then heals those still
+// active (each within a bounded time) and returns. Each fault is recorded
+// once it is over, with its start and end as offsets from plan.Base. The
+// choices (kinds, targets, durations, gaps) come from rng only, so a seed
+// reproduces the schedule; which node is the leader, and the timing, vary.
+//
+// Node faults (kill, pause, partition) never take down more than a
+// minority of the voters at once (nodes killed, paused, isolated or on
+// the minority side of a split), and no target has two faults at once.
+// Faults that restart processes (kill, gateway-kill) never overlap S3
+// faults: a node or gateway checks every S3 region's bucket when it
+// starts, and cannot start while one is unreachable.
+func (c *Cluster) InjectFaults(ctx context.Context, rng *rand.Rand, plan FaultPlan, record func(Fault)) {
+	base := plan.Base
+	if base.IsZero() {
+		base = time.Now()
+	}
+	mean := plan.MeanInterval
+	if mean <= 0 {
+		mean = c.prof.FaultEvery
+	}
+	if mean <= 0 {
+		mean = 20 * time.Second
+	}
+	maxConc := max(plan.MaxConcurrent, 1)
+	kinds := plan.Kinds
+	if kinds == nil {
+		kinds = FaultKinds
+	}
+	if record == nil {
+		record = func(Fault) {}
+	}
+	inj := &injector{c: c, base: base, record: record, active: map[*faultSpec]bool{}, changed: make(chan struct{})}
+	defer inj.wg.Wait()
+	for {
+		// Gaps average mean: half of it fixed, half exponential (so
+		// that a short run still sees several faults), at most 3x mean.
+		gap := time.Duration((0.5 + 0.5*rng.ExpFloat64()) * float64(mean))
+		gap = min(max(gap, time.Second), 3*mean)
+		if !holdFor(ctx, gap) {
+			return
+		}
+		// Wait for a free slot; after one frees, give the cluster a moment.
+		for waited := false; ; waited = true {
+			inj.mu.Lock()
+			n, changed := len(inj.active), inj.changed
+			inj.mu.Unlock()
+			if n < maxConc {
+				if waited && !holdFor(ctx, 2*time.Second) {
+					return
+				}
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-changed:
+			}
+		}
+		f := inj.draw(ctx, rng, kinds)
+		if f == nil {
+			continue
+		}
+		inj.run(ctx, f)
+	}
+}
+
+type injector struct {
+	c      *Cluster
+	base   time.Time
+	record func(Fault)
+
+	mu      sync.Mutex
+	active  map[*faultSpec]bool
+	changed chan struct{}
+	wg      sync.WaitGroup
+}
+
+func holdFor(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// randDuration draws a duration in [lo, hi].
+func randDuration(rng *rand.Rand, lo, hi time.Duration) time.Duration {
+	if hi <= lo {
+		return lo
+	}
+	return lo + time.Duration(rng.Int64N(int64(hi-lo)+1))
+}
+
+// busy returns what active faults occupy: nodes down, targets in use, and
+// whether restart-type and S3 faults are active.
+func (inj *injector) busy() (down map[string]bool, targets map[string]bool, restarting, s3 bool) {
+	inj.mu.Lock()
+	defer inj.mu.Unlock()
+	down, targets = map[string]bool{}, map[string]bool{}
+	for f := range inj.active {
+		for _, n := range f.nodes {
+			down[n] = true
+		}
+		for _, t := range []string{f.node, f.region, f.gateway} {
+			if t != "" {
+				targets[t] = true
+			}
+		}
+		for _, g := range f.groups {
+			for _, n := range g {
+				targets[n] = true
+			}
+		}
+		switch f.kind {
+		case FaultKill, FaultGatewayKill:
+			restarting = true
+		case FaultS3Error, FaultS3Stall, FaultS3Stop:
+			s3 = true
+		}
+	}
+	return down, targets, restarting, s3
+}
+
+// draw picks a fault that the cluster can take now, or nil.
+func (inj *injector) draw(ctx context.Context, rng *rand.Rand, kinds []string) *faultSpec {
+	c := inj.c
+	p := c.prof
+	down, targets, restarting, s3Active := inj.busy()
+	maxDown := p.maxNodesDown()
+	var s3Regions []string
+	for _, r := range p.Regions {
+		if r.S3 && !targets[r.Name] {
+			s3Regions = append(s3Regions, r.Name)
+		}
+	}
+	var freeNodes []string
+	for _, id := range c.NodeIDs() {
+		if !targets[id] {
+			freeNodes = append(freeNodes, id)
+		}
+	}
+	var freeGateways []string
+	for _, g := range c.gateways {
+		if !targets[g.spec.ID] {
+			freeGateways = append(freeGateways, g.spec.ID)
+		}
+	}
+	nodeFaultOK := len(down)+1 <= maxDown && len(freeNodes) > 0
+	var feasible []string
+	for _, k := range kinds {
+		ok := false
+		switch k {
+		case FaultKill:
+			ok = nodeFaultOK && !s3Active
+		case FaultPause, FaultPartition:
+			ok = nodeFaultOK
+		case FaultLatency:
+			ok = len(freeNodes) > 0
+		case FaultS3Error, FaultS3Stall, FaultS3Stop:
+			ok = len(s3Regions) > 0 && !restarting
+		case FaultGatewayKill:
+			ok = len(freeGateways) > 0 && !s3Active && len(freeGateways) == len(c.gateways)
+		}
+		if ok {
+			feasible = append(feasible, k)
+		}
+	}
+	if len(feasible) == 0 {
+		return nil
+	}
+	f := &faultSpec{kind: feasible[rng.IntN(len(feasible))]}
+
+	// pickNode chooses the leader with probability bias when it is free,
+	// else a random free node. It always draws the same numbers.
+	pickNode := func(bias float64) (string, bool) {
+		toLeader := rng.Float64() < bias
+		i := rng.IntN(len(freeNodes))
+		if toLeader {
+			lctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+			leader, err := c.Leader(lctx)
+			cancel()
+			if err == nil && slices.Contains(freeNodes, leader) {
+				return leader, true
+			}
+		}
+		return freeNodes[i], false
+	}
+	leaderNote := func(isLeader bool) string {
+		if isLeader {
+			return "leader"
+		}
+		return ""
+	}
+	switch f.kind {
+	case FaultKill:
+		id, isLeader := pickNode(0.5)
+		f.node, f.target, f.nodes = id, id, []string{id}
+		f.hold = randDuration(rng, 3*time.Second, 15*time.Second)
+		f.detail = leaderNote(isLeader)
+	case FaultPause:
+		id, isLeader := pickNode(0.6)
+		f.node, f.target, f.nodes = id, id, []string{id}
+		et := max(p.RaftElectionTimeout, p.RaftHeartbeatTimeout, time.Second)
+		f.hold = randDuration(rng, 2*et, 2*et+6*time.Second)
+		f.detail = leaderNote(isLeader)
+	case FaultPartition:
+		split := rng.Float64() < 0.4
+		id, isLeader := pickNode(0.6)
+		perm := rng.Perm(len(freeNodes))
+		f.hold = randDuration(rng, 5*time.Second, 20*time.Second)
+		// A split needs every node free and room for its minority.
+		minority := min(maxDown-len(down), (len(freeNodes)-1)/2)
+		if split && len(freeNodes) == len(c.nodes) && len(freeNodes) >= 3 && minority >= 1 {
+			k := 1 + rng.IntN(minority)
+			var a, b []string
+			for j, pi := range perm {
+				if j < k {
+					a = append(a, freeNodes[pi])
+				} else {
+					b = append(b, freeNodes[pi])
+				}
+			}
+			sort.Strings(a)
+			sort.Strings(b)
+			// Each gateway lands on one side (one under another fault
+			// stays out of it).
+			for _, g := range c.gateways {
+				side := rng.IntN(2)
+				switch {
+				case targets[g.spec.ID]:
+				case side == 0:
+					a = append(a, g.spec.ID)
+				default:
+					b = append(b, g.spec.ID)
+				}
+			}
+			f.groups = [2][]string{a, b}
+			f.nodes = a[:k]
+			f.target = strings.Join(a, ",") + "|" + strings.Join(b, ",")
+			f.detail = "split"
+		} else {
+			f.node, f.target, f.nodes = id, id, []string{id}
+			f.detail = strings.TrimSpace("isolate " + leaderNote(isLeader))
+		}
+	case FaultLatency:
+		id, _ := pickNode(0)
+		f.node, f.target = id, id
+		f.delay = randDuration(rng, 50*time.Millisecond, 300*time.Millisecond).Round(time.Millisecond)
+		f.hold = randDuration(rng, 10*time.Second, 30*time.Second)
+		f.detail = fmt.Sprintf("+%v each way on every link", f.delay)
+	case FaultS3Error, FaultS3Stall, FaultS3Stop:
+		f.region = s3Regions[rng.IntN(len(s3Regions))]
+		f.target = f.region
+		f.hold = randDuration(rng, 5*time.Second, 15*time.Second)
+	case FaultGatewayKill:
+		f.gateway = freeGateways[rng.IntN(len(freeGateways))]
+		f.target = f.gateway
+		f.hold = randDuration(rng, 2*time.Second, 8*time.Second)
+	}
+	return f
+}
+
+// run starts f in its own goroutine; it holds for f.hold or until ctx
+// ends, then heals and records itself.
+func (inj *injector) run(ctx context.Context, f *faultSpec) {
+	inj.mu.Lock()
+	inj.active[f] = true
+	inj.mu.Unlock()
+	inj.wg.Add(1)
+	start := time.Now()
+	heal, err := inj.c.inject(f)
+	if err != nil {
+		inj.finish(f, start, time.Now(), "could not inject: "+err.Error())
+		inj.wg.Done()
+		return
+	}
+	inj.c.logf("fault %s on %s for %v %s", f.kind, f.target, f.hold.Round(time.Millisecond), f.detail)
+	go func() {
+		defer inj.wg.Done()
+		holdFor(ctx, f.hold)
+		// Healing must happen even after ctx ended, within bounds.
+		hctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		healStart := time.Now()
+		note := heal(hctx)
+		end := time.Now()
+		if took := end.Sub(healStart); took > 500*time.Millisecond && note == "" {
+			note = fmt.Sprintf("(healing took %v)", took.Round(10*time.Millisecond))
+		}
+		inj.finish(f, start, end, note)
+	}()
+}
+
+func (inj *injector) finish(f *faultSpec, start, end time.Time, note string) {
+	detail := strings.TrimSpace(strings.Join([]string{f.detail, note}, " "))
+	inj.record(Fault{Kind: f.kind, Target: f.target, Start: start.Sub(inj.base), End: end.Sub(inj.base), Detail: detail})
+	inj.mu.Lock()
+	delete(inj.active, f)
+	close(inj.changed)
+	inj.changed = make(chan struct{})
+	inj.mu.Unlock()
+}
+
+// inject applies f now and returns what heals it; heal returns a note for
+// the record ("" when all went well).
+func (c *Cluster) inject(f *faultSpec) (heal func(context.Context) string, err error) {
+	switch f.kind {
+	case FaultKill:
+		n := c.node(f.node)
+		if err := n.proc.Kill(); err != nil {
+			return nil, err
+		}
+		return func(ctx context.Context) string {
+			if err := c.startNode(ctx, n); err != nil {
+				return "restart failed: " + err.Error()
+			}
+			return ""
+		}, nil
+	case FaultPause:
+		n := c.node(f.node)
+		if err := n.proc.Pause(); err != nil {
+			return nil, err
+		}
+		return func(context.Context) string {
+			if err := n.proc.Resume(); err != nil {
+				return "resume failed: " + err.Error()
+			}
+			return ""
+		}, nil
+	case FaultPartition:
+		var undo func()
+		if f.node != "" {
+			undo = c.net.Isolate(f.node)
+		} else {
+			undo = c.net.Partition(f.groups[0], f.groups[1])
+		}
+		return func(context.Context) string { undo(); return "" }, nil
+	case FaultLatency:
+		undo := c.net.AddLatency(f.node, f.delay)
+		return func(context.Context) string { undo(); return "" }, nil
+	case FaultS3Error, FaultS3Stall:
+		s := c.s3[f.region]
+		mode := S3Error
+		if f.kind == FaultS3Stall {
+			mode = S3Stall
+		}
+		s.proxy.SetMode(mode)
+		return func(context.Context) string { s.proxy.SetMode(S3Pass); return "" }, nil
+	case FaultS3Stop:
+		s := c.s3[f.region]
+		if err := s.stop(); err != nil {
+			return nil, err
+		}
+		return func(ctx context.Context) string {
+			if err := s.start(ctx); err != nil {
+				return "restart failed: " + err.Error()
+			}
+			return ""
+		}, nil
+	case FaultGatewayKill:
+		g := c.gateway(f.gateway)
+		if err := g.proc.Kill(); err != nil {
+			return nil, err
+		}
+		return func(ctx context.Context) string {
+			if err := c.startGateway(ctx, g); err != nil {
+				return "restart failed: " + err.Error()
+			}
+			return ""
+		}, nil
+	}
+	return nil, fmt.Errorf("unknown fault kind %q", f.kind)
+}

@@ -1,0 +1,432 @@
+package chaos
+
+import (
+	"cmp"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// Report summarizes a run: what the clients did, which faults were
+// injected, how long the cluster was unavailable, whether it converged
+// and what the checks found.
+//
+// Passed is true when no check failed and the cluster converged after
+// healing (Convergence present and Converged). A check whose status is
+// "unknown" (the linearizability checker timed out) does not fail the run,
+// but adds a warning to Notes: it proved nothing.
+type Report struct {
+	Seed     uint64        `json:"seed"`
+	Profile  string        `json:"profile"`
+	Started  time.Time     `json:"started"`
+	Duration time.Duration `json:"duration"` // of the workload phase
+
+	Ops map[OpKind]map[Outcome]int `json:"operations"`
+
+	Faults      []Fault        `json:"faults"`
+	FaultCounts map[string]int `json:"fault_counts"`
+
+	// The longest stretch of the workload phase without a successful
+	// write, and without an answered read (see NewReport).
+	LongestWriteUnavailability time.Duration `json:"longest_write_unavailability"`
+	LongestReadUnavailability  time.Duration `json:"longest_read_unavailability"`
+
+	Checks      []CheckResult `json:"checks"`
+	Convergence *Convergence  `json:"convergence"`
+	Notes       []string      `json:"notes,omitempty"`
+	Passed      bool          `json:"passed"`
+}
+
+// NewReport builds the report of a run whose workload phase lasted
+// workload (operation times count from the start of the history, which is
+// also the start of the workload phase).
+//
+// Write unavailability is the longest interval within [0, workload]
+// between the ends of consecutive successful writes, counting from 0 to
+// the first and from the last to the window's end: acknowledged pushes,
+// mounts and deletes, and tag writes answered either 2xx or 412 (a 412 is
+// a definite answer from a working leader). Read unavailability is the
+// same for pulls and tag reads answered 2xx or 404. Verifies are not
+// counted: they run after healing.
+func NewReport(seed uint64, profile string, started time.Time, workload time.Duration, ops []Op, faults []Fault, checks []CheckResult, conv *Convergence) *Report {
+	r := &Report{
+		Seed: seed, Profile: profile, Started: started, Duration: workload,
+		Ops:         map[OpKind]map[Outcome]int{},
+		Faults:      slices.Clone(faults),
+		FaultCounts: map[string]int{},
+		Checks:      checks,
+		Convergence: conv,
+	}
+	if r.Faults == nil {
+		r.Faults = []Fault{}
+	}
+	slices.SortStableFunc(r.Faults, func(a, b Fault) int { return cmp.Compare(a.Start, b.Start) })
+	var writes, reads []time.Duration
+	for _, op := range ops {
+		m := r.Ops[op.Kind]
+		if m == nil {
+			m = map[Outcome]int{}
+			r.Ops[op.Kind] = m
+		}
+		m[op.Outcome]++
+		if isSuccessfulWrite(op) {
+			writes = append(writes, op.End)
+		}
+		if isAnsweredRead(op) {
+			reads = append(reads, op.End)
+		}
+	}
+	for _, f := range faults {
+		r.FaultCounts[f.Kind]++
+	}
+	r.LongestWriteUnavailability = longestGap(writes, workload)
+	r.LongestReadUnavailability = longestGap(reads, workload)
+
+	failed := false
+	for _, c := range checks {
+		switch c.Status {
+		case CheckFail:
+			failed = true
+		case CheckUnknown:
+			r.Notes = append(r.Notes, fmt.Sprintf("warning: check %s could not decide: %s", c.Name, c.Detail))
+		}
+		if c.Checked == 0 {
+			r.Notes = append(r.Notes, fmt.Sprintf("warning: check %s had nothing to check", c.Name))
+		}
+	}
+	switch {
+	case conv == nil:
+		r.Notes = append(r.Notes, "convergence was not measured")
+	case !conv.Converged:
+		r.Notes = append(r.Notes, "the cluster did not converge after healing: "+conv.Detail)
+	}
+	r.Passed = !failed && conv != nil && conv.Converged
+	return r
+}
+
+func isSuccessfulWrite(op Op) bool {
+	switch op.Kind {
+	case OpPush, OpMount, OpDelete:
+		return op.Outcome == OutcomeOK
+	case OpTagWrite:
+		return op.Outcome == OutcomeOK || op.Outcome == OutcomeFail
+	}
+	return false
+}
+
+func isAnsweredRead(op Op) bool {
+	switch op.Kind {
+	case OpPullManifest, OpPullBlob, OpTagRead:
+		return op.Outcome == OutcomeOK || op.Outcome == OutcomeNotFound
+	}
+	return false
+}
+
+// longestGap is the longest interval within [0, window] between
+// consecutive instants of ends (and from 0 to the first, and from the last
+// to window); ends outside the window are ignored.
+func longestGap(ends []time.Duration, window time.Duration) time.Duration {
+	if window <= 0 {
+		return 0
+	}
+	in := make([]time.Duration, 0, len(ends))
+	for _, e := range ends {
+		if e >= 0 && e <= window {
+			in = append(in, e)
+		}
+	}
+	slices.Sort(in)
+	var longest, prev time.Duration
+	for _, e := range append(in, window) {
+		longest = max(longest, e-prev)
+		prev = e
+	}
+	return longest
+}
+
+// Violations is the number of violations all checks found.
+func (r *Report) Violations() int {
+	n := 0
+	for _, c := range r.Checks {
+		n += len(c.Violations)
+	}
+	return n
+}
+
+// MarshalJSON adds human-readable durations beside the nanosecond counts.
+func (r *Report) MarshalJSON() ([]byte, error) {
+	type plain Report // without this method
+	return json.Marshal(struct {
+		*plain
+		DurationText        string `json:"duration_text"`
+		WriteUnavailability string `json:"longest_write_unavailability_text"`
+		ReadUnavailability  string `json:"longest_read_unavailability_text"`
+	}{
+		plain:               (*plain)(r),
+		DurationText:        r.Duration.String(),
+		WriteUnavailability: r.LongestWriteUnavailability.String(),
+		ReadUnavailability:  r.LongestReadUnavailability.String(),
+	})
+}
+
+// WriteJSON writes the report as indented JSON to path.
+func (r *Report) WriteJSON(path string) error {
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(b, '\n'), 0o644)
+}
+
+// Limits of the text report; the JSON keeps everything.
+const (
+	maxTextViolations   = 20 // per check
+	maxTextViolationOps = 20 // per violation
+)
+
+var (
+	kindOrder    = []OpKind{OpPush, OpMount, OpPullManifest, OpPullBlob, OpTagRead, OpTagWrite, OpDelete, OpVerify}
+	outcomeOrder = []Outcome{OutcomeOK, OutcomeFail, OutcomeUnknown, OutcomeNotFound}
+)
+
+// WriteText writes a human summary of the report to w.
+func (r *Report) WriteText(w io.Writer) error {
+	ew := &errWriter{w: w}
+	p := func(format string, args ...any) { fmt.Fprintf(ew, format, args...) }
+
+	p("chaos run: profile %s, seed %d, started %s, workload %s\n",
+		orDash(r.Profile), r.Seed, r.Started.Format(time.RFC3339), r.Duration.Round(time.Millisecond))
+
+	p("\noperations\n")
+	kinds := orderedKeys(r.Ops, kindOrder)
+	var outcomes []Outcome
+	{
+		seen := map[Outcome]int{}
+		for _, m := range r.Ops {
+			for o, n := range m {
+				seen[o] += n
+			}
+		}
+		outcomes = orderedKeys(seen, outcomeOrder)
+	}
+	// Numbers align right; padding the first column keeps names left.
+	w0 := len("total")
+	for _, k := range kinds {
+		w0 = max(w0, len(k))
+	}
+	name := func(s string) string { return fmt.Sprintf("%-*s", w0, s) }
+	tw := tabwriter.NewWriter(ew, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "%s\t", name("kind"))
+	for _, o := range outcomes {
+		fmt.Fprintf(tw, "%s\t", o)
+	}
+	fmt.Fprint(tw, "total\t\n")
+	colTotal := map[Outcome]int{}
+	all := 0
+	for _, k := range kinds {
+		fmt.Fprintf(tw, "%s\t", name(string(k)))
+		sum := 0
+		for _, o := range outcomes {
+			n := r.Ops[k][o]
+			fmt.Fprintf(tw, "%d\t", n)
+			sum += n
+			colTotal[o] += n
+		}
+		all += sum
+		fmt.Fprintf(tw, "%d\t\n", sum)
+	}
+	fmt.Fprintf(tw, "%s\t", name("total"))
+	for _, o := range outcomes {
+		fmt.Fprintf(tw, "%d\t", colTotal[o])
+	}
+	fmt.Fprintf(tw, "%d\t\n", all)
+	tw.Flush()
+
+	p("\nfaults injected: %d\n", len(r.Faults))
+	if len(r.Faults) > 0 {
+		names := make([]string, 0, len(r.FaultCounts))
+		for k := range r.FaultCounts {
+			names = append(names, k)
+		}
+		slices.Sort(names)
+		tw = tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
+		for _, k := range names {
+			fmt.Fprintf(tw, "  %s\t%d\n", k, r.FaultCounts[k])
+		}
+		tw.Flush()
+		p("\n")
+		tw = tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
+		for _, f := range r.Faults {
+			when := fmtOffset(f.Start) + " (one-shot)"
+			if f.End > 0 {
+				when = fmtOffset(f.Start) + "–" + fmtOffset(f.End)
+			}
+			if f.Detail == "" {
+				fmt.Fprintf(tw, "  %s\t%s\t%s\n", when, f.Kind, f.Target)
+			} else {
+				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", when, f.Kind, f.Target, f.Detail)
+			}
+		}
+		tw.Flush()
+	}
+
+	p("\navailability during the workload\n")
+	p("  longest without a successful write: %s\n", r.LongestWriteUnavailability.Round(time.Millisecond))
+	p("  longest without an answered read:   %s\n", r.LongestReadUnavailability.Round(time.Millisecond))
+
+	p("\nconvergence\n")
+	switch c := r.Convergence; {
+	case c == nil:
+		p("  not measured\n")
+	default:
+		verdict := "converged"
+		if !c.Converged {
+			verdict = "DID NOT CONVERGE"
+		}
+		p("  %s after %s: applied index %d, state digest %s\n",
+			verdict, c.Took.Round(time.Millisecond), c.Applied, abbrev(c.Digest, 16))
+		for _, g := range c.Regions {
+			p("  region %s: %d blobs (%d bytes) missing\n", g.Region, g.MissingBlobs, g.MissingBytes)
+		}
+		if c.Detail != "" {
+			p("  %s\n", c.Detail)
+		}
+	}
+
+	p("\nchecks\n")
+	for _, c := range r.Checks {
+		p("  %-7s %s: %d checked, %d violations\n", strings.ToUpper(string(c.Status)), c.Name, c.Checked, len(c.Violations))
+		if c.Detail != "" {
+			p("          %s\n", c.Detail)
+		}
+	}
+	for _, c := range r.Checks {
+		if len(c.Violations) == 0 {
+			continue
+		}
+		p("\nviolations of %s\n", c.Name)
+		for i, v := range c.Violations {
+			if i == maxTextViolations {
+				p("  … and %d more violations (see the JSON report)\n", len(c.Violations)-i)
+				break
+			}
+			p("  %d. %s\n", i+1, v.Message)
+			for j, op := range v.Ops {
+				if j == maxTextViolationOps {
+					p("       … and %d more operations\n", len(v.Ops)-j)
+					break
+				}
+				p("       %s\n", formatOp(op))
+			}
+		}
+	}
+
+	if len(r.Notes) > 0 {
+		p("\nnotes\n")
+		for _, n := range r.Notes {
+			p("  %s\n", n)
+		}
+	}
+
+	p("\n")
+	if r.Passed {
+		p("PASS\n")
+	} else {
+		p("FAIL: %d violations", r.Violations())
+		switch c := r.Convergence; {
+		case c == nil:
+			p("; convergence not measured")
+		case !c.Converged:
+			p("; the cluster did not converge")
+		}
+		p("\n")
+	}
+	return ew.err
+}
+
+// formatOp is one line per operation: id, client, kind, gateway,
+// repo:tag@digest, start–end, outcome, status, and what else it carries.
+func formatOp(op Op) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "#%d c%d %s %s", op.ID, op.Client, op.Kind, orDash(op.Gateway))
+	if op.Consistency != "" {
+		fmt.Fprintf(&b, "(%s)", op.Consistency)
+	}
+	fmt.Fprintf(&b, " %s %s–%s %s", opRef(op), fmtOffset(op.Start), fmtOffset(op.End), op.Outcome)
+	if op.Status != 0 {
+		fmt.Fprintf(&b, " %d", op.Status)
+	}
+	switch op.Kind {
+	case OpTagWrite:
+		switch op.Cond {
+		case CondIfMatch:
+			fmt.Fprintf(&b, " if-match=%s", shortOrAbsent(op.Expect))
+		case CondIfNoneMatch:
+			b.WriteString(" if-none-match")
+		}
+		fmt.Fprintf(&b, " value=%s", shortOrAbsent(op.Value))
+	case OpTagRead:
+		if op.Outcome == OutcomeOK {
+			fmt.Fprintf(&b, " value=%s", shortOrAbsent(op.Value))
+		}
+	case OpMount:
+		fmt.Fprintf(&b, " from=%s", op.From)
+	}
+	if op.Got != "" {
+		fmt.Fprintf(&b, " got=%s", shortDigest(op.Got))
+	}
+	if op.Err != "" {
+		e := op.Err
+		if len(e) > 160 {
+			e = e[:160] + "…"
+		}
+		fmt.Fprintf(&b, " err=%q", e)
+	}
+	return b.String()
+}
+
+// orderedKeys lists m's keys: those of order first, in that order, then
+// the rest sorted.
+func orderedKeys[K ~string, V any](m map[K]V, order []K) []K {
+	var out, rest []K
+	for _, k := range order {
+		if _, ok := m[k]; ok {
+			out = append(out, k)
+		}
+	}
+	for k := range m {
+		if !slices.Contains(order, k) {
+			rest = append(rest, k)
+		}
+	}
+	slices.Sort(rest)
+	return append(out, rest...)
+}
+
+func abbrev(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "…"
+	}
+	return orDash(s)
+}
+
+// errWriter keeps the first write error so that the text can be written
+// without checking each line.
+type errWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (e *errWriter) Write(p []byte) (int, error) {
+	if e.err != nil {
+		return 0, e.err
+	}
+	n, err := e.w.Write(p)
+	e.err = err
+	return n, err
+}

@@ -1,0 +1,184 @@
+package chaos
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// RunConfig is one chaos run.
+type RunConfig struct {
+	Seed    uint64
+	Profile Profile
+	// Workload overrides the profile's workload length when positive.
+	Workload time.Duration
+	// NoFaults runs the workload on a healthy cluster (a baseline).
+	NoFaults bool
+	// Meridian and Versitygw are the binaries to run.
+	Meridian, Versitygw string
+	// Dir receives the processes' data and logs, the history and the
+	// report.
+	Dir string
+	// Out receives progress lines and the summary.
+	Out io.Writer
+}
+
+// Run starts the profile's cluster, runs the workload under faults, heals,
+// waits for convergence, verifies every acknowledged push and checks the
+// history. The report says whether every promise held; the error is for a
+// harness that could not run (a cluster that never started, say).
+func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
+	out := cfg.Out
+	if out == nil {
+		out = io.Discard
+	}
+	logf := func(format string, args ...any) {
+		fmt.Fprintf(out, "%s  %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+	}
+	p := cfg.Profile
+	workload := p.Workload
+	if cfg.Workload > 0 {
+		workload = cfg.Workload
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
+		return nil, err
+	}
+	logf("chaos run: profile %s, seed %d, workload %v, directory %s", p.Name, cfg.Seed, workload, cfg.Dir)
+
+	startCtx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	c, err := StartCluster(startCtx, Options{Meridian: cfg.Meridian, Versitygw: cfg.Versitygw, Dir: cfg.Dir, Profile: p, Log: out})
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("starting the cluster: %w", err)
+	}
+	defer c.Close()
+
+	h := NewHistory()
+	started := time.Now()
+	wl := NewWorkload(workloadFor(p, cfg.Seed, c.Gateways()), h)
+	setupCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	err = wl.Setup(setupCtx)
+	cancel()
+	if err != nil {
+		return nil, err
+	}
+
+	// The workload and the faults run side by side for the workload's
+	// length; faults heal themselves when their context ends.
+	runCtx, stopRun := context.WithTimeout(ctx, workload)
+	defer stopRun()
+	var (
+		faults   []Fault
+		faultsCh = make(chan Fault, 64)
+		done     = make(chan struct{})
+	)
+	go func() {
+		for f := range faultsCh {
+			faults = append(faults, f)
+			end := "one-shot"
+			if f.End > 0 {
+				end = "healed at " + f.End.Round(time.Millisecond).String()
+			}
+			logf("fault %-12s %-20s at %v, %s %s", f.Kind, f.Target, f.Start.Round(time.Millisecond), end, f.Detail)
+		}
+		close(done)
+	}()
+	faultsDone := make(chan struct{})
+	if cfg.NoFaults {
+		close(faultsDone)
+	} else {
+		rng := rand.New(rand.NewPCG(cfg.Seed, 0xfa017))
+		go func() {
+			defer close(faultsDone)
+			c.InjectFaults(runCtx, rng, FaultPlan{Base: h.Base(), MeanInterval: p.FaultEvery, MaxConcurrent: p.MaxFaults},
+				func(f Fault) { faultsCh <- f })
+		}()
+	}
+	progress := time.NewTicker(30 * time.Second)
+	go func() {
+		for {
+			select {
+			case <-runCtx.Done():
+				return
+			case <-progress.C:
+				logf("%d operations so far", len(h.Ops()))
+			}
+		}
+	}()
+	logf("workload and faults running")
+	wl.Run(ctx, workload)
+	progress.Stop()
+	workloadTook := time.Since(started)
+	<-faultsDone
+	close(faultsCh)
+	<-done
+	logf("workload stopped after %v: %d operations", workloadTook.Round(time.Second), len(h.Ops()))
+
+	// Heal, converge, verify.
+	healCtx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	err = c.Heal(healCtx)
+	cancel()
+	if err != nil {
+		logf("healing: %v", err)
+	}
+	convCtx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	conv := c.WaitConverged(convCtx)
+	cancel()
+	logf("convergence: %v after %v (applied index %d) %s", conv.Converged, conv.Took.Round(time.Millisecond), conv.Applied, conv.Detail)
+	verifyCtx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	n := wl.Verify(verifyCtx, 4)
+	wl.FinalTagReads(verifyCtx)
+	cancel()
+	logf("verified %d acknowledged images", n)
+
+	ops := h.Ops()
+	checks := CheckHistory(ops, 2*time.Minute)
+	rep := NewReport(cfg.Seed, p.Name, started, workloadTook, ops, faults, checks, &conv)
+	if err := writeJSON(filepath.Join(cfg.Dir, "history.json"), ops); err != nil {
+		logf("writing the history: %v", err)
+	}
+	for _, ch := range checks {
+		if ch.Name == "tags-linearizable" && ch.Status != CheckPass {
+			path := filepath.Join(cfg.Dir, "linearizability.html")
+			if err := WriteLinearizabilityVisualization(ops, path); err == nil {
+				rep.Notes = append(rep.Notes, "linearizability visualization: "+path)
+			}
+		}
+	}
+	if err := rep.WriteJSON(filepath.Join(cfg.Dir, "report.json")); err != nil {
+		return rep, err
+	}
+	rep.Notes = append(rep.Notes, "report: "+filepath.Join(cfg.Dir, "report.json"), "history: "+filepath.Join(cfg.Dir, "history.json"))
+	return rep, nil
+}
+
+// workloadFor scales the clients to the profile: the short profile keeps a
+// loaded 2-core machine able to serve its nodes.
+func workloadFor(p Profile, seed uint64, gws []Endpoint) WorkloadConfig {
+	wc := WorkloadConfig{
+		Seed: seed, Gateways: gws,
+		Pushers: 2, Uploaders: 1, Pullers: 2, Taggers: 3, Movers: 1,
+		TagSlots: 3, TagGeneration: 120,
+		ChunkedBlobSize: 11 << 20,
+		Think:           100 * time.Millisecond,
+		RequestTimeout:  20 * time.Second,
+	}
+	if len(p.Nodes) >= 5 {
+		wc.Pushers, wc.Pullers, wc.Taggers, wc.TagSlots = 3, 3, 4, 4
+		wc.Think = 60 * time.Millisecond
+	}
+	return wc
+}
+
+func writeJSON(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o644)
+}
