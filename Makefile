@@ -48,8 +48,9 @@ test: vet fmt-check proto-check $(TOOLS)/conformance $(TOOLS)/versitygw
 ## (kill -9, SIGSTOP, partitions, latency, S3 errors/stalls/outages, a
 ## gateway killed mid-upload), then the checkers; the summary and a JSON
 ## report land in the run directory (and chaos-report.json). SEED=n
-## reproduces a run; DURATION=10m changes its length.
-CHAOS_FLAGS = -meridian $(MERIDIAN) -versitygw $(TOOLS)/versitygw $(if $(SEED),-seed $(SEED)) $(if $(DURATION),-duration $(DURATION))
+## reproduces a run; DURATION=10m changes its length; FAULTS=kill,partition
+## limits the fault kinds.
+CHAOS_FLAGS = -meridian $(MERIDIAN) -versitygw $(TOOLS)/versitygw $(if $(SEED),-seed $(SEED)) $(if $(DURATION),-duration $(DURATION)) $(if $(FAULTS),-faults $(FAULTS))
 chaos: build $(TOOLS)/versitygw
 	$(GO) run ./chaos/cmd/chaos -profile long -report chaos-report.json $(CHAOS_FLAGS)
 

@@ -643,7 +643,7 @@ func (c *Cluster) startGateway(ctx context.Context, g *gatewayProc) error {
 		g.mu.Unlock()
 		return nil
 	}
-	argv := []string{c.opt.Meridian, "gateway", "--config", g.config}
+	argv := []string{c.opt.Meridian, "gateway", "--config", g.config, "--gateway-id", g.spec.ID}
 	for _, n := range c.nodes {
 		argv = append(argv, "--join", n.gossipAddr)
 	}

@@ -19,9 +19,8 @@ type RegionSpec struct {
 // NodeSpec is one `meridian serve` process.
 type NodeSpec struct{ ID, Region string }
 
-// GatewaySpec is one standalone `meridian gateway` process. ID is the
-// harness's name for it (the binary has no flag for a gateway's gossip id,
-// so `meridian cluster status` shows a generated "gateway-…" id instead).
+// GatewaySpec is one standalone `meridian gateway` process. ID is its
+// --gateway-id, the name `meridian cluster status` shows.
 // ReadConsistency is "strong" or "local".
 type GatewaySpec struct{ ID, Region, ReadConsistency string }
 

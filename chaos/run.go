@@ -19,6 +19,8 @@ type RunConfig struct {
 	Workload time.Duration
 	// NoFaults runs the workload on a healthy cluster (a baseline).
 	NoFaults bool
+	// FaultKinds limits the faults to these kinds (nil: all of FaultKinds).
+	FaultKinds []string
 	// Meridian and Versitygw are the binaries to run.
 	Meridian, Versitygw string
 	// Dir receives the processes' data and logs, the history and the
@@ -95,7 +97,7 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 		rng := rand.New(rand.NewPCG(cfg.Seed, 0xfa017))
 		go func() {
 			defer close(faultsDone)
-			c.InjectFaults(runCtx, rng, FaultPlan{Base: h.Base(), MeanInterval: p.FaultEvery, MaxConcurrent: p.MaxFaults},
+			c.InjectFaults(runCtx, rng, FaultPlan{Base: h.Base(), MeanInterval: p.FaultEvery, MaxConcurrent: p.MaxFaults, Kinds: cfg.FaultKinds},
 				func(f Fault) { faultsCh <- f })
 		}()
 	}

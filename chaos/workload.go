@@ -288,17 +288,25 @@ func (w *Workload) pushImage(ctx context.Context, id int, rng *rand.Rand, repo, 
 }
 
 func manifestFor(cfg Blob, layers []Blob) []byte {
+	return manifestWith(cfg, layers, nil)
+}
+
+// manifestWith builds an OCI image manifest; annotations, when set, make
+// the manifest (and so its digest) distinct from another with the same
+// blobs.
+func manifestWith(cfg Blob, layers []Blob, annotations map[string]string) []byte {
 	type desc struct {
 		MediaType string `json:"mediaType"`
 		Digest    string `json:"digest"`
 		Size      int64  `json:"size"`
 	}
 	m := struct {
-		SchemaVersion int    `json:"schemaVersion"`
-		MediaType     string `json:"mediaType"`
-		Config        desc   `json:"config"`
-		Layers        []desc `json:"layers"`
-	}{2, mediaTypeManifest, desc{"application/vnd.oci.image.config.v1+json", cfg.Digest, cfg.Size}, []desc{}}
+		SchemaVersion int               `json:"schemaVersion"`
+		MediaType     string            `json:"mediaType"`
+		Config        desc              `json:"config"`
+		Layers        []desc            `json:"layers"`
+		Annotations   map[string]string `json:"annotations,omitempty"`
+	}{2, mediaTypeManifest, desc{"application/vnd.oci.image.config.v1+json", cfg.Digest, cfg.Size}, []desc{}, annotations}
 	for _, l := range layers {
 		m.Layers = append(m.Layers, desc{"application/vnd.oci.image.layer.v1.tar", l.Digest, l.Size})
 	}
@@ -565,7 +573,7 @@ func manifestBytes(img image) []byte {
 // pushes a manifest there, and now and then deletes an image.
 func (w *Workload) mover(ctx context.Context, id int, rng *rand.Rand) {
 	for k := 0; w.think(ctx, rng); k++ {
-		if rng.IntN(4) == 0 {
+		if rng.IntN(6) == 0 {
 			w.deleteOne(ctx, id, rng)
 			continue
 		}
@@ -604,7 +612,8 @@ func (w *Workload) mover(ctx context.Context, id int, rng *rand.Rand) {
 		if failed {
 			continue
 		}
-		manifest := manifestFor(src.blobs[0], src.blobs[1:])
+		// A manifest of its own, so that deleting it deletes only this image.
+		manifest := manifestWith(src.blobs[0], src.blobs[1:], map[string]string{"chaos.mounted-from": src.repo + ":" + src.tag, "chaos.nonce": strconv.FormatUint(rng.Uint64(), 16)})
 		op.Digest, op.Blobs = sha256Digest(manifest), src.blobs
 		var r reply
 		var err error

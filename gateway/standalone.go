@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -91,6 +92,9 @@ type Standalone struct {
 	wg      sync.WaitGroup
 }
 
+// gatewayIDRE is what a member id may be, as for nodes.
+var gatewayIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+
 // NewStandalone checks cfg; Start runs the gateway.
 func NewStandalone(cfg StandaloneConfig) (*Standalone, error) {
 	if cfg.Logger == nil {
@@ -103,6 +107,9 @@ func NewStandalone(cfg StandaloneConfig) (*Standalone, error) {
 		cfg.ID = "gateway-" + strings.ToLower(host) + "-" + hex.EncodeToString(b)
 	}
 	var errs []error
+	if !gatewayIDRE.MatchString(cfg.ID) {
+		errs = append(errs, fmt.Errorf("gateway_id %q: use 1-63 letters, digits, '.', '_' or '-'", cfg.ID))
+	}
 	if len(cfg.Join) == 0 {
 		errs = append(errs, errors.New("join: a gateway needs at least one member's gossip address"))
 	}
@@ -181,7 +188,9 @@ func (s *Standalone) Start(ctx context.Context) (err error) {
 			continue
 		}
 		d, err := replication.OpenStore(ctx, replication.StoreConfig{Region: r.Name, URL: r.Store, AccessKey: r.AccessKey, SecretKey: r.SecretKey})
-		if err != nil {
+		if errors.Is(err, replication.ErrStoreUnreachable) && d != nil {
+			s.logger.Warn("region store unreachable at start; starting anyway", "region", r.Name, "err", err)
+		} else if err != nil {
 			return fmt.Errorf("region %s store: %w", r.Name, err)
 		}
 		s.regions.Add(r.Name, d)

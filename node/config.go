@@ -35,6 +35,9 @@ type Config struct {
 	ClusterID string `yaml:"cluster_id"`
 	// NodeID is the node's stable identity; it defaults to the host name.
 	NodeID string `yaml:"node_id"`
+	// GatewayID names a standalone gateway (meridian gateway) in gossip;
+	// nodes ignore it. Empty: gateway-<host>-<random>.
+	GatewayID string `yaml:"gateway_id"`
 	// Region and Zone place the node; its blobs land in its region's store.
 	Region string `yaml:"region"`
 	Zone   string `yaml:"zone"`

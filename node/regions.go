@@ -146,7 +146,9 @@ func (n *Node) openStores(ctx context.Context) error {
 			}
 		}
 		d, err := replication.OpenStore(ctx, sc)
-		if err != nil {
+		if errors.Is(err, replication.ErrStoreUnreachable) && d != nil {
+			n.logger.Warn("region store unreachable at start; starting anyway", "region", rc.Name, "err", err)
+		} else if err != nil {
 			return fmt.Errorf("region %s store: %w", rc.Name, err)
 		}
 		n.regions.Add(rc.Name, d)

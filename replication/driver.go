@@ -109,6 +109,13 @@ var (
 	// ErrInvalidDigest means the digest is malformed or uses an algorithm
 	// other than sha256 or sha512.
 	ErrInvalidDigest = errors.New("replication: invalid digest")
+
+	// ErrStoreUnreachable comes from OpenStore, with a usable driver, when
+	// the store did not answer its start-up check (down, stalled, 5xx). A
+	// process still starts: one region's outage must not keep nodes and
+	// gateways of other regions from starting; requests to the store fail
+	// over to other regions until it answers.
+	ErrStoreUnreachable = errors.New("replication: store unreachable")
 )
 
 // checkDigest returns ErrInvalidDigest (wrapped) unless dgst is a well-formed

@@ -226,9 +226,16 @@ func (c S3Config) String() string {
 	return scheme + "://" + c.Endpoint + "/" + c.Bucket + "/" + strings.Trim(c.Prefix, "/")
 }
 
+// startCheckTimeout bounds NewS3's bucket check, so a stalled server
+// cannot hold a process's start.
+const startCheckTimeout = 10 * time.Second
+
 // NewS3 connects to the bucket and checks that it exists and that the
 // credentials are accepted (they need to list, read, write and delete
-// objects in it, and to list and abort multipart uploads).
+// objects in it, and to list and abort multipart uploads). A missing
+// bucket or refused credentials is an error; a server that does not answer
+// the check in time returns the driver together with an error wrapping
+// ErrStoreUnreachable, for the caller to start anyway.
 func NewS3(ctx context.Context, cfg S3Config) (*S3, error) {
 	cfg = cfg.withDefaults()
 	if err := cfg.Validate(); err != nil {
@@ -253,11 +260,19 @@ func NewS3(ctx context.Context, cfg S3Config) (*S3, error) {
 		b := make([]byte, cfg.PartSize)
 		return &b
 	}
-	if err := s.checkBucket(ctx); err != nil {
-		return nil, err
+	cctx, cancel := context.WithTimeout(ctx, startCheckTimeout)
+	defer cancel()
+	if err := s.checkBucket(cctx); err != nil {
+		if errors.Is(err, errDefinite) || ctx.Err() != nil {
+			return nil, err
+		}
+		return s, fmt.Errorf("%w: %w", ErrStoreUnreachable, err)
 	}
 	return s, nil
 }
+
+// errDefinite marks check failures that waiting will not fix.
+var errDefinite = errors.New("configuration")
 
 // checkBucket lists one key of the store to check that the bucket exists
 // and the credentials are accepted. It lists rather than sends HEAD because
@@ -275,13 +290,19 @@ func (s *S3) checkBucket(ctx context.Context) error {
 	case err == nil:
 		return nil
 	case s3Code(err) == "NoSuchBucket":
-		return fmt.Errorf("replication: s3 store %s: bucket %q does not exist at %s", s.cfg, s.cfg.Bucket, s.cfg.Endpoint)
+		return fmt.Errorf("replication: s3 store %s: bucket %q does not exist at %s%w", s.cfg, s.cfg.Bucket, s.cfg.Endpoint, silent{errDefinite})
 	case isCredentialsError(err):
-		return fmt.Errorf("replication: s3 store %s: %s refused the credentials (access key %q) for bucket %q: %w",
-			s.cfg, s.cfg.Endpoint, s.cfg.AccessKey, s.cfg.Bucket, err)
+		return fmt.Errorf("replication: s3 store %s: %s refused the credentials (access key %q) for bucket %q: %w%w",
+			s.cfg, s.cfg.Endpoint, s.cfg.AccessKey, s.cfg.Bucket, err, silent{errDefinite})
 	}
 	return fmt.Errorf("replication: s3 store %s: checking bucket %q at %s: %w", s.cfg, s.cfg.Bucket, s.cfg.Endpoint, err)
 }
+
+// silent wraps an error for errors.Is without adding to the message.
+type silent struct{ err error }
+
+func (s silent) Error() string { return "" }
+func (s silent) Unwrap() error { return s.err }
 
 // Endpoint is the store's host:port.
 func (s *S3) Endpoint() string { return s.cfg.Endpoint }

@@ -318,6 +318,8 @@ func credentialVars(region string) (accessVar, secretVar string) {
 
 // OpenStore opens the driver of a region's store: NewFilesystem for file://
 // URLs, NewS3 (which checks the bucket and credentials) for s3:// URLs.
+// With an error wrapping ErrStoreUnreachable it also returns the driver,
+// which works once the store answers.
 func OpenStore(ctx context.Context, cfg StoreConfig) (Driver, error) {
 	u, err := ParseStoreURL(cfg.URL)
 	if err != nil {
@@ -344,7 +346,11 @@ func OpenStore(ctx context.Context, cfg StoreConfig) (Driver, error) {
 		}
 		d, err := NewS3(ctx, s3cfg)
 		if err != nil {
-			return nil, fmt.Errorf("%w (region %q)", err, cfg.Region)
+			err = fmt.Errorf("%w (region %q)", err, cfg.Region)
+			if d != nil {
+				return d, err // unreachable for now, usable later
+			}
+			return nil, err
 		}
 		return d, nil
 	}

@@ -257,3 +257,28 @@ func TestOpenStoreS3(t *testing.T) {
 		t.Fatal("a missing bucket is not a missing blob")
 	}
 }
+
+// TestOpenStoreUnreachable: a store that is down when a process starts
+// must not keep it from starting (one region's outage would otherwise stop
+// every restart elsewhere); the driver works once the server is back.
+func TestOpenStoreUnreachable(t *testing.T) {
+	srv := s3test.Start(t)
+	srv.CreateBucket(t, "region-eu")
+	srv.Stop()
+	ctx := t.Context()
+	d, err := replication.OpenStore(ctx, replication.StoreConfig{Region: "eu", URL: srv.URL("region-eu")})
+	if !errors.Is(err, replication.ErrStoreUnreachable) || d == nil {
+		t.Fatalf("OpenStore of a stopped server: driver %v, error %v; want a driver and ErrStoreUnreachable", d, err)
+	}
+	if !strings.Contains(err.Error(), `region "eu"`) {
+		t.Errorf("error %q does not name the region", err)
+	}
+	srv.Restart()
+	id, err := d.StartUpload(ctx)
+	if err != nil {
+		t.Fatalf("StartUpload once the server is back: %v", err)
+	}
+	if err := d.CancelUpload(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+}

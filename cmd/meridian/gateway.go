@@ -17,6 +17,7 @@ import (
 // the same format as a node's (nodes and gateways can share one), and keys
 // that only concern nodes are ignored.
 var gatewayOptions = []option{
+	stringOpt("gateway-id", "this gateway's name in gossip and cluster status (default: gateway-<host>-<random>)", func(c *node.Config) *string { return &c.GatewayID }),
 	stringOpt("cluster-id", "cluster identity; must match the nodes'", func(c *node.Config) *string { return &c.ClusterID }),
 	stringOpt("region", "region this gateway runs in (uploads go to the nearest of a repository's regions)", func(c *node.Config) *string { return &c.Region }),
 	stringOpt("zone", "zone within the region (same-zone nodes win ties)", func(c *node.Config) *string { return &c.Zone }),
@@ -50,7 +51,7 @@ func gatewayDefaults() node.Config {
 // standaloneConfig maps the shared configuration onto a gateway's.
 func standaloneConfig(c node.Config) (gateway.StandaloneConfig, error) {
 	sc := gateway.StandaloneConfig{
-		ClusterID: c.ClusterID, Region: c.Region, Zone: c.Zone, HTTPAddr: c.HTTPAddr,
+		ID: c.GatewayID, ClusterID: c.ClusterID, Region: c.Region, Zone: c.Zone, HTTPAddr: c.HTTPAddr,
 		GossipAddr: c.GossipAddr, AdvertiseGossip: c.AdvertiseGossip, Join: c.Join,
 		ReadConsistency: c.ReadConsistency, ReadyFile: c.ReadyFile, JoinTimeout: c.JoinTimeout,
 	}

@@ -14,6 +14,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -32,6 +34,7 @@ func run() error {
 	seed := flag.Uint64("seed", 0, "seed of the workload and the fault schedule (0: random, printed)")
 	duration := flag.Duration("duration", 0, "length of the workload phase (0: the profile's)")
 	noFaults := flag.Bool("no-faults", false, "run the workload on a healthy cluster")
+	faultKinds := flag.String("faults", "", "comma-separated fault kinds to inject (default: all of "+strings.Join(chaos.FaultKinds, ",")+")")
 	meridian := flag.String("meridian", "bin/meridian", "meridian binary")
 	versitygw := flag.String("versitygw", os.Getenv("MERIDIAN_VERSITYGW"), "versitygw binary (env MERIDIAN_VERSITYGW)")
 	dir := flag.String("dir", "", "run directory for data, logs, history and report (default: a new one under the system temp dir)")
@@ -50,6 +53,15 @@ func run() error {
 		}
 		if _, err := os.Stat(path); err != nil {
 			return fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	var kinds []string
+	if *faultKinds != "" {
+		for _, k := range strings.Split(*faultKinds, ",") {
+			if !slices.Contains(chaos.FaultKinds, k) {
+				return fmt.Errorf("-faults: unknown kind %q (want some of %s)", k, strings.Join(chaos.FaultKinds, ","))
+			}
+			kinds = append(kinds, k)
 		}
 	}
 	if *seed == 0 {
@@ -73,7 +85,7 @@ func run() error {
 	defer cancel()
 
 	rep, err := chaos.Run(ctx, chaos.RunConfig{
-		Seed: *seed, Profile: p, Workload: *duration, NoFaults: *noFaults,
+		Seed: *seed, Profile: p, Workload: *duration, NoFaults: *noFaults, FaultKinds: kinds,
 		Meridian: abs(*meridian), Versitygw: abs(*versitygw), Dir: abs(*dir), Out: os.Stdout,
 	})
 	if err != nil {
