@@ -65,9 +65,8 @@ type faultSpec struct {
 // Node faults (kill, pause, partition) never take down more than a
 // minority of the voters at once (nodes killed, paused, isolated or on
 // the minority side of a split), and no target has two faults at once.
-// Faults that restart processes (kill, gateway-kill) never overlap S3
-// faults: a node or gateway checks every S3 region's bucket when it
-// starts, and cannot start while one is unreachable.
+// Restarts may overlap S3 faults: a node or gateway must start while a
+// region's store is down.
 func (c *Cluster) InjectFaults(ctx context.Context, rng *rand.Rand, plan FaultPlan, record func(Fault)) {
 	base := plan.Base
 	if base.IsZero() {
@@ -153,9 +152,8 @@ func randDuration(rng *rand.Rand, lo, hi time.Duration) time.Duration {
 	return lo + time.Duration(rng.Int64N(int64(hi-lo)+1))
 }
 
-// busy returns what active faults occupy: nodes down, targets in use, and
-// whether restart-type and S3 faults are active.
-func (inj *injector) busy() (down map[string]bool, targets map[string]bool, restarting, s3 bool) {
+// busy returns what active faults occupy: nodes down and targets in use.
+func (inj *injector) busy() (down map[string]bool, targets map[string]bool) {
 	inj.mu.Lock()
 	defer inj.mu.Unlock()
 	down, targets = map[string]bool{}, map[string]bool{}
@@ -173,21 +171,15 @@ func (inj *injector) busy() (down map[string]bool, targets map[string]bool, rest
 				targets[n] = true
 			}
 		}
-		switch f.kind {
-		case FaultKill, FaultGatewayKill:
-			restarting = true
-		case FaultS3Error, FaultS3Stall, FaultS3Stop:
-			s3 = true
-		}
 	}
-	return down, targets, restarting, s3
+	return down, targets
 }
 
 // draw picks a fault that the cluster can take now, or nil.
 func (inj *injector) draw(ctx context.Context, rng *rand.Rand, kinds []string) *faultSpec {
 	c := inj.c
 	p := c.prof
-	down, targets, restarting, s3Active := inj.busy()
+	down, targets := inj.busy()
 	maxDown := p.maxNodesDown()
 	var s3Regions []string
 	for _, r := range p.Regions {
@@ -213,15 +205,15 @@ func (inj *injector) draw(ctx context.Context, rng *rand.Rand, kinds []string) *
 		ok := false
 		switch k {
 		case FaultKill:
-			ok = nodeFaultOK && !s3Active
+			ok = nodeFaultOK
 		case FaultPause, FaultPartition:
 			ok = nodeFaultOK
 		case FaultLatency:
 			ok = len(freeNodes) > 0
 		case FaultS3Error, FaultS3Stall, FaultS3Stop:
-			ok = len(s3Regions) > 0 && !restarting
+			ok = len(s3Regions) > 0
 		case FaultGatewayKill:
-			ok = len(freeGateways) > 0 && !s3Active && len(freeGateways) == len(c.gateways)
+			ok = len(freeGateways) > 0 && len(freeGateways) == len(c.gateways)
 		}
 		if ok {
 			feasible = append(feasible, k)

@@ -44,12 +44,9 @@ func TestFaultDraws(t *testing.T) {
 					inj.active[f] = true
 				}
 				// Check the invariants over the active set.
-				down, _, restarting, s3 := inj.busy()
+				down, _ := inj.busy()
 				if len(down) > p.maxNodesDown() {
 					t.Fatalf("%s: %d nodes down at once: %v", p.Name, len(down), down)
-				}
-				if restarting && s3 {
-					t.Fatalf("%s: a restart-type fault and an S3 fault at once", p.Name)
 				}
 				targets := map[string]int{}
 				for a := range inj.active {

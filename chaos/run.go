@@ -21,6 +21,9 @@ type RunConfig struct {
 	NoFaults bool
 	// FaultKinds limits the faults to these kinds (nil: all of FaultKinds).
 	FaultKinds []string
+	// KeepData keeps the nodes' data and the regions' blobs after a run
+	// that passed; a failed run always keeps them.
+	KeepData bool
 	// Meridian and Versitygw are the binaries to run.
 	Meridian, Versitygw string
 	// Dir receives the processes' data and logs, the history and the
@@ -155,7 +158,16 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 	if err := rep.WriteJSON(filepath.Join(cfg.Dir, "report.json")); err != nil {
 		return rep, err
 	}
-	rep.Notes = append(rep.Notes, "report: "+filepath.Join(cfg.Dir, "report.json"), "history: "+filepath.Join(cfg.Dir, "history.json"))
+	rep.Notes = append(rep.Notes, "report: "+filepath.Join(cfg.Dir, "report.json"), "history: "+filepath.Join(cfg.Dir, "history.json"),
+		"logs: "+filepath.Join(cfg.Dir, "logs"))
+	if rep.Passed && !cfg.KeepData {
+		// Gigabytes of blobs prove nothing more once the run passed.
+		c.Close()
+		for _, sub := range []string{"nodes", "blobs", "s3"} {
+			os.RemoveAll(filepath.Join(cfg.Dir, sub))
+		}
+		rep.Notes = append(rep.Notes, "the nodes' data and the regions' blobs were removed (the run passed; -keep-data keeps them)")
+	}
 	return rep, nil
 }
 
@@ -167,12 +179,16 @@ func workloadFor(p Profile, seed uint64, gws []Endpoint) WorkloadConfig {
 		Pushers: 2, Uploaders: 1, Pullers: 2, Taggers: 3, Movers: 1,
 		TagSlots: 3, TagGeneration: 120,
 		ChunkedBlobSize: 11 << 20,
+		UploadPause:     3 * time.Second,
 		Think:           100 * time.Millisecond,
 		RequestTimeout:  20 * time.Second,
 	}
 	if len(p.Nodes) >= 5 {
+		// About 2 MB/s of new blobs per region: 30 minutes fit in ~4 GB
+		// a region.
 		wc.Pushers, wc.Pullers, wc.Taggers, wc.TagSlots = 3, 3, 4, 4
 		wc.Think = 60 * time.Millisecond
+		wc.UploadPause = 6 * time.Second
 	}
 	return wc
 }

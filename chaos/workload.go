@@ -36,8 +36,11 @@ type WorkloadConfig struct {
 	// a fresh one after TagGeneration operations or a few writes of unknown
 	// outcome, which keeps each tag's history small enough to check.
 	TagSlots, TagGeneration int
-	// ChunkedBlobSize is the size of an uploader's blob.
+	// ChunkedBlobSize is the size of an uploader's blob, and UploadPause
+	// the pause between an uploader's pushes (which keeps the bytes a long
+	// run writes within a disk's means).
 	ChunkedBlobSize int
+	UploadPause     time.Duration
 	// Think is the pause between a client's operations, so that a 2-core
 	// machine keeps serving its nodes.
 	Think time.Duration
@@ -153,6 +156,18 @@ func (w *Workload) think(ctx context.Context, rng *rand.Rand) bool {
 	}
 }
 
+// pause waits d unless the workload stops first.
+func (w *Workload) pause(ctx context.Context, d time.Duration) bool {
+	select {
+	case <-ctx.Done():
+		return false
+	case <-w.stop:
+		return false
+	case <-time.After(d):
+		return true
+	}
+}
+
 func (w *Workload) gateway(rng *rand.Rand) Endpoint {
 	return w.cfg.Gateways[rng.IntN(len(w.cfg.Gateways))]
 }
@@ -184,6 +199,9 @@ func (w *Workload) pusher(ctx context.Context, id int, rng *rand.Rand) {
 // between the gateways, continuing on the other gateway when one fails.
 func (w *Workload) uploader(ctx context.Context, id int, rng *rand.Rand) {
 	for k := 0; w.think(ctx, rng); k++ {
+		if k > 0 && !w.pause(ctx, w.cfg.UploadPause) {
+			return
+		}
 		img, err := w.pushImage(ctx, id, rng, fmt.Sprintf("chaos/big%d", id), fmt.Sprintf("v%d", k), 1, true)
 		if err == nil {
 			w.addAcked(img)

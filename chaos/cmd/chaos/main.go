@@ -39,6 +39,7 @@ func run() error {
 	versitygw := flag.String("versitygw", os.Getenv("MERIDIAN_VERSITYGW"), "versitygw binary (env MERIDIAN_VERSITYGW)")
 	dir := flag.String("dir", "", "run directory for data, logs, history and report (default: a new one under the system temp dir)")
 	reportPath := flag.String("report", "", "also copy the JSON report here")
+	keepData := flag.Bool("keep-data", false, "keep the nodes' data and the regions' blobs after a run that passed")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments: %v", flag.Args())
@@ -85,7 +86,7 @@ func run() error {
 	defer cancel()
 
 	rep, err := chaos.Run(ctx, chaos.RunConfig{
-		Seed: *seed, Profile: p, Workload: *duration, NoFaults: *noFaults, FaultKinds: kinds,
+		Seed: *seed, Profile: p, Workload: *duration, NoFaults: *noFaults, FaultKinds: kinds, KeepData: *keepData,
 		Meridian: abs(*meridian), Versitygw: abs(*versitygw), Dir: abs(*dir), Out: os.Stdout,
 	})
 	if err != nil {
