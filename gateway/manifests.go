@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"encoding/json"
 	"io"
 	"mime"
@@ -264,15 +265,32 @@ func (g *Gateway) resolve(r *http.Request, rt route) (string, error) {
 	return g.meta.Tag(r.Context(), rt.name, rt.ref)
 }
 
+// tagManifestReader is implemented by metadata that can read a manifest by
+// tag in one step (a standalone gateway's upstream: one round trip
+// instead of two).
+type tagManifestReader interface {
+	ManifestByTag(ctx context.Context, repo, tag string) (*pb.ManifestRecord, error)
+}
+
 // getManifest serves GET and HEAD of a manifest by tag or digest.
 func (g *Gateway) getManifest(w http.ResponseWriter, r *http.Request, rt route) error {
-	d, err := g.resolve(r, rt)
-	if err != nil {
-		return err
-	}
-	m, err := g.meta.Manifest(r.Context(), rt.name, d)
-	if err != nil {
-		return err
+	var m *pb.ManifestRecord
+	if tm, ok := g.meta.(tagManifestReader); ok && !isDigestRef(rt.ref) {
+		if err := validateTag(rt.ref); err != nil {
+			return err
+		}
+		var err error
+		if m, err = tm.ManifestByTag(r.Context(), rt.name, rt.ref); err != nil {
+			return err
+		}
+	} else {
+		d, err := g.resolve(r, rt)
+		if err != nil {
+			return err
+		}
+		if m, err = g.meta.Manifest(r.Context(), rt.name, d); err != nil {
+			return err
+		}
 	}
 	h := w.Header()
 	etag := `"` + m.Digest + `"`

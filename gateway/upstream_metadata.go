@@ -141,6 +141,29 @@ func (m upstreamMetadata) Manifest(ctx context.Context, repo, digest string) (*p
 	})
 }
 
+// ManifestByTag reads the manifest tag points at in one round trip to one
+// node (same consistency as Tag then Manifest). A node too old to know
+// the request's tag field says so by not setting TagResolved; then the
+// two calls are made.
+func (m upstreamMetadata) ManifestByTag(ctx context.Context, repo, tag string) (*pb.ManifestRecord, error) {
+	type answer struct {
+		rec      *pb.ManifestRecord
+		resolved bool
+	}
+	a, err := read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) (answer, *pb.Result, error) {
+		resp, err := c.GetManifest(ctx, &pb.GetManifestRequest{Repository: repo, Tag: tag, Consistency: m.consistency()}, opts...)
+		return answer{resp.GetManifest(), resp.GetTagResolved()}, resp.GetResult(), err
+	})
+	if err == nil && !a.resolved || err != nil && !a.resolved && pb.CodeOf(err) == pb.Code_CODE_MANIFEST_UNKNOWN {
+		d, err := m.Tag(ctx, repo, tag)
+		if err != nil {
+			return nil, err
+		}
+		return m.Manifest(ctx, repo, d)
+	}
+	return a.rec, err
+}
+
 func (m upstreamMetadata) Tag(ctx context.Context, repo, tag string) (string, error) {
 	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) (string, *pb.Result, error) {
 		resp, err := c.GetTag(ctx, &pb.GetTagRequest{Repository: repo, Tag: tag, Consistency: m.consistency()}, opts...)

@@ -65,6 +65,15 @@ func TestUpstreamPushPull(t *testing.T) {
 	if resp := env.get(t, "/v2/up/app/manifests/missing"); resp.StatusCode != http.StatusNotFound {
 		t.Fatalf("GET a missing tag: status %d, want 404", resp.StatusCode)
 	}
+	// A pull by tag is one round trip: the node resolves the tag itself.
+	env.net.reset()
+	resp := env.get(t, "/v2/up/app/manifests/v1")
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Docker-Content-Digest") != mustDigest(t, img).String() {
+		t.Fatalf("GET by tag: status %d, digest %q; want 200 and %s", resp.StatusCode, resp.Header.Get("Docker-Content-Digest"), mustDigest(t, img))
+	}
+	if m, tg := env.net.total("GetManifest"), env.net.total("GetTag"); m != 1 || tg != 0 {
+		t.Errorf("GET by tag made %d GetManifest and %d GetTag calls; want 1 and 0", m, tg)
+	}
 
 	md := env.up.Metadata()
 	if _, err := md.Tag(ctx, "up/app", "missing"); !errors.Is(err, pb.ErrTagUnknown) {

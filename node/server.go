@@ -130,12 +130,21 @@ func adminError(err error) error {
 func consistency(c pb.Consistency) bool { return c == pb.Consistency_CONSISTENCY_STRONG }
 
 func (s clusterServer) GetManifest(ctx context.Context, req *pb.GetManifestRequest) (*pb.GetManifestResponse, error) {
-	m, err := s.n.metadata(consistency(req.Consistency)).Manifest(ctx, req.Repository, req.Digest)
+	md := s.n.metadata(consistency(req.Consistency))
+	dgst, err := req.Digest, error(nil)
+	byTag := req.Tag != "" && dgst == ""
+	if byTag {
+		dgst, err = md.Tag(ctx, req.Repository, req.Tag)
+	}
+	var m *pb.ManifestRecord
+	if err == nil {
+		m, err = md.Manifest(ctx, req.Repository, dgst)
+	}
 	r, gerr := answer(err)
 	if gerr != nil {
 		return nil, gerr
 	}
-	return &pb.GetManifestResponse{Result: r, Manifest: m}, nil
+	return &pb.GetManifestResponse{Result: r, Manifest: m, TagResolved: byTag}, nil
 }
 
 func (s clusterServer) GetTag(ctx context.Context, req *pb.GetTagRequest) (*pb.GetTagResponse, error) {

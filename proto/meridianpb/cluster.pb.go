@@ -312,10 +312,13 @@ func (x *ReadIndexResponse) GetIndex() uint64 {
 }
 
 type GetManifestRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Repository    string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
-	Digest        string                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
-	Consistency   Consistency            `protobuf:"varint,3,opt,name=consistency,proto3,enum=meridian.v1.Consistency" json:"consistency,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Repository  string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
+	Digest      string                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	Consistency Consistency            `protobuf:"varint,3,opt,name=consistency,proto3,enum=meridian.v1.Consistency" json:"consistency,omitempty"`
+	// tag, when set instead of digest, is resolved first on the same node
+	// with the same consistency: a pull by tag in one round trip.
+	Tag           string `protobuf:"bytes,4,opt,name=tag,proto3" json:"tag,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -371,10 +374,21 @@ func (x *GetManifestRequest) GetConsistency() Consistency {
 	return Consistency_CONSISTENCY_LOCAL
 }
 
+func (x *GetManifestRequest) GetTag() string {
+	if x != nil {
+		return x.Tag
+	}
+	return ""
+}
+
 type GetManifestResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Result        *Result                `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
-	Manifest      *ManifestRecord        `protobuf:"bytes,2,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Result   *Result                `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
+	Manifest *ManifestRecord        `protobuf:"bytes,2,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	// tag_resolved says the node read the request's tag; a node that
+	// predates the tag field leaves it false, and the caller falls back to
+	// GetTag then GetManifest.
+	TagResolved   bool `protobuf:"varint,3,opt,name=tag_resolved,json=tagResolved,proto3" json:"tag_resolved,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -421,6 +435,13 @@ func (x *GetManifestResponse) GetManifest() *ManifestRecord {
 		return x.Manifest
 	}
 	return nil
+}
+
+func (x *GetManifestResponse) GetTagResolved() bool {
+	if x != nil {
+		return x.TagResolved
+	}
+	return false
 }
 
 type GetTagRequest struct {
@@ -2515,16 +2536,18 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\"\x12\n" +
 	"\x10ReadIndexRequest\")\n" +
 	"\x11ReadIndexResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index\"\x88\x01\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"\x9a\x01\n" +
 	"\x12GetManifestRequest\x12\x1e\n" +
 	"\n" +
 	"repository\x18\x01 \x01(\tR\n" +
 	"repository\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\tR\x06digest\x12:\n" +
-	"\vconsistency\x18\x03 \x01(\x0e2\x18.meridian.v1.ConsistencyR\vconsistency\"{\n" +
+	"\vconsistency\x18\x03 \x01(\x0e2\x18.meridian.v1.ConsistencyR\vconsistency\x12\x10\n" +
+	"\x03tag\x18\x04 \x01(\tR\x03tag\"\x9e\x01\n" +
 	"\x13GetManifestResponse\x12+\n" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\x127\n" +
-	"\bmanifest\x18\x02 \x01(\v2\x1b.meridian.v1.ManifestRecordR\bmanifest\"}\n" +
+	"\bmanifest\x18\x02 \x01(\v2\x1b.meridian.v1.ManifestRecordR\bmanifest\x12!\n" +
+	"\ftag_resolved\x18\x03 \x01(\bR\vtagResolved\"}\n" +
 	"\rGetTagRequest\x12\x1e\n" +
 	"\n" +
 	"repository\x18\x01 \x01(\tR\n" +
