@@ -21,9 +21,10 @@ export GOFLAGS ?= -mod=readonly
 CONFORMANCE_VERSION  := v0.0.0-20260831232431-97274622c111
 DISTRIBUTION_VERSION := v3.1.2
 VERSITYGW_VERSION    := v1.8.0
+MINIO_VERSION        := v0.0.0-20260212201848-7aac2a2c5b7c
 VERSION              := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: protoc all build run test unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
+.PHONY: protoc all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
 
 all: build
 
@@ -57,6 +58,13 @@ chaos: build $(TOOLS)/versitygw
 chaos-short: build $(TOOLS)/versitygw
 	$(GO) run ./chaos/cmd/chaos -profile short -report chaos-short-report.json $(CHAOS_FLAGS)
 
+## test-minio: the S3 driver conformance suite, the S3 tests and the
+## geo-replication tests against MinIO instead of versitygw (MinIO takes a
+## few minutes to build the first time; make test does not need it).
+test-minio: $(TOOLS)/minio
+	MERIDIAN_S3_SERVER=minio MERIDIAN_MINIO=$(TOOLS)/minio MERIDIAN_REQUIRE_S3=1 \
+	  $(GO) test -count=1 -timeout 20m ./replication/... ./node/ -run 'S3|Store|Geo|Replicat|Driver'
+
 unit:
 	$(GO) test -count=1 ./...
 
@@ -77,6 +85,9 @@ $(TOOLS)/conformance:
 # geo-replication tests run against.
 $(TOOLS)/versitygw:
 	GOBIN=$(TOOLS) $(GO) install github.com/versity/versitygw/cmd/versitygw@$(VERSITYGW_VERSION)
+
+$(TOOLS)/minio:
+	GOBIN=$(TOOLS) $(GO) install github.com/minio/minio@$(MINIO_VERSION)
 
 $(TOOLS)/registry:
 	GOBIN=$(TOOLS) $(GO) install github.com/distribution/distribution/v3/cmd/registry@$(DISTRIBUTION_VERSION)

@@ -39,7 +39,7 @@ func binaries(t *testing.T) (meridian, versitygw string) {
 	build := exec.Command("go", "build", "-o", meridian, "./cmd/meridian")
 	build.Dir = ".."
 	if out, err := build.CombinedOutput(); err != nil {
-		t.Skipf("cannot build meridian: %v\n%s", err, out)
+		t.Fatalf("cannot build meridian: %v\n%s", err, out)
 	}
 	return meridian, versitygw
 }

@@ -65,7 +65,9 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 
 	h := NewHistory()
 	started := time.Now()
-	wl := NewWorkload(workloadFor(p, cfg.Seed, c.Gateways()), h)
+	wc := workloadFor(p, cfg.Seed, c.Gateways())
+	wc.Live = logf
+	wl := NewWorkload(wc, h)
 	setupCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	err = wl.Setup(setupCtx)
 	cancel()

@@ -46,6 +46,10 @@ type WorkloadConfig struct {
 	Think time.Duration
 	// RequestTimeout bounds each HTTP request.
 	RequestTimeout time.Duration
+	// Live, when set, hears of suspect results as they happen (bytes that
+	// do not match their digest, a 404 for an acknowledged push); the
+	// checkers give the verdict after the run.
+	Live func(format string, args ...any)
 }
 
 // Workload runs the clients and records every operation in a History.
@@ -488,6 +492,20 @@ func (w *Workload) finishPull(op *Op, r reply, err error) {
 		op.Outcome, op.Err = OutcomeFail, errText(r, err)
 	}
 	w.h.Add(*op)
+	if w.cfg.Live == nil {
+		return
+	}
+	switch {
+	case op.Outcome == OutcomeOK && op.Got != op.Digest:
+		w.cfg.Live("VIOLATION: %s %s %s via %s: asked for %s, received bytes hashing to %s", op.Kind, op.Repo, op.Tag, op.Gateway, op.Digest, op.Got)
+	case op.Outcome == OutcomeNotFound:
+		w.mu.Lock()
+		deleted := w.deleted[op.Repo+"@"+op.Digest]
+		w.mu.Unlock()
+		if !deleted && op.Kind == OpPullManifest {
+			w.cfg.Live("suspect: %s %s %s via %s (%s reads) answered 404 for an acknowledged push", op.Kind, op.Repo, op.Digest, op.Gateway, op.Consistency)
+		}
+	}
 }
 
 // tagger reads and writes the mutable tags. Reads through a strong gateway

@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -28,9 +29,11 @@ const Region = "us-east-1"
 // startTimeout bounds how long a server may take to answer its first request.
 const startTimeout = 30 * time.Second
 
-// Server is a running versitygw serving a temporary directory.
+// Server is a running S3 server (versitygw, or MinIO under
+// MERIDIAN_S3_SERVER=minio) serving a temporary directory.
 type Server struct {
 	tb     testing.TB
+	kind   string // "versitygw" or "minio"
 	bin    string
 	root   string // temporary directory: data/ and the server's log
 	addr   string // 127.0.0.1:port, kept across Restart
@@ -42,18 +45,29 @@ type Server struct {
 	done chan struct{} // closed when cmd has exited
 }
 
-// Binary returns the path of the versitygw binary, or false if there is none.
+// Kind is the S3 server the tests run: "versitygw" unless
+// MERIDIAN_S3_SERVER=minio.
+func Kind() string {
+	if os.Getenv("MERIDIAN_S3_SERVER") == "minio" {
+		return "minio"
+	}
+	return "versitygw"
+}
+
+// Binary returns the path of the server binary Kind names ($MERIDIAN_VERSITYGW
+// or $MERIDIAN_MINIO, then bin/tools, then $PATH), or false if there is none.
 func Binary() (string, bool) {
-	if p := os.Getenv("MERIDIAN_VERSITYGW"); p != "" {
+	kind := Kind()
+	if p := os.Getenv("MERIDIAN_" + strings.ToUpper(kind)); p != "" {
 		return p, true
 	}
 	if root, err := moduleRoot(); err == nil {
-		p := filepath.Join(root, "bin", "tools", "versitygw")
+		p := filepath.Join(root, "bin", "tools", kind)
 		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() {
 			return p, true
 		}
 	}
-	if p, err := exec.LookPath("versitygw"); err == nil {
+	if p, err := exec.LookPath(kind); err == nil {
 		return p, true
 	}
 	return "", false
@@ -66,6 +80,9 @@ func Start(tb testing.TB) *Server {
 	bin, ok := Binary()
 	if !ok {
 		msg := "versitygw not found (set MERIDIAN_VERSITYGW, or run `make test`, which installs it into bin/tools)"
+		if Kind() == "minio" {
+			msg = "minio not found (set MERIDIAN_MINIO, or run `make test-minio`, which installs it into bin/tools)"
+		}
 		if os.Getenv("MERIDIAN_REQUIRE_S3") == "1" {
 			tb.Fatal(msg + "; MERIDIAN_REQUIRE_S3=1 makes this a failure")
 		}
@@ -73,6 +90,7 @@ func Start(tb testing.TB) *Server {
 	}
 	s := &Server{
 		tb:     tb,
+		kind:   Kind(),
 		bin:    bin,
 		root:   tb.TempDir(),
 		access: "meridian-test",
@@ -93,7 +111,7 @@ func Start(tb testing.TB) *Server {
 			return s
 		}
 	}
-	tb.Fatalf("s3test: starting versitygw: %v", err)
+	tb.Fatalf("s3test: starting %s: %v", s.kind, err)
 	return nil
 }
 
@@ -173,24 +191,32 @@ func (s *Server) Restart() {
 			return
 		}
 		if time.Now().After(deadline) {
-			s.tb.Fatalf("s3test: restarting versitygw on %s: %v", s.addr, err)
+			s.tb.Fatalf("s3test: restarting %s on %s: %v", s.kind, s.addr, err)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 }
 
-// start runs versitygw on s.addr and waits until it answers HTTP.
+// start runs the server on s.addr and waits until it answers HTTP.
 func (s *Server) start() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	logPath := filepath.Join(s.root, "versitygw.log")
+	logPath := filepath.Join(s.root, s.kind+".log")
 	logFile, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
 	}
 	defer logFile.Close() // the child has its own descriptor
-	cmd := exec.Command(s.bin, "--port", s.addr, "--quiet", "posix", s.Dir())
-	cmd.Env = append(os.Environ(), "ROOT_ACCESS_KEY="+s.access, "ROOT_SECRET_KEY="+s.secret)
+	var cmd *exec.Cmd
+	switch s.kind {
+	case "minio":
+		cmd = exec.Command(s.bin, "server", "--address", s.addr, "--quiet", s.Dir())
+		cmd.Env = append(os.Environ(), "MINIO_ROOT_USER="+s.access, "MINIO_ROOT_PASSWORD="+s.secret,
+			"MINIO_BROWSER=off", "MINIO_UPDATE=off")
+	default:
+		cmd = exec.Command(s.bin, "--port", s.addr, "--quiet", "posix", s.Dir())
+		cmd.Env = append(os.Environ(), "ROOT_ACCESS_KEY="+s.access, "ROOT_SECRET_KEY="+s.secret)
+	}
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = sysProcAttr()
 	if err := cmd.Start(); err != nil {
@@ -201,7 +227,7 @@ func (s *Server) start() error {
 		cmd.Wait()
 		close(done)
 	}()
-	if err := waitHTTP(s.addr, done); err != nil {
+	if err := waitHTTP(s.kind, s.addr, done); err != nil {
 		cmd.Process.Kill()
 		<-done
 		return fmt.Errorf("%w; log:\n%s", err, tail(logPath, 2048))
@@ -210,24 +236,33 @@ func (s *Server) start() error {
 	return nil
 }
 
-// waitHTTP polls addr until it answers any HTTP response, the process exits
+// waitHTTP polls addr until it answers HTTP (MinIO: its readiness probe), the process exits
 // (done closes) or startTimeout passes.
-func waitHTTP(addr string, done <-chan struct{}) error {
+func waitHTTP(kind, addr string, done <-chan struct{}) error {
 	client := &http.Client{Timeout: time.Second}
 	deadline := time.Now().Add(startTimeout)
+	// MinIO answers 503 while it initializes; its readiness probe says when
+	// it takes requests.
+	path := "/"
+	if kind == "minio" {
+		path = "/minio/health/ready"
+	}
 	for delay := 10 * time.Millisecond; ; delay = min(2*delay, 200*time.Millisecond) {
-		resp, err := client.Get("http://" + addr + "/")
+		resp, err := client.Get("http://" + addr + path)
 		if err == nil {
 			resp.Body.Close()
-			return nil
+			if kind != "minio" || resp.StatusCode == http.StatusOK {
+				return nil
+			}
+			err = fmt.Errorf("readiness probe answered %s", resp.Status)
 		}
 		select {
 		case <-done:
-			return errors.New("versitygw exited during startup")
+			return fmt.Errorf("%s exited during startup", kind)
 		case <-time.After(delay):
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("versitygw did not answer on %s within %s: %w", addr, startTimeout, err)
+			return fmt.Errorf("%s did not answer on %s within %s: %w", kind, addr, startTimeout, err)
 		}
 	}
 }
