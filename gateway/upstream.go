@@ -15,7 +15,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/keepalive"
 
 	"github.com/meridian-registry/meridian/node/membership"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -447,7 +446,7 @@ func (p *connPool) dial(addr string) (grpc.ClientConnInterface, error) {
 	bo.MaxDelay = 5 * time.Second // a restarted node is back in rotation within seconds
 	c, err := grpc.NewClient(addr,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		grpc.WithKeepaliveParams(pb.ClientKeepalive),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)),
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: 5 * time.Second}))
 	if err != nil {

@@ -139,7 +139,8 @@ func (n *Node) Start(ctx context.Context) (err error) {
 		return err
 	}
 
-	n.grpcServer = grpc.NewServer(grpc.MaxRecvMsgSize(64<<20), grpc.MaxSendMsgSize(64<<20))
+	n.grpcServer = grpc.NewServer(grpc.MaxRecvMsgSize(64<<20), grpc.MaxSendMsgSize(64<<20),
+		grpc.KeepaliveEnforcementPolicy(pb.KeepaliveEnforcement))
 	pb.RegisterClusterServer(n.grpcServer, clusterServer{n: n})
 	// Other regions reach this region's store through its nodes.
 	pb.RegisterBlobStoreServer(n.grpcServer, replication.NewBlobStoreServer(map[string]replication.Driver{n.cfg.Region: n.localStore}))
