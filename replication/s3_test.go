@@ -167,7 +167,8 @@ func TestS3UploadLayout(t *testing.T) {
 		s3Write(t, d, id, int64(off), content[off:off+chunk])
 	}
 	dataKey := "p/data/" + id
-	if mpus := s3ListMultipart(t, c, "layout", "p/"); len(mpus) != 1 || mpus[0].Key != dataKey {
+	// The exact key: MinIO lists multipart uploads of one object only.
+	if mpus := s3ListMultipart(t, c, "layout", dataKey); len(mpus) != 1 || mpus[0].Key != dataKey {
 		t.Fatalf("multipart uploads after 7 MiB: %+v; want one at %s", mpus, dataKey)
 	}
 	dgst := digest.FromBytes(content)
@@ -303,6 +304,12 @@ func TestS3ConcurrentWritesAcrossProcesses(t *testing.T) {
 // uploads of stale uploads, those no state records (a crashed write or an
 // interrupted copy), and keeps a live upload's.
 func TestS3PurgeAbortsMultipart(t *testing.T) {
+	if s3test.Kind() == "minio" {
+		// MinIO lists multipart uploads only for an exact object name, so
+		// leftovers that no state records cannot be found by listing;
+		// docs/operations.md asks for a bucket lifecycle rule there.
+		t.Skip("MinIO does not list multipart uploads by prefix")
+	}
 	srv := s3test.Start(t)
 	srv.CreateBucket(t, "purge")
 	d := newS3(t, srv, "purge", "store")
