@@ -307,7 +307,7 @@ func TestS3PurgeAbortsMultipart(t *testing.T) {
 	if s3test.Kind() == "minio" {
 		// MinIO lists multipart uploads only for an exact object name, so
 		// leftovers that no state records cannot be found by listing;
-		// docs/operations.md asks for a bucket lifecycle rule there.
+		// the README asks for a bucket lifecycle rule there.
 		t.Skip("MinIO does not list multipart uploads by prefix")
 	}
 	srv := s3test.Start(t)
