@@ -283,20 +283,10 @@ func (w *Workload) pushImage(ctx context.Context, id int, rng *rand.Rand, repo, 
 		ref = tag
 	}
 	// A manifest PUT is idempotent: retry it, on the other gateway too.
-	var r reply
-	for attempt := 0; attempt < 4; attempt++ {
-		if attempt > 0 {
-			gw = w.other(gw)
-			if !sleepCtx(ctx, time.Duration(attempt)*500*time.Millisecond) {
-				break
-			}
-		}
-		r, err = w.client.do(ctx, gw, http.MethodPut, "/v2/"+repo+"/manifests/"+ref,
+	gw, r, err := w.retry(ctx, gw, func(gw Endpoint) (reply, error) {
+		return w.client.do(ctx, gw, http.MethodPut, "/v2/"+repo+"/manifests/"+ref,
 			http.Header{"Content-Type": {mediaTypeManifest}}, manifest)
-		if !transient(r, err) {
-			break
-		}
-	}
+	})
 	op.Gateway, op.Consistency = gw.ID, gw.ReadConsistency
 	if out := outcomeOf(r, err); out != OutcomeOK {
 		return fail(out, r.status, "manifest: "+errText(r, err))
@@ -339,21 +329,10 @@ func manifestWith(cfg Blob, layers []Blob, annotations map[string]string) []byte
 // uploadMonolithic sends a blob in one POST, retrying on the other gateway
 // while the answer is transient. It returns the gateway that answered.
 func (w *Workload) uploadMonolithic(ctx context.Context, gw Endpoint, repo string, data []byte, dgst string) (Endpoint, error) {
-	var r reply
-	var err error
-	for attempt := 0; attempt < 4; attempt++ {
-		if attempt > 0 {
-			gw = w.other(gw)
-			if !sleepCtx(ctx, time.Duration(attempt)*500*time.Millisecond) {
-				break
-			}
-		}
-		r, err = w.client.do(ctx, gw, http.MethodPost, "/v2/"+repo+"/blobs/uploads/?digest="+url.QueryEscape(dgst),
+	gw, r, err := w.retry(ctx, gw, func(gw Endpoint) (reply, error) {
+		return w.client.do(ctx, gw, http.MethodPost, "/v2/"+repo+"/blobs/uploads/?digest="+url.QueryEscape(dgst),
 			http.Header{"Content-Type": {"application/octet-stream"}}, data)
-		if !transient(r, err) {
-			break
-		}
-	}
+	})
 	if err != nil || r.status != http.StatusCreated {
 		return gw, fmt.Errorf("upload via %s: %s", gw.ID, errText(r, err))
 	}
@@ -387,37 +366,42 @@ func (w *Workload) uploadChunked(ctx context.Context, rng *rand.Rand, gw Endpoin
 			"Content-Type":  {"application/octet-stream"},
 			"Content-Range": {fmt.Sprintf("%d-%d", off, end-1)},
 		}
-		for attempt := 0; ; attempt++ {
-			r, err = w.client.do(ctx, gw, http.MethodPatch, pathOf(loc), hdr, data[off:end])
-			if !transient(r, err) || attempt == 3 {
-				break
-			}
-			gw = w.other(gw)
-			if !sleepCtx(ctx, time.Duration(attempt+1)*500*time.Millisecond) {
-				break
-			}
-		}
+		gw, r, err = w.retry(ctx, gw, func(gw Endpoint) (reply, error) {
+			return w.client.do(ctx, gw, http.MethodPatch, pathOf(loc), hdr, data[off:end])
+		})
 		if err != nil || r.status != http.StatusAccepted {
 			return gw, fmt.Errorf("chunk at %d via %s: %s", off, gw.ID, errText(r, err))
 		}
 		loc = r.header.Get("Location")
 		off = end
 	}
-	gw = w.other(gw)
-	for attempt := 0; ; attempt++ {
-		r, err = w.client.do(ctx, gw, http.MethodPut, pathOf(loc)+querySep(loc)+"digest="+url.QueryEscape(dgst), nil, []byte{})
-		if !transient(r, err) || attempt == 3 {
-			break
-		}
-		gw = w.other(gw)
-		if !sleepCtx(ctx, time.Duration(attempt+1)*500*time.Millisecond) {
-			break
-		}
-	}
+	gw, r, err = w.retry(ctx, w.other(gw), func(gw Endpoint) (reply, error) {
+		return w.client.do(ctx, gw, http.MethodPut, pathOf(loc)+querySep(loc)+"digest="+url.QueryEscape(dgst), nil, []byte{})
+	})
 	if err != nil || r.status != http.StatusCreated {
 		return gw, fmt.Errorf("complete via %s: %s", gw.ID, errText(r, err))
 	}
 	return gw, nil
+}
+
+// retry sends a request through gw and, while the answer is transient,
+// again through the other gateway after a growing pause, four times in
+// all. It returns the gateway of the last attempt and its answer.
+func (w *Workload) retry(ctx context.Context, gw Endpoint, send func(Endpoint) (reply, error)) (Endpoint, reply, error) {
+	var r reply
+	var err error
+	for attempt := 0; attempt < 4; attempt++ {
+		if attempt > 0 {
+			gw = w.other(gw)
+			if !sleepCtx(ctx, time.Duration(attempt)*500*time.Millisecond) {
+				break
+			}
+		}
+		if r, err = send(gw); !transient(r, err) {
+			break
+		}
+	}
+	return gw, r, err
 }
 
 // pathOf strips scheme and host from a Location, so that a session opened
@@ -624,13 +608,9 @@ func (w *Workload) mover(ctx context.Context, id int, rng *rand.Rand) {
 		for _, b := range src.blobs {
 			var r reply
 			var err error
-			for attempt := 0; attempt < 3; attempt++ {
-				r, err = w.client.do(ctx, gw, http.MethodPost, "/v2/"+repo+"/blobs/uploads/?mount="+url.QueryEscape(b.Digest)+"&from="+url.QueryEscape(src.repo), nil, []byte{})
-				if !transient(r, err) {
-					break
-				}
-				gw = w.other(gw)
-			}
+			gw, r, err = w.retry(ctx, gw, func(gw Endpoint) (reply, error) {
+				return w.client.do(ctx, gw, http.MethodPost, "/v2/"+repo+"/blobs/uploads/?mount="+url.QueryEscape(b.Digest)+"&from="+url.QueryEscape(src.repo), nil, []byte{})
+			})
 			if err != nil || r.status != http.StatusCreated {
 				// 202 is a spec-allowed refusal (e.g. the source was just
 				// deleted): the mount did not happen; nothing to check.
@@ -651,18 +631,9 @@ func (w *Workload) mover(ctx context.Context, id int, rng *rand.Rand) {
 		// A manifest of its own, so that deleting it deletes only this image.
 		manifest := manifestWith(src.blobs[0], src.blobs[1:], map[string]string{"chaos.mounted-from": src.repo + ":" + src.tag, "chaos.nonce": strconv.FormatUint(rng.Uint64(), 16)})
 		op.Digest, op.Blobs = sha256Digest(manifest), src.blobs
-		var r reply
-		var err error
-		for attempt := 0; attempt < 4; attempt++ {
-			r, err = w.client.do(ctx, gw, http.MethodPut, "/v2/"+repo+"/manifests/"+tag, http.Header{"Content-Type": {mediaTypeManifest}}, manifest)
-			if !transient(r, err) {
-				break
-			}
-			gw = w.other(gw)
-			if !sleepCtx(ctx, time.Duration(attempt+1)*500*time.Millisecond) {
-				break
-			}
-		}
+		gw, r, err := w.retry(ctx, gw, func(gw Endpoint) (reply, error) {
+			return w.client.do(ctx, gw, http.MethodPut, "/v2/"+repo+"/manifests/"+tag, http.Header{"Content-Type": {mediaTypeManifest}}, manifest)
+		})
 		op.End, op.Gateway, op.Status = w.h.Now(), gw.ID, r.status
 		op.Outcome, op.Err = outcomeOf(r, err), errText(r, err)
 		w.h.Add(op)

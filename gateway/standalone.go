@@ -19,9 +19,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/meridian-registry/meridian/node/membership"
@@ -82,9 +79,6 @@ type Standalone struct {
 	regions  *replication.Regions
 	gateway  *Gateway
 
-	connMu sync.Mutex
-	conns  map[string]*grpc.ClientConn
-
 	httpLn  net.Listener
 	httpSrv *http.Server
 	stop    context.CancelFunc
@@ -128,7 +122,7 @@ func NewStandalone(cfg StandaloneConfig) (*Standalone, error) {
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("invalid gateway configuration:\n%w", err)
 	}
-	return &Standalone{cfg: cfg, logger: cfg.Logger.With("gateway_id", cfg.ID), conns: map[string]*grpc.ClientConn{}}, nil
+	return &Standalone{cfg: cfg, logger: cfg.Logger.With("gateway_id", cfg.ID)}, nil
 }
 
 // Start joins the cluster and begins serving; it returns once serving.
@@ -174,7 +168,7 @@ func (s *Standalone) Start(ctx context.Context) (err error) {
 	}
 
 	if s.upstream, err = NewUpstream(UpstreamConfig{
-		ID: s.cfg.ID, Region: s.cfg.Region, Zone: s.cfg.Zone, Members: s.members.Members, Dial: s.dial,
+		ID: s.cfg.ID, Region: s.cfg.Region, Zone: s.cfg.Zone, Members: s.members.Members, NetDial: s.cfg.Dial,
 		ReadConsistency: s.cfg.ReadConsistency, Logger: s.logger, Registerer: s.registry,
 	}); err != nil {
 		return err
@@ -243,41 +237,6 @@ func (s *Standalone) routes() http.Handler {
 		http.Error(w, "no healthy node known", http.StatusServiceUnavailable)
 	})
 	return WithBodyIdleTimeout(mux, time.Minute)
-}
-
-var reconnectBackoff = func() backoff.Config {
-	b := backoff.DefaultConfig
-	b.MaxDelay = 5 * time.Second
-	return b
-}()
-
-// dial returns the pooled connection to a node's gRPC address.
-func (s *Standalone) dial(addr string) (grpc.ClientConnInterface, error) {
-	s.connMu.Lock()
-	defer s.connMu.Unlock()
-	if s.conns == nil {
-		return nil, errors.New("gateway: closed")
-	}
-	if c, ok := s.conns[addr]; ok {
-		return c, nil
-	}
-	opts := []grpc.DialOption{
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithKeepaliveParams(pb.ClientKeepalive),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)),
-		// A node that comes back must be reachable within seconds, not after
-		// gRPC's default 2-minute reconnect backoff.
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff, MinConnectTimeout: 5 * time.Second}),
-	}
-	if s.cfg.Dial != nil {
-		opts = append(opts, grpc.WithContextDialer(s.cfg.Dial))
-	}
-	c, err := grpc.NewClient(addr, opts...)
-	if err != nil {
-		return nil, err
-	}
-	s.conns[addr] = c
-	return c, nil
 }
 
 // keepJoined rejoins through the seeds whenever no node is alive in the
@@ -377,11 +336,8 @@ func (s *Standalone) Close(ctx context.Context) error {
 	if s.members != nil {
 		errs = append(errs, s.members.Close())
 	}
-	s.connMu.Lock()
-	for _, c := range s.conns {
-		c.Close()
+	if s.upstream != nil {
+		errs = append(errs, s.upstream.Close())
 	}
-	s.conns = nil
-	s.connMu.Unlock()
 	return errors.Join(errs...)
 }

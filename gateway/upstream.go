@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -36,6 +37,9 @@ type UpstreamConfig struct {
 	// Dial returns a pooled connection to a node's gRPC address. Nil uses
 	// a pool of the Upstream's own, closed by Close.
 	Dial func(addr string) (grpc.ClientConnInterface, error)
+	// NetDial, when set, opens the TCP connections of the Upstream's own
+	// pool (tests put proxies in between); ignored when Dial is set.
+	NetDial func(ctx context.Context, addr string) (net.Conn, error)
 	// PingInterval is how often every live server node is pinged; default 1s.
 	PingInterval time.Duration
 	// ReadConsistency is "local" (default) or "strong"; see pb.Consistency.
@@ -125,7 +129,7 @@ func NewUpstream(cfg UpstreamConfig) (*Upstream, error) {
 		pinging: map[string]bool{}, published: map[string]bool{}, seen: map[string]bool{},
 	}
 	if u.dial == nil {
-		u.pool = &connPool{conns: map[string]*grpc.ClientConn{}}
+		u.pool = &connPool{conns: map[string]*grpc.ClientConn{}, netDial: cfg.NetDial}
 		u.dial = u.pool.dial
 	}
 	return u, nil
@@ -429,8 +433,9 @@ func (u *Upstream) publish(nodes []UpstreamNode) {
 // connPool keeps one gRPC connection per node address, for an Upstream
 // configured without Dial.
 type connPool struct {
-	mu    sync.Mutex
-	conns map[string]*grpc.ClientConn // nil once closed
+	mu      sync.Mutex
+	conns   map[string]*grpc.ClientConn // nil once closed
+	netDial func(ctx context.Context, addr string) (net.Conn, error)
 }
 
 func (p *connPool) dial(addr string) (grpc.ClientConnInterface, error) {
@@ -444,11 +449,16 @@ func (p *connPool) dial(addr string) (grpc.ClientConnInterface, error) {
 	}
 	bo := backoff.DefaultConfig
 	bo.MaxDelay = 5 * time.Second // a restarted node is back in rotation within seconds
-	c, err := grpc.NewClient(addr,
+	opts := []grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithKeepaliveParams(pb.ClientKeepalive),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)),
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: 5 * time.Second}))
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: 5 * time.Second}),
+	}
+	if p.netDial != nil {
+		opts = append(opts, grpc.WithContextDialer(p.netDial))
+	}
+	c, err := grpc.NewClient(addr, opts...)
 	if err != nil {
 		return nil, err
 	}

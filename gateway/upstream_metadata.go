@@ -98,10 +98,10 @@ func read[T any](ctx context.Context, u *Upstream, pol callPolicy, fn rpc[T]) (T
 			return zero, fmt.Errorf("%w: %w", pb.ErrUnavailable, ctx.Err())
 		}
 		if !transportFailure(err) || (pol.answersUnavailable && status.Code(err) == codes.Unavailable && p.Addr != nil) {
-			return zero, fromStatus(err)
+			return zero, pb.FromStatus(err)
 		}
 		u.fail(n.ID, err)
-		last = fromStatus(err)
+		last = pb.FromStatus(err)
 	}
 	return zero, last
 }
@@ -115,21 +115,6 @@ func transportFailure(err error) bool {
 		return true
 	}
 	return false
-}
-
-// fromStatus turns a failed call into a domain error, like the node's
-// fromGRPC (node/peers.go): business outcomes travel as Results, so a
-// status means the cluster is unavailable from here, except
-// FailedPrecondition (no leader) and Internal/Unknown (a bug: 500).
-func fromStatus(err error) error {
-	s, _ := status.FromError(err)
-	switch s.Code() {
-	case codes.FailedPrecondition:
-		return fmt.Errorf("%w: %s", pb.ErrNotLeader, s.Message())
-	case codes.Internal, codes.Unknown:
-		return fmt.Errorf("remote: %s", s.Message())
-	}
-	return fmt.Errorf("%w: %s", pb.ErrUnavailable, s.Message())
 }
 
 func (m upstreamMetadata) reads() callPolicy { return callPolicy{timeout: m.u.cfg.CallTimeout} }
@@ -284,14 +269,14 @@ func (u *Upstream) propose(ctx context.Context, req *pb.ProposeRequest, resend b
 			return fmt.Errorf("%w: %w", pb.ErrUnavailable, ctx.Err())
 		}
 		if !transportFailure(err) {
-			return fromStatus(err)
+			return pb.FromStatus(err)
 		}
 		u.fail(n.ID, err)
 		if p.Addr != nil && !resend {
 			return fmt.Errorf("%w: node %s failed after the write may have reached it, so it is not sent again: %s",
 				pb.ErrUnavailable, n.ID, status.Convert(err).Message())
 		}
-		last = fromStatus(err)
+		last = pb.FromStatus(err)
 	}
 	return last
 }

@@ -295,41 +295,12 @@ func gatewayConfig(t *testing.T, g *dirGeo, id, region string, dial *latencyDial
 		GossipTimings: membership.LocalTimings(),
 		Regions:       g.gatewayRegions(),
 		Gateway:       gateway.DefaultConfig(),
-		Logger:        testLogger(t, id),
+		Logger:        clustertest.TestLogger(t, slog.LevelWarn).With("gw", id),
 	}
 	if dial != nil {
 		cfg.Dial = dial.dial
 	}
 	return cfg
-}
-
-// testLogger sends warnings and errors to the test log until the test
-// ends (a gateway may log from goroutines that outlive it).
-func testLogger(t *testing.T, id string) *slog.Logger {
-	s := &testLogSink{t: t}
-	t.Cleanup(s.stop)
-	return slog.New(slog.NewTextHandler(s, &slog.HandlerOptions{Level: slog.LevelWarn})).With("gw", id)
-}
-
-type testLogSink struct {
-	mu   sync.Mutex
-	t    *testing.T
-	done bool
-}
-
-func (s *testLogSink) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if !s.done {
-		s.t.Logf("%s", bytes.TrimRight(p, "\n"))
-	}
-	return len(p), nil
-}
-
-func (s *testLogSink) stop() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.done = true
 }
 
 // nodeIDs lists a gateway's view of the nodes, nearest first, for messages.

@@ -8,10 +8,8 @@ import (
 	"sync"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/peer"
-	"google.golang.org/grpc/status"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
@@ -85,40 +83,12 @@ func (p *peers) close() {
 	p.conns = nil
 }
 
-// Between nodes, business outcomes travel in Result messages; gRPC status
-// codes carry availability. These two tables are the only translation.
-var codeToGRPC = map[pb.Code]codes.Code{
-	pb.Code_CODE_UNAVAILABLE: codes.Unavailable,
-	pb.Code_CODE_NOT_LEADER:  codes.FailedPrecondition,
-}
-
-// grpcError turns a failure that is not a business result into a status.
-func grpcError(err error) error {
-	if c, ok := codeToGRPC[pb.CodeOf(err)]; ok {
-		return status.Error(c, err.Error())
-	}
-	if errors.Is(err, context.DeadlineExceeded) {
-		return status.Error(codes.DeadlineExceeded, err.Error())
-	}
-	return status.Error(codes.Internal, err.Error())
-}
-
-// fromGRPC turns a failed call into a domain error: transport trouble and
-// timeouts mean the cluster is unavailable from here.
+// fromGRPC is pb.FromStatus that keeps the mark of a call no connection
+// carried (errNotSent), which makes resending it safe.
 func fromGRPC(err error) error {
-	if err == nil {
-		return nil
+	d := pb.FromStatus(err)
+	if errors.Is(err, errNotSent) && errors.Is(d, pb.ErrUnavailable) {
+		return fmt.Errorf("%w: %w", d, errNotSent)
 	}
-	s, _ := status.FromError(err)
-	switch s.Code() {
-	case codes.FailedPrecondition:
-		return fmt.Errorf("%w: %s", pb.ErrNotLeader, s.Message())
-	case codes.Internal, codes.Unknown:
-		return fmt.Errorf("remote: %s", s.Message())
-	default:
-		if errors.Is(err, errNotSent) {
-			return fmt.Errorf("%w: %w: %s", pb.ErrUnavailable, errNotSent, s.Message())
-		}
-		return fmt.Errorf("%w: %s", pb.ErrUnavailable, s.Message())
-	}
+	return d
 }

@@ -54,16 +54,16 @@ func (n *Node) validatePolicy(ctx context.Context, p *pb.Policy) error {
 func (s clusterServer) ListPolicies(ctx context.Context, _ *pb.ListPoliciesRequest) (*pb.ListPoliciesResponse, error) {
 	// An operator reading policies expects the committed ones.
 	if err := s.n.catchUp(ctx); err != nil {
-		return nil, grpcError(err)
+		return nil, pb.ToStatus(err)
 	}
 	store := s.n.consensus.Store()
 	policies, err := store.Policies(ctx)
 	if err != nil {
-		return nil, grpcError(err)
+		return nil, pb.ToStatus(err)
 	}
 	regions, err := store.Regions(ctx)
 	if err != nil {
-		return nil, grpcError(err)
+		return nil, pb.ToStatus(err)
 	}
 	return &pb.ListPoliciesResponse{Policies: policies, Regions: regions}, nil
 }

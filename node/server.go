@@ -20,7 +20,7 @@ func answer(err error) (*pb.Result, error) {
 	if r, ok := pb.ResultOf(err); ok {
 		return r, nil
 	}
-	return nil, grpcError(err)
+	return nil, pb.ToStatus(err)
 }
 
 func (s clusterServer) Propose(ctx context.Context, req *pb.ProposeRequest) (*pb.ProposeResponse, error) {
@@ -44,7 +44,7 @@ func (s clusterServer) Propose(ctx context.Context, req *pb.ProposeRequest) (*pb
 func (s clusterServer) ReadIndex(ctx context.Context, _ *pb.ReadIndexRequest) (*pb.ReadIndexResponse, error) {
 	i, err := s.n.consensus.ReadIndex(ctx)
 	if err != nil {
-		return nil, grpcError(err)
+		return nil, pb.ToStatus(err)
 	}
 	return &pb.ReadIndexResponse{Index: i}, nil
 }
@@ -195,10 +195,10 @@ func (s clusterServer) GetLinkedBlob(ctx context.Context, req *pb.GetLinkedBlobR
 func (s clusterServer) GetUploadKey(ctx context.Context, _ *pb.GetUploadKeyRequest) (*pb.GetUploadKeyResponse, error) {
 	k, err := s.n.metadata(false).UploadKey(ctx)
 	if err != nil {
-		return nil, grpcError(err)
+		return nil, pb.ToStatus(err)
 	}
 	if k == nil {
-		return nil, grpcError(fmt.Errorf("%w: upload key not installed yet", pb.ErrUnavailable))
+		return nil, pb.ToStatus(fmt.Errorf("%w: upload key not installed yet", pb.ErrUnavailable))
 	}
 	return &pb.GetUploadKeyResponse{Key: k}, nil
 }

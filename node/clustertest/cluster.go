@@ -522,6 +522,14 @@ func wait(ctx context.Context) error {
 	}
 }
 
+// TestLogger returns a logger that writes records at level and above to
+// t's log until t ends (goroutines may log after that).
+func TestLogger(t testing.TB, level slog.Level) *slog.Logger {
+	s := &logSink{t: t}
+	t.Cleanup(s.stop)
+	return s.logger(level)
+}
+
 // logSink sends the nodes' logs to the test log until the test ends (Raft
 // may still log from goroutines that outlive it).
 type logSink struct {
