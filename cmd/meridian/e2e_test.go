@@ -115,17 +115,21 @@ func e2eEnv(extra ...string) []string {
 
 // e2eReady is the JSON a node writes to --ready-file.
 type e2eReady struct {
-	NodeID   string `json:"node_id"`
-	Region   string `json:"region"`
-	HTTPAddr string `json:"http_addr"`
-	RaftAddr string `json:"raft_addr"`
-	DataDir  string `json:"data_dir"`
-	PID      int    `json:"pid"`
+	NodeID     string `json:"node_id"`
+	GatewayID  string `json:"gateway_id"`
+	Region     string `json:"region"`
+	HTTPAddr   string `json:"http_addr"`
+	GRPCAddr   string `json:"grpc_addr"`
+	RaftAddr   string `json:"raft_addr"`
+	GossipAddr string `json:"gossip_addr"`
+	DataDir    string `json:"data_dir"`
+	PID        int    `json:"pid"`
 }
 
 // e2eProc is one running meridian process.
 type e2eProc struct {
-	t         *testing.T
+	t         testing.TB
+	name      string // in messages: "meridian", or the process's role
 	cmd       *exec.Cmd
 	readyFile string
 	logPath   string
@@ -135,7 +139,7 @@ type e2eProc struct {
 
 // e2eStart runs the binary with args and env; it is killed when the test
 // ends if it is still running.
-func e2eStart(t *testing.T, readyFile string, env []string, args ...string) *e2eProc {
+func e2eStart(t testing.TB, readyFile string, env []string, args ...string) *e2eProc {
 	t.Helper()
 	if err := os.Remove(readyFile); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		t.Fatal(err)
@@ -145,10 +149,12 @@ func e2eStart(t *testing.T, readyFile string, env []string, args ...string) *e2e
 		t.Fatal(err)
 	}
 	defer logFile.Close()
-	p := &e2eProc{t: t, readyFile: readyFile, logPath: logFile.Name(), exited: make(chan struct{})}
+	p := &e2eProc{t: t, name: "meridian", readyFile: readyFile, logPath: logFile.Name(), exited: make(chan struct{})}
 	p.cmd = exec.Command(e2eBinary, args...)
 	p.cmd.Env = env
 	p.cmd.Stdout, p.cmd.Stderr = logFile, logFile
+	// Gone with the test process, even if it dies without cleanups.
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := p.cmd.Start(); err != nil {
 		t.Fatalf("start meridian: %v", err)
 	}
@@ -164,7 +170,7 @@ func e2eStart(t *testing.T, readyFile string, env []string, args ...string) *e2e
 			<-p.exited
 		}
 		if t.Failed() {
-			t.Logf("meridian (pid %d) log:\n%s", p.cmd.Process.Pid, p.logTail())
+			t.Logf("%s (pid %d) log:\n%s", p.name, p.cmd.Process.Pid, p.logTail())
 		}
 	})
 	return p
@@ -212,7 +218,7 @@ func (p *e2eProc) poll(what string, d time.Duration, check func() error) {
 		}
 		select {
 		case <-p.exited:
-			p.t.Fatalf("%s: meridian exited (%v):\n%s", what, p.cmd.ProcessState, p.logTail())
+			p.t.Fatalf("%s: %s exited (%v):\n%s", what, p.name, p.cmd.ProcessState, p.logTail())
 		case <-tick.C:
 		}
 	}
@@ -286,7 +292,7 @@ func (p *e2eProc) signal(sig syscall.Signal) *os.ProcessState {
 	select {
 	case <-p.exited:
 	case <-time.After(30 * time.Second):
-		p.t.Fatalf("meridian did not exit within 30s of %v:\n%s", sig, p.logTail())
+		p.t.Fatalf("%s did not exit within 30s of %v:\n%s", p.name, sig, p.logTail())
 	}
 	return p.cmd.ProcessState
 }
@@ -296,9 +302,9 @@ func (p *e2eProc) stop() {
 	p.t.Helper()
 	start := time.Now()
 	if st := p.signal(syscall.SIGTERM); st.ExitCode() != 0 {
-		p.t.Fatalf("after SIGTERM meridian exited with %v, want status 0:\n%s", st, p.logTail())
+		p.t.Fatalf("after SIGTERM %s exited with %v, want status 0:\n%s", p.name, st, p.logTail())
 	}
-	p.t.Logf("SIGTERM: clean exit in %v", time.Since(start).Round(time.Millisecond))
+	p.t.Logf("%s: SIGTERM: clean exit in %v", p.name, time.Since(start).Round(time.Millisecond))
 }
 
 // kill sends SIGKILL and waits for the process to die.

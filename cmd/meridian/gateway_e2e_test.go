@@ -13,7 +13,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -27,11 +26,9 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -66,171 +63,22 @@ func gwe2eNeedBinary(tb testing.TB) {
 	}
 }
 
-// gwe2eReady is what a node or a gateway writes to --ready-file.
-type gwe2eReady struct {
-	NodeID     string `json:"node_id"`
-	GatewayID  string `json:"gateway_id"`
-	Region     string `json:"region"`
-	HTTPAddr   string `json:"http_addr"`
-	GRPCAddr   string `json:"grpc_addr"`
-	GossipAddr string `json:"gossip_addr"`
-	PID        int    `json:"pid"`
-}
-
-// gwe2eProc is one running meridian process.
-type gwe2eProc struct {
-	tb        testing.TB
-	name      string
-	cmd       *exec.Cmd
-	readyFile string
-	logPath   string
-	exited    chan struct{}
-	ready     gwe2eReady
-}
-
-// gwe2eStart runs the binary with args; it is killed when the test ends if
-// it is still running, and by the kernel if the test process dies.
-func gwe2eStart(tb testing.TB, name, dir string, args ...string) *gwe2eProc {
+// gwe2eStart runs the binary with args and a ready file named after the
+// process in dir; see e2eStart.
+func gwe2eStart(tb testing.TB, name, dir string, args ...string) *e2eProc {
 	tb.Helper()
-	p := &gwe2eProc{tb: tb, name: name, readyFile: filepath.Join(dir, name+".ready.json"),
-		logPath: filepath.Join(dir, name+".log"), exited: make(chan struct{})}
-	logFile, err := os.Create(p.logPath)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer logFile.Close()
-	p.cmd = exec.Command(e2eBinary, append(args, "--ready-file", p.readyFile)...)
-	p.cmd.Env = e2eEnv()
-	p.cmd.Stdout, p.cmd.Stderr = logFile, logFile
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		tb.Fatalf("start %s: %v", name, err)
-	}
-	go func() {
-		p.cmd.Wait()
-		close(p.exited)
-	}()
-	tb.Cleanup(func() {
-		select {
-		case <-p.exited:
-		default:
-			p.cmd.Process.Kill()
-			<-p.exited
-		}
-		if tb.Failed() {
-			tb.Logf("%s (pid %d) log:\n%s", name, p.cmd.Process.Pid, p.logTail())
-		}
-	})
+	ready := filepath.Join(dir, name+".ready.json")
+	p := e2eStart(tb, ready, e2eEnv(), append(args, "--ready-file", ready)...)
+	p.name = name
 	return p
 }
 
-func (p *gwe2eProc) logTail() string {
-	b, _ := os.ReadFile(p.logPath)
-	if len(b) > 16<<10 {
-		b = b[len(b)-16<<10:]
-	}
-	return string(b)
-}
-
-// poll calls check every 20 ms until it succeeds; it fails the test when
-// d passes or the process exits first.
-func (p *gwe2eProc) poll(what string, d time.Duration, check func() error) {
-	p.tb.Helper()
-	deadline := time.Now().Add(d)
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		err := check()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			p.tb.Fatalf("%s: %s: not within %v: %v", p.name, what, d, err)
-		}
-		select {
-		case <-p.exited:
-			p.tb.Fatalf("%s: %s: the process exited (%v):\n%s", p.name, what, p.cmd.ProcessState, p.logTail())
-		case <-tick.C:
-		}
-	}
-}
-
-// waitWritten waits for the ready file this process wrote.
-func (p *gwe2eProc) waitWritten() {
-	p.tb.Helper()
-	p.poll("ready file", time.Minute, func() error {
-		b, err := os.ReadFile(p.readyFile)
-		if err != nil {
-			return err
-		}
-		var r gwe2eReady
-		if err := json.Unmarshal(b, &r); err != nil {
-			return err
-		}
-		if r.PID != p.cmd.Process.Pid {
-			return fmt.Errorf("ready file is from pid %d", r.PID)
-		}
-		p.ready = r
-		return nil
-	})
-}
-
-// waitReady waits for /readyz to answer 200.
-func (p *gwe2eProc) waitReady() {
-	p.tb.Helper()
-	p.poll("/readyz", time.Minute, func() error {
-		resp, err := http.Get(p.url("/readyz"))
-		if err != nil {
-			return err
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("%s: %s", resp.Status, bytes.TrimSpace(b))
-		}
-		return nil
-	})
-}
-
-func (p *gwe2eProc) url(path string) string { return "http://" + p.ready.HTTPAddr + path }
-
-// ref parses "repo:tag" or "repo@digest" on this process.
-func (p *gwe2eProc) ref(s string) name.Reference {
-	p.tb.Helper()
-	r, err := name.ParseReference(p.ready.HTTPAddr+"/"+s, name.Insecure)
-	if err != nil {
-		p.tb.Fatal(err)
-	}
-	return r
-}
-
-// stop sends SIGTERM and expects a clean exit (status 0) within 30 s.
-func (p *gwe2eProc) stop() {
-	p.tb.Helper()
-	// Shutdown waits for connections a client keeps open; close the idle
-	// ones of the shared transports.
-	e2eCloseIdle()
-	start := time.Now()
-	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		p.tb.Fatalf("%s: SIGTERM: %v", p.name, err)
-	}
-	select {
-	case <-p.exited:
-	case <-time.After(30 * time.Second):
-		p.tb.Fatalf("%s did not exit within 30s of SIGTERM:\n%s", p.name, p.logTail())
-	}
-	if st := p.cmd.ProcessState; st.ExitCode() != 0 {
-		p.tb.Fatalf("%s: after SIGTERM exited with %v, want status 0:\n%s", p.name, st, p.logTail())
-	}
-	p.tb.Logf("%s: SIGTERM: clean exit in %v", p.name, time.Since(start).Round(time.Millisecond))
-}
-
 // peakRSS is the process's peak resident set size so far (VmHWM).
-func (p *gwe2eProc) peakRSS() int64 {
-	p.tb.Helper()
+func (p *e2eProc) peakRSS() int64 {
+	p.t.Helper()
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
 	if err != nil {
-		p.tb.Fatalf("%s: %v", p.name, err)
+		p.t.Fatalf("%s: %v", p.name, err)
 	}
 	defer f.Close()
 	s := bufio.NewScanner(f)
@@ -238,12 +86,12 @@ func (p *gwe2eProc) peakRSS() int64 {
 		if v, ok := strings.CutPrefix(s.Text(), "VmHWM:"); ok {
 			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
 			if err != nil {
-				p.tb.Fatalf("%s: VmHWM %q: %v", p.name, v, err)
+				p.t.Fatalf("%s: VmHWM %q: %v", p.name, v, err)
 			}
 			return kb << 10
 		}
 	}
-	p.tb.Fatalf("%s: no VmHWM in /proc/%d/status", p.name, p.cmd.Process.Pid)
+	p.t.Fatalf("%s: no VmHWM in /proc/%d/status", p.name, p.cmd.Process.Pid)
 	return 0
 }
 
@@ -253,8 +101,8 @@ type gwe2eCluster struct {
 	tb      testing.TB
 	dir     string
 	regions []string // --region-store flags, the same for every process
-	nodes   []*gwe2eProc
-	gw      *gwe2eProc
+	nodes   []*e2eProc
+	gw      *e2eProc
 }
 
 // gwe2eStartCluster starts the nodes (the first bootstraps, the others join
@@ -327,7 +175,7 @@ func (c *gwe2eCluster) gatewayStatus() (*pb.GatewayStatus, error) {
 }
 
 // preferred is the node the gateway sends metadata reads to now.
-func (c *gwe2eCluster) preferred() *gwe2eProc {
+func (c *gwe2eCluster) preferred() *e2eProc {
 	c.tb.Helper()
 	st, err := c.gatewayStatus()
 	if err != nil {
