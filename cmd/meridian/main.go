@@ -18,6 +18,7 @@ Usage:
   meridian dev               run a local 3-region cluster with a gateway (what make run starts)
   meridian cluster …         status, transfer-leader, remove, recover
   meridian policy …          list, set, delete replication policies
+  meridian ca …              init a cluster CA, issue member certificates
   meridian bench [flags]     measure push, pull and manifest GET against the machine's limits
   meridian version           print the version
 
@@ -41,6 +42,8 @@ func main() {
 		err = cluster(os.Args[2:])
 	case "policy":
 		err = policy(os.Args[2:])
+	case "ca":
+		err = ca(os.Args[2:])
 	case "bench":
 		err = bench(os.Args[2:])
 	case "version", "--version":
