@@ -46,6 +46,10 @@ type Config struct {
 	// Logger receives this package's and memberlist's logs; nil means
 	// slog.Default().
 	Logger *slog.Logger
+	// Keys encrypt gossip (AES-GCM; 16, 24 or 32 bytes each), Keys[0]
+	// the primary; see keyring.go. Without keys gossip is plaintext and
+	// anyone who reaches the port can read metadata and join.
+	Keys [][]byte
 }
 
 // DefaultConfig returns a configuration for a server node of the default
@@ -173,6 +177,11 @@ func (c Config) Validate() error {
 	if err := c.Timings.validate(); err != nil {
 		return err
 	}
+	for _, k := range c.Keys {
+		if err := checkKey(k); err != nil {
+			return err
+		}
+	}
 	if c.Forget < 0 || c.EventBuffer < 0 {
 		return errors.New("membership: Forget and EventBuffer must not be negative")
 	}
@@ -201,9 +210,13 @@ func (c Config) Validate() error {
 
 // memberlistConfig builds memberlist's configuration; c has been validated
 // and defaulted by New.
-func (c Config) memberlistConfig(d delegate, logger *slog.Logger) *memberlist.Config {
+func (c Config) memberlistConfig(d delegate, ring *memberlist.Keyring, logger *slog.Logger) *memberlist.Config {
 	mc := memberlist.DefaultLANConfig()
 	mc.Name = c.Meta.ID
+	// With a keyring memberlist seals everything it sends and drops what
+	// it cannot open (GossipVerifyIncoming/Outgoing stay at their default,
+	// true).
+	mc.Keyring = ring
 
 	bind, _ := parseEndpoint("bind address", c.BindAddr)
 	mc.BindAddr, mc.BindPort = "0.0.0.0", bind.port

@@ -132,6 +132,7 @@ type Membership struct {
 	mu           sync.Mutex
 	phase        phase
 	list         *memberlist.Memberlist
+	ring         *memberlist.Keyring // nil without gossip encryption
 	meta         wireMeta // what NodeMeta gossips
 	addr         string
 	since        time.Time // when the local member entered its state
@@ -187,16 +188,20 @@ func (m *Membership) Start() error {
 		return errors.New("membership: already started")
 	}
 
-	list, err := memberlist.Create(m.cfg.memberlistConfig(delegate{m}, m.log))
+	ring, err := newKeyring(m.cfg.Keys)
+	if err != nil {
+		return err
+	}
+	list, err := memberlist.Create(m.cfg.memberlistConfig(delegate{m}, ring, m.log))
 	if err != nil {
 		return fmt.Errorf("membership: start gossip on %s: %w", m.cfg.BindAddr, err)
 	}
 	addr := list.LocalNode().Address()
 
 	m.mu.Lock()
-	m.list, m.addr, m.phase, m.since = list, addr, phaseStarted, time.Now()
+	m.list, m.ring, m.addr, m.phase, m.since = list, ring, addr, phaseStarted, time.Now()
 	m.mu.Unlock()
-	m.log.Info("gossip started", "id", m.cfg.Meta.ID, "addr", addr, "cluster", m.cfg.Meta.ClusterID)
+	m.log.Info("gossip started", "id", m.cfg.Meta.ID, "addr", addr, "cluster", m.cfg.Meta.ClusterID, "encrypted", ring != nil)
 	return nil
 }
 
@@ -301,8 +306,13 @@ func (m *Membership) UpdateMeta(meta Meta) error {
 // does nothing else: Raft membership is untouched. Close is idempotent.
 func (m *Membership) Close() error { return m.stop(true) }
 
-// stop is Close; leave=false skips the graceful part, so peers see a failure
-// (tests use it to simulate a crash).
+// Shutdown stops gossip without leaving: peers see this member fail, as
+// after a crash (node.Node.Kill uses it). It is idempotent, and a no-op
+// after Close.
+func (m *Membership) Shutdown() error { return m.stop(false) }
+
+// stop is Close; leave=false (Shutdown) skips the graceful part, so peers
+// see a failure.
 func (m *Membership) stop(leave bool) error {
 	m.lifecycle.Lock()
 	defer m.lifecycle.Unlock()
