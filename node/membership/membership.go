@@ -133,7 +133,7 @@ type Membership struct {
 	phase        phase
 	list         *memberlist.Memberlist
 	ring         *memberlist.Keyring // nil without gossip encryption
-	meta         wireMeta // what NodeMeta gossips
+	meta         wireMeta            // what NodeMeta gossips
 	addr         string
 	since        time.Time // when the local member entered its state
 	members      map[string]*memberRecord
