@@ -3,11 +3,16 @@ package node_test
 import (
 	"context"
 	"fmt"
+	"io"
 	"math"
 	"math/rand/v2"
 	"net/http"
+	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,132 +22,606 @@ import (
 	"github.com/meridian-registry/meridian/node/clustertest"
 )
 
+const (
+	// linearNodes is the size of the clusters the register workload runs on.
+	linearNodes = 3
+	// linearApplyTimeout bounds how long a node waits for a leader or a
+	// read index before it answers 503: short, so that reads through a cut
+	// node give up within the cut, long enough for an election on a loaded
+	// machine.
+	linearApplyTimeout = 4 * time.Second
+	// linearCheckTimeout bounds porcupine; running out of it fails the test.
+	linearCheckTimeout = 60 * time.Second
+	// linearRepo holds the workload's tags.
+	linearRepo = "linear/app"
+	// probeTag is written only by the fault schedule, so what a read of it
+	// may return is known exactly.
+	probeTag = "probe"
+)
+
 // TestStrongReadsLinearizable records a history of concurrent tag writes
 // and reads through every node of a cluster with read_consistency strong,
-// and checks it for linearizability: each tag is a register holding a
-// manifest digest.
+// while leadership moves twice and one node is cut off from the others'
+// Raft and gRPC (clients still reach it), and checks the history for
+// linearizability: each tag is a register holding a manifest digest.
 func TestStrongReadsLinearizable(t *testing.T) {
 	// First prove the checker wiring: a history with a stale read must be
 	// rejected, or a passing run below would mean nothing.
 	t.Run("checker rejects a stale read", testTagRegisterChecker)
 
 	const (
-		nodes      = 3
-		clients    = 6
-		opsPerUser = 50 // 300 operations in all
-		writeShare = 0.4
+		// minAnswered is how many reads each node must answer (200 or 404):
+		// a node that only says 503 would make the history vacuous.
+		minAnswered = 15
+		// minAcked is how many writes through each node must be
+		// acknowledged.
+		minAcked = 5
+		// maxDropShare bounds the reads that observed nothing (503 or no
+		// answer): those through the cut node while it is cut, and a few
+		// during elections.
+		maxDropShare = 0.3
 	)
-	tags := []string{"a", "b", "c"}
-	c := clustertest.New(t, nodes, clustertest.WithConfig(func(_ int, cfg *node.Config) {
-		cfg.ReadConsistency = "strong"
+	w := tagWorkload{consistency: "strong", transfers: 2, cut: true, clients: 6, seed: linearSeed(t)}
+	run := runTagWorkload(t, w)
+	if t.Failed() {
+		return
+	}
+	run.log(t)
+
+	if run.leaderChanges < w.transfers {
+		t.Errorf("leadership moved %d times, want %d transfers", run.leaderChanges, w.transfers)
+	}
+	if run.opsDuringCut == 0 {
+		t.Errorf("no client operation went through node %d while it was cut: the cut tested nothing", run.cutNode)
+	}
+	var reads, dropped int
+	for i, n := range run.perNode {
+		reads += n.reads + n.absent + n.dropped
+		dropped += n.dropped
+		if n.reads+n.absent < minAnswered {
+			t.Errorf("node %d answered %d strong reads (%d dropped), want at least %d", i, n.reads+n.absent, n.dropped, minAnswered)
+		}
+		if n.writes < minAcked {
+			t.Errorf("node %d acknowledged %d writes (%d of unknown outcome), want at least %d", i, n.writes, n.unknownWrites, minAcked)
+		}
+	}
+	if share := float64(dropped) / float64(reads); share > maxDropShare {
+		t.Errorf("%d of %d reads (%.0f%%) were dropped (503 or no answer), want at most %.0f%%", dropped, reads, 100*share, 100*maxDropShare)
+	}
+	checkTagHistory(t, run.history)
+}
+
+// TestLocalReadsNotLinearizableUnderCut is the negative control of
+// TestStrongReadsLinearizable: the same workload with read_consistency
+// local, where a cut node serves its own stale replica. The fault schedule
+// makes the staleness certain, not likely: the probe tag is rewritten
+// through the majority and acknowledged while the node is cut, then read
+// through the cut node, which cannot have the new value. The checker must
+// reject that history, or it could not catch the bug the positive test is
+// about.
+func TestLocalReadsNotLinearizableUnderCut(t *testing.T) {
+	w := tagWorkload{consistency: "local", cut: true, clients: 6, seed: linearSeed(t)}
+	run := runTagWorkload(t, w)
+	if t.Failed() {
+		return
+	}
+	run.log(t)
+	if p := run.probe; p.status != http.StatusOK || p.got != p.before {
+		t.Fatalf("cut node %d answered the probe read with status %d and %s, want 200 and the overwritten %s: the workload did not produce the stale read it is meant to",
+			run.cutNode, p.status, shortDigest(p.got), shortDigest(p.before))
+	}
+	start := time.Now()
+	res := porcupine.CheckOperationsTimeout(tagRegisterModel, run.history, linearCheckTimeout)
+	t.Logf("porcupine: %s in %v", checkResultName(res), time.Since(start).Round(time.Millisecond))
+	if res != porcupine.Illegal {
+		t.Errorf("porcupine says %s for a history with a stale read through cut node %d, want %s",
+			checkResultName(res), run.cutNode, checkResultName(porcupine.Illegal))
+	}
+}
+
+// linearSeed draws the seed of a run's operation mix and fault timeline,
+// or takes MERIDIAN_LINEAR_SEED to draw the same ones again (the timing of
+// a live cluster still differs from run to run).
+func linearSeed(t *testing.T) uint64 {
+	seed := rand.Uint64()
+	if s := os.Getenv("MERIDIAN_LINEAR_SEED"); s != "" {
+		var err error
+		if seed, err = strconv.ParseUint(s, 10, 64); err != nil {
+			t.Fatalf("MERIDIAN_LINEAR_SEED: %v", err)
+		}
+	}
+	t.Logf("seed %d (MERIDIAN_LINEAR_SEED)", seed)
+	return seed
+}
+
+// tagWorkload describes one run of the register workload: clients write
+// and read tags through every node while a fault schedule runs.
+type tagWorkload struct {
+	consistency string // every node's read_consistency
+	transfers   int    // leadership transfers
+	cut         bool   // cut one node off for a while, and probe it
+	clients     int    // concurrent clients, spread over the nodes
+	seed        uint64 // draws the operation mix and the fault timeline
+}
+
+// tagWorkloadRun is what a run produced.
+type tagWorkloadRun struct {
+	history []porcupine.Operation
+	perNode []nodeCounts
+	took    time.Duration
+	// leaderChanges counts the transfers after which another node led.
+	leaderChanges int
+	// cutNode is the node that was cut (-1 if none), from cutFrom to cutTo
+	// on the history's clock; opsDuringCut counts the clients' operations
+	// through it that overlapped the cut, answered or not.
+	cutNode        int
+	cutFrom, cutTo int64
+	opsDuringCut   int
+	probe          probeResult
+}
+
+// nodeCounts counts the clients' operations through one node.
+type nodeCounts struct {
+	writes, unknownWrites, reads, absent, dropped int
+}
+
+// probeResult is what the cut node answered to a read of the probe tag
+// after it had been rewritten through the majority.
+type probeResult struct {
+	before, after string // digest before the cut, and the acknowledged one written during it
+	status        int    // 0 when no answer came
+	got           string // the digest served with a 200
+}
+
+func (r tagWorkloadRun) log(t *testing.T) {
+	t.Helper()
+	var total nodeCounts
+	for i, n := range r.perNode {
+		t.Logf("through node %d: %d writes acknowledged, %d of unknown outcome; %d reads of a digest, %d of no tag, %d dropped",
+			i, n.writes, n.unknownWrites, n.reads, n.absent, n.dropped)
+		total.writes += n.writes
+		total.reads += n.reads
+		total.absent += n.absent
+		total.dropped += n.dropped
+	}
+	t.Logf("%d operations recorded in %v (%d acknowledged writes, %d answered reads, %d dropped reads); %d leader changes by transfer; node %d cut, %d client operations through it during the cut",
+		len(r.history), r.took.Round(time.Millisecond), total.writes, total.reads+total.absent, total.dropped,
+		r.leaderChanges, r.cutNode, r.opsDuringCut)
+	if r.cutNode >= 0 {
+		t.Logf("probe: %s before the cut, %s acknowledged during it; the cut node answered status %d with %s",
+			shortDigest(r.probe.before), shortDigest(r.probe.after), r.probe.status, shortDigest(r.probe.got))
+	}
+}
+
+// runTagWorkload starts a cluster configured for w, runs w on it and
+// returns the history. Any answer that breaks the protocol (a body that
+// does not hash to its digest header, an unexpected status) fails t.
+func runTagWorkload(t *testing.T, w tagWorkload) tagWorkloadRun {
+	t.Helper()
+	c := clustertest.New(t, linearNodes, clustertest.WithConfig(func(_ int, cfg *node.Config) {
+		cfg.ReadConsistency = w.consistency
+		cfg.ApplyTimeout = linearApplyTimeout
 	}))
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
-	if err := c.WaitVoters(ctx, nodes); err != nil {
+	if err := c.WaitVoters(ctx, linearNodes); err != nil {
 		t.Fatal(err)
 	}
 	reg := rawRegistry{c: c, client: c.Client()}
-	const repo = "linear/app"
 	leader, err := c.Leader(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err := reg.pushSmallImage(ctx, leader, repo)
+	img, err := reg.pushSmallImage(ctx, leader, linearRepo)
 	if err != nil {
 		t.Fatal(err)
 	}
 
-	seed := rand.Uint64()
-	t.Logf("operation mix seed %d", seed)
-	var (
-		mu      sync.Mutex
-		history []porcupine.Operation
-		stats   tagHistoryStats
-		wg      sync.WaitGroup
-	)
-	base := time.Now()
-	now := func() int64 { return time.Since(base).Nanoseconds() } // monotonic
-	for client := range clients {
-		via := client % nodes
-		rng := rand.New(rand.NewPCG(seed, uint64(client)))
+	rec := &tagRecorder{reg: reg, img: img, base: time.Now(), perNode: make([]nodeCounts, linearNodes)}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for client := range w.clients {
+		rng := rand.New(rand.NewPCG(w.seed, uint64(client)))
 		wg.Go(func() {
-			for k := range opsPerUser {
-				tag := tags[rng.IntN(len(tags))]
-				op := porcupine.Operation{ClientId: client}
-				if rng.Float64() < writeShare {
-					body := img.manifest(fmt.Sprintf("client%d", client), k)
-					in := tagOp{Tag: tag, Write: true, Value: digestOf(body)}
-					op.Input, op.Call = in, now()
-					r, err := reg.putTag(ctx, via, repo, tag, body)
-					op.Return = now()
-					switch {
-					case err == nil && r.status == http.StatusCreated && r.digest == in.Value:
-						stats.add(&mu, func(s *tagHistoryStats) { s.writes++ })
-					case err == nil && r.status == http.StatusCreated:
-						t.Errorf("PUT %s through node %d answered digest %s, want %s", tag, via, r.digest, in.Value)
-						return
-					case err != nil || r.status == http.StatusServiceUnavailable:
-						// Unknown outcome: it may take effect at any time
-						// after its call.
-						op.Return = math.MaxInt64
-						stats.add(&mu, func(s *tagHistoryStats) { s.unknownWrites++ })
-					default:
-						t.Errorf("PUT %s through node %d: %v", tag, via, r)
-						return
-					}
-				} else {
-					method := http.MethodGet
-					if k%2 == 1 {
-						method = http.MethodHead
-					}
-					op.Input, op.Call = tagOp{Tag: tag}, now()
-					r, err := reg.getManifest(ctx, via, method, repo, tag)
-					op.Return = now()
-					switch {
-					case err == nil && r.status == http.StatusOK && r.digest != "":
-						op.Output = r.digest
-						stats.add(&mu, func(s *tagHistoryStats) { s.reads++ })
-					case err == nil && r.status == http.StatusNotFound:
-						op.Output = ""
-						stats.add(&mu, func(s *tagHistoryStats) { s.absent++ })
-					case err != nil || r.status == http.StatusServiceUnavailable:
-						// A failed read observed nothing.
-						stats.add(&mu, func(s *tagHistoryStats) { s.droppedReads++ })
-						continue
-					default:
-						t.Errorf("%s %s through node %d: %v", method, tag, via, r)
-						return
-					}
-				}
-				mu.Lock()
-				history = append(history, op)
-				mu.Unlock()
+			if err := rec.client(ctx, client, client%linearNodes, rng, stop); err != nil {
+				t.Error(err)
 			}
 		})
 	}
+	s := &faultSchedule{
+		t: t, c: c, rec: rec,
+		rng:    rand.New(rand.NewPCG(w.seed, math.MaxUint64)),
+		client: w.clients,
+		run:    tagWorkloadRun{cutNode: -1},
+	}
+	err = s.play(ctx, w)
+	close(stop)
 	wg.Wait()
-	took := time.Since(base)
-	if t.Failed() {
-		return
+	if err != nil {
+		// The cut must not outlive a failed schedule: Close would wait on it.
+		if s.run.cutNode >= 0 {
+			c.Heal(s.run.cutNode)
+		}
+		t.Fatal(err)
 	}
-	t.Logf("%d operations by %d clients through %d nodes over %d tags in %v: %d writes acknowledged, %d with unknown outcome; %d reads of a digest, %d of no tag, %d failed reads dropped",
-		len(history), clients, nodes, len(tags), took.Round(time.Millisecond),
-		stats.writes, stats.unknownWrites, stats.reads, stats.absent, stats.droppedReads)
-	if stats.reads == 0 || stats.writes == 0 {
-		t.Fatalf("the history has no acknowledged writes or no reads of a digest: nothing was checked")
+	run := s.run
+	run.took = time.Since(rec.base)
+	run.history, run.perNode = rec.history, rec.perNode
+	for _, sp := range rec.spans {
+		if sp.client < w.clients && sp.via == run.cutNode && sp.call < run.cutTo && sp.ret > run.cutFrom {
+			run.opsDuringCut++
+		}
 	}
-	checkTagHistory(t, history)
+	return run
 }
 
-// tagHistoryStats counts what a history holds.
-type tagHistoryStats struct {
-	writes, unknownWrites, reads, absent, droppedReads int
+// tagRecorder performs operations on tags and records them: answered ones
+// in the history, every one in spans.
+type tagRecorder struct {
+	reg  rawRegistry
+	img  smallImage
+	base time.Time
+	// completed counts finished operations, answered or not; the fault
+	// schedule paces itself on it.
+	completed atomic.Int64
+
+	mu      sync.Mutex
+	history []porcupine.Operation
+	spans   []opSpan
+	perNode []nodeCounts // the clients' operations only
 }
 
-func (s *tagHistoryStats) add(mu *sync.Mutex, f func(*tagHistoryStats)) {
-	mu.Lock()
-	defer mu.Unlock()
-	f(s)
+// opSpan is when an operation ran and through which node.
+type opSpan struct {
+	client, via int
+	call, ret   int64
+}
+
+// now is the history's clock: monotonic nanoseconds since the start.
+func (r *tagRecorder) now() int64 { return time.Since(r.base).Nanoseconds() }
+
+// record adds op (unless it observed nothing) and its span, and counts it
+// for a client (not for the fault schedule, which passes count nil).
+func (r *tagRecorder) record(op porcupine.Operation, observed bool, via int, count func(*nodeCounts)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if observed {
+		r.history = append(r.history, op)
+	}
+	r.spans = append(r.spans, opSpan{client: op.ClientId, via: via, call: op.Call, ret: min(op.Return, r.now())})
+	if count != nil {
+		count(&r.perNode[via])
+	}
+	r.completed.Add(1)
+}
+
+// client runs one client's mix of writes and reads through node via until
+// stop is closed.
+func (r *tagRecorder) client(ctx context.Context, client, via int, rng *rand.Rand, stop <-chan struct{}) error {
+	const writeShare = 0.4
+	tags := []string{"a", "b", "c"}
+	for k := 0; ; k++ {
+		select {
+		case <-stop:
+			return nil
+		default:
+		}
+		tag := tags[rng.IntN(len(tags))]
+		var err error
+		if rng.Float64() < writeShare {
+			_, err = r.put(ctx, client, via, tag, r.img.manifest(fmt.Sprintf("client%d", client), k), true)
+		} else {
+			method := http.MethodGet
+			if k%2 == 1 {
+				method = http.MethodHead
+			}
+			_, err = r.get(ctx, client, via, method, tag, true)
+		}
+		if err != nil {
+			return fmt.Errorf("client %d: %w", client, err)
+		}
+	}
+}
+
+// put writes body to tag through node via. It reports whether the write
+// was acknowledged; one that failed is recorded with an unknown outcome.
+// The error is for answers that break the protocol.
+func (r *tagRecorder) put(ctx context.Context, client, via int, tag string, body []byte, count bool) (bool, error) {
+	in := tagOp{Tag: tag, Write: true, Value: digestOf(body)}
+	op := porcupine.Operation{ClientId: client, Input: in, Call: r.now()}
+	rctx, cancel := context.WithTimeout(ctx, linearApplyTimeout+20*time.Second)
+	defer cancel()
+	reply, err := r.reg.putTag(rctx, via, linearRepo, tag, body)
+	op.Return = r.now()
+	var counter func(*nodeCounts)
+	switch {
+	case err == nil && reply.status == http.StatusCreated && reply.digest == in.Value:
+		counter = func(n *nodeCounts) { n.writes++ }
+	case err == nil && reply.status == http.StatusCreated:
+		return false, fmt.Errorf("PUT %s through node %d answered digest %s, want %s", tag, via, reply.digest, in.Value)
+	case err != nil || reply.status == http.StatusServiceUnavailable:
+		// It may take effect at any time after its call.
+		op.Return = math.MaxInt64
+		counter = func(n *nodeCounts) { n.unknownWrites++ }
+	default:
+		return false, fmt.Errorf("PUT %s through node %d: %v", tag, via, reply)
+	}
+	if !count {
+		counter = nil
+	}
+	r.record(op, true, via, counter)
+	return op.Return != math.MaxInt64, nil
+}
+
+// readOutcome is what a read of a tag observed.
+type readOutcome struct {
+	status int    // 0 when no answer came
+	value  string // the digest served with a 200, "" otherwise
+}
+
+func (o readOutcome) answered() bool {
+	return o.status == http.StatusOK || o.status == http.StatusNotFound
+}
+
+// get reads tag through node via with method (GET or HEAD) and records
+// what it observed: a 200 or a 404. A 503 or no answer observed nothing.
+// The error is for answers that break the protocol, such as a body that
+// does not hash to the digest its headers give.
+func (r *tagRecorder) get(ctx context.Context, client, via int, method, tag string, count bool) (readOutcome, error) {
+	op := porcupine.Operation{ClientId: client, Input: tagOp{Tag: tag}, Call: r.now()}
+	rctx, cancel := context.WithTimeout(ctx, linearApplyTimeout+20*time.Second)
+	defer cancel()
+	reply, err := readTag(rctx, r.reg, via, method, tag)
+	op.Return = r.now()
+	var out readOutcome
+	var counter func(*nodeCounts)
+	switch {
+	case err != nil || reply.status == http.StatusServiceUnavailable:
+		if err == nil {
+			out.status = reply.status
+		}
+		counter = func(n *nodeCounts) { n.dropped++ }
+	case reply.status == http.StatusOK:
+		d, verr := reply.verify(method)
+		if verr != nil {
+			return out, fmt.Errorf("%s %s through node %d: %w", method, tag, via, verr)
+		}
+		out = readOutcome{status: reply.status, value: d}
+		counter = func(n *nodeCounts) { n.reads++ }
+	case reply.status == http.StatusNotFound:
+		out.status = reply.status
+		counter = func(n *nodeCounts) { n.absent++ }
+	default:
+		return out, fmt.Errorf("%s %s through node %d: status %d", method, tag, via, reply.status)
+	}
+	op.Output = out.value
+	if !count {
+		counter = nil
+	}
+	r.record(op, out.answered(), via, counter)
+	return out, nil
+}
+
+// tagReply is an answer to a GET or HEAD of a manifest by tag.
+type tagReply struct {
+	status int
+	digest string // Docker-Content-Digest
+	etag   string
+	body   []byte // nil for HEAD
+}
+
+// readTag asks node i for the manifest tag points at. rawRegistry drops
+// the ETag, so this builds its own request.
+func readTag(ctx context.Context, reg rawRegistry, i int, method, tag string) (tagReply, error) {
+	req, err := http.NewRequestWithContext(ctx, method, reg.c.URL(i)+"/v2/"+linearRepo+"/manifests/"+tag, nil)
+	if err != nil {
+		return tagReply{}, err
+	}
+	req.Header.Set("Accept", "application/vnd.oci.image.manifest.v1+json")
+	resp, err := reg.client.Do(req)
+	if err != nil {
+		return tagReply{}, err
+	}
+	defer resp.Body.Close()
+	r := tagReply{status: resp.StatusCode, digest: resp.Header.Get("Docker-Content-Digest"), etag: resp.Header.Get("ETag")}
+	if method == http.MethodGet {
+		if r.body, err = io.ReadAll(resp.Body); err != nil {
+			return r, err
+		}
+	}
+	return r, nil
+}
+
+// verify checks that a 200 answer is consistent: the ETag names the
+// Docker-Content-Digest, and a GET's body hashes to it. It returns that
+// digest, which the history then records.
+func (r tagReply) verify(method string) (string, error) {
+	if !strings.HasPrefix(r.digest, "sha256:") {
+		return "", fmt.Errorf("200 with Docker-Content-Digest %q", r.digest)
+	}
+	if r.etag != `"`+r.digest+`"` {
+		return "", fmt.Errorf("ETag %s does not name Docker-Content-Digest %s", r.etag, r.digest)
+	}
+	if method == http.MethodGet {
+		if got := digestOf(r.body); got != r.digest {
+			return "", fmt.Errorf("body of %d bytes has digest %s, headers say %s", len(r.body), got, r.digest)
+		}
+	}
+	return r.digest, nil
+}
+
+// faultSchedule plays a workload's faults on a timeline paced by the
+// clients' completed operations (so a slow machine stretches it rather
+// than squeezing the faults out of the workload), with gaps drawn from the
+// seed. It logs each step with the history's clock.
+type faultSchedule struct {
+	t      *testing.T
+	c      *clustertest.Cluster
+	rec    *tagRecorder
+	rng    *rand.Rand
+	client int // the history's client id for the probe's operations
+	run    tagWorkloadRun
+}
+
+// play runs the timeline: a transfer, the cut with its probe, the heal,
+// the remaining transfers, then a tail of operations on the healed
+// cluster.
+func (s *faultSchedule) play(ctx context.Context, w tagWorkload) error {
+	if err := s.afterOps(ctx, 40); err != nil {
+		return err
+	}
+	transfers := w.transfers
+	if transfers > 0 {
+		if err := s.transfer(ctx); err != nil {
+			return err
+		}
+		transfers--
+		if err := s.afterOps(ctx, 30); err != nil {
+			return err
+		}
+	}
+	if w.cut {
+		if err := s.cutAndProbe(ctx); err != nil {
+			return err
+		}
+		// Let the clients keep going through the cut node a while.
+		if err := s.afterOps(ctx, 30); err != nil {
+			return err
+		}
+		s.c.Heal(s.run.cutNode)
+		s.run.cutTo = s.rec.now()
+		s.event("healed node %d", s.run.cutNode)
+		if err := s.afterOps(ctx, 30); err != nil {
+			return err
+		}
+	}
+	for ; transfers > 0; transfers-- {
+		if err := s.transfer(ctx); err != nil {
+			return err
+		}
+		if err := s.afterOps(ctx, 30); err != nil {
+			return err
+		}
+	}
+	// The tail gives the healed node time to answer again.
+	return s.afterOps(ctx, 60)
+}
+
+// afterOps waits until between n and 2n more operations (drawn) have
+// completed.
+func (s *faultSchedule) afterOps(ctx context.Context, n int) error {
+	target := s.rec.completed.Load() + int64(n+s.rng.IntN(n+1))
+	if !pollUntil(ctx, func() bool { return s.rec.completed.Load() >= target }) {
+		return fmt.Errorf("fault schedule: the clients did not reach %d operations (at %d): %w", target, s.rec.completed.Load(), ctx.Err())
+	}
+	return nil
+}
+
+func (s *faultSchedule) event(format string, args ...any) {
+	s.t.Logf("fault schedule at %v (%d operations done): %s",
+		time.Duration(s.rec.now()).Round(time.Millisecond), s.rec.completed.Load(), fmt.Sprintf(format, args...))
+}
+
+// transfer hands leadership to a follower drawn from the seed and waits
+// until another node leads.
+func (s *faultSchedule) transfer(ctx context.Context) error {
+	from, err := s.c.Leader(ctx)
+	if err != nil {
+		return err
+	}
+	followers := othersThan(s.c, from)
+	to := followers[s.rng.IntN(len(followers))]
+	s.event("transferring leadership from node %d to node %d", from, to)
+	tctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	var last error
+	if !pollUntil(tctx, func() bool {
+		if n := s.c.Node(from); n != nil && n.Consensus().IsLeader() {
+			last = n.Consensus().TransferLeadership(tctx, s.c.Config(to).NodeID)
+		}
+		lctx, lcancel := context.WithTimeout(tctx, 2*time.Second)
+		defer lcancel()
+		now, err := s.c.Leader(lctx)
+		if err != nil || now == from {
+			return false
+		}
+		s.run.leaderChanges++
+		s.event("node %d leads (asked for node %d)", now, to)
+		return true
+	}) {
+		return fmt.Errorf("fault schedule: leadership never left node %d: %v", from, last)
+	}
+	return nil
+}
+
+// cutAndProbe writes a fresh value to the probe tag and waits until a
+// drawn node serves it; cuts that node off; rewrites the probe tag
+// through the majority until a write is acknowledged; then reads the probe
+// tag through the cut node, which cannot have the new value: it must
+// answer 503 in strong mode, and answers the old value in local mode.
+func (s *faultSchedule) cutAndProbe(ctx context.Context) error {
+	x := s.rng.IntN(s.c.Size())
+	majority := othersThan(s.c, x)
+	before, err := s.writeProbe(ctx, majority, "before")
+	if err != nil {
+		return err
+	}
+	var seen readOutcome
+	if !pollUntil(ctx, func() bool {
+		seen, err = s.rec.get(ctx, s.client, x, http.MethodGet, probeTag, false)
+		return err != nil || seen.value == before
+	}) || err != nil {
+		return fmt.Errorf("fault schedule: node %d never served the probe value %s (last %+v): %v", x, shortDigest(before), seen, err)
+	}
+
+	s.c.Cut(x)
+	s.run.cutNode, s.run.cutFrom = x, s.rec.now()
+	s.event("cut node %d off from nodes %v (Raft and gRPC; HTTP and gossip stay up)", x, majority)
+	after, err := s.writeProbe(ctx, majority, "during")
+	if err != nil {
+		return err
+	}
+	s.event("probe tag rewritten through the majority, from %s to %s", shortDigest(before), shortDigest(after))
+	got, err := s.rec.get(ctx, s.client, x, http.MethodGet, probeTag, false)
+	if err != nil {
+		return fmt.Errorf("fault schedule: %w", err)
+	}
+	s.run.probe = probeResult{before: before, after: after, status: got.status, got: got.value}
+	s.event("cut node %d answered the probe read with status %d and %s", x, got.status, shortDigest(got.value))
+	return nil
+}
+
+// writeProbe writes a fresh manifest to the probe tag through the given
+// nodes in turn until one write is acknowledged, and returns its digest.
+// Writes that fail stay in the history with an unknown outcome.
+func (s *faultSchedule) writeProbe(ctx context.Context, via []int, phase string) (string, error) {
+	var digest string
+	var err error
+	k := 0
+	if !pollUntil(ctx, func() bool {
+		body := s.rec.img.manifest("probe-"+phase, k)
+		var acked bool
+		acked, err = s.rec.put(ctx, s.client, via[k%len(via)], probeTag, body, false)
+		k++
+		if acked {
+			digest = digestOf(body)
+		}
+		return acked || err != nil
+	}) || err != nil {
+		return "", fmt.Errorf("fault schedule: no write of the probe tag (%s) was acknowledged after %d tries: %v", phase, k, err)
+	}
+	return digest, nil
+}
+
+// othersThan lists the nodes of c other than i.
+func othersThan(c *clustertest.Cluster, i int) []int {
+	var out []int
+	for j := range c.Size() {
+		if j != i {
+			out = append(out, j)
+		}
+	}
+	return out
 }
 
 // tagOp is the input of one operation on a tag: a write of Value, or a
