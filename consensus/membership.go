@@ -144,6 +144,9 @@ type RaftStats struct {
 	CommitIndex  uint64
 	AppliedIndex uint64
 	LastLogIndex uint64
+	// ReadIndexes counts the read indexes this node has served as leader
+	// since it opened: each is a round of reads that needed the leader.
+	ReadIndexes uint64
 }
 
 // Stats reports this node's Raft progress.
@@ -154,6 +157,7 @@ func (n *Node) Stats() RaftStats {
 		CommitIndex:  n.raft.CommitIndex(),
 		AppliedIndex: n.raft.AppliedIndex(),
 		LastLogIndex: n.raft.LastIndex(),
+		ReadIndexes:  n.readIndexes.Load(),
 	}
 }
 

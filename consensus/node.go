@@ -77,6 +77,8 @@ type Node struct {
 	// node, as leader, has committed an entry of its own term.
 	applied     *appliedWaiter
 	leaderReady atomic.Bool
+	// readIndexes counts the read indexes served as leader (RaftStats).
+	readIndexes atomic.Uint64
 }
 
 // NewNode returns a Node; Open starts it.

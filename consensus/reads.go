@@ -139,6 +139,7 @@ func (n *Node) ReadIndex(ctx context.Context) (uint64, error) {
 	case <-ctx.Done():
 		return 0, fmt.Errorf("%w: confirming leadership: %v", pb.ErrUnavailable, ctx.Err())
 	}
+	n.readIndexes.Add(1)
 	return index, nil
 }
 

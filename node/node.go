@@ -44,7 +44,11 @@ type Node struct {
 	// caughtUp is set once this replica has applied a read index from the
 	// leader since it started; before that its reads wait for one.
 	caughtUp atomic.Bool
-	started  time.Time
+	// skipReadIndex turns catchUp into a no-op: every read answers from
+	// the replica as it stands, misses and strong reads unconfirmed. Only
+	// tests set it (export_test.go), to show what the read index guards.
+	skipReadIndex atomic.Bool
+	started       time.Time
 
 	httpListener net.Listener
 	httpServer   *http.Server
@@ -375,6 +379,41 @@ func (n *Node) writeReadyFile() error {
 		return fmt.Errorf("ready file: %w", err)
 	}
 	return os.Rename(tmp, n.cfg.ReadyFile)
+}
+
+// Kill stops the node abruptly, as a crash would, for harnesses that run
+// nodes in one process: Raft stops first and hands nothing over, every
+// connection drops and in-flight requests fail, and gossip is not left, so
+// peers detect a failure. The stores are closed (what was written survives,
+// as it does a killed process), so a new Node can start on the same data
+// directory. Close after Kill does nothing.
+func (n *Node) Kill() {
+	n.closeOnce.Do(func() {
+		if n.consensus != nil {
+			if r := n.consensus.Raft(); r != nil {
+				r.Shutdown()
+			}
+		}
+		if n.httpServer != nil {
+			n.httpServer.Close()
+		}
+		if n.grpcServer != nil {
+			n.grpcServer.Stop()
+		}
+		if n.membership != nil {
+			n.membership.Shutdown()
+		}
+		if n.stop != nil {
+			close(n.stop)
+			n.wg.Wait()
+		}
+		if n.peers != nil {
+			n.peers.close()
+		}
+		if n.consensus != nil {
+			n.consensus.Close()
+		}
+	})
 }
 
 // Close stops serving (letting in-flight requests finish until ctx ends),

@@ -291,8 +291,8 @@ func newTransport() *http.Transport {
 	return tr
 }
 
-// Stop closes node i (it stays a Raft member: stopping is not leaving). A
-// stopped node stays stopped.
+// Stop closes node i gracefully (it stays a Raft member: stopping is not
+// leaving); Kill is the crash. A stopped node stays stopped.
 func (c *Cluster) Stop(i int) {
 	c.mu.Lock()
 	n := c.members[i].n
@@ -309,7 +309,25 @@ func (c *Cluster) Stop(i int) {
 	}
 }
 
-// Restart starts stopped node i again on its data directory and addresses.
+// Kill stops node i abruptly, as a crash would. First every Raft and gRPC
+// connection between it and the other nodes drops and new ones are
+// refused, so nothing it does from then on reaches them; then the node
+// stops with no graceful step (node.Node.Kill: no leadership handoff, no
+// gossip leave, in-flight requests fail). It stays a Raft member, and
+// Restart brings it back on its data directory.
+func (c *Cluster) Kill(i int) {
+	c.mu.Lock()
+	n := c.members[i].n
+	c.members[i].n = nil
+	c.mu.Unlock()
+	if n == nil {
+		return
+	}
+	c.net.kill(i)
+	n.Kill()
+}
+
+// Restart starts stopped (or killed) node i again on its data directory and addresses.
 // It returns once the node serves; it may still be catching up.
 func (c *Cluster) Restart(i int) error { return c.RestartWith(i, nil) }
 
@@ -327,6 +345,7 @@ func (c *Cluster) RestartWith(i int, adjust func(*node.Config)) error {
 	if adjust != nil {
 		adjust(&cfg)
 	}
+	c.net.revive(i)
 	return c.startMember(i, cfg)
 }
 

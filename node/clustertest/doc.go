@@ -5,9 +5,10 @@
 // every blob.
 //
 // Node 0 bootstraps the cluster and the others join it through gossip. A
-// Cluster can stop and restart nodes (same data, same addresses unless
-// asked otherwise), find the leader, wait until the Raft configuration or
-// the replicated state converges, and cut nodes off from each other.
+// Cluster can stop nodes gracefully or kill them as a crash would, restart
+// them (same data, same addresses unless asked otherwise), find the leader,
+// wait until the Raft configuration or the replicated state converges, and
+// cut nodes off from each other.
 //
 // Cuts act on the connections that Raft and the nodes' gRPC links open
 // (node.Config.Dial): dials across a cut fail at once and connections
@@ -16,7 +17,9 @@
 // paths, not a crash), and clients' HTTP requests still reach every node.
 // A node's addresses are known to the cut table once its Start returns;
 // connections opened to it before then are cut too, since their owner is
-// looked up when a cut starts.
+// looked up when a cut starts. Kill uses the same table: a killed node is
+// cut off from everyone, gossip aside, before it stops, and stays so until
+// it restarts.
 //
 // Every helper that waits polls with a deadline taken from its context.
 package clustertest

@@ -22,11 +22,12 @@ type network struct {
 	owner     map[string]int // Raft or gRPC address → node index
 	group     map[int]int    // node index → partition group (absent: 0)
 	nextGroup int
+	dead      map[int]bool // killed nodes: nothing reaches them, nothing leaves them
 	conns     map[*conn]struct{}
 }
 
 func newNetwork() *network {
-	return &network{owner: map[string]int{}, group: map[int]int{}, conns: map[*conn]struct{}{}}
+	return &network{owner: map[string]int{}, group: map[int]int{}, dead: map[int]bool{}, conns: map[*conn]struct{}{}}
 }
 
 // setAddrs records the addresses node i now listens on, forgetting its old
@@ -47,9 +48,12 @@ func (nw *network) setAddrs(i int, addrs ...string) {
 }
 
 // blockedLocked reports whether node src may not reach address addr. An
-// address no node owns (yet) is reachable.
+// address no node owns (yet) is reachable, unless src is dead.
 func (nw *network) blockedLocked(src int, addr string) bool {
 	dst, known := nw.owner[addr]
+	if nw.dead[src] || (known && nw.dead[dst]) {
+		return true
+	}
 	return known && src != dst && nw.group[src] != nw.group[dst]
 }
 
@@ -99,8 +103,25 @@ func (nw *network) regroup(g int, nodes ...int) {
 	closeConns(doomed)
 }
 
+// kill cuts node i off from every node at once, as its death would: its
+// dials and dials to it fail, and the open connections either way close.
+func (nw *network) kill(i int) {
+	nw.mu.Lock()
+	nw.dead[i] = true
+	doomed := nw.crossingLocked()
+	nw.mu.Unlock()
+	closeConns(doomed)
+}
+
+// revive lets node i, killed, connect again (before it restarts).
+func (nw *network) revive(i int) {
+	nw.mu.Lock()
+	defer nw.mu.Unlock()
+	delete(nw.dead, i)
+}
+
 // crossingLocked removes from the table, and returns, the connections that
-// cross a cut.
+// cross a cut or touch a dead node.
 func (nw *network) crossingLocked() []*conn {
 	var doomed []*conn
 	for c := range nw.conns {
