@@ -27,7 +27,8 @@ const (
 	CheckPass CheckStatus = "pass"
 	CheckFail CheckStatus = "fail"
 	// CheckUnknown: the check could not decide (the linearizability
-	// checker timed out). It is not a violation, but nothing was proven.
+	// checker timed out). It is not a violation, but nothing was proven,
+	// so it fails the run (see Report).
 	CheckUnknown CheckStatus = "unknown"
 )
 
@@ -46,17 +47,26 @@ type CheckResult struct {
 	Checked    int         `json:"checked"` // how many things were checked
 	Violations []Violation `json:"violations,omitempty"`
 	Detail     string      `json:"detail,omitempty"`
+	// Took is how long the check ran.
+	Took time.Duration `json:"took,omitempty"`
 }
 
 // CheckHistory runs every check on ops (sorted by Start): lost writes,
 // wrong bytes, false 404s and tag linearizability, in that order.
 func CheckHistory(ops []Op, linTimeout time.Duration) []CheckResult {
-	return []CheckResult{
-		CheckLostWrites(ops),
-		CheckWrongBytes(ops),
-		CheckNoFalseNotFound(ops),
-		CheckLinearizable(ops, linTimeout),
+	checks := []func() CheckResult{
+		func() CheckResult { return CheckLostWrites(ops) },
+		func() CheckResult { return CheckWrongBytes(ops) },
+		func() CheckResult { return CheckNoFalseNotFound(ops) },
+		func() CheckResult { return CheckLinearizable(ops, linTimeout) },
 	}
+	out := make([]CheckResult, len(checks))
+	for i, check := range checks {
+		start := time.Now()
+		out[i] = check()
+		out[i].Took = time.Since(start)
+	}
+	return out
 }
 
 func newResult(name string, checked int, vs []Violation, detail string) CheckResult {

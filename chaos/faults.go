@@ -28,14 +28,15 @@ var FaultKinds = []string{FaultKill, FaultPause, FaultPartition, FaultLatency, F
 
 // FaultPlan paces InjectFaults.
 type FaultPlan struct {
-	// MeanInterval is the mean time between injections (exponentially
-	// distributed); 0 takes the profile's FaultEvery.
+	// MeanInterval is the mean time between injections (each gap drawn
+	// uniformly from half to one and a half of it); 0 takes the profile's
+	// FaultEvery.
 	MeanInterval time.Duration
 	// MaxConcurrent is how many faults may be active at once (0: 1).
 	// Node faults never take down more than a minority of the voters.
 	MaxConcurrent int
-	// Kinds are the kinds to draw from; nil: every kind the cluster can
-	// have (S3 kinds need an S3 region, gateway-kill a gateway).
+	// Kinds are the kinds to cycle through; nil: every kind the cluster
+	// can have (S3 kinds need an S3 region, gateway-kill a gateway).
 	Kinds []string
 	// Base is the instant Fault.Start and End count from (zero: when
 	// InjectFaults starts).
@@ -54,13 +55,163 @@ type faultSpec struct {
 	hold    time.Duration
 	delay   time.Duration // latency
 	detail  string
+	leader  bool // node is the Raft leader
+}
+
+// faultSlot is one place in the schedule: the kind to inject, how long
+// to wait before it, the seed of the choices within the kind, and how
+// strongly it aims at the Raft leader (1: only the leader will do).
+type faultSlot struct {
+	kind   string
+	round  int
+	gap    time.Duration
+	seed   uint64
+	leader float64
+}
+
+// faultSchedule cycles through kinds: each round is a seeded permutation
+// of every kind, so that every kind comes once per round whatever the
+// seed. Only the order, the gaps and the choices within a kind vary.
+type faultSchedule struct {
+	rng   *rand.Rand
+	kinds []string
+	mean  time.Duration
+	queue []faultSlot
+	round int
+}
+
+func newFaultSchedule(rng *rand.Rand, kinds []string, mean time.Duration) *faultSchedule {
+	return &faultSchedule{rng: rng, kinds: kinds, mean: mean}
+}
+
+// next is the schedule's next slot.
+func (s *faultSchedule) next() faultSlot {
+	if len(s.queue) == 0 {
+		for _, i := range s.rng.Perm(len(s.kinds)) {
+			k := s.kinds[i]
+			slot := faultSlot{kind: k, round: s.round, seed: s.rng.Uint64()}
+			slot.gap = time.Duration((0.5 + s.rng.Float64()) * float64(s.mean))
+			slot.leader = leaderBias(k, s.round)
+			s.queue = append(s.queue, slot)
+		}
+		s.round++
+	}
+	slot := s.queue[0]
+	s.queue = s.queue[1:]
+	return slot
+}
+
+// leaderBias is how strongly a fault of kind in round aims at the leader.
+// Every other round (the first included) kills the leader itself, which
+// is what FaultQuotas promises; the other rounds kill the leader half the
+// time, so that a follower's restart is exercised too.
+func leaderBias(kind string, round int) float64 {
+	switch kind {
+	case FaultKill:
+		if round%2 == 0 {
+			return 1
+		}
+		return 0.5
+	case FaultPause, FaultPartition:
+		return 0.6
+	}
+	return 0
+}
+
+// FaultQuota is a promise of the fault schedule: at least Min faults of
+// Kind were injected (aimed at the Raft leader, when Leader is set). Got is
+// how many were.
+type FaultQuota struct {
+	Kind   string `json:"kind"`
+	Leader bool   `json:"leader,omitempty"`
+	Min    int    `json:"min"`
+	Got    int    `json:"got"`
+}
+
+// String reads "kill (leader) 1 of at least 1".
+func (q FaultQuota) String() string {
+	k := q.Kind
+	if q.Leader {
+		k += " (leader)"
+	}
+	return fmt.Sprintf("%s %d of at least %d", k, q.Got, q.Min)
+}
+
+// FaultQuotas is what a schedule of rounds rounds over kinds (nil: every
+// kind) promises on a cluster of profile p: each kind the cluster can
+// have, rounds times, and a kill of the leader in every other round (see
+// leaderBias). Got is zero.
+func FaultQuotas(p Profile, kinds []string, rounds int) []FaultQuota {
+	if rounds <= 0 {
+		return nil
+	}
+	var qs []FaultQuota
+	for _, k := range p.faultKinds(kinds) {
+		qs = append(qs, FaultQuota{Kind: k, Min: rounds})
+		if k == FaultKill {
+			qs = append(qs, FaultQuota{Kind: k, Leader: true, Min: (rounds + 1) / 2})
+		}
+	}
+	return qs
+}
+
+// countFaults returns quotas with Got counted from faults: only faults
+// that were injected (no Error) count.
+func countFaults(quotas []FaultQuota, faults []Fault) []FaultQuota {
+	out := slices.Clone(quotas)
+	for i := range out {
+		out[i].Got = 0
+		for _, f := range faults {
+			if f.Error == "" && f.Kind == out[i].Kind && (f.Leader || !out[i].Leader) {
+				out[i].Got++
+			}
+		}
+	}
+	return out
+}
+
+// faultKinds are the kinds of kinds (nil: all of FaultKinds) that a
+// cluster of p can have, once each, in FaultKinds order: S3 faults need an
+// S3 region, gateway-kill a gateway.
+func (p Profile) faultKinds(kinds []string) []string {
+	if kinds == nil {
+		kinds = FaultKinds
+	}
+	hasS3 := slices.ContainsFunc(p.Regions, func(r RegionSpec) bool { return r.S3 })
+	var out []string
+	for _, k := range FaultKinds {
+		if !slices.Contains(kinds, k) {
+			continue
+		}
+		switch k {
+		case FaultS3Error, FaultS3Stall, FaultS3Stop:
+			if !hasS3 {
+				continue
+			}
+		case FaultGatewayKill:
+			if len(p.Gateways) == 0 {
+				continue
+			}
+		}
+		out = append(out, k)
+	}
+	return out
 }
 
 // InjectFaults injects faults until ctx ends, then heals those still
 // active (each within a bounded time) and returns. Each fault is recorded
-// once it is over, with its start and end as offsets from plan.Base. The
-// choices (kinds, targets, durations, gaps) come from rng only, so a seed
-// reproduces the schedule; which node is the leader, and the timing, vary.
+// once it is over, with its start and end as offsets from plan.Base.
+//
+// The faults follow a schedule that cycles through the kinds (see
+// faultSchedule): a kind that the cluster cannot take at its turn (a node
+// fault while a minority is already down, say, or a leader kill while no
+// leader is known) is retried until it can, and does not let later kinds
+// pass it; a fault that could not be injected is recorded with its Error
+// and tried again. So after n rounds' worth of time every kind has run n
+// times, and FaultQuotas can promise it. The order, the gaps and the
+// choices within a kind (targets, durations) come from rng only, so a
+// seed reproduces the schedule; which node is the leader, and the timing,
+// vary.
 //
 // Node faults (kill, pause, partition) never take down more than a
 // minority of the voters at once (nodes killed, paused, isolated or on
@@ -80,45 +231,58 @@ func (c *Cluster) InjectFaults(ctx context.Context, rng *rand.Rand, plan FaultPl
 		mean = 20 * time.Second
 	}
 	maxConc := max(plan.MaxConcurrent, 1)
-	kinds := plan.Kinds
-	if kinds == nil {
-		kinds = FaultKinds
+	kinds := c.prof.faultKinds(plan.Kinds)
+	if len(kinds) == 0 {
+		return
 	}
 	if record == nil {
 		record = func(Fault) {}
 	}
-	inj := &injector{c: c, base: base, record: record, active: map[*faultSpec]bool{}, changed: make(chan struct{})}
+	inj := &injector{c: c, base: base, record: record, leader: c.Leader, active: map[*faultSpec]bool{}, changed: make(chan struct{})}
 	defer inj.wg.Wait()
+	sched := newFaultSchedule(rng, kinds, mean)
 	for {
-		// Gaps average mean: half of it fixed, half exponential (so
-		// that a short run still sees several faults), at most 3x mean.
-		gap := time.Duration((0.5 + 0.5*rng.ExpFloat64()) * float64(mean))
-		gap = min(max(gap, time.Second), 3*mean)
-		if !holdFor(ctx, gap) {
+		slot := sched.next()
+		if !holdFor(ctx, slot.gap) {
 			return
 		}
-		// Wait for a free slot; after one frees, give the cluster a moment.
-		for waited := false; ; waited = true {
-			inj.mu.Lock()
-			n, changed := len(inj.active), inj.changed
-			inj.mu.Unlock()
-			if n < maxConc {
-				if waited && !holdFor(ctx, 2*time.Second) {
-					return
-				}
+		for {
+			// A fault injected as the run ends would prove nothing.
+			if !inj.waitSlot(ctx, maxConc) || ctx.Err() != nil {
+				return
+			}
+			if f := inj.draw(ctx, slot); f != nil && inj.run(ctx, f) {
 				break
 			}
+			// Not now: try again once a fault ends, or in a moment.
+			inj.mu.Lock()
+			changed := inj.changed
+			inj.mu.Unlock()
 			select {
 			case <-ctx.Done():
 				return
 			case <-changed:
+			case <-time.After(2 * time.Second):
 			}
 		}
-		f := inj.draw(ctx, rng, kinds)
-		if f == nil {
-			continue
+	}
+}
+
+// waitSlot waits until fewer than maxConc faults are active; after one
+// ended it gives the cluster a moment. False when ctx ended.
+func (inj *injector) waitSlot(ctx context.Context, maxConc int) bool {
+	for waited := false; ; waited = true {
+		inj.mu.Lock()
+		n, changed := len(inj.active), inj.changed
+		inj.mu.Unlock()
+		if n < maxConc {
+			return !waited || holdFor(ctx, 2*time.Second)
 		}
-		inj.run(ctx, f)
+		select {
+		case <-ctx.Done():
+			return false
+		case <-changed:
+		}
 	}
 }
 
@@ -126,6 +290,8 @@ type injector struct {
 	c      *Cluster
 	base   time.Time
 	record func(Fault)
+	// leader finds the current Raft leader (Cluster.Leader).
+	leader func(context.Context) (string, error)
 
 	mu      sync.Mutex
 	active  map[*faultSpec]bool
@@ -175,10 +341,13 @@ func (inj *injector) busy() (down map[string]bool, targets map[string]bool) {
 	return down, targets
 }
 
-// draw picks a fault that the cluster can take now, or nil.
-func (inj *injector) draw(ctx context.Context, rng *rand.Rand, kinds []string) *faultSpec {
+// draw builds the fault of slot if the cluster can take it now, else
+// returns nil. Its choices come from the slot's seed alone, so a retry
+// draws the same.
+func (inj *injector) draw(ctx context.Context, slot faultSlot) *faultSpec {
 	c := inj.c
 	p := c.prof
+	rng := rand.New(rand.NewPCG(slot.seed, 0x51077))
 	down, targets := inj.busy()
 	maxDown := p.maxNodesDown()
 	var s3Regions []string
@@ -200,44 +369,47 @@ func (inj *injector) draw(ctx context.Context, rng *rand.Rand, kinds []string) *
 		}
 	}
 	nodeFaultOK := len(down)+1 <= maxDown && len(freeNodes) > 0
-	var feasible []string
-	for _, k := range kinds {
-		ok := false
-		switch k {
-		case FaultKill:
-			ok = nodeFaultOK
-		case FaultPause, FaultPartition:
-			ok = nodeFaultOK
-		case FaultLatency:
-			ok = len(freeNodes) > 0
-		case FaultS3Error, FaultS3Stall, FaultS3Stop:
-			ok = len(s3Regions) > 0
-		case FaultGatewayKill:
-			ok = len(freeGateways) > 0 && len(freeGateways) == len(c.gateways)
-		}
-		if ok {
-			feasible = append(feasible, k)
-		}
+	ok := false
+	switch slot.kind {
+	case FaultKill, FaultPause, FaultPartition:
+		ok = nodeFaultOK
+	case FaultLatency:
+		ok = len(freeNodes) > 0
+	case FaultS3Error, FaultS3Stall, FaultS3Stop:
+		ok = len(s3Regions) > 0
+	case FaultGatewayKill:
+		ok = len(freeGateways) > 0 && len(freeGateways) == len(c.gateways)
 	}
-	if len(feasible) == 0 {
+	if !ok {
 		return nil
 	}
-	f := &faultSpec{kind: feasible[rng.IntN(len(feasible))]}
+	f := &faultSpec{kind: slot.kind}
+	// hold draws a duration in [lo, hi], both capped by the profile.
+	hold := func(lo, hi time.Duration) time.Duration {
+		if p.MaxFaultHold > 0 {
+			lo, hi = min(lo, p.MaxFaultHold), min(hi, p.MaxFaultHold)
+		}
+		return randDuration(rng, lo, hi)
+	}
 
 	// pickNode chooses the leader with probability bias when it is free,
-	// else a random free node. It always draws the same numbers.
-	pickNode := func(bias float64) (string, bool) {
+	// else a random free node. It always draws the same numbers. With
+	// bias 1 only the leader will do: no known free leader fails the draw.
+	pickNode := func(bias float64) (id string, isLeader, ok bool) {
 		toLeader := rng.Float64() < bias
 		i := rng.IntN(len(freeNodes))
 		if toLeader {
 			lctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-			leader, err := c.Leader(lctx)
+			leader, err := inj.leader(lctx)
 			cancel()
 			if err == nil && slices.Contains(freeNodes, leader) {
-				return leader, true
+				return leader, true, true
+			}
+			if bias >= 1 {
+				return "", false, false
 			}
 		}
-		return freeNodes[i], false
+		return freeNodes[i], false, true
 	}
 	leaderNote := func(isLeader bool) string {
 		if isLeader {
@@ -247,21 +419,30 @@ func (inj *injector) draw(ctx context.Context, rng *rand.Rand, kinds []string) *
 	}
 	switch f.kind {
 	case FaultKill:
-		id, isLeader := pickNode(0.5)
-		f.node, f.target, f.nodes = id, id, []string{id}
-		f.hold = randDuration(rng, 3*time.Second, 15*time.Second)
+		id, isLeader, ok := pickNode(slot.leader)
+		if !ok {
+			return nil
+		}
+		f.node, f.target, f.nodes, f.leader = id, id, []string{id}, isLeader
+		f.hold = hold(3*time.Second, 15*time.Second)
 		f.detail = leaderNote(isLeader)
 	case FaultPause:
-		id, isLeader := pickNode(0.6)
-		f.node, f.target, f.nodes = id, id, []string{id}
+		id, isLeader, ok := pickNode(slot.leader)
+		if !ok {
+			return nil
+		}
+		f.node, f.target, f.nodes, f.leader = id, id, []string{id}, isLeader
 		et := max(p.RaftElectionTimeout, p.RaftHeartbeatTimeout, time.Second)
-		f.hold = randDuration(rng, 2*et, 2*et+6*time.Second)
+		f.hold = hold(2*et, 2*et+6*time.Second)
 		f.detail = leaderNote(isLeader)
 	case FaultPartition:
 		split := rng.Float64() < 0.4
-		id, isLeader := pickNode(0.6)
+		id, isLeader, ok := pickNode(slot.leader)
+		if !ok {
+			return nil
+		}
 		perm := rng.Perm(len(freeNodes))
-		f.hold = randDuration(rng, 5*time.Second, 20*time.Second)
+		f.hold = hold(5*time.Second, 20*time.Second)
 		// A split needs every node free and room for its minority.
 		minority := min(maxDown-len(down), (len(freeNodes)-1)/2)
 		if split && len(freeNodes) == len(c.nodes) && len(freeNodes) >= 3 && minority >= 1 {
@@ -293,30 +474,31 @@ func (inj *injector) draw(ctx context.Context, rng *rand.Rand, kinds []string) *
 			f.target = strings.Join(a, ",") + "|" + strings.Join(b, ",")
 			f.detail = "split"
 		} else {
-			f.node, f.target, f.nodes = id, id, []string{id}
+			f.node, f.target, f.nodes, f.leader = id, id, []string{id}, isLeader
 			f.detail = strings.TrimSpace("isolate " + leaderNote(isLeader))
 		}
 	case FaultLatency:
-		id, _ := pickNode(0)
+		id, _, _ := pickNode(0)
 		f.node, f.target = id, id
 		f.delay = randDuration(rng, 50*time.Millisecond, 300*time.Millisecond).Round(time.Millisecond)
-		f.hold = randDuration(rng, 10*time.Second, 30*time.Second)
+		f.hold = hold(10*time.Second, 30*time.Second)
 		f.detail = fmt.Sprintf("+%v each way on every link", f.delay)
 	case FaultS3Error, FaultS3Stall, FaultS3Stop:
 		f.region = s3Regions[rng.IntN(len(s3Regions))]
 		f.target = f.region
-		f.hold = randDuration(rng, 5*time.Second, 15*time.Second)
+		f.hold = hold(5*time.Second, 15*time.Second)
 	case FaultGatewayKill:
 		f.gateway = freeGateways[rng.IntN(len(freeGateways))]
 		f.target = f.gateway
-		f.hold = randDuration(rng, 2*time.Second, 8*time.Second)
+		f.hold = hold(2*time.Second, 8*time.Second)
 	}
 	return f
 }
 
-// run starts f in its own goroutine; it holds for f.hold or until ctx
-// ends, then heals and records itself.
-func (inj *injector) run(ctx context.Context, f *faultSpec) {
+// run injects f; it then holds in its own goroutine for f.hold or until
+// ctx ends, heals and records itself. False when f could not be
+// injected (it is recorded with its Error at once).
+func (inj *injector) run(ctx context.Context, f *faultSpec) bool {
 	inj.mu.Lock()
 	inj.active[f] = true
 	inj.mu.Unlock()
@@ -324,9 +506,9 @@ func (inj *injector) run(ctx context.Context, f *faultSpec) {
 	start := time.Now()
 	heal, err := inj.c.inject(f)
 	if err != nil {
-		inj.finish(f, start, time.Now(), "could not inject: "+err.Error())
+		inj.finish(f, start, time.Now(), "", "could not inject: "+err.Error())
 		inj.wg.Done()
-		return
+		return false
 	}
 	inj.c.logf("fault %s on %s for %v %s", f.kind, f.target, f.hold.Round(time.Millisecond), f.detail)
 	go func() {
@@ -341,13 +523,15 @@ func (inj *injector) run(ctx context.Context, f *faultSpec) {
 		if took := end.Sub(healStart); took > 500*time.Millisecond && note == "" {
 			note = fmt.Sprintf("(healing took %v)", took.Round(10*time.Millisecond))
 		}
-		inj.finish(f, start, end, note)
+		inj.finish(f, start, end, note, "")
 	}()
+	return true
 }
 
-func (inj *injector) finish(f *faultSpec, start, end time.Time, note string) {
+func (inj *injector) finish(f *faultSpec, start, end time.Time, note, injectErr string) {
 	detail := strings.TrimSpace(strings.Join([]string{f.detail, note}, " "))
-	inj.record(Fault{Kind: f.kind, Target: f.target, Start: start.Sub(inj.base), End: end.Sub(inj.base), Detail: detail})
+	inj.record(Fault{Kind: f.kind, Target: f.target, Start: start.Sub(inj.base), End: end.Sub(inj.base), Detail: detail,
+		Leader: f.leader, Error: injectErr})
 	inj.mu.Lock()
 	delete(inj.active, f)
 	close(inj.changed)

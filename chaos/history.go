@@ -137,6 +137,11 @@ type Fault struct {
 	Start  time.Duration `json:"start"`
 	End    time.Duration `json:"end"` // when it was healed; 0 if it was a one-shot
 	Detail string        `json:"detail,omitempty"`
+	// Leader: the node acted on was the Raft leader when the fault began.
+	Leader bool `json:"leader,omitempty"`
+	// Error says why the fault could not be injected; such a fault did
+	// not happen and counts for no quota.
+	Error string `json:"error,omitempty"`
 }
 
 // RegionLag is a region's replication backlog as `meridian cluster status`

@@ -41,6 +41,13 @@ type Profile struct {
 	Workload time.Duration
 	// FaultEvery is the mean time between fault injections.
 	FaultEvery time.Duration
+	// MaxFaultHold caps how long a fault lasts (0: each kind's own
+	// maximum), so that a short run fits a round of every kind.
+	MaxFaultHold time.Duration
+	// FaultRounds is how many times the schedule promises to inject
+	// every kind within Workload (see FaultQuotas); a shorter workload
+	// promises proportionally fewer, at least one.
+	FaultRounds int
 	// MaxFaults is how many faults may be active at once (FaultPlan's
 	// MaxConcurrent). Whatever it says, node faults never take down more
 	// than a minority of the voters.
@@ -85,7 +92,9 @@ func ShortProfile() Profile {
 		RaftElectionTimeout:  2 * time.Second,
 		ApplyTimeout:         15 * time.Second,
 		Workload:             150 * time.Second,
-		FaultEvery:           20 * time.Second,
+		FaultEvery:           8 * time.Second,
+		MaxFaultHold:         10 * time.Second,
+		FaultRounds:          1,
 		MaxFaults:            1,
 	}
 }
@@ -115,6 +124,7 @@ func LongProfile() Profile {
 		ApplyTimeout:         15 * time.Second,
 		Workload:             30 * time.Minute,
 		FaultEvery:           30 * time.Second,
+		FaultRounds:          4,
 		MaxFaults:            2,
 	}
 }
@@ -137,6 +147,19 @@ func (p Profile) voters() int {
 		return len(p.Nodes)
 	}
 	return p.Voters
+}
+
+// faultRounds is how many rounds of every kind a workload phase of length
+// workload promises: FaultRounds, scaled down for a shorter workload, at
+// least one.
+func (p Profile) faultRounds(workload time.Duration) int {
+	if p.FaultRounds <= 0 {
+		return 0
+	}
+	if workload <= 0 || workload >= p.Workload || p.Workload <= 0 {
+		return p.FaultRounds
+	}
+	return max(1, int(int64(p.FaultRounds)*int64(workload)/int64(p.Workload)))
 }
 
 // maxNodesDown is how many nodes may be down at once with a quorum left.

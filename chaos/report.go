@@ -16,10 +16,14 @@ import (
 // injected, how long the cluster was unavailable, whether it converged
 // and what the checks found.
 //
-// Passed is true when no check failed and the cluster converged after
-// healing (Convergence present and Converged). A check whose status is
-// "unknown" (the linearizability checker timed out) does not fail the run,
-// but adds a warning to Notes: it proved nothing.
+// Passed is true only when the run proved what it set out to: every
+// check decided and passed (status "pass" with Checked > 0: a check that
+// could not decide, such as a linearizability checker that timed out, or
+// that had nothing to check, proved nothing and fails the run), the
+// cluster converged after healing (Convergence present and Converged),
+// and every fault quota of the schedule was met (a promised kind that
+// never found a moment to run fails the run too). Failures says why a run
+// did not pass.
 type Report struct {
 	Seed     uint64        `json:"seed"`
 	Profile  string        `json:"profile"`
@@ -28,8 +32,12 @@ type Report struct {
 
 	Ops map[OpKind]map[Outcome]int `json:"operations"`
 
-	Faults      []Fault        `json:"faults"`
+	Faults []Fault `json:"faults"`
+	// FaultCounts counts the injected faults by kind (those that could
+	// not be injected are not counted).
 	FaultCounts map[string]int `json:"fault_counts"`
+	// FaultQuotas are the schedule's promises and how many it kept.
+	FaultQuotas []FaultQuota `json:"fault_quotas"`
 
 	// The longest stretch of the workload phase without a successful
 	// write, and without an answered read (see NewReport).
@@ -39,12 +47,15 @@ type Report struct {
 	Checks      []CheckResult `json:"checks"`
 	Convergence *Convergence  `json:"convergence"`
 	Notes       []string      `json:"notes,omitempty"`
+	Failures    []string      `json:"failures,omitempty"`
 	Passed      bool          `json:"passed"`
 }
 
 // NewReport builds the report of a run whose workload phase lasted
 // workload (operation times count from the start of the history, which is
-// also the start of the workload phase).
+// also the start of the workload phase). quotas are the fault schedule's
+// promises (FaultQuotas; none for a run without faults); their Got is
+// counted here from faults.
 //
 // Write unavailability is the longest interval within [0, workload]
 // between the ends of consecutive successful writes, counting from 0 to
@@ -53,14 +64,18 @@ type Report struct {
 // a definite answer from a working leader). Read unavailability is the
 // same for pulls and tag reads answered 2xx or 404. Verifies are not
 // counted: they run after healing.
-func NewReport(seed uint64, profile string, started time.Time, workload time.Duration, ops []Op, faults []Fault, checks []CheckResult, conv *Convergence) *Report {
+func NewReport(seed uint64, profile string, started time.Time, workload time.Duration, ops []Op, faults []Fault, quotas []FaultQuota, checks []CheckResult, conv *Convergence) *Report {
 	r := &Report{
 		Seed: seed, Profile: profile, Started: started, Duration: workload,
 		Ops:         map[OpKind]map[Outcome]int{},
 		Faults:      slices.Clone(faults),
 		FaultCounts: map[string]int{},
+		FaultQuotas: countFaults(quotas, faults),
 		Checks:      checks,
 		Convergence: conv,
+	}
+	if r.FaultQuotas == nil {
+		r.FaultQuotas = []FaultQuota{}
 	}
 	if r.Faults == nil {
 		r.Faults = []Fault{}
@@ -82,31 +97,47 @@ func NewReport(seed uint64, profile string, started time.Time, workload time.Dur
 		}
 	}
 	for _, f := range faults {
-		r.FaultCounts[f.Kind]++
+		if f.Error == "" {
+			r.FaultCounts[f.Kind]++
+		}
 	}
 	r.LongestWriteUnavailability = longestGap(writes, workload)
 	r.LongestReadUnavailability = longestGap(reads, workload)
+	r.Failures = verdict(checks, r.FaultQuotas, conv)
+	r.Passed = len(r.Failures) == 0
+	return r
+}
 
-	failed := false
+// verdict lists why a run with these checks, fault quotas (Got counted)
+// and convergence did not pass; none means it passed. A run without
+// checks proved nothing and does not pass.
+func verdict(checks []CheckResult, quotas []FaultQuota, conv *Convergence) []string {
+	var why []string
+	if len(checks) == 0 {
+		why = append(why, "no check ran")
+	}
 	for _, c := range checks {
-		switch c.Status {
-		case CheckFail:
-			failed = true
-		case CheckUnknown:
-			r.Notes = append(r.Notes, fmt.Sprintf("warning: check %s could not decide: %s", c.Name, c.Detail))
+		switch {
+		case c.Status == CheckFail:
+			why = append(why, fmt.Sprintf("check %s found %d violations", c.Name, len(c.Violations)))
+		case c.Status != CheckPass:
+			why = append(why, fmt.Sprintf("check %s did not decide (%s): %s", c.Name, c.Status, c.Detail))
+		case c.Checked <= 0:
+			why = append(why, fmt.Sprintf("check %s had nothing to check", c.Name))
 		}
-		if c.Checked == 0 {
-			r.Notes = append(r.Notes, fmt.Sprintf("warning: check %s had nothing to check", c.Name))
+	}
+	for _, q := range quotas {
+		if q.Got < q.Min {
+			why = append(why, "fault quota not met: "+q.String())
 		}
 	}
 	switch {
 	case conv == nil:
-		r.Notes = append(r.Notes, "convergence was not measured")
+		why = append(why, "convergence was not measured")
 	case !conv.Converged:
-		r.Notes = append(r.Notes, "the cluster did not converge after healing: "+conv.Detail)
+		why = append(why, "the cluster did not converge after healing: "+conv.Detail)
 	}
-	r.Passed = !failed && conv != nil && conv.Converged
-	return r
+	return why
 }
 
 func isSuccessfulWrite(op Op) bool {
@@ -247,7 +278,21 @@ func (r *Report) WriteText(w io.Writer) error {
 	fmt.Fprintf(tw, "%d\t\n", all)
 	tw.Flush()
 
-	p("\nfaults injected: %d\n", len(r.Faults))
+	injected := 0
+	for _, n := range r.FaultCounts {
+		injected += n
+	}
+	p("\nfaults injected: %d\n", injected)
+	if len(r.FaultQuotas) > 0 {
+		p("  promised by the schedule:\n")
+		for _, q := range r.FaultQuotas {
+			mark := "ok"
+			if q.Got < q.Min {
+				mark = "MISSING"
+			}
+			p("    %-7s %s\n", mark, q)
+		}
+	}
 	if len(r.Faults) > 0 {
 		names := make([]string, 0, len(r.FaultCounts))
 		for k := range r.FaultCounts {
@@ -266,10 +311,14 @@ func (r *Report) WriteText(w io.Writer) error {
 			if f.End > 0 {
 				when = fmtOffset(f.Start) + "–" + fmtOffset(f.End)
 			}
-			if f.Detail == "" {
+			detail := f.Detail
+			if f.Error != "" {
+				detail = strings.TrimSpace(detail + " NOT INJECTED: " + f.Error)
+			}
+			if detail == "" {
 				fmt.Fprintf(tw, "  %s\t%s\t%s\n", when, f.Kind, f.Target)
 			} else {
-				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", when, f.Kind, f.Target, f.Detail)
+				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", when, f.Kind, f.Target, detail)
 			}
 		}
 		tw.Flush()
@@ -300,7 +349,11 @@ func (r *Report) WriteText(w io.Writer) error {
 
 	p("\nchecks\n")
 	for _, c := range r.Checks {
-		p("  %-7s %s: %d checked, %d violations\n", strings.ToUpper(string(c.Status)), c.Name, c.Checked, len(c.Violations))
+		p("  %-7s %s: %d checked, %d violations", strings.ToUpper(string(c.Status)), c.Name, c.Checked, len(c.Violations))
+		if c.Took >= time.Millisecond {
+			p(", in %s", c.Took.Round(time.Millisecond))
+		}
+		p("\n")
 		if c.Detail != "" {
 			p("          %s\n", c.Detail)
 		}
@@ -337,14 +390,10 @@ func (r *Report) WriteText(w io.Writer) error {
 	if r.Passed {
 		p("PASS\n")
 	} else {
-		p("FAIL: %d violations", r.Violations())
-		switch c := r.Convergence; {
-		case c == nil:
-			p("; convergence not measured")
-		case !c.Converged:
-			p("; the cluster did not converge")
+		p("FAIL: %d violations\n", r.Violations())
+		for _, f := range r.Failures {
+			p("  %s\n", f)
 		}
-		p("\n")
 	}
 	return ew.err
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -38,7 +39,7 @@ func reportText(t *testing.T, r *Report) string {
 func TestReportPass(t *testing.T) {
 	ops := cleanHistory()
 	checks := CheckHistory(ops, 10*time.Second)
-	r := NewReport(7, "short", testStarted, 3*time.Second, ops, testFaults(), checks, convergedState())
+	r := NewReport(7, "short", testStarted, 3*time.Second, ops, testFaults(), testQuotas(), checks, convergedState())
 	if !r.Passed {
 		t.Fatalf("clean history did not pass: %v", r.Notes)
 	}
@@ -66,7 +67,7 @@ func TestReportViolationFails(t *testing.T) {
 	h.add(hVerify(repo, "v0", "", 500, 600, OutcomeFail))
 	ops := h.sorted()
 	checks := CheckHistory(ops, 10*time.Second)
-	r := NewReport(1, "short", testStarted, time.Second, ops, nil, checks, convergedState())
+	r := NewReport(1, "short", testStarted, time.Second, ops, nil, nil, checks, convergedState())
 	if r.Passed {
 		t.Fatal("a lost write passed")
 	}
@@ -82,31 +83,106 @@ func TestReportViolationFails(t *testing.T) {
 func TestReportPassedNeedsConvergence(t *testing.T) {
 	ops := cleanHistory()
 	checks := CheckHistory(ops, 10*time.Second)
-	if r := NewReport(1, "", testStarted, time.Second, ops, nil, checks, nil); r.Passed {
+	if r := NewReport(1, "", testStarted, time.Second, ops, nil, nil, checks, nil); r.Passed {
 		t.Error("passed without a convergence result")
 	}
 	conv := convergedState()
 	conv.Converged, conv.Detail = false, "n3 applied 4100"
-	r := NewReport(1, "", testStarted, time.Second, ops, nil, checks, conv)
+	r := NewReport(1, "", testStarted, time.Second, ops, nil, nil, checks, conv)
 	if r.Passed {
 		t.Error("passed although the cluster did not converge")
 	}
-	if text := reportText(t, r); !strings.Contains(text, "FAIL: 0 violations; the cluster did not converge") {
+	if text := reportText(t, r); !strings.Contains(text, "FAIL: 0 violations\n  the cluster did not converge after healing: n3 applied 4100\n") {
 		t.Errorf("text:\n%s", text)
 	}
 }
 
-func TestReportUnknownCheckWarns(t *testing.T) {
-	checks := []CheckResult{
-		{Name: CheckNameLostWrites, Status: CheckPass, Checked: 3},
-		{Name: CheckNameLinearizable, Status: CheckUnknown, Checked: 9, Detail: "the linearizability checker timed out"},
+// testQuotas are what testFaults meets: two kills, one partition.
+func testQuotas() []FaultQuota {
+	return []FaultQuota{{Kind: "kill", Min: 2}, {Kind: "partition", Min: 1}}
+}
+
+// TestReportVerdict: a run passes only when every check decided and
+// passed with something checked, every fault quota was met and the
+// cluster converged; each way of proving nothing fails it, and the text
+// says why.
+func TestReportVerdict(t *testing.T) {
+	decided := func() []CheckResult {
+		return []CheckResult{
+			{Name: CheckNameLostWrites, Status: CheckPass, Checked: 3},
+			{Name: CheckNameLinearizable, Status: CheckPass, Checked: 9},
+		}
 	}
-	r := NewReport(1, "", testStarted, time.Second, nil, nil, checks, convergedState())
-	if !r.Passed {
-		t.Error("an undecided check failed the run")
+	for _, c := range []struct {
+		name   string
+		change func(checks []CheckResult, quotas []FaultQuota, faults []Fault) ([]CheckResult, []FaultQuota, []Fault)
+		why    string // in the FAIL text; "" when the run passes
+	}{
+		{"everything decided", func(c []CheckResult, q []FaultQuota, f []Fault) ([]CheckResult, []FaultQuota, []Fault) {
+			return c, q, f
+		}, ""},
+		{"checker timed out", func(c []CheckResult, q []FaultQuota, f []Fault) ([]CheckResult, []FaultQuota, []Fault) {
+			c[1].Status, c[1].Detail = CheckUnknown, "the linearizability checker timed out"
+			return c, q, f
+		}, "check " + CheckNameLinearizable + " did not decide (unknown): the linearizability checker timed out"},
+		{"nothing checked", func(c []CheckResult, q []FaultQuota, f []Fault) ([]CheckResult, []FaultQuota, []Fault) {
+			c[0].Checked = 0
+			return c, q, f
+		}, "check " + CheckNameLostWrites + " had nothing to check"},
+		{"no checks at all", func(c []CheckResult, q []FaultQuota, f []Fault) ([]CheckResult, []FaultQuota, []Fault) {
+			return nil, q, f
+		}, "no check ran"},
+		{"a check failed", func(c []CheckResult, q []FaultQuota, f []Fault) ([]CheckResult, []FaultQuota, []Fault) {
+			c[0].Status, c[0].Violations = CheckFail, []Violation{{Message: "lost"}}
+			return c, q, f
+		}, "check " + CheckNameLostWrites + " found 1 violations"},
+		{"a promised kind never ran", func(c []CheckResult, q []FaultQuota, f []Fault) ([]CheckResult, []FaultQuota, []Fault) {
+			return c, append(q, FaultQuota{Kind: FaultGatewayKill, Min: 1}), f
+		}, "fault quota not met: gateway-kill 0 of at least 1"},
+		{"a kill could not be injected", func(c []CheckResult, q []FaultQuota, f []Fault) ([]CheckResult, []FaultQuota, []Fault) {
+			f[1].Error = "no such process"
+			return c, q, f
+		}, "fault quota not met: kill 1 of at least 2"},
+		{"no kill hit the leader", func(c []CheckResult, q []FaultQuota, f []Fault) ([]CheckResult, []FaultQuota, []Fault) {
+			return c, append(q, FaultQuota{Kind: FaultKill, Leader: true, Min: 1}), f
+		}, "fault quota not met: kill (leader) 0 of at least 1"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			checks, quotas, faults := c.change(decided(), testQuotas(), testFaults())
+			r := NewReport(1, "short", testStarted, time.Second, nil, faults, quotas, checks, convergedState())
+			text := reportText(t, r)
+			if c.why == "" {
+				if !r.Passed || len(r.Failures) > 0 || !strings.HasSuffix(text, "\nPASS\n") {
+					t.Fatalf("did not pass: %v\n%s", r.Failures, text)
+				}
+				return
+			}
+			if r.Passed {
+				t.Fatalf("passed:\n%s", text)
+			}
+			if !slices.Contains(r.Failures, c.why) || !strings.Contains(text, "FAIL: ") || !strings.Contains(text, "\n  "+c.why+"\n") {
+				t.Fatalf("failures %q, want %q in them and the text:\n%s", r.Failures, c.why, text)
+			}
+		})
 	}
-	if text := reportText(t, r); !strings.Contains(text, "warning: check "+CheckNameLinearizable+" could not decide") {
-		t.Errorf("no warning:\n%s", text)
+}
+
+// TestReportFaultQuotasText: the text lists every promise and marks the
+// broken ones; faults that could not be injected say so and are not
+// counted.
+func TestReportFaultQuotasText(t *testing.T) {
+	faults := append(testFaults(), Fault{Kind: FaultPause, Target: "n1", Start: 20 * time.Second, End: 20 * time.Second, Error: "no such process"})
+	quotas := append(testQuotas(), FaultQuota{Kind: FaultPause, Min: 1})
+	r := NewReport(1, "short", testStarted, time.Minute, nil, faults, quotas, nil, convergedState())
+	text := reportText(t, r)
+	for _, want := range []string{"faults injected: 3\n", "ok      kill 2 of at least 2", "ok      partition 1 of at least 1",
+		"MISSING pause 0 of at least 1", "NOT INJECTED: no such process", "fault quota not met: pause 0 of at least 1"} {
+		if !strings.Contains(text, want) {
+			t.Errorf("text lacks %q:\n%s", want, text)
+		}
+	}
+	if r.FaultCounts[FaultPause] != 0 {
+		t.Errorf("a fault that was not injected counted: %v", r.FaultCounts)
 	}
 }
 
@@ -120,7 +196,7 @@ func TestReportTextCapsViolations(t *testing.T) {
 		vs = append(vs, v)
 	}
 	checks := []CheckResult{{Name: CheckNameWrongBytes, Status: CheckFail, Checked: 25, Violations: vs}}
-	r := NewReport(1, "", testStarted, time.Second, nil, nil, checks, convergedState())
+	r := NewReport(1, "", testStarted, time.Second, nil, nil, nil, checks, convergedState())
 	text := reportText(t, r)
 	if n := strings.Count(text, "asked for x"); n != 20 {
 		t.Errorf("%d violations printed, want 20", n)
@@ -140,7 +216,7 @@ func TestReportJSON(t *testing.T) {
 	h.add(hPush(0, "chaos/app9", "v0", testDigest("m"), 0, 100, OutcomeOK))
 	ops := h.sorted()
 	checks := CheckHistory(ops, 10*time.Second)
-	r := NewReport(99, "short", testStarted, 90*time.Second, ops, testFaults(), checks, convergedState())
+	r := NewReport(99, "short", testStarted, 90*time.Second, ops, testFaults(), testQuotas(), checks, convergedState())
 	path := filepath.Join(t.TempDir(), "report.json")
 	if err := r.WriteJSON(path); err != nil {
 		t.Fatal(err)
@@ -153,7 +229,7 @@ func TestReportJSON(t *testing.T) {
 	if err := json.Unmarshal(b, &m); err != nil {
 		t.Fatalf("invalid JSON: %v\n%s", err, b)
 	}
-	for _, k := range []string{"seed", "operations", "faults", "fault_counts", "checks", "convergence", "passed", "duration_text"} {
+	for _, k := range []string{"seed", "operations", "faults", "fault_counts", "fault_quotas", "checks", "convergence", "passed", "duration_text"} {
 		if _, ok := m[k]; !ok {
 			t.Errorf("JSON lacks %q", k)
 		}
@@ -194,7 +270,7 @@ func TestReportUnavailability(t *testing.T) {
 		op(OpPullManifest, OutcomeOK, 9.5),
 		op(OpTagWrite, OutcomeOK, 12), // outside the window
 	}
-	r := NewReport(1, "", testStarted, 10*time.Second, ops, nil, nil, convergedState())
+	r := NewReport(1, "", testStarted, 10*time.Second, ops, nil, nil, nil, convergedState())
 	if r.LongestWriteUnavailability != 3*time.Second {
 		t.Errorf("write unavailability %v, want 3s", r.LongestWriteUnavailability)
 	}
@@ -203,11 +279,11 @@ func TestReportUnavailability(t *testing.T) {
 	}
 
 	// The window's edges count: nothing until 6s, nothing after 7s.
-	r = NewReport(1, "", testStarted, 20*time.Second, []Op{op(OpPush, OutcomeOK, 6), op(OpTagRead, OutcomeOK, 7)}, nil, nil, nil)
+	r = NewReport(1, "", testStarted, 20*time.Second, []Op{op(OpPush, OutcomeOK, 6), op(OpTagRead, OutcomeOK, 7)}, nil, nil, nil, nil)
 	if r.LongestWriteUnavailability != 14*time.Second || r.LongestReadUnavailability != 13*time.Second {
 		t.Errorf("edges: writes %v (want 14s), reads %v (want 13s)", r.LongestWriteUnavailability, r.LongestReadUnavailability)
 	}
-	r = NewReport(1, "", testStarted, 20*time.Second, nil, nil, nil, nil)
+	r = NewReport(1, "", testStarted, 20*time.Second, nil, nil, nil, nil, nil)
 	if r.LongestWriteUnavailability != 20*time.Second || r.LongestReadUnavailability != 20*time.Second {
 		t.Errorf("no operations: writes %v, reads %v, want the whole window", r.LongestWriteUnavailability, r.LongestReadUnavailability)
 	}
