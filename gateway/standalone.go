@@ -22,6 +22,8 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/meridian-registry/meridian/node/membership"
+	"github.com/meridian-registry/meridian/node/pki"
+	"github.com/meridian-registry/meridian/node/transport"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 	"github.com/meridian-registry/meridian/replication"
 )
@@ -63,8 +65,17 @@ type StandaloneConfig struct {
 	Gateway Config
 	// Dial, when set, opens the gateway's connections to nodes (tests put
 	// TCP proxies in between); nil means plain TCP.
-	Dial   func(ctx context.Context, addr string) (net.Conn, error)
-	Logger *slog.Logger
+	Dial func(ctx context.Context, addr string) (net.Conn, error)
+	// Trust is the gateway's certificate (role gateway, its id the
+	// gateway's ID) for mutual TLS to the nodes; nil is plaintext.
+	Trust *transport.Trust
+	// GossipKeys encrypt gossip, the first the primary; see
+	// membership.Config.Keys.
+	GossipKeys [][]byte
+	// InsecureCluster lets the gossip listener bind beyond loopback
+	// without Trust and GossipKeys.
+	InsecureCluster bool
+	Logger          *slog.Logger
 }
 
 // Standalone is a running gateway process: gossip membership as a gateway
@@ -93,6 +104,9 @@ func NewStandalone(cfg StandaloneConfig) (*Standalone, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.ID == "" && cfg.Trust.Secure() {
+		cfg.ID = cfg.Trust.Identity().ID // the certificate names the gateway
+	}
 	if cfg.ID == "" {
 		host, _ := os.Hostname()
 		b := make([]byte, 3)
@@ -105,6 +119,12 @@ func NewStandalone(cfg StandaloneConfig) (*Standalone, error) {
 	}
 	if len(cfg.Join) == 0 {
 		errs = append(errs, errors.New("join: a gateway needs at least one member's gossip address"))
+	}
+	if id := cfg.Trust.Identity(); cfg.Trust.Secure() && (id.Role != pki.RoleGateway || id.ID != cfg.ID) {
+		errs = append(errs, fmt.Errorf("tls_cert is %s: a gateway's certificate must have role gateway and its gateway_id %q", id, cfg.ID))
+	}
+	if err := transport.CheckListeners(map[string]string{"gossip_addr": cfg.GossipAddr}, cfg.Trust.Secure(), len(cfg.GossipKeys) > 0, cfg.InsecureCluster); err != nil {
+		errs = append(errs, err)
 	}
 	if len(cfg.Regions) == 0 {
 		errs = append(errs, errors.New("regions: a gateway needs the cluster's regions and their stores"))
@@ -149,6 +169,7 @@ func (s *Standalone) Start(ctx context.Context) (err error) {
 	mc.BindAddr = s.cfg.GossipAddr
 	mc.AdvertiseAddr = s.cfg.AdvertiseGossip
 	mc.Timings = s.cfg.GossipTimings
+	mc.Keys = s.cfg.GossipKeys
 	mc.Logger = s.logger
 	if s.members, err = membership.New(mc); err != nil {
 		return fmt.Errorf("gossip: %w", err)
@@ -169,7 +190,7 @@ func (s *Standalone) Start(ctx context.Context) (err error) {
 
 	if s.upstream, err = NewUpstream(UpstreamConfig{
 		ID: s.cfg.ID, Region: s.cfg.Region, Zone: s.cfg.Zone, Members: s.members.Members, NetDial: s.cfg.Dial,
-		ReadConsistency: s.cfg.ReadConsistency, Logger: s.logger, Registerer: s.registry,
+		Trust: s.cfg.Trust, ReadConsistency: s.cfg.ReadConsistency, Logger: s.logger, Registerer: s.registry,
 	}); err != nil {
 		return err
 	}

@@ -14,10 +14,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/meridian-registry/meridian/node/membership"
+	"github.com/meridian-registry/meridian/node/transport"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
@@ -40,6 +39,9 @@ type UpstreamConfig struct {
 	// NetDial, when set, opens the TCP connections of the Upstream's own
 	// pool (tests put proxies in between); ignored when Dial is set.
 	NetDial func(ctx context.Context, addr string) (net.Conn, error)
+	// Trust is the gateway's member identity for its own pool (mutual TLS
+	// to the nodes); nil is plaintext. Ignored when Dial is set.
+	Trust *transport.Trust
 	// PingInterval is how often every live server node is pinged; default 1s.
 	PingInterval time.Duration
 	// ReadConsistency is "local" (default) or "strong"; see pb.Consistency.
@@ -73,7 +75,7 @@ type Upstream struct {
 	cfg     UpstreamConfig
 	strong  bool
 	dial    func(addr string) (grpc.ClientConnInterface, error)
-	pool    *connPool // nil when cfg.Dial is set
+	pool    *transport.Pool // nil when cfg.Dial is set
 	rtt     *membership.RTT
 	logger  *slog.Logger
 	metrics *upstreamMetrics
@@ -129,8 +131,8 @@ func NewUpstream(cfg UpstreamConfig) (*Upstream, error) {
 		pinging: map[string]bool{}, published: map[string]bool{}, seen: map[string]bool{},
 	}
 	if u.dial == nil {
-		u.pool = &connPool{conns: map[string]*grpc.ClientConn{}, netDial: cfg.NetDial}
-		u.dial = u.pool.dial
+		u.pool = cfg.Trust.NewPool(cfg.NetDial)
+		u.dial = func(addr string) (grpc.ClientConnInterface, error) { return u.pool.Conn(addr) }
 	}
 	return u, nil
 }
@@ -141,7 +143,7 @@ func (u *Upstream) Close() error {
 	if u.pool == nil {
 		return nil
 	}
-	return u.pool.close()
+	return u.pool.Close()
 }
 
 // Nodes lists every live server node, nearest first: healthy before
@@ -428,51 +430,4 @@ func (u *Upstream) publish(nodes []UpstreamNode) {
 		}
 	}
 	u.published = live
-}
-
-// connPool keeps one gRPC connection per node address, for an Upstream
-// configured without Dial.
-type connPool struct {
-	mu      sync.Mutex
-	conns   map[string]*grpc.ClientConn // nil once closed
-	netDial func(ctx context.Context, addr string) (net.Conn, error)
-}
-
-func (p *connPool) dial(addr string) (grpc.ClientConnInterface, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.conns == nil {
-		return nil, errors.New("gateway: upstream closed")
-	}
-	if c, ok := p.conns[addr]; ok {
-		return c, nil
-	}
-	bo := backoff.DefaultConfig
-	bo.MaxDelay = 5 * time.Second // a restarted node is back in rotation within seconds
-	opts := []grpc.DialOption{
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithKeepaliveParams(pb.ClientKeepalive),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)),
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: 5 * time.Second}),
-	}
-	if p.netDial != nil {
-		opts = append(opts, grpc.WithContextDialer(p.netDial))
-	}
-	c, err := grpc.NewClient(addr, opts...)
-	if err != nil {
-		return nil, err
-	}
-	p.conns[addr] = c
-	return c, nil
-}
-
-func (p *connPool) close() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	var errs []error
-	for _, c := range p.conns {
-		errs = append(errs, c.Close())
-	}
-	p.conns = nil
-	return errors.Join(errs...)
 }
