@@ -12,7 +12,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -258,13 +257,9 @@ func runTagWorkload(t *testing.T, w tagWorkload) tagWorkloadRun {
 // tagRecorder performs operations on tags and records them: answered ones
 // in the history, every one in spans.
 type tagRecorder struct {
-	reg  rawRegistry
-	img  smallImage
-	base time.Time
-	// completed counts finished operations, answered or not; the fault
-	// schedule paces itself on it.
-	completed atomic.Int64
-
+	reg     rawRegistry
+	img     smallImage
+	base    time.Time
 	mu      sync.Mutex
 	history []porcupine.Operation
 	spans   []opSpan
@@ -292,7 +287,18 @@ func (r *tagRecorder) record(op porcupine.Operation, observed bool, via int, cou
 	if count != nil {
 		count(&r.perNode[via])
 	}
-	r.completed.Add(1)
+}
+
+// completedPerNode counts the clients' finished operations through each
+// node, answered or not.
+func (r *tagRecorder) completedPerNode() []int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]int, len(r.perNode))
+	for i, n := range r.perNode {
+		out[i] = n.writes + n.unknownWrites + n.reads + n.absent + n.dropped
+	}
+	return out
 }
 
 // client runs one client's mix of writes and reads through node via until
@@ -301,10 +307,18 @@ func (r *tagRecorder) client(ctx context.Context, client, via int, rng *rand.Ran
 	const writeShare = 0.4
 	tags := []string{"a", "b", "c"}
 	for k := 0; ; k++ {
+		// A client thinks 10-30ms between operations: the fault timeline
+		// waits for the slowest node, and without a pause the others would
+		// pile up a history too long to check quickly.
+		think := time.NewTimer(time.Duration(10+rng.IntN(21)) * time.Millisecond)
 		select {
 		case <-stop:
+			think.Stop()
 			return nil
-		default:
+		case <-ctx.Done():
+			think.Stop()
+			return nil
+		case <-think.C:
 		}
 		tag := tags[rng.IntN(len(tags))]
 		var err error
@@ -467,7 +481,7 @@ type faultSchedule struct {
 // the remaining transfers, then a tail of operations on the healed
 // cluster.
 func (s *faultSchedule) play(ctx context.Context, w tagWorkload) error {
-	if err := s.afterOps(ctx, 40); err != nil {
+	if err := s.afterOps(ctx, 15); err != nil {
 		return err
 	}
 	transfers := w.transfers
@@ -476,7 +490,7 @@ func (s *faultSchedule) play(ctx context.Context, w tagWorkload) error {
 			return err
 		}
 		transfers--
-		if err := s.afterOps(ctx, 30); err != nil {
+		if err := s.afterOps(ctx, 15); err != nil {
 			return err
 		}
 	}
@@ -484,14 +498,15 @@ func (s *faultSchedule) play(ctx context.Context, w tagWorkload) error {
 		if err := s.cutAndProbe(ctx); err != nil {
 			return err
 		}
-		// Let the clients keep going through the cut node a while.
-		if err := s.afterOps(ctx, 30); err != nil {
+		// Let the clients keep going through the cut node a while (in
+		// strong mode each of its operations takes the apply timeout).
+		if err := s.afterOps(ctx, 1); err != nil {
 			return err
 		}
 		s.c.Heal(s.run.cutNode)
 		s.run.cutTo = s.rec.now()
 		s.event("healed node %d", s.run.cutNode)
-		if err := s.afterOps(ctx, 30); err != nil {
+		if err := s.afterOps(ctx, 15); err != nil {
 			return err
 		}
 	}
@@ -499,27 +514,41 @@ func (s *faultSchedule) play(ctx context.Context, w tagWorkload) error {
 		if err := s.transfer(ctx); err != nil {
 			return err
 		}
-		if err := s.afterOps(ctx, 30); err != nil {
+		if err := s.afterOps(ctx, 15); err != nil {
 			return err
 		}
 	}
 	// The tail gives the healed node time to answer again.
-	return s.afterOps(ctx, 60)
+	return s.afterOps(ctx, 25)
 }
 
-// afterOps waits until between n and 2n more operations (drawn) have
-// completed.
+// afterOps waits until the clients of every node have completed between n
+// and 2n (drawn) more operations, answered or not. Pacing on every node,
+// the cut one included, keeps a fast node from running the timeline while
+// a slow one has done nothing.
 func (s *faultSchedule) afterOps(ctx context.Context, n int) error {
-	target := s.rec.completed.Load() + int64(n+s.rng.IntN(n+1))
-	if !pollUntil(ctx, func() bool { return s.rec.completed.Load() >= target }) {
-		return fmt.Errorf("fault schedule: the clients did not reach %d operations (at %d): %w", target, s.rec.completed.Load(), ctx.Err())
+	target := s.rec.completedPerNode()
+	for i := range target {
+		target[i] += n + s.rng.IntN(n+1)
+	}
+	var done []int
+	if !pollUntil(ctx, func() bool {
+		done = s.rec.completedPerNode()
+		for i := range done {
+			if done[i] < target[i] {
+				return false
+			}
+		}
+		return true
+	}) {
+		return fmt.Errorf("fault schedule: the clients did not reach %v operations per node (at %v): %w", target, done, ctx.Err())
 	}
 	return nil
 }
 
 func (s *faultSchedule) event(format string, args ...any) {
-	s.t.Logf("fault schedule at %v (%d operations done): %s",
-		time.Duration(s.rec.now()).Round(time.Millisecond), s.rec.completed.Load(), fmt.Sprintf(format, args...))
+	s.t.Logf("fault schedule at %v (operations done per node %v): %s",
+		time.Duration(s.rec.now()).Round(time.Millisecond), s.rec.completedPerNode(), fmt.Sprintf(format, args...))
 }
 
 // transfer hands leadership to a follower drawn from the seed and waits
