@@ -975,11 +975,9 @@ func (c *Cluster) Heal(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// WaitConverged polls the cluster status until every node is reachable,
-// has applied the same index, holds the same state digest at the same
-// digest index, the leader's commit index equals the applied index, and
-// no region misses a blob; or until ctx ends, when Detail says what
-// still differed.
+// WaitConverged polls the cluster status until it shows a converged
+// cluster (see convergence) or ctx ends, when Detail says what still
+// differed.
 func (c *Cluster) WaitConverged(ctx context.Context) Convergence {
 	start := time.Now()
 	var conv Convergence
@@ -1005,12 +1003,31 @@ func (c *Cluster) WaitConverged(ctx context.Context) Convergence {
 	}
 }
 
-// converged checks one status.
+// converged checks one status against the profile's regions.
 func (c *Cluster) converged(st ClusterState) Convergence {
+	regions := make([]string, 0, len(c.prof.Regions))
+	for _, r := range c.prof.Regions {
+		regions = append(regions, r.Name)
+	}
+	return convergence(st, regions)
+}
+
+// convergence decides whether the cluster status st (one node's view of
+// every member, as `meridian cluster status --json` reports it) shows a
+// converged cluster holding regions: a leader that every node follows;
+// every node reachable, with the same applied index and the same state
+// digest at the same digest index, its own commit index equal to its
+// applied index; the leader's commit index equal to that applied index;
+// and every region listed without a missing blob. Detail lists every
+// difference found.
+func convergence(st ClusterState, regions []string) Convergence {
 	conv := Convergence{Regions: st.Regions}
 	var diffs []string
 	if st.Leader == "" {
 		diffs = append(diffs, "no leader")
+	}
+	if len(st.Nodes) == 0 {
+		diffs = append(diffs, "no node in the status")
 	}
 	var ref *NodeState
 	for i := range st.Nodes {
@@ -1018,6 +1035,12 @@ func (c *Cluster) converged(st ClusterState) Convergence {
 		if !n.Reachable {
 			diffs = append(diffs, fmt.Sprintf("%s unreachable (%s)", n.ID, n.Error))
 			continue
+		}
+		if st.Leader != "" && n.LeaderID != st.Leader {
+			diffs = append(diffs, fmt.Sprintf("%s follows leader %q, not %s", n.ID, n.LeaderID, st.Leader))
+		}
+		if n.Commit != n.Applied {
+			diffs = append(diffs, fmt.Sprintf("%s committed %d, applied %d", n.ID, n.Commit, n.Applied))
 		}
 		if ref == nil {
 			ref = n
@@ -1036,13 +1059,13 @@ func (c *Cluster) converged(st ClusterState) Convergence {
 			diffs = append(diffs, fmt.Sprintf("leader commit index %d, applied %d", st.CommitIndex, ref.Applied))
 		}
 	}
-	for _, r := range c.prof.Regions {
-		i := slices.IndexFunc(st.Regions, func(l RegionLag) bool { return l.Region == r.Name })
+	for _, r := range regions {
+		i := slices.IndexFunc(st.Regions, func(l RegionLag) bool { return l.Region == r })
 		switch {
 		case i < 0:
-			diffs = append(diffs, "region "+r.Name+" missing from status")
+			diffs = append(diffs, "region "+r+" missing from status")
 		case st.Regions[i].MissingBlobs != 0:
-			diffs = append(diffs, fmt.Sprintf("region %s misses %d blobs (%d bytes)", r.Name, st.Regions[i].MissingBlobs, st.Regions[i].MissingBytes))
+			diffs = append(diffs, fmt.Sprintf("region %s misses %d blobs (%d bytes)", r, st.Regions[i].MissingBlobs, st.Regions[i].MissingBytes))
 		}
 	}
 	conv.Converged = len(diffs) == 0
