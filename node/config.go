@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"net"
 	"os"
@@ -13,6 +14,9 @@ import (
 	"time"
 
 	"github.com/meridian-registry/meridian/gateway"
+	"github.com/meridian-registry/meridian/node/membership"
+	"github.com/meridian-registry/meridian/node/pki"
+	"github.com/meridian-registry/meridian/node/transport"
 )
 
 // Config configures one node. Every field has a YAML key (its tag), a flag
@@ -93,6 +97,20 @@ type Config struct {
 	// TrailingLogs is how many log entries stay behind a snapshot, so a
 	// follower that lags by fewer catches up from the log, not a snapshot.
 	TrailingLogs uint64 `yaml:"trailing_logs"`
+
+	// Cluster trust (docs/security.md). TLSCA, TLSCert and TLSKey are the
+	// member identity for gRPC and Raft: mutual TLS with the cluster CA,
+	// the certificate naming this member (role node and NodeID, or role
+	// gateway and GatewayID); the CLI uses an admin certificate. The files
+	// are re-read when they change. GossipKeyFile holds the gossip
+	// keyring, one base64 key per line, the first the primary. A gRPC,
+	// Raft or gossip listener beyond loopback refuses to start without
+	// them unless InsecureCluster.
+	TLSCA           string `yaml:"tls_ca"`
+	TLSCert         string `yaml:"tls_cert"`
+	TLSKey          string `yaml:"tls_key"`
+	GossipKeyFile   string `yaml:"gossip_key_file"`
+	InsecureCluster bool   `yaml:"insecure_cluster"`
 
 	// Dial, when set, opens this node's Raft and gRPC connections to other
 	// nodes (tests use it to cut nodes off); nil means plain TCP.
@@ -205,6 +223,9 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("snapshot_interval must be at least 5ms"))
 	}
 	errs = append(errs, c.validateRegions()...)
+	if err := c.validateTrust(map[string]string{"grpc_addr": c.GRPCAddr, "raft_addr": c.RaftAddr, "gossip_addr": c.GossipAddr}); err != nil {
+		errs = append(errs, err)
+	}
 	switch strings.ToLower(c.LogLevel) {
 	case "debug", "info", "warn", "error":
 	default:
@@ -252,3 +273,44 @@ func (b *ByteSize) UnmarshalText(text []byte) error {
 }
 
 func (b ByteSize) String() string { return strconv.FormatInt(int64(b), 10) }
+
+// validateTrust checks the trust settings without reading the files:
+// the TLS paths come as a set, and member listeners beyond loopback need
+// TLS and a gossip key unless InsecureCluster says otherwise.
+func (c Config) validateTrust(listeners map[string]string) error {
+	set := 0
+	for _, p := range []string{c.TLSCA, c.TLSCert, c.TLSKey} {
+		if p != "" {
+			set++
+		}
+	}
+	if set != 0 && set != 3 {
+		return errors.New("tls_ca, tls_cert and tls_key come together: set all three or none")
+	}
+	return transport.CheckListeners(listeners, set == 3, c.GossipKeyFile != "", c.InsecureCluster)
+}
+
+// LoadTrust reads the member certificate and the gossip keys the
+// configuration names: plaintext (a nil Source) without TLS files, no
+// encryption without a key file.
+func (c Config) LoadTrust(logger *slog.Logger) (*transport.Trust, [][]byte, error) {
+	trust := &transport.Trust{}
+	if c.TLSCA != "" || c.TLSCert != "" || c.TLSKey != "" {
+		src, err := pki.Open(c.TLSCA, c.TLSCert, c.TLSKey, logger)
+		if err != nil {
+			return nil, nil, fmt.Errorf("cluster TLS: %w", err)
+		}
+		if id := src.Identity(); id.Cluster != c.ClusterID {
+			return nil, nil, fmt.Errorf("cluster TLS: %s is a certificate of cluster %q, this is cluster_id %q", c.TLSCert, id.Cluster, c.ClusterID)
+		}
+		trust.Source = src
+	}
+	var keys [][]byte
+	if c.GossipKeyFile != "" {
+		var err error
+		if keys, err = membership.ReadKeyFile(c.GossipKeyFile); err != nil {
+			return nil, nil, err
+		}
+	}
+	return trust, keys, nil
+}

@@ -26,6 +26,8 @@ type option struct {
 	get   func(c *node.Config) string
 	// list options take a comma-separated value; as flags they repeat.
 	list bool
+	// boolean options may stand alone as flags (--insecure-cluster).
+	boolean bool
 }
 
 func stringOpt(name, usage string, field func(*node.Config) *string) option {
@@ -74,7 +76,7 @@ func durationOpt(name, usage string, field func(*node.Config) *time.Duration) op
 }
 
 func boolOpt(name, usage string, field func(*node.Config) *bool) option {
-	return option{name: name, usage: usage,
+	return option{name: name, usage: usage, boolean: true,
 		set: func(c *node.Config, v string) (err error) { *field(c), err = strconv.ParseBool(v); return err },
 		get: func(c *node.Config) string { return strconv.FormatBool(*field(c)) }}
 }
@@ -146,6 +148,16 @@ var serveOptions = []option{
 	stringOpt("log-format", "text or json", func(c *node.Config) *string { return &c.LogFormat }),
 }
 
+// trustOptions are the cluster trust settings, the same on nodes and
+// gateways (docs/security.md).
+var trustOptions = []option{
+	stringOpt("tls-ca", "cluster CA certificate(s), PEM: peers must chain to one", func(c *node.Config) *string { return &c.TLSCA }),
+	stringOpt("tls-cert", "this member's certificate (meridian ca issue), for mutual TLS on gRPC and Raft", func(c *node.Config) *string { return &c.TLSCert }),
+	stringOpt("tls-key", "this member's private key", func(c *node.Config) *string { return &c.TLSKey }),
+	stringOpt("gossip-key-file", "gossip keyring: one base64 key per line, the first the primary", func(c *node.Config) *string { return &c.GossipKeyFile }),
+	boolOpt("insecure-cluster", "allow gRPC, Raft and gossip beyond loopback without TLS or a gossip key (anyone who reaches them is trusted)", func(c *node.Config) *bool { return &c.InsecureCluster }),
+}
+
 func envName(flagName string) string {
 	return "MERIDIAN_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
@@ -162,10 +174,16 @@ func loadConfig(name string, args []string, opts []option, defaults node.Config)
 	var fromFlags []setting
 	for _, o := range opts {
 		o := o
-		fs.Func(o.name, fmt.Sprintf("%s (env %s, default %q)", o.usage, envName(o.name), o.get(&defaults)), func(v string) error {
+		usage := fmt.Sprintf("%s (env %s, default %q)", o.usage, envName(o.name), o.get(&defaults))
+		set := func(v string) error {
 			fromFlags = append(fromFlags, setting{o, v})
 			return o.set(&node.Config{}, v) // reject bad values while parsing
-		})
+		}
+		if o.boolean {
+			fs.BoolFunc(o.name, usage, set) // --flag alone means true; --flag=false works too
+		} else {
+			fs.Func(o.name, usage, set)
+		}
 	}
 	if err := fs.Parse(args); err != nil {
 		return node.Config{}, err

@@ -83,7 +83,7 @@ func standaloneConfig(c node.Config) (gateway.StandaloneConfig, error) {
 
 // gatewayCmd runs a standalone gateway until SIGINT or SIGTERM.
 func gatewayCmd(args []string) error {
-	cfg, err := loadConfig("gateway", args, gatewayOptions, gatewayDefaults())
+	cfg, err := loadConfig("gateway", args, append(gatewayOptions, trustOptions...), gatewayDefaults())
 	if err != nil {
 		return err
 	}
@@ -93,6 +93,13 @@ func gatewayCmd(args []string) error {
 	}
 	logger := newLogger(cfg.LogLevel, cfg.LogFormat)
 	sc.Logger = logger
+	if sc.Trust, sc.GossipKeys, err = cfg.LoadTrust(logger); err != nil {
+		return err
+	}
+	sc.InsecureCluster = cfg.InsecureCluster
+	if cfg.InsecureCluster {
+		logger.Warn("--insecure-cluster: gossip and gRPC to the nodes may run without TLS or a gossip key; anyone on the network can join or impersonate members")
+	}
 	g, err := gateway.NewStandalone(sc)
 	if err != nil {
 		return err

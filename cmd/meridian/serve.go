@@ -15,7 +15,7 @@ import (
 
 // serve runs one node until SIGINT or SIGTERM.
 func serve(args []string) error {
-	cfg, err := loadConfig("serve", args, serveOptions, node.DefaultConfig())
+	cfg, err := loadConfig("serve", args, append(serveOptions, trustOptions...), node.DefaultConfig())
 	if err != nil {
 		return err
 	}
