@@ -101,15 +101,15 @@ proto:
 	  --go-grpc_out=proto --go-grpc_opt=paths=source_relative proto/meridianpb/*.proto
 
 ## proto-check: fail if the committed generated code is stale. protoc comes
-## from Debian's packages (installed here when missing and apt-get works).
+## from Debian's packages (installed here when missing and apt-get works);
+## without it the check fails, since it cannot tell.
 proto-check: protoc
-	@if command -v protoc >/dev/null; then \
-	  tmp=$$(mktemp -d) && cp -r proto $$tmp/ && \
-	  $(PROTOC_GEN) protoc -I $$tmp/proto --go_out=$$tmp/proto --go_opt=paths=source_relative \
-	    --go-grpc_out=$$tmp/proto --go-grpc_opt=paths=source_relative $$tmp/proto/meridianpb/*.proto && \
-	  diff -r proto $$tmp/proto >/dev/null || { echo "generated protobuf code is stale: run make proto"; rm -rf $$tmp; exit 1; }; \
-	  rm -rf $$tmp; \
-	else echo "proto-check: protoc not installed, skipped"; fi
+	@command -v protoc >/dev/null || { echo "proto-check: cannot check, protoc is not installed and could not be installed (as root: apt-get install -y protobuf-compiler libprotobuf-dev)"; exit 1; }
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cp -r proto "$$tmp"/ && \
+	{ $(PROTOC_GEN) protoc -I "$$tmp"/proto --go_out="$$tmp"/proto --go_opt=paths=source_relative \
+	    --go-grpc_out="$$tmp"/proto --go-grpc_opt=paths=source_relative "$$tmp"/proto/meridianpb/*.proto || \
+	  { echo "proto-check: protoc failed"; exit 1; }; } && \
+	{ diff -r proto "$$tmp"/proto || { echo "generated protobuf code is stale: run make proto"; exit 1; }; }
 
 protoc:
 	@command -v protoc >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
