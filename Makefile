@@ -40,8 +40,9 @@ run: build
 ## test: static checks, every package's tests (unit, integration, restart,
 ## real clients, geo-replication against real S3 servers) and the OCI
 ## conformance suite against a real node; then the short chaos run.
-TEST_ENV := MERIDIAN_CONFORMANCE=$(TOOLS)/conformance MERIDIAN_VERSITYGW=$(TOOLS)/versitygw MERIDIAN_REQUIRE_S3=1
-test: vet fmt-check proto-check $(TOOLS)/conformance $(TOOLS)/versitygw
+TEST_ENV := MERIDIAN_CONFORMANCE=$(TOOLS)/conformance MERIDIAN_VERSITYGW=$(TOOLS)/versitygw MERIDIAN_REQUIRE_S3=1 \
+  MERIDIAN_DISTRIBUTION=$(TOOLS)/registry
+test: vet fmt-check proto-check $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry
 	$(TEST_ENV) $(GO) test -count=1 -timeout 25m ./...
 	$(MAKE) chaos-short
 
