@@ -229,9 +229,11 @@ func (o *leaderLossOutcome) String() string {
 	return s
 }
 
+// What getManifestAt and classify mark: wrong answers, as opposed to
+// failures.
 var (
-	errFalseNotFound = errors.New("404 for content committed before the leader died")
-	errStale         = errors.New("an older digest than the one committed before the leader died")
+	errFalseNotFound = errors.New("404 for content committed before the read began")
+	errStale         = errors.New("an older digest than the one committed before the read began")
 )
 
 // lossRead is one kind of read the scenario repeats: name for messages,
