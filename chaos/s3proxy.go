@@ -50,7 +50,7 @@ type S3Proxy struct {
 	mode    S3Mode
 	changed chan struct{}
 
-	requests, forwarded, failed, stalled atomic.Int64
+	requests, forwarded, failed, stalled, abandoned atomic.Int64
 }
 
 // NewS3Proxy starts a proxy in pass mode on listen (host:port; port 0
@@ -106,12 +106,14 @@ func (p *S3Proxy) SetMode(m S3Mode) {
 	p.changed = make(chan struct{})
 }
 
-// S3ProxyStats counts what the proxy did.
-type S3ProxyStats struct{ Requests, Forwarded, Failed, Stalled int64 }
+// S3ProxyStats counts what the proxy did. Stalled counts the requests it
+// held, Abandoned those of them whose client gave up while held (they
+// never reach the server).
+type S3ProxyStats struct{ Requests, Forwarded, Failed, Stalled, Abandoned int64 }
 
 // Stats returns the proxy's counters.
 func (p *S3Proxy) Stats() S3ProxyStats {
-	return S3ProxyStats{p.requests.Load(), p.forwarded.Load(), p.failed.Load(), p.stalled.Load()}
+	return S3ProxyStats{p.requests.Load(), p.forwarded.Load(), p.failed.Load(), p.stalled.Load(), p.abandoned.Load()}
 }
 
 // Close stops the proxy: stalled requests end, connections close.
@@ -149,6 +151,7 @@ func (p *S3Proxy) serve(w http.ResponseWriter, r *http.Request) {
 			case <-changed:
 				continue
 			case <-r.Context().Done():
+				p.abandoned.Add(1)
 				return
 			case <-p.closed:
 				panic(http.ErrAbortHandler)

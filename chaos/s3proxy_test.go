@@ -2,18 +2,24 @@ package chaos
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
 
-func newTestS3Proxy(t *testing.T) (*S3Proxy, *http.Client) {
+// newTestS3Proxy starts a proxy in front of a backend that echoes what
+// it received; hits counts the requests the backend served.
+func newTestS3Proxy(t *testing.T) (p *S3Proxy, c *http.Client, hits *atomic.Int64) {
 	t.Helper()
+	hits = new(atomic.Int64)
 	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
 		io.WriteString(w, "host="+r.Host+" path="+r.URL.Path)
 	}))
 	t.Cleanup(backend.Close)
@@ -22,22 +28,55 @@ func newTestS3Proxy(t *testing.T) (*S3Proxy, *http.Client) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { p.Close() })
-	return p, &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{}}
+	return p, &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{}}, hits
+}
+
+// fetch GETs url; safe from any goroutine.
+func fetch(ctx context.Context, c *http.Client, url string) (int, string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
 }
 
 func get(t *testing.T, c *http.Client, url string) (int, string) {
 	t.Helper()
-	resp, err := c.Get(url)
+	code, body, err := fetch(context.Background(), c, url)
 	if err != nil {
 		t.Fatalf("GET %s: %v", url, err)
 	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
+	return code, body
 }
 
+// waitStalled polls until the proxy has held n requests in all.
+func waitStalled(t *testing.T, p *S3Proxy, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for p.Stats().Stalled < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("the proxy never held request %d: stats %+v", n, p.Stats())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+type fetchResult struct {
+	code int
+	err  error
+}
+
+// TestS3ProxyModes: pass forwards, error answers 503 without reaching the
+// server, stall holds a request away from the server until the mode
+// changes, and a held request whose client gives up never reaches it.
 func TestS3ProxyModes(t *testing.T) {
-	p, c := newTestS3Proxy(t)
+	p, c, hits := newTestS3Proxy(t)
 	base := "http://" + p.Addr()
 	if code, body := get(t, c, base+"/bucket/key"); code != 200 || body != "host="+p.Addr()+" path=/bucket/key" {
 		t.Fatalf("pass: %d %q", code, body)
@@ -48,71 +87,88 @@ func TestS3ProxyModes(t *testing.T) {
 	if code != 503 || !strings.Contains(body, "<Code>ServiceUnavailable</Code>") {
 		t.Fatalf("error mode: %d %q", code, body)
 	}
-
-	// Stall: held until the mode changes, then answered in the new mode.
-	p.SetMode(S3Stall)
-	type result struct {
-		code int
-		at   time.Time
+	if n := hits.Load(); n != 1 {
+		t.Fatalf("error mode reached the server: %d hits", n)
 	}
-	got := make(chan result, 1)
+
+	// Stall: held (the proxy counts it, the server has not seen it) until
+	// the mode changes, then answered in the new mode.
+	p.SetMode(S3Stall)
+	got := make(chan fetchResult, 1)
 	go func() {
-		code, _ := get(t, c, base+"/bucket/stalled")
-		got <- result{code, time.Now()}
+		code, _, err := fetch(context.Background(), c, base+"/bucket/stalled")
+		got <- fetchResult{code, err}
 	}()
-	select {
-	case r := <-got:
-		t.Fatalf("stalled request answered %d", r.code)
-	case <-time.After(300 * time.Millisecond):
+	waitStalled(t, p, 1)
+	if n := hits.Load(); n != 1 {
+		t.Fatalf("a stalled request reached the server: %d hits", n)
 	}
-	released := time.Now()
 	p.SetMode(S3Pass)
-	select {
-	case r := <-got:
-		if r.code != 200 || r.at.Before(released) {
-			t.Fatalf("released request: %d", r.code)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("stalled request not released")
+	if r := <-got; r.err != nil || r.code != 200 || hits.Load() != 2 {
+		t.Fatalf("released request: %d %v, %d hits", r.code, r.err, hits.Load())
 	}
 
-	// A stalled request whose client gives up ends.
+	// A held request whose client gives up ends there: it is not
+	// forwarded when the stall ends.
 	p.SetMode(S3Stall)
-	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, base+"/bucket/gone", nil)
-	if _, err := c.Do(req); err == nil {
-		t.Fatal("stalled request answered")
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		code, _, err := fetch(ctx, c, base+"/bucket/gone")
+		got <- fetchResult{code, err}
+	}()
+	waitStalled(t, p, 2)
+	cancel()
+	if r := <-got; !errors.Is(r.err, context.Canceled) {
+		t.Fatalf("a held request whose client gave up: %d %v", r.code, r.err)
 	}
-	if s := p.Stats(); s.Stalled < 2 || s.Failed != 1 || s.Forwarded < 2 {
+	// The proxy notices the closed connection a moment later; until then
+	// a mode change would still forward the request (see S3Stall).
+	deadline := time.Now().Add(20 * time.Second)
+	for p.Stats().Abandoned < 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the proxy still holds a request its client gave up: %+v", p.Stats())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	p.SetMode(S3Pass)
+	if code, _ := get(t, c, base+"/bucket/after"); code != 200 {
+		t.Fatalf("after the stall: %d", code)
+	}
+	if n := hits.Load(); n != 3 {
+		t.Fatalf("the server saw %d requests, want 3 (the abandoned one must not reach it)", n)
+	}
+	if s := p.Stats(); s.Stalled != 2 || s.Abandoned != 1 || s.Failed != 1 || s.Forwarded != 3 || s.Requests != 5 {
 		t.Fatalf("stats %+v", s)
 	}
 }
 
 // TestS3ProxyCloseEndsStalls: Close does not wait for stalled requests.
 func TestS3ProxyCloseEndsStalls(t *testing.T) {
-	p, c := newTestS3Proxy(t)
+	p, c, hits := newTestS3Proxy(t)
 	p.SetMode(S3Stall)
-	errc := make(chan error, 1)
+	got := make(chan fetchResult, 1)
 	go func() {
-		_, err := c.Get("http://" + p.Addr() + "/bucket/key")
-		errc <- err
+		code, _, err := fetch(context.Background(), c, "http://"+p.Addr()+"/bucket/key")
+		got <- fetchResult{code, err}
 	}()
-	time.Sleep(200 * time.Millisecond)
+	waitStalled(t, p, 1)
 	done := make(chan struct{})
 	go func() { p.Close(); close(done) }()
 	select {
 	case <-done:
-	case <-time.After(5 * time.Second):
+	case <-time.After(20 * time.Second):
 		t.Fatal("Close blocked on a stalled request")
 	}
 	select {
-	case err := <-errc:
-		if err == nil {
-			t.Fatal("stalled request answered after Close")
+	case r := <-got:
+		if r.err == nil {
+			t.Fatalf("stalled request answered %d after Close", r.code)
 		}
-	case <-time.After(5 * time.Second):
+	case <-time.After(20 * time.Second):
 		t.Fatal("stalled request still pending after Close")
+	}
+	if n := hits.Load(); n != 0 {
+		t.Fatalf("the server saw %d requests", n)
 	}
 }
 
