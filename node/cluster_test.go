@@ -910,6 +910,70 @@ func TestClusterStrongReads(t *testing.T) {
 	}
 }
 
+// TestClusterReadsAfterLostApplies: a node whose crash lost the last
+// applies of its state store (the store is not synced per apply; the
+// synced Raft log still holds them) answers reads, from its first one after
+// the restart, with every write it acknowledged before the crash: a moved
+// tag names its new digest and a new tag is found. Its reads wait until it
+// has caught up with the leader.
+func TestClusterReadsAfterLostApplies(t *testing.T) {
+	c := clustertest.New(t, 1, clustertest.WithConfig(func(_ int, cfg *node.Config) {
+		// A slow election keeps the restarted node serving for seconds
+		// before it replays its log: the window its reads must not show.
+		cfg.RaftHeartbeatTimeout = 2 * time.Second
+		cfg.RaftElectionTimeout = 2 * time.Second
+	}))
+	ctx := within(t, 2*time.Minute)
+	const repo = "lost/app"
+	blobs := pushBlobs(t, ctx, c, 0, repo)
+	client := c.Client()
+	put := func(tag string, k int) string {
+		t.Helper()
+		body := manifestBody(blobs, k)
+		want := digestOf(body)
+		if got, status, err := putManifest(ctx, client, c.URL(0), repo, tag, body); err != nil || status != http.StatusCreated || got != want {
+			t.Fatalf("PUT %s:%s: status %d, digest %q, %v; want 201 with %s", repo, tag, status, got, err, want)
+		}
+		return want
+	}
+	put("moved", 0)
+
+	// Keep the store as it is now: after the crash, it goes back to this,
+	// as if the writes below had been applied only in memory.
+	c.Stop(0)
+	state := filepath.Join(c.Config(0).DataDir, "state")
+	saved := filepath.Join(t.TempDir(), "state")
+	if err := os.CopyFS(saved, os.DirFS(state)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Restart(0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Node(0).WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{"moved": put("moved", 1), "added": put("added", 2)}
+	c.Kill(0)
+	if err := os.RemoveAll(state); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.CopyFS(state, os.DirFS(saved)); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := c.Restart(0); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := c.Node(0).Consensus().Store().Tag(ctx, repo, "added"); err == nil {
+		t.Fatalf("setup: the restarted node replayed its log before the first read (added is %s already)", d)
+	}
+	for _, tag := range []string{"moved", "added"} {
+		if err := getManifestAt(ctx, client, c.URL(0), repo, tag, want[tag]); err != nil {
+			t.Errorf("first reads after the restart: %v", err)
+		}
+	}
+}
+
 // TestClusterCut cuts a follower off: the majority keeps accepting writes,
 // the cut node refuses them and gives no false 404, and after healing the
 // cluster converges.
