@@ -217,6 +217,10 @@ func runTagWorkload(t *testing.T, w tagWorkload) tagWorkloadRun {
 	}
 
 	rec := &tagRecorder{reg: reg, img: img, base: time.Now(), perNode: make([]nodeCounts, linearNodes)}
+	// A client that sees a broken answer ends the run at once, instead of
+	// leaving the fault schedule waiting for its progress.
+	ctx, abort := context.WithCancelCause(ctx)
+	defer abort(nil)
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for client := range w.clients {
@@ -224,6 +228,7 @@ func runTagWorkload(t *testing.T, w tagWorkload) tagWorkloadRun {
 		wg.Go(func() {
 			if err := rec.client(ctx, client, client%linearNodes, rng, stop); err != nil {
 				t.Error(err)
+				abort(err)
 			}
 		})
 	}
@@ -257,10 +262,11 @@ func runTagWorkload(t *testing.T, w tagWorkload) tagWorkloadRun {
 // tagRecorder performs operations on tags and records them: answered ones
 // in the history, every one in spans.
 type tagRecorder struct {
-	reg     rawRegistry
-	img     smallImage
-	base    time.Time
-	mu      sync.Mutex
+	reg  rawRegistry
+	img  smallImage
+	base time.Time
+
+	mu      sync.Mutex // guards the rest
 	history []porcupine.Operation
 	spans   []opSpan
 	perNode []nodeCounts // the clients' operations only
@@ -418,10 +424,11 @@ func (r *tagRecorder) get(ctx context.Context, client, via int, method, tag stri
 
 // tagReply is an answer to a GET or HEAD of a manifest by tag.
 type tagReply struct {
-	status int
-	digest string // Docker-Content-Digest
-	etag   string
-	body   []byte // nil for HEAD
+	status  int
+	digest  string // Docker-Content-Digest
+	etag    string
+	body    []byte // nil for HEAD
+	bodyErr error  // reading body failed
 }
 
 // readTag asks node i for the manifest tag points at. rawRegistry drops
@@ -439,9 +446,9 @@ func readTag(ctx context.Context, reg rawRegistry, i int, method, tag string) (t
 	defer resp.Body.Close()
 	r := tagReply{status: resp.StatusCode, digest: resp.Header.Get("Docker-Content-Digest"), etag: resp.Header.Get("ETag")}
 	if method == http.MethodGet {
-		if r.body, err = io.ReadAll(resp.Body); err != nil {
-			return r, err
-		}
+		// The server answered: a body cut short is its fault, for verify to
+		// report, not a request that observed nothing.
+		r.body, r.bodyErr = io.ReadAll(resp.Body)
 	}
 	return r, nil
 }
@@ -455,6 +462,9 @@ func (r tagReply) verify(method string) (string, error) {
 	}
 	if r.etag != `"`+r.digest+`"` {
 		return "", fmt.Errorf("ETag %s does not name Docker-Content-Digest %s", r.etag, r.digest)
+	}
+	if r.bodyErr != nil {
+		return "", fmt.Errorf("200 with a body that could not be read: %v", r.bodyErr)
 	}
 	if method == http.MethodGet {
 		if got := digestOf(r.body); got != r.digest {
@@ -541,7 +551,7 @@ func (s *faultSchedule) afterOps(ctx context.Context, n int) error {
 		}
 		return true
 	}) {
-		return fmt.Errorf("fault schedule: the clients did not reach %v operations per node (at %v): %w", target, done, ctx.Err())
+		return fmt.Errorf("fault schedule: the clients did not reach %v operations per node (at %v): %w", target, done, context.Cause(ctx))
 	}
 	return nil
 }
