@@ -391,7 +391,7 @@ func (n *Node) Kill() {
 	n.closeOnce.Do(func() {
 		if n.consensus != nil {
 			if r := n.consensus.Raft(); r != nil {
-				r.Shutdown()
+				r.Shutdown().Error()
 			}
 		}
 		if n.httpServer != nil {

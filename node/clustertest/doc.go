@@ -17,9 +17,9 @@
 // paths, not a crash), and clients' HTTP requests still reach every node.
 // A node's addresses are known to the cut table once its Start returns;
 // connections opened to it before then are cut too, since their owner is
-// looked up when a cut starts. Kill uses the same table: a killed node is
-// cut off from everyone, gossip aside, before it stops, and stays so until
-// it restarts.
+// looked up when a cut starts. Kill uses the same table: a killed node's
+// Raft and gRPC connections are cut before it stops (its gossip then stops
+// without a leave), and stay cut until it restarts.
 //
 // Every helper that waits polls with a deadline taken from its context.
 package clustertest
