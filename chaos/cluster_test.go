@@ -69,11 +69,11 @@ func findVersitygw() (string, bool) {
 
 // TestShortCluster starts the short profile's cluster, checks its shape,
 // puts each node fault on it briefly (through the same code InjectFaults
-// uses), runs the scheduler for a few seconds, heals and waits for
-// convergence.
+// uses), runs the scheduler until it has injected every kind once, heals
+// and waits for convergence.
 func TestShortCluster(t *testing.T) {
 	meridian, versitygw := binaries(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
 	if keep := os.Getenv("CHAOS_TEST_DIR"); keep != "" {
@@ -168,19 +168,33 @@ func TestShortCluster(t *testing.T) {
 		t.Fatalf("Heal: %v", err)
 	}
 
-	// The scheduler: a few seconds of random faults, healed when it stops.
+	// The scheduler: one round, with every hold cut to a second, must
+	// keep its promises on a real cluster (a leader kill among them).
+	c.prof.MaxFaultHold = time.Second
+	quotas := FaultQuotas(c.prof, nil, 1)
 	var mu sync.Mutex
 	var faults []Fault
-	fctx, stop := context.WithTimeout(ctx, 8*time.Second)
+	fctx, stop := context.WithTimeout(ctx, 3*time.Minute)
+	defer stop()
+	roundStart := time.Now()
 	c.InjectFaults(fctx, rand.New(rand.NewPCG(1, 2)), FaultPlan{MeanInterval: time.Second, MaxConcurrent: 1, Base: started},
-		func(f Fault) { mu.Lock(); faults = append(faults, f); mu.Unlock() })
+		func(f Fault) {
+			mu.Lock()
+			defer mu.Unlock()
+			faults = append(faults, f)
+			if quotasMet(countFaults(quotas, faults)) {
+				stop()
+			}
+		})
 	stop()
-	if len(faults) == 0 {
-		t.Fatal("InjectFaults recorded no fault")
+	got := countFaults(quotas, faults)
+	t.Logf("a round of %d faults in %v: %v", len(faults), time.Since(roundStart).Round(time.Millisecond), got)
+	if !quotasMet(got) {
+		t.Fatalf("the scheduler did not keep its promises within 3 minutes: %v", got)
 	}
 	for _, f := range faults {
 		t.Logf("fault %+v", f)
-		if f.End < f.Start || f.Kind == "" || f.Target == "" {
+		if f.End < f.Start || f.Kind == "" || f.Target == "" || f.Error != "" {
 			t.Errorf("bad fault record %+v", f)
 		}
 	}
@@ -198,4 +212,13 @@ func TestShortCluster(t *testing.T) {
 	if exits := c.UnexpectedExits(); len(exits) > 0 {
 		t.Fatalf("unexpected exits: %+v", exits)
 	}
+}
+
+func quotasMet(qs []FaultQuota) bool {
+	for _, q := range qs {
+		if q.Got < q.Min {
+			return false
+		}
+	}
+	return true
 }
