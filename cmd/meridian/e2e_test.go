@@ -544,8 +544,9 @@ func TestRestart(t *testing.T) {
 	p.kill()
 	e2eCheckBlobTree(t, dataDir)
 	// Checked at once after /readyz: a node back from a crash is ready only
-	// once it has applied what the leader had committed (see
-	// TestReadYourWritesAfterCrash), so its last writes must be there.
+	// once it has applied what the leader had committed, even applies its
+	// store lost in the crash (TestClusterReadsAfterLostApplies in node/
+	// forces that case), so its last writes must be there.
 	p = e2eServe(t, dataDir)
 	content.verify(t, p)
 	tags, err := remote.List(p.ref("e2e/app:v1").Context())
