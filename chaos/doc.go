@@ -7,8 +7,9 @@
 // an HTTP fault proxy of its own, puts a TCP fault proxy in front of each
 // node's gRPC and Raft ports (through --advertise-grpc/--advertise-raft),
 // runs a seeded concurrent workload through two gateways, injects faults
-// on a seeded schedule (kill -9, restart, SIGSTOP, partitions, latency, S3
-// errors and stalls, a gateway killed mid-upload), heals, and checks:
+// on a seeded schedule that cycles through every kind (kill -9 of the
+// leader and restart, SIGSTOP, partitions, latency, S3 errors, stalls and
+// outages, a gateway killed mid-upload), heals, and checks:
 //
 //   - every acknowledged push that was not deleted pulls back byte for byte;
 //   - no pull returned bytes that do not match the requested digest;
@@ -18,6 +19,9 @@
 //     read began;
 //   - after healing every node reaches the same applied index and state
 //     digest, and no region misses a blob its policy names.
+//
+// A run passes only if every check decided with something to check and
+// every fault kind the schedule promised was injected (Report).
 //
 // Everything runs on loopback and every run stops by itself. The seed
 // reproduces the workload and the fault schedule (timing still varies).
