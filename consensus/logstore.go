@@ -116,7 +116,7 @@ func OpenLogStore(dir string, logger *slog.Logger) (*LogStore, error) {
 		logger = slog.Default()
 	}
 	logger = logger.With("component", "raft-logstore")
-	if err := os.MkdirAll(dir, 0o750); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("consensus: create log store dir: %w", err)
 	}
 	db, err := pebble.Open(dir, logstorePebbleOptions(logger))

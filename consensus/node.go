@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"sync/atomic"
 	"time"
@@ -110,6 +111,11 @@ func (n *Node) Open(ctx context.Context) (err error) {
 		return err
 	}
 	hlog := newHCLogger(n.logger)
+	// raft would create snapshots/ open to every user (0755): snapshots
+	// hold the whole state, upload key included.
+	if err := os.MkdirAll(filepath.Join(n.cfg.DataDir, "snapshots"), 0o700); err != nil {
+		return fmt.Errorf("open snapshot store: %w", err)
+	}
 	if n.snapshots, err = raft.NewFileSnapshotStoreWithLogger(n.cfg.DataDir, 2, hlog); err != nil {
 		return fmt.Errorf("open snapshot store: %w", err)
 	}

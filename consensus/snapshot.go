@@ -143,6 +143,9 @@ func (s *Store) restore(r io.Reader) error {
 }
 
 func buildFromSnapshot(dir string, r io.Reader) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
 	db, err := pebble.Open(dir, &pebble.Options{})
 	if err != nil {
 		return err

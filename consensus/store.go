@@ -49,6 +49,10 @@ func OpenStore(dir string, logger *slog.Logger) (*Store, error) {
 }
 
 func openStateDB(dir string, logger *slog.Logger) (*pebble.DB, error) {
+	// Pebble would create the directory open to every user (0755).
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("open state store %s: %w", dir, err)
+	}
 	db, err := pebble.Open(dir, &pebble.Options{Logger: pebbleLogger{logger}})
 	if err != nil {
 		return nil, fmt.Errorf("open state store %s: %w", dir, err)
@@ -381,7 +385,7 @@ func recoverInterruptedRestore(dir string) error {
 }
 
 func syncDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
 	f, err := os.Open(dir)

@@ -31,6 +31,7 @@ func (n *Node) startMembership() error {
 	case "local":
 		mc.Timings = membership.LocalTimings()
 	}
+	mc.Keys = n.gossipKeys
 	mc.Logger = n.logger
 	m, err := membership.New(mc)
 	if err != nil {
@@ -194,7 +195,7 @@ func (n *Node) loadKnownPeers() []string {
 func (n *Node) saveKnownPeers(addrs []string) error {
 	b, _ := json.Marshal(addrs)
 	tmp := n.peersFile() + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return err
 	}
 	return os.Rename(tmp, n.peersFile())

@@ -22,6 +22,8 @@ import (
 	"github.com/meridian-registry/meridian/consensus"
 	"github.com/meridian-registry/meridian/gateway"
 	"github.com/meridian-registry/meridian/node/membership"
+	"github.com/meridian-registry/meridian/node/pki"
+	"github.com/meridian-registry/meridian/node/transport"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 	"github.com/meridian-registry/meridian/replication"
 )
@@ -40,6 +42,8 @@ type Node struct {
 	gateway     *gateway.Gateway
 	registry    *prometheus.Registry
 	peers       *peers
+	trust       *transport.Trust
+	gossipKeys  [][]byte
 	readIndexes *consensus.ReadIndexBatcher
 	// caughtUp is set once this replica has applied a read index from the
 	// leader since it started; before that its reads wait for one.
@@ -84,9 +88,23 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	}()
 	n.started = time.Now()
 	n.stop = make(chan struct{})
-	n.peers = newPeers(n.cfg.Dial)
+	if n.trust, n.gossipKeys, err = n.cfg.LoadTrust(n.logger); err != nil {
+		return err
+	}
+	if id := n.trust.Identity(); n.trust.Secure() && (id.Role != pki.RoleNode || id.ID != n.cfg.NodeID) {
+		return fmt.Errorf("tls_cert is %s: a node's certificate must have role node and its node_id %q", id, n.cfg.NodeID)
+	}
+	if n.cfg.InsecureCluster {
+		n.logger.Warn("--insecure-cluster: gRPC, Raft and gossip may run beyond loopback without TLS or a gossip key; anyone on the network can join, read and write the cluster")
+	}
+	n.peers = newPeers(n.trust, n.cfg.Dial)
 	n.rtt = membership.NewRTT()
-	if err := os.MkdirAll(n.cfg.DataDir, 0o755); err != nil {
+	// The data directory holds the upload key and every tag: no other
+	// user may enter it (0700 also mends directories of older versions).
+	if err := os.MkdirAll(n.cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	if err := os.Chmod(n.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
 	n.registry = prometheus.NewRegistry()
@@ -112,7 +130,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	cc := consensus.DefaultConfig()
 	cc.NodeID = n.cfg.NodeID
 	cc.DataDir = n.cfg.DataDir
-	cc.RaftListener = raftLn
+	cc.RaftListener = n.trust.RaftListener(raftLn)
 	cc.AdvertiseRaft = n.cfg.AdvertiseRaft
 	cc.Bootstrap = len(n.cfg.Join) == 0
 	cc.SnapshotThreshold = n.cfg.SnapshotThreshold
@@ -122,13 +140,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	cc.HeartbeatTimeout = n.cfg.RaftHeartbeatTimeout
 	cc.ElectionTimeout = n.cfg.RaftElectionTimeout
 	cc.Logger = n.logger
-	if dial := n.cfg.Dial; dial != nil {
-		cc.Dial = func(addr string, timeout time.Duration) (net.Conn, error) {
-			ctx, cancel := context.WithTimeout(context.Background(), timeout)
-			defer cancel()
-			return dial(ctx, addr)
-		}
-	}
+	cc.Dial = n.trust.RaftDial(n.cfg.Dial)
 	n.consensus = consensus.NewNode(cc)
 	if err := n.consensus.Open(ctx); err != nil {
 		raftLn.Close()
@@ -143,8 +155,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 		return err
 	}
 
-	n.grpcServer = grpc.NewServer(grpc.MaxRecvMsgSize(64<<20), grpc.MaxSendMsgSize(64<<20),
-		grpc.KeepaliveEnforcementPolicy(pb.KeepaliveEnforcement))
+	n.grpcServer = grpc.NewServer(n.trust.MemberServerOptions(memberAccess)...)
 	pb.RegisterClusterServer(n.grpcServer, clusterServer{n: n})
 	// Other regions reach this region's store through its nodes.
 	pb.RegisterBlobStoreServer(n.grpcServer, replication.NewBlobStoreServer(map[string]replication.Driver{n.cfg.Region: n.localStore}))
@@ -322,6 +333,10 @@ func (n *Node) advertisedHTTP() string {
 
 // RaftAddr is the address Raft listens on.
 func (n *Node) RaftAddr() string { return n.consensus.Addr() }
+
+// Membership exposes the node's gossip membership, for tests and
+// administration.
+func (n *Node) Membership() *membership.Membership { return n.membership }
 
 // Consensus exposes the node's Raft member, for tests and administration.
 func (n *Node) Consensus() *consensus.Node { return n.consensus }

@@ -5,24 +5,22 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"sync"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/peer"
 
+	"github.com/meridian-registry/meridian/node/transport"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
-// peers keeps one gRPC connection per node address.
+// peers keeps one gRPC connection per node address: the process's pool
+// (credentials, keepalive, backoff) with calls that never left marked.
 type peers struct {
-	dial  func(ctx context.Context, addr string) (net.Conn, error)
-	mu    sync.Mutex
-	conns map[string]*grpc.ClientConn
+	pool *transport.Pool
 }
 
-func newPeers(dial func(ctx context.Context, addr string) (net.Conn, error)) *peers {
-	return &peers{dial: dial, conns: map[string]*grpc.ClientConn{}}
+func newPeers(trust *transport.Trust, dial func(ctx context.Context, addr string) (net.Conn, error)) *peers {
+	return &peers{pool: trust.NewPool(dial, grpc.WithUnaryInterceptor(markNotSent))}
 }
 
 // client returns a Cluster client for addr, dialing lazily.
@@ -35,31 +33,7 @@ func (p *peers) client(addr string) (pb.ClusterClient, error) {
 }
 
 // conn returns the pooled connection to addr, dialing lazily.
-func (p *peers) conn(addr string) (*grpc.ClientConn, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.conns == nil {
-		return nil, errors.New("node: peer connections closed")
-	}
-	if c, ok := p.conns[addr]; ok {
-		return c, nil
-	}
-	opts := []grpc.DialOption{
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithKeepaliveParams(pb.ClientKeepalive),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)),
-		grpc.WithUnaryInterceptor(markNotSent),
-	}
-	if p.dial != nil {
-		opts = append(opts, grpc.WithContextDialer(p.dial))
-	}
-	c, err := grpc.NewClient(addr, opts...)
-	if err != nil {
-		return nil, err
-	}
-	p.conns[addr] = c
-	return c, nil
-}
+func (p *peers) conn(addr string) (*grpc.ClientConn, error) { return p.pool.Conn(addr) }
 
 // markNotSent marks a call that failed before any connection carried it
 // (the peer is down or unreachable; gRPC fills in the peer only once a
@@ -74,14 +48,7 @@ func markNotSent(ctx context.Context, method string, req, reply any, cc *grpc.Cl
 	return err
 }
 
-func (p *peers) close() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, c := range p.conns {
-		c.Close()
-	}
-	p.conns = nil
-}
+func (p *peers) close() { p.pool.Close() }
 
 // fromGRPC is pb.FromStatus that keeps the mark of a call no connection
 // carried (errNotSent), which makes resending it safe.

@@ -75,6 +75,10 @@ func (n *Node) reconcileOnce(ctx context.Context) error {
 		s, known := inConfig[id]
 		switch {
 		case !known:
+			if err := n.trust.VerifyNode(ctx, n.cfg.Dial, m.RaftAddr, id); err != nil {
+				n.logger.Warn("not adding a server whose certificate does not match its gossip id", "id", id, "raft_addr", m.RaftAddr, "err", err)
+				continue
+			}
 			voter := voters < n.cfg.Voters
 			n.logger.Info("adding server", "id", id, "raft_addr", m.RaftAddr, "region", m.Region, "voter", voter)
 			if err := n.consensus.AddServer(ctx, id, m.RaftAddr, voter); err != nil {
@@ -85,6 +89,10 @@ func (n *Node) reconcileOnce(ctx context.Context) error {
 				votersByRegion[m.Region]++
 			}
 		case s.Address != m.RaftAddr:
+			if err := n.trust.VerifyNode(ctx, n.cfg.Dial, m.RaftAddr, id); err != nil {
+				n.logger.Warn("not moving a server to an address whose certificate does not match its id", "id", id, "raft_addr", m.RaftAddr, "err", err)
+				continue
+			}
 			n.logger.Info("server moved", "id", id, "from", s.Address, "to", m.RaftAddr)
 			if err := n.consensus.AddServer(ctx, id, m.RaftAddr, s.Voter); err != nil {
 				return err

@@ -141,7 +141,7 @@ func (n *Node) openStores(ctx context.Context) error {
 			continue
 		}
 		if strings.HasPrefix(rc.Store, "file://") {
-			if err := os.MkdirAll(strings.TrimPrefix(rc.Store, "file://"), 0o755); err != nil {
+			if err := os.MkdirAll(strings.TrimPrefix(rc.Store, "file://"), 0o700); err != nil {
 				return fmt.Errorf("region %s store: %w", rc.Name, err)
 			}
 		}

@@ -83,7 +83,7 @@ func NewFilesystem(root string) (*Filesystem, error) {
 		uploads: filepath.Join(abs, "uploads"),
 	}
 	for _, dir := range []string{f.blobs, f.uploads} {
-		if err := os.MkdirAll(dir, 0o755); err != nil {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, storageError(fmt.Errorf("replication: filesystem root: %w", err))
 		}
 	}
@@ -159,7 +159,7 @@ func (f *Filesystem) StartUpload(ctx context.Context) (string, error) {
 	var b [uploadIDBytes]byte
 	rand.Read(b[:]) // never fails (crypto/rand, Go 1.24+)
 	id := hex.EncodeToString(b[:])
-	file, err := os.OpenFile(filepath.Join(f.uploads, id), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	file, err := os.OpenFile(filepath.Join(f.uploads, id), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return "", storageError(fmt.Errorf("replication: start upload: %w", err))
 	}
@@ -497,7 +497,7 @@ func (f *Filesystem) ensureDir(dir string) error {
 			return err
 		}
 	}
-	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
 		return err
 	}
 	if err := syncDir(parent); err != nil {

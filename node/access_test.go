@@ -1,0 +1,34 @@
+package node
+
+import (
+	"testing"
+
+	"google.golang.org/grpc"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// Every RPC the node serves has a deliberate entry in memberAccess (a
+// missing one is refused to all, which would break the cluster the day a
+// method is added), and the table names nothing else.
+func TestMemberAccessCoversEveryMethod(t *testing.T) {
+	served := map[string]bool{}
+	for _, sd := range []grpc.ServiceDesc{pb.Cluster_ServiceDesc, pb.BlobStore_ServiceDesc} {
+		for _, m := range sd.Methods {
+			served["/"+sd.ServiceName+"/"+m.MethodName] = true
+		}
+		for _, s := range sd.Streams {
+			served["/"+sd.ServiceName+"/"+s.StreamName] = true
+		}
+	}
+	for m := range served {
+		if roles, ok := memberAccess[m]; !ok || len(roles) == 0 {
+			t.Errorf("%s: no roles in memberAccess", m)
+		}
+	}
+	for m := range memberAccess {
+		if !served[m] {
+			t.Errorf("memberAccess names %s, which the node does not serve", m)
+		}
+	}
+}

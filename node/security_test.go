@@ -1,0 +1,313 @@
+package node_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/hashicorp/raft"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/meridian-registry/meridian/node"
+	"github.com/meridian-registry/meridian/node/clustertest"
+	"github.com/meridian-registry/meridian/node/pki"
+	"github.com/meridian-registry/meridian/node/transport"
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// securePKI is a cluster CA with certificates issued on demand, and the
+// cluster's gossip key file.
+type securePKI struct {
+	t       *testing.T
+	dir     string
+	cluster string
+}
+
+func newSecurePKI(t *testing.T, cluster string) *securePKI {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "ca")
+	if err := pki.InitCA(dir, cluster); err != nil {
+		t.Fatal(err)
+	}
+	return &securePKI{t: t, dir: dir, cluster: cluster}
+}
+
+func (p *securePKI) issue(role, id string) (cert, key string) {
+	p.t.Helper()
+	cert, key, err := pki.Issue(p.dir, pki.IssueRequest{Role: role, ID: id})
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	return cert, key
+}
+
+// secure configures cfg as the member id of this PKI: TLS and gossip key.
+func (p *securePKI) secure(cfg *node.Config) {
+	cfg.TLSCert, cfg.TLSKey = p.issue(pki.RoleNode, cfg.NodeID)
+	cfg.TLSCA = filepath.Join(p.dir, pki.CACertFile)
+	cfg.GossipKeyFile = filepath.Join(p.dir, pki.GossipKeyFile)
+}
+
+func (p *securePKI) trust(role, id string) *transport.Trust {
+	p.t.Helper()
+	cert, key := p.issue(role, id)
+	src, err := pki.Open(filepath.Join(p.dir, pki.CACertFile), cert, key, nil)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	return &transport.Trust{Source: src}
+}
+
+// newSecureCluster starts three nodes with mutual TLS and encrypted gossip.
+func newSecureCluster(t *testing.T) (*clustertest.Cluster, *securePKI) {
+	t.Helper()
+	var p *securePKI
+	c := clustertest.New(t, 3, clustertest.WithConfig(func(_ int, cfg *node.Config) {
+		if p == nil {
+			p = newSecurePKI(t, cfg.ClusterID)
+		}
+		p.secure(cfg)
+	}))
+	return c, p
+}
+
+func grpcClient(t *testing.T, addr string, creds grpc.DialOption) *grpc.ClientConn {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, creds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// A cluster with TLS and gossip encryption serves like any other: push
+// through a follower, pull through every node, converge.
+func TestSecureClusterPushPull(t *testing.T) {
+	c, p := newSecureCluster(t)
+	ctx := within(t, 2*time.Minute)
+	leader := mustLeader(t, ctx, c)
+	follower := (leader + 1) % 3
+	img := randomImage(t, 2048, 2)
+	if err := remote.Write(ref(t, c, follower, "secure/app:v1"), img, remoteOpts(ctx, c)...); err != nil {
+		t.Fatalf("push through follower %d: %v", follower, err)
+	}
+	for i := range 3 {
+		if err := pullAndCompare(ctx, c, i, "secure/app:v1", img); err != nil {
+			t.Errorf("node %d: %v", i, err)
+		}
+	}
+	if err := c.WaitConverged(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// An admin certificate reads the cluster's status.
+	conn := grpcClient(t, c.Config(follower).GRPCAddr, p.trust(pki.RoleAdmin, "ops").DialCredentials())
+	st, err := pb.NewClusterClient(conn).ClusterStatus(ctx, &pb.ClusterStatusRequest{})
+	if err != nil || len(st.Members) != 3 {
+		t.Fatalf("ClusterStatus with an admin certificate: %v, %v", st, err)
+	}
+}
+
+// Probes of the gRPC port by callers without the right certificate.
+func TestSecureClusterGRPCRefusesStrangers(t *testing.T) {
+	c, p := newSecureCluster(t)
+	ctx := within(t, 2*time.Minute)
+	leader := mustLeader(t, ctx, c)
+	addr := c.Config(leader).GRPCAddr
+	other := newSecurePKI(t, p.cluster) // same cluster id, another CA
+
+	call := func(creds grpc.DialOption, f func(pb.ClusterClient) error) codes.Code {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		_ = cctx
+		return status.Code(f(pb.NewClusterClient(grpcClient(t, addr, creds))))
+	}
+	uploadKey := func(c pb.ClusterClient) error {
+		_, err := c.GetUploadKey(ctx, &pb.GetUploadKeyRequest{})
+		return err
+	}
+	for _, tc := range []struct {
+		name  string
+		creds grpc.DialOption
+		f     func(pb.ClusterClient) error
+		want  codes.Code
+	}{
+		{"no TLS asks for the upload key", grpc.WithTransportCredentials(insecure.NewCredentials()), uploadKey, codes.Unavailable},
+		{"another CA's gateway asks for the upload key", other.trust(pki.RoleGateway, "gw").DialCredentials(), uploadKey, codes.Unavailable},
+		{"gateway transfers leadership", p.trust(pki.RoleGateway, "gw").DialCredentials(), func(c pb.ClusterClient) error {
+			_, err := c.TransferLeadership(ctx, &pb.TransferLeadershipRequest{})
+			return err
+		}, codes.PermissionDenied},
+		{"gateway removes a server", p.trust(pki.RoleGateway, "gw").DialCredentials(), func(c pb.ClusterClient) error {
+			_, err := c.RemoveServer(ctx, &pb.RemoveServerRequest{Id: c2id(leader)})
+			return err
+		}, codes.PermissionDenied},
+		{"gateway sets a policy", p.trust(pki.RoleGateway, "gw").DialCredentials(), func(c pb.ClusterClient) error {
+			_, err := c.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{Prefix: "x/"}})
+			return err
+		}, codes.PermissionDenied},
+		{"admin asks for the upload key", p.trust(pki.RoleAdmin, "ops").DialCredentials(), uploadKey, codes.PermissionDenied},
+		{"gateway asks for the upload key", p.trust(pki.RoleGateway, "gw").DialCredentials(), uploadKey, codes.OK},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := call(tc.creds, tc.f); got != tc.want {
+				t.Errorf("%v, want %v", got, tc.want)
+			}
+		})
+	}
+
+	// The blob store: a gateway may write uploads but not delete blobs.
+	bs := pb.NewBlobStoreClient(grpcClient(t, addr, p.trust(pki.RoleGateway, "gw2").DialCredentials()))
+	if _, err := bs.Delete(ctx, &pb.DeleteBlobRequest{Region: c.Config(leader).Region, Digest: "sha256:" + strings.Repeat("0", 64)}); status.Code(err) != codes.PermissionDenied {
+		t.Errorf("gateway deletes a blob: %v, want PermissionDenied", err)
+	}
+	if _, err := bs.PurgeUploads(ctx, &pb.PurgeUploadsRequest{Region: c.Config(leader).Region, OlderThanUnixNano: time.Now().Add(time.Hour).UnixNano()}); status.Code(err) != codes.PermissionDenied {
+		t.Errorf("gateway purges uploads: %v, want PermissionDenied", err)
+	}
+	// After all that, the leader is still the leader of a working cluster.
+	if l := mustLeader(t, ctx, c); l != leader {
+		t.Errorf("leadership moved from node %d to %d", leader, l)
+	}
+}
+
+func c2id(i int) string { return fmt.Sprintf("node-%d", i) }
+
+// A plain Raft client, as hashicorp/raft itself would dial, cannot get a
+// heartbeat with a higher term or a forged entry into the cluster.
+func TestSecureClusterRaftRefusesStrangers(t *testing.T) {
+	c, _ := newSecureCluster(t)
+	ctx := within(t, 2*time.Minute)
+	leader := mustLeader(t, ctx, c)
+	target := (leader + 1) % 3
+	termBefore := c.Node(target).Consensus().Stats().Term
+
+	trans, err := raft.NewTCPTransport("127.0.0.1:0", nil, 1, 5*time.Second, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer trans.Close()
+	req := raft.AppendEntriesRequest{
+		RPCHeader: raft.RPCHeader{ID: []byte("rogue"), Addr: []byte(trans.LocalAddr())},
+		Term:      termBefore + 1000, Leader: []byte(trans.LocalAddr()),
+		Entries: []*raft.Log{{Index: 1 << 30, Term: termBefore + 1000, Type: raft.LogCommand, Data: []byte("forged")}},
+	}
+	var resp raft.AppendEntriesResponse
+	addr := raft.ServerAddress(c.Config(target).RaftAddr)
+	if err := trans.AppendEntries("node-x", addr, &req, &resp); err == nil {
+		t.Fatalf("a plaintext AppendEntries with term %d was answered: %+v", req.Term, resp)
+	}
+	if term := c.Node(target).Consensus().Stats().Term; term >= termBefore+1000 {
+		t.Errorf("the node took the stranger's term: %d", term)
+	}
+	// The cluster still writes.
+	if err := remote.Write(ref(t, c, leader, "raft/after:v1"), randomImage(t, 256, 1), remoteOpts(ctx, c)...); err != nil {
+		t.Fatalf("push after the probe: %v", err)
+	}
+}
+
+// Nodes that cannot prove who they are do not become members.
+func TestSecureClusterRefusesRogueNodes(t *testing.T) {
+	c, p := newSecureCluster(t)
+	ctx := within(t, 3*time.Minute)
+	if err := c.WaitVoters(ctx, 3); err != nil {
+		t.Fatal(err)
+	}
+	joinAttempt := func(cfg *node.Config) {
+		cfg.JoinTimeout = 5 * time.Second
+		cfg.Voters = 3
+	}
+
+	t.Run("no certificate, no gossip key", func(t *testing.T) {
+		_, err := c.Add(func(cfg *node.Config) {
+			joinAttempt(cfg)
+			cfg.TLSCA, cfg.TLSCert, cfg.TLSKey, cfg.GossipKeyFile = "", "", "", ""
+		})
+		if err == nil {
+			t.Fatal("a node without certificate or gossip key joined")
+		}
+	})
+	t.Run("a certificate naming another node", func(t *testing.T) {
+		_, err := c.Add(func(cfg *node.Config) {
+			joinAttempt(cfg)
+			cfg.TLSCert, cfg.TLSKey = p.issue(pki.RoleNode, "node-0")
+		})
+		if err == nil || !strings.Contains(err.Error(), "node_id") {
+			t.Fatalf("a node with another node's certificate started: %v", err)
+		}
+	})
+	t.Run("the gossip key and another CA's certificate", func(t *testing.T) {
+		// It gets into gossip, which the key opens, but the leader finds
+		// no certificate of this cluster on its Raft port and never adds it.
+		rogue := newSecurePKI(t, p.cluster)
+		i, err := c.Add(func(cfg *node.Config) {
+			joinAttempt(cfg)
+			cfg.TLSCert, cfg.TLSKey = rogue.issue(pki.RoleNode, cfg.NodeID)
+			cfg.TLSCA = filepath.Join(rogue.dir, pki.CACertFile)
+		})
+		if err != nil {
+			t.Fatalf("start: %v", err) // a node with state-free join may fail to be added, not to start
+		}
+		id := c.Config(i).NodeID
+		l := c.Node(mustLeader(t, ctx, c))
+		deadline := time.Now().Add(10 * time.Second)
+		for time.Now().Before(deadline) {
+			if _, ok := l.Membership().Member(id); ok {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if _, ok := l.Membership().Member(id); !ok {
+			t.Fatalf("the rogue node never reached gossip; the test would prove nothing")
+		}
+		// Several reconcile rounds (one a second).
+		time.Sleep(4 * time.Second)
+		servers, err := l.Consensus().Servers()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range servers {
+			if s.ID == id {
+				t.Fatalf("the rogue node %s was added to Raft: %+v", id, servers)
+			}
+		}
+		c.Stop(i)
+	})
+}
+
+// Keep the members' data out of other users' reach: every directory the
+// node makes is 0700, so no other user can reach a file inside whatever
+// its mode (the binary also runs with umask 077; see the e2e test).
+func TestDataFilesPrivate(t *testing.T) {
+	c := clustertest.New(t, 1)
+	ctx := within(t, time.Minute)
+	if err := remote.Write(ref(t, c, 0, "perm/app:v1"), randomImage(t, 256, 1), remoteOpts(ctx, c)...); err != nil {
+		t.Fatal(err)
+	}
+	dir := c.Config(0).DataDir
+	for _, d := range []string{dir, filepath.Join(dir, "state"), filepath.Join(dir, "raft"), filepath.Join(dir, "snapshots")} {
+		st, err := os.Stat(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := os.FileMode(0o700)
+		if !st.IsDir() {
+			want = 0o600
+		}
+		if perm := st.Mode().Perm(); perm != want {
+			t.Errorf("%s has mode %v, want %v", d, perm, want)
+		}
+	}
+	var err error
+	if err != nil {
+		t.Error(err)
+	}
+}
