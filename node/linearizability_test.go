@@ -52,6 +52,9 @@ func TestStrongReadsLinearizable(t *testing.T) {
 		// minAnswered is how many reads each node must answer (200 or 404):
 		// a node that only says 503 would make the history vacuous.
 		minAnswered = 15
+		// minAnsweredAfterHeal is how many of them the cut node must
+		// answer once healed: a node that never recovers fails.
+		minAnsweredAfterHeal = 5
 		// minAcked is how many writes through each node must be
 		// acknowledged.
 		minAcked = 5
@@ -72,6 +75,9 @@ func TestStrongReadsLinearizable(t *testing.T) {
 	}
 	if run.opsDuringCut == 0 {
 		t.Errorf("no client operation went through node %d while it was cut: the cut tested nothing", run.cutNode)
+	}
+	if run.readsAfterHeal < minAnsweredAfterHeal {
+		t.Errorf("node %d answered %d strong reads after the heal, want at least %d", run.cutNode, run.readsAfterHeal, minAnsweredAfterHeal)
 	}
 	var reads, dropped int
 	for i, n := range run.perNode {
@@ -152,10 +158,13 @@ type tagWorkloadRun struct {
 	leaderChanges int
 	// cutNode is the node that was cut (-1 if none), from cutFrom to cutTo
 	// on the history's clock; opsDuringCut counts the clients' operations
-	// through it that overlapped the cut, answered or not.
+	// through it that overlapped the cut, answered or not, and
+	// readsAfterHeal the reads through it that began after the heal and
+	// were answered.
 	cutNode        int
 	cutFrom, cutTo int64
 	opsDuringCut   int
+	readsAfterHeal int
 	probe          probeResult
 }
 
@@ -183,9 +192,9 @@ func (r tagWorkloadRun) log(t *testing.T) {
 		total.absent += n.absent
 		total.dropped += n.dropped
 	}
-	t.Logf("%d operations recorded in %v (%d acknowledged writes, %d answered reads, %d dropped reads); %d leader changes by transfer; node %d cut, %d client operations through it during the cut",
+	t.Logf("%d operations recorded in %v (%d acknowledged writes, %d answered reads, %d dropped reads); %d leader changes by transfer; node %d cut, %d client operations through it during the cut, %d reads answered by it after the heal",
 		len(r.history), r.took.Round(time.Millisecond), total.writes, total.reads+total.absent, total.dropped,
-		r.leaderChanges, r.cutNode, r.opsDuringCut)
+		r.leaderChanges, r.cutNode, r.opsDuringCut, r.readsAfterHeal)
 	if r.cutNode >= 0 {
 		t.Logf("probe: %s before the cut, %s acknowledged during it; the cut node answered status %d with %s",
 			shortDigest(r.probe.before), shortDigest(r.probe.after), r.probe.status, shortDigest(r.probe.got))
@@ -252,8 +261,14 @@ func runTagWorkload(t *testing.T, w tagWorkload) tagWorkloadRun {
 	run.took = time.Since(rec.base)
 	run.history, run.perNode = rec.history, rec.perNode
 	for _, sp := range rec.spans {
-		if sp.client < w.clients && sp.via == run.cutNode && sp.call < run.cutTo && sp.ret > run.cutFrom {
+		if sp.client >= w.clients || sp.via != run.cutNode {
+			continue
+		}
+		if sp.call < run.cutTo && sp.ret > run.cutFrom {
 			run.opsDuringCut++
+		}
+		if sp.read && sp.answered && sp.call > run.cutTo {
+			run.readsAfterHeal++
 		}
 	}
 	return run
@@ -272,10 +287,12 @@ type tagRecorder struct {
 	perNode []nodeCounts // the clients' operations only
 }
 
-// opSpan is when an operation ran and through which node.
+// opSpan is when an operation ran, through which node, and whether it
+// was a read and answered (a write: acknowledged).
 type opSpan struct {
-	client, via int
-	call, ret   int64
+	client, via    int
+	call, ret      int64
+	read, answered bool
 }
 
 // now is the history's clock: monotonic nanoseconds since the start.
@@ -289,7 +306,10 @@ func (r *tagRecorder) record(op porcupine.Operation, observed bool, via int, cou
 	if observed {
 		r.history = append(r.history, op)
 	}
-	r.spans = append(r.spans, opSpan{client: op.ClientId, via: via, call: op.Call, ret: min(op.Return, r.now())})
+	r.spans = append(r.spans, opSpan{
+		client: op.ClientId, via: via, call: op.Call, ret: min(op.Return, r.now()),
+		read: !op.Input.(tagOp).Write, answered: observed && op.Return != math.MaxInt64,
+	})
 	if count != nil {
 		count(&r.perNode[via])
 	}
@@ -605,12 +625,17 @@ func (s *faultSchedule) cutAndProbe(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// A healthy node serves it at once (strong) or within a replication
+	// round trip (local); the bound only keeps a broken one from holding
+	// the run to its deadline.
 	var seen readOutcome
-	if !pollUntil(ctx, func() bool {
-		seen, err = s.rec.get(ctx, s.client, x, http.MethodGet, probeTag, false)
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if !pollUntil(sctx, func() bool {
+		seen, err = s.rec.get(sctx, s.client, x, http.MethodGet, probeTag, false)
 		return err != nil || seen.value == before
 	}) || err != nil {
-		return fmt.Errorf("fault schedule: node %d never served the probe value %s (last %+v): %v", x, shortDigest(before), seen, err)
+		return fmt.Errorf("fault schedule: node %d did not serve the probe value %s within 30s (last %+v): %v", x, shortDigest(before), seen, err)
 	}
 
 	s.c.Cut(x)
@@ -637,10 +662,13 @@ func (s *faultSchedule) writeProbe(ctx context.Context, via []int, phase string)
 	var digest string
 	var err error
 	k := 0
-	if !pollUntil(ctx, func() bool {
+	// Long enough for an election on a loaded machine.
+	wctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if !pollUntil(wctx, func() bool {
 		body := s.rec.img.manifest("probe-"+phase, k)
 		var acked bool
-		acked, err = s.rec.put(ctx, s.client, via[k%len(via)], probeTag, body, false)
+		acked, err = s.rec.put(wctx, s.client, via[k%len(via)], probeTag, body, false)
 		k++
 		if acked {
 			digest = digestOf(body)
