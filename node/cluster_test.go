@@ -303,7 +303,7 @@ func runLeaderLoss(t *testing.T, ctx context.Context, c *clustertest.Cluster, gw
 	killed := time.Now()
 
 	lagging := c.Node(out.lagging)
-	for _, r := range append(reads, lossRead{repo: repo, tag: "moving", want: moved}, lossRead{repo: "loss/image", tag: "v1", want: mustDigest(t, img).String()}) {
+	for _, r := range slices.Concat(reads, []lossRead{{repo: repo, tag: "moving", want: moved}, {repo: "loss/image", tag: "v1", want: mustDigest(t, img).String()}}) {
 		if d, err := lagging.Consensus().Store().Tag(ctx, r.repo, r.tag); err == nil && d == r.want {
 			t.Fatalf("setup: the lagging node %d holds %s:%s, committed while it was cut off", out.lagging, r.repo, r.tag)
 		}
