@@ -251,10 +251,6 @@ func runTagWorkload(t *testing.T, w tagWorkload) tagWorkloadRun {
 	close(stop)
 	wg.Wait()
 	if err != nil {
-		// The cut must not outlive a failed schedule: Close would wait on it.
-		if s.run.cutNode >= 0 {
-			c.Heal(s.run.cutNode)
-		}
 		t.Fatal(err)
 	}
 	run := s.run
