@@ -12,10 +12,13 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/meridian-registry/meridian/consensus"
+	"github.com/meridian-registry/meridian/node/pki"
+	"github.com/meridian-registry/meridian/node/transport"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
@@ -25,7 +28,9 @@ const clusterUsage = `Usage:
   meridian cluster remove [--addr HOST:PORT] ID
   meridian cluster recover --data-dir DIR --node-id ID --server ID=RAFT_ADDR [--server …]
 
---addr is any node's gRPC address (default 127.0.0.1:5001). recover runs on a
+--addr is any node's gRPC address (default 127.0.0.1:5001). A cluster with
+TLS wants an admin certificate: --tls-ca, --tls-cert, --tls-key (or
+MERIDIAN_TLS_CA, MERIDIAN_TLS_CERT, MERIDIAN_TLS_KEY). recover runs on a
 stopped node; see docs/operations.md.
 `
 
@@ -51,9 +56,10 @@ func cluster(args []string) error {
 
 // adminFlags are the flags every online cluster command takes.
 type adminFlags struct {
-	fs      *flag.FlagSet
-	addr    *string
-	timeout *time.Duration
+	fs                     *flag.FlagSet
+	addr                   *string
+	timeout                *time.Duration
+	tlsCA, tlsCert, tlsKey *string
 }
 
 func newAdminFlags(name string) adminFlags {
@@ -62,6 +68,9 @@ func newAdminFlags(name string) adminFlags {
 		fs:      fs,
 		addr:    fs.String("addr", envOr("MERIDIAN_ADDR", "127.0.0.1:5001"), "gRPC address of any node (env MERIDIAN_ADDR)"),
 		timeout: fs.Duration("timeout", 15*time.Second, "how long to wait for an answer"),
+		tlsCA:   fs.String("tls-ca", os.Getenv("MERIDIAN_TLS_CA"), "cluster CA certificate (env MERIDIAN_TLS_CA)"),
+		tlsCert: fs.String("tls-cert", os.Getenv("MERIDIAN_TLS_CERT"), "admin certificate, from meridian ca issue --role admin (env MERIDIAN_TLS_CERT)"),
+		tlsKey:  fs.String("tls-key", os.Getenv("MERIDIAN_TLS_KEY"), "admin certificate's key (env MERIDIAN_TLS_KEY)"),
 	}
 }
 
@@ -72,9 +81,18 @@ func envOr(key, def string) string {
 	return def
 }
 
-// dial connects to a node's Cluster service.
+// dial connects to a node's Cluster service, over mutual TLS when given a
+// certificate.
 func (a adminFlags) dial() (pb.ClusterClient, context.Context, func(), error) {
-	conn, err := grpc.NewClient(*a.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	trust := &transport.Trust{}
+	if *a.tlsCA != "" || *a.tlsCert != "" || *a.tlsKey != "" {
+		src, err := pki.Open(*a.tlsCA, *a.tlsCert, *a.tlsKey, nil)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		trust.Source = src
+	}
+	conn, err := grpc.NewClient(*a.addr, trust.DialCredentials(), grpc.WithUnaryInterceptor(hintTLS(trust.Secure())))
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("connect to %s: %w", *a.addr, err)
 	}
@@ -260,4 +278,16 @@ func clusterRecover(args []string) error {
 	}
 	fmt.Printf("recovered %s: its Raft configuration is now %d voter(s); start the listed nodes\n", *nodeID, len(servers))
 	return nil
+}
+
+// hintTLS explains the failure a plaintext client meets at a node that
+// runs TLS: the connection closes before gRPC starts.
+func hintTLS(secure bool) grpc.UnaryClientInterceptor {
+	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		err := invoker(ctx, method, req, reply, cc, opts...)
+		if err != nil && !secure && status.Code(err) == codes.Unavailable {
+			return status.Errorf(codes.Unavailable, "%s (if the cluster runs TLS, give an admin certificate: --tls-ca, --tls-cert, --tls-key or MERIDIAN_TLS_*)", status.Convert(err).Message())
+		}
+		return err
+	}
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/meridian-registry/meridian/gateway"
 	"github.com/meridian-registry/meridian/node"
+	"github.com/meridian-registry/meridian/node/pki"
 )
 
 // devNodes are the three nodes of `meridian dev`, one per simulated region;
@@ -24,6 +25,35 @@ var devNodes = []struct {
 
 // devGateway is where `meridian dev` serves the registry.
 const devGateway = "localhost:5000"
+
+// Member ids of the dev gateway and of the admin certificate dev issues.
+const (
+	devGatewayID = "dev-gateway"
+	devAdminID   = "admin"
+)
+
+// devPKI creates the dev cluster's CA and gossip key in dir, and a
+// certificate for every member and for an admin, unless they exist.
+func devPKI(dir string) error {
+	if _, err := os.Stat(filepath.Join(dir, pki.CACertFile)); errors.Is(err, os.ErrNotExist) {
+		if err := pki.InitCA(dir, node.DefaultConfig().ClusterID); err != nil {
+			return fmt.Errorf("dev CA: %w", err)
+		}
+	}
+	certs := map[string]string{devGatewayID: pki.RoleGateway, devAdminID: pki.RoleAdmin}
+	for _, d := range devNodes {
+		certs[d.id] = pki.RoleNode
+	}
+	for id, role := range certs {
+		if _, err := os.Stat(filepath.Join(dir, id+".crt")); err == nil {
+			continue
+		}
+		if _, _, err := pki.Issue(dir, pki.IssueRequest{Role: role, ID: id, DNSNames: []string{"localhost"}}); err != nil {
+			return fmt.Errorf("dev certificate for %s: %w", id, err)
+		}
+	}
+	return nil
+}
 
 // dev runs a local three-node cluster in this process until Ctrl-C.
 func dev(args []string) error {
@@ -49,6 +79,18 @@ func dev(args []string) error {
 		regions = append(regions, node.RegionConfig{Name: d.region, Store: "file://" + filepath.Join(blobs, d.region)})
 	}
 
+	// The cluster's own CA, certificates and gossip key, made once: the
+	// dev cluster runs with every trust setting a production one has.
+	pkiDir := filepath.Join(*dir, "pki")
+	if err := devPKI(pkiDir); err != nil {
+		return err
+	}
+	secure := func(c *node.Config, id string) {
+		c.TLSCA = filepath.Join(pkiDir, pki.CACertFile)
+		c.TLSCert, c.TLSKey = filepath.Join(pkiDir, id+".crt"), filepath.Join(pkiDir, id+".key")
+		c.GossipKeyFile = filepath.Join(pkiDir, pki.GossipKeyFile)
+	}
+
 	var nodes []*node.Node
 	defer func() {
 		shutdown, cancel := context.WithTimeout(context.Background(), 15*time.Second)
@@ -68,6 +110,7 @@ func dev(args []string) error {
 		cfg.GossipAddr = fmt.Sprintf("127.0.0.1:%d", d.base+3)
 		cfg.GossipProfile = "local"
 		cfg.LogLevel = *logLevel
+		secure(&cfg, d.id)
 		if i > 0 {
 			cfg.Join = []string{fmt.Sprintf("127.0.0.1:%d", devNodes[0].base+3)}
 		}
@@ -99,12 +142,16 @@ func dev(args []string) error {
 	gc.GossipAddr = "127.0.0.1:5004"
 	gc.GossipProfile = "local"
 	gc.Join = []string{fmt.Sprintf("127.0.0.1:%d", devNodes[0].base+3)}
+	secure(&gc, devGatewayID)
 	sc, err := standaloneConfig(gc)
 	if err != nil {
 		return err
 	}
-	sc.ID = "dev-gateway"
-	sc.Logger = logger.With("node", "dev-gateway")
+	sc.ID = devGatewayID
+	sc.Logger = logger.With("node", devGatewayID)
+	if sc.Trust, sc.GossipKeys, err = gc.LoadTrust(sc.Logger); err != nil {
+		return err
+	}
 	gw, err := gateway.NewStandalone(sc)
 	if err != nil {
 		return err
@@ -125,7 +172,11 @@ func dev(args []string) error {
 			d.id, d.region, d.base, d.base+1, filepath.Join(blobs, d.region))
 	}
 	fmt.Println()
-	fmt.Println("Push to " + devGateway + " with any OCI client; `meridian cluster status --addr 127.0.0.1:5101` shows the nodes.")
+	fmt.Println("Push to " + devGateway + " with any OCI client. Nodes and the gateway speak mutual TLS and encrypted")
+	fmt.Println("gossip with the cluster CA in " + pkiDir + "; admin commands take its admin certificate:")
+	fmt.Printf("  export MERIDIAN_TLS_CA=%s MERIDIAN_TLS_CERT=%s MERIDIAN_TLS_KEY=%s\n",
+		filepath.Join(pkiDir, pki.CACertFile), filepath.Join(pkiDir, devAdminID+".crt"), filepath.Join(pkiDir, devAdminID+".key"))
+	fmt.Println("  meridian cluster status --addr 127.0.0.1:5101")
 	<-ctx.Done()
 	logger.Info("stopping the dev cluster")
 	return nil

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"syscall"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -33,10 +34,13 @@ func main() {
 	var err error
 	switch os.Args[1] {
 	case "serve":
+		private()
 		err = serve(os.Args[2:])
 	case "gateway":
+		private()
 		err = gatewayCmd(os.Args[2:])
 	case "dev":
+		private()
 		err = dev(os.Args[2:])
 	case "cluster":
 		err = cluster(os.Args[2:])
@@ -62,3 +66,8 @@ func main() {
 		os.Exit(1)
 	}
 }
+
+// private makes everything the process writes (state, Raft log, blobs,
+// keys, uploads in progress) readable by its own user alone: 0600 files,
+// 0700 directories, whatever the libraries ask for.
+func private() { syscall.Umask(0o077) }

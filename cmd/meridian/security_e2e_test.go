@@ -1,0 +1,210 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// secE2E is a cluster of real processes running with the trust settings a
+// production cluster has: a CA made with `meridian ca`, mutual TLS, an
+// encrypted gossip keyring.
+type secE2E struct {
+	t       *testing.T
+	dir     string
+	pki     string
+	common  []string // flags every member takes
+	nodes   []*e2eProc
+	gateway *e2eProc
+}
+
+// run runs a short meridian command with env and returns its output.
+func (s *secE2E) run(env []string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, e2eBinary, args...)
+	cmd.Env = e2eEnv(env...)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+func (s *secE2E) mustRun(args ...string) string {
+	s.t.Helper()
+	out, err := s.run(nil, args...)
+	if err != nil {
+		s.t.Fatalf("meridian %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// tlsFlags are the flags naming the CA and the certificate of id.
+func (s *secE2E) tlsFlags(id string) []string {
+	return []string{"--tls-ca", filepath.Join(s.pki, "ca.crt"),
+		"--tls-cert", filepath.Join(s.pki, id+".crt"), "--tls-key", filepath.Join(s.pki, id+".key")}
+}
+
+func startSecE2E(t *testing.T) *secE2E {
+	e2eNeedBinary(t)
+	s := &secE2E{t: t, dir: t.TempDir()}
+	s.pki = filepath.Join(s.dir, "pki")
+	s.mustRun("ca", "init", "--dir", s.pki, "--cluster-id", "sece2e")
+	for _, c := range [][2]string{{"node", "n0"}, {"node", "n1"}, {"node", "n2"}, {"gateway", "gw"}, {"admin", "ops"}} {
+		s.mustRun("ca", "issue", "--dir", s.pki, "--role", c[0], "--id", c[1])
+	}
+	regions := []string{"--region-store", "east=file://" + filepath.Join(s.dir, "blobs", "east"),
+		"--region-store", "west=file://" + filepath.Join(s.dir, "blobs", "west")}
+	s.common = slices.Concat(regions, []string{"--cluster-id", "sece2e", "--gossip-profile", "local",
+		"--gossip-key-file", filepath.Join(s.pki, "gossip.key")})
+	for i := range 3 {
+		id := fmt.Sprintf("n%d", i)
+		region := []string{"east", "west", "west"}[i]
+		args := slices.Concat([]string{"serve", "--node-id", id, "--region", region, "--data-dir", filepath.Join(s.dir, id)},
+			e2eLoopback, s.common, s.tlsFlags(id))
+		if i > 0 {
+			args = append(args, "--join", s.nodes[0].ready.GossipAddr)
+		}
+		p := gwe2eStart(t, id, s.dir, args...)
+		if i == 0 {
+			p.waitWritten()
+		}
+		s.nodes = append(s.nodes, p)
+	}
+	for _, p := range s.nodes {
+		p.waitReady()
+	}
+	s.gateway = gwe2eStart(t, "gw", s.dir, slices.Concat([]string{"gateway", "--gateway-id", "gw", "--region", "east",
+		"--http-addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0", "--join", s.nodes[0].ready.GossipAddr},
+		s.common, s.tlsFlags("gw"))...)
+	s.gateway.waitReady()
+	return s
+}
+
+// status asks a node for the cluster status as the given member.
+func (s *secE2E) status(id string) (*pb.ClusterStatusResponse, string, error) {
+	args := append([]string{"cluster", "status", "--json", "--timeout", "5s", "--addr", s.nodes[0].ready.GRPCAddr}, s.tlsFlags(id)...)
+	if id == "" {
+		args = args[:7]
+	}
+	out, err := s.run(nil, args...)
+	if err != nil {
+		return nil, out, err
+	}
+	st := &pb.ClusterStatusResponse{}
+	if err := (protojson.UnmarshalOptions{DiscardUnknown: true}).Unmarshal([]byte(out), st); err != nil {
+		return nil, out, err
+	}
+	return st, out, nil
+}
+
+// A cluster of `meridian serve` and `meridian gateway` processes with
+// certificates from `meridian ca` and an encrypted gossip keyring serves
+// pushes and pulls; only the admin certificate reads its status; a rogue
+// process without the key does not get in; everything written is private.
+func TestSecureClusterBinary(t *testing.T) {
+	s := startSecE2E(t)
+
+	img, err := random.Image(2048, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(s.gateway.ref("secure/app:v1"), img); err != nil {
+		t.Fatalf("push through the gateway: %v", err)
+	}
+	e2eCheckImage(t, s.nodes[2].ref("secure/app:v1"), img)
+
+	st, out, err := s.status("ops")
+	if err != nil {
+		t.Fatalf("cluster status with the admin certificate: %v\n%s", err, out)
+	}
+	if len(st.Members) != 4 {
+		t.Errorf("cluster status lists %d members, want 3 nodes and the gateway:\n%s", len(st.Members), out)
+	}
+	if _, out, err := s.status("gw"); err == nil || !strings.Contains(out, "PermissionDenied") {
+		t.Errorf("cluster status with the gateway's certificate: %v\n%s", err, out)
+	}
+	if _, out, err := s.status(""); err == nil || !strings.Contains(out, "TLS") {
+		t.Errorf("cluster status without a certificate: %v\n%s", err, out)
+	}
+
+	// A rogue node on the same machine, told where the cluster gossips,
+	// without certificate or gossip key: it cannot join, and gives up.
+	rogueDir := filepath.Join(s.dir, "rogue")
+	rogue := gwe2eStart(t, "rogue", s.dir, slices.Concat([]string{"serve", "--node-id", "rogue", "--region", "east",
+		"--data-dir", rogueDir, "--join", s.nodes[0].ready.GossipAddr, "--join-timeout", "5s"},
+		e2eLoopback, s.common[:len(s.common)-2])...)
+	select {
+	case <-rogue.exited:
+		if rogue.cmd.ProcessState.ExitCode() == 0 {
+			t.Errorf("the rogue node exited 0:\n%s", rogue.logTail())
+		}
+	case <-time.After(time.Minute):
+		t.Fatalf("the rogue node still runs a minute after its 5s join timeout:\n%s", rogue.logTail())
+	}
+	st, out, err = s.status("ops")
+	if err != nil {
+		t.Fatalf("cluster status: %v\n%s", err, out)
+	}
+	for _, m := range st.Members {
+		if m.Id == "rogue" {
+			t.Errorf("the rogue node is a member:\n%s", out)
+		}
+	}
+
+	// Everything the node wrote is its own user's alone.
+	err = filepath.WalkDir(filepath.Join(s.dir, "n0"), func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if perm := info.Mode().Perm(); perm&0o077 != 0 {
+			return fmt.Errorf("%s has mode %v", path, perm)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Errorf("a data file is open to other users: %v", err)
+	}
+	if info, err := os.Stat(filepath.Join(s.pki, "ca.key")); err != nil || info.Mode().Perm() != 0o600 {
+		t.Errorf("ca.key: %v, %v", info.Mode(), err)
+	}
+}
+
+// Member ports beyond loopback need TLS and a gossip key, or the flag that
+// says the operator accepts the risk.
+func TestServeRefusesOpenPlaintextListeners(t *testing.T) {
+	e2eNeedBinary(t)
+	dir := t.TempDir()
+	args := []string{"serve", "--node-id", "open", "--data-dir", filepath.Join(dir, "data"),
+		"--http-addr", "127.0.0.1:0", "--grpc-addr", "0.0.0.0:0", "--raft-addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0"}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, e2eBinary, args...)
+	cmd.Env = e2eEnv()
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "grpc_addr") || !strings.Contains(string(out), "--insecure-cluster") {
+		t.Fatalf("serve with a plaintext gRPC port on 0.0.0.0: %v\n%s", err, out)
+	}
+
+	p := gwe2eStart(t, "open", dir, append(args, "--insecure-cluster")...)
+	p.waitReady()
+	p.stop()
+	if log := p.logTail(); !strings.Contains(log, "insecure-cluster") || !strings.Contains(log, "WARN") {
+		t.Errorf("--insecure-cluster started without a warning:\n%s", log)
+	}
+}
