@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	mathrand "math/rand/v2"
 	"net"
 	"net/http"
 	"net/url"
@@ -493,10 +494,19 @@ func writeYAML(path string, v any) error {
 
 // portPicker hands out loopback ports that were free a moment ago and
 // that it has not handed out before, so restarts reuse fixed addresses.
+//
+// The ports come from below the kernel's ephemeral range (32768 and up on
+// Linux): a port there is what any process's outgoing connection or
+// listener on port 0 may take between the moment the harness frees it and
+// the moment a node (or a node restarted after a kill) binds it again,
+// and on a machine running other tests that happens.
 type portPicker struct {
 	mu   sync.Mutex
 	used map[int]bool
 }
+
+// Ports are picked from [portLow, portHigh).
+const portLow, portHigh = 16384, 32768
 
 func (p *portPicker) tcp() string { return p.pick(false) }
 
@@ -506,27 +516,33 @@ func (p *portPicker) tcpudp() string { return p.pick(true) }
 func (p *portPicker) pick(udp bool) string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			panic(fmt.Sprintf("chaos: no free loopback port: %v", err))
-		}
-		port := ln.Addr().(*net.TCPAddr).Port
-		ok := !p.used[port]
-		if ok && udp {
-			pc, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", port))
-			if err != nil {
-				ok = false
-			} else {
-				pc.Close()
-			}
-		}
-		ln.Close()
-		if ok {
+	for range 10000 {
+		port := portLow + mathrand.IntN(portHigh-portLow)
+		if !p.used[port] && portFree(port, udp) {
 			p.used[port] = true
 			return fmt.Sprintf("127.0.0.1:%d", port)
 		}
 	}
+	panic("chaos: no free loopback port below the ephemeral range")
+}
+
+// portFree reports whether port can be bound on loopback for TCP (and
+// UDP) right now.
+func portFree(port int, udp bool) bool {
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return false
+	}
+	defer ln.Close()
+	if udp {
+		pc, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			return false
+		}
+		pc.Close()
+	}
+	return true
 }
 
 // ---- S3 servers ----
