@@ -42,7 +42,7 @@ run: build
 ## conformance suite against a real node; then the short chaos run.
 TEST_ENV := MERIDIAN_CONFORMANCE=$(TOOLS)/conformance MERIDIAN_VERSITYGW=$(TOOLS)/versitygw MERIDIAN_REQUIRE_S3=1 \
   MERIDIAN_DISTRIBUTION=$(TOOLS)/registry
-test: vet fmt-check proto-check $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry
+test: vet fmt-check proto-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry
 	$(TEST_ENV) $(GO) test -count=1 -timeout 25m ./...
 	$(MAKE) chaos-short
 
@@ -117,10 +117,18 @@ protoc:
 	  { apt-get install -y protobuf-compiler libprotobuf-dev >/dev/null 2>&1 || \
 	    { apt-get update >/dev/null 2>&1 && apt-get install -y protobuf-compiler libprotobuf-dev >/dev/null 2>&1; }; }; } || true
 
-## fuzz: a short run of every fuzz target.
+## fuzz: a bounded run of every fuzz target in the tree (FUZZTIME each,
+## 20s by default), starting from the corpus committed under each package's
+## testdata/fuzz/<Target>/ (plain `go test` replays that corpus too). An
+## input that fails is written there; commit it with the fix.
+FUZZTIME ?= 20s
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzParsePath -fuzztime 30s ./gateway/
-	$(GO) test -run '^$$' -fuzz FuzzParseManifest -fuzztime 30s ./gateway/
+	@set -e; for dir in $$(grep -rl --include='*_test.go' --exclude-dir=.git --exclude-dir=bin --exclude-dir=data '^func Fuzz' . | xargs -r -n1 dirname | sort -u); do \
+	  for target in $$(grep -ho '^func Fuzz[A-Za-z0-9_]*' $$dir/*_test.go | cut -c6-); do \
+	    echo "fuzz: $$dir $$target for $(FUZZTIME)"; \
+	    $(GO) test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) $$dir; \
+	  done; \
+	done
 
 ## bench: push/pull/manifest-GET figures beside the disk's fsync rate, the
 ## sha256 rate, nginx (installed from Debian when missing) and CNCF
