@@ -4,9 +4,11 @@
 // placements, referrers), snapshots of that store, and the Raft log store on
 // a second Pebble instance.
 //
-// It knows nothing of HTTP or object storage. Writes are meridianpb.LogEntry
-// values proposed through Node.Propose; business failures come back as
-// *meridianpb.Error values. Reads go straight to the local Store.
+// It knows nothing of HTTP or object storage. Writes arrive as validated
+// meridianpb.Command intents (Node.Commit); Entry turns one into the
+// LogEntry Raft carries, the only place entries are built. Business
+// failures come back as *meridianpb.Error values. Reads go straight to the
+// local Store.
 //
 // On disk, a node's data directory holds:
 //

@@ -180,7 +180,7 @@ func (g *Gateway) deleteBlob(w http.ResponseWriter, r *http.Request, rt route) e
 	if err != nil {
 		return err
 	}
-	err = g.meta.Propose(r.Context(), &pb.LogEntry{Command: &pb.LogEntry_UnlinkBlob{
+	err = g.meta.Commit(r.Context(), &pb.Command{Intent: &pb.Command_UnlinkBlob{
 		UnlinkBlob: &pb.UnlinkBlob{Repository: rt.name, Digest: d.String()}}})
 	if err != nil {
 		return err

@@ -26,8 +26,10 @@ import (
 // they mean something to a client (unknown manifest, failed precondition,
 // no leader).
 type Metadata interface {
-	// Propose commits a log entry and returns its apply result.
-	Propose(ctx context.Context, e *pb.LogEntry) error
+	// Commit asks the cluster to validate and commit a write intent, and
+	// returns its result. The node builds the log entry; the gateway never
+	// does.
+	Commit(ctx context.Context, cmd *pb.Command) error
 	Manifest(ctx context.Context, repo, digest string) (*pb.ManifestRecord, error)
 	Tag(ctx context.Context, repo, tag string) (string, error)
 	Tags(ctx context.Context, repo, after string, limit int) ([]string, error)

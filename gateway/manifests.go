@@ -206,7 +206,7 @@ func (g *Gateway) putManifest(w http.ResponseWriter, r *http.Request, rt route) 
 	if err := conditions(r, cmd); err != nil {
 		return err
 	}
-	if err := g.meta.Propose(r.Context(), &pb.LogEntry{Command: &pb.LogEntry_PutManifest{PutManifest: cmd}}); err != nil {
+	if err := g.meta.Commit(r.Context(), &pb.Command{Intent: &pb.Command_PutManifest{PutManifest: cmd}}); err != nil {
 		return err
 	}
 	h := w.Header()
@@ -324,20 +324,20 @@ func etagMatches(header, etag string) bool {
 // deleteManifest deletes by digest (the manifest and its tags) or by tag
 // (only the tag).
 func (g *Gateway) deleteManifest(w http.ResponseWriter, r *http.Request, rt route) error {
-	var e *pb.LogEntry
+	var e *pb.Command
 	if isDigestRef(rt.ref) {
 		d, err := parseDigest(rt.ref)
 		if err != nil {
 			return err
 		}
-		e = &pb.LogEntry{Command: &pb.LogEntry_DeleteManifest{DeleteManifest: &pb.DeleteManifest{Repository: rt.name, Digest: d.String()}}}
+		e = &pb.Command{Intent: &pb.Command_DeleteManifest{DeleteManifest: &pb.DeleteManifest{Repository: rt.name, Digest: d.String()}}}
 	} else {
 		if err := validateTag(rt.ref); err != nil {
 			return err
 		}
-		e = &pb.LogEntry{Command: &pb.LogEntry_DeleteTag{DeleteTag: &pb.DeleteTag{Repository: rt.name, Tag: rt.ref}}}
+		e = &pb.Command{Intent: &pb.Command_DeleteTag{DeleteTag: &pb.DeleteTag{Repository: rt.name, Tag: rt.ref}}}
 	}
-	if err := g.meta.Propose(r.Context(), e); err != nil {
+	if err := g.meta.Commit(r.Context(), e); err != nil {
 		return err
 	}
 	w.Header().Set("Content-Length", "0")

@@ -73,7 +73,7 @@ func (m *fakeMetadata) keyFields(fields ...string) {
 	}
 }
 
-func (m *fakeMetadata) Propose(ctx context.Context, e *pb.LogEntry) error {
+func (m *fakeMetadata) Commit(ctx context.Context, cmd *pb.Command) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := ctx.Err(); err != nil {
@@ -83,29 +83,21 @@ func (m *fakeMetadata) Propose(ctx context.Context, e *pb.LogEntry) error {
 		return m.fail
 	}
 	m.proposals++
-	e = proto.Clone(e).(*pb.LogEntry) // the log holds its own copy
-	switch c := e.Command.(type) {
-	case *pb.LogEntry_PutManifest:
+	cmd = proto.Clone(cmd).(*pb.Command) // the log holds its own copy
+	switch c := cmd.Intent.(type) {
+	case *pb.Command_PutManifest:
 		return m.putManifest(c.PutManifest)
-	case *pb.LogEntry_DeleteManifest:
+	case *pb.Command_DeleteManifest:
 		return m.deleteManifest(c.DeleteManifest)
-	case *pb.LogEntry_DeleteTag:
+	case *pb.Command_DeleteTag:
 		return m.deleteTag(c.DeleteTag)
-	case *pb.LogEntry_LinkBlob:
+	case *pb.Command_LinkBlob:
 		return m.linkBlob(c.LinkBlob)
-	case *pb.LogEntry_UnlinkBlob:
+	case *pb.Command_UnlinkBlob:
 		return m.unlinkBlob(c.UnlinkBlob)
-	case *pb.LogEntry_SetUploadKey:
-		if m.key == nil {
-			if len(c.SetUploadKey.Key) < 32 {
-				return pb.Errorf(pb.Code_CODE_INVALID_ARGUMENT, "upload key shorter than 32 bytes")
-			}
-			m.key = c.SetUploadKey.Key
-		}
-		return nil
 	}
-	m.t.Errorf("proposal without a command: %v", e)
-	return errors.New("no command")
+	m.t.Errorf("a gateway sent a command it may not send: %v", cmd)
+	return errors.New("not a gateway command")
 }
 
 func (m *fakeMetadata) putManifest(c *pb.PutManifest) error {

@@ -114,6 +114,17 @@ func parseDigest(s string) (digest.Digest, error) {
 	return d, nil
 }
 
+// ValidateName, ValidateTag and ParseDigest are the spec's grammar for
+// repository names, tags and digests, for nodes that validate the
+// commands they commit.
+func ValidateName(name string) error { return validateName(name) }
+
+// ValidateTag checks a tag; see ValidateName.
+func ValidateTag(tag string) error { return validateTag(tag) }
+
+// ParseDigest accepts canonical sha256 and sha512 digests; see ValidateName.
+func ParseDigest(s string) (digest.Digest, error) { return parseDigest(s) }
+
 // isDigestRef tells a manifest reference that is a digest from a tag: tags
 // cannot contain ':'.
 func isDigestRef(ref string) bool { return strings.Contains(ref, ":") }

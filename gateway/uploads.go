@@ -123,7 +123,7 @@ func (g *Gateway) mount(w http.ResponseWriter, r *http.Request, rt route, m, fro
 	if from != "" && validateName(from) != nil {
 		return false, nil
 	}
-	err = g.meta.Propose(r.Context(), &pb.LogEntry{Command: &pb.LogEntry_LinkBlob{
+	err = g.meta.Commit(r.Context(), &pb.Command{Intent: &pb.Command_LinkBlob{
 		LinkBlob: &pb.LinkBlob{Repository: rt.name, Digest: d.String(), MountFrom: from}}})
 	if errors.Is(err, pb.ErrBlobUnknown) {
 		return false, nil
@@ -395,7 +395,7 @@ func (g *Gateway) complete(w http.ResponseWriter, r *http.Request, rt route, sto
 
 // link commits that region holds the blob and that rt.name links it.
 func (g *Gateway) link(ctx context.Context, rt route, region string, d digest.Digest, size int64) error {
-	return g.meta.Propose(ctx, &pb.LogEntry{Command: &pb.LogEntry_LinkBlob{LinkBlob: &pb.LinkBlob{
+	return g.meta.Commit(ctx, &pb.Command{Intent: &pb.Command_LinkBlob{LinkBlob: &pb.LinkBlob{
 		Repository: rt.name, Digest: d.String(), Size: size, PlacedRegion: region}}})
 }
 

@@ -211,20 +211,16 @@ func (m upstreamMetadata) UploadKey(ctx context.Context) ([]byte, error) {
 
 func limit32(n int) int32 { return int32(min(max(n, 0), math.MaxInt32)) }
 
-// Propose commits e through the nearest healthy node. While the cluster
-// has no leader (NOT_LEADER: nothing was done) it asks again after a short
-// jittered wait, until ctx ends.
-func (m upstreamMetadata) Propose(ctx context.Context, e *pb.LogEntry) error {
-	if e.TimeUnixNano == 0 {
-		// Fixed once, so a resent entry is the same entry.
-		e.TimeUnixNano = time.Now().UnixNano()
-	}
-	req := &pb.ProposeRequest{Entry: e}
-	resend := idempotent(e)
+// Commit asks the nearest healthy node to validate and commit cmd. While
+// the cluster has no leader (NOT_LEADER: nothing was done) it asks again
+// after a short jittered wait, until ctx ends.
+func (m upstreamMetadata) Commit(ctx context.Context, cmd *pb.Command) error {
+	req := &pb.CommitRequest{Command: cmd}
+	resend := idempotent(cmd)
 	start := time.Now()
 	_, bounded := ctx.Deadline()
 	for attempt := 0; ; attempt++ {
-		err := m.u.propose(ctx, req, resend)
+		err := m.u.commit(ctx, req, resend)
 		if !errors.Is(err, pb.ErrNotLeader) && !errors.Is(err, errNoNodes) {
 			return err
 		}
@@ -240,11 +236,11 @@ func (m upstreamMetadata) Propose(ctx context.Context, e *pb.LogEntry) error {
 	}
 }
 
-// propose sends req to the nodes nearest first, moving on after a
-// transport failure only when the entry cannot have been applied (no
+// commit sends req to the nodes nearest first, moving on after a
+// transport failure only when the command cannot have been applied (no
 // connection carried it: gRPC fills in the peer only once a stream
 // exists) or applying it twice is harmless.
-func (u *Upstream) propose(ctx context.Context, req *pb.ProposeRequest, resend bool) error {
+func (u *Upstream) commit(ctx context.Context, req *pb.CommitRequest, resend bool) error {
 	nodes := u.Nodes()
 	if len(nodes) == 0 {
 		return noNodes()
@@ -261,7 +257,7 @@ func (u *Upstream) propose(ctx context.Context, req *pb.ProposeRequest, resend b
 			continue
 		}
 		var p peer.Peer
-		resp, err := pb.NewClusterClient(conn).Propose(ctx, req, grpc.Peer(&p))
+		resp, err := pb.NewClusterClient(conn).Commit(ctx, req, grpc.Peer(&p))
 		if err == nil {
 			return resp.GetResult().Err()
 		}
@@ -281,18 +277,18 @@ func (u *Upstream) propose(ctx context.Context, req *pb.ProposeRequest, resend b
 	return last
 }
 
-// idempotent reports entries that may be applied twice with the effect of
-// once, and so may be resent after a node failed mid-call. Conditional
+// idempotent reports commands that may be applied twice with the effect
+// of once, and so may be resent after a node failed mid-call. Conditional
 // manifest puts, deletes and unlinks may not: a resent DeleteTag could
 // remove a tag that someone pushed again in between, and a resent
 // If-None-Match put would fail on its own first application.
-func idempotent(e *pb.LogEntry) bool {
-	switch c := e.Command.(type) {
-	case *pb.LogEntry_LinkBlob:
+func idempotent(cmd *pb.Command) bool {
+	switch c := cmd.GetIntent().(type) {
+	case *pb.Command_LinkBlob:
 		return c.LinkBlob.GetPlacedRegion() != "" // a mount's source may be unlinked in between
-	case *pb.LogEntry_PlaceBlob, *pb.LogEntry_SetUploadKey:
+	case *pb.Command_PlaceBlob:
 		return true
-	case *pb.LogEntry_PutManifest:
+	case *pb.Command_PutManifest:
 		return c.PutManifest.GetIfMatch() == "" && !c.PutManifest.GetIfNoneMatch()
 	}
 	return false

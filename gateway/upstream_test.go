@@ -86,13 +86,13 @@ func TestUpstreamPushPull(t *testing.T) {
 	// A compare-and-swap against the wrong digest is a business result: no
 	// retry on another node, and the same error as in process.
 	env.net.reset()
-	err = md.Propose(ctx, &pb.LogEntry{Command: &pb.LogEntry_PutManifest{PutManifest: &pb.PutManifest{
+	err = md.Commit(ctx, &pb.Command{Intent: &pb.Command_PutManifest{PutManifest: &pb.PutManifest{
 		Repository: "up/app", Digest: rec.Digest, MediaType: rec.MediaType, Content: rec.Content,
 		Tags: []string{"v1"}, IfMatch: "sha256:" + strings.Repeat("0", 64)}}})
 	if !errors.Is(err, pb.ErrPreconditionFailed) {
 		t.Fatalf("PutManifest with a stale If-Match: %v, want %v", err, pb.ErrPreconditionFailed)
 	}
-	if n := env.net.total("Propose"); n != 1 {
+	if n := env.net.total("Commit"); n != 1 {
 		t.Errorf("the refused PutManifest was sent %d times, want once", n)
 	}
 	if pol, err := md.Policy(ctx, "up/app"); err != nil || pol.MinRegions != 1 {
@@ -204,8 +204,8 @@ func TestUpstreamResend(t *testing.T) {
 		}
 	}
 	md := env.up.Metadata()
-	deleteTag := func(tag string) *pb.LogEntry {
-		return &pb.LogEntry{Command: &pb.LogEntry_DeleteTag{DeleteTag: &pb.DeleteTag{Repository: "resend/app", Tag: tag}}}
+	deleteTag := func(tag string) *pb.Command {
+		return &pb.Command{Intent: &pb.Command_DeleteTag{DeleteTag: &pb.DeleteTag{Repository: "resend/app", Tag: tag}}}
 	}
 
 	// A read: the nearest node is unreachable, the next one answers, and
@@ -233,11 +233,11 @@ func TestUpstreamResend(t *testing.T) {
 	second := env.up.Nodes()[0]
 	env.net.setDown(second.Addr, true)
 	env.net.reset()
-	if err := md.Propose(ctx, deleteTag("a")); err != nil {
+	if err := md.Commit(ctx, deleteTag("a")); err != nil {
 		t.Fatalf("DeleteTag with the nearest node unreachable: %v", err)
 	}
-	if n, all := env.net.calls(second.Addr, "Propose"), env.net.total("Propose"); n != 1 || all != 2 {
-		t.Errorf("Propose attempts: %d to the unreachable node, %d in all; want 1 and 2", n, all)
+	if n, all := env.net.calls(second.Addr, "Commit"), env.net.total("Commit"); n != 1 || all != 2 {
+		t.Errorf("Commit attempts: %d to the unreachable node, %d in all; want 1 and 2", n, all)
 	}
 
 	// Delivered, then the connection broke before the answer: a delete is
@@ -258,7 +258,7 @@ func TestUpstreamResend(t *testing.T) {
 	if !errors.Is(err, pb.ErrUnavailable) {
 		t.Errorf("DeleteTag cut off after delivery: %v, want %v", err, pb.ErrUnavailable)
 	}
-	if n := env.net.total("Propose"); n != 1 {
+	if n := env.net.total("Commit"); n != 1 {
 		t.Errorf("the delivered DeleteTag was sent %d times, want once", n)
 	}
 
@@ -272,7 +272,7 @@ func TestUpstreamResend(t *testing.T) {
 	layers, _ := img.Layers()
 	ld, _ := layers[0].Digest()
 	size, _ := layers[0].Size()
-	link := &pb.LogEntry{Command: &pb.LogEntry_LinkBlob{LinkBlob: &pb.LinkBlob{
+	link := &pb.Command{Intent: &pb.Command_LinkBlob{LinkBlob: &pb.LinkBlob{
 		Repository: "resend/other", Digest: ld.String(), Size: size, PlacedRegion: "local"}}}
 	env.net.reset()
 	err = env.deliverThenCut(t, ctx, nearest, link, func() bool {
@@ -284,7 +284,7 @@ func TestUpstreamResend(t *testing.T) {
 	}
 	// Twice or more: a node just reachable again may still be waiting to
 	// reconnect, and refuse the call unsent.
-	if n := env.net.total("Propose"); n < 2 {
+	if n := env.net.total("Commit"); n < 2 {
 		t.Errorf("the delivered LinkBlob was sent %d times, want it sent again", n)
 	}
 }
@@ -421,20 +421,20 @@ func (e *upstreamEnv) checkReadsGoTo(t *testing.T, ctx context.Context, addr str
 
 // deliverThenCut proposes e with the answers of node n held back until
 // delivered() says the node got it, then breaks n's connections, and
-// returns what Propose returned.
-func (e *upstreamEnv) deliverThenCut(t *testing.T, ctx context.Context, n gateway.UpstreamNode, entry *pb.LogEntry, delivered func() bool) error {
+// returns what Commit returned.
+func (e *upstreamEnv) deliverThenCut(t *testing.T, ctx context.Context, n gateway.UpstreamNode, entry *pb.Command, delivered func() bool) error {
 	t.Helper()
 	e.net.waitReady(t, ctx, n.Addr)
 	e.net.setHold(n.Addr, true)
 	defer e.net.setHold(n.Addr, false)
 	errc := make(chan error, 1)
-	go func() { errc <- e.up.Metadata().Propose(ctx, entry) }()
+	go func() { errc <- e.up.Metadata().Commit(ctx, entry) }()
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
-	for e.net.calls(n.Addr, "Propose") == 0 || !delivered() {
+	for e.net.calls(n.Addr, "Commit") == 0 || !delivered() {
 		select {
 		case err := <-errc:
-			t.Fatalf("Propose returned before the write reached %s: %v", n.ID, err)
+			t.Fatalf("Commit returned before the write reached %s: %v", n.ID, err)
 		case <-ctx.Done():
 			t.Fatalf("waiting for the write to reach %s: %v", n.ID, ctx.Err())
 		case <-tick.C:

@@ -19,11 +19,8 @@ var (
 // Admin operations are closed to gateways; deleting stored blobs and
 // purging uploads is for nodes alone (their replicator and purger). A
 // method missing here is refused to everyone.
-//
-// Propose still takes log entries from gateways: until the gateway speaks
-// typed commands, a gateway certificate can commit any entry.
 var memberAccess = transport.Access{
-	pb.Cluster_Propose_FullMethodName:            nodesGateways,
+	pb.Cluster_Commit_FullMethodName:             nodesGateways, // which intents: mayCommit
 	pb.Cluster_ReadIndex_FullMethodName:          nodesGateways,
 	pb.Cluster_Status_FullMethodName:             everyMemberRole,
 	pb.Cluster_ClusterStatus_FullMethodName:      nodesAdmins,

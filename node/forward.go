@@ -10,22 +10,24 @@ import (
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
-// propose commits e: on the leader directly, elsewhere by forwarding it to
-// the leader once. While no leader is known it waits, with jitter, until
-// ctx (or the apply timeout) runs out, then answers ErrUnavailable.
-func (n *Node) propose(ctx context.Context, e *pb.LogEntry) error {
-	if e.TimeUnixNano == 0 {
-		// Fixed here so a forwarded entry carries the proposer's time.
-		e.TimeUnixNano = time.Now().UnixNano()
+// commit validates cmd and commits it: on the leader directly, elsewhere
+// by forwarding the command to the leader once (the leader validates it
+// again and builds the log entry). While no leader is known it waits, with
+// jitter, until ctx (or the apply timeout) runs out, then answers
+// ErrUnavailable. An invalid command answers ErrInvalidArgument and
+// commits nothing.
+func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
+	if err := n.validateCommand(ctx, cmd); err != nil {
+		return err
 	}
 	return n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
-		resp, err := c.Propose(ctx, &pb.ProposeRequest{Entry: e, Forwarded: true})
+		resp, err := c.Commit(ctx, &pb.CommitRequest{Command: cmd, Forwarded: true})
 		if err != nil {
 			return fromGRPC(err)
 		}
 		return resp.Result.Err()
 	}, func(ctx context.Context) error {
-		return n.consensus.Propose(ctx, e)
+		return n.consensus.Commit(ctx, cmd)
 	})
 }
 

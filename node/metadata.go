@@ -29,8 +29,8 @@ func (n *Node) metadata(strong bool) clusterMetadata {
 	return clusterMetadata{n: n, store: n.consensus.Store(), strong: strong || n.cfg.ReadConsistency == "strong"}
 }
 
-func (m clusterMetadata) Propose(ctx context.Context, e *pb.LogEntry) error {
-	return m.n.propose(ctx, e)
+func (m clusterMetadata) Commit(ctx context.Context, cmd *pb.Command) error {
+	return m.n.commit(ctx, cmd)
 }
 
 // read runs fn with the requested consistency; miss tells a "not found"

@@ -74,7 +74,7 @@ func (s clusterServer) SetPolicy(ctx context.Context, req *pb.SetPolicyRequest) 
 		err = s.n.validatePolicy(ctx, req.Policy)
 	}
 	if err == nil {
-		err = s.n.propose(ctx, &pb.LogEntry{Command: &pb.LogEntry_SetPolicy{SetPolicy: &pb.SetPolicy{Policy: req.Policy}}})
+		err = s.n.commit(ctx, &pb.Command{Intent: &pb.Command_SetPolicy{SetPolicy: &pb.SetPolicy{Policy: req.Policy}}})
 	}
 	r, gerr := answer(err)
 	if gerr != nil {
@@ -84,7 +84,7 @@ func (s clusterServer) SetPolicy(ctx context.Context, req *pb.SetPolicyRequest) 
 }
 
 func (s clusterServer) DeletePolicy(ctx context.Context, req *pb.DeletePolicyRequest) (*pb.DeletePolicyResponse, error) {
-	err := s.n.propose(ctx, &pb.LogEntry{Command: &pb.LogEntry_DeletePolicy{DeletePolicy: &pb.DeletePolicy{Prefix: req.Prefix}}})
+	err := s.n.commit(ctx, &pb.Command{Intent: &pb.Command_DeletePolicy{DeletePolicy: &pb.DeletePolicy{Prefix: req.Prefix}}})
 	r, gerr := answer(err)
 	if gerr != nil {
 		return nil, gerr

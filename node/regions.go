@@ -204,7 +204,7 @@ func (p placementSource) Changed() <-chan struct{} { return p.n.consensus.Change
 func (p placementSource) Place(ctx context.Context, digest string, size int64, region string) error {
 	ctx, cancel := context.WithTimeout(ctx, p.n.cfg.ApplyTimeout)
 	defer cancel()
-	return p.n.propose(ctx, &pb.LogEntry{Command: &pb.LogEntry_PlaceBlob{PlaceBlob: &pb.PlaceBlob{
+	return p.n.commit(ctx, &pb.Command{Intent: &pb.Command_PlaceBlob{PlaceBlob: &pb.PlaceBlob{
 		Digest: digest, Size: size, Region: region}}})
 }
 
@@ -241,7 +241,7 @@ func (n *Node) maintainTopology() {
 		have, err := store.Regions(ctx)
 		if err == nil && !slices.Equal(have, want) {
 			fresh := len(have) == 0
-			err = n.propose(ctx, &pb.LogEntry{Command: &pb.LogEntry_SetRegions{SetRegions: &pb.SetRegions{Regions: want}}})
+			err = n.commit(ctx, &pb.Command{Intent: &pb.Command_SetRegions{SetRegions: &pb.SetRegions{Regions: want}}})
 			if err == nil {
 				n.logger.Info("recorded the cluster's regions", "regions", want, "before", have)
 			}
@@ -263,7 +263,7 @@ func (n *Node) seedPolicies(ctx context.Context) error {
 		return err
 	}
 	for _, p := range n.cfg.Replication.Policies {
-		err := n.propose(ctx, &pb.LogEntry{Command: &pb.LogEntry_SetPolicy{SetPolicy: &pb.SetPolicy{Policy: &pb.Policy{
+		err := n.commit(ctx, &pb.Command{Intent: &pb.Command_SetPolicy{SetPolicy: &pb.SetPolicy{Policy: &pb.Policy{
 			Prefix: p.Prefix, Regions: p.Regions, MinRegions: int32(p.MinRegions)}}}})
 		if err != nil {
 			return fmt.Errorf("seed policy %q: %w", p.Prefix, err)

@@ -1,7 +1,9 @@
 package node_test
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"io"
 	"os"
@@ -309,5 +311,76 @@ func TestDataFilesPrivate(t *testing.T) {
 	var err error
 	if err != nil {
 		t.Error(err)
+	}
+}
+
+// What a gateway sends is an intent the node checks field by field; no
+// call commits a raw log entry. Malformed intents are refused with
+// INVALID_ARGUMENT and the cluster keeps serving; intents only nodes may
+// send are refused to a gateway certificate.
+func TestCommitValidatesIntents(t *testing.T) {
+	c, p := newSecureCluster(t)
+	ctx := within(t, 2*time.Minute)
+	leader := mustLeader(t, ctx, c)
+	follower := (leader + 1) % 3
+	cc := pb.NewClusterClient(grpcClient(t, c.Config(follower).GRPCAddr, p.trust(pki.RoleGateway, "gw").DialCredentials()))
+	commit := func(cmd *pb.Command, forwarded bool) (*pb.CommitResponse, error) {
+		return cc.Commit(ctx, &pb.CommitRequest{Command: cmd, Forwarded: forwarded})
+	}
+	good := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}`)
+	goodDigest := "sha256:" + fmt.Sprintf("%x", sha256.Sum256(good))
+	huge := bytes.Repeat([]byte(" "), int(node.DefaultConfig().MaxManifestSize)+1)
+	manifest := func(f func(*pb.PutManifest)) *pb.Command {
+		m := &pb.PutManifest{Repository: "ok/repo", Digest: goodDigest, MediaType: "application/vnd.oci.image.manifest.v1+json", Content: good}
+		f(m)
+		return &pb.Command{Intent: &pb.Command_PutManifest{PutManifest: m}}
+	}
+	link := func(repo, dgst string) *pb.Command {
+		return &pb.Command{Intent: &pb.Command_LinkBlob{LinkBlob: &pb.LinkBlob{Repository: repo, Digest: dgst, Size: 1}}}
+	}
+	for name, cmd := range map[string]*pb.Command{
+		"no intent":                 {},
+		"repository with NUL":       manifest(func(m *pb.PutManifest) { m.Repository = "a\x00b" }),
+		"repository with ..":        manifest(func(m *pb.PutManifest) { m.Repository = "a/../b" }),
+		"made-up digest":            manifest(func(m *pb.PutManifest) { m.Digest = "sha256:" + strings.Repeat("ab", 32) }),
+		"malformed digest":          manifest(func(m *pb.PutManifest) { m.Digest = "sha256:xyz" }),
+		"manifest past the limit":   manifest(func(m *pb.PutManifest) { m.Content = huge; m.Digest = fmt.Sprintf("sha256:%x", sha256.Sum256(huge)) }),
+		"bad tag":                   manifest(func(m *pb.PutManifest) { m.Tags = []string{"-nope"} }),
+		"control chars in media":    manifest(func(m *pb.PutManifest) { m.MediaType = "a/b\n" }),
+		"link with a bad name":      link("UPPER/case", goodDigest),
+		"link with a bad digest":    link("ok/repo", "md5:abc"),
+		"link to an unknown region": {Intent: &pb.Command_LinkBlob{LinkBlob: &pb.LinkBlob{Repository: "ok/repo", Digest: goodDigest, PlacedRegion: "mars"}}},
+	} {
+		resp, err := commit(cmd, false)
+		if err != nil || resp.GetResult().GetCode() != pb.Code_CODE_INVALID_ARGUMENT {
+			t.Errorf("%s: %v, %v; want INVALID_ARGUMENT", name, resp.GetResult(), err)
+		}
+	}
+	for name, cmd := range map[string]*pb.Command{
+		"place a blob":  {Intent: &pb.Command_PlaceBlob{PlaceBlob: &pb.PlaceBlob{Digest: goodDigest, Size: 1, Region: c.Config(0).Region}}},
+		"set a policy":  {Intent: &pb.Command_SetPolicy{SetPolicy: &pb.SetPolicy{Policy: &pb.Policy{Prefix: "x/"}}}},
+		"set regions":   {Intent: &pb.Command_SetRegions{SetRegions: &pb.SetRegions{Regions: []string{"a"}}}},
+		"delete policy": {Intent: &pb.Command_DeletePolicy{DeletePolicy: &pb.DeletePolicy{Prefix: ""}}},
+	} {
+		if _, err := commit(cmd, false); status.Code(err) != codes.PermissionDenied {
+			t.Errorf("gateway: %s: %v, want PermissionDenied", name, err)
+		}
+	}
+	if _, err := commit(manifest(func(*pb.PutManifest) {}), true); status.Code(err) != codes.PermissionDenied {
+		t.Errorf("gateway forwarding a write as a node would: %v, want PermissionDenied", err)
+	}
+
+	// None of it reached the state, and the cluster still takes a valid
+	// push through the same node.
+	if err := c.WaitConverged(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if repos, err := c.Node(i).Consensus().Store().Repositories(ctx, "", 100); err != nil || len(repos) != 0 {
+			t.Errorf("node %d holds repositories %v (%v) after refused commands", i, repos, err)
+		}
+	}
+	if err := remote.Write(ref(t, c, follower, "after/refusals:v1"), randomImage(t, 256, 1), remoteOpts(ctx, c)...); err != nil {
+		t.Fatalf("push after the refused commands: %v", err)
 	}
 }

@@ -23,22 +23,28 @@ func answer(err error) (*pb.Result, error) {
 	return nil, pb.ToStatus(err)
 }
 
-func (s clusterServer) Propose(ctx context.Context, req *pb.ProposeRequest) (*pb.ProposeResponse, error) {
-	if req.Entry == nil {
-		return &pb.ProposeResponse{Result: &pb.Result{Code: pb.Code_CODE_INVALID_ARGUMENT, Detail: "no entry"}}, nil
+// Commit validates a write intent and commits it. Gateways may send the
+// repository intents only; placements, policies and regions, and forwarded
+// writes, come from nodes.
+func (s clusterServer) Commit(ctx context.Context, req *pb.CommitRequest) (*pb.CommitResponse, error) {
+	if err := s.n.mayCommit(ctx, req); err != nil {
+		return nil, err
 	}
 	var err error
 	if req.Forwarded {
-		// One hop only: a forwarded write that finds no leader here goes back.
-		err = s.n.consensus.Propose(ctx, req.Entry)
+		// One hop only: a forwarded write that finds no leader here goes
+		// back. The leader validates what it commits itself.
+		if err = s.n.validateCommand(ctx, req.Command); err == nil {
+			err = s.n.consensus.Commit(ctx, req.Command)
+		}
 	} else {
-		err = s.n.propose(ctx, req.Entry)
+		err = s.n.commit(ctx, req.Command)
 	}
 	r, gerr := answer(err)
 	if gerr != nil {
 		return nil, gerr
 	}
-	return &pb.ProposeResponse{Result: r}, nil
+	return &pb.CommitResponse{Result: r}, nil
 }
 
 func (s clusterServer) ReadIndex(ctx context.Context, _ *pb.ReadIndexRequest) (*pb.ReadIndexResponse, error) {

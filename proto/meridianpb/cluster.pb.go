@@ -126,28 +126,41 @@ func (x *Result) GetDetail() string {
 	return ""
 }
 
-type ProposeRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Entry         *LogEntry              `protobuf:"bytes,1,opt,name=entry,proto3" json:"entry,omitempty"`
-	Forwarded     bool                   `protobuf:"varint,2,opt,name=forwarded,proto3" json:"forwarded,omitempty"`
+// Command is one write intent. Gateways may send the repository intents
+// (manifests, tags, blob links); placements, policies and regions come
+// from nodes (replicators, the admin API, the leader).
+type Command struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Intent:
+	//
+	//	*Command_PutManifest
+	//	*Command_DeleteManifest
+	//	*Command_DeleteTag
+	//	*Command_LinkBlob
+	//	*Command_UnlinkBlob
+	//	*Command_PlaceBlob
+	//	*Command_SetPolicy
+	//	*Command_DeletePolicy
+	//	*Command_SetRegions
+	Intent        isCommand_Intent `protobuf_oneof:"intent"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
-func (x *ProposeRequest) Reset() {
-	*x = ProposeRequest{}
+func (x *Command) Reset() {
+	*x = Command{}
 	mi := &file_meridianpb_cluster_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
 
-func (x *ProposeRequest) String() string {
+func (x *Command) String() string {
 	return protoimpl.X.MessageStringOf(x)
 }
 
-func (*ProposeRequest) ProtoMessage() {}
+func (*Command) ProtoMessage() {}
 
-func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
+func (x *Command) ProtoReflect() protoreflect.Message {
 	mi := &file_meridianpb_cluster_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
@@ -159,26 +172,210 @@ func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
 	return mi.MessageOf(x)
 }
 
-// Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
-func (*ProposeRequest) Descriptor() ([]byte, []int) {
+// Deprecated: Use Command.ProtoReflect.Descriptor instead.
+func (*Command) Descriptor() ([]byte, []int) {
 	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{1}
 }
 
-func (x *ProposeRequest) GetEntry() *LogEntry {
+func (x *Command) GetIntent() isCommand_Intent {
 	if x != nil {
-		return x.Entry
+		return x.Intent
 	}
 	return nil
 }
 
-func (x *ProposeRequest) GetForwarded() bool {
+func (x *Command) GetPutManifest() *PutManifest {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_PutManifest); ok {
+			return x.PutManifest
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetDeleteManifest() *DeleteManifest {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_DeleteManifest); ok {
+			return x.DeleteManifest
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetDeleteTag() *DeleteTag {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_DeleteTag); ok {
+			return x.DeleteTag
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetLinkBlob() *LinkBlob {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_LinkBlob); ok {
+			return x.LinkBlob
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetUnlinkBlob() *UnlinkBlob {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_UnlinkBlob); ok {
+			return x.UnlinkBlob
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetPlaceBlob() *PlaceBlob {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_PlaceBlob); ok {
+			return x.PlaceBlob
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetSetPolicy() *SetPolicy {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_SetPolicy); ok {
+			return x.SetPolicy
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetDeletePolicy() *DeletePolicy {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_DeletePolicy); ok {
+			return x.DeletePolicy
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetSetRegions() *SetRegions {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_SetRegions); ok {
+			return x.SetRegions
+		}
+	}
+	return nil
+}
+
+type isCommand_Intent interface {
+	isCommand_Intent()
+}
+
+type Command_PutManifest struct {
+	PutManifest *PutManifest `protobuf:"bytes,1,opt,name=put_manifest,json=putManifest,proto3,oneof"`
+}
+
+type Command_DeleteManifest struct {
+	DeleteManifest *DeleteManifest `protobuf:"bytes,2,opt,name=delete_manifest,json=deleteManifest,proto3,oneof"`
+}
+
+type Command_DeleteTag struct {
+	DeleteTag *DeleteTag `protobuf:"bytes,3,opt,name=delete_tag,json=deleteTag,proto3,oneof"`
+}
+
+type Command_LinkBlob struct {
+	LinkBlob *LinkBlob `protobuf:"bytes,4,opt,name=link_blob,json=linkBlob,proto3,oneof"`
+}
+
+type Command_UnlinkBlob struct {
+	UnlinkBlob *UnlinkBlob `protobuf:"bytes,5,opt,name=unlink_blob,json=unlinkBlob,proto3,oneof"`
+}
+
+type Command_PlaceBlob struct {
+	PlaceBlob *PlaceBlob `protobuf:"bytes,6,opt,name=place_blob,json=placeBlob,proto3,oneof"`
+}
+
+type Command_SetPolicy struct {
+	SetPolicy *SetPolicy `protobuf:"bytes,7,opt,name=set_policy,json=setPolicy,proto3,oneof"`
+}
+
+type Command_DeletePolicy struct {
+	DeletePolicy *DeletePolicy `protobuf:"bytes,8,opt,name=delete_policy,json=deletePolicy,proto3,oneof"`
+}
+
+type Command_SetRegions struct {
+	SetRegions *SetRegions `protobuf:"bytes,9,opt,name=set_regions,json=setRegions,proto3,oneof"`
+}
+
+func (*Command_PutManifest) isCommand_Intent() {}
+
+func (*Command_DeleteManifest) isCommand_Intent() {}
+
+func (*Command_DeleteTag) isCommand_Intent() {}
+
+func (*Command_LinkBlob) isCommand_Intent() {}
+
+func (*Command_UnlinkBlob) isCommand_Intent() {}
+
+func (*Command_PlaceBlob) isCommand_Intent() {}
+
+func (*Command_SetPolicy) isCommand_Intent() {}
+
+func (*Command_DeletePolicy) isCommand_Intent() {}
+
+func (*Command_SetRegions) isCommand_Intent() {}
+
+type CommitRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Command       *Command               `protobuf:"bytes,1,opt,name=command,proto3" json:"command,omitempty"`
+	Forwarded     bool                   `protobuf:"varint,2,opt,name=forwarded,proto3" json:"forwarded,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CommitRequest) Reset() {
+	*x = CommitRequest{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CommitRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CommitRequest) ProtoMessage() {}
+
+func (x *CommitRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CommitRequest.ProtoReflect.Descriptor instead.
+func (*CommitRequest) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *CommitRequest) GetCommand() *Command {
+	if x != nil {
+		return x.Command
+	}
+	return nil
+}
+
+func (x *CommitRequest) GetForwarded() bool {
 	if x != nil {
 		return x.Forwarded
 	}
 	return false
 }
 
-type ProposeResponse struct {
+type CommitResponse struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Result *Result                `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
 	// Raft index the entry was committed at.
@@ -187,21 +384,21 @@ type ProposeResponse struct {
 	sizeCache     protoimpl.SizeCache
 }
 
-func (x *ProposeResponse) Reset() {
-	*x = ProposeResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[2]
+func (x *CommitResponse) Reset() {
+	*x = CommitResponse{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
 
-func (x *ProposeResponse) String() string {
+func (x *CommitResponse) String() string {
 	return protoimpl.X.MessageStringOf(x)
 }
 
-func (*ProposeResponse) ProtoMessage() {}
+func (*CommitResponse) ProtoMessage() {}
 
-func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[2]
+func (x *CommitResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -212,19 +409,19 @@ func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
 	return mi.MessageOf(x)
 }
 
-// Deprecated: Use ProposeResponse.ProtoReflect.Descriptor instead.
-func (*ProposeResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{2}
+// Deprecated: Use CommitResponse.ProtoReflect.Descriptor instead.
+func (*CommitResponse) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{3}
 }
 
-func (x *ProposeResponse) GetResult() *Result {
+func (x *CommitResponse) GetResult() *Result {
 	if x != nil {
 		return x.Result
 	}
 	return nil
 }
 
-func (x *ProposeResponse) GetIndex() uint64 {
+func (x *CommitResponse) GetIndex() uint64 {
 	if x != nil {
 		return x.Index
 	}
@@ -239,7 +436,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[3]
+	mi := &file_meridianpb_cluster_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -251,7 +448,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[3]
+	mi := &file_meridianpb_cluster_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -264,7 +461,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{3}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{4}
 }
 
 type ReadIndexResponse struct {
@@ -276,7 +473,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[4]
+	mi := &file_meridianpb_cluster_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -288,7 +485,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[4]
+	mi := &file_meridianpb_cluster_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -301,7 +498,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{4}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -325,7 +522,7 @@ type GetManifestRequest struct {
 
 func (x *GetManifestRequest) Reset() {
 	*x = GetManifestRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[5]
+	mi := &file_meridianpb_cluster_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -337,7 +534,7 @@ func (x *GetManifestRequest) String() string {
 func (*GetManifestRequest) ProtoMessage() {}
 
 func (x *GetManifestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[5]
+	mi := &file_meridianpb_cluster_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -350,7 +547,7 @@ func (x *GetManifestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetManifestRequest.ProtoReflect.Descriptor instead.
 func (*GetManifestRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{5}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetManifestRequest) GetRepository() string {
@@ -395,7 +592,7 @@ type GetManifestResponse struct {
 
 func (x *GetManifestResponse) Reset() {
 	*x = GetManifestResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[6]
+	mi := &file_meridianpb_cluster_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -407,7 +604,7 @@ func (x *GetManifestResponse) String() string {
 func (*GetManifestResponse) ProtoMessage() {}
 
 func (x *GetManifestResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[6]
+	mi := &file_meridianpb_cluster_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -420,7 +617,7 @@ func (x *GetManifestResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetManifestResponse.ProtoReflect.Descriptor instead.
 func (*GetManifestResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{6}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GetManifestResponse) GetResult() *Result {
@@ -455,7 +652,7 @@ type GetTagRequest struct {
 
 func (x *GetTagRequest) Reset() {
 	*x = GetTagRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[7]
+	mi := &file_meridianpb_cluster_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -467,7 +664,7 @@ func (x *GetTagRequest) String() string {
 func (*GetTagRequest) ProtoMessage() {}
 
 func (x *GetTagRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[7]
+	mi := &file_meridianpb_cluster_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -480,7 +677,7 @@ func (x *GetTagRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTagRequest.ProtoReflect.Descriptor instead.
 func (*GetTagRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{7}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetTagRequest) GetRepository() string {
@@ -514,7 +711,7 @@ type GetTagResponse struct {
 
 func (x *GetTagResponse) Reset() {
 	*x = GetTagResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[8]
+	mi := &file_meridianpb_cluster_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -526,7 +723,7 @@ func (x *GetTagResponse) String() string {
 func (*GetTagResponse) ProtoMessage() {}
 
 func (x *GetTagResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[8]
+	mi := &file_meridianpb_cluster_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -539,7 +736,7 @@ func (x *GetTagResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTagResponse.ProtoReflect.Descriptor instead.
 func (*GetTagResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{8}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetTagResponse) GetResult() *Result {
@@ -568,7 +765,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[9]
+	mi := &file_meridianpb_cluster_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -580,7 +777,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[9]
+	mi := &file_meridianpb_cluster_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -593,7 +790,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{9}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListRequest) GetRepository() string {
@@ -634,7 +831,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[10]
+	mi := &file_meridianpb_cluster_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -646,7 +843,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[10]
+	mi := &file_meridianpb_cluster_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -659,7 +856,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{10}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListResponse) GetResult() *Result {
@@ -687,7 +884,7 @@ type ListReferrersRequest struct {
 
 func (x *ListReferrersRequest) Reset() {
 	*x = ListReferrersRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[11]
+	mi := &file_meridianpb_cluster_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -699,7 +896,7 @@ func (x *ListReferrersRequest) String() string {
 func (*ListReferrersRequest) ProtoMessage() {}
 
 func (x *ListReferrersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[11]
+	mi := &file_meridianpb_cluster_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -712,7 +909,7 @@ func (x *ListReferrersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReferrersRequest.ProtoReflect.Descriptor instead.
 func (*ListReferrersRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{11}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListReferrersRequest) GetRepository() string {
@@ -746,7 +943,7 @@ type ListReferrersResponse struct {
 
 func (x *ListReferrersResponse) Reset() {
 	*x = ListReferrersResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[12]
+	mi := &file_meridianpb_cluster_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -758,7 +955,7 @@ func (x *ListReferrersResponse) String() string {
 func (*ListReferrersResponse) ProtoMessage() {}
 
 func (x *ListReferrersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[12]
+	mi := &file_meridianpb_cluster_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -771,7 +968,7 @@ func (x *ListReferrersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReferrersResponse.ProtoReflect.Descriptor instead.
 func (*ListReferrersResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{12}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListReferrersResponse) GetResult() *Result {
@@ -799,7 +996,7 @@ type GetLinkedBlobRequest struct {
 
 func (x *GetLinkedBlobRequest) Reset() {
 	*x = GetLinkedBlobRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[13]
+	mi := &file_meridianpb_cluster_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -811,7 +1008,7 @@ func (x *GetLinkedBlobRequest) String() string {
 func (*GetLinkedBlobRequest) ProtoMessage() {}
 
 func (x *GetLinkedBlobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[13]
+	mi := &file_meridianpb_cluster_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -824,7 +1021,7 @@ func (x *GetLinkedBlobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLinkedBlobRequest.ProtoReflect.Descriptor instead.
 func (*GetLinkedBlobRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{13}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetLinkedBlobRequest) GetRepository() string {
@@ -858,7 +1055,7 @@ type GetLinkedBlobResponse struct {
 
 func (x *GetLinkedBlobResponse) Reset() {
 	*x = GetLinkedBlobResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[14]
+	mi := &file_meridianpb_cluster_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -870,7 +1067,7 @@ func (x *GetLinkedBlobResponse) String() string {
 func (*GetLinkedBlobResponse) ProtoMessage() {}
 
 func (x *GetLinkedBlobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[14]
+	mi := &file_meridianpb_cluster_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -883,7 +1080,7 @@ func (x *GetLinkedBlobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLinkedBlobResponse.ProtoReflect.Descriptor instead.
 func (*GetLinkedBlobResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{14}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetLinkedBlobResponse) GetResult() *Result {
@@ -909,7 +1106,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[15]
+	mi := &file_meridianpb_cluster_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -921,7 +1118,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[15]
+	mi := &file_meridianpb_cluster_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -934,7 +1131,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{15}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetPolicyRequest) GetRepository() string {
@@ -956,7 +1153,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[16]
+	mi := &file_meridianpb_cluster_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -968,7 +1165,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[16]
+	mi := &file_meridianpb_cluster_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -981,7 +1178,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{16}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GetPolicyResponse) GetResult() *Result {
@@ -1015,7 +1212,7 @@ type WaitBlobPlacedRequest struct {
 
 func (x *WaitBlobPlacedRequest) Reset() {
 	*x = WaitBlobPlacedRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[17]
+	mi := &file_meridianpb_cluster_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1027,7 +1224,7 @@ func (x *WaitBlobPlacedRequest) String() string {
 func (*WaitBlobPlacedRequest) ProtoMessage() {}
 
 func (x *WaitBlobPlacedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[17]
+	mi := &file_meridianpb_cluster_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1040,7 +1237,7 @@ func (x *WaitBlobPlacedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitBlobPlacedRequest.ProtoReflect.Descriptor instead.
 func (*WaitBlobPlacedRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{17}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *WaitBlobPlacedRequest) GetDigest() string {
@@ -1067,7 +1264,7 @@ type WaitBlobPlacedResponse struct {
 
 func (x *WaitBlobPlacedResponse) Reset() {
 	*x = WaitBlobPlacedResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[18]
+	mi := &file_meridianpb_cluster_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1079,7 +1276,7 @@ func (x *WaitBlobPlacedResponse) String() string {
 func (*WaitBlobPlacedResponse) ProtoMessage() {}
 
 func (x *WaitBlobPlacedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[18]
+	mi := &file_meridianpb_cluster_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1092,7 +1289,7 @@ func (x *WaitBlobPlacedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitBlobPlacedResponse.ProtoReflect.Descriptor instead.
 func (*WaitBlobPlacedResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{18}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *WaitBlobPlacedResponse) GetResult() *Result {
@@ -1122,7 +1319,7 @@ type Coordinate struct {
 
 func (x *Coordinate) Reset() {
 	*x = Coordinate{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[19]
+	mi := &file_meridianpb_cluster_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1134,7 +1331,7 @@ func (x *Coordinate) String() string {
 func (*Coordinate) ProtoMessage() {}
 
 func (x *Coordinate) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[19]
+	mi := &file_meridianpb_cluster_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1147,7 +1344,7 @@ func (x *Coordinate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Coordinate.ProtoReflect.Descriptor instead.
 func (*Coordinate) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{19}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Coordinate) GetVec() []float64 {
@@ -1189,7 +1386,7 @@ type PingRequest struct {
 
 func (x *PingRequest) Reset() {
 	*x = PingRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[20]
+	mi := &file_meridianpb_cluster_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1201,7 +1398,7 @@ func (x *PingRequest) String() string {
 func (*PingRequest) ProtoMessage() {}
 
 func (x *PingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[20]
+	mi := &file_meridianpb_cluster_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1214,7 +1411,7 @@ func (x *PingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingRequest.ProtoReflect.Descriptor instead.
 func (*PingRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{20}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *PingRequest) GetFromId() string {
@@ -1243,7 +1440,7 @@ type PingResponse struct {
 
 func (x *PingResponse) Reset() {
 	*x = PingResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[21]
+	mi := &file_meridianpb_cluster_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1255,7 +1452,7 @@ func (x *PingResponse) String() string {
 func (*PingResponse) ProtoMessage() {}
 
 func (x *PingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[21]
+	mi := &file_meridianpb_cluster_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1268,7 +1465,7 @@ func (x *PingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingResponse.ProtoReflect.Descriptor instead.
 func (*PingResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{21}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *PingResponse) GetNodeId() string {
@@ -1307,7 +1504,7 @@ type GetUploadKeyRequest struct {
 
 func (x *GetUploadKeyRequest) Reset() {
 	*x = GetUploadKeyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[22]
+	mi := &file_meridianpb_cluster_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1319,7 +1516,7 @@ func (x *GetUploadKeyRequest) String() string {
 func (*GetUploadKeyRequest) ProtoMessage() {}
 
 func (x *GetUploadKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[22]
+	mi := &file_meridianpb_cluster_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1332,7 +1529,7 @@ func (x *GetUploadKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetUploadKeyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{22}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{23}
 }
 
 type GetUploadKeyResponse struct {
@@ -1344,7 +1541,7 @@ type GetUploadKeyResponse struct {
 
 func (x *GetUploadKeyResponse) Reset() {
 	*x = GetUploadKeyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[23]
+	mi := &file_meridianpb_cluster_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1356,7 +1553,7 @@ func (x *GetUploadKeyResponse) String() string {
 func (*GetUploadKeyResponse) ProtoMessage() {}
 
 func (x *GetUploadKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[23]
+	mi := &file_meridianpb_cluster_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1369,7 +1566,7 @@ func (x *GetUploadKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetUploadKeyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{23}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetUploadKeyResponse) GetKey() []byte {
@@ -1387,7 +1584,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[24]
+	mi := &file_meridianpb_cluster_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1399,7 +1596,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[24]
+	mi := &file_meridianpb_cluster_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1412,7 +1609,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{24}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{25}
 }
 
 // NodeStatus is one node's view of itself.
@@ -1445,7 +1642,7 @@ type NodeStatus struct {
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[25]
+	mi := &file_meridianpb_cluster_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1457,7 +1654,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[25]
+	mi := &file_meridianpb_cluster_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1470,7 +1667,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{25}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *NodeStatus) GetId() string {
@@ -1607,7 +1804,7 @@ type ClusterStatusRequest struct {
 
 func (x *ClusterStatusRequest) Reset() {
 	*x = ClusterStatusRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[26]
+	mi := &file_meridianpb_cluster_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1619,7 +1816,7 @@ func (x *ClusterStatusRequest) String() string {
 func (*ClusterStatusRequest) ProtoMessage() {}
 
 func (x *ClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[26]
+	mi := &file_meridianpb_cluster_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1632,7 +1829,7 @@ func (x *ClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*ClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{26}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{27}
 }
 
 // MemberStatus is one member as seen by the answering node.
@@ -1659,7 +1856,7 @@ type MemberStatus struct {
 
 func (x *MemberStatus) Reset() {
 	*x = MemberStatus{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[27]
+	mi := &file_meridianpb_cluster_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1671,7 +1868,7 @@ func (x *MemberStatus) String() string {
 func (*MemberStatus) ProtoMessage() {}
 
 func (x *MemberStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[27]
+	mi := &file_meridianpb_cluster_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1684,7 +1881,7 @@ func (x *MemberStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberStatus.ProtoReflect.Descriptor instead.
 func (*MemberStatus) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{27}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *MemberStatus) GetId() string {
@@ -1766,7 +1963,7 @@ type GatewayStatus struct {
 
 func (x *GatewayStatus) Reset() {
 	*x = GatewayStatus{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	mi := &file_meridianpb_cluster_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1778,7 +1975,7 @@ func (x *GatewayStatus) String() string {
 func (*GatewayStatus) ProtoMessage() {}
 
 func (x *GatewayStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	mi := &file_meridianpb_cluster_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1791,7 +1988,7 @@ func (x *GatewayStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatewayStatus.ProtoReflect.Descriptor instead.
 func (*GatewayStatus) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{28}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GatewayStatus) GetId() string {
@@ -1845,7 +2042,7 @@ type UpstreamNode struct {
 
 func (x *UpstreamNode) Reset() {
 	*x = UpstreamNode{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[29]
+	mi := &file_meridianpb_cluster_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1857,7 +2054,7 @@ func (x *UpstreamNode) String() string {
 func (*UpstreamNode) ProtoMessage() {}
 
 func (x *UpstreamNode) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[29]
+	mi := &file_meridianpb_cluster_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1870,7 +2067,7 @@ func (x *UpstreamNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpstreamNode.ProtoReflect.Descriptor instead.
 func (*UpstreamNode) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{29}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *UpstreamNode) GetId() string {
@@ -1931,7 +2128,7 @@ type ClusterStatusResponse struct {
 
 func (x *ClusterStatusResponse) Reset() {
 	*x = ClusterStatusResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[30]
+	mi := &file_meridianpb_cluster_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1943,7 +2140,7 @@ func (x *ClusterStatusResponse) String() string {
 func (*ClusterStatusResponse) ProtoMessage() {}
 
 func (x *ClusterStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[30]
+	mi := &file_meridianpb_cluster_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1956,7 +2153,7 @@ func (x *ClusterStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatusResponse.ProtoReflect.Descriptor instead.
 func (*ClusterStatusResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{30}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ClusterStatusResponse) GetClusterId() string {
@@ -2015,7 +2212,7 @@ type RegionLag struct {
 
 func (x *RegionLag) Reset() {
 	*x = RegionLag{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[31]
+	mi := &file_meridianpb_cluster_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2027,7 +2224,7 @@ func (x *RegionLag) String() string {
 func (*RegionLag) ProtoMessage() {}
 
 func (x *RegionLag) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[31]
+	mi := &file_meridianpb_cluster_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2040,7 +2237,7 @@ func (x *RegionLag) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegionLag.ProtoReflect.Descriptor instead.
 func (*RegionLag) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{31}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RegionLag) GetRegion() string {
@@ -2079,7 +2276,7 @@ type ListPoliciesRequest struct {
 
 func (x *ListPoliciesRequest) Reset() {
 	*x = ListPoliciesRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[32]
+	mi := &file_meridianpb_cluster_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2091,7 +2288,7 @@ func (x *ListPoliciesRequest) String() string {
 func (*ListPoliciesRequest) ProtoMessage() {}
 
 func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[32]
+	mi := &file_meridianpb_cluster_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2104,7 +2301,7 @@ func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesRequest.ProtoReflect.Descriptor instead.
 func (*ListPoliciesRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{32}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{33}
 }
 
 type ListPoliciesResponse struct {
@@ -2118,7 +2315,7 @@ type ListPoliciesResponse struct {
 
 func (x *ListPoliciesResponse) Reset() {
 	*x = ListPoliciesResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[33]
+	mi := &file_meridianpb_cluster_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2130,7 +2327,7 @@ func (x *ListPoliciesResponse) String() string {
 func (*ListPoliciesResponse) ProtoMessage() {}
 
 func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[33]
+	mi := &file_meridianpb_cluster_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2143,7 +2340,7 @@ func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesResponse.ProtoReflect.Descriptor instead.
 func (*ListPoliciesResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{33}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ListPoliciesResponse) GetPolicies() []*Policy {
@@ -2169,7 +2366,7 @@ type SetPolicyRequest struct {
 
 func (x *SetPolicyRequest) Reset() {
 	*x = SetPolicyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[34]
+	mi := &file_meridianpb_cluster_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2181,7 +2378,7 @@ func (x *SetPolicyRequest) String() string {
 func (*SetPolicyRequest) ProtoMessage() {}
 
 func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[34]
+	mi := &file_meridianpb_cluster_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2194,7 +2391,7 @@ func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{34}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *SetPolicyRequest) GetPolicy() *Policy {
@@ -2213,7 +2410,7 @@ type SetPolicyResponse struct {
 
 func (x *SetPolicyResponse) Reset() {
 	*x = SetPolicyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[35]
+	mi := &file_meridianpb_cluster_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2225,7 +2422,7 @@ func (x *SetPolicyResponse) String() string {
 func (*SetPolicyResponse) ProtoMessage() {}
 
 func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[35]
+	mi := &file_meridianpb_cluster_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2238,7 +2435,7 @@ func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*SetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{35}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *SetPolicyResponse) GetResult() *Result {
@@ -2257,7 +2454,7 @@ type DeletePolicyRequest struct {
 
 func (x *DeletePolicyRequest) Reset() {
 	*x = DeletePolicyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[36]
+	mi := &file_meridianpb_cluster_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2269,7 +2466,7 @@ func (x *DeletePolicyRequest) String() string {
 func (*DeletePolicyRequest) ProtoMessage() {}
 
 func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[36]
+	mi := &file_meridianpb_cluster_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2282,7 +2479,7 @@ func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyRequest.ProtoReflect.Descriptor instead.
 func (*DeletePolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{36}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *DeletePolicyRequest) GetPrefix() string {
@@ -2301,7 +2498,7 @@ type DeletePolicyResponse struct {
 
 func (x *DeletePolicyResponse) Reset() {
 	*x = DeletePolicyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[37]
+	mi := &file_meridianpb_cluster_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2313,7 +2510,7 @@ func (x *DeletePolicyResponse) String() string {
 func (*DeletePolicyResponse) ProtoMessage() {}
 
 func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[37]
+	mi := &file_meridianpb_cluster_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2326,7 +2523,7 @@ func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyResponse.ProtoReflect.Descriptor instead.
 func (*DeletePolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{37}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *DeletePolicyResponse) GetResult() *Result {
@@ -2345,7 +2542,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[38]
+	mi := &file_meridianpb_cluster_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2357,7 +2554,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[38]
+	mi := &file_meridianpb_cluster_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2370,7 +2567,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{38}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *TransferLeadershipRequest) GetId() string {
@@ -2390,7 +2587,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[39]
+	mi := &file_meridianpb_cluster_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2402,7 +2599,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[39]
+	mi := &file_meridianpb_cluster_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2415,7 +2612,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{39}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *TransferLeadershipResponse) GetResult() *Result {
@@ -2441,7 +2638,7 @@ type RemoveServerRequest struct {
 
 func (x *RemoveServerRequest) Reset() {
 	*x = RemoveServerRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[40]
+	mi := &file_meridianpb_cluster_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2453,7 +2650,7 @@ func (x *RemoveServerRequest) String() string {
 func (*RemoveServerRequest) ProtoMessage() {}
 
 func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[40]
+	mi := &file_meridianpb_cluster_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2466,7 +2663,7 @@ func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveServerRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{40}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *RemoveServerRequest) GetId() string {
@@ -2485,7 +2682,7 @@ type RemoveServerResponse struct {
 
 func (x *RemoveServerResponse) Reset() {
 	*x = RemoveServerResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[41]
+	mi := &file_meridianpb_cluster_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2497,7 +2694,7 @@ func (x *RemoveServerResponse) String() string {
 func (*RemoveServerResponse) ProtoMessage() {}
 
 func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[41]
+	mi := &file_meridianpb_cluster_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2510,7 +2707,7 @@ func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveServerResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{41}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *RemoveServerResponse) GetResult() *Result {
@@ -2527,11 +2724,27 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x18meridianpb/cluster.proto\x12\vmeridian.v1\x1a\x19meridianpb/meridian.proto\"G\n" +
 	"\x06Result\x12%\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x11.meridian.v1.CodeR\x04code\x12\x16\n" +
-	"\x06detail\x18\x02 \x01(\tR\x06detail\"[\n" +
-	"\x0eProposeRequest\x12+\n" +
-	"\x05entry\x18\x01 \x01(\v2\x15.meridian.v1.LogEntryR\x05entry\x12\x1c\n" +
-	"\tforwarded\x18\x02 \x01(\bR\tforwarded\"T\n" +
-	"\x0fProposeResponse\x12+\n" +
+	"\x06detail\x18\x02 \x01(\tR\x06detail\"\xb5\x04\n" +
+	"\aCommand\x12=\n" +
+	"\fput_manifest\x18\x01 \x01(\v2\x18.meridian.v1.PutManifestH\x00R\vputManifest\x12F\n" +
+	"\x0fdelete_manifest\x18\x02 \x01(\v2\x1b.meridian.v1.DeleteManifestH\x00R\x0edeleteManifest\x127\n" +
+	"\n" +
+	"delete_tag\x18\x03 \x01(\v2\x16.meridian.v1.DeleteTagH\x00R\tdeleteTag\x124\n" +
+	"\tlink_blob\x18\x04 \x01(\v2\x15.meridian.v1.LinkBlobH\x00R\blinkBlob\x12:\n" +
+	"\vunlink_blob\x18\x05 \x01(\v2\x17.meridian.v1.UnlinkBlobH\x00R\n" +
+	"unlinkBlob\x127\n" +
+	"\n" +
+	"place_blob\x18\x06 \x01(\v2\x16.meridian.v1.PlaceBlobH\x00R\tplaceBlob\x127\n" +
+	"\n" +
+	"set_policy\x18\a \x01(\v2\x16.meridian.v1.SetPolicyH\x00R\tsetPolicy\x12@\n" +
+	"\rdelete_policy\x18\b \x01(\v2\x19.meridian.v1.DeletePolicyH\x00R\fdeletePolicy\x12:\n" +
+	"\vset_regions\x18\t \x01(\v2\x17.meridian.v1.SetRegionsH\x00R\n" +
+	"setRegionsB\b\n" +
+	"\x06intent\"]\n" +
+	"\rCommitRequest\x12.\n" +
+	"\acommand\x18\x01 \x01(\v2\x14.meridian.v1.CommandR\acommand\x12\x1c\n" +
+	"\tforwarded\x18\x02 \x01(\bR\tforwarded\"S\n" +
+	"\x0eCommitResponse\x12+\n" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\"\x12\n" +
 	"\x10ReadIndexRequest\")\n" +
@@ -2709,9 +2922,9 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result*<\n" +
 	"\vConsistency\x12\x15\n" +
 	"\x11CONSISTENCY_LOCAL\x10\x00\x12\x16\n" +
-	"\x12CONSISTENCY_STRONG\x10\x012\xec\v\n" +
-	"\aCluster\x12D\n" +
-	"\aPropose\x12\x1b.meridian.v1.ProposeRequest\x1a\x1c.meridian.v1.ProposeResponse\x12J\n" +
+	"\x12CONSISTENCY_STRONG\x10\x012\xe9\v\n" +
+	"\aCluster\x12A\n" +
+	"\x06Commit\x12\x1a.meridian.v1.CommitRequest\x1a\x1b.meridian.v1.CommitResponse\x12J\n" +
 	"\tReadIndex\x12\x1d.meridian.v1.ReadIndexRequest\x1a\x1e.meridian.v1.ReadIndexResponse\x12=\n" +
 	"\x06Status\x12\x1a.meridian.v1.StatusRequest\x1a\x17.meridian.v1.NodeStatus\x12V\n" +
 	"\rClusterStatus\x12!.meridian.v1.ClusterStatusRequest\x1a\".meridian.v1.ClusterStatusResponse\x12e\n" +
@@ -2744,134 +2957,152 @@ func file_meridianpb_cluster_proto_rawDescGZIP() []byte {
 }
 
 var file_meridianpb_cluster_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_meridianpb_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_meridianpb_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
 var file_meridianpb_cluster_proto_goTypes = []any{
 	(Consistency)(0),                   // 0: meridian.v1.Consistency
 	(*Result)(nil),                     // 1: meridian.v1.Result
-	(*ProposeRequest)(nil),             // 2: meridian.v1.ProposeRequest
-	(*ProposeResponse)(nil),            // 3: meridian.v1.ProposeResponse
-	(*ReadIndexRequest)(nil),           // 4: meridian.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil),          // 5: meridian.v1.ReadIndexResponse
-	(*GetManifestRequest)(nil),         // 6: meridian.v1.GetManifestRequest
-	(*GetManifestResponse)(nil),        // 7: meridian.v1.GetManifestResponse
-	(*GetTagRequest)(nil),              // 8: meridian.v1.GetTagRequest
-	(*GetTagResponse)(nil),             // 9: meridian.v1.GetTagResponse
-	(*ListRequest)(nil),                // 10: meridian.v1.ListRequest
-	(*ListResponse)(nil),               // 11: meridian.v1.ListResponse
-	(*ListReferrersRequest)(nil),       // 12: meridian.v1.ListReferrersRequest
-	(*ListReferrersResponse)(nil),      // 13: meridian.v1.ListReferrersResponse
-	(*GetLinkedBlobRequest)(nil),       // 14: meridian.v1.GetLinkedBlobRequest
-	(*GetLinkedBlobResponse)(nil),      // 15: meridian.v1.GetLinkedBlobResponse
-	(*GetPolicyRequest)(nil),           // 16: meridian.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),          // 17: meridian.v1.GetPolicyResponse
-	(*WaitBlobPlacedRequest)(nil),      // 18: meridian.v1.WaitBlobPlacedRequest
-	(*WaitBlobPlacedResponse)(nil),     // 19: meridian.v1.WaitBlobPlacedResponse
-	(*Coordinate)(nil),                 // 20: meridian.v1.Coordinate
-	(*PingRequest)(nil),                // 21: meridian.v1.PingRequest
-	(*PingResponse)(nil),               // 22: meridian.v1.PingResponse
-	(*GetUploadKeyRequest)(nil),        // 23: meridian.v1.GetUploadKeyRequest
-	(*GetUploadKeyResponse)(nil),       // 24: meridian.v1.GetUploadKeyResponse
-	(*StatusRequest)(nil),              // 25: meridian.v1.StatusRequest
-	(*NodeStatus)(nil),                 // 26: meridian.v1.NodeStatus
-	(*ClusterStatusRequest)(nil),       // 27: meridian.v1.ClusterStatusRequest
-	(*MemberStatus)(nil),               // 28: meridian.v1.MemberStatus
-	(*GatewayStatus)(nil),              // 29: meridian.v1.GatewayStatus
-	(*UpstreamNode)(nil),               // 30: meridian.v1.UpstreamNode
-	(*ClusterStatusResponse)(nil),      // 31: meridian.v1.ClusterStatusResponse
-	(*RegionLag)(nil),                  // 32: meridian.v1.RegionLag
-	(*ListPoliciesRequest)(nil),        // 33: meridian.v1.ListPoliciesRequest
-	(*ListPoliciesResponse)(nil),       // 34: meridian.v1.ListPoliciesResponse
-	(*SetPolicyRequest)(nil),           // 35: meridian.v1.SetPolicyRequest
-	(*SetPolicyResponse)(nil),          // 36: meridian.v1.SetPolicyResponse
-	(*DeletePolicyRequest)(nil),        // 37: meridian.v1.DeletePolicyRequest
-	(*DeletePolicyResponse)(nil),       // 38: meridian.v1.DeletePolicyResponse
-	(*TransferLeadershipRequest)(nil),  // 39: meridian.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 40: meridian.v1.TransferLeadershipResponse
-	(*RemoveServerRequest)(nil),        // 41: meridian.v1.RemoveServerRequest
-	(*RemoveServerResponse)(nil),       // 42: meridian.v1.RemoveServerResponse
-	(Code)(0),                          // 43: meridian.v1.Code
-	(*LogEntry)(nil),                   // 44: meridian.v1.LogEntry
-	(*ManifestRecord)(nil),             // 45: meridian.v1.ManifestRecord
-	(*Referrer)(nil),                   // 46: meridian.v1.Referrer
-	(*BlobRecord)(nil),                 // 47: meridian.v1.BlobRecord
-	(*Policy)(nil),                     // 48: meridian.v1.Policy
+	(*Command)(nil),                    // 2: meridian.v1.Command
+	(*CommitRequest)(nil),              // 3: meridian.v1.CommitRequest
+	(*CommitResponse)(nil),             // 4: meridian.v1.CommitResponse
+	(*ReadIndexRequest)(nil),           // 5: meridian.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),          // 6: meridian.v1.ReadIndexResponse
+	(*GetManifestRequest)(nil),         // 7: meridian.v1.GetManifestRequest
+	(*GetManifestResponse)(nil),        // 8: meridian.v1.GetManifestResponse
+	(*GetTagRequest)(nil),              // 9: meridian.v1.GetTagRequest
+	(*GetTagResponse)(nil),             // 10: meridian.v1.GetTagResponse
+	(*ListRequest)(nil),                // 11: meridian.v1.ListRequest
+	(*ListResponse)(nil),               // 12: meridian.v1.ListResponse
+	(*ListReferrersRequest)(nil),       // 13: meridian.v1.ListReferrersRequest
+	(*ListReferrersResponse)(nil),      // 14: meridian.v1.ListReferrersResponse
+	(*GetLinkedBlobRequest)(nil),       // 15: meridian.v1.GetLinkedBlobRequest
+	(*GetLinkedBlobResponse)(nil),      // 16: meridian.v1.GetLinkedBlobResponse
+	(*GetPolicyRequest)(nil),           // 17: meridian.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),          // 18: meridian.v1.GetPolicyResponse
+	(*WaitBlobPlacedRequest)(nil),      // 19: meridian.v1.WaitBlobPlacedRequest
+	(*WaitBlobPlacedResponse)(nil),     // 20: meridian.v1.WaitBlobPlacedResponse
+	(*Coordinate)(nil),                 // 21: meridian.v1.Coordinate
+	(*PingRequest)(nil),                // 22: meridian.v1.PingRequest
+	(*PingResponse)(nil),               // 23: meridian.v1.PingResponse
+	(*GetUploadKeyRequest)(nil),        // 24: meridian.v1.GetUploadKeyRequest
+	(*GetUploadKeyResponse)(nil),       // 25: meridian.v1.GetUploadKeyResponse
+	(*StatusRequest)(nil),              // 26: meridian.v1.StatusRequest
+	(*NodeStatus)(nil),                 // 27: meridian.v1.NodeStatus
+	(*ClusterStatusRequest)(nil),       // 28: meridian.v1.ClusterStatusRequest
+	(*MemberStatus)(nil),               // 29: meridian.v1.MemberStatus
+	(*GatewayStatus)(nil),              // 30: meridian.v1.GatewayStatus
+	(*UpstreamNode)(nil),               // 31: meridian.v1.UpstreamNode
+	(*ClusterStatusResponse)(nil),      // 32: meridian.v1.ClusterStatusResponse
+	(*RegionLag)(nil),                  // 33: meridian.v1.RegionLag
+	(*ListPoliciesRequest)(nil),        // 34: meridian.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),       // 35: meridian.v1.ListPoliciesResponse
+	(*SetPolicyRequest)(nil),           // 36: meridian.v1.SetPolicyRequest
+	(*SetPolicyResponse)(nil),          // 37: meridian.v1.SetPolicyResponse
+	(*DeletePolicyRequest)(nil),        // 38: meridian.v1.DeletePolicyRequest
+	(*DeletePolicyResponse)(nil),       // 39: meridian.v1.DeletePolicyResponse
+	(*TransferLeadershipRequest)(nil),  // 40: meridian.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 41: meridian.v1.TransferLeadershipResponse
+	(*RemoveServerRequest)(nil),        // 42: meridian.v1.RemoveServerRequest
+	(*RemoveServerResponse)(nil),       // 43: meridian.v1.RemoveServerResponse
+	(Code)(0),                          // 44: meridian.v1.Code
+	(*PutManifest)(nil),                // 45: meridian.v1.PutManifest
+	(*DeleteManifest)(nil),             // 46: meridian.v1.DeleteManifest
+	(*DeleteTag)(nil),                  // 47: meridian.v1.DeleteTag
+	(*LinkBlob)(nil),                   // 48: meridian.v1.LinkBlob
+	(*UnlinkBlob)(nil),                 // 49: meridian.v1.UnlinkBlob
+	(*PlaceBlob)(nil),                  // 50: meridian.v1.PlaceBlob
+	(*SetPolicy)(nil),                  // 51: meridian.v1.SetPolicy
+	(*DeletePolicy)(nil),               // 52: meridian.v1.DeletePolicy
+	(*SetRegions)(nil),                 // 53: meridian.v1.SetRegions
+	(*ManifestRecord)(nil),             // 54: meridian.v1.ManifestRecord
+	(*Referrer)(nil),                   // 55: meridian.v1.Referrer
+	(*BlobRecord)(nil),                 // 56: meridian.v1.BlobRecord
+	(*Policy)(nil),                     // 57: meridian.v1.Policy
 }
 var file_meridianpb_cluster_proto_depIdxs = []int32{
-	43, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
-	44, // 1: meridian.v1.ProposeRequest.entry:type_name -> meridian.v1.LogEntry
-	1,  // 2: meridian.v1.ProposeResponse.result:type_name -> meridian.v1.Result
-	0,  // 3: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 4: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
-	45, // 5: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
-	0,  // 6: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 7: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
-	0,  // 8: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 9: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
-	0,  // 10: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 11: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
-	46, // 12: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
-	0,  // 13: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 14: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
-	47, // 15: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
-	1,  // 16: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 17: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
-	47, // 18: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
-	20, // 19: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
-	20, // 20: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
-	26, // 21: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
-	29, // 22: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
-	30, // 23: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
-	28, // 24: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
-	32, // 25: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
-	48, // 26: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
-	48, // 27: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
-	1,  // 28: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 29: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 30: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
-	1,  // 31: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
-	2,  // 32: meridian.v1.Cluster.Propose:input_type -> meridian.v1.ProposeRequest
-	4,  // 33: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
-	25, // 34: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
-	27, // 35: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
-	39, // 36: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
-	41, // 37: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
-	33, // 38: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
-	35, // 39: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
-	37, // 40: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
-	6,  // 41: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
-	8,  // 42: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
-	10, // 43: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
-	10, // 44: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
-	12, // 45: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
-	14, // 46: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
-	23, // 47: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
-	16, // 48: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
-	18, // 49: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
-	21, // 50: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
-	3,  // 51: meridian.v1.Cluster.Propose:output_type -> meridian.v1.ProposeResponse
-	5,  // 52: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
-	26, // 53: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
-	31, // 54: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
-	40, // 55: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
-	42, // 56: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
-	34, // 57: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
-	36, // 58: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
-	38, // 59: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
-	7,  // 60: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
-	9,  // 61: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
-	11, // 62: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
-	11, // 63: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
-	13, // 64: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
-	15, // 65: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
-	24, // 66: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
-	17, // 67: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
-	19, // 68: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
-	22, // 69: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
-	51, // [51:70] is the sub-list for method output_type
-	32, // [32:51] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	44, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
+	45, // 1: meridian.v1.Command.put_manifest:type_name -> meridian.v1.PutManifest
+	46, // 2: meridian.v1.Command.delete_manifest:type_name -> meridian.v1.DeleteManifest
+	47, // 3: meridian.v1.Command.delete_tag:type_name -> meridian.v1.DeleteTag
+	48, // 4: meridian.v1.Command.link_blob:type_name -> meridian.v1.LinkBlob
+	49, // 5: meridian.v1.Command.unlink_blob:type_name -> meridian.v1.UnlinkBlob
+	50, // 6: meridian.v1.Command.place_blob:type_name -> meridian.v1.PlaceBlob
+	51, // 7: meridian.v1.Command.set_policy:type_name -> meridian.v1.SetPolicy
+	52, // 8: meridian.v1.Command.delete_policy:type_name -> meridian.v1.DeletePolicy
+	53, // 9: meridian.v1.Command.set_regions:type_name -> meridian.v1.SetRegions
+	2,  // 10: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
+	1,  // 11: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
+	0,  // 12: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 13: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
+	54, // 14: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
+	0,  // 15: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 16: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
+	0,  // 17: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 18: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
+	0,  // 19: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 20: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
+	55, // 21: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
+	0,  // 22: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 23: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
+	56, // 24: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
+	1,  // 25: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 26: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
+	56, // 27: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
+	21, // 28: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
+	21, // 29: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
+	27, // 30: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
+	30, // 31: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
+	31, // 32: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
+	29, // 33: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
+	33, // 34: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
+	57, // 35: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
+	57, // 36: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
+	1,  // 37: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 38: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 39: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
+	1,  // 40: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
+	3,  // 41: meridian.v1.Cluster.Commit:input_type -> meridian.v1.CommitRequest
+	5,  // 42: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
+	26, // 43: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
+	28, // 44: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
+	40, // 45: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
+	42, // 46: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
+	34, // 47: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
+	36, // 48: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
+	38, // 49: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
+	7,  // 50: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
+	9,  // 51: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
+	11, // 52: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
+	11, // 53: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
+	13, // 54: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
+	15, // 55: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
+	24, // 56: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
+	17, // 57: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
+	19, // 58: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
+	22, // 59: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
+	4,  // 60: meridian.v1.Cluster.Commit:output_type -> meridian.v1.CommitResponse
+	6,  // 61: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
+	27, // 62: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
+	32, // 63: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
+	41, // 64: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
+	43, // 65: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
+	35, // 66: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
+	37, // 67: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
+	39, // 68: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
+	8,  // 69: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
+	10, // 70: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
+	12, // 71: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
+	12, // 72: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
+	14, // 73: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
+	16, // 74: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
+	25, // 75: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
+	18, // 76: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
+	20, // 77: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
+	23, // 78: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
+	60, // [60:79] is the sub-list for method output_type
+	41, // [41:60] is the sub-list for method input_type
+	41, // [41:41] is the sub-list for extension type_name
+	41, // [41:41] is the sub-list for extension extendee
+	0,  // [0:41] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_cluster_proto_init() }
@@ -2880,13 +3111,24 @@ func file_meridianpb_cluster_proto_init() {
 		return
 	}
 	file_meridianpb_meridian_proto_init()
+	file_meridianpb_cluster_proto_msgTypes[1].OneofWrappers = []any{
+		(*Command_PutManifest)(nil),
+		(*Command_DeleteManifest)(nil),
+		(*Command_DeleteTag)(nil),
+		(*Command_LinkBlob)(nil),
+		(*Command_UnlinkBlob)(nil),
+		(*Command_PlaceBlob)(nil),
+		(*Command_SetPolicy)(nil),
+		(*Command_DeletePolicy)(nil),
+		(*Command_SetRegions)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridianpb_cluster_proto_rawDesc), len(file_meridianpb_cluster_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   42,
+			NumMessages:   43,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

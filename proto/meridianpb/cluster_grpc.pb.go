@@ -23,7 +23,7 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Cluster_Propose_FullMethodName            = "/meridian.v1.Cluster/Propose"
+	Cluster_Commit_FullMethodName             = "/meridian.v1.Cluster/Commit"
 	Cluster_ReadIndex_FullMethodName          = "/meridian.v1.Cluster/ReadIndex"
 	Cluster_Status_FullMethodName             = "/meridian.v1.Cluster/Status"
 	Cluster_ClusterStatus_FullMethodName      = "/meridian.v1.Cluster/ClusterStatus"
@@ -48,11 +48,14 @@ const (
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 type ClusterClient interface {
-	// Propose commits an entry through Raft. A follower forwards a client's
-	// write to the leader once (forwarded = true); a node that receives a
-	// forwarded proposal and is not the leader answers CODE_NOT_LEADER rather
-	// than forwarding again.
-	Propose(ctx context.Context, in *ProposeRequest, opts ...grpc.CallOption) (*ProposeResponse, error)
+	// Commit validates a write intent and commits it through Raft. The node
+	// checks every field and builds the log entry itself (format version,
+	// time): log entries never cross the network outside Raft. A follower
+	// forwards a write to the leader once (forwarded = true, nodes only); a
+	// node that receives a forwarded write and is not the leader answers
+	// CODE_NOT_LEADER rather than forwarding again. An invalid intent gets
+	// CODE_INVALID_ARGUMENT and commits nothing.
+	Commit(ctx context.Context, in *CommitRequest, opts ...grpc.CallOption) (*CommitResponse, error)
 	// ReadIndex confirms leadership with a quorum and returns the commit index
 	// a linearizable read must have applied before it reads.
 	ReadIndex(ctx context.Context, in *ReadIndexRequest, opts ...grpc.CallOption) (*ReadIndexResponse, error)
@@ -96,10 +99,10 @@ func NewClusterClient(cc grpc.ClientConnInterface) ClusterClient {
 	return &clusterClient{cc}
 }
 
-func (c *clusterClient) Propose(ctx context.Context, in *ProposeRequest, opts ...grpc.CallOption) (*ProposeResponse, error) {
+func (c *clusterClient) Commit(ctx context.Context, in *CommitRequest, opts ...grpc.CallOption) (*CommitResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(ProposeResponse)
-	err := c.cc.Invoke(ctx, Cluster_Propose_FullMethodName, in, out, cOpts...)
+	out := new(CommitResponse)
+	err := c.cc.Invoke(ctx, Cluster_Commit_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -290,11 +293,14 @@ func (c *clusterClient) Ping(ctx context.Context, in *PingRequest, opts ...grpc.
 // All implementations must embed UnimplementedClusterServer
 // for forward compatibility.
 type ClusterServer interface {
-	// Propose commits an entry through Raft. A follower forwards a client's
-	// write to the leader once (forwarded = true); a node that receives a
-	// forwarded proposal and is not the leader answers CODE_NOT_LEADER rather
-	// than forwarding again.
-	Propose(context.Context, *ProposeRequest) (*ProposeResponse, error)
+	// Commit validates a write intent and commits it through Raft. The node
+	// checks every field and builds the log entry itself (format version,
+	// time): log entries never cross the network outside Raft. A follower
+	// forwards a write to the leader once (forwarded = true, nodes only); a
+	// node that receives a forwarded write and is not the leader answers
+	// CODE_NOT_LEADER rather than forwarding again. An invalid intent gets
+	// CODE_INVALID_ARGUMENT and commits nothing.
+	Commit(context.Context, *CommitRequest) (*CommitResponse, error)
 	// ReadIndex confirms leadership with a quorum and returns the commit index
 	// a linearizable read must have applied before it reads.
 	ReadIndex(context.Context, *ReadIndexRequest) (*ReadIndexResponse, error)
@@ -338,8 +344,8 @@ type ClusterServer interface {
 // pointer dereference when methods are called.
 type UnimplementedClusterServer struct{}
 
-func (UnimplementedClusterServer) Propose(context.Context, *ProposeRequest) (*ProposeResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "method Propose not implemented")
+func (UnimplementedClusterServer) Commit(context.Context, *CommitRequest) (*CommitResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Commit not implemented")
 }
 func (UnimplementedClusterServer) ReadIndex(context.Context, *ReadIndexRequest) (*ReadIndexResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ReadIndex not implemented")
@@ -416,20 +422,20 @@ func RegisterClusterServer(s grpc.ServiceRegistrar, srv ClusterServer) {
 	s.RegisterService(&Cluster_ServiceDesc, srv)
 }
 
-func _Cluster_Propose_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(ProposeRequest)
+func _Cluster_Commit_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CommitRequest)
 	if err := dec(in); err != nil {
 		return nil, err
 	}
 	if interceptor == nil {
-		return srv.(ClusterServer).Propose(ctx, in)
+		return srv.(ClusterServer).Commit(ctx, in)
 	}
 	info := &grpc.UnaryServerInfo{
 		Server:     srv,
-		FullMethod: Cluster_Propose_FullMethodName,
+		FullMethod: Cluster_Commit_FullMethodName,
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(ClusterServer).Propose(ctx, req.(*ProposeRequest))
+		return srv.(ClusterServer).Commit(ctx, req.(*CommitRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -766,8 +772,8 @@ var Cluster_ServiceDesc = grpc.ServiceDesc{
 	HandlerType: (*ClusterServer)(nil),
 	Methods: []grpc.MethodDesc{
 		{
-			MethodName: "Propose",
-			Handler:    _Cluster_Propose_Handler,
+			MethodName: "Commit",
+			Handler:    _Cluster_Commit_Handler,
 		},
 		{
 			MethodName: "ReadIndex",

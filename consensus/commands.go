@@ -1,0 +1,50 @@
+package consensus
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// Entry builds the log entry of a validated command: this binary's format
+// version and the proposer's time, fixed here so every replica applies the
+// same thing. It is the one place a command becomes a LogEntry; callers
+// outside this package send commands, never entries.
+func Entry(cmd *pb.Command, now time.Time) (*pb.LogEntry, error) {
+	e := &pb.LogEntry{Version: LogVersion, TimeUnixNano: now.UnixNano()}
+	switch c := cmd.GetIntent().(type) {
+	case *pb.Command_PutManifest:
+		e.Command = &pb.LogEntry_PutManifest{PutManifest: c.PutManifest}
+	case *pb.Command_DeleteManifest:
+		e.Command = &pb.LogEntry_DeleteManifest{DeleteManifest: c.DeleteManifest}
+	case *pb.Command_DeleteTag:
+		e.Command = &pb.LogEntry_DeleteTag{DeleteTag: c.DeleteTag}
+	case *pb.Command_LinkBlob:
+		e.Command = &pb.LogEntry_LinkBlob{LinkBlob: c.LinkBlob}
+	case *pb.Command_UnlinkBlob:
+		e.Command = &pb.LogEntry_UnlinkBlob{UnlinkBlob: c.UnlinkBlob}
+	case *pb.Command_PlaceBlob:
+		e.Command = &pb.LogEntry_PlaceBlob{PlaceBlob: c.PlaceBlob}
+	case *pb.Command_SetPolicy:
+		e.Command = &pb.LogEntry_SetPolicy{SetPolicy: c.SetPolicy}
+	case *pb.Command_DeletePolicy:
+		e.Command = &pb.LogEntry_DeletePolicy{DeletePolicy: c.DeletePolicy}
+	case *pb.Command_SetRegions:
+		e.Command = &pb.LogEntry_SetRegions{SetRegions: c.SetRegions}
+	default:
+		return nil, fmt.Errorf("%w: no command, or one this binary does not know (%T)", pb.ErrInvalidArgument, cmd.GetIntent())
+	}
+	return e, nil
+}
+
+// Commit builds the entry of a validated command and proposes it; see
+// Propose for the answers.
+func (n *Node) Commit(ctx context.Context, cmd *pb.Command) error {
+	e, err := Entry(cmd, time.Now())
+	if err != nil {
+		return err
+	}
+	return n.Propose(ctx, e)
+}

@@ -1,0 +1,213 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"unicode"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/meridian-registry/meridian/gateway"
+	"github.com/meridian-registry/meridian/node/pki"
+	"github.com/meridian-registry/meridian/node/transport"
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// The node owns its commands: every write, whether from this node's own
+// gateway, a standalone gateway, another node or the admin API, is checked
+// here field by field before consensus builds its log entry. A command that
+// fails gets ErrInvalidArgument with the reason, and nothing is committed.
+
+// maxTextField bounds free-text fields (media and artifact types).
+const maxTextField = 255
+
+func invalid(format string, args ...any) error {
+	return pb.Errorf(pb.Code_CODE_INVALID_ARGUMENT, format, args...)
+}
+
+// validateCommand checks every field of cmd.
+func (n *Node) validateCommand(ctx context.Context, cmd *pb.Command) error {
+	switch c := cmd.GetIntent().(type) {
+	case *pb.Command_PutManifest:
+		return n.validatePutManifest(c.PutManifest)
+	case *pb.Command_DeleteManifest:
+		return firstErr(checkRepo(c.DeleteManifest.GetRepository()), checkDigest("digest", c.DeleteManifest.GetDigest()))
+	case *pb.Command_DeleteTag:
+		return firstErr(checkRepo(c.DeleteTag.GetRepository()), checkTag(c.DeleteTag.GetTag()))
+	case *pb.Command_LinkBlob:
+		l := c.LinkBlob
+		err := firstErr(checkRepo(l.GetRepository()), checkDigest("digest", l.GetDigest()), n.checkSize(l.GetSize()))
+		if err == nil && l.PlacedRegion != "" {
+			err = n.checkRegion(l.PlacedRegion)
+		}
+		if err == nil && l.MountFrom != "" {
+			err = checkRepo(l.MountFrom)
+		}
+		return err
+	case *pb.Command_UnlinkBlob:
+		return firstErr(checkRepo(c.UnlinkBlob.GetRepository()), checkDigest("digest", c.UnlinkBlob.GetDigest()))
+	case *pb.Command_PlaceBlob:
+		p := c.PlaceBlob
+		return firstErr(checkDigest("digest", p.GetDigest()), n.checkSize(p.GetSize()), n.checkRegion(p.GetRegion()))
+	case *pb.Command_SetPolicy:
+		return n.validatePolicy(ctx, c.SetPolicy.GetPolicy())
+	case *pb.Command_DeletePolicy:
+		if !policyPrefixRE.MatchString(c.DeletePolicy.GetPrefix()) {
+			return invalid("prefix %q: not a repository name prefix", c.DeletePolicy.GetPrefix())
+		}
+		return nil
+	case *pb.Command_SetRegions:
+		if !slices.Equal(c.SetRegions.GetRegions(), n.cfg.regionNames()) {
+			return invalid("regions %v: the cluster's configured regions are %v", c.SetRegions.GetRegions(), n.cfg.regionNames())
+		}
+		return nil
+	default:
+		return invalid("no command, or a command this node does not know (%T)", cmd.GetIntent())
+	}
+}
+
+func (n *Node) validatePutManifest(m *pb.PutManifest) error {
+	if err := firstErr(checkRepo(m.GetRepository()), checkDigest("digest", m.GetDigest())); err != nil {
+		return err
+	}
+	if len(m.Content) == 0 {
+		return invalid("manifest %s: no content", m.Digest)
+	}
+	if max := int64(n.cfg.MaxManifestSize); int64(len(m.Content)) > max {
+		return invalid("manifest %s: %d bytes, more than the %d bytes max_manifest_size allows", m.Digest, len(m.Content), max)
+	}
+	d, _ := gateway.ParseDigest(m.Digest)
+	if got := d.Algorithm().FromBytes(m.Content); got != d {
+		return invalid("manifest content hashes to %s, not %s", got, d)
+	}
+	if err := firstErr(checkText("media_type", m.MediaType, true), checkText("artifact_type", m.ArtifactType, false)); err != nil {
+		return err
+	}
+	for _, t := range m.Tags {
+		if err := checkTag(t); err != nil {
+			return err
+		}
+	}
+	if m.IfMatch != "" {
+		if err := checkDigest("if_match", m.IfMatch); err != nil {
+			return err
+		}
+	}
+	if m.Subject != "" {
+		if err := checkDigest("subject", m.Subject); err != nil {
+			return err
+		}
+	}
+	for _, list := range [][]string{m.Blobs, m.Manifests} {
+		for _, b := range list {
+			if err := checkDigest("referenced digest", b); err != nil {
+				return err
+			}
+		}
+	}
+	// Annotations come out of the manifest: they cannot outweigh it.
+	size := 0
+	for k, v := range m.Annotations {
+		size += len(k) + len(v)
+	}
+	if size > len(m.Content) {
+		return invalid("annotations of %d bytes in a manifest of %d", size, len(m.Content))
+	}
+	return nil
+}
+
+func (n *Node) checkSize(size int64) error {
+	if size < 0 {
+		return invalid("size %d: negative", size)
+	}
+	if max := int64(n.cfg.MaxBlobSize); max > 0 && size > max {
+		return invalid("size %d: more than max_blob_size %d", size, max)
+	}
+	return nil
+}
+
+func (n *Node) checkRegion(region string) error {
+	if !slices.Contains(n.cfg.regionNames(), region) {
+		return invalid("region %q: the cluster's regions are %v", region, n.cfg.regionNames())
+	}
+	return nil
+}
+
+func checkRepo(name string) error {
+	if err := gateway.ValidateName(name); err != nil {
+		return invalid("%v", err)
+	}
+	return nil
+}
+
+func checkTag(tag string) error {
+	if err := gateway.ValidateTag(tag); err != nil {
+		return invalid("%v", err)
+	}
+	return nil
+}
+
+func checkDigest(field, s string) error {
+	if _, err := gateway.ParseDigest(s); err != nil {
+		return invalid("%s: %v", field, err)
+	}
+	return nil
+}
+
+// checkText bounds a free-text field and keeps control characters out.
+func checkText(field, s string, required bool) error {
+	if required && s == "" {
+		return invalid("%s is required", field)
+	}
+	if len(s) > maxTextField {
+		return invalid("%s: %d bytes, at most %d", field, len(s), maxTextField)
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) || r == unicode.ReplacementChar {
+			return invalid("%s %q: control or invalid characters", field, s)
+		}
+	}
+	return nil
+}
+
+func firstErr(errs ...error) error {
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// gatewayIntents are what a gateway may ask a node to commit.
+func gatewayIntent(cmd *pb.Command) bool {
+	switch cmd.GetIntent().(type) {
+	case *pb.Command_PutManifest, *pb.Command_DeleteManifest, *pb.Command_DeleteTag,
+		*pb.Command_LinkBlob, *pb.Command_UnlinkBlob:
+		return true
+	}
+	return false
+}
+
+// mayCommit checks the caller of a Commit against the intent: gateways
+// send repository writes, nodes everything (their replicators place blobs,
+// their admin API sets policies) and forwarded writes. In plaintext every
+// caller is trusted (loopback or --insecure-cluster).
+func (n *Node) mayCommit(ctx context.Context, req *pb.CommitRequest) error {
+	if !n.trust.Secure() {
+		return nil
+	}
+	id, _ := transport.Caller(ctx) // the interceptor already required one
+	switch {
+	case id.Role == pki.RoleNode:
+		return nil
+	case req.Forwarded:
+		return status.Errorf(codes.PermissionDenied, "%s may not forward writes: nodes only", id)
+	case id.Role == pki.RoleGateway && (gatewayIntent(req.Command) || req.Command.GetIntent() == nil):
+		return nil // an empty command fails validation with its reason
+	default:
+		return status.Error(codes.PermissionDenied, fmt.Sprintf("%s may not commit %T", id, req.Command.GetIntent()))
+	}
+}
