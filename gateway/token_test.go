@@ -3,7 +3,6 @@ package gateway
 import (
 	"bytes"
 	"encoding/base64"
-	"encoding/json"
 	"strings"
 	"testing"
 	"time"
@@ -19,11 +18,11 @@ var (
 )
 
 func TestTokenRoundTrip(t *testing.T) {
-	tok := signToken(tokenKey, tokenState)
+	tok := sealToken(tokenKey, tokenState)
 	if strings.ContainsAny(tok, "/?#%&= +") {
 		t.Errorf("token %q is not safe as a URL path segment", tok)
 	}
-	got, err := parseToken(tokenKey, tok, tokenState.Repo, tokenNow)
+	got, err := openToken(tokenKey, tok, tokenState.Repo, tokenNow)
 	if err != nil {
 		t.Fatalf("parseToken: %v", err)
 	}
@@ -33,46 +32,53 @@ func TestTokenRoundTrip(t *testing.T) {
 		got.Offset != want.Offset || !bytes.Equal(got.Hash, want.Hash) || got.Expires != want.Expires {
 		t.Errorf("round trip = %+v, want %+v", got, want)
 	}
-	if _, err := parseToken(tokenKey, tok, tokenState.Repo, tokenNow.Add(59*time.Minute)); err != nil {
+	if _, err := openToken(tokenKey, tok, tokenState.Repo, tokenNow.Add(59*time.Minute)); err != nil {
 		t.Errorf("token refused before it expires: %v", err)
 	}
 }
 
-// reseal returns tok with its payload replaced by edit(payload), keeping the
-// original signature: what a client that edits its own token would send.
-func reseal(t *testing.T, tok string, edit func(map[string]any)) string {
+// sealRaw seals an arbitrary payload for repo, as a gateway with the key
+// would: what a forger holding the key could make.
+func sealRaw(t *testing.T, key []byte, repo, payload string, format byte) string {
 	t.Helper()
-	p, sig, _ := strings.Cut(tok, ".")
-	raw, err := base64.RawURLEncoding.DecodeString(p)
+	aead, err := tokenAEAD(key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var m map[string]any
-	if err := json.Unmarshal(raw, &m); err != nil {
-		t.Fatal(err)
-	}
-	edit(m)
-	raw, _ = json.Marshal(m)
-	return base64.RawURLEncoding.EncodeToString(raw) + "." + sig
+	nonce := bytes.Repeat([]byte{1}, aead.NonceSize())
+	out := append([]byte{format}, nonce...)
+	return base64.RawURLEncoding.EncodeToString(aead.Seal(out, nonce, []byte(payload), []byte(repo)))
 }
 
-// signed returns a correctly signed token over an arbitrary payload.
-func signed(key []byte, payload string) string {
-	p := base64.RawURLEncoding.EncodeToString([]byte(payload))
-	return p + "." + base64.RawURLEncoding.EncodeToString(tokenMAC(key, p))
+// A token, decoded, shows nothing of the session: not the repository, not
+// the store's upload id, not the hash state that holds the client's last
+// unhashed bytes.
+func TestTokenRevealsNothing(t *testing.T) {
+	secret := []byte("THE-CLIENT'S-OWN-BYTES")
+	st := tokenState
+	st.Hash = append([]byte("sha\x03"), secret...)
+	tok := sealToken(tokenKey, st)
+	raw, err := base64.RawURLEncoding.DecodeString(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, leak := range [][]byte{secret, []byte(st.Repo), []byte(st.ID), []byte(st.Region), []byte(`"o":`), []byte(`"h":`)} {
+		if bytes.Contains(raw, leak) || strings.Contains(tok, string(leak)) {
+			t.Errorf("the token shows %q", leak)
+		}
+	}
+	if tok == sealToken(tokenKey, st) {
+		t.Error("two seals of one state are equal: the nonce is not fresh")
+	}
 }
 
 func TestTokenRejected(t *testing.T) {
-	good := signToken(tokenKey, tokenState)
-	payload, sig, _ := strings.Cut(good, ".")
-	flip := func(s string, i int) string {
-		b := []byte(s)
-		if b[i] == 'A' {
-			b[i] = 'B'
-		} else {
-			b[i] = 'A'
-		}
-		return string(b)
+	good := sealToken(tokenKey, tokenState)
+	raw, _ := base64.RawURLEncoding.DecodeString(good)
+	flipByte := func(i int) string {
+		b := bytes.Clone(raw)
+		b[i] ^= 0x01
+		return base64.RawURLEncoding.EncodeToString(b)
 	}
 	expired := tokenState
 	expired.Expires = tokenNow.Unix()
@@ -81,34 +87,34 @@ func TestTokenRejected(t *testing.T) {
 		token string
 		repo  string
 	}{
-		{"forged signature", payload + "." + flip(sig, 3), tokenState.Repo},
-		{"signature of another payload", payload + "." + strings.Split(signToken(tokenKey, expired), ".")[1], tokenState.Repo},
-		{"truncated signature", payload + "." + sig[:len(sig)-2], tokenState.Repo},
-		{"no signature", payload + ".", tokenState.Repo},
-		{"altered payload byte", flip(payload, 10) + "." + sig, tokenState.Repo},
-		{"raised offset", reseal(t, good, func(m map[string]any) { m["o"] = 1 << 40 }), tokenState.Repo},
-		{"extended expiry", reseal(t, good, func(m map[string]any) { m["e"] = 1 << 40 }), tokenState.Repo},
-		{"other repository in payload", reseal(t, good, func(m map[string]any) { m["r"] = "victim/repo" }), "victim/repo"},
-		{"wrong key", signToken(bytes.Repeat([]byte{8}, 32), tokenState), tokenState.Repo},
-		{"empty key", signToken(nil, tokenState), tokenState.Repo},
+		{"flipped format byte", flipByte(0), tokenState.Repo},
+		{"flipped nonce byte", flipByte(3), tokenState.Repo},
+		{"flipped ciphertext byte", flipByte(len(raw) / 2), tokenState.Repo},
+		{"flipped tag byte", flipByte(len(raw) - 1), tokenState.Repo},
+		{"truncated", base64.RawURLEncoding.EncodeToString(raw[:len(raw)-1]), tokenState.Repo},
+		{"format byte only", base64.RawURLEncoding.EncodeToString(raw[:1]), tokenState.Repo},
+		{"wrong key", sealToken(bytes.Repeat([]byte{8}, 32), tokenState), tokenState.Repo},
+		{"empty key", sealToken(nil, tokenState), tokenState.Repo},
 		{"token for another repository", good, "library/busybox"},
 		{"token for a parent repository", good, "library"},
-		{"expired at the second", signToken(tokenKey, expired), tokenState.Repo},
-		{"expired long ago", signToken(tokenKey, uploadState{Repo: tokenState.Repo, ID: tokenState.ID, Expires: 1}), tokenState.Repo},
-		{"no expiry", signToken(tokenKey, uploadState{Repo: tokenState.Repo, ID: tokenState.ID}), tokenState.Repo},
-		{"wrong version", signed(tokenKey, `{"v":2,"r":"library/alpine","i":"x","e":4000000000}`), tokenState.Repo},
-		{"no version", signed(tokenKey, `{"r":"library/alpine","i":"x","e":4000000000}`), tokenState.Repo},
-		{"signed garbage", signed(tokenKey, "not json"), tokenState.Repo},
-		{"signed wrong types", signed(tokenKey, `{"v":"1","r":1}`), tokenState.Repo},
+		{"sealed for one repository, naming another", sealRaw(t, tokenKey, "victim/repo", `{"v":1,"r":"library/alpine","i":"x","e":4000000000}`, tokenFormat), "victim/repo"},
+		{"expired at the second", sealToken(tokenKey, expired), tokenState.Repo},
+		{"expired long ago", sealToken(tokenKey, uploadState{Repo: tokenState.Repo, ID: tokenState.ID, Expires: 1}), tokenState.Repo},
+		{"no expiry", sealToken(tokenKey, uploadState{Repo: tokenState.Repo, ID: tokenState.ID}), tokenState.Repo},
+		{"wrong payload version", sealRaw(t, tokenKey, "library/alpine", `{"v":2,"r":"library/alpine","i":"x","e":4000000000}`, tokenFormat), tokenState.Repo},
+		{"no payload version", sealRaw(t, tokenKey, "library/alpine", `{"r":"library/alpine","i":"x","e":4000000000}`, tokenFormat), tokenState.Repo},
+		{"other sealing format", sealRaw(t, tokenKey, "library/alpine", `{"v":1,"r":"library/alpine","i":"x","e":4000000000}`, 1), tokenState.Repo},
+		{"sealed garbage", sealRaw(t, tokenKey, "library/alpine", "not json", tokenFormat), tokenState.Repo},
+		{"sealed wrong types", sealRaw(t, tokenKey, "library/alpine", `{"v":"1","r":1}`, tokenFormat), tokenState.Repo},
+		{"the old signed JSON format", base64.RawURLEncoding.EncodeToString([]byte(`{"v":1,"r":"library/alpine"}`)) + ".c2ln", tokenState.Repo},
 		{"garbage", "hello", tokenState.Repo},
 		{"empty", "", tokenState.Repo},
-		{"only a dot", ".", tokenState.Repo},
-		{"bad base64", "!!!!.????", tokenState.Repo},
-		{"overlong", signed(tokenKey, `{"v":1,"r":"library/alpine","i":"x","e":4000000000,"pad":"`+strings.Repeat("x", 4096)+`"}`), tokenState.Repo},
+		{"bad base64", "!!!!????", tokenState.Repo},
+		{"overlong", sealRaw(t, tokenKey, "library/alpine", `{"v":1,"r":"library/alpine","i":"x","e":4000000000,"pad":"`+strings.Repeat("x", 4096)+`"}`, tokenFormat), tokenState.Repo},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := parseToken(tokenKey, tt.token, tt.repo, tokenNow)
+			_, err := openToken(tokenKey, tt.token, tt.repo, tokenNow)
 			if err == nil {
 				t.Fatal("token accepted")
 			}
@@ -117,14 +123,19 @@ func TestTokenRejected(t *testing.T) {
 			}
 		})
 	}
+	// The table's forgeries are refused for what they are, not because
+	// sealRaw is broken: the same helper makes a token that opens.
+	if _, err := openToken(tokenKey, sealRaw(t, tokenKey, "library/alpine", `{"v":1,"r":"library/alpine","i":"x","e":4000000000}`, tokenFormat), "library/alpine", tokenNow); err != nil {
+		t.Errorf("a well-formed sealed token was refused: %v", err)
+	}
 }
 
 // Every refusal reads the same, so probing tells a client nothing.
 func TestTokenRefusalsAreIndistinguishable(t *testing.T) {
-	good := signToken(tokenKey, tokenState)
-	_, forged := parseToken(tokenKey, good+"x", tokenState.Repo, tokenNow)
-	_, expired := parseToken(tokenKey, good, tokenState.Repo, tokenNow.Add(2*time.Hour))
-	_, foreign := parseToken(tokenKey, good, "other", tokenNow)
+	good := sealToken(tokenKey, tokenState)
+	_, forged := openToken(tokenKey, good+"x", tokenState.Repo, tokenNow)
+	_, expired := openToken(tokenKey, good, tokenState.Repo, tokenNow.Add(2*time.Hour))
+	_, foreign := openToken(tokenKey, good, "other", tokenNow)
 	if forged.Error() != expired.Error() || expired.Error() != foreign.Error() {
 		t.Errorf("refusals differ: %q, %q, %q", forged, expired, foreign)
 	}

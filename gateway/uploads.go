@@ -140,7 +140,7 @@ func (g *Gateway) session(r *http.Request, rt route) (uploadState, []byte, repli
 	if err != nil {
 		return uploadState{}, nil, nil, err
 	}
-	st, err := parseToken(key, rt.ref, rt.name, time.Now())
+	st, err := openToken(key, rt.ref, rt.name, time.Now())
 	if err != nil {
 		return st, nil, nil, err
 	}
@@ -237,10 +237,35 @@ func (g *Gateway) retryCompletedPut(w http.ResponseWriter, r *http.Request, rt r
 	if err != nil || size < st.Offset {
 		return unknown
 	}
+	// The session's upload is gone: an earlier PUT of it committed the
+	// bytes but not the link, or it was cancelled. Link only when the
+	// session's own bytes (its hash state, then this request's body) are
+	// the blob's, so a finished session cannot link a blob that someone
+	// else pushed into this repository.
+	if !sessionMade(r, st, want, size) {
+		return unknown
+	}
 	if err := g.link(r.Context(), rt, st.Region, want, size); err != nil {
 		return err
 	}
 	return g.finish(w, r, rt, want)
+}
+
+// sessionMade reports whether the session's bytes, as its token's hash
+// state describes them, followed by the request body, hash to want and
+// make size bytes. Only sha256 sessions carry a hash state.
+func sessionMade(r *http.Request, st uploadState, want digest.Digest, size int64) bool {
+	if want.Algorithm() != digest.SHA256 || (r.ContentLength >= 0 && st.Offset+r.ContentLength != size) {
+		return false
+	}
+	h := sha256.New()
+	if st.Hash != nil {
+		if err := h.(encoding.BinaryUnmarshaler).UnmarshalBinary(st.Hash); err != nil {
+			return false
+		}
+	}
+	n, err := io.Copy(h, io.LimitReader(r.Body, size-st.Offset+1))
+	return err == nil && st.Offset+n == size && digest.NewDigest(digest.SHA256, h) == want
 }
 
 // finish answers 201 for a linked blob once the repository's policy has as
@@ -431,7 +456,7 @@ func (g *Gateway) sessionDigest(ctx context.Context, store replication.Driver, s
 // writeSession answers with the session's next Location and progress.
 func (g *Gateway) writeSession(w http.ResponseWriter, rt route, key []byte, st uploadState, status int) error {
 	h := w.Header()
-	h.Set("Location", "/v2/"+rt.name+"/blobs/uploads/"+signToken(key, st))
+	h.Set("Location", "/v2/"+rt.name+"/blobs/uploads/"+sealToken(key, st))
 	h.Set("Range", sessionRange(st.Offset))
 	h.Set("Docker-Upload-UUID", st.ID)
 	h.Set("Content-Length", "0")

@@ -264,29 +264,32 @@ func TestUploadTokensRefused(t *testing.T) {
 
 	prefix := "/v2/app/blobs/uploads/"
 	token := strings.TrimPrefix(loc, prefix)
-	payload, sig, _ := strings.Cut(token, ".")
 	live := uploadState{Repo: "app", Region: "local", ID: id, Offset: 10, Expires: time.Now().Add(time.Hour).Unix()}
 	expired := live
 	expired.Expires = time.Now().Add(-time.Second).Unix()
 	// Change one character to another of the URL-safe alphabet (flipping a
-	// bit could yield a character the path parser refuses first).
-	forgedSig := []byte(sig)
-	if forgedSig[0] == 'A' {
-		forgedSig[0] = 'B'
-	} else {
-		forgedSig[0] = 'A'
+	// bit could yield a character the path parser refuses first), at the
+	// end (the authentication tag) and in the middle (the ciphertext).
+	altered := func(i int) string {
+		b := []byte(token)
+		if b[i] == 'A' {
+			b[i] = 'B'
+		} else {
+			b[i] = 'A'
+		}
+		return string(b)
 	}
 	tests := []struct{ name, path string }{
-		{"forged signature", prefix + payload + "." + string(forgedSig)},
-		{"altered payload", prefix + reseal(t, token, func(m map[string]any) { m["o"] = 0 })},
-		{"wrong key", prefix + signToken(randomBytes(32), live)},
-		{"expired", prefix + signToken(h.meta.key, expired)},
+		{"forged tag", prefix + altered(len(token) - 2)},
+		{"altered ciphertext", prefix + altered(len(token) / 2)},
+		{"wrong key", prefix + sealToken(randomBytes(32), live)},
+		{"expired", prefix + sealToken(h.meta.key, expired)},
 		{"other repository's token", prefix + strings.TrimPrefix(otherLoc, "/v2/other/blobs/uploads/")},
 		{"this token in another repository", "/v2/other/blobs/uploads/" + token},
 		{"this token in a child repository", "/v2/app/x/blobs/uploads/" + token},
 		{"garbage", prefix + "garbage"},
 		{"garbage with a dot", prefix + "a.b"},
-		{"overlong", prefix + strings.Repeat("A", 5000) + "." + sig},
+		{"overlong", prefix + strings.Repeat("A", 5000) + token},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -526,4 +529,40 @@ func TestInterruptedSessionIsDead(t *testing.T) {
 	if size, err := h.store.UploadSize(t.Context(), id); err != nil || size != 30 {
 		t.Errorf("upload holds %d bytes (%v), want the 30 left by the interrupted write", size, err)
 	}
+}
+
+// A cancelled session links nothing: a PUT naming a blob another
+// repository holds is refused as an unknown session, with or without a
+// body, and the blob stays out of the caller's repository.
+func TestFinishedSessionLinksNothing(t *testing.T) {
+	h := newHarness(t)
+	secret := randomBytes(64)
+	d := h.pushBlob(t, "victim", secret)
+
+	loc := h.startUpload(t, "thief")
+	loc = h.patch(t, loc, 0, []byte("abc")).wantSession(t, http.StatusAccepted, "0-2")
+	h.do(t, "DELETE", loc, nil).wantStatus(t, http.StatusNoContent)
+	for _, body := range [][]byte{nil, []byte("abc"), randomBytes(61)} {
+		h.do(t, "PUT", loc+"?digest="+d.String(), bytes.NewReader(body)).
+			wantError(t, http.StatusNotFound, "BLOB_UPLOAD_UNKNOWN")
+	}
+	h.do(t, "GET", loc, nil).wantError(t, http.StatusNotFound, "BLOB_UPLOAD_UNKNOWN")
+	h.do(t, "PATCH", loc, bytes.NewReader([]byte("more"))).wantError(t, http.StatusNotFound, "BLOB_UPLOAD_UNKNOWN")
+	h.wantNoBlob(t, "thief", d)
+
+	// An empty session, cancelled at once, is no different.
+	empty := h.startUpload(t, "thief")
+	h.do(t, "DELETE", empty, nil).wantStatus(t, http.StatusNoContent)
+	h.do(t, "PUT", empty+"?digest="+d.String(), nil).wantError(t, http.StatusNotFound, "BLOB_UPLOAD_UNKNOWN")
+	h.wantNoBlob(t, "thief", d)
+
+	// A completed session's repeated PUT still answers 201 (and links
+	// nothing new).
+	content := randomBytes(40)
+	loc = h.startUpload(t, "app")
+	loc = h.patch(t, loc, 0, content[:30]).wantSession(t, http.StatusAccepted, "0-29")
+	put := loc + "?digest=" + digest.FromBytes(content).String()
+	h.do(t, "PUT", put, bytes.NewReader(content[30:])).wantStatus(t, http.StatusCreated)
+	h.do(t, "PUT", put, bytes.NewReader(content[30:])).wantStatus(t, http.StatusCreated)
+	h.wantBlob(t, "app", content)
 }
