@@ -280,8 +280,8 @@ func TestUploadTokensRefused(t *testing.T) {
 		return string(b)
 	}
 	tests := []struct{ name, path string }{
-		{"forged tag", prefix + altered(len(token) - 2)},
-		{"altered ciphertext", prefix + altered(len(token) / 2)},
+		{"forged tag", prefix + altered(len(token)-2)},
+		{"altered ciphertext", prefix + altered(len(token)/2)},
 		{"wrong key", prefix + sealToken(randomBytes(32), live)},
 		{"expired", prefix + sealToken(h.meta.key, expired)},
 		{"other repository's token", prefix + strings.TrimPrefix(otherLoc, "/v2/other/blobs/uploads/")},
