@@ -259,9 +259,11 @@ func (f *Filesystem) CommitUpload(ctx context.Context, id string, size int64, dg
 	if err := f.ensureDir(dir); err != nil {
 		return storageError(fmt.Errorf("replication: commit upload %s: %w", id, err))
 	}
-	if fi, err := os.Stat(dst); err == nil && fi.Mode().IsRegular() && fi.Size() == size {
+	if fi, err := os.Stat(dst); err == nil && fi.Mode().IsRegular() && fi.Size() == size && fileHashesTo(dst, dgst) {
 		return f.commitExisting(id, file.Name(), dir)
 	}
+	// Absent, or present with other bytes than its name says: the upload's
+	// bytes, which the caller hashed, take the name.
 	if err := file.Sync(); err != nil {
 		// After a failed fsync the kernel may have dropped the dirty pages
 		// while reporting later fsyncs as successful: the upload's bytes
@@ -285,7 +287,21 @@ func (f *Filesystem) CommitUpload(ctx context.Context, id string, size int64, dg
 	return nil
 }
 
-// commitExisting finishes a commit whose blob is already present: its bytes
+// fileHashesTo reports whether the file at path holds the bytes of dgst.
+// A commit reads an existing blob once before keeping it: bytes are
+// trusted only after they were hashed, and a name is not a hash.
+func fileHashesTo(path string, dgst digest.Digest) bool {
+	file, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer file.Close()
+	v := dgst.Verifier()
+	_, err = io.Copy(v, file)
+	return err == nil && v.Verified()
+}
+
+// commitExisting finishes a commit whose blob is already present and verified: its bytes
 // are identical (content-addressed) and were fsynced before they were renamed
 // into place, so only the directory entry, which a concurrent commit may not
 // have synced yet, needs to be made durable. This skips an fsync of the whole

@@ -510,6 +510,34 @@ func (s *S3) lookup(ctx context.Context, dgst digest.Digest) (present bool, repl
 	return false, "", s.blobError(dgst, err)
 }
 
+// lookupVerified is lookup for a commit: an existing blob counts as present
+// only if its bytes hash to dgst (read once, only when a digest is pushed
+// again). Wrong bytes under the name are replaced like a dangling link:
+// the link's ETag comes back as replace.
+func (s *S3) lookupVerified(ctx context.Context, dgst digest.Digest) (present bool, replace string, err error) {
+	l, etag, err := s.readLink(ctx, dgst)
+	switch {
+	case errors.Is(err, ErrBlobNotFound):
+		return false, "", nil
+	case err != nil:
+		return false, "", err
+	}
+	obj, err := s.client.GetObject(ctx, s.cfg.Bucket, s.key(l.Data), minio.GetObjectOptions{})
+	if err != nil {
+		return false, "", s.blobError(dgst, err)
+	}
+	defer obj.Close()
+	v := dgst.Verifier()
+	_, err = io.Copy(v, obj)
+	switch {
+	case err == nil && v.Verified():
+		return true, "", nil
+	case err == nil || isNoSuchKey(err):
+		return false, etag, nil
+	}
+	return false, "", s.blobError(dgst, err)
+}
+
 // link creates blob dgst's link to l.Data, or, with replace set, replaces
 // the link whose ETag that is. A link is only ever created where none
 // exists (If-None-Match: *), so of two concurrent links of one digest the

@@ -41,6 +41,7 @@ func Run(t *testing.T, newDriver func(t *testing.T) replication.Driver) {
 		{"CommitShort", testCommitShort},
 		{"CommitSizeMismatch", testCommitSizeMismatch},
 		{"CommitSameDigestTwice", testCommitSameDigestTwice},
+		{"CommitReplacesWrongBytes", testCommitReplacesWrongBytes},
 		{"CommitCancelledContext", testCommitCancelledContext},
 		{"UploadIDs", testUploadIDs},
 		{"MalformedUploadIDs", testMalformedUploadIDs},
@@ -404,6 +405,30 @@ func testCommitSameDigestTwice(t *testing.T, d replication.Driver) {
 	}
 	if got := readBlob(t, d, first, 0); !bytes.Equal(got, content) {
 		t.Fatal("blob committed twice differs")
+	}
+}
+
+// A driver commits under whatever digest its caller names (the gateway has
+// hashed the bytes); if a blob with wrong bytes already sits under a digest
+// (planted by a caller that lied, or rotted on disk), the next commit of
+// the real bytes must replace them, not keep them because the name exists.
+func testCommitReplacesWrongBytes(t *testing.T, d replication.Driver) {
+	good := randomBytes(21, 70_000)
+	evil := randomBytes(22, len(good)) // same size: a size check alone passes
+	dgst := digest.FromBytes(good)
+	id, _ := startWrite(t, d, evil)
+	if err := d.CommitUpload(t.Context(), id, int64(len(evil)), dgst); err != nil {
+		t.Fatalf("planting: CommitUpload: %v", err)
+	}
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, evil) {
+		t.Fatal("the planted bytes did not land; the test would prove nothing")
+	}
+	id, _ = startWrite(t, d, good)
+	if err := d.CommitUpload(t.Context(), id, int64(len(good)), dgst); err != nil {
+		t.Fatalf("honest CommitUpload: %v", err)
+	}
+	if got := readBlob(t, d, dgst, 0); !bytes.Equal(got, good) {
+		t.Fatal("after an honest commit the blob still holds the planted bytes")
 	}
 }
 
