@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -72,6 +73,8 @@ type StandaloneConfig struct {
 	// GossipKeys encrypt gossip, the first the primary; see
 	// membership.Config.Keys.
 	GossipKeys [][]byte
+	// HTTPTLS, when set, serves the OCI API over HTTPS.
+	HTTPTLS *tls.Config
 	// InsecureCluster lets the gossip listener bind beyond loopback
 	// without Trust and GossipKeys.
 	InsecureCluster bool
@@ -229,7 +232,12 @@ func (s *Standalone) Start(ctx context.Context) (err error) {
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(s.logger.Handler(), slog.LevelDebug),
 	}
-	go s.httpSrv.Serve(s.httpLn)
+	if s.cfg.HTTPTLS != nil {
+		s.httpSrv.TLSConfig = s.cfg.HTTPTLS
+		go s.httpSrv.ServeTLS(s.httpLn, "", "")
+	} else {
+		go s.httpSrv.Serve(s.httpLn)
+	}
 	if err := s.writeReadyFile(); err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -106,7 +107,11 @@ type Config struct {
 	// keyring, one base64 key per line, the first the primary. A gRPC,
 	// Raft or gossip listener beyond loopback refuses to start without
 	// them unless InsecureCluster.
-	TLSCA           string `yaml:"tls_ca"`
+	TLSCA string `yaml:"tls_ca"`
+	// HTTPTLSCert and HTTPTLSKey serve the OCI API over HTTPS (HTTP/2 and
+	// HTTP/1.1), re-read when they change; without them it is plain HTTP.
+	HTTPTLSCert     string `yaml:"http_tls_cert"`
+	HTTPTLSKey      string `yaml:"http_tls_key"`
 	TLSCert         string `yaml:"tls_cert"`
 	TLSKey          string `yaml:"tls_key"`
 	GossipKeyFile   string `yaml:"gossip_key_file"`
@@ -223,6 +228,9 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("snapshot_interval must be at least 5ms"))
 	}
 	errs = append(errs, c.validateRegions()...)
+	if (c.HTTPTLSCert == "") != (c.HTTPTLSKey == "") {
+		errs = append(errs, errors.New("http_tls_cert and http_tls_key come together"))
+	}
 	if err := c.validateTrust(map[string]string{"grpc_addr": c.GRPCAddr, "raft_addr": c.RaftAddr, "gossip_addr": c.GossipAddr}); err != nil {
 		errs = append(errs, err)
 	}
@@ -288,6 +296,18 @@ func (c Config) validateTrust(listeners map[string]string) error {
 		return errors.New("tls_ca, tls_cert and tls_key come together: set all three or none")
 	}
 	return transport.CheckListeners(listeners, set == 3, c.GossipKeyFile != "", c.InsecureCluster)
+}
+
+// HTTPTLS loads the HTTPS certificate for the OCI port; nil without one.
+func (c Config) HTTPTLS(logger *slog.Logger) (*tls.Config, error) {
+	if c.HTTPTLSCert == "" && c.HTTPTLSKey == "" {
+		return nil, nil
+	}
+	kp, err := pki.OpenKeyPair(c.HTTPTLSCert, c.HTTPTLSKey, logger)
+	if err != nil {
+		return nil, fmt.Errorf("HTTPS: %w", err)
+	}
+	return kp.ServerConfig(), nil
 }
 
 // LoadTrust reads the member certificate and the gossip keys the

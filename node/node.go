@@ -191,7 +191,16 @@ func (n *Node) Start(ctx context.Context) (err error) {
 		ErrorLog:          slog.NewLogLogger(n.logger.Handler(), slog.LevelDebug),
 	}
 	n.serveErr = make(chan error, 1)
-	go func() { n.serveErr <- n.httpServer.Serve(n.httpListener) }()
+	if n.httpServer.TLSConfig, err = n.cfg.HTTPTLS(n.logger); err != nil {
+		return err
+	}
+	if n.httpServer.TLSConfig != nil {
+		// The certificate comes from TLSConfig.GetCertificate (reloaded
+		// when its files change), hence no file names here.
+		go func() { n.serveErr <- n.httpServer.ServeTLS(n.httpListener, "", "") }()
+	} else {
+		go func() { n.serveErr <- n.httpServer.Serve(n.httpListener) }()
+	}
 
 	if err := n.joinCluster(ctx, hasState); err != nil {
 		return err

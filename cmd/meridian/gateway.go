@@ -97,6 +97,9 @@ func gatewayCmd(args []string) error {
 		return err
 	}
 	sc.InsecureCluster = cfg.InsecureCluster
+	if sc.HTTPTLS, err = cfg.HTTPTLS(logger); err != nil {
+		return err
+	}
 	if cfg.InsecureCluster {
 		logger.Warn("--insecure-cluster: gossip and gRPC to the nodes may run without TLS or a gossip key; anyone on the network can join or impersonate members")
 	}

@@ -2,8 +2,11 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io/fs"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -207,4 +212,107 @@ func TestServeRefusesOpenPlaintextListeners(t *testing.T) {
 	if log := p.logTail(); !strings.Contains(log, "insecure-cluster") || !strings.Contains(log, "WARN") {
 		t.Errorf("--insecure-cluster started without a warning:\n%s", log)
 	}
+}
+
+// The OCI port over HTTPS: a client that trusts the cluster CA pushes and
+// pulls over HTTP/2, a renewed certificate is served without a restart,
+// and plain HTTP gets nowhere.
+func TestServeHTTPS(t *testing.T) {
+	e2eNeedBinary(t)
+	dir := t.TempDir()
+	pkiDir := filepath.Join(dir, "pki")
+	run := func(args ...string) {
+		t.Helper()
+		cmd := exec.Command(e2eBinary, args...)
+		cmd.Env = e2eEnv()
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("meridian %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	run("ca", "init", "--dir", pkiDir)
+	run("ca", "issue", "--dir", pkiDir, "--role", "node", "--id", "web", "--ip", "127.0.0.1", "--dns", "localhost")
+	ready := filepath.Join(dir, "ready.json")
+	p := e2eStart(t, ready, e2eEnv(), slices.Concat([]string{"serve", "--node-id", "web", "--data-dir", filepath.Join(dir, "data"),
+		"--ready-file", ready, "--http-tls-cert", filepath.Join(pkiDir, "web.crt"), "--http-tls-key", filepath.Join(pkiDir, "web.key")},
+		e2eLoopback)...)
+	p.waitWritten()
+
+	caPEM, err := os.ReadFile(filepath.Join(pkiDir, "ca.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(caPEM)
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}, ForceAttemptHTTP2: true}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	base := "https://" + p.ready.HTTPAddr
+	var served *x509.Certificate
+	p.poll("/readyz over HTTPS", time.Minute, func() error {
+		resp, err := client.Get(base + "/readyz")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("%s", resp.Status)
+		}
+		if resp.Proto != "HTTP/2.0" {
+			t.Errorf("protocol %s, want HTTP/2.0", resp.Proto)
+		}
+		served = resp.TLS.PeerCertificates[0]
+		return nil
+	})
+
+	ref, err := name.ParseReference(p.ready.HTTPAddr + "/secure/https:v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := random.Image(4096, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(ref, img, remote.WithTransport(tr)); err != nil {
+		t.Fatalf("push over HTTPS: %v", err)
+	}
+	got, err := remote.Image(ref, remote.WithTransport(tr))
+	if err != nil {
+		t.Fatalf("pull over HTTPS: %v", err)
+	}
+	if gd, _ := got.Digest(); gd != mustImageDigest(t, img) {
+		t.Errorf("pulled %s", gd)
+	}
+
+	// Plain HTTP on the HTTPS port is refused.
+	if resp, err := http.Get("http://" + p.ready.HTTPAddr + "/v2/"); err == nil {
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			t.Error("plain HTTP got 200 from the HTTPS port")
+		}
+	}
+
+	// Renew the certificate in place: new connections get the new one.
+	run("ca", "issue", "--dir", pkiDir, "--role", "node", "--id", "web", "--ip", "127.0.0.1", "--validity", "48h")
+	p.poll("the renewed certificate", 30*time.Second, func() error {
+		tr.CloseIdleConnections()
+		resp, err := client.Get(base + "/v2/")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if now := resp.TLS.PeerCertificates[0]; now.SerialNumber.Cmp(served.SerialNumber) == 0 {
+			return fmt.Errorf("still serial %s", now.SerialNumber)
+		}
+		return nil
+	})
+	p.stop()
+}
+
+func mustImageDigest(t *testing.T, img interface{ Digest() (v1.Hash, error) }) v1.Hash {
+	t.Helper()
+	d, err := img.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
 }
