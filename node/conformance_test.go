@@ -3,6 +3,7 @@ package node_test
 import (
 	"context"
 	"encoding/xml"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/meridian-registry/meridian/node"
+	"github.com/meridian-registry/meridian/node/pki"
 )
 
 // conformanceAPIs are every API toggle the pinned suite offers
@@ -86,18 +88,41 @@ const conformanceSparseArea = "Sparse Manifests"
 // read from junit.xml and results.yaml: exactly conformancePasses checks
 // pass, none fails, errs, is skipped or disabled, and the only area not run
 // is the sparse data set the design rejects.
+//
+// It runs twice: over plain HTTP, and over HTTPS with a certificate from a
+// cluster CA that the suite trusts (SSL_CERT_FILE), as registry clients
+// trust it.
 func TestOCIConformance(t *testing.T) {
 	bin := os.Getenv("MERIDIAN_CONFORMANCE")
 	if bin == "" {
 		t.Skip("MERIDIAN_CONFORMANCE is not set; `make test` installs the suite and sets it")
 	}
-	n := startConformanceNode(t)
+	t.Run("http", func(t *testing.T) {
+		n := startConformanceNode(t, nil)
+		runConformance(t, bin, n.HTTPAddr(), "OCI_TLS=disabled")
+	})
+	t.Run("https", func(t *testing.T) {
+		dir := filepath.Join(t.TempDir(), "ca")
+		if err := pki.InitCA(dir, "meridian"); err != nil {
+			t.Fatal(err)
+		}
+		cert, key, err := pki.Issue(dir, pki.IssueRequest{Role: pki.RoleNode, ID: "conformance", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := startConformanceNode(t, func(c *node.Config) { c.HTTPTLSCert, c.HTTPTLSKey = cert, key })
+		runConformance(t, bin, n.HTTPAddr(), "OCI_TLS=enabled", "SSL_CERT_FILE="+filepath.Join(dir, pki.CACertFile))
+	})
+}
+
+// runConformance runs the suite against addr and checks its verdict.
+func runConformance(t *testing.T, bin, addr string, extraEnv ...string) {
 	results := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin)
 	cmd.Dir = results // the suite reads ./oci-conformance.yaml if present
-	cmd.Env = conformanceEnv(n.HTTPAddr(), results)
+	cmd.Env = append(conformanceEnv(addr, results), extraEnv...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Errorf("conformance suite exited with %v (report: %s)", err, filepath.Join(results, "report.html"))
@@ -143,7 +168,6 @@ func TestOCIConformance(t *testing.T) {
 func conformanceEnv(addr, results string) []string {
 	env := []string{
 		"OCI_REGISTRY=" + addr,
-		"OCI_TLS=disabled",
 		"OCI_REPO1=conformance/repo1",
 		"OCI_REPO2=conformance/repo2",
 		"OCI_RESULTS_DIR=" + results,
@@ -264,8 +288,9 @@ func flatten(prefix string, m map[string]any) map[string]bool {
 	return flat
 }
 
-// startConformanceNode runs a single node on loopback ports in a temporary directory.
-func startConformanceNode(t *testing.T) *node.Node {
+// startConformanceNode runs a single node on loopback ports in a temporary
+// directory; adjust, when set, changes its configuration last.
+func startConformanceNode(t *testing.T, adjust func(*node.Config)) *node.Node {
 	t.Helper()
 	cfg := node.DefaultConfig()
 	cfg.NodeID = "conformance"
@@ -275,6 +300,9 @@ func startConformanceNode(t *testing.T) *node.Node {
 	cfg.GRPCAddr = "127.0.0.1:0"
 	cfg.GossipAddr = "127.0.0.1:0"
 	cfg.LogLevel = "warn"
+	if adjust != nil {
+		adjust(&cfg)
+	}
 	n, err := node.New(cfg, nil)
 	if err != nil {
 		t.Fatal(err)
