@@ -50,6 +50,10 @@ type Config struct {
 	// the primary; see keyring.go. Without keys gossip is plaintext and
 	// anyone who reaches the port can read metadata and join.
 	Keys [][]byte
+	// OnKeysChanged, when set, is called with the keyring (primary first)
+	// after every change, so the process can write its key file: a member
+	// restarted later must come back with the keys the cluster uses now.
+	OnKeysChanged func(keys [][]byte) error
 }
 
 // DefaultConfig returns a configuration for a server node of the default

@@ -34,8 +34,21 @@ func (d delegate) NodeMeta(limit int) []byte {
 	return encodeMeta(d.m.meta)
 }
 
-// NotifyMsg receives leave notices, the only user message (leave.go).
-func (d delegate) NotifyMsg(msg []byte) { d.m.receiveLeaveNotice(msg) }
+// NotifyMsg receives user messages: leave notices (leave.go) and keyring
+// operations (keyring_ops.go).
+func (d delegate) NotifyMsg(msg []byte) {
+	if len(msg) == 0 {
+		return
+	}
+	switch msg[0] {
+	case msgKeyringRequest:
+		d.m.receiveKeyringRequest(msg)
+	case msgKeyringResponse:
+		d.m.receiveKeyringAnswer(msg)
+	default:
+		d.m.receiveLeaveNotice(msg)
+	}
+}
 
 // GetBroadcasts is unused: nothing is gossiped besides memberlist's own
 // messages.

@@ -1,6 +1,7 @@
 package membership
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"io"
 	"log"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -164,5 +166,82 @@ func TestGossipKeyRotation(t *testing.T) {
 	}
 	if err := startMember(t, "plain").InstallKey(newK); !errors.Is(err, ErrNotEncrypted) {
 		t.Errorf("InstallKey on a plaintext member: %v, want ErrNotEncrypted", err)
+	}
+}
+
+// One member asked rotates every member's keyring: install, use, remove,
+// each answered by all, each recorded through OnKeysChanged.
+func TestChangeKeyringAcrossMembers(t *testing.T) {
+	oldKey, newK := newKey(t), newKey(t)
+	var mu sync.Mutex
+	saved := map[string][][]byte{}
+	record := func(id string) func(*Config) {
+		return func(c *Config) {
+			c.Keys = [][]byte{oldKey}
+			c.OnKeysChanged = func(keys [][]byte) error {
+				mu.Lock()
+				defer mu.Unlock()
+				saved[id] = keys
+				return nil
+			}
+		}
+	}
+	var ms []testMember
+	for i := range 3 {
+		id := fmt.Sprintf("n%d", i+1)
+		m := startMember(t, id, record(id))
+		if i > 0 {
+			joinTo(t, m, ms[0])
+		}
+		ms = append(ms, m)
+	}
+	for _, m := range ms {
+		for _, o := range ms {
+			waitFor(t, 5*time.Second, "convergence", func() error { return sees(m, o.Local().ID, StateAlive, "") })
+		}
+	}
+	change := func(op KeyOp, key []byte, wantKeys int, wantPrimary []byte) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		answers, err := ms[1].ChangeKeyring(ctx, op, key)
+		if err != nil {
+			t.Fatalf("%v: %v", op, err)
+		}
+		if len(answers) != 3 {
+			t.Fatalf("%v: %d answers, want 3: %+v", op, len(answers), answers)
+		}
+		for _, a := range answers {
+			if a.Err != "" || len(a.Keys) != wantKeys || !bytes.Equal(a.Keys[0], wantPrimary) {
+				t.Errorf("%v: %s answered %q with %d keys", op, a.Member, a.Err, len(a.Keys))
+			}
+		}
+	}
+	change(KeyInstall, newK, 2, oldKey)
+	change(KeyUse, newK, 2, newK)
+	change(KeyRemove, oldKey, 1, newK)
+	change(KeyList, nil, 1, newK)
+	mu.Lock()
+	for _, m := range ms {
+		if keys := saved[m.Local().ID]; len(keys) != 1 || !bytes.Equal(keys[0], newK) {
+			t.Errorf("%s recorded %d keys after the rotation", m.Local().ID, len(keys))
+		}
+	}
+	mu.Unlock()
+
+	// The primary cannot go; the operation stops before anyone is asked.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := ms[0].ChangeKeyring(ctx, KeyRemove, newK); err == nil {
+		t.Error("removing the primary key succeeded")
+	}
+	// Only the new key gets in now.
+	late := startMember(t, "late", withKeys(newK))
+	joinTo(t, late, ms[2])
+	stale := startMember(t, "stale", withKeys(oldKey))
+	jctx, jcancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer jcancel()
+	if err := stale.Join(jctx, []string{ms[0].Addr()}); err == nil {
+		t.Error("a member with the removed key joined")
 	}
 }

@@ -133,6 +133,7 @@ type Membership struct {
 	phase        phase
 	list         *memberlist.Memberlist
 	ring         *memberlist.Keyring // nil without gossip encryption
+	pending      pendingOps          // keyring operations awaiting answers
 	meta         wireMeta            // what NodeMeta gossips
 	addr         string
 	since        time.Time // when the local member entered its state
