@@ -38,6 +38,7 @@ const (
 	CheckNameWrongBytes    = "pulled-bytes-match"
 	CheckNameFalseNotFound = "no-false-404"
 	CheckNameLinearizable  = "tags-linearizable"
+	CheckNameCertRotations = "rotated-certificates-served"
 )
 
 // CheckResult is what one check found in a history.

@@ -30,10 +30,12 @@ import (
 type Options struct {
 	// Meridian and Versitygw are the binaries to run.
 	Meridian, Versitygw string
-	// Dir is the run directory; everything goes under it: config/ (the
-	// generated YAML), nodes/<id> (data), blobs/<region> (directory
-	// regions), s3/<region> (versitygw data), logs/ (every process's
-	// output, restarts appended) and ready/ (ready files).
+	// Dir is the run directory; everything goes under it: pki/ (the
+	// cluster CA, the gossip key and every member's certificate, from
+	// `meridian ca`), config/ (the generated YAML), nodes/<id> (data),
+	// blobs/<region> (directory regions), s3/<region> (versitygw data),
+	// logs/ (every process's output, restarts appended) and ready/ (ready
+	// files).
 	Dir     string
 	Profile Profile
 	// Log receives progress lines (nil: none).
@@ -83,6 +85,7 @@ type Cluster struct {
 	dir  string
 	out  io.Writer
 	net  *Network
+	pki  *clusterPKI
 
 	s3       map[string]*s3Server // by region
 	nodes    []*nodeProc
@@ -121,8 +124,10 @@ type gatewayProc struct {
 	mu                   sync.Mutex
 }
 
-// StartCluster starts the profile's cluster under opt.Dir: the versitygw
-// servers, their S3 proxies and buckets; the first node, which bootstraps,
+// StartCluster starts the profile's cluster under opt.Dir: a cluster CA
+// with a certificate for every node, every gateway and the harness's
+// admin (members run mutual TLS on gRPC and Raft and encrypted gossip);
+// the versitygw servers, their S3 proxies and buckets; the first node, which bootstraps,
 // then the others, which join it; then, once every voter is in and every
 // region known, the gateways. It returns once the gateways serve /v2/ and
 // see a healthy node. On failure everything it started is stopped.
@@ -159,6 +164,20 @@ func StartCluster(ctx context.Context, opt Options) (_ *Cluster, err error) {
 		}
 	}()
 	ports := &portPicker{used: map[int]bool{}}
+
+	// Trust: every member's certificate, and the harness's own.
+	members := make([]pkiMember, 0, len(c.prof.Nodes)+len(c.prof.Gateways))
+	for _, n := range c.prof.Nodes {
+		members = append(members, pkiMember{roleNode, n.ID})
+	}
+	for _, g := range c.prof.Gateways {
+		members = append(members, pkiMember{roleGateway, g.ID})
+	}
+	if c.pki, err = newClusterPKI(ctx, opt.Meridian, filepath.Join(dir, "pki"), clusterID, members); err != nil {
+		return nil, err
+	}
+	c.logf("cluster CA for %q in %s: %d member certificates and an admin's; mutual TLS and gossip encryption on",
+		clusterID, c.pki.dir, len(members))
 
 	// S3 regions: a versitygw each, behind a fault proxy, with a bucket.
 	stores := map[string]string{}
@@ -620,11 +639,11 @@ func (s *s3Server) stop() error {
 // ---- nodes and gateways ----
 
 // nodeArgv is the command line of n: everything is in its config file
-// but --join, which every node but the bootstrapping one gets on its first
-// start and every node gets on restarts (a node with state only uses it
-// to find gossip again).
+// but its trust flags (certificate and gossip key) and --join, which every
+// node but the bootstrapping one gets on its first start and every node
+// gets on restarts (a node with state only uses it to find gossip again).
 func (c *Cluster) nodeArgv(n *nodeProc) []string {
-	argv := []string{c.opt.Meridian, "serve", "--config", n.config}
+	argv := append([]string{c.opt.Meridian, "serve", "--config", n.config}, c.pki.memberFlags(n.spec.ID)...)
 	if n.first && n.proc.Starts() == 0 {
 		return argv
 	}
@@ -659,7 +678,7 @@ func (c *Cluster) startGateway(ctx context.Context, g *gatewayProc) error {
 		g.mu.Unlock()
 		return nil
 	}
-	argv := []string{c.opt.Meridian, "gateway", "--config", g.config, "--gateway-id", g.spec.ID}
+	argv := append([]string{c.opt.Meridian, "gateway", "--config", g.config, "--gateway-id", g.spec.ID}, c.pki.memberFlags(g.spec.ID)...)
 	for _, n := range c.nodes {
 		argv = append(argv, "--join", n.gossipAddr)
 	}
@@ -872,11 +891,13 @@ func parseStatus(b []byte, nodes []NodeSpec) (ClusterState, error) {
 }
 
 // statusFrom runs `meridian cluster status --json` against one node's own
-// gRPC listener (not its fault proxy: the harness is not a member).
+// gRPC listener (not its fault proxy: the harness is not a member), with
+// the harness's admin certificate.
 func (c *Cluster) statusFrom(ctx context.Context, n *nodeProc) (ClusterState, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, c.opt.Meridian, "cluster", "status", "--json", "--addr", n.grpcAddr, "--timeout", "8s")
+	args := append([]string{"cluster", "status", "--json", "--addr", n.grpcAddr, "--timeout", "8s"}, c.pki.tlsFlags(adminID)...)
+	cmd := exec.CommandContext(ctx, c.opt.Meridian, args...)
 	cmd.Env = harnessEnv()
 	var stderr strings.Builder
 	cmd.Stderr = &stderr

@@ -67,10 +67,11 @@ func findVersitygw() (string, bool) {
 	return "", false
 }
 
-// TestShortCluster starts the short profile's cluster, checks its shape,
-// puts each node fault on it briefly (through the same code InjectFaults
-// uses), runs the scheduler until it has injected every kind once, heals
-// and waits for convergence.
+// TestShortCluster starts the short profile's cluster (mutual TLS, gossip
+// encryption), checks its shape, puts each fault on it briefly (through
+// the same code InjectFaults uses; a certificate rotation of the leader
+// among them), runs the scheduler until it has injected every kind once,
+// heals and waits for convergence.
 func TestShortCluster(t *testing.T) {
 	meridian, versitygw := binaries(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
@@ -117,6 +118,13 @@ func TestShortCluster(t *testing.T) {
 			t.Errorf("no connection from %s… through the proxies: %v", want, acc)
 		}
 	}
+	// Every node's gRPC port speaks mutual TLS with its own identity,
+	// which the harness's admin certificate can check.
+	for _, n := range c.nodes {
+		if _, err := c.pki.served(ctx, n.grpcAddr, c.pki.identity(roleNode, n.spec.ID)); err != nil {
+			t.Errorf("%s over mutual TLS: %v", n.spec.ID, err)
+		}
+	}
 	cost, n := c.Network().IdentifyCost()
 	t.Logf("proxied connections by source: %v; identification %v each (%d)", acc, cost, n)
 
@@ -144,6 +152,7 @@ func TestShortCluster(t *testing.T) {
 		{kind: FaultS3Error, region: "us-east", target: "us-east", hold: 2 * time.Second},
 		{kind: FaultS3Stall, region: "us-east", target: "us-east", hold: 2 * time.Second},
 		{kind: FaultS3Stop, region: "us-east", target: "us-east", hold: 2 * time.Second},
+		{kind: FaultCertRotate},
 	} {
 		if f.target == "" {
 			f.node, f.target = leader, leader
@@ -159,10 +168,10 @@ func TestShortCluster(t *testing.T) {
 		} else {
 			time.Sleep(f.hold)
 		}
-		if note := heal(ctx); note != "" {
-			t.Fatalf("healing %s: %s", f.kind, note)
+		if note := heal(ctx); note != "" || f.failure != "" {
+			t.Fatalf("healing %s: %s%s", f.kind, note, f.failure)
 		}
-		t.Logf("%s on %s: healed after %v", f.kind, f.target, time.Since(faultStart).Round(time.Millisecond))
+		t.Logf("%s on %s: healed after %v %s", f.kind, f.target, time.Since(faultStart).Round(time.Millisecond), f.detail)
 	}
 	if err := c.Heal(ctx); err != nil {
 		t.Fatalf("Heal: %v", err)
@@ -194,7 +203,7 @@ func TestShortCluster(t *testing.T) {
 	}
 	for _, f := range faults {
 		t.Logf("fault %+v", f)
-		if f.End < f.Start || f.Kind == "" || f.Target == "" || f.Error != "" {
+		if f.End < f.Start || f.Kind == "" || f.Target == "" || f.Error != "" || f.Failure != "" {
 			t.Errorf("bad fault record %+v", f)
 		}
 	}

@@ -21,10 +21,12 @@ const (
 	FaultS3Stall     = "s3-stall"     // an S3 region's proxy holds requests, 5–15 s
 	FaultS3Stop      = "s3-stop"      // kill an S3 server, restart it after 5–15 s
 	FaultGatewayKill = "gateway-kill" // kill -9 a gateway, restart it after 2–8 s
+	FaultCertRotate  = "cert-rotate"  // re-issue a node's certificate in place; it must serve the new one within 10 s
 )
 
 // FaultKinds lists every fault kind.
-var FaultKinds = []string{FaultKill, FaultPause, FaultPartition, FaultLatency, FaultS3Error, FaultS3Stall, FaultS3Stop, FaultGatewayKill}
+var FaultKinds = []string{FaultKill, FaultPause, FaultPartition, FaultLatency, FaultS3Error, FaultS3Stall, FaultS3Stop, FaultGatewayKill,
+	FaultCertRotate}
 
 // FaultPlan paces InjectFaults.
 type FaultPlan struct {
@@ -56,6 +58,9 @@ type faultSpec struct {
 	delay   time.Duration // latency
 	detail  string
 	leader  bool // node is the Raft leader
+	// failure is what the fault's own check found wrong once it healed
+	// (Fault.Failure).
+	failure string
 }
 
 // faultSlot is one place in the schedule: the kind to inject, how long
@@ -373,7 +378,7 @@ func (inj *injector) draw(ctx context.Context, slot faultSlot) *faultSpec {
 	switch slot.kind {
 	case FaultKill, FaultPause, FaultPartition:
 		ok = nodeFaultOK
-	case FaultLatency:
+	case FaultLatency, FaultCertRotate:
 		ok = len(freeNodes) > 0
 	case FaultS3Error, FaultS3Stall, FaultS3Stop:
 		ok = len(s3Regions) > 0
@@ -491,6 +496,11 @@ func (inj *injector) draw(ctx context.Context, slot faultSlot) *faultSpec {
 		f.gateway = freeGateways[rng.IntN(len(freeGateways))]
 		f.target = f.gateway
 		f.hold = hold(2*time.Second, 8*time.Second)
+	case FaultCertRotate:
+		// Nothing to hold: the fault lasts until the node serves the new
+		// certificate, or certRotateWithin passed.
+		id, _, _ := pickNode(0)
+		f.node, f.target = id, id
 	}
 	return f
 }
@@ -510,7 +520,11 @@ func (inj *injector) run(ctx context.Context, f *faultSpec) bool {
 		inj.wg.Done()
 		return false
 	}
-	inj.c.logf("fault %s on %s for %v %s", f.kind, f.target, f.hold.Round(time.Millisecond), f.detail)
+	if f.hold > 0 {
+		inj.c.logf("fault %s on %s for %v %s", f.kind, f.target, f.hold.Round(time.Millisecond), f.detail)
+	} else {
+		inj.c.logf("fault %s on %s %s", f.kind, f.target, f.detail)
+	}
 	go func() {
 		defer inj.wg.Done()
 		holdFor(ctx, f.hold)
@@ -520,7 +534,9 @@ func (inj *injector) run(ctx context.Context, f *faultSpec) bool {
 		healStart := time.Now()
 		note := heal(hctx)
 		end := time.Now()
-		if took := end.Sub(healStart); took > 500*time.Millisecond && note == "" {
+		// A rotation's healing is the wait for the new certificate, which
+		// its detail gives.
+		if took := end.Sub(healStart); took > 500*time.Millisecond && note == "" && f.kind != FaultCertRotate {
 			note = fmt.Sprintf("(healing took %v)", took.Round(10*time.Millisecond))
 		}
 		inj.finish(f, start, end, note, "")
@@ -531,7 +547,7 @@ func (inj *injector) run(ctx context.Context, f *faultSpec) bool {
 func (inj *injector) finish(f *faultSpec, start, end time.Time, note, injectErr string) {
 	detail := strings.TrimSpace(strings.Join([]string{f.detail, note}, " "))
 	inj.record(Fault{Kind: f.kind, Target: f.target, Start: start.Sub(inj.base), End: end.Sub(inj.base), Detail: detail,
-		Leader: f.leader, Error: injectErr})
+		Leader: f.leader, Error: injectErr, Failure: f.failure})
 	inj.mu.Lock()
 	delete(inj.active, f)
 	close(inj.changed)
@@ -606,6 +622,40 @@ func (c *Cluster) inject(f *faultSpec) (heal func(context.Context) string, err e
 			}
 			return ""
 		}, nil
+	case FaultCertRotate:
+		return c.rotateCert(f)
 	}
 	return nil, fmt.Errorf("unknown fault kind %q", f.kind)
+}
+
+// rotateCert re-issues the certificate of f's node in place with `meridian
+// ca issue`, the node running on. Healing waits until the node serves the
+// new certificate on its gRPC port (certRotateWithin at most); if it does
+// not, f.failure says so.
+func (c *Cluster) rotateCert(f *faultSpec) (heal func(context.Context) string, err error) {
+	n := c.node(f.node)
+	old, err := c.pki.fileSerial(f.node)
+	if err != nil {
+		return nil, err
+	}
+	issued := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := c.pki.issue(ctx, roleNode, f.node); err != nil {
+		return nil, err
+	}
+	want, err := c.pki.fileSerial(f.node)
+	if err != nil {
+		return nil, err
+	}
+	f.detail = "serial " + shortSerial(old) + " → " + shortSerial(want)
+	return func(ctx context.Context) string {
+		took, err := c.pki.waitServed(ctx, n.grpcAddr, c.pki.identity(roleNode, f.node), old, want, issued, certRotateWithin, n.proc.Exited())
+		if err != nil {
+			f.failure = err.Error()
+			return ""
+		}
+		f.detail += fmt.Sprintf(", served after %v", took.Round(10*time.Millisecond))
+		return ""
+	}, nil
 }

@@ -106,6 +106,9 @@ func TestFaultDraws(t *testing.T) {
 					if slot.leader == 1 && (f.node != leader || !f.leader || f.detail != "leader") {
 						t.Fatalf("%s: a leader kill hit %s (%q); the leader is %s", p.Name, f.node, f.detail, leader)
 					}
+					if f.kind == FaultCertRotate && (f.node == "" || len(f.nodes) > 0 || f.hold != 0) {
+						t.Fatalf("%s: a rotation takes a node down or holds: %+v", p.Name, f)
+					}
 					got = append(got, f.kind+" "+f.target)
 					kinds[f.kind]++
 					inj.active[f] = true
@@ -200,6 +203,11 @@ func TestFaultHoldCap(t *testing.T) {
 		if k == FaultKill || k == FaultGatewayKill || k == FaultS3Stop {
 			busy += restart
 		}
+		if k == FaultCertRotate {
+			// No hold: the rotation lasts until the node serves the new
+			// certificate, at most certRotateWithin.
+			busy = certRotateWithin + settle
+		}
 		worst += max(p.FaultEvery*3/2, busy)
 	}
 	if worst > p.Workload {
@@ -218,7 +226,8 @@ func TestFaultQuotas(t *testing.T) {
 		names = append(names, q.String())
 	}
 	want := []string{"kill 0 of at least 1", "kill (leader) 0 of at least 1", "pause 0 of at least 1", "partition 0 of at least 1",
-		"latency 0 of at least 1", "s3-error 0 of at least 1", "s3-stall 0 of at least 1", "s3-stop 0 of at least 1", "gateway-kill 0 of at least 1"}
+		"latency 0 of at least 1", "s3-error 0 of at least 1", "s3-stall 0 of at least 1", "s3-stop 0 of at least 1", "gateway-kill 0 of at least 1",
+		"cert-rotate 0 of at least 1"}
 	if !reflect.DeepEqual(names, want) {
 		t.Fatalf("short quotas:\n got %q\nwant %q", names, want)
 	}
@@ -233,17 +242,26 @@ func TestFaultQuotas(t *testing.T) {
 			t.Fatalf("a cluster without S3 or gateways promised %s", q)
 		}
 	}
+	if qs := FaultQuotas(LongProfile(), []string{FaultCertRotate}, 4); len(qs) != 1 || qs[0].Kind != FaultCertRotate || qs[0].Min != 4 {
+		t.Fatalf("long, cert-rotate only: %+v", qs)
+	}
 	if qs := FaultQuotas(short, nil, 0); qs != nil {
 		t.Fatalf("no rounds promised %v", qs)
 	}
 
-	got := countFaults(FaultQuotas(short, []string{FaultKill, FaultPause}, 1), []Fault{
+	got := countFaults(FaultQuotas(short, []string{FaultKill, FaultPause, FaultCertRotate}, 1), []Fault{
 		{Kind: FaultKill, Target: "a"},
 		{Kind: FaultKill, Target: "b", Leader: true, Error: "no such process"},
 		{Kind: FaultPause, Target: "b", Leader: true},
+		{Kind: FaultCertRotate, Target: "c", Error: "ca issue: exit status 1"},
 	})
-	if got[0].Got != 1 || got[1].Got != 0 || got[2].Got != 1 {
+	if got[0].Got != 1 || got[1].Got != 0 || got[2].Got != 1 || got[3].Kind != FaultCertRotate || got[3].Got != 0 {
 		t.Fatalf("counted %+v", got)
+	}
+	// A rotation that was injected counts, served or not: whether it was
+	// served is the rotation check's verdict, not the schedule's.
+	if got := countFaults(got, []Fault{{Kind: FaultCertRotate, Target: "c", Failure: "not served"}}); got[3].Got != 1 {
+		t.Fatalf("an injected rotation not counted: %+v", got)
 	}
 	got = countFaults(got, []Fault{{Kind: FaultKill, Target: "b", Leader: true}})
 	if got[0].Got != 1 || got[1].Got != 1 {

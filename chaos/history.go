@@ -132,7 +132,7 @@ func (h *History) Ops() []Op {
 
 // Fault is one injected fault as the report lists it.
 type Fault struct {
-	Kind   string        `json:"kind"`   // e.g. "kill", "pause", "partition", "latency", "s3-error", "s3-stall", "s3-stop", "gateway-kill"
+	Kind   string        `json:"kind"`   // one of FaultKinds
 	Target string        `json:"target"` // node, gateway, region or "a,b|c" for a partition
 	Start  time.Duration `json:"start"`
 	End    time.Duration `json:"end"` // when it was healed; 0 if it was a one-shot
@@ -142,6 +142,10 @@ type Fault struct {
 	// Error says why the fault could not be injected; such a fault did
 	// not happen and counts for no quota.
 	Error string `json:"error,omitempty"`
+	// Failure says what the fault's own check found wrong: a certificate
+	// re-issued in place that the process did not serve in time
+	// (CheckCertRotations). Such a fault was injected and counts.
+	Failure string `json:"failure,omitempty"`
 }
 
 // RegionLag is a region's replication backlog as `meridian cluster status`

@@ -180,7 +180,9 @@ func (p Profile) validate() error {
 	if len(p.Regions) == 0 || len(p.Nodes) == 0 {
 		errs = append(errs, "a profile needs at least one region and one node")
 	}
-	seen := map[string]bool{}
+	// Member certificates share a directory with the CA's files and the
+	// harness's admin certificate.
+	seen := map[string]bool{"ca": true, "gossip": true, adminID: true}
 	for _, r := range p.Regions {
 		if r.Name == "" || seen["region "+r.Name] {
 			errs = append(errs, fmt.Sprintf("region %q: empty or listed twice", r.Name))
@@ -190,7 +192,7 @@ func (p Profile) validate() error {
 	hasNode := map[string]bool{}
 	for _, n := range p.Nodes {
 		if n.ID == "" || seen[n.ID] {
-			errs = append(errs, fmt.Sprintf("node %q: empty or duplicate id", n.ID))
+			errs = append(errs, fmt.Sprintf("node %q: empty, duplicate or reserved id", n.ID))
 		}
 		seen[n.ID] = true
 		if _, ok := p.region(n.Region); !ok {
@@ -205,7 +207,7 @@ func (p Profile) validate() error {
 	}
 	for _, g := range p.Gateways {
 		if g.ID == "" || seen[g.ID] {
-			errs = append(errs, fmt.Sprintf("gateway %q: empty or duplicate id", g.ID))
+			errs = append(errs, fmt.Sprintf("gateway %q: empty, duplicate or reserved id", g.ID))
 		}
 		seen[g.ID] = true
 		if _, ok := p.region(g.Region); !ok {

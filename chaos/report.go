@@ -315,6 +315,9 @@ func (r *Report) WriteText(w io.Writer) error {
 			if f.Error != "" {
 				detail = strings.TrimSpace(detail + " NOT INJECTED: " + f.Error)
 			}
+			if f.Failure != "" {
+				detail = strings.TrimSpace(detail + " FAILED: " + f.Failure)
+			}
 			if detail == "" {
 				fmt.Fprintf(tw, "  %s\t%s\t%s\n", when, f.Kind, f.Target)
 			} else {

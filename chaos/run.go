@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 )
 
@@ -91,7 +92,11 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 			if f.End > 0 {
 				end = "healed at " + f.End.Round(time.Millisecond).String()
 			}
-			logf("fault %-12s %-20s at %v, %s %s", f.Kind, f.Target, f.Start.Round(time.Millisecond), end, f.Detail)
+			detail := f.Detail
+			if f.Failure != "" {
+				detail += " FAILED: " + f.Failure
+			}
+			logf("fault %-12s %-20s at %v, %s %s", f.Kind, f.Target, f.Start.Round(time.Millisecond), end, detail)
 		}
 		close(done)
 	}()
@@ -150,6 +155,9 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 
 	ops := h.Ops()
 	checks := CheckHistory(ops, linearizabilityTimeout)
+	if rotations(quotas, faults) {
+		checks = append(checks, CheckCertRotations(faults))
+	}
 	for _, ch := range checks {
 		logf("check %s: %s, %d checked, in %v", ch.Name, ch.Status, ch.Checked, ch.Took.Round(time.Millisecond))
 	}
@@ -179,6 +187,14 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 		rep.Notes = append(rep.Notes, "the nodes' data and the regions' blobs were removed (the run passed; -keep-data keeps them)")
 	}
 	return rep, nil
+}
+
+// rotations reports whether a run with these promises and faults has
+// certificate rotations to check: promised ones (none injected is then a
+// check with nothing to check, which fails the run) or injected ones.
+func rotations(quotas []FaultQuota, faults []Fault) bool {
+	return slices.ContainsFunc(quotas, func(q FaultQuota) bool { return q.Kind == FaultCertRotate }) ||
+		slices.ContainsFunc(faults, func(f Fault) bool { return f.Kind == FaultCertRotate })
 }
 
 // linearizabilityTimeout bounds porcupine. A run whose checker times out
