@@ -2,14 +2,17 @@
 // while clients work, then checks every promise the registry makes.
 //
 // The harness uses only the meridian binary and its public interfaces:
-// processes started with --ready-file, the OCI API on /v2/, and
-// `meridian cluster status --json`. It starts versitygw S3 servers behind
+// processes started with --ready-file, the OCI API on /v2/, `meridian ca`
+// and `meridian cluster status --json`. It makes the run's cluster CA and
+// a certificate for every member and for itself (members run mutual TLS
+// on gRPC and Raft and encrypted gossip), starts versitygw S3 servers behind
 // an HTTP fault proxy of its own, puts a TCP fault proxy in front of each
 // node's gRPC and Raft ports (through --advertise-grpc/--advertise-raft),
 // runs a seeded concurrent workload through two gateways, injects faults
 // on a seeded schedule that cycles through every kind (kill -9 of the
 // leader and restart, SIGSTOP, partitions, latency, S3 errors, stalls and
-// outages, a gateway killed mid-upload), heals, and checks:
+// outages, a gateway killed mid-upload, a node's certificate re-issued in
+// place), heals, and checks:
 //
 //   - every acknowledged push that was not deleted pulls back byte for byte;
 //   - no pull returned bytes that do not match the requested digest;
@@ -17,6 +20,8 @@
 //     (porcupine, each tag a compare-and-swap register);
 //   - no 404 through a local gateway for content acknowledged before the
 //     read began;
+//   - every certificate re-issued in place was served by its node within
+//     10 s, without a restart;
 //   - after healing every node reaches the same applied index and state
 //     digest, and no region misses a blob its policy names.
 //
