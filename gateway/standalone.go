@@ -73,6 +73,9 @@ type StandaloneConfig struct {
 	// GossipKeys encrypt gossip, the first the primary; see
 	// membership.Config.Keys.
 	GossipKeys [][]byte
+	// SaveGossipKeys, when set, records the keyring after a cluster-wide
+	// change (meridian cluster gossip-key), for the gateway's next start.
+	SaveGossipKeys func(keys [][]byte) error
 	// HTTPTLS, when set, serves the OCI API over HTTPS.
 	HTTPTLS *tls.Config
 	// InsecureCluster lets the gossip listener bind beyond loopback
@@ -173,6 +176,7 @@ func (s *Standalone) Start(ctx context.Context) (err error) {
 	mc.AdvertiseAddr = s.cfg.AdvertiseGossip
 	mc.Timings = s.cfg.GossipTimings
 	mc.Keys = s.cfg.GossipKeys
+	mc.OnKeysChanged = s.cfg.SaveGossipKeys
 	mc.Logger = s.logger
 	if s.members, err = membership.New(mc); err != nil {
 		return fmt.Errorf("gossip: %w", err)

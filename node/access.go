@@ -10,6 +10,7 @@ var (
 	nodesOnly       = []string{pki.RoleNode}
 	nodesGateways   = []string{pki.RoleNode, pki.RoleGateway}
 	nodesAdmins     = []string{pki.RoleNode, pki.RoleAdmin}
+	adminsOnly      = []string{pki.RoleAdmin}
 	everyMemberRole = []string{pki.RoleNode, pki.RoleGateway, pki.RoleAdmin}
 )
 
@@ -26,6 +27,7 @@ var memberAccess = transport.Access{
 	pb.Cluster_ClusterStatus_FullMethodName:      nodesAdmins,
 	pb.Cluster_TransferLeadership_FullMethodName: nodesAdmins,
 	pb.Cluster_RemoveServer_FullMethodName:       nodesAdmins,
+	pb.Cluster_GossipKeyring_FullMethodName:      adminsOnly,
 	pb.Cluster_ListPolicies_FullMethodName:       nodesAdmins,
 	pb.Cluster_SetPolicy_FullMethodName:          nodesAdmins,
 	pb.Cluster_DeletePolicy_FullMethodName:       nodesAdmins,

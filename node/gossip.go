@@ -32,6 +32,7 @@ func (n *Node) startMembership() error {
 		mc.Timings = membership.LocalTimings()
 	}
 	mc.Keys = n.gossipKeys
+	mc.OnKeysChanged = saveGossipKeys(n.cfg.GossipKeyFile)
 	mc.Logger = n.logger
 	m, err := membership.New(mc)
 	if err != nil {

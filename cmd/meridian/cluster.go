@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"flag"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/meridian-registry/meridian/consensus"
+	"github.com/meridian-registry/meridian/node/membership"
 	"github.com/meridian-registry/meridian/node/pki"
 	"github.com/meridian-registry/meridian/node/transport"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -26,6 +28,9 @@ const clusterUsage = `Usage:
   meridian cluster status [--addr HOST:PORT] [--json]
   meridian cluster transfer-leader [--addr HOST:PORT] [ID]
   meridian cluster remove [--addr HOST:PORT] ID
+  meridian cluster gossip-key list [--addr HOST:PORT]
+  meridian cluster gossip-key install [--addr HOST:PORT] [KEY]   (no KEY: a new one, printed)
+  meridian cluster gossip-key use|remove [--addr HOST:PORT] KEY
   meridian cluster recover --data-dir DIR --node-id ID --server ID=RAFT_ADDR [--server …]
 
 --addr is any node's gRPC address (default 127.0.0.1:5001). A cluster with
@@ -46,6 +51,8 @@ func cluster(args []string) error {
 		return clusterTransfer(args[1:])
 	case "remove":
 		return clusterRemove(args[1:])
+	case "gossip-key":
+		return clusterGossipKey(args[1:])
 	case "recover":
 		return clusterRecover(args[1:])
 	default:
@@ -289,5 +296,85 @@ func hintTLS(secure bool) grpc.UnaryClientInterceptor {
 			return status.Errorf(codes.Unavailable, "%s (if the cluster runs TLS, give an admin certificate: --tls-ca, --tls-cert, --tls-key or MERIDIAN_TLS_*)", status.Convert(err).Message())
 		}
 		return err
+	}
+}
+
+// clusterGossipKey changes or lists the gossip keyring of every member.
+// Rotation: install a new key, use it, remove the old one; each step is
+// answered by every live member, and each member rewrites its key file.
+func clusterGossipKey(args []string) error {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, clusterUsage)
+		return errors.New("cluster gossip-key: want list, install, use or remove")
+	}
+	op := args[0]
+	switch op {
+	case "list", "install", "use", "remove":
+	default:
+		return fmt.Errorf("cluster gossip-key: unknown operation %q: want list, install, use or remove", op)
+	}
+	a := newAdminFlags("gossip-key " + op)
+	positional, err := parseInterspersed(a.fs, args[1:])
+	if err != nil {
+		return err
+	}
+	var key []byte
+	switch {
+	case op == "list" && len(positional) == 0:
+	case op == "install" && len(positional) == 0:
+		key = make([]byte, 32)
+		rand.Read(key)
+		fmt.Printf("new gossip key: %s\n", membership.EncodeKey(key))
+	case op != "list" && len(positional) == 1:
+		if key, err = membership.DecodeKey(positional[0]); err != nil {
+			return fmt.Errorf("cluster gossip-key %s: %w", op, err)
+		}
+	default:
+		return fmt.Errorf("cluster gossip-key %s: unexpected arguments: %s", op, strings.Join(positional, " "))
+	}
+	c, ctx, done, err := a.dial()
+	if err != nil {
+		return err
+	}
+	defer done()
+	resp, err := c.GossipKeyring(ctx, &pb.GossipKeyringRequest{Op: op, Key: key})
+	failed := 0
+	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "MEMBER\tRESULT\tKEYS (primary first)")
+	for _, m := range resp.GetMembers() {
+		result := "ok"
+		if m.Error != "" {
+			result, failed = m.Error, failed+1
+		}
+		var keys []string
+		for _, k := range m.Keys {
+			keys = append(keys, membership.EncodeKey(k))
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\n", m.Id, result, strings.Join(keys, " "))
+	}
+	w.Flush()
+	switch {
+	case err != nil:
+		return fmt.Errorf("gossip-key %s through %s: %w", op, *a.addr, err)
+	case failed > 0:
+		return fmt.Errorf("gossip-key %s: %d of %d members did not apply it; run it again once they are reachable", op, failed, len(resp.Members))
+	}
+	return nil
+}
+
+// parseInterspersed parses flags that may come before or after the
+// positional arguments (KEY --addr X as well as --addr X KEY), and returns
+// the positional ones.
+func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	var positional []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		if fs.NArg() == 0 {
+			return positional, nil
+		}
+		positional = append(positional, fs.Arg(0))
+		args = fs.Args()[1:]
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/meridian-registry/meridian/gateway"
 	"github.com/meridian-registry/meridian/node"
 	"github.com/meridian-registry/meridian/node/membership"
+	"github.com/meridian-registry/meridian/node/pki"
 )
 
 // gatewayOptions are the settings of `meridian gateway`. Its config file has
@@ -97,6 +98,11 @@ func gatewayCmd(args []string) error {
 		return err
 	}
 	sc.InsecureCluster = cfg.InsecureCluster
+	if path := cfg.GossipKeyFile; path != "" {
+		sc.SaveGossipKeys = func(keys [][]byte) error {
+			return pki.WriteFileAtomic(path, membership.FormatKeys(keys), 0o600)
+		}
+	}
 	if sc.HTTPTLS, err = cfg.HTTPTLS(logger); err != nil {
 		return err
 	}

@@ -316,3 +316,82 @@ func mustImageDigest(t *testing.T, img interface{ Digest() (v1.Hash, error) }) v
 	}
 	return d
 }
+
+// Rotating the gossip key online: install a new key, use it, remove the
+// old one, each step through one node and answered by every member; the
+// key file is rewritten, so a node restarted afterwards rejoins, while a
+// process holding only the old key cannot.
+func TestGossipKeyRotationBinary(t *testing.T) {
+	s := startSecE2E(t)
+	keyFile := filepath.Join(s.pki, "gossip.key")
+	oldKey, err := os.ReadFile(keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := func(args ...string) string {
+		t.Helper()
+		out, err := s.run(nil, slices.Concat([]string{"cluster", "gossip-key"}, args, []string{"--addr", s.nodes[1].ready.GRPCAddr}, s.tlsFlags("ops"))...)
+		if err != nil {
+			t.Fatalf("gossip-key %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return out
+	}
+	out := admin("install")
+	newKey := strings.TrimSpace(strings.TrimPrefix(strings.SplitN(out, "\n", 2)[0], "new gossip key:"))
+	for _, id := range []string{"n0", "n1", "n2", "gw"} {
+		if !strings.Contains(out, id+" ") {
+			t.Errorf("install: no answer from %s:\n%s", id, out)
+		}
+	}
+	admin("use", newKey)
+	out = admin("remove", strings.TrimSpace(string(oldKey)))
+	if strings.Count(out, " ok ") != 4 || strings.Contains(out, strings.TrimSpace(string(oldKey))) {
+		t.Errorf("after remove, want 4 members holding only the new key:\n%s", out)
+	}
+	if b, _ := os.ReadFile(keyFile); strings.TrimSpace(string(b)) != newKey {
+		t.Errorf("key file holds %q, want the new key alone", b)
+	}
+	// A gateway certificate may not rotate keys.
+	gwOut, err := s.run(nil, slices.Concat([]string{"cluster", "gossip-key", "list", "--addr", s.nodes[1].ready.GRPCAddr}, s.tlsFlags("gw"))...)
+	if err == nil || !strings.Contains(gwOut, "PermissionDenied") {
+		t.Errorf("gossip-key list with the gateway's certificate: %v\n%s", err, gwOut)
+	}
+
+	// A node restarted now reads the new key from its file and rejoins.
+	n2 := s.nodes[2]
+	n2.stop()
+	args := slices.Concat([]string{"serve", "--node-id", "n2", "--region", "west", "--data-dir", filepath.Join(s.dir, "n2")},
+		e2eLoopback, s.common, s.tlsFlags("n2"), []string{"--join", s.nodes[0].ready.GossipAddr})
+	again := gwe2eStart(t, "n2", s.dir, args...)
+	again.waitReady()
+	again.poll("n2 alive in gossip again", time.Minute, func() error {
+		st, out, err := s.status("ops")
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		for _, m := range st.Members {
+			if m.Id == "n2" && m.Health == "alive" && m.Status != nil {
+				return nil
+			}
+		}
+		return fmt.Errorf("n2 not back:\n%s", out)
+	})
+
+	// The old key no longer opens the cluster.
+	staleKey := filepath.Join(s.dir, "stale.key")
+	if err := os.WriteFile(staleKey, oldKey, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.mustRun("ca", "issue", "--dir", s.pki, "--role", "node", "--id", "n9")
+	stale := gwe2eStart(t, "n9", s.dir, slices.Concat([]string{"serve", "--node-id", "n9", "--region", "east",
+		"--data-dir", filepath.Join(s.dir, "n9"), "--join", s.nodes[0].ready.GossipAddr, "--join-timeout", "5s"},
+		e2eLoopback, s.common[:len(s.common)-2], []string{"--gossip-key-file", staleKey}, s.tlsFlags("n9"))...)
+	select {
+	case <-stale.exited:
+		if stale.cmd.ProcessState.ExitCode() == 0 {
+			t.Errorf("a node with the removed key exited 0:\n%s", stale.logTail())
+		}
+	case <-time.After(time.Minute):
+		t.Fatalf("a node with the removed key still runs:\n%s", stale.logTail())
+	}
+}

@@ -147,7 +147,11 @@ func (m *Membership) applyKeyOp(op KeyOp, key []byte) KeyringAnswer {
 		a.Keys, err = m.Keys()
 	}
 	if err == nil && op != KeyList && m.cfg.OnKeysChanged != nil {
-		err = m.cfg.OnKeysChanged(a.Keys)
+		// The keyring changed in memory either way: failing here would
+		// leave this member out of step with the others.
+		if serr := m.cfg.OnKeysChanged(a.Keys); serr != nil {
+			m.log.Warn("gossip keyring changed but not saved", "err", serr)
+		}
 	}
 	if err != nil {
 		a.Err = err.Error()

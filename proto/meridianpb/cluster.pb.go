@@ -428,6 +428,165 @@ func (x *CommitResponse) GetIndex() uint64 {
 	return 0
 }
 
+type GossipKeyringRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// list, install, use or remove.
+	Op            string `protobuf:"bytes,1,opt,name=op,proto3" json:"op,omitempty"`
+	Key           []byte `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GossipKeyringRequest) Reset() {
+	*x = GossipKeyringRequest{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GossipKeyringRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GossipKeyringRequest) ProtoMessage() {}
+
+func (x *GossipKeyringRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GossipKeyringRequest.ProtoReflect.Descriptor instead.
+func (*GossipKeyringRequest) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *GossipKeyringRequest) GetOp() string {
+	if x != nil {
+		return x.Op
+	}
+	return ""
+}
+
+func (x *GossipKeyringRequest) GetKey() []byte {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+type GossipKeyringResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Members       []*GossipKeyringMember `protobuf:"bytes,1,rep,name=members,proto3" json:"members,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GossipKeyringResponse) Reset() {
+	*x = GossipKeyringResponse{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GossipKeyringResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GossipKeyringResponse) ProtoMessage() {}
+
+func (x *GossipKeyringResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GossipKeyringResponse.ProtoReflect.Descriptor instead.
+func (*GossipKeyringResponse) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *GossipKeyringResponse) GetMembers() []*GossipKeyringMember {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+type GossipKeyringMember struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Empty when the member applied the operation.
+	Error string `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	// The member's keys afterwards, the primary first.
+	Keys          [][]byte `protobuf:"bytes,3,rep,name=keys,proto3" json:"keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GossipKeyringMember) Reset() {
+	*x = GossipKeyringMember{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GossipKeyringMember) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GossipKeyringMember) ProtoMessage() {}
+
+func (x *GossipKeyringMember) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GossipKeyringMember.ProtoReflect.Descriptor instead.
+func (*GossipKeyringMember) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *GossipKeyringMember) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *GossipKeyringMember) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *GossipKeyringMember) GetKeys() [][]byte {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
 type ReadIndexRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -436,7 +595,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[4]
+	mi := &file_meridianpb_cluster_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -448,7 +607,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[4]
+	mi := &file_meridianpb_cluster_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -461,7 +620,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{4}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{7}
 }
 
 type ReadIndexResponse struct {
@@ -473,7 +632,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[5]
+	mi := &file_meridianpb_cluster_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -485,7 +644,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[5]
+	mi := &file_meridianpb_cluster_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -498,7 +657,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{5}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -522,7 +681,7 @@ type GetManifestRequest struct {
 
 func (x *GetManifestRequest) Reset() {
 	*x = GetManifestRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[6]
+	mi := &file_meridianpb_cluster_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -534,7 +693,7 @@ func (x *GetManifestRequest) String() string {
 func (*GetManifestRequest) ProtoMessage() {}
 
 func (x *GetManifestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[6]
+	mi := &file_meridianpb_cluster_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -547,7 +706,7 @@ func (x *GetManifestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetManifestRequest.ProtoReflect.Descriptor instead.
 func (*GetManifestRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{6}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetManifestRequest) GetRepository() string {
@@ -592,7 +751,7 @@ type GetManifestResponse struct {
 
 func (x *GetManifestResponse) Reset() {
 	*x = GetManifestResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[7]
+	mi := &file_meridianpb_cluster_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -604,7 +763,7 @@ func (x *GetManifestResponse) String() string {
 func (*GetManifestResponse) ProtoMessage() {}
 
 func (x *GetManifestResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[7]
+	mi := &file_meridianpb_cluster_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -617,7 +776,7 @@ func (x *GetManifestResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetManifestResponse.ProtoReflect.Descriptor instead.
 func (*GetManifestResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{7}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetManifestResponse) GetResult() *Result {
@@ -652,7 +811,7 @@ type GetTagRequest struct {
 
 func (x *GetTagRequest) Reset() {
 	*x = GetTagRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[8]
+	mi := &file_meridianpb_cluster_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -664,7 +823,7 @@ func (x *GetTagRequest) String() string {
 func (*GetTagRequest) ProtoMessage() {}
 
 func (x *GetTagRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[8]
+	mi := &file_meridianpb_cluster_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -677,7 +836,7 @@ func (x *GetTagRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTagRequest.ProtoReflect.Descriptor instead.
 func (*GetTagRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{8}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetTagRequest) GetRepository() string {
@@ -711,7 +870,7 @@ type GetTagResponse struct {
 
 func (x *GetTagResponse) Reset() {
 	*x = GetTagResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[9]
+	mi := &file_meridianpb_cluster_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -723,7 +882,7 @@ func (x *GetTagResponse) String() string {
 func (*GetTagResponse) ProtoMessage() {}
 
 func (x *GetTagResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[9]
+	mi := &file_meridianpb_cluster_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -736,7 +895,7 @@ func (x *GetTagResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTagResponse.ProtoReflect.Descriptor instead.
 func (*GetTagResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{9}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetTagResponse) GetResult() *Result {
@@ -765,7 +924,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[10]
+	mi := &file_meridianpb_cluster_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -777,7 +936,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[10]
+	mi := &file_meridianpb_cluster_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -790,7 +949,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{10}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListRequest) GetRepository() string {
@@ -831,7 +990,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[11]
+	mi := &file_meridianpb_cluster_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -843,7 +1002,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[11]
+	mi := &file_meridianpb_cluster_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -856,7 +1015,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{11}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListResponse) GetResult() *Result {
@@ -884,7 +1043,7 @@ type ListReferrersRequest struct {
 
 func (x *ListReferrersRequest) Reset() {
 	*x = ListReferrersRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[12]
+	mi := &file_meridianpb_cluster_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -896,7 +1055,7 @@ func (x *ListReferrersRequest) String() string {
 func (*ListReferrersRequest) ProtoMessage() {}
 
 func (x *ListReferrersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[12]
+	mi := &file_meridianpb_cluster_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -909,7 +1068,7 @@ func (x *ListReferrersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReferrersRequest.ProtoReflect.Descriptor instead.
 func (*ListReferrersRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{12}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListReferrersRequest) GetRepository() string {
@@ -943,7 +1102,7 @@ type ListReferrersResponse struct {
 
 func (x *ListReferrersResponse) Reset() {
 	*x = ListReferrersResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[13]
+	mi := &file_meridianpb_cluster_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -955,7 +1114,7 @@ func (x *ListReferrersResponse) String() string {
 func (*ListReferrersResponse) ProtoMessage() {}
 
 func (x *ListReferrersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[13]
+	mi := &file_meridianpb_cluster_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -968,7 +1127,7 @@ func (x *ListReferrersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReferrersResponse.ProtoReflect.Descriptor instead.
 func (*ListReferrersResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{13}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListReferrersResponse) GetResult() *Result {
@@ -996,7 +1155,7 @@ type GetLinkedBlobRequest struct {
 
 func (x *GetLinkedBlobRequest) Reset() {
 	*x = GetLinkedBlobRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[14]
+	mi := &file_meridianpb_cluster_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1008,7 +1167,7 @@ func (x *GetLinkedBlobRequest) String() string {
 func (*GetLinkedBlobRequest) ProtoMessage() {}
 
 func (x *GetLinkedBlobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[14]
+	mi := &file_meridianpb_cluster_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1021,7 +1180,7 @@ func (x *GetLinkedBlobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLinkedBlobRequest.ProtoReflect.Descriptor instead.
 func (*GetLinkedBlobRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{14}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GetLinkedBlobRequest) GetRepository() string {
@@ -1055,7 +1214,7 @@ type GetLinkedBlobResponse struct {
 
 func (x *GetLinkedBlobResponse) Reset() {
 	*x = GetLinkedBlobResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[15]
+	mi := &file_meridianpb_cluster_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1067,7 +1226,7 @@ func (x *GetLinkedBlobResponse) String() string {
 func (*GetLinkedBlobResponse) ProtoMessage() {}
 
 func (x *GetLinkedBlobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[15]
+	mi := &file_meridianpb_cluster_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1080,7 +1239,7 @@ func (x *GetLinkedBlobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLinkedBlobResponse.ProtoReflect.Descriptor instead.
 func (*GetLinkedBlobResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{15}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GetLinkedBlobResponse) GetResult() *Result {
@@ -1106,7 +1265,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[16]
+	mi := &file_meridianpb_cluster_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1118,7 +1277,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[16]
+	mi := &file_meridianpb_cluster_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1131,7 +1290,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{16}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GetPolicyRequest) GetRepository() string {
@@ -1153,7 +1312,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[17]
+	mi := &file_meridianpb_cluster_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1165,7 +1324,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[17]
+	mi := &file_meridianpb_cluster_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1178,7 +1337,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{17}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetPolicyResponse) GetResult() *Result {
@@ -1212,7 +1371,7 @@ type WaitBlobPlacedRequest struct {
 
 func (x *WaitBlobPlacedRequest) Reset() {
 	*x = WaitBlobPlacedRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[18]
+	mi := &file_meridianpb_cluster_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1224,7 +1383,7 @@ func (x *WaitBlobPlacedRequest) String() string {
 func (*WaitBlobPlacedRequest) ProtoMessage() {}
 
 func (x *WaitBlobPlacedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[18]
+	mi := &file_meridianpb_cluster_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1237,7 +1396,7 @@ func (x *WaitBlobPlacedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitBlobPlacedRequest.ProtoReflect.Descriptor instead.
 func (*WaitBlobPlacedRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{18}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *WaitBlobPlacedRequest) GetDigest() string {
@@ -1264,7 +1423,7 @@ type WaitBlobPlacedResponse struct {
 
 func (x *WaitBlobPlacedResponse) Reset() {
 	*x = WaitBlobPlacedResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[19]
+	mi := &file_meridianpb_cluster_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1276,7 +1435,7 @@ func (x *WaitBlobPlacedResponse) String() string {
 func (*WaitBlobPlacedResponse) ProtoMessage() {}
 
 func (x *WaitBlobPlacedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[19]
+	mi := &file_meridianpb_cluster_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1289,7 +1448,7 @@ func (x *WaitBlobPlacedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitBlobPlacedResponse.ProtoReflect.Descriptor instead.
 func (*WaitBlobPlacedResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{19}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *WaitBlobPlacedResponse) GetResult() *Result {
@@ -1319,7 +1478,7 @@ type Coordinate struct {
 
 func (x *Coordinate) Reset() {
 	*x = Coordinate{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[20]
+	mi := &file_meridianpb_cluster_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1331,7 +1490,7 @@ func (x *Coordinate) String() string {
 func (*Coordinate) ProtoMessage() {}
 
 func (x *Coordinate) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[20]
+	mi := &file_meridianpb_cluster_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1344,7 +1503,7 @@ func (x *Coordinate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Coordinate.ProtoReflect.Descriptor instead.
 func (*Coordinate) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{20}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Coordinate) GetVec() []float64 {
@@ -1386,7 +1545,7 @@ type PingRequest struct {
 
 func (x *PingRequest) Reset() {
 	*x = PingRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[21]
+	mi := &file_meridianpb_cluster_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1398,7 +1557,7 @@ func (x *PingRequest) String() string {
 func (*PingRequest) ProtoMessage() {}
 
 func (x *PingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[21]
+	mi := &file_meridianpb_cluster_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1411,7 +1570,7 @@ func (x *PingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingRequest.ProtoReflect.Descriptor instead.
 func (*PingRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{21}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *PingRequest) GetFromId() string {
@@ -1440,7 +1599,7 @@ type PingResponse struct {
 
 func (x *PingResponse) Reset() {
 	*x = PingResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[22]
+	mi := &file_meridianpb_cluster_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1452,7 +1611,7 @@ func (x *PingResponse) String() string {
 func (*PingResponse) ProtoMessage() {}
 
 func (x *PingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[22]
+	mi := &file_meridianpb_cluster_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1465,7 +1624,7 @@ func (x *PingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingResponse.ProtoReflect.Descriptor instead.
 func (*PingResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{22}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *PingResponse) GetNodeId() string {
@@ -1504,7 +1663,7 @@ type GetUploadKeyRequest struct {
 
 func (x *GetUploadKeyRequest) Reset() {
 	*x = GetUploadKeyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[23]
+	mi := &file_meridianpb_cluster_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1516,7 +1675,7 @@ func (x *GetUploadKeyRequest) String() string {
 func (*GetUploadKeyRequest) ProtoMessage() {}
 
 func (x *GetUploadKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[23]
+	mi := &file_meridianpb_cluster_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1529,7 +1688,7 @@ func (x *GetUploadKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetUploadKeyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{23}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{26}
 }
 
 type GetUploadKeyResponse struct {
@@ -1541,7 +1700,7 @@ type GetUploadKeyResponse struct {
 
 func (x *GetUploadKeyResponse) Reset() {
 	*x = GetUploadKeyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[24]
+	mi := &file_meridianpb_cluster_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1553,7 +1712,7 @@ func (x *GetUploadKeyResponse) String() string {
 func (*GetUploadKeyResponse) ProtoMessage() {}
 
 func (x *GetUploadKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[24]
+	mi := &file_meridianpb_cluster_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1566,7 +1725,7 @@ func (x *GetUploadKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetUploadKeyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{24}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GetUploadKeyResponse) GetKey() []byte {
@@ -1584,7 +1743,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[25]
+	mi := &file_meridianpb_cluster_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1596,7 +1755,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[25]
+	mi := &file_meridianpb_cluster_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1609,7 +1768,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{25}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{28}
 }
 
 // NodeStatus is one node's view of itself.
@@ -1642,7 +1801,7 @@ type NodeStatus struct {
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[26]
+	mi := &file_meridianpb_cluster_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1654,7 +1813,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[26]
+	mi := &file_meridianpb_cluster_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1667,7 +1826,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{26}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *NodeStatus) GetId() string {
@@ -1804,7 +1963,7 @@ type ClusterStatusRequest struct {
 
 func (x *ClusterStatusRequest) Reset() {
 	*x = ClusterStatusRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[27]
+	mi := &file_meridianpb_cluster_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1816,7 +1975,7 @@ func (x *ClusterStatusRequest) String() string {
 func (*ClusterStatusRequest) ProtoMessage() {}
 
 func (x *ClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[27]
+	mi := &file_meridianpb_cluster_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1829,7 +1988,7 @@ func (x *ClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*ClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{27}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{30}
 }
 
 // MemberStatus is one member as seen by the answering node.
@@ -1856,7 +2015,7 @@ type MemberStatus struct {
 
 func (x *MemberStatus) Reset() {
 	*x = MemberStatus{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	mi := &file_meridianpb_cluster_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1868,7 +2027,7 @@ func (x *MemberStatus) String() string {
 func (*MemberStatus) ProtoMessage() {}
 
 func (x *MemberStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	mi := &file_meridianpb_cluster_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1881,7 +2040,7 @@ func (x *MemberStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberStatus.ProtoReflect.Descriptor instead.
 func (*MemberStatus) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{28}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *MemberStatus) GetId() string {
@@ -1963,7 +2122,7 @@ type GatewayStatus struct {
 
 func (x *GatewayStatus) Reset() {
 	*x = GatewayStatus{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[29]
+	mi := &file_meridianpb_cluster_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1975,7 +2134,7 @@ func (x *GatewayStatus) String() string {
 func (*GatewayStatus) ProtoMessage() {}
 
 func (x *GatewayStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[29]
+	mi := &file_meridianpb_cluster_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1988,7 +2147,7 @@ func (x *GatewayStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatewayStatus.ProtoReflect.Descriptor instead.
 func (*GatewayStatus) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{29}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *GatewayStatus) GetId() string {
@@ -2042,7 +2201,7 @@ type UpstreamNode struct {
 
 func (x *UpstreamNode) Reset() {
 	*x = UpstreamNode{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[30]
+	mi := &file_meridianpb_cluster_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2054,7 +2213,7 @@ func (x *UpstreamNode) String() string {
 func (*UpstreamNode) ProtoMessage() {}
 
 func (x *UpstreamNode) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[30]
+	mi := &file_meridianpb_cluster_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2067,7 +2226,7 @@ func (x *UpstreamNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpstreamNode.ProtoReflect.Descriptor instead.
 func (*UpstreamNode) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{30}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *UpstreamNode) GetId() string {
@@ -2128,7 +2287,7 @@ type ClusterStatusResponse struct {
 
 func (x *ClusterStatusResponse) Reset() {
 	*x = ClusterStatusResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[31]
+	mi := &file_meridianpb_cluster_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2140,7 +2299,7 @@ func (x *ClusterStatusResponse) String() string {
 func (*ClusterStatusResponse) ProtoMessage() {}
 
 func (x *ClusterStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[31]
+	mi := &file_meridianpb_cluster_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2153,7 +2312,7 @@ func (x *ClusterStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatusResponse.ProtoReflect.Descriptor instead.
 func (*ClusterStatusResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{31}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ClusterStatusResponse) GetClusterId() string {
@@ -2212,7 +2371,7 @@ type RegionLag struct {
 
 func (x *RegionLag) Reset() {
 	*x = RegionLag{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[32]
+	mi := &file_meridianpb_cluster_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2224,7 +2383,7 @@ func (x *RegionLag) String() string {
 func (*RegionLag) ProtoMessage() {}
 
 func (x *RegionLag) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[32]
+	mi := &file_meridianpb_cluster_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2237,7 +2396,7 @@ func (x *RegionLag) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegionLag.ProtoReflect.Descriptor instead.
 func (*RegionLag) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{32}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *RegionLag) GetRegion() string {
@@ -2276,7 +2435,7 @@ type ListPoliciesRequest struct {
 
 func (x *ListPoliciesRequest) Reset() {
 	*x = ListPoliciesRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[33]
+	mi := &file_meridianpb_cluster_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2288,7 +2447,7 @@ func (x *ListPoliciesRequest) String() string {
 func (*ListPoliciesRequest) ProtoMessage() {}
 
 func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[33]
+	mi := &file_meridianpb_cluster_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2301,7 +2460,7 @@ func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesRequest.ProtoReflect.Descriptor instead.
 func (*ListPoliciesRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{33}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{36}
 }
 
 type ListPoliciesResponse struct {
@@ -2315,7 +2474,7 @@ type ListPoliciesResponse struct {
 
 func (x *ListPoliciesResponse) Reset() {
 	*x = ListPoliciesResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[34]
+	mi := &file_meridianpb_cluster_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2327,7 +2486,7 @@ func (x *ListPoliciesResponse) String() string {
 func (*ListPoliciesResponse) ProtoMessage() {}
 
 func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[34]
+	mi := &file_meridianpb_cluster_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2340,7 +2499,7 @@ func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesResponse.ProtoReflect.Descriptor instead.
 func (*ListPoliciesResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{34}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ListPoliciesResponse) GetPolicies() []*Policy {
@@ -2366,7 +2525,7 @@ type SetPolicyRequest struct {
 
 func (x *SetPolicyRequest) Reset() {
 	*x = SetPolicyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[35]
+	mi := &file_meridianpb_cluster_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2378,7 +2537,7 @@ func (x *SetPolicyRequest) String() string {
 func (*SetPolicyRequest) ProtoMessage() {}
 
 func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[35]
+	mi := &file_meridianpb_cluster_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2391,7 +2550,7 @@ func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{35}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *SetPolicyRequest) GetPolicy() *Policy {
@@ -2410,7 +2569,7 @@ type SetPolicyResponse struct {
 
 func (x *SetPolicyResponse) Reset() {
 	*x = SetPolicyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[36]
+	mi := &file_meridianpb_cluster_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2422,7 +2581,7 @@ func (x *SetPolicyResponse) String() string {
 func (*SetPolicyResponse) ProtoMessage() {}
 
 func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[36]
+	mi := &file_meridianpb_cluster_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2435,7 +2594,7 @@ func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*SetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{36}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *SetPolicyResponse) GetResult() *Result {
@@ -2454,7 +2613,7 @@ type DeletePolicyRequest struct {
 
 func (x *DeletePolicyRequest) Reset() {
 	*x = DeletePolicyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[37]
+	mi := &file_meridianpb_cluster_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2466,7 +2625,7 @@ func (x *DeletePolicyRequest) String() string {
 func (*DeletePolicyRequest) ProtoMessage() {}
 
 func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[37]
+	mi := &file_meridianpb_cluster_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2479,7 +2638,7 @@ func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyRequest.ProtoReflect.Descriptor instead.
 func (*DeletePolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{37}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *DeletePolicyRequest) GetPrefix() string {
@@ -2498,7 +2657,7 @@ type DeletePolicyResponse struct {
 
 func (x *DeletePolicyResponse) Reset() {
 	*x = DeletePolicyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[38]
+	mi := &file_meridianpb_cluster_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2510,7 +2669,7 @@ func (x *DeletePolicyResponse) String() string {
 func (*DeletePolicyResponse) ProtoMessage() {}
 
 func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[38]
+	mi := &file_meridianpb_cluster_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2523,7 +2682,7 @@ func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyResponse.ProtoReflect.Descriptor instead.
 func (*DeletePolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{38}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *DeletePolicyResponse) GetResult() *Result {
@@ -2542,7 +2701,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[39]
+	mi := &file_meridianpb_cluster_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2554,7 +2713,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[39]
+	mi := &file_meridianpb_cluster_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2567,7 +2726,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{39}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *TransferLeadershipRequest) GetId() string {
@@ -2587,7 +2746,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[40]
+	mi := &file_meridianpb_cluster_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2599,7 +2758,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[40]
+	mi := &file_meridianpb_cluster_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2612,7 +2771,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{40}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *TransferLeadershipResponse) GetResult() *Result {
@@ -2638,7 +2797,7 @@ type RemoveServerRequest struct {
 
 func (x *RemoveServerRequest) Reset() {
 	*x = RemoveServerRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[41]
+	mi := &file_meridianpb_cluster_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2650,7 +2809,7 @@ func (x *RemoveServerRequest) String() string {
 func (*RemoveServerRequest) ProtoMessage() {}
 
 func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[41]
+	mi := &file_meridianpb_cluster_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2663,7 +2822,7 @@ func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveServerRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{41}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *RemoveServerRequest) GetId() string {
@@ -2682,7 +2841,7 @@ type RemoveServerResponse struct {
 
 func (x *RemoveServerResponse) Reset() {
 	*x = RemoveServerResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[42]
+	mi := &file_meridianpb_cluster_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2694,7 +2853,7 @@ func (x *RemoveServerResponse) String() string {
 func (*RemoveServerResponse) ProtoMessage() {}
 
 func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[42]
+	mi := &file_meridianpb_cluster_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2707,7 +2866,7 @@ func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveServerResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{42}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *RemoveServerResponse) GetResult() *Result {
@@ -2746,7 +2905,16 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\tforwarded\x18\x02 \x01(\bR\tforwarded\"S\n" +
 	"\x0eCommitResponse\x12+\n" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"\x12\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"8\n" +
+	"\x14GossipKeyringRequest\x12\x0e\n" +
+	"\x02op\x18\x01 \x01(\tR\x02op\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\fR\x03key\"S\n" +
+	"\x15GossipKeyringResponse\x12:\n" +
+	"\amembers\x18\x01 \x03(\v2 .meridian.v1.GossipKeyringMemberR\amembers\"O\n" +
+	"\x13GossipKeyringMember\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"\x05error\x18\x02 \x01(\tR\x05error\x12\x12\n" +
+	"\x04keys\x18\x03 \x03(\fR\x04keys\"\x12\n" +
 	"\x10ReadIndexRequest\")\n" +
 	"\x11ReadIndexResponse\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\"\x9a\x01\n" +
@@ -2922,14 +3090,15 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result*<\n" +
 	"\vConsistency\x12\x15\n" +
 	"\x11CONSISTENCY_LOCAL\x10\x00\x12\x16\n" +
-	"\x12CONSISTENCY_STRONG\x10\x012\xe9\v\n" +
+	"\x12CONSISTENCY_STRONG\x10\x012\xc1\f\n" +
 	"\aCluster\x12A\n" +
 	"\x06Commit\x12\x1a.meridian.v1.CommitRequest\x1a\x1b.meridian.v1.CommitResponse\x12J\n" +
 	"\tReadIndex\x12\x1d.meridian.v1.ReadIndexRequest\x1a\x1e.meridian.v1.ReadIndexResponse\x12=\n" +
 	"\x06Status\x12\x1a.meridian.v1.StatusRequest\x1a\x17.meridian.v1.NodeStatus\x12V\n" +
 	"\rClusterStatus\x12!.meridian.v1.ClusterStatusRequest\x1a\".meridian.v1.ClusterStatusResponse\x12e\n" +
 	"\x12TransferLeadership\x12&.meridian.v1.TransferLeadershipRequest\x1a'.meridian.v1.TransferLeadershipResponse\x12S\n" +
-	"\fRemoveServer\x12 .meridian.v1.RemoveServerRequest\x1a!.meridian.v1.RemoveServerResponse\x12S\n" +
+	"\fRemoveServer\x12 .meridian.v1.RemoveServerRequest\x1a!.meridian.v1.RemoveServerResponse\x12V\n" +
+	"\rGossipKeyring\x12!.meridian.v1.GossipKeyringRequest\x1a\".meridian.v1.GossipKeyringResponse\x12S\n" +
 	"\fListPolicies\x12 .meridian.v1.ListPoliciesRequest\x1a!.meridian.v1.ListPoliciesResponse\x12J\n" +
 	"\tSetPolicy\x12\x1d.meridian.v1.SetPolicyRequest\x1a\x1e.meridian.v1.SetPolicyResponse\x12S\n" +
 	"\fDeletePolicy\x12 .meridian.v1.DeletePolicyRequest\x1a!.meridian.v1.DeletePolicyResponse\x12P\n" +
@@ -2957,152 +3126,158 @@ func file_meridianpb_cluster_proto_rawDescGZIP() []byte {
 }
 
 var file_meridianpb_cluster_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_meridianpb_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
+var file_meridianpb_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
 var file_meridianpb_cluster_proto_goTypes = []any{
 	(Consistency)(0),                   // 0: meridian.v1.Consistency
 	(*Result)(nil),                     // 1: meridian.v1.Result
 	(*Command)(nil),                    // 2: meridian.v1.Command
 	(*CommitRequest)(nil),              // 3: meridian.v1.CommitRequest
 	(*CommitResponse)(nil),             // 4: meridian.v1.CommitResponse
-	(*ReadIndexRequest)(nil),           // 5: meridian.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil),          // 6: meridian.v1.ReadIndexResponse
-	(*GetManifestRequest)(nil),         // 7: meridian.v1.GetManifestRequest
-	(*GetManifestResponse)(nil),        // 8: meridian.v1.GetManifestResponse
-	(*GetTagRequest)(nil),              // 9: meridian.v1.GetTagRequest
-	(*GetTagResponse)(nil),             // 10: meridian.v1.GetTagResponse
-	(*ListRequest)(nil),                // 11: meridian.v1.ListRequest
-	(*ListResponse)(nil),               // 12: meridian.v1.ListResponse
-	(*ListReferrersRequest)(nil),       // 13: meridian.v1.ListReferrersRequest
-	(*ListReferrersResponse)(nil),      // 14: meridian.v1.ListReferrersResponse
-	(*GetLinkedBlobRequest)(nil),       // 15: meridian.v1.GetLinkedBlobRequest
-	(*GetLinkedBlobResponse)(nil),      // 16: meridian.v1.GetLinkedBlobResponse
-	(*GetPolicyRequest)(nil),           // 17: meridian.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),          // 18: meridian.v1.GetPolicyResponse
-	(*WaitBlobPlacedRequest)(nil),      // 19: meridian.v1.WaitBlobPlacedRequest
-	(*WaitBlobPlacedResponse)(nil),     // 20: meridian.v1.WaitBlobPlacedResponse
-	(*Coordinate)(nil),                 // 21: meridian.v1.Coordinate
-	(*PingRequest)(nil),                // 22: meridian.v1.PingRequest
-	(*PingResponse)(nil),               // 23: meridian.v1.PingResponse
-	(*GetUploadKeyRequest)(nil),        // 24: meridian.v1.GetUploadKeyRequest
-	(*GetUploadKeyResponse)(nil),       // 25: meridian.v1.GetUploadKeyResponse
-	(*StatusRequest)(nil),              // 26: meridian.v1.StatusRequest
-	(*NodeStatus)(nil),                 // 27: meridian.v1.NodeStatus
-	(*ClusterStatusRequest)(nil),       // 28: meridian.v1.ClusterStatusRequest
-	(*MemberStatus)(nil),               // 29: meridian.v1.MemberStatus
-	(*GatewayStatus)(nil),              // 30: meridian.v1.GatewayStatus
-	(*UpstreamNode)(nil),               // 31: meridian.v1.UpstreamNode
-	(*ClusterStatusResponse)(nil),      // 32: meridian.v1.ClusterStatusResponse
-	(*RegionLag)(nil),                  // 33: meridian.v1.RegionLag
-	(*ListPoliciesRequest)(nil),        // 34: meridian.v1.ListPoliciesRequest
-	(*ListPoliciesResponse)(nil),       // 35: meridian.v1.ListPoliciesResponse
-	(*SetPolicyRequest)(nil),           // 36: meridian.v1.SetPolicyRequest
-	(*SetPolicyResponse)(nil),          // 37: meridian.v1.SetPolicyResponse
-	(*DeletePolicyRequest)(nil),        // 38: meridian.v1.DeletePolicyRequest
-	(*DeletePolicyResponse)(nil),       // 39: meridian.v1.DeletePolicyResponse
-	(*TransferLeadershipRequest)(nil),  // 40: meridian.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 41: meridian.v1.TransferLeadershipResponse
-	(*RemoveServerRequest)(nil),        // 42: meridian.v1.RemoveServerRequest
-	(*RemoveServerResponse)(nil),       // 43: meridian.v1.RemoveServerResponse
-	(Code)(0),                          // 44: meridian.v1.Code
-	(*PutManifest)(nil),                // 45: meridian.v1.PutManifest
-	(*DeleteManifest)(nil),             // 46: meridian.v1.DeleteManifest
-	(*DeleteTag)(nil),                  // 47: meridian.v1.DeleteTag
-	(*LinkBlob)(nil),                   // 48: meridian.v1.LinkBlob
-	(*UnlinkBlob)(nil),                 // 49: meridian.v1.UnlinkBlob
-	(*PlaceBlob)(nil),                  // 50: meridian.v1.PlaceBlob
-	(*SetPolicy)(nil),                  // 51: meridian.v1.SetPolicy
-	(*DeletePolicy)(nil),               // 52: meridian.v1.DeletePolicy
-	(*SetRegions)(nil),                 // 53: meridian.v1.SetRegions
-	(*ManifestRecord)(nil),             // 54: meridian.v1.ManifestRecord
-	(*Referrer)(nil),                   // 55: meridian.v1.Referrer
-	(*BlobRecord)(nil),                 // 56: meridian.v1.BlobRecord
-	(*Policy)(nil),                     // 57: meridian.v1.Policy
+	(*GossipKeyringRequest)(nil),       // 5: meridian.v1.GossipKeyringRequest
+	(*GossipKeyringResponse)(nil),      // 6: meridian.v1.GossipKeyringResponse
+	(*GossipKeyringMember)(nil),        // 7: meridian.v1.GossipKeyringMember
+	(*ReadIndexRequest)(nil),           // 8: meridian.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),          // 9: meridian.v1.ReadIndexResponse
+	(*GetManifestRequest)(nil),         // 10: meridian.v1.GetManifestRequest
+	(*GetManifestResponse)(nil),        // 11: meridian.v1.GetManifestResponse
+	(*GetTagRequest)(nil),              // 12: meridian.v1.GetTagRequest
+	(*GetTagResponse)(nil),             // 13: meridian.v1.GetTagResponse
+	(*ListRequest)(nil),                // 14: meridian.v1.ListRequest
+	(*ListResponse)(nil),               // 15: meridian.v1.ListResponse
+	(*ListReferrersRequest)(nil),       // 16: meridian.v1.ListReferrersRequest
+	(*ListReferrersResponse)(nil),      // 17: meridian.v1.ListReferrersResponse
+	(*GetLinkedBlobRequest)(nil),       // 18: meridian.v1.GetLinkedBlobRequest
+	(*GetLinkedBlobResponse)(nil),      // 19: meridian.v1.GetLinkedBlobResponse
+	(*GetPolicyRequest)(nil),           // 20: meridian.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),          // 21: meridian.v1.GetPolicyResponse
+	(*WaitBlobPlacedRequest)(nil),      // 22: meridian.v1.WaitBlobPlacedRequest
+	(*WaitBlobPlacedResponse)(nil),     // 23: meridian.v1.WaitBlobPlacedResponse
+	(*Coordinate)(nil),                 // 24: meridian.v1.Coordinate
+	(*PingRequest)(nil),                // 25: meridian.v1.PingRequest
+	(*PingResponse)(nil),               // 26: meridian.v1.PingResponse
+	(*GetUploadKeyRequest)(nil),        // 27: meridian.v1.GetUploadKeyRequest
+	(*GetUploadKeyResponse)(nil),       // 28: meridian.v1.GetUploadKeyResponse
+	(*StatusRequest)(nil),              // 29: meridian.v1.StatusRequest
+	(*NodeStatus)(nil),                 // 30: meridian.v1.NodeStatus
+	(*ClusterStatusRequest)(nil),       // 31: meridian.v1.ClusterStatusRequest
+	(*MemberStatus)(nil),               // 32: meridian.v1.MemberStatus
+	(*GatewayStatus)(nil),              // 33: meridian.v1.GatewayStatus
+	(*UpstreamNode)(nil),               // 34: meridian.v1.UpstreamNode
+	(*ClusterStatusResponse)(nil),      // 35: meridian.v1.ClusterStatusResponse
+	(*RegionLag)(nil),                  // 36: meridian.v1.RegionLag
+	(*ListPoliciesRequest)(nil),        // 37: meridian.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),       // 38: meridian.v1.ListPoliciesResponse
+	(*SetPolicyRequest)(nil),           // 39: meridian.v1.SetPolicyRequest
+	(*SetPolicyResponse)(nil),          // 40: meridian.v1.SetPolicyResponse
+	(*DeletePolicyRequest)(nil),        // 41: meridian.v1.DeletePolicyRequest
+	(*DeletePolicyResponse)(nil),       // 42: meridian.v1.DeletePolicyResponse
+	(*TransferLeadershipRequest)(nil),  // 43: meridian.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 44: meridian.v1.TransferLeadershipResponse
+	(*RemoveServerRequest)(nil),        // 45: meridian.v1.RemoveServerRequest
+	(*RemoveServerResponse)(nil),       // 46: meridian.v1.RemoveServerResponse
+	(Code)(0),                          // 47: meridian.v1.Code
+	(*PutManifest)(nil),                // 48: meridian.v1.PutManifest
+	(*DeleteManifest)(nil),             // 49: meridian.v1.DeleteManifest
+	(*DeleteTag)(nil),                  // 50: meridian.v1.DeleteTag
+	(*LinkBlob)(nil),                   // 51: meridian.v1.LinkBlob
+	(*UnlinkBlob)(nil),                 // 52: meridian.v1.UnlinkBlob
+	(*PlaceBlob)(nil),                  // 53: meridian.v1.PlaceBlob
+	(*SetPolicy)(nil),                  // 54: meridian.v1.SetPolicy
+	(*DeletePolicy)(nil),               // 55: meridian.v1.DeletePolicy
+	(*SetRegions)(nil),                 // 56: meridian.v1.SetRegions
+	(*ManifestRecord)(nil),             // 57: meridian.v1.ManifestRecord
+	(*Referrer)(nil),                   // 58: meridian.v1.Referrer
+	(*BlobRecord)(nil),                 // 59: meridian.v1.BlobRecord
+	(*Policy)(nil),                     // 60: meridian.v1.Policy
 }
 var file_meridianpb_cluster_proto_depIdxs = []int32{
-	44, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
-	45, // 1: meridian.v1.Command.put_manifest:type_name -> meridian.v1.PutManifest
-	46, // 2: meridian.v1.Command.delete_manifest:type_name -> meridian.v1.DeleteManifest
-	47, // 3: meridian.v1.Command.delete_tag:type_name -> meridian.v1.DeleteTag
-	48, // 4: meridian.v1.Command.link_blob:type_name -> meridian.v1.LinkBlob
-	49, // 5: meridian.v1.Command.unlink_blob:type_name -> meridian.v1.UnlinkBlob
-	50, // 6: meridian.v1.Command.place_blob:type_name -> meridian.v1.PlaceBlob
-	51, // 7: meridian.v1.Command.set_policy:type_name -> meridian.v1.SetPolicy
-	52, // 8: meridian.v1.Command.delete_policy:type_name -> meridian.v1.DeletePolicy
-	53, // 9: meridian.v1.Command.set_regions:type_name -> meridian.v1.SetRegions
+	47, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
+	48, // 1: meridian.v1.Command.put_manifest:type_name -> meridian.v1.PutManifest
+	49, // 2: meridian.v1.Command.delete_manifest:type_name -> meridian.v1.DeleteManifest
+	50, // 3: meridian.v1.Command.delete_tag:type_name -> meridian.v1.DeleteTag
+	51, // 4: meridian.v1.Command.link_blob:type_name -> meridian.v1.LinkBlob
+	52, // 5: meridian.v1.Command.unlink_blob:type_name -> meridian.v1.UnlinkBlob
+	53, // 6: meridian.v1.Command.place_blob:type_name -> meridian.v1.PlaceBlob
+	54, // 7: meridian.v1.Command.set_policy:type_name -> meridian.v1.SetPolicy
+	55, // 8: meridian.v1.Command.delete_policy:type_name -> meridian.v1.DeletePolicy
+	56, // 9: meridian.v1.Command.set_regions:type_name -> meridian.v1.SetRegions
 	2,  // 10: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
 	1,  // 11: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
-	0,  // 12: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 13: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
-	54, // 14: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
-	0,  // 15: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 16: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
-	0,  // 17: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 18: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
-	0,  // 19: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 20: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
-	55, // 21: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
-	0,  // 22: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 23: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
-	56, // 24: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
-	1,  // 25: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 26: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
-	56, // 27: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
-	21, // 28: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
-	21, // 29: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
-	27, // 30: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
-	30, // 31: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
-	31, // 32: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
-	29, // 33: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
-	33, // 34: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
-	57, // 35: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
-	57, // 36: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
-	1,  // 37: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 38: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 39: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
-	1,  // 40: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
-	3,  // 41: meridian.v1.Cluster.Commit:input_type -> meridian.v1.CommitRequest
-	5,  // 42: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
-	26, // 43: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
-	28, // 44: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
-	40, // 45: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
-	42, // 46: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
-	34, // 47: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
-	36, // 48: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
-	38, // 49: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
-	7,  // 50: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
-	9,  // 51: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
-	11, // 52: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
-	11, // 53: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
-	13, // 54: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
-	15, // 55: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
-	24, // 56: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
-	17, // 57: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
-	19, // 58: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
-	22, // 59: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
-	4,  // 60: meridian.v1.Cluster.Commit:output_type -> meridian.v1.CommitResponse
-	6,  // 61: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
-	27, // 62: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
-	32, // 63: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
-	41, // 64: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
-	43, // 65: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
-	35, // 66: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
-	37, // 67: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
-	39, // 68: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
-	8,  // 69: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
-	10, // 70: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
-	12, // 71: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
-	12, // 72: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
-	14, // 73: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
-	16, // 74: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
-	25, // 75: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
-	18, // 76: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
-	20, // 77: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
-	23, // 78: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
-	60, // [60:79] is the sub-list for method output_type
-	41, // [41:60] is the sub-list for method input_type
-	41, // [41:41] is the sub-list for extension type_name
-	41, // [41:41] is the sub-list for extension extendee
-	0,  // [0:41] is the sub-list for field type_name
+	7,  // 12: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
+	0,  // 13: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 14: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
+	57, // 15: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
+	0,  // 16: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 17: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
+	0,  // 18: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 19: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
+	0,  // 20: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 21: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
+	58, // 22: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
+	0,  // 23: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 24: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
+	59, // 25: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
+	1,  // 26: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 27: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
+	59, // 28: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
+	24, // 29: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
+	24, // 30: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
+	30, // 31: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
+	33, // 32: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
+	34, // 33: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
+	32, // 34: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
+	36, // 35: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
+	60, // 36: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
+	60, // 37: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
+	1,  // 38: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 39: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 40: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
+	1,  // 41: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
+	3,  // 42: meridian.v1.Cluster.Commit:input_type -> meridian.v1.CommitRequest
+	8,  // 43: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
+	29, // 44: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
+	31, // 45: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
+	43, // 46: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
+	45, // 47: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
+	5,  // 48: meridian.v1.Cluster.GossipKeyring:input_type -> meridian.v1.GossipKeyringRequest
+	37, // 49: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
+	39, // 50: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
+	41, // 51: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
+	10, // 52: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
+	12, // 53: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
+	14, // 54: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
+	14, // 55: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
+	16, // 56: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
+	18, // 57: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
+	27, // 58: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
+	20, // 59: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
+	22, // 60: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
+	25, // 61: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
+	4,  // 62: meridian.v1.Cluster.Commit:output_type -> meridian.v1.CommitResponse
+	9,  // 63: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
+	30, // 64: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
+	35, // 65: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
+	44, // 66: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
+	46, // 67: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
+	6,  // 68: meridian.v1.Cluster.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
+	38, // 69: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
+	40, // 70: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
+	42, // 71: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
+	11, // 72: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
+	13, // 73: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
+	15, // 74: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
+	15, // 75: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
+	17, // 76: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
+	19, // 77: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
+	28, // 78: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
+	21, // 79: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
+	23, // 80: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
+	26, // 81: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
+	62, // [62:82] is the sub-list for method output_type
+	42, // [42:62] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_cluster_proto_init() }
@@ -3128,7 +3303,7 @@ func file_meridianpb_cluster_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridianpb_cluster_proto_rawDesc), len(file_meridianpb_cluster_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   43,
+			NumMessages:   46,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -29,6 +29,7 @@ const (
 	Cluster_ClusterStatus_FullMethodName      = "/meridian.v1.Cluster/ClusterStatus"
 	Cluster_TransferLeadership_FullMethodName = "/meridian.v1.Cluster/TransferLeadership"
 	Cluster_RemoveServer_FullMethodName       = "/meridian.v1.Cluster/RemoveServer"
+	Cluster_GossipKeyring_FullMethodName      = "/meridian.v1.Cluster/GossipKeyring"
 	Cluster_ListPolicies_FullMethodName       = "/meridian.v1.Cluster/ListPolicies"
 	Cluster_SetPolicy_FullMethodName          = "/meridian.v1.Cluster/SetPolicy"
 	Cluster_DeletePolicy_FullMethodName       = "/meridian.v1.Cluster/DeletePolicy"
@@ -67,6 +68,10 @@ type ClusterClient interface {
 	TransferLeadership(ctx context.Context, in *TransferLeadershipRequest, opts ...grpc.CallOption) (*TransferLeadershipResponse, error)
 	// RemoveServer removes a server from the Raft configuration.
 	RemoveServer(ctx context.Context, in *RemoveServerRequest, opts ...grpc.CallOption) (*RemoveServerResponse, error)
+	// GossipKeyring lists or changes the gossip keyring of every live member
+	// (nodes and gateways), through this node (`meridian cluster
+	// gossip-key`). Each member answers for itself.
+	GossipKeyring(ctx context.Context, in *GossipKeyringRequest, opts ...grpc.CallOption) (*GossipKeyringResponse, error)
 	// Replication policies (the admin API behind `meridian policy`). Changes
 	// are validated against the cluster's regions and committed through Raft.
 	ListPolicies(ctx context.Context, in *ListPoliciesRequest, opts ...grpc.CallOption) (*ListPoliciesResponse, error)
@@ -153,6 +158,16 @@ func (c *clusterClient) RemoveServer(ctx context.Context, in *RemoveServerReques
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(RemoveServerResponse)
 	err := c.cc.Invoke(ctx, Cluster_RemoveServer_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *clusterClient) GossipKeyring(ctx context.Context, in *GossipKeyringRequest, opts ...grpc.CallOption) (*GossipKeyringResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GossipKeyringResponse)
+	err := c.cc.Invoke(ctx, Cluster_GossipKeyring_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -312,6 +327,10 @@ type ClusterServer interface {
 	TransferLeadership(context.Context, *TransferLeadershipRequest) (*TransferLeadershipResponse, error)
 	// RemoveServer removes a server from the Raft configuration.
 	RemoveServer(context.Context, *RemoveServerRequest) (*RemoveServerResponse, error)
+	// GossipKeyring lists or changes the gossip keyring of every live member
+	// (nodes and gateways), through this node (`meridian cluster
+	// gossip-key`). Each member answers for itself.
+	GossipKeyring(context.Context, *GossipKeyringRequest) (*GossipKeyringResponse, error)
 	// Replication policies (the admin API behind `meridian policy`). Changes
 	// are validated against the cluster's regions and committed through Raft.
 	ListPolicies(context.Context, *ListPoliciesRequest) (*ListPoliciesResponse, error)
@@ -361,6 +380,9 @@ func (UnimplementedClusterServer) TransferLeadership(context.Context, *TransferL
 }
 func (UnimplementedClusterServer) RemoveServer(context.Context, *RemoveServerRequest) (*RemoveServerResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RemoveServer not implemented")
+}
+func (UnimplementedClusterServer) GossipKeyring(context.Context, *GossipKeyringRequest) (*GossipKeyringResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GossipKeyring not implemented")
 }
 func (UnimplementedClusterServer) ListPolicies(context.Context, *ListPoliciesRequest) (*ListPoliciesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListPolicies not implemented")
@@ -526,6 +548,24 @@ func _Cluster_RemoveServer_Handler(srv interface{}, ctx context.Context, dec fun
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(ClusterServer).RemoveServer(ctx, req.(*RemoveServerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Cluster_GossipKeyring_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GossipKeyringRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServer).GossipKeyring(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cluster_GossipKeyring_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServer).GossipKeyring(ctx, req.(*GossipKeyringRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -794,6 +834,10 @@ var Cluster_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RemoveServer",
 			Handler:    _Cluster_RemoveServer_Handler,
+		},
+		{
+			MethodName: "GossipKeyring",
+			Handler:    _Cluster_GossipKeyring_Handler,
 		},
 		{
 			MethodName: "ListPolicies",
