@@ -144,9 +144,17 @@ func TestClusterLeaderLoss(t *testing.T) {
 		waitFor(t, ctx, "retry pause", after(50*time.Millisecond))
 	}
 
+	restarted := time.Now()
 	if err := c.Restart(out.leader); err != nil {
 		t.Fatal(err)
 	}
+	// Ready means caught up with the new leader, which the node reaches
+	// through gossip: a node killed soon after the cluster formed may not
+	// have saved its peers, and then waits for them to find it.
+	if err := c.Node(out.leader).WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the killed node %d is ready %v after its restart began", out.leader, time.Since(restarted).Round(time.Millisecond))
 	if err := c.WaitConverged(ctx); err != nil {
 		t.Fatal(err)
 	}
