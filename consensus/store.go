@@ -296,6 +296,23 @@ func (s *Store) Blob(_ context.Context, digest string) (*pb.BlobRecord, error) {
 	return b, nil
 }
 
+// Blobs lists up to limit blob records in digest order, starting after
+// after (for the scrubber, which walks every blob).
+func (s *Store) Blobs(_ context.Context, after string, limit int) ([]*pb.BlobRecord, error) {
+	var out []*pb.BlobRecord
+	err := s.read(func(db *pebble.DB) error {
+		return scan(db, key(tableBlob), after, limit, func(_, v []byte) error {
+			b := &pb.BlobRecord{}
+			if err := proto.Unmarshal(v, b); err != nil {
+				return err
+			}
+			out = append(out, b)
+			return nil
+		})
+	})
+	return out, err
+}
+
 // scan calls fn for up to limit keys under p whose suffix sorts after after.
 func scan(r pebble.Reader, p []byte, after string, limit int, fn func(k, v []byte) error) error {
 	if limit == 0 {
