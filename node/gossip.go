@@ -86,13 +86,11 @@ func (n *Node) seeds() []string {
 	return seeds
 }
 
-// keepGossiping rejoins gossip when this node sees no other member alive,
-// and records the members it sees for the next start.
+// keepGossiping rejoins gossip when this node sees no other member alive.
 func (n *Node) keepGossiping() {
 	defer n.wg.Done()
 	t := time.NewTicker(5 * time.Second)
 	defer t.Stop()
-	var saved []string
 	for {
 		select {
 		case <-n.stop:
@@ -100,31 +98,48 @@ func (n *Node) keepGossiping() {
 		case <-t.C:
 		}
 		n.rejoinStopped()
-		var alive []string
-		for _, m := range n.membership.Members() {
-			if m.ID != n.cfg.NodeID && m.State == membership.StateAlive && m.Role == membership.RoleServer {
-				alive = append(alive, m.GossipAddr)
-			}
-		}
-		if len(alive) == 0 {
-			if seeds := n.seeds(); len(seeds) > 0 {
-				ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
-				if err := n.membership.Join(ctx, seeds); err != nil {
-					n.logger.Debug("rejoining gossip", "err", err)
-				}
-				cancel()
-			}
+		if len(n.alivePeers()) > 0 {
 			continue
 		}
-		slices.Sort(alive)
-		if !slices.Equal(alive, saved) {
-			if err := n.saveKnownPeers(alive); err != nil {
-				n.logger.Warn("save known peers", "err", err)
-			} else {
-				saved = alive
+		if seeds := n.seeds(); len(seeds) > 0 {
+			ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
+			if err := n.membership.Join(ctx, seeds); err != nil {
+				n.logger.Debug("rejoining gossip", "err", err)
 			}
+			cancel()
 		}
 	}
+}
+
+// alivePeers lists, sorted, the gossip addresses of the other servers that
+// gossip reports alive.
+func (n *Node) alivePeers() []string {
+	var alive []string
+	for _, m := range n.membership.Members() {
+		if m.ID != n.cfg.NodeID && m.State == membership.StateAlive && m.Role == membership.RoleServer {
+			alive = append(alive, m.GossipAddr)
+		}
+	}
+	slices.Sort(alive)
+	return alive
+}
+
+// rememberPeers records the alive peers for the next start when they
+// differ from saved, and returns what is recorded. It runs on every
+// membership event: a bootstrap node (no --join) that crashes right after
+// the others joined must still find them when it restarts; if it did not,
+// the others, to whom it never stopped answering probes, would not look
+// for it either, and it would stay alone until a periodic gossip sync.
+func (n *Node) rememberPeers(saved []string) []string {
+	alive := n.alivePeers()
+	if len(alive) == 0 || slices.Equal(alive, saved) {
+		return saved
+	}
+	if err := n.saveKnownPeers(alive); err != nil {
+		n.logger.Warn("save known peers", "err", err)
+		return saved
+	}
+	return alive
 }
 
 // rejoinStopped brings Raft servers that left gossip back into it once

@@ -14,11 +14,13 @@ import (
 // gossiping servers to the Raft configuration (voters up to the configured
 // count, spread across regions, non-voters beyond), follows address
 // changes, and replaces voters that have been gone too long by healthy
-// non-voters. Stopped nodes are not removed: stopping is not leaving.
+// non-voters. Stopped nodes are not removed: stopping is not leaving. On
+// every node it also records the peers for the next start.
 func (n *Node) reconcileMembers() {
 	defer n.wg.Done()
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
+	var peers []string
 	for {
 		select {
 		case <-n.stop:
@@ -26,6 +28,7 @@ func (n *Node) reconcileMembers() {
 		case <-n.membership.Events():
 		case <-t.C:
 		}
+		peers = n.rememberPeers(peers)
 		if n.consensus.IsLeader() {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			if err := n.reconcileOnce(ctx); err != nil {
