@@ -127,9 +127,9 @@ type gatewayProc struct {
 // StartCluster starts the profile's cluster under opt.Dir: a cluster CA
 // with a certificate for every node, every gateway and the harness's
 // admin (members run mutual TLS on gRPC and Raft and encrypted gossip);
-// the versitygw servers, their S3 proxies and buckets; the first node, which bootstraps,
-// then the others, which join it; then, once every voter is in and every
-// region known, the gateways. It returns once the gateways serve /v2/ and
+// the versitygw servers, their S3 proxies and buckets; the first node,
+// which bootstraps, then the others, which join it; then, once every voter
+// is in and every region known, the gateways. It returns once the gateways serve /v2/ and
 // see a healthy node. On failure everything it started is stopped.
 func StartCluster(ctx context.Context, opt Options) (_ *Cluster, err error) {
 	if err := opt.Profile.validate(); err != nil {

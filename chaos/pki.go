@@ -236,7 +236,7 @@ func CheckCertRotations(faults []Fault) CheckResult {
 	}
 	detail := fmt.Sprintf("%d certificates re-issued in place, each served within %v", checked, certRotateWithin)
 	if len(took) > 0 {
-		detail += fmt.Sprintf(" (the slowest after %v)", slices.Max(took).Round(10*time.Millisecond))
+		detail += fmt.Sprintf(" (the slowest %v after its re-issue began)", slices.Max(took).Round(10*time.Millisecond))
 	}
 	return newResult(CheckNameCertRotations, checked, vs, detail)
 }
