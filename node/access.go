@@ -28,6 +28,7 @@ var memberAccess = transport.Access{
 	pb.Cluster_TransferLeadership_FullMethodName: nodesAdmins,
 	pb.Cluster_RemoveServer_FullMethodName:       nodesAdmins,
 	pb.Cluster_GossipKeyring_FullMethodName:      adminsOnly,
+	pb.Cluster_Scrub_FullMethodName:              adminsOnly,
 	pb.Cluster_ListPolicies_FullMethodName:       nodesAdmins,
 	pb.Cluster_SetPolicy_FullMethodName:          nodesAdmins,
 	pb.Cluster_DeletePolicy_FullMethodName:       nodesAdmins,

@@ -149,9 +149,11 @@ func DefaultConfig() Config {
 		MaxBlobSize:      ByteSize(g.MaxBlobSize),
 		UploadTTL:        g.UploadTTL,
 		Replication: ReplicationConfig{
-			Workers:     4,
-			SyncTimeout: g.SyncTimeout,
-			PresignTTL:  g.PresignTTL,
+			Workers:       4,
+			SyncTimeout:   g.SyncTimeout,
+			PresignTTL:    g.PresignTTL,
+			ScrubInterval: 24 * time.Hour,
+			ScrubRate:     16 << 20,
 		},
 		SnapshotThreshold: 8192,
 		SnapshotInterval:  2 * time.Minute,
@@ -217,6 +219,9 @@ func (c Config) Validate() error {
 	}
 	if c.MaxBlobSize < 0 {
 		errs = append(errs, errors.New("max_blob_size cannot be negative"))
+	}
+	if c.Replication.ScrubInterval < 0 || c.Replication.ScrubRate < 0 {
+		errs = append(errs, errors.New("replication.scrub_interval and replication.scrub_rate cannot be negative"))
 	}
 	if c.UploadTTL <= 0 {
 		errs = append(errs, errors.New("upload_ttl must be positive"))

@@ -38,6 +38,7 @@ type Node struct {
 	regions     *replication.Regions
 	localStore  replication.Driver
 	replicator  *replication.Replicator
+	scrubber    *replication.Scrubber
 	rtt         *membership.RTT
 	gateway     *gateway.Gateway
 	registry    *prometheus.Registry
@@ -170,6 +171,14 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := n.registerLagMetrics(); err != nil {
 		return err
 	}
+	if n.scrubber, err = replication.NewScrubber(replication.ScrubConfig{
+		Regions: n.regions, Source: n.consensus.Store(), Logger: n.logger.With("component", "scrub"), Registerer: n.registry,
+		Owns: func(region, digest string) bool {
+			return region == n.cfg.Region && replication.Owner(digest, n.regionNodes()) == n.cfg.NodeID
+		},
+	}); err != nil {
+		return err
+	}
 
 	gc := gateway.DefaultConfig()
 	gc.SyncTimeout = n.cfg.Replication.SyncTimeout
@@ -205,7 +214,8 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := n.joinCluster(ctx, hasState); err != nil {
 		return err
 	}
-	n.wg.Add(7)
+	n.wg.Add(8)
+	go n.runScrubber()
 	go n.pingPeers()
 	go n.purgeAbandonedUploads()
 	go n.reconcileMembers()

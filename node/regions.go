@@ -43,7 +43,17 @@ type ReplicationConfig struct {
 	// presigned URL valid for PresignTTL.
 	RedirectReads bool          `yaml:"redirect_reads"`
 	PresignTTL    time.Duration `yaml:"presign_ttl"`
+	// ScrubInterval is how often a node re-hashes its share of its
+	// region's blobs (0: never in the background; `meridian scrub` still
+	// works); the first pass starts one ScrubDelay after the node starts.
+	// ScrubRate bounds the bytes a second a background pass reads.
+	ScrubInterval time.Duration `yaml:"scrub_interval"`
+	ScrubRate     ByteSize      `yaml:"scrub_rate"`
 }
+
+// scrubDelay is how long after start a node's first background scrub pass
+// waits: a node that just started has catching up to do first.
+const scrubDelay = 10 * time.Minute
 
 // PolicyConfig is one seeded policy; see meridianpb.Policy.
 type PolicyConfig struct {

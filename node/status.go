@@ -35,6 +35,9 @@ func (n *Node) status() *pb.NodeStatus {
 	if sum, index, err := n.consensus.Store().Digest(); err == nil {
 		s.StateDigest, s.StateDigestIndex = sum, index
 	}
+	if last := n.scrubber.Last(); !last.Started.IsZero() {
+		s.LastScrub = scrubResponse(last)
+	}
 	return s
 }
 

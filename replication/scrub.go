@@ -93,6 +93,9 @@ func NewScrubber(cfg ScrubConfig) (*Scrubber, error) {
 
 // Last is the report of the last finished background pass.
 func (s *Scrubber) Last() ScrubReport {
+	if s == nil {
+		return ScrubReport{} // not built yet: the node is starting
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.last

@@ -20,6 +20,7 @@ Usage:
   meridian cluster …         status, transfer-leader, remove, recover
   meridian policy …          list, set, delete replication policies
   meridian ca …              init a cluster CA, issue member certificates
+  meridian scrub             re-hash stored blobs in every region, repair wrong copies
   meridian bench [flags]     measure push, pull and manifest GET against the machine's limits
   meridian version           print the version
 
@@ -48,6 +49,8 @@ func main() {
 		err = policy(os.Args[2:])
 	case "ca":
 		err = ca(os.Args[2:])
+	case "scrub":
+		err = scrub(os.Args[2:])
 	case "bench":
 		err = bench(os.Args[2:])
 	case "version", "--version":

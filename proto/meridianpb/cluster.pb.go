@@ -587,6 +587,203 @@ func (x *GossipKeyringMember) GetKeys() [][]byte {
 	return nil
 }
 
+type ScrubRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Regions       []string               `protobuf:"bytes,1,rep,name=regions,proto3" json:"regions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScrubRequest) Reset() {
+	*x = ScrubRequest{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScrubRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScrubRequest) ProtoMessage() {}
+
+func (x *ScrubRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScrubRequest.ProtoReflect.Descriptor instead.
+func (*ScrubRequest) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ScrubRequest) GetRegions() []string {
+	if x != nil {
+		return x.Regions
+	}
+	return nil
+}
+
+type ScrubResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Checked int64                  `protobuf:"varint,1,opt,name=checked,proto3" json:"checked,omitempty"`
+	Bytes   int64                  `protobuf:"varint,2,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	// Copies that could not be read (store errors), not counted as mismatches.
+	Unreadable      int64            `protobuf:"varint,3,opt,name=unreadable,proto3" json:"unreadable,omitempty"`
+	Mismatches      []*ScrubMismatch `protobuf:"bytes,4,rep,name=mismatches,proto3" json:"mismatches,omitempty"`
+	StartedUnixNano int64            `protobuf:"varint,5,opt,name=started_unix_nano,json=startedUnixNano,proto3" json:"started_unix_nano,omitempty"`
+	TookNanos       int64            `protobuf:"varint,6,opt,name=took_nanos,json=tookNanos,proto3" json:"took_nanos,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ScrubResponse) Reset() {
+	*x = ScrubResponse{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScrubResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScrubResponse) ProtoMessage() {}
+
+func (x *ScrubResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScrubResponse.ProtoReflect.Descriptor instead.
+func (*ScrubResponse) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ScrubResponse) GetChecked() int64 {
+	if x != nil {
+		return x.Checked
+	}
+	return 0
+}
+
+func (x *ScrubResponse) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *ScrubResponse) GetUnreadable() int64 {
+	if x != nil {
+		return x.Unreadable
+	}
+	return 0
+}
+
+func (x *ScrubResponse) GetMismatches() []*ScrubMismatch {
+	if x != nil {
+		return x.Mismatches
+	}
+	return nil
+}
+
+func (x *ScrubResponse) GetStartedUnixNano() int64 {
+	if x != nil {
+		return x.StartedUnixNano
+	}
+	return 0
+}
+
+func (x *ScrubResponse) GetTookNanos() int64 {
+	if x != nil {
+		return x.TookNanos
+	}
+	return 0
+}
+
+type ScrubMismatch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Digest        string                 `protobuf:"bytes,1,opt,name=digest,proto3" json:"digest,omitempty"`
+	Region        string                 `protobuf:"bytes,2,opt,name=region,proto3" json:"region,omitempty"`
+	Repaired      bool                   `protobuf:"varint,3,opt,name=repaired,proto3" json:"repaired,omitempty"`
+	Detail        string                 `protobuf:"bytes,4,opt,name=detail,proto3" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScrubMismatch) Reset() {
+	*x = ScrubMismatch{}
+	mi := &file_meridianpb_cluster_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScrubMismatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScrubMismatch) ProtoMessage() {}
+
+func (x *ScrubMismatch) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_cluster_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScrubMismatch.ProtoReflect.Descriptor instead.
+func (*ScrubMismatch) Descriptor() ([]byte, []int) {
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ScrubMismatch) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *ScrubMismatch) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *ScrubMismatch) GetRepaired() bool {
+	if x != nil {
+		return x.Repaired
+	}
+	return false
+}
+
+func (x *ScrubMismatch) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
 type ReadIndexRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -595,7 +792,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[7]
+	mi := &file_meridianpb_cluster_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -607,7 +804,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[7]
+	mi := &file_meridianpb_cluster_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -620,7 +817,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{7}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{10}
 }
 
 type ReadIndexResponse struct {
@@ -632,7 +829,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[8]
+	mi := &file_meridianpb_cluster_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -644,7 +841,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[8]
+	mi := &file_meridianpb_cluster_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -657,7 +854,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{8}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -681,7 +878,7 @@ type GetManifestRequest struct {
 
 func (x *GetManifestRequest) Reset() {
 	*x = GetManifestRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[9]
+	mi := &file_meridianpb_cluster_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -693,7 +890,7 @@ func (x *GetManifestRequest) String() string {
 func (*GetManifestRequest) ProtoMessage() {}
 
 func (x *GetManifestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[9]
+	mi := &file_meridianpb_cluster_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -706,7 +903,7 @@ func (x *GetManifestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetManifestRequest.ProtoReflect.Descriptor instead.
 func (*GetManifestRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{9}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetManifestRequest) GetRepository() string {
@@ -751,7 +948,7 @@ type GetManifestResponse struct {
 
 func (x *GetManifestResponse) Reset() {
 	*x = GetManifestResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[10]
+	mi := &file_meridianpb_cluster_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -763,7 +960,7 @@ func (x *GetManifestResponse) String() string {
 func (*GetManifestResponse) ProtoMessage() {}
 
 func (x *GetManifestResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[10]
+	mi := &file_meridianpb_cluster_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -776,7 +973,7 @@ func (x *GetManifestResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetManifestResponse.ProtoReflect.Descriptor instead.
 func (*GetManifestResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{10}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetManifestResponse) GetResult() *Result {
@@ -811,7 +1008,7 @@ type GetTagRequest struct {
 
 func (x *GetTagRequest) Reset() {
 	*x = GetTagRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[11]
+	mi := &file_meridianpb_cluster_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -823,7 +1020,7 @@ func (x *GetTagRequest) String() string {
 func (*GetTagRequest) ProtoMessage() {}
 
 func (x *GetTagRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[11]
+	mi := &file_meridianpb_cluster_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -836,7 +1033,7 @@ func (x *GetTagRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTagRequest.ProtoReflect.Descriptor instead.
 func (*GetTagRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{11}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetTagRequest) GetRepository() string {
@@ -870,7 +1067,7 @@ type GetTagResponse struct {
 
 func (x *GetTagResponse) Reset() {
 	*x = GetTagResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[12]
+	mi := &file_meridianpb_cluster_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -882,7 +1079,7 @@ func (x *GetTagResponse) String() string {
 func (*GetTagResponse) ProtoMessage() {}
 
 func (x *GetTagResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[12]
+	mi := &file_meridianpb_cluster_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -895,7 +1092,7 @@ func (x *GetTagResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTagResponse.ProtoReflect.Descriptor instead.
 func (*GetTagResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{12}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetTagResponse) GetResult() *Result {
@@ -924,7 +1121,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[13]
+	mi := &file_meridianpb_cluster_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -936,7 +1133,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[13]
+	mi := &file_meridianpb_cluster_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -949,7 +1146,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{13}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListRequest) GetRepository() string {
@@ -990,7 +1187,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[14]
+	mi := &file_meridianpb_cluster_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1002,7 +1199,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[14]
+	mi := &file_meridianpb_cluster_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1015,7 +1212,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{14}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListResponse) GetResult() *Result {
@@ -1043,7 +1240,7 @@ type ListReferrersRequest struct {
 
 func (x *ListReferrersRequest) Reset() {
 	*x = ListReferrersRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[15]
+	mi := &file_meridianpb_cluster_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1055,7 +1252,7 @@ func (x *ListReferrersRequest) String() string {
 func (*ListReferrersRequest) ProtoMessage() {}
 
 func (x *ListReferrersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[15]
+	mi := &file_meridianpb_cluster_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1068,7 +1265,7 @@ func (x *ListReferrersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReferrersRequest.ProtoReflect.Descriptor instead.
 func (*ListReferrersRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{15}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListReferrersRequest) GetRepository() string {
@@ -1102,7 +1299,7 @@ type ListReferrersResponse struct {
 
 func (x *ListReferrersResponse) Reset() {
 	*x = ListReferrersResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[16]
+	mi := &file_meridianpb_cluster_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1114,7 +1311,7 @@ func (x *ListReferrersResponse) String() string {
 func (*ListReferrersResponse) ProtoMessage() {}
 
 func (x *ListReferrersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[16]
+	mi := &file_meridianpb_cluster_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1127,7 +1324,7 @@ func (x *ListReferrersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReferrersResponse.ProtoReflect.Descriptor instead.
 func (*ListReferrersResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{16}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListReferrersResponse) GetResult() *Result {
@@ -1155,7 +1352,7 @@ type GetLinkedBlobRequest struct {
 
 func (x *GetLinkedBlobRequest) Reset() {
 	*x = GetLinkedBlobRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[17]
+	mi := &file_meridianpb_cluster_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1167,7 +1364,7 @@ func (x *GetLinkedBlobRequest) String() string {
 func (*GetLinkedBlobRequest) ProtoMessage() {}
 
 func (x *GetLinkedBlobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[17]
+	mi := &file_meridianpb_cluster_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1180,7 +1377,7 @@ func (x *GetLinkedBlobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLinkedBlobRequest.ProtoReflect.Descriptor instead.
 func (*GetLinkedBlobRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{17}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetLinkedBlobRequest) GetRepository() string {
@@ -1214,7 +1411,7 @@ type GetLinkedBlobResponse struct {
 
 func (x *GetLinkedBlobResponse) Reset() {
 	*x = GetLinkedBlobResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[18]
+	mi := &file_meridianpb_cluster_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1226,7 +1423,7 @@ func (x *GetLinkedBlobResponse) String() string {
 func (*GetLinkedBlobResponse) ProtoMessage() {}
 
 func (x *GetLinkedBlobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[18]
+	mi := &file_meridianpb_cluster_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1239,7 +1436,7 @@ func (x *GetLinkedBlobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLinkedBlobResponse.ProtoReflect.Descriptor instead.
 func (*GetLinkedBlobResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{18}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetLinkedBlobResponse) GetResult() *Result {
@@ -1265,7 +1462,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[19]
+	mi := &file_meridianpb_cluster_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1277,7 +1474,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[19]
+	mi := &file_meridianpb_cluster_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1290,7 +1487,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{19}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GetPolicyRequest) GetRepository() string {
@@ -1312,7 +1509,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[20]
+	mi := &file_meridianpb_cluster_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1324,7 +1521,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[20]
+	mi := &file_meridianpb_cluster_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1337,7 +1534,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{20}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetPolicyResponse) GetResult() *Result {
@@ -1371,7 +1568,7 @@ type WaitBlobPlacedRequest struct {
 
 func (x *WaitBlobPlacedRequest) Reset() {
 	*x = WaitBlobPlacedRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[21]
+	mi := &file_meridianpb_cluster_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1383,7 +1580,7 @@ func (x *WaitBlobPlacedRequest) String() string {
 func (*WaitBlobPlacedRequest) ProtoMessage() {}
 
 func (x *WaitBlobPlacedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[21]
+	mi := &file_meridianpb_cluster_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1396,7 +1593,7 @@ func (x *WaitBlobPlacedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitBlobPlacedRequest.ProtoReflect.Descriptor instead.
 func (*WaitBlobPlacedRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{21}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *WaitBlobPlacedRequest) GetDigest() string {
@@ -1423,7 +1620,7 @@ type WaitBlobPlacedResponse struct {
 
 func (x *WaitBlobPlacedResponse) Reset() {
 	*x = WaitBlobPlacedResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[22]
+	mi := &file_meridianpb_cluster_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1435,7 +1632,7 @@ func (x *WaitBlobPlacedResponse) String() string {
 func (*WaitBlobPlacedResponse) ProtoMessage() {}
 
 func (x *WaitBlobPlacedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[22]
+	mi := &file_meridianpb_cluster_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1448,7 +1645,7 @@ func (x *WaitBlobPlacedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitBlobPlacedResponse.ProtoReflect.Descriptor instead.
 func (*WaitBlobPlacedResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{22}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *WaitBlobPlacedResponse) GetResult() *Result {
@@ -1478,7 +1675,7 @@ type Coordinate struct {
 
 func (x *Coordinate) Reset() {
 	*x = Coordinate{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[23]
+	mi := &file_meridianpb_cluster_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1490,7 +1687,7 @@ func (x *Coordinate) String() string {
 func (*Coordinate) ProtoMessage() {}
 
 func (x *Coordinate) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[23]
+	mi := &file_meridianpb_cluster_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1503,7 +1700,7 @@ func (x *Coordinate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Coordinate.ProtoReflect.Descriptor instead.
 func (*Coordinate) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{23}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Coordinate) GetVec() []float64 {
@@ -1545,7 +1742,7 @@ type PingRequest struct {
 
 func (x *PingRequest) Reset() {
 	*x = PingRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[24]
+	mi := &file_meridianpb_cluster_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1557,7 +1754,7 @@ func (x *PingRequest) String() string {
 func (*PingRequest) ProtoMessage() {}
 
 func (x *PingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[24]
+	mi := &file_meridianpb_cluster_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1570,7 +1767,7 @@ func (x *PingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingRequest.ProtoReflect.Descriptor instead.
 func (*PingRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{24}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *PingRequest) GetFromId() string {
@@ -1599,7 +1796,7 @@ type PingResponse struct {
 
 func (x *PingResponse) Reset() {
 	*x = PingResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[25]
+	mi := &file_meridianpb_cluster_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1611,7 +1808,7 @@ func (x *PingResponse) String() string {
 func (*PingResponse) ProtoMessage() {}
 
 func (x *PingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[25]
+	mi := &file_meridianpb_cluster_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1624,7 +1821,7 @@ func (x *PingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingResponse.ProtoReflect.Descriptor instead.
 func (*PingResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{25}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *PingResponse) GetNodeId() string {
@@ -1663,7 +1860,7 @@ type GetUploadKeyRequest struct {
 
 func (x *GetUploadKeyRequest) Reset() {
 	*x = GetUploadKeyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[26]
+	mi := &file_meridianpb_cluster_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1675,7 +1872,7 @@ func (x *GetUploadKeyRequest) String() string {
 func (*GetUploadKeyRequest) ProtoMessage() {}
 
 func (x *GetUploadKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[26]
+	mi := &file_meridianpb_cluster_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1688,7 +1885,7 @@ func (x *GetUploadKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetUploadKeyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{26}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{29}
 }
 
 type GetUploadKeyResponse struct {
@@ -1700,7 +1897,7 @@ type GetUploadKeyResponse struct {
 
 func (x *GetUploadKeyResponse) Reset() {
 	*x = GetUploadKeyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[27]
+	mi := &file_meridianpb_cluster_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1712,7 +1909,7 @@ func (x *GetUploadKeyResponse) String() string {
 func (*GetUploadKeyResponse) ProtoMessage() {}
 
 func (x *GetUploadKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[27]
+	mi := &file_meridianpb_cluster_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1725,7 +1922,7 @@ func (x *GetUploadKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetUploadKeyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{27}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *GetUploadKeyResponse) GetKey() []byte {
@@ -1743,7 +1940,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	mi := &file_meridianpb_cluster_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1755,7 +1952,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[28]
+	mi := &file_meridianpb_cluster_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1768,7 +1965,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{28}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{31}
 }
 
 // NodeStatus is one node's view of itself.
@@ -1795,13 +1992,15 @@ type NodeStatus struct {
 	HttpAddr         string `protobuf:"bytes,16,opt,name=http_addr,json=httpAddr,proto3" json:"http_addr,omitempty"`
 	Version          string `protobuf:"bytes,17,opt,name=version,proto3" json:"version,omitempty"`
 	UptimeSeconds    int64  `protobuf:"varint,18,opt,name=uptime_seconds,json=uptimeSeconds,proto3" json:"uptime_seconds,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The node's last finished background scrub pass (none yet: absent).
+	LastScrub     *ScrubResponse `protobuf:"bytes,19,opt,name=last_scrub,json=lastScrub,proto3" json:"last_scrub,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[29]
+	mi := &file_meridianpb_cluster_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1813,7 +2012,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[29]
+	mi := &file_meridianpb_cluster_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1826,7 +2025,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{29}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *NodeStatus) GetId() string {
@@ -1955,6 +2154,13 @@ func (x *NodeStatus) GetUptimeSeconds() int64 {
 	return 0
 }
 
+func (x *NodeStatus) GetLastScrub() *ScrubResponse {
+	if x != nil {
+		return x.LastScrub
+	}
+	return nil
+}
+
 type ClusterStatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1963,7 +2169,7 @@ type ClusterStatusRequest struct {
 
 func (x *ClusterStatusRequest) Reset() {
 	*x = ClusterStatusRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[30]
+	mi := &file_meridianpb_cluster_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1975,7 +2181,7 @@ func (x *ClusterStatusRequest) String() string {
 func (*ClusterStatusRequest) ProtoMessage() {}
 
 func (x *ClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[30]
+	mi := &file_meridianpb_cluster_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1988,7 +2194,7 @@ func (x *ClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*ClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{30}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{33}
 }
 
 // MemberStatus is one member as seen by the answering node.
@@ -2015,7 +2221,7 @@ type MemberStatus struct {
 
 func (x *MemberStatus) Reset() {
 	*x = MemberStatus{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[31]
+	mi := &file_meridianpb_cluster_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2027,7 +2233,7 @@ func (x *MemberStatus) String() string {
 func (*MemberStatus) ProtoMessage() {}
 
 func (x *MemberStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[31]
+	mi := &file_meridianpb_cluster_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2040,7 +2246,7 @@ func (x *MemberStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberStatus.ProtoReflect.Descriptor instead.
 func (*MemberStatus) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{31}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *MemberStatus) GetId() string {
@@ -2122,7 +2328,7 @@ type GatewayStatus struct {
 
 func (x *GatewayStatus) Reset() {
 	*x = GatewayStatus{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[32]
+	mi := &file_meridianpb_cluster_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2134,7 +2340,7 @@ func (x *GatewayStatus) String() string {
 func (*GatewayStatus) ProtoMessage() {}
 
 func (x *GatewayStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[32]
+	mi := &file_meridianpb_cluster_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2147,7 +2353,7 @@ func (x *GatewayStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatewayStatus.ProtoReflect.Descriptor instead.
 func (*GatewayStatus) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{32}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *GatewayStatus) GetId() string {
@@ -2201,7 +2407,7 @@ type UpstreamNode struct {
 
 func (x *UpstreamNode) Reset() {
 	*x = UpstreamNode{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[33]
+	mi := &file_meridianpb_cluster_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2213,7 +2419,7 @@ func (x *UpstreamNode) String() string {
 func (*UpstreamNode) ProtoMessage() {}
 
 func (x *UpstreamNode) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[33]
+	mi := &file_meridianpb_cluster_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2226,7 +2432,7 @@ func (x *UpstreamNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpstreamNode.ProtoReflect.Descriptor instead.
 func (*UpstreamNode) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{33}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *UpstreamNode) GetId() string {
@@ -2287,7 +2493,7 @@ type ClusterStatusResponse struct {
 
 func (x *ClusterStatusResponse) Reset() {
 	*x = ClusterStatusResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[34]
+	mi := &file_meridianpb_cluster_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2299,7 +2505,7 @@ func (x *ClusterStatusResponse) String() string {
 func (*ClusterStatusResponse) ProtoMessage() {}
 
 func (x *ClusterStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[34]
+	mi := &file_meridianpb_cluster_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2312,7 +2518,7 @@ func (x *ClusterStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatusResponse.ProtoReflect.Descriptor instead.
 func (*ClusterStatusResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{34}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ClusterStatusResponse) GetClusterId() string {
@@ -2371,7 +2577,7 @@ type RegionLag struct {
 
 func (x *RegionLag) Reset() {
 	*x = RegionLag{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[35]
+	mi := &file_meridianpb_cluster_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2383,7 +2589,7 @@ func (x *RegionLag) String() string {
 func (*RegionLag) ProtoMessage() {}
 
 func (x *RegionLag) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[35]
+	mi := &file_meridianpb_cluster_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2396,7 +2602,7 @@ func (x *RegionLag) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegionLag.ProtoReflect.Descriptor instead.
 func (*RegionLag) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{35}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *RegionLag) GetRegion() string {
@@ -2435,7 +2641,7 @@ type ListPoliciesRequest struct {
 
 func (x *ListPoliciesRequest) Reset() {
 	*x = ListPoliciesRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[36]
+	mi := &file_meridianpb_cluster_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2447,7 +2653,7 @@ func (x *ListPoliciesRequest) String() string {
 func (*ListPoliciesRequest) ProtoMessage() {}
 
 func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[36]
+	mi := &file_meridianpb_cluster_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2460,7 +2666,7 @@ func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesRequest.ProtoReflect.Descriptor instead.
 func (*ListPoliciesRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{36}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{39}
 }
 
 type ListPoliciesResponse struct {
@@ -2474,7 +2680,7 @@ type ListPoliciesResponse struct {
 
 func (x *ListPoliciesResponse) Reset() {
 	*x = ListPoliciesResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[37]
+	mi := &file_meridianpb_cluster_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2486,7 +2692,7 @@ func (x *ListPoliciesResponse) String() string {
 func (*ListPoliciesResponse) ProtoMessage() {}
 
 func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[37]
+	mi := &file_meridianpb_cluster_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2499,7 +2705,7 @@ func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesResponse.ProtoReflect.Descriptor instead.
 func (*ListPoliciesResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{37}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ListPoliciesResponse) GetPolicies() []*Policy {
@@ -2525,7 +2731,7 @@ type SetPolicyRequest struct {
 
 func (x *SetPolicyRequest) Reset() {
 	*x = SetPolicyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[38]
+	mi := &file_meridianpb_cluster_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2537,7 +2743,7 @@ func (x *SetPolicyRequest) String() string {
 func (*SetPolicyRequest) ProtoMessage() {}
 
 func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[38]
+	mi := &file_meridianpb_cluster_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2550,7 +2756,7 @@ func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{38}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *SetPolicyRequest) GetPolicy() *Policy {
@@ -2569,7 +2775,7 @@ type SetPolicyResponse struct {
 
 func (x *SetPolicyResponse) Reset() {
 	*x = SetPolicyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[39]
+	mi := &file_meridianpb_cluster_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2581,7 +2787,7 @@ func (x *SetPolicyResponse) String() string {
 func (*SetPolicyResponse) ProtoMessage() {}
 
 func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[39]
+	mi := &file_meridianpb_cluster_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2594,7 +2800,7 @@ func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*SetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{39}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *SetPolicyResponse) GetResult() *Result {
@@ -2613,7 +2819,7 @@ type DeletePolicyRequest struct {
 
 func (x *DeletePolicyRequest) Reset() {
 	*x = DeletePolicyRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[40]
+	mi := &file_meridianpb_cluster_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2625,7 +2831,7 @@ func (x *DeletePolicyRequest) String() string {
 func (*DeletePolicyRequest) ProtoMessage() {}
 
 func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[40]
+	mi := &file_meridianpb_cluster_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2638,7 +2844,7 @@ func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyRequest.ProtoReflect.Descriptor instead.
 func (*DeletePolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{40}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *DeletePolicyRequest) GetPrefix() string {
@@ -2657,7 +2863,7 @@ type DeletePolicyResponse struct {
 
 func (x *DeletePolicyResponse) Reset() {
 	*x = DeletePolicyResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[41]
+	mi := &file_meridianpb_cluster_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2669,7 +2875,7 @@ func (x *DeletePolicyResponse) String() string {
 func (*DeletePolicyResponse) ProtoMessage() {}
 
 func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[41]
+	mi := &file_meridianpb_cluster_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2682,7 +2888,7 @@ func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyResponse.ProtoReflect.Descriptor instead.
 func (*DeletePolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{41}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *DeletePolicyResponse) GetResult() *Result {
@@ -2701,7 +2907,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[42]
+	mi := &file_meridianpb_cluster_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2713,7 +2919,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[42]
+	mi := &file_meridianpb_cluster_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2726,7 +2932,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{42}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *TransferLeadershipRequest) GetId() string {
@@ -2746,7 +2952,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[43]
+	mi := &file_meridianpb_cluster_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2758,7 +2964,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[43]
+	mi := &file_meridianpb_cluster_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2771,7 +2977,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{43}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *TransferLeadershipResponse) GetResult() *Result {
@@ -2797,7 +3003,7 @@ type RemoveServerRequest struct {
 
 func (x *RemoveServerRequest) Reset() {
 	*x = RemoveServerRequest{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[44]
+	mi := &file_meridianpb_cluster_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2809,7 +3015,7 @@ func (x *RemoveServerRequest) String() string {
 func (*RemoveServerRequest) ProtoMessage() {}
 
 func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[44]
+	mi := &file_meridianpb_cluster_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2822,7 +3028,7 @@ func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveServerRequest) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{44}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *RemoveServerRequest) GetId() string {
@@ -2841,7 +3047,7 @@ type RemoveServerResponse struct {
 
 func (x *RemoveServerResponse) Reset() {
 	*x = RemoveServerResponse{}
-	mi := &file_meridianpb_cluster_proto_msgTypes[45]
+	mi := &file_meridianpb_cluster_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2853,7 +3059,7 @@ func (x *RemoveServerResponse) String() string {
 func (*RemoveServerResponse) ProtoMessage() {}
 
 func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_cluster_proto_msgTypes[45]
+	mi := &file_meridianpb_cluster_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2866,7 +3072,7 @@ func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveServerResponse) Descriptor() ([]byte, []int) {
-	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{45}
+	return file_meridianpb_cluster_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *RemoveServerResponse) GetResult() *Result {
@@ -2914,7 +3120,26 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x13GossipKeyringMember\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\x12\x12\n" +
-	"\x04keys\x18\x03 \x03(\fR\x04keys\"\x12\n" +
+	"\x04keys\x18\x03 \x03(\fR\x04keys\"(\n" +
+	"\fScrubRequest\x12\x18\n" +
+	"\aregions\x18\x01 \x03(\tR\aregions\"\xe6\x01\n" +
+	"\rScrubResponse\x12\x18\n" +
+	"\achecked\x18\x01 \x01(\x03R\achecked\x12\x14\n" +
+	"\x05bytes\x18\x02 \x01(\x03R\x05bytes\x12\x1e\n" +
+	"\n" +
+	"unreadable\x18\x03 \x01(\x03R\n" +
+	"unreadable\x12:\n" +
+	"\n" +
+	"mismatches\x18\x04 \x03(\v2\x1a.meridian.v1.ScrubMismatchR\n" +
+	"mismatches\x12*\n" +
+	"\x11started_unix_nano\x18\x05 \x01(\x03R\x0fstartedUnixNano\x12\x1d\n" +
+	"\n" +
+	"took_nanos\x18\x06 \x01(\x03R\ttookNanos\"s\n" +
+	"\rScrubMismatch\x12\x16\n" +
+	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x16\n" +
+	"\x06region\x18\x02 \x01(\tR\x06region\x12\x1a\n" +
+	"\brepaired\x18\x03 \x01(\bR\brepaired\x12\x16\n" +
+	"\x06detail\x18\x04 \x01(\tR\x06detail\"\x12\n" +
 	"\x10ReadIndexRequest\")\n" +
 	"\x11ReadIndexResponse\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\"\x9a\x01\n" +
@@ -3004,7 +3229,7 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x13GetUploadKeyRequest\"(\n" +
 	"\x14GetUploadKeyResponse\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\fR\x03key\"\x0f\n" +
-	"\rStatusRequest\"\xaa\x04\n" +
+	"\rStatusRequest\"\xe5\x04\n" +
 	"\n" +
 	"NodeStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1d\n" +
@@ -3027,7 +3252,9 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\tgrpc_addr\x18\x0f \x01(\tR\bgrpcAddr\x12\x1b\n" +
 	"\thttp_addr\x18\x10 \x01(\tR\bhttpAddr\x12\x18\n" +
 	"\aversion\x18\x11 \x01(\tR\aversion\x12%\n" +
-	"\x0euptime_seconds\x18\x12 \x01(\x03R\ruptimeSeconds\"\x16\n" +
+	"\x0euptime_seconds\x18\x12 \x01(\x03R\ruptimeSeconds\x129\n" +
+	"\n" +
+	"last_scrub\x18\x13 \x01(\v2\x1a.meridian.v1.ScrubResponseR\tlastScrub\"\x16\n" +
 	"\x14ClusterStatusRequest\"\x8f\x02\n" +
 	"\fMemberStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
@@ -3090,7 +3317,7 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result*<\n" +
 	"\vConsistency\x12\x15\n" +
 	"\x11CONSISTENCY_LOCAL\x10\x00\x12\x16\n" +
-	"\x12CONSISTENCY_STRONG\x10\x012\xc1\f\n" +
+	"\x12CONSISTENCY_STRONG\x10\x012\x81\r\n" +
 	"\aCluster\x12A\n" +
 	"\x06Commit\x12\x1a.meridian.v1.CommitRequest\x1a\x1b.meridian.v1.CommitResponse\x12J\n" +
 	"\tReadIndex\x12\x1d.meridian.v1.ReadIndexRequest\x1a\x1e.meridian.v1.ReadIndexResponse\x12=\n" +
@@ -3098,7 +3325,8 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\rClusterStatus\x12!.meridian.v1.ClusterStatusRequest\x1a\".meridian.v1.ClusterStatusResponse\x12e\n" +
 	"\x12TransferLeadership\x12&.meridian.v1.TransferLeadershipRequest\x1a'.meridian.v1.TransferLeadershipResponse\x12S\n" +
 	"\fRemoveServer\x12 .meridian.v1.RemoveServerRequest\x1a!.meridian.v1.RemoveServerResponse\x12V\n" +
-	"\rGossipKeyring\x12!.meridian.v1.GossipKeyringRequest\x1a\".meridian.v1.GossipKeyringResponse\x12S\n" +
+	"\rGossipKeyring\x12!.meridian.v1.GossipKeyringRequest\x1a\".meridian.v1.GossipKeyringResponse\x12>\n" +
+	"\x05Scrub\x12\x19.meridian.v1.ScrubRequest\x1a\x1a.meridian.v1.ScrubResponse\x12S\n" +
 	"\fListPolicies\x12 .meridian.v1.ListPoliciesRequest\x1a!.meridian.v1.ListPoliciesResponse\x12J\n" +
 	"\tSetPolicy\x12\x1d.meridian.v1.SetPolicyRequest\x1a\x1e.meridian.v1.SetPolicyResponse\x12S\n" +
 	"\fDeletePolicy\x12 .meridian.v1.DeletePolicyRequest\x1a!.meridian.v1.DeletePolicyResponse\x12P\n" +
@@ -3126,7 +3354,7 @@ func file_meridianpb_cluster_proto_rawDescGZIP() []byte {
 }
 
 var file_meridianpb_cluster_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_meridianpb_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
+var file_meridianpb_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_meridianpb_cluster_proto_goTypes = []any{
 	(Consistency)(0),                   // 0: meridian.v1.Consistency
 	(*Result)(nil),                     // 1: meridian.v1.Result
@@ -3136,148 +3364,155 @@ var file_meridianpb_cluster_proto_goTypes = []any{
 	(*GossipKeyringRequest)(nil),       // 5: meridian.v1.GossipKeyringRequest
 	(*GossipKeyringResponse)(nil),      // 6: meridian.v1.GossipKeyringResponse
 	(*GossipKeyringMember)(nil),        // 7: meridian.v1.GossipKeyringMember
-	(*ReadIndexRequest)(nil),           // 8: meridian.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil),          // 9: meridian.v1.ReadIndexResponse
-	(*GetManifestRequest)(nil),         // 10: meridian.v1.GetManifestRequest
-	(*GetManifestResponse)(nil),        // 11: meridian.v1.GetManifestResponse
-	(*GetTagRequest)(nil),              // 12: meridian.v1.GetTagRequest
-	(*GetTagResponse)(nil),             // 13: meridian.v1.GetTagResponse
-	(*ListRequest)(nil),                // 14: meridian.v1.ListRequest
-	(*ListResponse)(nil),               // 15: meridian.v1.ListResponse
-	(*ListReferrersRequest)(nil),       // 16: meridian.v1.ListReferrersRequest
-	(*ListReferrersResponse)(nil),      // 17: meridian.v1.ListReferrersResponse
-	(*GetLinkedBlobRequest)(nil),       // 18: meridian.v1.GetLinkedBlobRequest
-	(*GetLinkedBlobResponse)(nil),      // 19: meridian.v1.GetLinkedBlobResponse
-	(*GetPolicyRequest)(nil),           // 20: meridian.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),          // 21: meridian.v1.GetPolicyResponse
-	(*WaitBlobPlacedRequest)(nil),      // 22: meridian.v1.WaitBlobPlacedRequest
-	(*WaitBlobPlacedResponse)(nil),     // 23: meridian.v1.WaitBlobPlacedResponse
-	(*Coordinate)(nil),                 // 24: meridian.v1.Coordinate
-	(*PingRequest)(nil),                // 25: meridian.v1.PingRequest
-	(*PingResponse)(nil),               // 26: meridian.v1.PingResponse
-	(*GetUploadKeyRequest)(nil),        // 27: meridian.v1.GetUploadKeyRequest
-	(*GetUploadKeyResponse)(nil),       // 28: meridian.v1.GetUploadKeyResponse
-	(*StatusRequest)(nil),              // 29: meridian.v1.StatusRequest
-	(*NodeStatus)(nil),                 // 30: meridian.v1.NodeStatus
-	(*ClusterStatusRequest)(nil),       // 31: meridian.v1.ClusterStatusRequest
-	(*MemberStatus)(nil),               // 32: meridian.v1.MemberStatus
-	(*GatewayStatus)(nil),              // 33: meridian.v1.GatewayStatus
-	(*UpstreamNode)(nil),               // 34: meridian.v1.UpstreamNode
-	(*ClusterStatusResponse)(nil),      // 35: meridian.v1.ClusterStatusResponse
-	(*RegionLag)(nil),                  // 36: meridian.v1.RegionLag
-	(*ListPoliciesRequest)(nil),        // 37: meridian.v1.ListPoliciesRequest
-	(*ListPoliciesResponse)(nil),       // 38: meridian.v1.ListPoliciesResponse
-	(*SetPolicyRequest)(nil),           // 39: meridian.v1.SetPolicyRequest
-	(*SetPolicyResponse)(nil),          // 40: meridian.v1.SetPolicyResponse
-	(*DeletePolicyRequest)(nil),        // 41: meridian.v1.DeletePolicyRequest
-	(*DeletePolicyResponse)(nil),       // 42: meridian.v1.DeletePolicyResponse
-	(*TransferLeadershipRequest)(nil),  // 43: meridian.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 44: meridian.v1.TransferLeadershipResponse
-	(*RemoveServerRequest)(nil),        // 45: meridian.v1.RemoveServerRequest
-	(*RemoveServerResponse)(nil),       // 46: meridian.v1.RemoveServerResponse
-	(Code)(0),                          // 47: meridian.v1.Code
-	(*PutManifest)(nil),                // 48: meridian.v1.PutManifest
-	(*DeleteManifest)(nil),             // 49: meridian.v1.DeleteManifest
-	(*DeleteTag)(nil),                  // 50: meridian.v1.DeleteTag
-	(*LinkBlob)(nil),                   // 51: meridian.v1.LinkBlob
-	(*UnlinkBlob)(nil),                 // 52: meridian.v1.UnlinkBlob
-	(*PlaceBlob)(nil),                  // 53: meridian.v1.PlaceBlob
-	(*SetPolicy)(nil),                  // 54: meridian.v1.SetPolicy
-	(*DeletePolicy)(nil),               // 55: meridian.v1.DeletePolicy
-	(*SetRegions)(nil),                 // 56: meridian.v1.SetRegions
-	(*ManifestRecord)(nil),             // 57: meridian.v1.ManifestRecord
-	(*Referrer)(nil),                   // 58: meridian.v1.Referrer
-	(*BlobRecord)(nil),                 // 59: meridian.v1.BlobRecord
-	(*Policy)(nil),                     // 60: meridian.v1.Policy
+	(*ScrubRequest)(nil),               // 8: meridian.v1.ScrubRequest
+	(*ScrubResponse)(nil),              // 9: meridian.v1.ScrubResponse
+	(*ScrubMismatch)(nil),              // 10: meridian.v1.ScrubMismatch
+	(*ReadIndexRequest)(nil),           // 11: meridian.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),          // 12: meridian.v1.ReadIndexResponse
+	(*GetManifestRequest)(nil),         // 13: meridian.v1.GetManifestRequest
+	(*GetManifestResponse)(nil),        // 14: meridian.v1.GetManifestResponse
+	(*GetTagRequest)(nil),              // 15: meridian.v1.GetTagRequest
+	(*GetTagResponse)(nil),             // 16: meridian.v1.GetTagResponse
+	(*ListRequest)(nil),                // 17: meridian.v1.ListRequest
+	(*ListResponse)(nil),               // 18: meridian.v1.ListResponse
+	(*ListReferrersRequest)(nil),       // 19: meridian.v1.ListReferrersRequest
+	(*ListReferrersResponse)(nil),      // 20: meridian.v1.ListReferrersResponse
+	(*GetLinkedBlobRequest)(nil),       // 21: meridian.v1.GetLinkedBlobRequest
+	(*GetLinkedBlobResponse)(nil),      // 22: meridian.v1.GetLinkedBlobResponse
+	(*GetPolicyRequest)(nil),           // 23: meridian.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),          // 24: meridian.v1.GetPolicyResponse
+	(*WaitBlobPlacedRequest)(nil),      // 25: meridian.v1.WaitBlobPlacedRequest
+	(*WaitBlobPlacedResponse)(nil),     // 26: meridian.v1.WaitBlobPlacedResponse
+	(*Coordinate)(nil),                 // 27: meridian.v1.Coordinate
+	(*PingRequest)(nil),                // 28: meridian.v1.PingRequest
+	(*PingResponse)(nil),               // 29: meridian.v1.PingResponse
+	(*GetUploadKeyRequest)(nil),        // 30: meridian.v1.GetUploadKeyRequest
+	(*GetUploadKeyResponse)(nil),       // 31: meridian.v1.GetUploadKeyResponse
+	(*StatusRequest)(nil),              // 32: meridian.v1.StatusRequest
+	(*NodeStatus)(nil),                 // 33: meridian.v1.NodeStatus
+	(*ClusterStatusRequest)(nil),       // 34: meridian.v1.ClusterStatusRequest
+	(*MemberStatus)(nil),               // 35: meridian.v1.MemberStatus
+	(*GatewayStatus)(nil),              // 36: meridian.v1.GatewayStatus
+	(*UpstreamNode)(nil),               // 37: meridian.v1.UpstreamNode
+	(*ClusterStatusResponse)(nil),      // 38: meridian.v1.ClusterStatusResponse
+	(*RegionLag)(nil),                  // 39: meridian.v1.RegionLag
+	(*ListPoliciesRequest)(nil),        // 40: meridian.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),       // 41: meridian.v1.ListPoliciesResponse
+	(*SetPolicyRequest)(nil),           // 42: meridian.v1.SetPolicyRequest
+	(*SetPolicyResponse)(nil),          // 43: meridian.v1.SetPolicyResponse
+	(*DeletePolicyRequest)(nil),        // 44: meridian.v1.DeletePolicyRequest
+	(*DeletePolicyResponse)(nil),       // 45: meridian.v1.DeletePolicyResponse
+	(*TransferLeadershipRequest)(nil),  // 46: meridian.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 47: meridian.v1.TransferLeadershipResponse
+	(*RemoveServerRequest)(nil),        // 48: meridian.v1.RemoveServerRequest
+	(*RemoveServerResponse)(nil),       // 49: meridian.v1.RemoveServerResponse
+	(Code)(0),                          // 50: meridian.v1.Code
+	(*PutManifest)(nil),                // 51: meridian.v1.PutManifest
+	(*DeleteManifest)(nil),             // 52: meridian.v1.DeleteManifest
+	(*DeleteTag)(nil),                  // 53: meridian.v1.DeleteTag
+	(*LinkBlob)(nil),                   // 54: meridian.v1.LinkBlob
+	(*UnlinkBlob)(nil),                 // 55: meridian.v1.UnlinkBlob
+	(*PlaceBlob)(nil),                  // 56: meridian.v1.PlaceBlob
+	(*SetPolicy)(nil),                  // 57: meridian.v1.SetPolicy
+	(*DeletePolicy)(nil),               // 58: meridian.v1.DeletePolicy
+	(*SetRegions)(nil),                 // 59: meridian.v1.SetRegions
+	(*ManifestRecord)(nil),             // 60: meridian.v1.ManifestRecord
+	(*Referrer)(nil),                   // 61: meridian.v1.Referrer
+	(*BlobRecord)(nil),                 // 62: meridian.v1.BlobRecord
+	(*Policy)(nil),                     // 63: meridian.v1.Policy
 }
 var file_meridianpb_cluster_proto_depIdxs = []int32{
-	47, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
-	48, // 1: meridian.v1.Command.put_manifest:type_name -> meridian.v1.PutManifest
-	49, // 2: meridian.v1.Command.delete_manifest:type_name -> meridian.v1.DeleteManifest
-	50, // 3: meridian.v1.Command.delete_tag:type_name -> meridian.v1.DeleteTag
-	51, // 4: meridian.v1.Command.link_blob:type_name -> meridian.v1.LinkBlob
-	52, // 5: meridian.v1.Command.unlink_blob:type_name -> meridian.v1.UnlinkBlob
-	53, // 6: meridian.v1.Command.place_blob:type_name -> meridian.v1.PlaceBlob
-	54, // 7: meridian.v1.Command.set_policy:type_name -> meridian.v1.SetPolicy
-	55, // 8: meridian.v1.Command.delete_policy:type_name -> meridian.v1.DeletePolicy
-	56, // 9: meridian.v1.Command.set_regions:type_name -> meridian.v1.SetRegions
+	50, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
+	51, // 1: meridian.v1.Command.put_manifest:type_name -> meridian.v1.PutManifest
+	52, // 2: meridian.v1.Command.delete_manifest:type_name -> meridian.v1.DeleteManifest
+	53, // 3: meridian.v1.Command.delete_tag:type_name -> meridian.v1.DeleteTag
+	54, // 4: meridian.v1.Command.link_blob:type_name -> meridian.v1.LinkBlob
+	55, // 5: meridian.v1.Command.unlink_blob:type_name -> meridian.v1.UnlinkBlob
+	56, // 6: meridian.v1.Command.place_blob:type_name -> meridian.v1.PlaceBlob
+	57, // 7: meridian.v1.Command.set_policy:type_name -> meridian.v1.SetPolicy
+	58, // 8: meridian.v1.Command.delete_policy:type_name -> meridian.v1.DeletePolicy
+	59, // 9: meridian.v1.Command.set_regions:type_name -> meridian.v1.SetRegions
 	2,  // 10: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
 	1,  // 11: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
 	7,  // 12: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
-	0,  // 13: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 14: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
-	57, // 15: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
-	0,  // 16: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 17: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
-	0,  // 18: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 19: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
-	0,  // 20: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 21: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
-	58, // 22: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
-	0,  // 23: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 24: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
-	59, // 25: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
-	1,  // 26: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 27: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
-	59, // 28: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
-	24, // 29: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
-	24, // 30: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
-	30, // 31: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
-	33, // 32: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
-	34, // 33: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
-	32, // 34: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
-	36, // 35: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
-	60, // 36: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
-	60, // 37: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
-	1,  // 38: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 39: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 40: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
-	1,  // 41: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
-	3,  // 42: meridian.v1.Cluster.Commit:input_type -> meridian.v1.CommitRequest
-	8,  // 43: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
-	29, // 44: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
-	31, // 45: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
-	43, // 46: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
-	45, // 47: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
-	5,  // 48: meridian.v1.Cluster.GossipKeyring:input_type -> meridian.v1.GossipKeyringRequest
-	37, // 49: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
-	39, // 50: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
-	41, // 51: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
-	10, // 52: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
-	12, // 53: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
-	14, // 54: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
-	14, // 55: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
-	16, // 56: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
-	18, // 57: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
-	27, // 58: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
-	20, // 59: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
-	22, // 60: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
-	25, // 61: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
-	4,  // 62: meridian.v1.Cluster.Commit:output_type -> meridian.v1.CommitResponse
-	9,  // 63: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
-	30, // 64: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
-	35, // 65: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
-	44, // 66: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
-	46, // 67: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
-	6,  // 68: meridian.v1.Cluster.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
-	38, // 69: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
-	40, // 70: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
-	42, // 71: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
-	11, // 72: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
-	13, // 73: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
-	15, // 74: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
-	15, // 75: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
-	17, // 76: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
-	19, // 77: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
-	28, // 78: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
-	21, // 79: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
-	23, // 80: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
-	26, // 81: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
-	62, // [62:82] is the sub-list for method output_type
-	42, // [42:62] is the sub-list for method input_type
-	42, // [42:42] is the sub-list for extension type_name
-	42, // [42:42] is the sub-list for extension extendee
-	0,  // [0:42] is the sub-list for field type_name
+	10, // 13: meridian.v1.ScrubResponse.mismatches:type_name -> meridian.v1.ScrubMismatch
+	0,  // 14: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 15: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
+	60, // 16: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
+	0,  // 17: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 18: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
+	0,  // 19: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 20: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
+	0,  // 21: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 22: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
+	61, // 23: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
+	0,  // 24: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 25: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
+	62, // 26: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
+	1,  // 27: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 28: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
+	62, // 29: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
+	27, // 30: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
+	27, // 31: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
+	9,  // 32: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
+	33, // 33: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
+	36, // 34: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
+	37, // 35: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
+	35, // 36: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
+	39, // 37: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
+	63, // 38: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
+	63, // 39: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
+	1,  // 40: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 41: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 42: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
+	1,  // 43: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
+	3,  // 44: meridian.v1.Cluster.Commit:input_type -> meridian.v1.CommitRequest
+	11, // 45: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
+	32, // 46: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
+	34, // 47: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
+	46, // 48: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
+	48, // 49: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
+	5,  // 50: meridian.v1.Cluster.GossipKeyring:input_type -> meridian.v1.GossipKeyringRequest
+	8,  // 51: meridian.v1.Cluster.Scrub:input_type -> meridian.v1.ScrubRequest
+	40, // 52: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
+	42, // 53: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
+	44, // 54: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
+	13, // 55: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
+	15, // 56: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
+	17, // 57: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
+	17, // 58: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
+	19, // 59: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
+	21, // 60: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
+	30, // 61: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
+	23, // 62: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
+	25, // 63: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
+	28, // 64: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
+	4,  // 65: meridian.v1.Cluster.Commit:output_type -> meridian.v1.CommitResponse
+	12, // 66: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
+	33, // 67: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
+	38, // 68: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
+	47, // 69: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
+	49, // 70: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
+	6,  // 71: meridian.v1.Cluster.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
+	9,  // 72: meridian.v1.Cluster.Scrub:output_type -> meridian.v1.ScrubResponse
+	41, // 73: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
+	43, // 74: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
+	45, // 75: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
+	14, // 76: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
+	16, // 77: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
+	18, // 78: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
+	18, // 79: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
+	20, // 80: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
+	22, // 81: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
+	31, // 82: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
+	24, // 83: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
+	26, // 84: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
+	29, // 85: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
+	65, // [65:86] is the sub-list for method output_type
+	44, // [44:65] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_cluster_proto_init() }
@@ -3303,7 +3538,7 @@ func file_meridianpb_cluster_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridianpb_cluster_proto_rawDesc), len(file_meridianpb_cluster_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   46,
+			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -30,6 +30,7 @@ const (
 	Cluster_TransferLeadership_FullMethodName = "/meridian.v1.Cluster/TransferLeadership"
 	Cluster_RemoveServer_FullMethodName       = "/meridian.v1.Cluster/RemoveServer"
 	Cluster_GossipKeyring_FullMethodName      = "/meridian.v1.Cluster/GossipKeyring"
+	Cluster_Scrub_FullMethodName              = "/meridian.v1.Cluster/Scrub"
 	Cluster_ListPolicies_FullMethodName       = "/meridian.v1.Cluster/ListPolicies"
 	Cluster_SetPolicy_FullMethodName          = "/meridian.v1.Cluster/SetPolicy"
 	Cluster_DeletePolicy_FullMethodName       = "/meridian.v1.Cluster/DeletePolicy"
@@ -72,6 +73,10 @@ type ClusterClient interface {
 	// (nodes and gateways), through this node (`meridian cluster
 	// gossip-key`). Each member answers for itself.
 	GossipKeyring(ctx context.Context, in *GossipKeyringRequest, opts ...grpc.CallOption) (*GossipKeyringResponse, error)
+	// Scrub re-hashes every placed copy of every blob (in the given regions,
+	// all when none) and repairs wrong copies from a verified one
+	// (`meridian scrub`). It answers when the pass is over.
+	Scrub(ctx context.Context, in *ScrubRequest, opts ...grpc.CallOption) (*ScrubResponse, error)
 	// Replication policies (the admin API behind `meridian policy`). Changes
 	// are validated against the cluster's regions and committed through Raft.
 	ListPolicies(ctx context.Context, in *ListPoliciesRequest, opts ...grpc.CallOption) (*ListPoliciesResponse, error)
@@ -168,6 +173,16 @@ func (c *clusterClient) GossipKeyring(ctx context.Context, in *GossipKeyringRequ
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GossipKeyringResponse)
 	err := c.cc.Invoke(ctx, Cluster_GossipKeyring_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *clusterClient) Scrub(ctx context.Context, in *ScrubRequest, opts ...grpc.CallOption) (*ScrubResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ScrubResponse)
+	err := c.cc.Invoke(ctx, Cluster_Scrub_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -331,6 +346,10 @@ type ClusterServer interface {
 	// (nodes and gateways), through this node (`meridian cluster
 	// gossip-key`). Each member answers for itself.
 	GossipKeyring(context.Context, *GossipKeyringRequest) (*GossipKeyringResponse, error)
+	// Scrub re-hashes every placed copy of every blob (in the given regions,
+	// all when none) and repairs wrong copies from a verified one
+	// (`meridian scrub`). It answers when the pass is over.
+	Scrub(context.Context, *ScrubRequest) (*ScrubResponse, error)
 	// Replication policies (the admin API behind `meridian policy`). Changes
 	// are validated against the cluster's regions and committed through Raft.
 	ListPolicies(context.Context, *ListPoliciesRequest) (*ListPoliciesResponse, error)
@@ -383,6 +402,9 @@ func (UnimplementedClusterServer) RemoveServer(context.Context, *RemoveServerReq
 }
 func (UnimplementedClusterServer) GossipKeyring(context.Context, *GossipKeyringRequest) (*GossipKeyringResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GossipKeyring not implemented")
+}
+func (UnimplementedClusterServer) Scrub(context.Context, *ScrubRequest) (*ScrubResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Scrub not implemented")
 }
 func (UnimplementedClusterServer) ListPolicies(context.Context, *ListPoliciesRequest) (*ListPoliciesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListPolicies not implemented")
@@ -566,6 +588,24 @@ func _Cluster_GossipKeyring_Handler(srv interface{}, ctx context.Context, dec fu
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(ClusterServer).GossipKeyring(ctx, req.(*GossipKeyringRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Cluster_Scrub_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ScrubRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServer).Scrub(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cluster_Scrub_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServer).Scrub(ctx, req.(*ScrubRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -838,6 +878,10 @@ var Cluster_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GossipKeyring",
 			Handler:    _Cluster_GossipKeyring_Handler,
+		},
+		{
+			MethodName: "Scrub",
+			Handler:    _Cluster_Scrub_Handler,
 		},
 		{
 			MethodName: "ListPolicies",
