@@ -40,11 +40,13 @@ func Entry(cmd *pb.Command, now time.Time) (*pb.LogEntry, error) {
 }
 
 // Commit builds the entry of a validated command and proposes it; see
-// Propose for the answers.
-func (n *Node) Commit(ctx context.Context, cmd *pb.Command) error {
+// Propose for the answers. It also returns the entry's log index once
+// applied (with a business error too: the entry is in the log), so that a
+// follower that forwarded the command can wait until it applied it too.
+func (n *Node) Commit(ctx context.Context, cmd *pb.Command) (uint64, error) {
 	e, err := Entry(cmd, time.Now())
 	if err != nil {
-		return err
+		return 0, err
 	}
-	return n.Propose(ctx, e)
+	return n.propose(ctx, e)
 }

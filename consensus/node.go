@@ -206,6 +206,13 @@ func (n *Node) WaitLeader(ctx context.Context) error {
 // business error (*meridianpb.Error) such as a failed tag precondition.
 // Proposals must be made on the leader; elsewhere ErrNotLeader comes back.
 func (n *Node) Propose(ctx context.Context, e *pb.LogEntry) error {
+	_, err := n.propose(ctx, e)
+	return err
+}
+
+// propose is Propose, also returning the entry's log index once applied
+// (0 when it was not).
+func (n *Node) propose(ctx context.Context, e *pb.LogEntry) (uint64, error) {
 	if e.Version == 0 {
 		e.Version = LogVersion
 	}
@@ -214,11 +221,11 @@ func (n *Node) Propose(ctx context.Context, e *pb.LogEntry) error {
 	}
 	data, err := proto.Marshal(e)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if err := ctx.Err(); err != nil {
 		// The caller already gave up: proposing now would write on its behalf.
-		return fmt.Errorf("%w: %v", pb.ErrUnavailable, err)
+		return 0, fmt.Errorf("%w: %v", pb.ErrUnavailable, err)
 	}
 	if _, ok := ctx.Deadline(); !ok {
 		// ApplyTimeout bounds the whole wait, not only raft's enqueue: a
@@ -230,7 +237,7 @@ func (n *Node) Propose(ctx context.Context, e *pb.LogEntry) error {
 	deadline, _ := ctx.Deadline()
 	timeout := time.Until(deadline)
 	if timeout <= 0 {
-		return fmt.Errorf("%w: %v", pb.ErrUnavailable, context.DeadlineExceeded)
+		return 0, fmt.Errorf("%w: %v", pb.ErrUnavailable, context.DeadlineExceeded)
 	}
 	f := n.raft.Apply(data, timeout)
 	done := make(chan error, 1)
@@ -239,22 +246,22 @@ func (n *Node) Propose(ctx context.Context, e *pb.LogEntry) error {
 	case err = <-done:
 	case <-ctx.Done():
 		// The entry may still commit; the caller only stops waiting.
-		return fmt.Errorf("%w: %v", pb.ErrUnavailable, ctx.Err())
+		return 0, fmt.Errorf("%w: %v", pb.ErrUnavailable, ctx.Err())
 	}
 	switch {
 	case err == nil:
 	case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipTransferInProgress):
 		// Refused before it entered the log: safe to send to the leader.
-		return fmt.Errorf("%w: %v", pb.ErrNotLeader, err)
+		return 0, fmt.Errorf("%w: %v", pb.ErrNotLeader, err)
 	default:
 		// Including ErrLeadershipLost: the entry may still commit, so the
 		// caller must not blindly retry it elsewhere.
-		return fmt.Errorf("%w: %v", pb.ErrUnavailable, err)
+		return 0, fmt.Errorf("%w: %v", pb.ErrUnavailable, err)
 	}
 	if resp, ok := f.Response().(error); ok && resp != nil {
-		return resp
+		return f.Index(), resp
 	}
-	return nil
+	return f.Index(), nil
 }
 
 // leaderDuties runs what only the leader does: installing the upload key once

@@ -15,20 +15,34 @@ import (
 // again and builds the log entry). While no leader is known it waits, with
 // jitter, until ctx (or the apply timeout) runs out, then answers
 // ErrUnavailable. An invalid command answers ErrInvalidArgument and
-// commits nothing.
+// commits nothing. It returns once this node has applied the entry too, so
+// a write is visible in reads through the node that took it.
 func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
 	if err := n.validateCommand(ctx, cmd); err != nil {
 		return err
 	}
-	return n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
+	var index uint64
+	err := n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
 		resp, err := c.Commit(ctx, &pb.CommitRequest{Command: cmd, Forwarded: true})
 		if err != nil {
 			return fromGRPC(err)
 		}
+		index = resp.Index
 		return resp.Result.Err()
-	}, func(ctx context.Context) error {
-		return n.consensus.Commit(ctx, cmd)
+	}, func(ctx context.Context) (err error) {
+		index, err = n.consensus.Commit(ctx, cmd)
+		return err
 	})
+	if index > 0 {
+		wctx, cancel := context.WithTimeout(ctx, n.cfg.ApplyTimeout)
+		defer cancel()
+		if werr := n.consensus.WaitApplied(wctx, index); werr != nil {
+			// The write is committed and stays acknowledged; only a read
+			// through this node right away may not see it yet.
+			n.logger.Warn("a write committed by the leader is not yet applied here", "index", index, "err", werr)
+		}
+	}
+	return err
 }
 
 // onLeader runs local on this node when it leads, or remote against the

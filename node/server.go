@@ -31,11 +31,12 @@ func (s clusterServer) Commit(ctx context.Context, req *pb.CommitRequest) (*pb.C
 		return nil, err
 	}
 	var err error
+	var index uint64
 	if req.Forwarded {
 		// One hop only: a forwarded write that finds no leader here goes
 		// back. The leader validates what it commits itself.
 		if err = s.n.validateCommand(ctx, req.Command); err == nil {
-			err = s.n.consensus.Commit(ctx, req.Command)
+			index, err = s.n.consensus.Commit(ctx, req.Command)
 		}
 	} else {
 		err = s.n.commit(ctx, req.Command)
@@ -44,7 +45,7 @@ func (s clusterServer) Commit(ctx context.Context, req *pb.CommitRequest) (*pb.C
 	if gerr != nil {
 		return nil, gerr
 	}
-	return &pb.CommitResponse{Result: r}, nil
+	return &pb.CommitResponse{Result: r, Index: index}, nil
 }
 
 func (s clusterServer) ReadIndex(ctx context.Context, _ *pb.ReadIndexRequest) (*pb.ReadIndexResponse, error) {
