@@ -35,9 +35,12 @@ type benchCluster struct {
 	seq atomic.Int64
 }
 
-func newBenchCluster(b *testing.B, readConsistency string) *benchCluster {
+// newBenchCluster starts the cluster; with mtls its nodes run mutual TLS on
+// gRPC and Raft and encrypted gossip, as production clusters do.
+func newBenchCluster(b *testing.B, readConsistency string, mtls bool) *benchCluster {
 	b.Helper()
 	defaults := node.DefaultConfig()
+	var p *securePKI
 	c := clustertest.New(b, 3,
 		// Raft logs its heartbeat failures at ERROR during a failover;
 		// benchmark logs are always printed, so keep them quiet.
@@ -47,6 +50,12 @@ func newBenchCluster(b *testing.B, readConsistency string) *benchCluster {
 			cfg.RaftElectionTimeout = defaults.RaftElectionTimeout
 			if readConsistency != "" {
 				cfg.ReadConsistency = readConsistency
+			}
+			if mtls {
+				if p == nil {
+					p = newSecurePKI(b, cfg.ClusterID)
+				}
+				p.secure(cfg)
 			}
 		}))
 	ctx, cancel := context.WithTimeout(b.Context(), time.Minute)
@@ -77,16 +86,19 @@ func (bc *benchCluster) putTag(ctx context.Context, i int, tag string) (string, 
 
 // BenchmarkTagUpdate measures tag updates committed through Raft: each
 // operation PUTs a new small manifest by tag through the nodes in turn
-// (two of three are forwarded to the leader).
+// (two of three are forwarded to the leader), with cluster TLS off and on.
 func BenchmarkTagUpdate(b *testing.B) {
-	bc := newBenchCluster(b, "")
-	for _, writers := range []int{1, 32} {
-		b.Run(fmt.Sprintf("writers=%d", writers), func(b *testing.B) {
-			runConcurrently(b, writers, "updates/s", func(ctx context.Context, w, k int) error {
-				_, err := bc.putTag(ctx, k%3, fmt.Sprintf("w%d", w))
-				return err
+	for _, mtls := range []bool{false, true} {
+		bc := newBenchCluster(b, "", mtls)
+		for _, writers := range []int{1, 32} {
+			b.Run(fmt.Sprintf("mtls=%v/writers=%d", mtls, writers), func(b *testing.B) {
+				runConcurrently(b, writers, "updates/s", func(ctx context.Context, w, k int) error {
+					_, err := bc.putTag(ctx, k%3, fmt.Sprintf("w%d", w))
+					return err
+				})
 			})
-		})
+		}
+		bc.Close()
 	}
 }
 
@@ -96,8 +108,12 @@ func BenchmarkTagUpdate(b *testing.B) {
 // batched).
 func BenchmarkTagRead(b *testing.B) {
 	const readers, tags = 32, 32
-	for _, mode := range []string{"local", "strong"} {
-		bc := newBenchCluster(b, mode)
+	for _, run := range []struct {
+		mode string
+		mtls bool
+	}{{"local", false}, {"strong", false}, {"local", true}, {"strong", true}} {
+		mode := run.mode
+		bc := newBenchCluster(b, mode, run.mtls)
 		ctx, cancel := context.WithTimeout(b.Context(), time.Minute)
 		want := make([]string, tags)
 		for k := range tags {
@@ -116,7 +132,7 @@ func BenchmarkTagRead(b *testing.B) {
 		}
 		cancel()
 		followers := []int{(leader + 1) % 3, (leader + 2) % 3}
-		b.Run(mode, func(b *testing.B) {
+		b.Run(fmt.Sprintf("mtls=%v/%s", run.mtls, mode), func(b *testing.B) {
 			runConcurrently(b, readers, "reads/s", func(ctx context.Context, _, k int) error {
 				via, tag := followers[k%2], k%tags
 				r, err := bc.reg.getManifest(ctx, via, http.MethodGet, benchRepo, fmt.Sprintf("r%d", tag))
@@ -200,7 +216,7 @@ func reportPercentiles(b *testing.B, samples []time.Duration, prefix string) {
 // timeouts an iteration takes about 2.5 s: -benchtime 200x runs for about
 // 8.5 minutes.
 func BenchmarkLeaderFailover(b *testing.B) {
-	bc := newBenchCluster(b, "")
+	bc := newBenchCluster(b, "", false)
 	var failovers, elections, stops []time.Duration
 	attempts := 0
 	for b.Loop() {

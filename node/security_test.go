@@ -29,12 +29,12 @@ import (
 // securePKI is a cluster CA with certificates issued on demand, and the
 // cluster's gossip key file.
 type securePKI struct {
-	t       *testing.T
+	t       testing.TB
 	dir     string
 	cluster string
 }
 
-func newSecurePKI(t *testing.T, cluster string) *securePKI {
+func newSecurePKI(t testing.TB, cluster string) *securePKI {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "ca")
 	if err := pki.InitCA(dir, cluster); err != nil {
