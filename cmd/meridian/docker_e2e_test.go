@@ -48,16 +48,8 @@ func TestDockerOverHTTPS(t *testing.T) {
 		out, err := exec.CommandContext(ctx, "docker", args...).CombinedOutput()
 		return string(out), err
 	}
-	meridian := func(args ...string) {
-		t.Helper()
-		cmd := exec.Command(e2eBinary, args...)
-		cmd.Env = e2eEnv()
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("meridian %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
-	meridian("ca", "init", "--dir", pkiDir)
-	meridian("ca", "issue", "--dir", pkiDir, "--role", "node", "--id", "web", "--ip", ip)
+	e2eMeridian(t, "ca", "init", "--dir", pkiDir)
+	e2eMeridian(t, "ca", "issue", "--dir", pkiDir, "--role", "node", "--id", "web", "--ip", ip)
 
 	ready := filepath.Join(dir, "ready.json")
 	p := e2eStart(t, ready, e2eEnv(), slices.Concat([]string{"serve", "--node-id", "web", "--data-dir", filepath.Join(dir, "data"),

@@ -24,6 +24,16 @@ import (
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
+// e2eMeridian runs a short meridian command and fails the test if it fails.
+func e2eMeridian(t testing.TB, args ...string) {
+	t.Helper()
+	cmd := exec.Command(e2eBinary, args...)
+	cmd.Env = e2eEnv()
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("meridian %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
 // secE2E is a cluster of real processes running with the trust settings a
 // production cluster has: a CA made with `meridian ca`, mutual TLS, an
 // encrypted gossip keyring.
@@ -221,14 +231,7 @@ func TestServeHTTPS(t *testing.T) {
 	e2eNeedBinary(t)
 	dir := t.TempDir()
 	pkiDir := filepath.Join(dir, "pki")
-	run := func(args ...string) {
-		t.Helper()
-		cmd := exec.Command(e2eBinary, args...)
-		cmd.Env = e2eEnv()
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("meridian %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
+	run := func(args ...string) { t.Helper(); e2eMeridian(t, args...) }
 	run("ca", "init", "--dir", pkiDir)
 	run("ca", "issue", "--dir", pkiDir, "--role", "node", "--id", "web", "--ip", "127.0.0.1", "--dns", "localhost")
 	ready := filepath.Join(dir, "ready.json")
