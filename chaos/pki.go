@@ -199,8 +199,8 @@ func (p *clusterPKI) waitServed(ctx context.Context, addr, identity string, old,
 		return cert.SerialNumber.Cmp(want) == 0 && want.Cmp(old) != 0
 	})
 	if err != nil {
-		return 0, fmt.Errorf("the new certificate (serial %s → %s) not served within %v: %v, last seen %s",
-			shortSerial(old), shortSerial(want), within, err, last)
+		return 0, fmt.Errorf("new serial %s (was %s) not served within %v (%v); last seen: %s",
+			shortSerial(want), shortSerial(old), within, err, last)
 	}
 	return time.Since(since), nil
 }
@@ -234,7 +234,7 @@ func CheckCertRotations(faults []Fault) CheckResult {
 			took = append(took, f.End-f.Start)
 		}
 	}
-	detail := fmt.Sprintf("%d certificates re-issued in place, each served within %v", checked, certRotateWithin)
+	detail := fmt.Sprintf("%d of %d certificates re-issued in place served within %v", len(took), checked, certRotateWithin)
 	if len(took) > 0 {
 		detail += fmt.Sprintf(" (the slowest %v after its re-issue began)", slices.Max(took).Round(10*time.Millisecond))
 	}

@@ -185,7 +185,7 @@ func TestWaitServed(t *testing.T) {
 			if err == nil {
 				t.Fatal("passed")
 			}
-			if !strings.Contains(err.Error(), "last seen serial "+shortSerial(newSerial)) {
+			if !strings.Contains(err.Error(), "last seen: serial "+shortSerial(newSerial)) {
 				t.Fatalf("the error does not say what was served: %v", err)
 			}
 			if waited := time.Since(start); waited > time.Minute {
