@@ -37,6 +37,8 @@ var commands = map[protoreflect.Name]applyFunc{
 	"set_policy":      applySetPolicy,
 	"delete_policy":   applyDeletePolicy,
 	"set_regions":     applySetRegions,
+
+	"rotate_upload_key": applyRotateUploadKey,
 }
 
 var commandOneof = (&pb.LogEntry{}).ProtoReflect().Descriptor().Oneofs().ByName("command")
@@ -365,6 +367,48 @@ func applyUnlinkBlob(b *pebble.Batch, e *pb.LogEntry) error {
 		return err
 	}
 	return recomputeBlob(b, c.Digest, e.TimeUnixNano)
+}
+
+// applyRotateUploadKey appends a key to the ring (id one past the newest)
+// and drops keys whose successor was created before the entry's retire
+// time. The first key of a cluster that predates the ring becomes id 0.
+func applyRotateUploadKey(b *pebble.Batch, e *pb.LogEntry) error {
+	c := e.GetRotateUploadKey()
+	if len(c.Key) < 32 {
+		return pb.Errorf(pb.Code_CODE_INVALID_ARGUMENT, "upload key shorter than 32 bytes")
+	}
+	ring, err := uploadKeyRing(b)
+	if err != nil {
+		return err
+	}
+	next := uint32(0)
+	if n := len(ring.Keys); n > 0 {
+		next = ring.Keys[n-1].Id + 1
+	}
+	ring.Keys = append(ring.Keys, &pb.UploadKey{Id: next, Key: c.Key, CreatedUnixNano: e.TimeUnixNano})
+	kept := ring.Keys[:0]
+	for i, k := range ring.Keys {
+		if i == len(ring.Keys)-1 || ring.Keys[i+1].CreatedUnixNano >= c.RetireBeforeUnixNano {
+			kept = append(kept, k)
+		}
+	}
+	ring.Keys = kept
+	return setProto(b, key(tableUploadKey, "ring"), ring)
+}
+
+// uploadKeyRing reads the ring, or makes one of a cluster's first key.
+func uploadKeyRing(r pebble.Reader) (*pb.UploadKeyRing, error) {
+	ring := &pb.UploadKeyRing{}
+	ok, err := getProto(r, key(tableUploadKey, "ring"), ring)
+	if err != nil || ok {
+		return ring, err
+	}
+	first, _, err := get(r, key(tableUploadKey))
+	if err != nil || first == nil {
+		return ring, err
+	}
+	ring.Keys = []*pb.UploadKey{{Id: 0, Key: first}}
+	return ring, nil
 }
 
 func applySetUploadKey(b *pebble.Batch, e *pb.LogEntry) error {

@@ -14,7 +14,8 @@ import (
 //
 //	v 'L'                             layout version marker → uint32
 //	v 'A'                             last applied Raft index → uint64 index, uint64 term
-//	v 'K'                             upload-token signing key → raw bytes
+//	v 'K'                             first upload-token key (clusters before the ring) → raw bytes
+//	v 'K' "ring"                      upload-token key ring → UploadKeyRing
 //	v 'R' repo                        repository → uint64 created (unix nanos)
 //	v 'M' repo 0 digest               manifest → ManifestRecord
 //	v 'T' repo 0 tag                  tag → manifest digest

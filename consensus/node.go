@@ -295,13 +295,36 @@ func (n *Node) onLeader() {
 		n.logger.Warn("update own raft address", "err", err)
 	}
 	if k, err := n.store.UploadKey(ctx); err == nil && k == nil {
-		key := make([]byte, 32)
-		rand.Read(key)
-		err := n.Propose(ctx, &pb.LogEntry{Command: &pb.LogEntry_SetUploadKey{SetUploadKey: &pb.SetUploadKey{Key: key}}})
-		if err != nil {
+		if err := n.RotateUploadKey(ctx, 0, 0); err != nil {
 			n.logger.Warn("install upload key", "err", err)
 		}
 	}
+}
+
+// RotateUploadKey adds a fresh upload-token key to the ring when the
+// newest is older than every (at once when there is none), and retires
+// keys replaced more than retain ago (the upload TTL: no token they sealed
+// is still valid). The leader calls it; elsewhere it answers ErrNotLeader.
+func (n *Node) RotateUploadKey(ctx context.Context, every, retain time.Duration) error {
+	keys, err := n.store.UploadKeys(ctx)
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	if len(keys) > 0 && (every <= 0 || now.Sub(time.Unix(0, keys[len(keys)-1].CreatedUnixNano)) < every) {
+		return nil
+	}
+	key := make([]byte, 32)
+	rand.Read(key)
+	c := &pb.RotateUploadKey{Key: key}
+	if retain > 0 {
+		c.RetireBeforeUnixNano = now.Add(-retain).UnixNano()
+	}
+	err = n.Propose(ctx, &pb.LogEntry{TimeUnixNano: now.UnixNano(), Command: &pb.LogEntry_RotateUploadKey{RotateUploadKey: c}})
+	if err == nil && len(keys) > 0 {
+		n.logger.Info("rotated the upload-token key", "keys_before", len(keys))
+	}
+	return err
 }
 
 // updateOwnAddress re-adds this node under its current address when it was

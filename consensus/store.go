@@ -154,15 +154,25 @@ func appliedIndex(r pebble.Reader) (index, term uint64, err error) {
 	return binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:]), nil
 }
 
-// UploadKey returns the cluster's upload-token signing key, or nil before the
-// leader has installed one.
-func (s *Store) UploadKey(context.Context) ([]byte, error) {
-	var k []byte
+// UploadKey returns the newest upload-token key, or nil before the leader
+// has installed one.
+func (s *Store) UploadKey(ctx context.Context) ([]byte, error) {
+	keys, err := s.UploadKeys(ctx)
+	if err != nil || len(keys) == 0 {
+		return nil, err
+	}
+	return keys[len(keys)-1].Key, nil
+}
+
+// UploadKeys returns the upload-token key ring, oldest first (empty before
+// the leader has installed a key).
+func (s *Store) UploadKeys(context.Context) ([]*pb.UploadKey, error) {
+	var ring *pb.UploadKeyRing
 	err := s.read(func(db *pebble.DB) (err error) {
-		k, _, err = get(db, key(tableUploadKey))
+		ring, err = uploadKeyRing(db)
 		return err
 	})
-	return k, err
+	return ring.GetKeys(), err
 }
 
 // RepositoryExists reports whether anything was ever linked or pushed to repo.

@@ -41,8 +41,9 @@ type Metadata interface {
 	// WaitPlaced blocks until at least regions regions hold the blob, and
 	// returns its record; it gives up with ctx.
 	WaitPlaced(ctx context.Context, digest string, regions int) (*pb.BlobRecord, error)
-	// UploadKey returns the cluster's upload-token key, nil until installed.
-	UploadKey(ctx context.Context) ([]byte, error)
+	// UploadKeys returns the cluster's upload-token key ring, oldest first;
+	// empty until the first key is installed.
+	UploadKeys(ctx context.Context) ([]*pb.UploadKey, error)
 }
 
 // Authorizer decides whether a request may act on a repository. It is the
@@ -123,8 +124,9 @@ type Gateway struct {
 	logger  *slog.Logger
 	metrics *metrics
 
-	keyMu sync.Mutex
-	key   []byte
+	keyMu   sync.Mutex
+	keys    []*pb.UploadKey // the ring as last fetched
+	fetched time.Time
 }
 
 // New returns a gateway that reads and writes blobs through stores, the
@@ -219,22 +221,55 @@ func (g *Gateway) base(w http.ResponseWriter, r *http.Request, _ route) error {
 	return nil
 }
 
-// uploadKey returns the cluster's token key, fetched once.
-func (g *Gateway) uploadKey(ctx context.Context) ([]byte, error) {
+// keyRefresh is how old the gateway's copy of the key ring may be when it
+// seals a token: after a rotation, new tokens use the new key within it.
+const keyRefresh = 30 * time.Second
+
+// sealingKey returns the newest upload-token key.
+func (g *Gateway) sealingKey(ctx context.Context) (*pb.UploadKey, error) {
 	g.keyMu.Lock()
 	defer g.keyMu.Unlock()
-	if g.key != nil {
-		return g.key, nil
+	if len(g.keys) == 0 || time.Since(g.fetched) > keyRefresh {
+		if err := g.fetchKeysLocked(ctx); err != nil && len(g.keys) == 0 {
+			return nil, err
+		}
 	}
-	k, err := g.meta.UploadKey(ctx)
+	return g.keys[len(g.keys)-1], nil
+}
+
+// openingKey returns the ring key with id, fetching the ring again (at
+// most once a second) when the id is not in the copy held: a token sealed
+// by another gateway after a rotation names a key this one has not seen.
+func (g *Gateway) openingKey(ctx context.Context, id uint32) []byte {
+	g.keyMu.Lock()
+	defer g.keyMu.Unlock()
+	find := func() []byte {
+		for _, k := range g.keys {
+			if k.Id == id {
+				return k.Key
+			}
+		}
+		return nil
+	}
+	if k := find(); k != nil {
+		return k
+	}
+	if time.Since(g.fetched) > time.Second {
+		g.fetchKeysLocked(ctx)
+	}
+	return find()
+}
+
+func (g *Gateway) fetchKeysLocked(ctx context.Context) error {
+	keys, err := g.meta.UploadKeys(ctx)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	if len(k) == 0 {
-		return nil, errorf(CodeUnavailable, "the cluster has not installed its upload key yet")
+	if len(keys) == 0 {
+		return errorf(CodeUnavailable, "the cluster has not installed its upload key yet")
 	}
-	g.key = k
-	return k, nil
+	g.keys, g.fetched = keys, time.Now()
+	return nil
 }
 
 // statusWriter records the status a handler wrote, and whether it wrote.

@@ -25,6 +25,7 @@ type fakeMetadata struct {
 
 	mu        sync.Mutex
 	key       []byte
+	rotated   []*pb.UploadKey // keys added to the ring after key (id 0)
 	repos     map[string]bool
 	manifests map[repoKey]*pb.ManifestRecord
 	tags      map[string]map[string]string // repo → tag → digest
@@ -324,8 +325,11 @@ func (m *fakeMetadata) WaitPlaced(ctx context.Context, d string, n int) (*pb.Blo
 	}
 }
 
-func (m *fakeMetadata) UploadKey(context.Context) ([]byte, error) {
+func (m *fakeMetadata) UploadKeys(context.Context) ([]*pb.UploadKey, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.key, nil
+	if m.key == nil {
+		return nil, nil
+	}
+	return append([]*pb.UploadKey{{Id: 0, Key: m.key}}, m.rotated...), nil
 }

@@ -7,8 +7,11 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"time"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
 // uploadState is everything a gateway needs to continue an upload session.
@@ -31,11 +34,13 @@ type uploadState struct {
 	Expires int64 `json:"e"`
 }
 
-// tokenVersion is the payload's format; the first byte of a token is the
-// sealing format, tokenFormat.
+// tokenVersion is the payload's format. A token is the sealing format
+// byte, the id of the ring key that sealed it (4 bytes), the nonce and the
+// sealed payload.
 const (
 	tokenVersion = 1
-	tokenFormat  = 2 // AES-256-GCM under a key derived from the upload key
+	tokenFormat  = 3 // AES-256-GCM under a key derived from a ring key
+	tokenHeader  = 1 + 4
 	maxTokenLen  = 4096
 )
 
@@ -51,20 +56,21 @@ func tokenAEAD(key []byte) (cipher.AEAD, error) {
 	return cipher.NewGCM(block)
 }
 
-// sealToken encrypts and authenticates s with key: the token reveals
-// nothing of the session (repository, store ids, the hash state with its
-// unhashed tail of the client's bytes) to whoever sees the URL, and any
-// change to it makes it unreadable. The repository is also bound as
-// associated data.
-func sealToken(key []byte, s uploadState) string {
+// sealToken encrypts and authenticates s with ring key k: the token
+// reveals nothing of the session (repository, store ids, the hash state
+// with its unhashed tail of the client's bytes) to whoever sees the URL,
+// and any change to it makes it unreadable. The repository is also bound
+// as associated data.
+func sealToken(k *pb.UploadKey, s uploadState) string {
 	s.V = tokenVersion
 	payload, _ := json.Marshal(s)
-	aead, err := tokenAEAD(key)
+	aead, err := tokenAEAD(k.GetKey())
 	if err != nil {
 		panic(err) // a 32-byte AES key always makes a cipher
 	}
-	out := make([]byte, 1, 1+aead.NonceSize()+len(payload)+aead.Overhead())
+	out := make([]byte, tokenHeader, tokenHeader+aead.NonceSize()+len(payload)+aead.Overhead())
 	out[0] = tokenFormat
+	binary.BigEndian.PutUint32(out[1:], k.GetId())
 	nonce := make([]byte, aead.NonceSize())
 	rand.Read(nonce)
 	out = append(out, nonce...)
@@ -72,23 +78,28 @@ func sealToken(key []byte, s uploadState) string {
 	return base64.RawURLEncoding.EncodeToString(out)
 }
 
-// openToken decrypts and checks a token for repo. Forged, altered,
-// expired and foreign-repository tokens all read as an unknown upload: a
-// client can learn nothing by probing.
-func openToken(key []byte, token, repo string, now time.Time) (uploadState, error) {
+// openToken decrypts and checks a token for repo with the ring key its
+// header names (keyOf returns nil for an id it does not hold). Forged,
+// altered, expired, foreign-repository tokens and tokens of retired keys
+// all read as an unknown upload: a client can learn nothing by probing.
+func openToken(keyOf func(id uint32) []byte, token, repo string, now time.Time) (uploadState, error) {
 	unknown := errorf(CodeBlobUploadUnknown, "upload session is unknown, expired or finished")
 	if len(token) > maxTokenLen {
 		return uploadState{}, unknown
 	}
 	raw, err := base64.RawURLEncoding.DecodeString(token)
-	if err != nil || len(raw) < 1 || raw[0] != tokenFormat {
+	if err != nil || len(raw) < tokenHeader || raw[0] != tokenFormat {
+		return uploadState{}, unknown
+	}
+	key := keyOf(binary.BigEndian.Uint32(raw[1:tokenHeader]))
+	if key == nil {
 		return uploadState{}, unknown
 	}
 	aead, err := tokenAEAD(key)
-	if err != nil || len(raw) < 1+aead.NonceSize() {
+	if err != nil || len(raw) < tokenHeader+aead.NonceSize() {
 		return uploadState{}, unknown
 	}
-	nonce, sealed := raw[1:1+aead.NonceSize()], raw[1+aead.NonceSize():]
+	nonce, sealed := raw[tokenHeader:tokenHeader+aead.NonceSize()], raw[tokenHeader+aead.NonceSize():]
 	payload, err := aead.Open(nil, nonce, sealed, []byte(repo))
 	if err != nil {
 		return uploadState{}, unknown

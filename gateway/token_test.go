@@ -6,10 +6,12 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
 var (
-	tokenKey   = bytes.Repeat([]byte{7}, 32)
+	tokenKey   = &pb.UploadKey{Id: 7, Key: bytes.Repeat([]byte{7}, 32)}
 	tokenNow   = time.Unix(1_800_000_000, 0)
 	tokenState = uploadState{
 		Repo: "library/alpine", Region: "eu-west", ID: "0123456789abcdef0123456789abcdef",
@@ -22,7 +24,7 @@ func TestTokenRoundTrip(t *testing.T) {
 	if strings.ContainsAny(tok, "/?#%&= +") {
 		t.Errorf("token %q is not safe as a URL path segment", tok)
 	}
-	got, err := openToken(tokenKey, tok, tokenState.Repo, tokenNow)
+	got, err := openToken(ring(tokenKey), tok, tokenState.Repo, tokenNow)
 	if err != nil {
 		t.Fatalf("parseToken: %v", err)
 	}
@@ -32,21 +34,33 @@ func TestTokenRoundTrip(t *testing.T) {
 		got.Offset != want.Offset || !bytes.Equal(got.Hash, want.Hash) || got.Expires != want.Expires {
 		t.Errorf("round trip = %+v, want %+v", got, want)
 	}
-	if _, err := openToken(tokenKey, tok, tokenState.Repo, tokenNow.Add(59*time.Minute)); err != nil {
+	if _, err := openToken(ring(tokenKey), tok, tokenState.Repo, tokenNow.Add(59*time.Minute)); err != nil {
 		t.Errorf("token refused before it expires: %v", err)
+	}
+}
+
+// ring is a key ring holding keys, as openToken looks keys up.
+func ring(keys ...*pb.UploadKey) func(uint32) []byte {
+	return func(id uint32) []byte {
+		for _, k := range keys {
+			if k.Id == id {
+				return k.Key
+			}
+		}
+		return nil
 	}
 }
 
 // sealRaw seals an arbitrary payload for repo, as a gateway with the key
 // would: what a forger holding the key could make.
-func sealRaw(t *testing.T, key []byte, repo, payload string, format byte) string {
+func sealRaw(t *testing.T, key *pb.UploadKey, repo, payload string, format byte) string {
 	t.Helper()
-	aead, err := tokenAEAD(key)
+	aead, err := tokenAEAD(key.Key)
 	if err != nil {
 		t.Fatal(err)
 	}
 	nonce := bytes.Repeat([]byte{1}, aead.NonceSize())
-	out := append([]byte{format}, nonce...)
+	out := append([]byte{format, 0, 0, 0, byte(key.Id)}, nonce...)
 	return base64.RawURLEncoding.EncodeToString(aead.Seal(out, nonce, []byte(payload), []byte(repo)))
 }
 
@@ -88,13 +102,15 @@ func TestTokenRejected(t *testing.T) {
 		repo  string
 	}{
 		{"flipped format byte", flipByte(0), tokenState.Repo},
-		{"flipped nonce byte", flipByte(3), tokenState.Repo},
+		{"flipped key id", flipByte(4), tokenState.Repo},
+		{"flipped nonce byte", flipByte(7), tokenState.Repo},
 		{"flipped ciphertext byte", flipByte(len(raw) / 2), tokenState.Repo},
 		{"flipped tag byte", flipByte(len(raw) - 1), tokenState.Repo},
 		{"truncated", base64.RawURLEncoding.EncodeToString(raw[:len(raw)-1]), tokenState.Repo},
-		{"format byte only", base64.RawURLEncoding.EncodeToString(raw[:1]), tokenState.Repo},
-		{"wrong key", sealToken(bytes.Repeat([]byte{8}, 32), tokenState), tokenState.Repo},
-		{"empty key", sealToken(nil, tokenState), tokenState.Repo},
+		{"header only", base64.RawURLEncoding.EncodeToString(raw[:5]), tokenState.Repo},
+		{"a retired key's token", sealToken(&pb.UploadKey{Id: 6, Key: tokenKey.Key}, tokenState), tokenState.Repo},
+		{"wrong key", sealToken(&pb.UploadKey{Id: 7, Key: bytes.Repeat([]byte{8}, 32)}, tokenState), tokenState.Repo},
+		{"empty key", sealToken(&pb.UploadKey{Id: 7}, tokenState), tokenState.Repo},
 		{"token for another repository", good, "library/busybox"},
 		{"token for a parent repository", good, "library"},
 		{"sealed for one repository, naming another", sealRaw(t, tokenKey, "victim/repo", `{"v":1,"r":"library/alpine","i":"x","e":4000000000}`, tokenFormat), "victim/repo"},
@@ -114,7 +130,7 @@ func TestTokenRejected(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := openToken(tokenKey, tt.token, tt.repo, tokenNow)
+			_, err := openToken(ring(tokenKey), tt.token, tt.repo, tokenNow)
 			if err == nil {
 				t.Fatal("token accepted")
 			}
@@ -125,7 +141,7 @@ func TestTokenRejected(t *testing.T) {
 	}
 	// The table's forgeries are refused for what they are, not because
 	// sealRaw is broken: the same helper makes a token that opens.
-	if _, err := openToken(tokenKey, sealRaw(t, tokenKey, "library/alpine", `{"v":1,"r":"library/alpine","i":"x","e":4000000000}`, tokenFormat), "library/alpine", tokenNow); err != nil {
+	if _, err := openToken(ring(tokenKey), sealRaw(t, tokenKey, "library/alpine", `{"v":1,"r":"library/alpine","i":"x","e":4000000000}`, tokenFormat), "library/alpine", tokenNow); err != nil {
 		t.Errorf("a well-formed sealed token was refused: %v", err)
 	}
 }
@@ -133,10 +149,36 @@ func TestTokenRejected(t *testing.T) {
 // Every refusal reads the same, so probing tells a client nothing.
 func TestTokenRefusalsAreIndistinguishable(t *testing.T) {
 	good := sealToken(tokenKey, tokenState)
-	_, forged := openToken(tokenKey, good+"x", tokenState.Repo, tokenNow)
-	_, expired := openToken(tokenKey, good, tokenState.Repo, tokenNow.Add(2*time.Hour))
-	_, foreign := openToken(tokenKey, good, "other", tokenNow)
+	_, forged := openToken(ring(tokenKey), good+"x", tokenState.Repo, tokenNow)
+	_, expired := openToken(ring(tokenKey), good, tokenState.Repo, tokenNow.Add(2*time.Hour))
+	_, foreign := openToken(ring(tokenKey), good, "other", tokenNow)
 	if forged.Error() != expired.Error() || expired.Error() != foreign.Error() {
 		t.Errorf("refusals differ: %q, %q, %q", forged, expired, foreign)
+	}
+}
+
+// After a rotation the newest key seals and every key in the ring opens:
+// a session begun under the old key goes on, and a token naming a key the
+// ring no longer holds is an unknown session.
+func TestTokenKeyRotation(t *testing.T) {
+	oldKey := &pb.UploadKey{Id: 1, Key: bytes.Repeat([]byte{1}, 32)}
+	newKey := &pb.UploadKey{Id: 2, Key: bytes.Repeat([]byte{2}, 32)}
+	old := sealToken(oldKey, tokenState)
+	if _, err := openToken(ring(oldKey, newKey), old, tokenState.Repo, tokenNow); err != nil {
+		t.Errorf("a token of the previous key after rotation: %v", err)
+	}
+	fresh := sealToken(newKey, tokenState)
+	if _, err := openToken(ring(oldKey, newKey), fresh, tokenState.Repo, tokenNow); err != nil {
+		t.Errorf("a token of the new key: %v", err)
+	}
+	if _, err := openToken(ring(newKey), old, tokenState.Repo, tokenNow); err == nil {
+		t.Error("a token of a retired key was accepted")
+	}
+	// The id is authenticated too: the old token relabelled with the new
+	// key's id does not open.
+	raw, _ := base64.RawURLEncoding.DecodeString(old)
+	raw[4] = 2
+	if _, err := openToken(ring(oldKey, newKey), base64.RawURLEncoding.EncodeToString(raw), tokenState.Repo, tokenNow); err == nil {
+		t.Error("a relabelled token was accepted")
 	}
 }

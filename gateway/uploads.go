@@ -32,7 +32,7 @@ func (g *Gateway) startUpload(w http.ResponseWriter, r *http.Request, rt route) 
 		}
 		// Not mountable: the spec says to answer with a new session instead.
 	}
-	key, err := g.uploadKey(r.Context())
+	key, err := g.sealingKey(r.Context())
 	if err != nil {
 		return err
 	}
@@ -134,13 +134,16 @@ func (g *Gateway) mount(w http.ResponseWriter, r *http.Request, rt route, m, fro
 	return true, g.finish(w, r, rt, d)
 }
 
-// session verifies the token in the path and finds the store of its upload.
-func (g *Gateway) session(r *http.Request, rt route) (uploadState, []byte, replication.Driver, error) {
-	key, err := g.uploadKey(r.Context())
+// session verifies the token in the path and finds the store of its
+// upload. It also returns the key that seals the session's next token: the
+// newest, so sessions move onto a rotated key as they go.
+func (g *Gateway) session(r *http.Request, rt route) (uploadState, *pb.UploadKey, replication.Driver, error) {
+	key, err := g.sealingKey(r.Context())
 	if err != nil {
 		return uploadState{}, nil, nil, err
 	}
-	st, err := openToken(key, rt.ref, rt.name, time.Now())
+	keyOf := func(id uint32) []byte { return g.openingKey(r.Context(), id) }
+	st, err := openToken(keyOf, rt.ref, rt.name, time.Now())
 	if err != nil {
 		return st, nil, nil, err
 	}
@@ -454,7 +457,7 @@ func (g *Gateway) sessionDigest(ctx context.Context, store replication.Driver, s
 }
 
 // writeSession answers with the session's next Location and progress.
-func (g *Gateway) writeSession(w http.ResponseWriter, rt route, key []byte, st uploadState, status int) error {
+func (g *Gateway) writeSession(w http.ResponseWriter, rt route, key *pb.UploadKey, st uploadState, status int) error {
 	h := w.Header()
 	h.Set("Location", "/v2/"+rt.name+"/blobs/uploads/"+sealToken(key, st))
 	h.Set("Range", sessionRange(st.Offset))

@@ -282,8 +282,8 @@ func TestUploadTokensRefused(t *testing.T) {
 	tests := []struct{ name, path string }{
 		{"forged tag", prefix + altered(len(token)-2)},
 		{"altered ciphertext", prefix + altered(len(token)/2)},
-		{"wrong key", prefix + sealToken(randomBytes(32), live)},
-		{"expired", prefix + sealToken(h.meta.key, expired)},
+		{"wrong key", prefix + sealToken(&pb.UploadKey{Id: 0, Key: randomBytes(32)}, live)},
+		{"expired", prefix + sealToken(&pb.UploadKey{Id: 0, Key: h.meta.key}, expired)},
 		{"other repository's token", prefix + strings.TrimPrefix(otherLoc, "/v2/other/blobs/uploads/")},
 		{"this token in another repository", "/v2/other/blobs/uploads/" + token},
 		{"this token in a child repository", "/v2/app/x/blobs/uploads/" + token},

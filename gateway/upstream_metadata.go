@@ -200,12 +200,16 @@ func (m upstreamMetadata) WaitPlaced(ctx context.Context, digest string, regions
 	})
 }
 
-func (m upstreamMetadata) UploadKey(ctx context.Context) ([]byte, error) {
+func (m upstreamMetadata) UploadKeys(ctx context.Context) ([]*pb.UploadKey, error) {
 	pol := m.reads()
 	pol.answersUnavailable = true
-	return read(ctx, m.u, pol, func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) ([]byte, *pb.Result, error) {
+	return read(ctx, m.u, pol, func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) ([]*pb.UploadKey, *pb.Result, error) {
 		resp, err := c.GetUploadKey(ctx, &pb.GetUploadKeyRequest{}, opts...)
-		return resp.GetKey(), nil, err
+		if err == nil && len(resp.Keys) == 0 && len(resp.Key) > 0 {
+			// A node from before the ring: its one key is the ring's first.
+			return []*pb.UploadKey{{Id: 0, Key: resp.Key}}, nil, nil
+		}
+		return resp.GetKeys(), nil, err
 	})
 }
 

@@ -90,6 +90,10 @@ type Config struct {
 	// UploadTTL is how long an upload session stays usable; abandoned
 	// uploads are removed after it.
 	UploadTTL time.Duration `yaml:"upload_ttl"`
+	// UploadKeyRotation is how often the leader adds a new upload-token
+	// key to the ring (0: never); keys stay until UploadTTL after they were
+	// replaced, so every session token stays usable for its whole life.
+	UploadKeyRotation time.Duration `yaml:"upload_key_rotation"`
 
 	// SnapshotThreshold is how many log entries trigger a snapshot and log
 	// compaction; SnapshotInterval is how often Raft checks the threshold.
@@ -131,23 +135,24 @@ func DefaultConfig() Config {
 	host, _ := os.Hostname()
 	g := gateway.DefaultConfig()
 	return Config{
-		DataDir:          "data",
-		ClusterID:        "meridian",
-		NodeID:           host,
-		Region:           "local",
-		HTTPAddr:         ":5000",
-		GRPCAddr:         "127.0.0.1:5001",
-		RaftAddr:         "127.0.0.1:5002",
-		GossipAddr:       "127.0.0.1:5003",
-		JoinTimeout:      30 * time.Second,
-		Voters:           3,
-		DeadVoterTimeout: 10 * time.Minute,
-		ReadConsistency:  "local",
-		ApplyTimeout:     10 * time.Second,
-		GossipProfile:    "lan",
-		MaxManifestSize:  ByteSize(g.MaxManifestSize),
-		MaxBlobSize:      ByteSize(g.MaxBlobSize),
-		UploadTTL:        g.UploadTTL,
+		DataDir:           "data",
+		ClusterID:         "meridian",
+		NodeID:            host,
+		Region:            "local",
+		HTTPAddr:          ":5000",
+		GRPCAddr:          "127.0.0.1:5001",
+		RaftAddr:          "127.0.0.1:5002",
+		GossipAddr:        "127.0.0.1:5003",
+		JoinTimeout:       30 * time.Second,
+		Voters:            3,
+		DeadVoterTimeout:  10 * time.Minute,
+		ReadConsistency:   "local",
+		ApplyTimeout:      10 * time.Second,
+		GossipProfile:     "lan",
+		MaxManifestSize:   ByteSize(g.MaxManifestSize),
+		MaxBlobSize:       ByteSize(g.MaxBlobSize),
+		UploadTTL:         g.UploadTTL,
+		UploadKeyRotation: 24 * time.Hour,
 		Replication: ReplicationConfig{
 			Workers:       4,
 			SyncTimeout:   g.SyncTimeout,
@@ -225,6 +230,9 @@ func (c Config) Validate() error {
 	}
 	if c.UploadTTL <= 0 {
 		errs = append(errs, errors.New("upload_ttl must be positive"))
+	}
+	if c.UploadKeyRotation < 0 {
+		errs = append(errs, errors.New("upload_key_rotation cannot be negative"))
 	}
 	if c.SnapshotThreshold == 0 {
 		errs = append(errs, errors.New("snapshot_threshold must be positive"))

@@ -83,15 +83,15 @@ func (m clusterMetadata) LinkedBlob(ctx context.Context, repo, digest string) (*
 	return read(ctx, m, func() (*pb.BlobRecord, error) { return m.store.LinkedBlob(ctx, repo, digest) }, pb.ErrBlobUnknown)
 }
 
-func (m clusterMetadata) UploadKey(ctx context.Context) ([]byte, error) {
-	k, err := m.store.UploadKey(ctx)
-	if err != nil || k != nil {
+func (m clusterMetadata) UploadKeys(ctx context.Context) ([]*pb.UploadKey, error) {
+	k, err := m.store.UploadKeys(ctx)
+	if err != nil || len(k) > 0 {
 		return k, err
 	}
 	if err := m.catchUpOnce(ctx); err != nil {
 		return nil, err
 	}
-	return m.store.UploadKey(ctx)
+	return m.store.UploadKeys(ctx)
 }
 
 // requestCatchUp marks a request whose reads already caught up with the

@@ -259,9 +259,12 @@ func (n *Node) maintainTopology() {
 				err = n.seedPolicies(ctx)
 			}
 		}
+		if err == nil {
+			err = n.consensus.RotateUploadKey(ctx, n.cfg.UploadKeyRotation, n.cfg.UploadTTL)
+		}
 		cancel()
 		if err != nil {
-			n.logger.Warn("record regions", "err", err)
+			n.logger.Warn("record regions or rotate the upload key", "err", err)
 		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -382,5 +383,58 @@ func TestCommitValidatesIntents(t *testing.T) {
 	}
 	if err := remote.Write(ref(t, c, follower, "after/refusals:v1"), randomImage(t, 256, 1), remoteOpts(ctx, c)...); err != nil {
 		t.Fatalf("push after the refused commands: %v", err)
+	}
+}
+
+// The leader rotates the upload-token key on schedule; a session begun
+// under an old key keeps going across rotations, on any node, and
+// completes.
+func TestUploadKeyRotation(t *testing.T) {
+	c := clustertest.New(t, 3, clustertest.WithConfig(func(_ int, cfg *node.Config) {
+		cfg.UploadKeyRotation = time.Second
+	}))
+	ctx := within(t, 2*time.Minute)
+	client := c.Client()
+	post, err := client.Post(c.URL(0)+"/v2/rot/app/blobs/uploads/", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	post.Body.Close()
+	loc := post.Header.Get("Location")
+	if post.StatusCode != 202 || loc == "" {
+		t.Fatalf("POST: %s", post.Status)
+	}
+	first, err := c.Node(0).Consensus().Store().UploadKeys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, ctx, "two more rotations", func() bool {
+		keys, err := c.Node(0).Consensus().Store().UploadKeys(ctx)
+		return err == nil && len(keys) > 0 && keys[len(keys)-1].Id >= first[len(first)-1].Id+2
+	})
+	content := []byte("bytes sent across key rotations")
+	for i, chunk := range [][]byte{content[:10], content[10:]} {
+		via := (i + 1) % 3
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPatch, c.URL(via)+loc, bytes.NewReader(chunk))
+		req.Header.Set("Content-Range", fmt.Sprintf("%d-%d", i*10, i*10+len(chunk)-1))
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusAccepted {
+			t.Fatalf("PATCH %d through node %d with a token of an older key: %s", i, via, resp.Status)
+		}
+		loc = resp.Header.Get("Location")
+	}
+	dgst := fmt.Sprintf("sha256:%x", sha256.Sum256(content))
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPut, c.URL(2)+loc+"?digest="+dgst, nil)
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusCreated {
+		t.Fatalf("PUT after rotations: %s", resp.Status)
 	}
 }

@@ -200,12 +200,12 @@ func (s clusterServer) GetLinkedBlob(ctx context.Context, req *pb.GetLinkedBlobR
 }
 
 func (s clusterServer) GetUploadKey(ctx context.Context, _ *pb.GetUploadKeyRequest) (*pb.GetUploadKeyResponse, error) {
-	k, err := s.n.metadata(false).UploadKey(ctx)
+	keys, err := s.n.metadata(false).UploadKeys(ctx)
 	if err != nil {
 		return nil, pb.ToStatus(err)
 	}
-	if k == nil {
+	if len(keys) == 0 {
 		return nil, pb.ToStatus(fmt.Errorf("%w: upload key not installed yet", pb.ErrUnavailable))
 	}
-	return &pb.GetUploadKeyResponse{Key: k}, nil
+	return &pb.GetUploadKeyResponse{Key: keys[len(keys)-1].Key, Keys: keys}, nil
 }

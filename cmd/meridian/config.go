@@ -143,6 +143,7 @@ var serveOptions = []option{
 	sizeOpt("max-manifest-size", "largest accepted manifest, bytes (suffixes KiB, MiB, GiB)", func(c *node.Config) *node.ByteSize { return &c.MaxManifestSize }),
 	sizeOpt("max-blob-size", "largest accepted blob, bytes (suffixes KiB, MiB, GiB, TiB; 0: no limit)", func(c *node.Config) *node.ByteSize { return &c.MaxBlobSize }),
 	durationOpt("upload-ttl", "how long an upload session stays usable", func(c *node.Config) *time.Duration { return &c.UploadTTL }),
+	durationOpt("upload-key-rotation", "how often the leader adds a new upload-token key (0: never); old keys stay for upload-ttl", func(c *node.Config) *time.Duration { return &c.UploadKeyRotation }),
 	uint64Opt("snapshot-threshold", "log entries between Raft snapshots", func(c *node.Config) *uint64 { return &c.SnapshotThreshold }),
 	durationOpt("snapshot-interval", "how often Raft checks whether to snapshot", func(c *node.Config) *time.Duration { return &c.SnapshotInterval }),
 	uint64Opt("trailing-logs", "log entries kept behind a snapshot for followers that lag a little", func(c *node.Config) *uint64 { return &c.TrailingLogs }),

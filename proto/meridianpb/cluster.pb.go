@@ -1889,8 +1889,11 @@ func (*GetUploadKeyRequest) Descriptor() ([]byte, []int) {
 }
 
 type GetUploadKeyResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Key           []byte                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The newest key (nodes that predate the ring answer only this).
+	Key []byte `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// The whole ring, oldest first: the newest seals, every one opens.
+	Keys          []*UploadKey `protobuf:"bytes,2,rep,name=keys,proto3" json:"keys,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1928,6 +1931,13 @@ func (*GetUploadKeyResponse) Descriptor() ([]byte, []int) {
 func (x *GetUploadKeyResponse) GetKey() []byte {
 	if x != nil {
 		return x.Key
+	}
+	return nil
+}
+
+func (x *GetUploadKeyResponse) GetKeys() []*UploadKey {
+	if x != nil {
+		return x.Keys
 	}
 	return nil
 }
@@ -3226,9 +3236,10 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\n" +
 	"coordinate\x18\x04 \x01(\v2\x17.meridian.v1.CoordinateR\n" +
 	"coordinate\"\x15\n" +
-	"\x13GetUploadKeyRequest\"(\n" +
+	"\x13GetUploadKeyRequest\"T\n" +
 	"\x14GetUploadKeyResponse\x12\x10\n" +
-	"\x03key\x18\x01 \x01(\fR\x03key\"\x0f\n" +
+	"\x03key\x18\x01 \x01(\fR\x03key\x12*\n" +
+	"\x04keys\x18\x02 \x03(\v2\x16.meridian.v1.UploadKeyR\x04keys\"\x0f\n" +
 	"\rStatusRequest\"\xe5\x04\n" +
 	"\n" +
 	"NodeStatus\x12\x0e\n" +
@@ -3419,7 +3430,8 @@ var file_meridianpb_cluster_proto_goTypes = []any{
 	(*ManifestRecord)(nil),             // 60: meridian.v1.ManifestRecord
 	(*Referrer)(nil),                   // 61: meridian.v1.Referrer
 	(*BlobRecord)(nil),                 // 62: meridian.v1.BlobRecord
-	(*Policy)(nil),                     // 63: meridian.v1.Policy
+	(*UploadKey)(nil),                  // 63: meridian.v1.UploadKey
+	(*Policy)(nil),                     // 64: meridian.v1.Policy
 }
 var file_meridianpb_cluster_proto_depIdxs = []int32{
 	50, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
@@ -3454,65 +3466,66 @@ var file_meridianpb_cluster_proto_depIdxs = []int32{
 	62, // 29: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
 	27, // 30: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
 	27, // 31: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
-	9,  // 32: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
-	33, // 33: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
-	36, // 34: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
-	37, // 35: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
-	35, // 36: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
-	39, // 37: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
-	63, // 38: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
-	63, // 39: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
-	1,  // 40: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 41: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 42: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
-	1,  // 43: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
-	3,  // 44: meridian.v1.Cluster.Commit:input_type -> meridian.v1.CommitRequest
-	11, // 45: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
-	32, // 46: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
-	34, // 47: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
-	46, // 48: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
-	48, // 49: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
-	5,  // 50: meridian.v1.Cluster.GossipKeyring:input_type -> meridian.v1.GossipKeyringRequest
-	8,  // 51: meridian.v1.Cluster.Scrub:input_type -> meridian.v1.ScrubRequest
-	40, // 52: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
-	42, // 53: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
-	44, // 54: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
-	13, // 55: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
-	15, // 56: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
-	17, // 57: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
-	17, // 58: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
-	19, // 59: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
-	21, // 60: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
-	30, // 61: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
-	23, // 62: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
-	25, // 63: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
-	28, // 64: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
-	4,  // 65: meridian.v1.Cluster.Commit:output_type -> meridian.v1.CommitResponse
-	12, // 66: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
-	33, // 67: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
-	38, // 68: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
-	47, // 69: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
-	49, // 70: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
-	6,  // 71: meridian.v1.Cluster.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
-	9,  // 72: meridian.v1.Cluster.Scrub:output_type -> meridian.v1.ScrubResponse
-	41, // 73: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
-	43, // 74: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
-	45, // 75: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
-	14, // 76: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
-	16, // 77: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
-	18, // 78: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
-	18, // 79: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
-	20, // 80: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
-	22, // 81: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
-	31, // 82: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
-	24, // 83: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
-	26, // 84: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
-	29, // 85: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
-	65, // [65:86] is the sub-list for method output_type
-	44, // [44:65] is the sub-list for method input_type
-	44, // [44:44] is the sub-list for extension type_name
-	44, // [44:44] is the sub-list for extension extendee
-	0,  // [0:44] is the sub-list for field type_name
+	63, // 32: meridian.v1.GetUploadKeyResponse.keys:type_name -> meridian.v1.UploadKey
+	9,  // 33: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
+	33, // 34: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
+	36, // 35: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
+	37, // 36: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
+	35, // 37: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
+	39, // 38: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
+	64, // 39: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
+	64, // 40: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
+	1,  // 41: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 42: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 43: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
+	1,  // 44: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
+	3,  // 45: meridian.v1.Cluster.Commit:input_type -> meridian.v1.CommitRequest
+	11, // 46: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
+	32, // 47: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
+	34, // 48: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
+	46, // 49: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
+	48, // 50: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
+	5,  // 51: meridian.v1.Cluster.GossipKeyring:input_type -> meridian.v1.GossipKeyringRequest
+	8,  // 52: meridian.v1.Cluster.Scrub:input_type -> meridian.v1.ScrubRequest
+	40, // 53: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
+	42, // 54: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
+	44, // 55: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
+	13, // 56: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
+	15, // 57: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
+	17, // 58: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
+	17, // 59: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
+	19, // 60: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
+	21, // 61: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
+	30, // 62: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
+	23, // 63: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
+	25, // 64: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
+	28, // 65: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
+	4,  // 66: meridian.v1.Cluster.Commit:output_type -> meridian.v1.CommitResponse
+	12, // 67: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
+	33, // 68: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
+	38, // 69: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
+	47, // 70: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
+	49, // 71: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
+	6,  // 72: meridian.v1.Cluster.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
+	9,  // 73: meridian.v1.Cluster.Scrub:output_type -> meridian.v1.ScrubResponse
+	41, // 74: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
+	43, // 75: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
+	45, // 76: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
+	14, // 77: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
+	16, // 78: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
+	18, // 79: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
+	18, // 80: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
+	20, // 81: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
+	22, // 82: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
+	31, // 83: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
+	24, // 84: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
+	26, // 85: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
+	29, // 86: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
+	66, // [66:87] is the sub-list for method output_type
+	45, // [45:66] is the sub-list for method input_type
+	45, // [45:45] is the sub-list for extension type_name
+	45, // [45:45] is the sub-list for extension extendee
+	0,  // [0:45] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_cluster_proto_init() }

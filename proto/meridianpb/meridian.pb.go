@@ -122,6 +122,7 @@ type LogEntry struct {
 	//	*LogEntry_SetPolicy
 	//	*LogEntry_DeletePolicy
 	//	*LogEntry_SetRegions
+	//	*LogEntry_RotateUploadKey
 	Command       isLogEntry_Command `protobuf_oneof:"command"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -268,6 +269,15 @@ func (x *LogEntry) GetSetRegions() *SetRegions {
 	return nil
 }
 
+func (x *LogEntry) GetRotateUploadKey() *RotateUploadKey {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_RotateUploadKey); ok {
+			return x.RotateUploadKey
+		}
+	}
+	return nil
+}
+
 type isLogEntry_Command interface {
 	isLogEntry_Command()
 }
@@ -312,6 +322,10 @@ type LogEntry_SetRegions struct {
 	SetRegions *SetRegions `protobuf:"bytes,19,opt,name=set_regions,json=setRegions,proto3,oneof"`
 }
 
+type LogEntry_RotateUploadKey struct {
+	RotateUploadKey *RotateUploadKey `protobuf:"bytes,20,opt,name=rotate_upload_key,json=rotateUploadKey,proto3,oneof"`
+}
+
 func (*LogEntry_PutManifest) isLogEntry_Command() {}
 
 func (*LogEntry_DeleteManifest) isLogEntry_Command() {}
@@ -331,6 +345,8 @@ func (*LogEntry_SetPolicy) isLogEntry_Command() {}
 func (*LogEntry_DeletePolicy) isLogEntry_Command() {}
 
 func (*LogEntry_SetRegions) isLogEntry_Command() {}
+
+func (*LogEntry_RotateUploadKey) isLogEntry_Command() {}
 
 // PutManifest stores a manifest and optionally points tags at it.
 type PutManifest struct {
@@ -762,6 +778,168 @@ func (x *SetUploadKey) GetKey() []byte {
 
 // PlaceBlob records that a region's store now holds verified bytes of a blob
 // (BlobPlaced). The replicator proposes it after copying and re-hashing.
+// RotateUploadKey adds a new upload-token key to the ring (the newest seals
+// new tokens; older ones still open theirs). Keys whose successor was
+// created before retire_before_unix_nano are dropped: every token they
+// sealed has expired. The leader proposes it on a schedule.
+type RotateUploadKey struct {
+	state                protoimpl.MessageState `protogen:"open.v1"`
+	Key                  []byte                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	RetireBeforeUnixNano int64                  `protobuf:"varint,2,opt,name=retire_before_unix_nano,json=retireBeforeUnixNano,proto3" json:"retire_before_unix_nano,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *RotateUploadKey) Reset() {
+	*x = RotateUploadKey{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateUploadKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateUploadKey) ProtoMessage() {}
+
+func (x *RotateUploadKey) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateUploadKey.ProtoReflect.Descriptor instead.
+func (*RotateUploadKey) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *RotateUploadKey) GetKey() []byte {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *RotateUploadKey) GetRetireBeforeUnixNano() int64 {
+	if x != nil {
+		return x.RetireBeforeUnixNano
+	}
+	return 0
+}
+
+// UploadKey is one key of the upload-token key ring.
+type UploadKey struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Id              uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Key             []byte                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	CreatedUnixNano int64                  `protobuf:"varint,3,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *UploadKey) Reset() {
+	*x = UploadKey{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UploadKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UploadKey) ProtoMessage() {}
+
+func (x *UploadKey) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UploadKey.ProtoReflect.Descriptor instead.
+func (*UploadKey) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *UploadKey) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *UploadKey) GetKey() []byte {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *UploadKey) GetCreatedUnixNano() int64 {
+	if x != nil {
+		return x.CreatedUnixNano
+	}
+	return 0
+}
+
+// UploadKeyRing is the cluster's upload-token keys, oldest first.
+type UploadKeyRing struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Keys          []*UploadKey           `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UploadKeyRing) Reset() {
+	*x = UploadKeyRing{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UploadKeyRing) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UploadKeyRing) ProtoMessage() {}
+
+func (x *UploadKeyRing) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UploadKeyRing.ProtoReflect.Descriptor instead.
+func (*UploadKeyRing) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *UploadKeyRing) GetKeys() []*UploadKey {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
 type PlaceBlob struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Digest        string                 `protobuf:"bytes,1,opt,name=digest,proto3" json:"digest,omitempty"`
@@ -773,7 +951,7 @@ type PlaceBlob struct {
 
 func (x *PlaceBlob) Reset() {
 	*x = PlaceBlob{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[7]
+	mi := &file_meridianpb_meridian_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -785,7 +963,7 @@ func (x *PlaceBlob) String() string {
 func (*PlaceBlob) ProtoMessage() {}
 
 func (x *PlaceBlob) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[7]
+	mi := &file_meridianpb_meridian_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -798,7 +976,7 @@ func (x *PlaceBlob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PlaceBlob.ProtoReflect.Descriptor instead.
 func (*PlaceBlob) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{7}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PlaceBlob) GetDigest() string {
@@ -833,7 +1011,7 @@ type SetPolicy struct {
 
 func (x *SetPolicy) Reset() {
 	*x = SetPolicy{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[8]
+	mi := &file_meridianpb_meridian_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -845,7 +1023,7 @@ func (x *SetPolicy) String() string {
 func (*SetPolicy) ProtoMessage() {}
 
 func (x *SetPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[8]
+	mi := &file_meridianpb_meridian_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -858,7 +1036,7 @@ func (x *SetPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicy.ProtoReflect.Descriptor instead.
 func (*SetPolicy) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{8}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SetPolicy) GetPolicy() *Policy {
@@ -878,7 +1056,7 @@ type DeletePolicy struct {
 
 func (x *DeletePolicy) Reset() {
 	*x = DeletePolicy{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[9]
+	mi := &file_meridianpb_meridian_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -890,7 +1068,7 @@ func (x *DeletePolicy) String() string {
 func (*DeletePolicy) ProtoMessage() {}
 
 func (x *DeletePolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[9]
+	mi := &file_meridianpb_meridian_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -903,7 +1081,7 @@ func (x *DeletePolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicy.ProtoReflect.Descriptor instead.
 func (*DeletePolicy) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{9}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DeletePolicy) GetPrefix() string {
@@ -924,7 +1102,7 @@ type SetRegions struct {
 
 func (x *SetRegions) Reset() {
 	*x = SetRegions{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[10]
+	mi := &file_meridianpb_meridian_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -936,7 +1114,7 @@ func (x *SetRegions) String() string {
 func (*SetRegions) ProtoMessage() {}
 
 func (x *SetRegions) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[10]
+	mi := &file_meridianpb_meridian_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -949,7 +1127,7 @@ func (x *SetRegions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetRegions.ProtoReflect.Descriptor instead.
 func (*SetRegions) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{10}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SetRegions) GetRegions() []string {
@@ -976,7 +1154,7 @@ type Policy struct {
 
 func (x *Policy) Reset() {
 	*x = Policy{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[11]
+	mi := &file_meridianpb_meridian_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -988,7 +1166,7 @@ func (x *Policy) String() string {
 func (*Policy) ProtoMessage() {}
 
 func (x *Policy) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[11]
+	mi := &file_meridianpb_meridian_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1001,7 +1179,7 @@ func (x *Policy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Policy.ProtoReflect.Descriptor instead.
 func (*Policy) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{11}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Policy) GetPrefix() string {
@@ -1039,7 +1217,7 @@ type Wanted struct {
 
 func (x *Wanted) Reset() {
 	*x = Wanted{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[12]
+	mi := &file_meridianpb_meridian_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1051,7 +1229,7 @@ func (x *Wanted) String() string {
 func (*Wanted) ProtoMessage() {}
 
 func (x *Wanted) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[12]
+	mi := &file_meridianpb_meridian_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1064,7 +1242,7 @@ func (x *Wanted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Wanted.ProtoReflect.Descriptor instead.
 func (*Wanted) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{12}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Wanted) GetDigest() string {
@@ -1104,7 +1282,7 @@ type ManifestRecord struct {
 
 func (x *ManifestRecord) Reset() {
 	*x = ManifestRecord{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[13]
+	mi := &file_meridianpb_meridian_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1116,7 +1294,7 @@ func (x *ManifestRecord) String() string {
 func (*ManifestRecord) ProtoMessage() {}
 
 func (x *ManifestRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[13]
+	mi := &file_meridianpb_meridian_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1129,7 +1307,7 @@ func (x *ManifestRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ManifestRecord.ProtoReflect.Descriptor instead.
 func (*ManifestRecord) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{13}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ManifestRecord) GetDigest() string {
@@ -1195,7 +1373,7 @@ type BlobRecord struct {
 
 func (x *BlobRecord) Reset() {
 	*x = BlobRecord{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[14]
+	mi := &file_meridianpb_meridian_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1207,7 +1385,7 @@ func (x *BlobRecord) String() string {
 func (*BlobRecord) ProtoMessage() {}
 
 func (x *BlobRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[14]
+	mi := &file_meridianpb_meridian_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1220,7 +1398,7 @@ func (x *BlobRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlobRecord.ProtoReflect.Descriptor instead.
 func (*BlobRecord) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{14}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *BlobRecord) GetDigest() string {
@@ -1265,7 +1443,7 @@ type Referrer struct {
 
 func (x *Referrer) Reset() {
 	*x = Referrer{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[15]
+	mi := &file_meridianpb_meridian_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1277,7 +1455,7 @@ func (x *Referrer) String() string {
 func (*Referrer) ProtoMessage() {}
 
 func (x *Referrer) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[15]
+	mi := &file_meridianpb_meridian_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1290,7 +1468,7 @@ func (x *Referrer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Referrer.ProtoReflect.Descriptor instead.
 func (*Referrer) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{15}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Referrer) GetMediaType() string {
@@ -1332,7 +1510,7 @@ var File_meridianpb_meridian_proto protoreflect.FileDescriptor
 
 const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\n" +
-	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\"\xba\x05\n" +
+	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\"\x86\x06\n" +
 	"\bLogEntry\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12$\n" +
 	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\x12=\n" +
@@ -1351,7 +1529,8 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"set_policy\x18\x11 \x01(\v2\x16.meridian.v1.SetPolicyH\x00R\tsetPolicy\x12@\n" +
 	"\rdelete_policy\x18\x12 \x01(\v2\x19.meridian.v1.DeletePolicyH\x00R\fdeletePolicy\x12:\n" +
 	"\vset_regions\x18\x13 \x01(\v2\x17.meridian.v1.SetRegionsH\x00R\n" +
-	"setRegionsB\t\n" +
+	"setRegions\x12J\n" +
+	"\x11rotate_upload_key\x18\x14 \x01(\v2\x1c.meridian.v1.RotateUploadKeyH\x00R\x0frotateUploadKeyB\t\n" +
 	"\acommand\"\xd1\x03\n" +
 	"\vPutManifest\x12\x1e\n" +
 	"\n" +
@@ -1399,7 +1578,16 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"repository\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\tR\x06digest\" \n" +
 	"\fSetUploadKey\x12\x10\n" +
-	"\x03key\x18\x01 \x01(\fR\x03key\"O\n" +
+	"\x03key\x18\x01 \x01(\fR\x03key\"Z\n" +
+	"\x0fRotateUploadKey\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\fR\x03key\x125\n" +
+	"\x17retire_before_unix_nano\x18\x02 \x01(\x03R\x14retireBeforeUnixNano\"Y\n" +
+	"\tUploadKey\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\rR\x02id\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\fR\x03key\x12*\n" +
+	"\x11created_unix_nano\x18\x03 \x01(\x03R\x0fcreatedUnixNano\";\n" +
+	"\rUploadKeyRing\x12*\n" +
+	"\x04keys\x18\x01 \x03(\v2\x16.meridian.v1.UploadKeyR\x04keys\"O\n" +
 	"\tPlaceBlob\x12\x16\n" +
 	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12\x16\n" +
@@ -1475,28 +1663,31 @@ func file_meridianpb_meridian_proto_rawDescGZIP() []byte {
 }
 
 var file_meridianpb_meridian_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_meridianpb_meridian_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_meridianpb_meridian_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_meridianpb_meridian_proto_goTypes = []any{
-	(Code)(0),              // 0: meridian.v1.Code
-	(*LogEntry)(nil),       // 1: meridian.v1.LogEntry
-	(*PutManifest)(nil),    // 2: meridian.v1.PutManifest
-	(*DeleteManifest)(nil), // 3: meridian.v1.DeleteManifest
-	(*DeleteTag)(nil),      // 4: meridian.v1.DeleteTag
-	(*LinkBlob)(nil),       // 5: meridian.v1.LinkBlob
-	(*UnlinkBlob)(nil),     // 6: meridian.v1.UnlinkBlob
-	(*SetUploadKey)(nil),   // 7: meridian.v1.SetUploadKey
-	(*PlaceBlob)(nil),      // 8: meridian.v1.PlaceBlob
-	(*SetPolicy)(nil),      // 9: meridian.v1.SetPolicy
-	(*DeletePolicy)(nil),   // 10: meridian.v1.DeletePolicy
-	(*SetRegions)(nil),     // 11: meridian.v1.SetRegions
-	(*Policy)(nil),         // 12: meridian.v1.Policy
-	(*Wanted)(nil),         // 13: meridian.v1.Wanted
-	(*ManifestRecord)(nil), // 14: meridian.v1.ManifestRecord
-	(*BlobRecord)(nil),     // 15: meridian.v1.BlobRecord
-	(*Referrer)(nil),       // 16: meridian.v1.Referrer
-	nil,                    // 17: meridian.v1.PutManifest.AnnotationsEntry
-	nil,                    // 18: meridian.v1.ManifestRecord.AnnotationsEntry
-	nil,                    // 19: meridian.v1.Referrer.AnnotationsEntry
+	(Code)(0),               // 0: meridian.v1.Code
+	(*LogEntry)(nil),        // 1: meridian.v1.LogEntry
+	(*PutManifest)(nil),     // 2: meridian.v1.PutManifest
+	(*DeleteManifest)(nil),  // 3: meridian.v1.DeleteManifest
+	(*DeleteTag)(nil),       // 4: meridian.v1.DeleteTag
+	(*LinkBlob)(nil),        // 5: meridian.v1.LinkBlob
+	(*UnlinkBlob)(nil),      // 6: meridian.v1.UnlinkBlob
+	(*SetUploadKey)(nil),    // 7: meridian.v1.SetUploadKey
+	(*RotateUploadKey)(nil), // 8: meridian.v1.RotateUploadKey
+	(*UploadKey)(nil),       // 9: meridian.v1.UploadKey
+	(*UploadKeyRing)(nil),   // 10: meridian.v1.UploadKeyRing
+	(*PlaceBlob)(nil),       // 11: meridian.v1.PlaceBlob
+	(*SetPolicy)(nil),       // 12: meridian.v1.SetPolicy
+	(*DeletePolicy)(nil),    // 13: meridian.v1.DeletePolicy
+	(*SetRegions)(nil),      // 14: meridian.v1.SetRegions
+	(*Policy)(nil),          // 15: meridian.v1.Policy
+	(*Wanted)(nil),          // 16: meridian.v1.Wanted
+	(*ManifestRecord)(nil),  // 17: meridian.v1.ManifestRecord
+	(*BlobRecord)(nil),      // 18: meridian.v1.BlobRecord
+	(*Referrer)(nil),        // 19: meridian.v1.Referrer
+	nil,                     // 20: meridian.v1.PutManifest.AnnotationsEntry
+	nil,                     // 21: meridian.v1.ManifestRecord.AnnotationsEntry
+	nil,                     // 22: meridian.v1.Referrer.AnnotationsEntry
 }
 var file_meridianpb_meridian_proto_depIdxs = []int32{
 	2,  // 0: meridian.v1.LogEntry.put_manifest:type_name -> meridian.v1.PutManifest
@@ -1505,19 +1696,21 @@ var file_meridianpb_meridian_proto_depIdxs = []int32{
 	5,  // 3: meridian.v1.LogEntry.link_blob:type_name -> meridian.v1.LinkBlob
 	6,  // 4: meridian.v1.LogEntry.unlink_blob:type_name -> meridian.v1.UnlinkBlob
 	7,  // 5: meridian.v1.LogEntry.set_upload_key:type_name -> meridian.v1.SetUploadKey
-	8,  // 6: meridian.v1.LogEntry.place_blob:type_name -> meridian.v1.PlaceBlob
-	9,  // 7: meridian.v1.LogEntry.set_policy:type_name -> meridian.v1.SetPolicy
-	10, // 8: meridian.v1.LogEntry.delete_policy:type_name -> meridian.v1.DeletePolicy
-	11, // 9: meridian.v1.LogEntry.set_regions:type_name -> meridian.v1.SetRegions
-	17, // 10: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
-	12, // 11: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
-	18, // 12: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
-	19, // 13: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
-	14, // [14:14] is the sub-list for method output_type
-	14, // [14:14] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	11, // 6: meridian.v1.LogEntry.place_blob:type_name -> meridian.v1.PlaceBlob
+	12, // 7: meridian.v1.LogEntry.set_policy:type_name -> meridian.v1.SetPolicy
+	13, // 8: meridian.v1.LogEntry.delete_policy:type_name -> meridian.v1.DeletePolicy
+	14, // 9: meridian.v1.LogEntry.set_regions:type_name -> meridian.v1.SetRegions
+	8,  // 10: meridian.v1.LogEntry.rotate_upload_key:type_name -> meridian.v1.RotateUploadKey
+	20, // 11: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
+	9,  // 12: meridian.v1.UploadKeyRing.keys:type_name -> meridian.v1.UploadKey
+	15, // 13: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
+	21, // 14: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
+	22, // 15: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
+	16, // [16:16] is the sub-list for method output_type
+	16, // [16:16] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_meridian_proto_init() }
@@ -1536,6 +1729,7 @@ func file_meridianpb_meridian_proto_init() {
 		(*LogEntry_SetPolicy)(nil),
 		(*LogEntry_DeletePolicy)(nil),
 		(*LogEntry_SetRegions)(nil),
+		(*LogEntry_RotateUploadKey)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1543,7 +1737,7 @@ func file_meridianpb_meridian_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridianpb_meridian_proto_rawDesc), len(file_meridianpb_meridian_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   19,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
