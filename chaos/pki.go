@@ -55,7 +55,7 @@ func newClusterPKI(ctx context.Context, meridian, dir, cluster string, members [
 	if err := p.run(ctx, "ca", "init", "--dir", dir, "--cluster-id", cluster); err != nil {
 		return nil, err
 	}
-	for _, m := range append(members, pkiMember{roleAdmin, adminID}) {
+	for _, m := range append(slices.Clone(members), pkiMember{roleAdmin, adminID}) {
 		if err := p.issue(ctx, m.role, m.id); err != nil {
 			return nil, err
 		}
