@@ -116,7 +116,7 @@ var serveOptions = []option{
 	durationOpt("sync-timeout", "how long a blob PUT waits for a policy's min_regions copies before 503", func(c *node.Config) *time.Duration { return &c.Replication.SyncTimeout }),
 	boolOpt("redirect-reads", "answer blob GETs served from S3 with a 307 to a presigned URL", func(c *node.Config) *bool { return &c.Replication.RedirectReads }),
 	durationOpt("presign-ttl", "lifetime of presigned blob URLs", func(c *node.Config) *time.Duration { return &c.Replication.PresignTTL }),
-	durationOpt("scrub-interval", "how often a node re-hashes its share of its region's blobs (0: only on `meridian scrub`)", func(c *node.Config) *time.Duration { return &c.Replication.ScrubInterval }),
+	durationOpt("scrub-interval", "how often a node re-hashes its share of its region's blobs (0: only when meridian scrub asks)", func(c *node.Config) *time.Duration { return &c.Replication.ScrubInterval }),
 	sizeOpt("scrub-rate", "bytes a second a background scrub pass reads", func(c *node.Config) *node.ByteSize { return &c.Replication.ScrubRate }),
 	stringOpt("cluster-id", "cluster identity; members of other clusters are refused", func(c *node.Config) *string { return &c.ClusterID }),
 	stringOpt("node-id", "stable node id (default: host name)", func(c *node.Config) *string { return &c.NodeID }),
