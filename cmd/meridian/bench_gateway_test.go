@@ -40,8 +40,17 @@ const (
 // for 10 s through the gateway and, in the same run, directly from the node
 // the gateway prefers (the node's embedded gateway): p50 and p99 of each and
 // what the extra hop adds. Then a 256 MiB blob GET through each, in MB/s.
+//
+// It runs twice, with cluster TLS off and on (mutual TLS between the
+// gateway and the nodes, and between nodes, and encrypted gossip).
 func BenchmarkGatewayManifestGet(b *testing.B) {
-	c := gwe2eStartCluster(b)
+	for _, mtls := range []bool{false, true} {
+		b.Run(fmt.Sprintf("mtls=%v", mtls), func(b *testing.B) { benchGatewayManifestGet(b, mtls) })
+	}
+}
+
+func benchGatewayManifestGet(b *testing.B, mtls bool) {
+	c := gwe2eStartClusterTLS(b, mtls)
 	img, err := random.Image(4<<10, 2)
 	if err != nil {
 		b.Fatal(err)

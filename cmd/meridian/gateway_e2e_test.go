@@ -98,11 +98,12 @@ func (p *e2eProc) peakRSS() int64 {
 // gwe2eCluster is three nodes, one per region, and a gateway in the first
 // region, all sharing one region list.
 type gwe2eCluster struct {
-	tb      testing.TB
-	dir     string
-	regions []string // --region-store flags, the same for every process
-	nodes   []*e2eProc
-	gw      *e2eProc
+	tb       testing.TB
+	dir      string
+	adminEnv []string // MERIDIAN_TLS_* of the admin certificate, with TLS on
+	regions  []string // --region-store flags, the same for every process
+	nodes    []*e2eProc
+	gw       *e2eProc
 }
 
 // gwe2eStartCluster starts the nodes (the first bootstraps, the others join
@@ -110,16 +111,37 @@ type gwe2eCluster struct {
 // measured every node.
 func gwe2eStartCluster(tb testing.TB) *gwe2eCluster {
 	tb.Helper()
+	return gwe2eStartClusterTLS(tb, false)
+}
+
+// gwe2eStartClusterTLS is gwe2eStartCluster, with mtls the members running
+// mutual TLS and encrypted gossip under a CA made by meridian ca.
+func gwe2eStartClusterTLS(tb testing.TB, mtls bool) *gwe2eCluster {
+	tb.Helper()
 	gwe2eNeedBinary(tb)
 	c := &gwe2eCluster{tb: tb, dir: tb.TempDir()}
 	for _, r := range gwe2eRegions {
 		c.regions = append(c.regions, "--region-store", r+"=file://"+filepath.Join(c.dir, "blobs", r))
 	}
 	common := slices.Concat(c.regions, []string{"--cluster-id", "gwe2e", "--gossip-profile", "local"})
+	tlsFor := func(string) []string { return nil }
+	if mtls {
+		pkiDir := filepath.Join(c.dir, "pki")
+		e2eMeridian(tb, "ca", "init", "--dir", pkiDir, "--cluster-id", "gwe2e")
+		for id, role := range map[string]string{"n0": "node", "n1": "node", "n2": "node", "gateway": "gateway", "ops": "admin"} {
+			e2eMeridian(tb, "ca", "issue", "--dir", pkiDir, "--role", role, "--id", id)
+		}
+		common = append(common, "--gossip-key-file", filepath.Join(pkiDir, "gossip.key"))
+		tlsFor = func(id string) []string {
+			return []string{"--tls-ca", filepath.Join(pkiDir, "ca.crt"), "--tls-cert", filepath.Join(pkiDir, id+".crt"), "--tls-key", filepath.Join(pkiDir, id+".key")}
+		}
+		c.adminEnv = []string{"MERIDIAN_TLS_CA=" + filepath.Join(pkiDir, "ca.crt"),
+			"MERIDIAN_TLS_CERT=" + filepath.Join(pkiDir, "ops.crt"), "MERIDIAN_TLS_KEY=" + filepath.Join(pkiDir, "ops.key")}
+	}
 	for i, region := range gwe2eRegions {
 		id := fmt.Sprintf("n%d", i)
 		args := slices.Concat([]string{"serve", "--node-id", id, "--region", region,
-			"--data-dir", filepath.Join(c.dir, id)}, e2eLoopback, common)
+			"--data-dir", filepath.Join(c.dir, id)}, e2eLoopback, common, tlsFor(id))
 		if i > 0 {
 			args = append(args, "--join", c.nodes[0].ready.GossipAddr)
 		}
@@ -133,8 +155,8 @@ func gwe2eStartCluster(tb testing.TB) *gwe2eCluster {
 		p.waitWritten()
 		p.waitReady()
 	}
-	c.gw = gwe2eStart(tb, "gateway", c.dir, slices.Concat([]string{"gateway", "--region", gwe2eRegions[0],
-		"--http-addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0", "--join", c.nodes[0].ready.GossipAddr}, common)...)
+	c.gw = gwe2eStart(tb, "gateway", c.dir, slices.Concat([]string{"gateway", "--gateway-id", "gateway", "--region", gwe2eRegions[0],
+		"--http-addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0", "--join", c.nodes[0].ready.GossipAddr}, common, tlsFor("gateway"))...)
 	c.gw.waitWritten()
 	c.gw.waitReady()
 	c.gw.poll("every node measured", time.Minute, func() error {
@@ -196,7 +218,7 @@ func (c *gwe2eCluster) meridian(args ...string) (stdout, stderr string, err erro
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, e2eBinary, args...)
-	cmd.Env = e2eEnv()
+	cmd.Env = e2eEnv(c.adminEnv...)
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	err = cmd.Run()
