@@ -46,9 +46,12 @@ test: vet fmt-check proto-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(T
 	$(TEST_ENV) $(GO) test -count=1 -timeout 25m ./...
 	$(MAKE) chaos-short
 
-## chaos: real meridian processes under a seeded workload and seeded faults
-## (kill -9, SIGSTOP, partitions, latency, S3 errors/stalls/outages, a
-## gateway killed mid-upload), then the checkers; the summary and a JSON
+## chaos: real meridian processes, with mutual TLS and encrypted gossip,
+## under a seeded workload and a seeded schedule that cycles through every
+## fault kind (kill -9 of the leader and others, SIGSTOP, partitions,
+## latency, S3 errors/stalls/outages, a gateway killed mid-upload, a node
+## certificate re-issued in place), then the checkers; a run passes only if
+## every check decided and every promised fault ran; the summary and a JSON
 ## report land in the run directory (and chaos-report.json). SEED=n
 ## reproduces a run; DURATION=10m changes its length; FAULTS=kill,partition
 ## limits the fault kinds.
