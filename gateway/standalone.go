@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -340,15 +339,10 @@ func (s *Standalone) writeReadyFile() error {
 	if s.cfg.ReadyFile == "" {
 		return nil
 	}
-	b, _ := json.MarshalIndent(map[string]any{
+	return transport.WriteReadyFile(s.cfg.ReadyFile, map[string]any{
 		"gateway_id": s.cfg.ID, "cluster_id": s.cfg.ClusterID, "region": s.cfg.Region,
 		"http_addr": s.HTTPAddr(), "gossip_addr": s.members.Addr(), "pid": os.Getpid(),
-	}, "", "  ")
-	tmp := s.cfg.ReadyFile + ".tmp"
-	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
-		return fmt.Errorf("ready file: %w", err)
-	}
-	return os.Rename(tmp, s.cfg.ReadyFile)
+	})
 }
 
 // Close stops serving (in-flight requests get until ctx ends), leaves

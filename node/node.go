@@ -2,7 +2,6 @@ package node
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -403,16 +402,11 @@ func (n *Node) writeReadyFile() error {
 	if n.cfg.ReadyFile == "" {
 		return nil
 	}
-	b, _ := json.MarshalIndent(readyInfo{
+	return transport.WriteReadyFile(n.cfg.ReadyFile, readyInfo{
 		NodeID: n.cfg.NodeID, ClusterID: n.cfg.ClusterID, Region: n.cfg.Region, HTTPAddr: n.HTTPAddr(),
 		GRPCAddr: n.GRPCAddr(), RaftAddr: n.RaftAddr(), GossipAddr: n.GossipAddr(),
 		DataDir: n.cfg.DataDir, PID: os.Getpid(),
-	}, "", "  ")
-	tmp := n.cfg.ReadyFile + ".tmp"
-	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
-		return fmt.Errorf("ready file: %w", err)
-	}
-	return os.Rename(tmp, n.cfg.ReadyFile)
+	})
 }
 
 // Kill stops the node abruptly, as a crash would, for harnesses that run

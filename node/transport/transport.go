@@ -3,9 +3,11 @@ package transport
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -223,4 +225,22 @@ func (t *Trust) VerifyNode(ctx context.Context, dial func(ctx context.Context, a
 		return nil
 	}))
 	return tc.HandshakeContext(ctx)
+}
+
+// WriteReadyFile writes v as indented JSON to path through a temporary
+// file and a rename, so a script polling the file never reads half of it.
+// Nodes and gateways write their actual addresses there once they serve.
+func WriteReadyFile(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+		return fmt.Errorf("ready file: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("ready file: %w", err)
+	}
+	return nil
 }
