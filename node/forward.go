@@ -15,8 +15,10 @@ import (
 // again and builds the log entry). While no leader is known it waits, with
 // jitter, until ctx (or the apply timeout) runs out, then answers
 // ErrUnavailable. An invalid command answers ErrInvalidArgument and
-// commits nothing. It returns once this node has applied the entry too, so
-// a write is visible in reads through the node that took it.
+// commits nothing. A policy change returns once this node has applied it
+// too, so the next push through the same node follows it; other writes
+// do not wait (a follower learns of a commit with the leader's next
+// append, up to a heartbeat later: tens of milliseconds on every write).
 func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
 	if err := n.validateCommand(ctx, cmd); err != nil {
 		return err
@@ -33,7 +35,7 @@ func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
 		index, err = n.consensus.Commit(ctx, cmd)
 		return err
 	})
-	if index > 0 {
+	if index > 0 && changesPolicy(cmd) {
 		wctx, cancel := context.WithTimeout(ctx, n.cfg.ApplyTimeout)
 		defer cancel()
 		if werr := n.consensus.WaitApplied(wctx, index); werr != nil {
@@ -43,6 +45,16 @@ func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
 		}
 	}
 	return err
+}
+
+// changesPolicy reports commands whose effect this node must see at once:
+// pushes through it right after follow the repository's policy.
+func changesPolicy(cmd *pb.Command) bool {
+	switch cmd.GetIntent().(type) {
+	case *pb.Command_SetPolicy, *pb.Command_DeletePolicy:
+		return true
+	}
+	return false
 }
 
 // onLeader runs local on this node when it leads, or remote against the

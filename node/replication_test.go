@@ -334,7 +334,10 @@ func TestGeoSyncTimeout(t *testing.T) {
 	}
 	r := put()
 	if r.StatusCode != http.StatusServiceUnavailable || r.Header.Get("Retry-After") == "" {
-		t.Fatalf("PUT with eu-west down: %d, Retry-After %q; want 503 with Retry-After", r.StatusCode, r.Header.Get("Retry-After"))
+		pol, perr := c.Node(0).Consensus().Store().Policy(ctx, "sync/app")
+		rec, berr := c.Node(0).Consensus().Store().Blob(ctx, dgst.String())
+		t.Fatalf("PUT with eu-west down: %d, Retry-After %q; want 503 with Retry-After (node 0 sees policy %+v %v, blob %v %v)",
+			r.StatusCode, r.Header.Get("Retry-After"), pol, perr, rec, berr)
 	}
 	rec, err := c.Node(0).Consensus().Store().Blob(ctx, dgst.String())
 	if err != nil || !slices.Equal(rec.Regions, []string{"us-east"}) {
