@@ -260,6 +260,12 @@ func (n *Node) ready(ctx context.Context) error {
 	if k, err := n.consensus.Store().UploadKey(ctx); err != nil || k == nil {
 		return errors.New("cluster upload key not installed yet")
 	}
+	// Until the cluster's regions are recorded, policies resolve to no
+	// region and a push would be acknowledged with none of its copies
+	// wanted anywhere else.
+	if regions, err := n.consensus.Store().Regions(ctx); err != nil || len(regions) == 0 {
+		return errors.New("cluster regions not recorded yet")
+	}
 	if !n.caughtUp.Load() {
 		cctx, cancel := context.WithTimeout(ctx, time.Second)
 		defer cancel()
