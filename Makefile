@@ -22,6 +22,8 @@ CONFORMANCE_VERSION  := v0.0.0-20260831232431-97274622c111
 DISTRIBUTION_VERSION := v3.1.2
 VERSITYGW_VERSION    := v1.8.0
 MINIO_VERSION        := v0.0.0-20260212201848-7aac2a2c5b7c
+CRANE_VERSION        := v0.22.1
+ORAS_VERSION         := v1.3.6
 VERSION              := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
 .PHONY: protoc all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
@@ -41,8 +43,8 @@ run: build
 ## real clients, geo-replication against real S3 servers) and the OCI
 ## conformance suite against a real node; then the short chaos run.
 TEST_ENV := MERIDIAN_CONFORMANCE=$(TOOLS)/conformance MERIDIAN_VERSITYGW=$(TOOLS)/versitygw MERIDIAN_REQUIRE_S3=1 \
-  MERIDIAN_DISTRIBUTION=$(TOOLS)/registry
-test: vet fmt-check proto-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry
+  MERIDIAN_DISTRIBUTION=$(TOOLS)/registry MERIDIAN_CRANE=$(TOOLS)/crane MERIDIAN_ORAS=$(TOOLS)/oras
+test: vet fmt-check proto-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry $(TOOLS)/crane $(TOOLS)/oras
 	$(TEST_ENV) $(GO) test -count=1 -timeout 25m ./...
 	$(MAKE) chaos-short
 
@@ -92,6 +94,14 @@ $(TOOLS)/versitygw:
 
 $(TOOLS)/minio:
 	GOBIN=$(TOOLS) $(GO) install github.com/minio/minio@$(MINIO_VERSION)
+
+# Registry clients the HTTPS tests drive: crane (go-containerregistry, the
+# version go.mod already uses) and oras.
+$(TOOLS)/crane:
+	GOBIN=$(TOOLS) $(GO) install github.com/google/go-containerregistry/cmd/crane@$(CRANE_VERSION)
+
+$(TOOLS)/oras:
+	GOBIN=$(TOOLS) $(GO) install oras.land/oras/cmd/oras@$(ORAS_VERSION)
 
 $(TOOLS)/registry:
 	GOBIN=$(TOOLS) $(GO) install github.com/distribution/distribution/v3/cmd/registry@$(DISTRIBUTION_VERSION)

@@ -1,0 +1,99 @@
+package main
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// clientBinary is a registry client the Makefile installs (MERIDIAN_CRANE,
+// MERIDIAN_ORAS); tests that need one skip without it.
+func clientBinary(t *testing.T, env string) string {
+	t.Helper()
+	bin := os.Getenv(env)
+	if bin == "" {
+		t.Skipf("%s is not set; `make test` installs the client and sets it", env)
+	}
+	return bin
+}
+
+// crane and oras, real clients, push and pull over HTTPS trusting the
+// cluster CA as any Go client does (SSL_CERT_FILE), and refuse the
+// registry without it.
+func TestClientsOverHTTPS(t *testing.T) {
+	crane, oras := clientBinary(t, "MERIDIAN_CRANE"), clientBinary(t, "MERIDIAN_ORAS")
+	e2eNeedBinary(t)
+	dir := t.TempDir()
+	pkiDir := filepath.Join(dir, "pki")
+	e2eMeridian(t, "ca", "init", "--dir", pkiDir)
+	e2eMeridian(t, "ca", "issue", "--dir", pkiDir, "--role", "node", "--id", "web", "--ip", "127.0.0.1")
+	ready := filepath.Join(dir, "ready.json")
+	p := e2eStart(t, ready, e2eEnv(), slices.Concat([]string{"serve", "--node-id", "web", "--data-dir", filepath.Join(dir, "data"),
+		"--ready-file", ready, "--http-tls-cert", filepath.Join(pkiDir, "web.crt"), "--http-tls-key", filepath.Join(pkiDir, "web.key")},
+		e2eLoopback)...)
+	p.waitWritten()
+	host := p.ready.HTTPAddr
+	trust := []string{"SSL_CERT_FILE=" + filepath.Join(pkiDir, "ca.crt"), "HOME=" + dir, "DOCKER_CONFIG=" + filepath.Join(dir, "docker")}
+	run := func(env []string, bin string, args ...string) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, bin, args...)
+		cmd.Dir = dir
+		cmd.Env = e2eEnv(env...)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	must := func(bin string, args ...string) string {
+		t.Helper()
+		out, err := run(trust, bin, args...)
+		if err != nil {
+			t.Fatalf("%s %s: %v\n%s", filepath.Base(bin), strings.Join(args, " "), err, out)
+		}
+		return out
+	}
+	p.poll("HTTPS answers", time.Minute, func() error {
+		_, err := run(trust, crane, "catalog", host)
+		return err
+	})
+
+	// crane: an image made of one layer, its manifest read back, a copy.
+	os.WriteFile(filepath.Join(dir, "hello.txt"), []byte("hello over https\n"), 0o644)
+	if out, err := exec.Command("tar", "-C", dir, "-cf", filepath.Join(dir, "layer.tar"), "hello.txt").CombinedOutput(); err != nil {
+		t.Fatalf("tar: %v\n%s", err, out)
+	}
+	must(crane, "append", "-f", filepath.Join(dir, "layer.tar"), "-t", host+"/clients/crane:v1")
+	digest := strings.TrimSpace(must(crane, "digest", host+"/clients/crane:v1"))
+	must(crane, "copy", host+"/clients/crane:v1", host+"/clients/crane-copy:v1")
+	if got := strings.TrimSpace(must(crane, "digest", host+"/clients/crane-copy:v1")); got != digest {
+		t.Errorf("the copy's digest %s, want %s", got, digest)
+	}
+
+	// oras: a file pushed as an artifact and pulled back.
+	must(oras, "push", host+"/clients/oras:v1", "hello.txt")
+	pulled := filepath.Join(dir, "pulled")
+	must(oras, "pull", "-o", pulled, host+"/clients/oras:v1")
+	if b, err := os.ReadFile(filepath.Join(pulled, "hello.txt")); err != nil || string(b) != "hello over https\n" {
+		t.Errorf("oras pulled %q, %v", b, err)
+	}
+
+	// Without the CA both refuse the registry's certificate.
+	noTrust := []string{"HOME=" + dir, "DOCKER_CONFIG=" + filepath.Join(dir, "docker"), "SSL_CERT_FILE=" + filepath.Join(dir, "hello.txt")}
+	for _, c := range []struct {
+		bin  string
+		args []string
+	}{
+		{crane, []string{"digest", host + "/clients/crane:v1"}},
+		{oras, []string{"manifest", "fetch", host + "/clients/oras:v1"}},
+	} {
+		out, err := run(noTrust, c.bin, c.args...)
+		if err == nil || !strings.Contains(out, "certificate") {
+			t.Errorf("%s without the CA: %v\n%s", filepath.Base(c.bin), err, out)
+		}
+	}
+	p.stop()
+}
