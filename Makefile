@@ -24,6 +24,7 @@ VERSITYGW_VERSION    := v1.8.0
 MINIO_VERSION        := v0.0.0-20260212201848-7aac2a2c5b7c
 CRANE_VERSION        := v0.22.1
 ORAS_VERSION         := v1.3.6
+REGCTL_VERSION       := v0.11.7
 VERSION              := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
 .PHONY: protoc all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
@@ -43,8 +44,9 @@ run: build
 ## real clients, geo-replication against real S3 servers) and the OCI
 ## conformance suite against a real node; then the short chaos run.
 TEST_ENV := MERIDIAN_CONFORMANCE=$(TOOLS)/conformance MERIDIAN_VERSITYGW=$(TOOLS)/versitygw MERIDIAN_REQUIRE_S3=1 \
-  MERIDIAN_DISTRIBUTION=$(TOOLS)/registry MERIDIAN_CRANE=$(TOOLS)/crane MERIDIAN_ORAS=$(TOOLS)/oras
-test: vet fmt-check proto-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry $(TOOLS)/crane $(TOOLS)/oras
+  MERIDIAN_DISTRIBUTION=$(TOOLS)/registry MERIDIAN_CRANE=$(TOOLS)/crane MERIDIAN_ORAS=$(TOOLS)/oras \
+  MERIDIAN_REGCTL=$(TOOLS)/regctl
+test: vet fmt-check proto-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry $(TOOLS)/crane $(TOOLS)/oras $(TOOLS)/regctl
 	$(TEST_ENV) $(GO) test -count=1 -timeout 25m ./...
 	$(MAKE) chaos-short
 
@@ -96,12 +98,15 @@ $(TOOLS)/minio:
 	GOBIN=$(TOOLS) $(GO) install github.com/minio/minio@$(MINIO_VERSION)
 
 # Registry clients the HTTPS tests drive: crane (go-containerregistry, the
-# version go.mod already uses) and oras.
+# version go.mod already uses), oras and regctl.
 $(TOOLS)/crane:
 	GOBIN=$(TOOLS) $(GO) install github.com/google/go-containerregistry/cmd/crane@$(CRANE_VERSION)
 
 $(TOOLS)/oras:
 	GOBIN=$(TOOLS) $(GO) install oras.land/oras/cmd/oras@$(ORAS_VERSION)
+
+$(TOOLS)/regctl:
+	GOBIN=$(TOOLS) $(GO) install github.com/regclient/regclient/cmd/regctl@$(REGCTL_VERSION)
 
 $(TOOLS)/registry:
 	GOBIN=$(TOOLS) $(GO) install github.com/distribution/distribution/v3/cmd/registry@$(DISTRIBUTION_VERSION)

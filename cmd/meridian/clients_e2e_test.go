@@ -22,11 +22,11 @@ func clientBinary(t *testing.T, env string) string {
 	return bin
 }
 
-// crane and oras, real clients, push and pull over HTTPS trusting the
-// cluster CA as any Go client does (SSL_CERT_FILE), and refuse the
+// crane, oras and regctl, real clients, push and pull over HTTPS trusting
+// the cluster CA as any Go client does (SSL_CERT_FILE), and refuse the
 // registry without it.
 func TestClientsOverHTTPS(t *testing.T) {
-	crane, oras := clientBinary(t, "MERIDIAN_CRANE"), clientBinary(t, "MERIDIAN_ORAS")
+	crane, oras, regctl := clientBinary(t, "MERIDIAN_CRANE"), clientBinary(t, "MERIDIAN_ORAS"), clientBinary(t, "MERIDIAN_REGCTL")
 	e2eNeedBinary(t)
 	dir := t.TempDir()
 	pkiDir := filepath.Join(dir, "pki")
@@ -81,7 +81,16 @@ func TestClientsOverHTTPS(t *testing.T) {
 		t.Errorf("oras pulled %q, %v", b, err)
 	}
 
-	// Without the CA both refuse the registry's certificate.
+	// regctl: the digest as crane saw it, and a copy.
+	if got := strings.TrimSpace(must(regctl, "image", "digest", host+"/clients/crane:v1")); got != digest {
+		t.Errorf("regctl reads digest %s, crane %s", got, digest)
+	}
+	must(regctl, "image", "copy", host+"/clients/crane:v1", host+"/clients/regctl-copy:v1")
+	if got := strings.TrimSpace(must(crane, "digest", host+"/clients/regctl-copy:v1")); got != digest {
+		t.Errorf("regctl's copy has digest %s, want %s", got, digest)
+	}
+
+	// Without the CA every one refuses the registry's certificate.
 	noTrust := []string{"HOME=" + dir, "DOCKER_CONFIG=" + filepath.Join(dir, "docker"), "SSL_CERT_FILE=" + filepath.Join(dir, "hello.txt")}
 	for _, c := range []struct {
 		bin  string
@@ -89,6 +98,7 @@ func TestClientsOverHTTPS(t *testing.T) {
 	}{
 		{crane, []string{"digest", host + "/clients/crane:v1"}},
 		{oras, []string{"manifest", "fetch", host + "/clients/oras:v1"}},
+		{regctl, []string{"image", "digest", host + "/clients/crane:v1"}},
 	} {
 		out, err := run(noTrust, c.bin, c.args...)
 		if err == nil || !strings.Contains(out, "certificate") {
