@@ -69,10 +69,9 @@ func (s clusterServer) ListPolicies(ctx context.Context, _ *pb.ListPoliciesReque
 }
 
 func (s clusterServer) SetPolicy(ctx context.Context, req *pb.SetPolicyRequest) (*pb.SetPolicyResponse, error) {
+	// Caught up first, so the policy is checked against the newest ones;
+	// commit validates it.
 	err := s.n.catchUp(ctx)
-	if err == nil {
-		err = s.n.validatePolicy(ctx, req.Policy)
-	}
 	if err == nil {
 		err = s.n.commit(ctx, &pb.Command{Intent: &pb.Command_SetPolicy{SetPolicy: &pb.SetPolicy{Policy: req.Policy}}})
 	}

@@ -231,7 +231,9 @@ func (n *Node) runReplicator() {
 }
 
 // maintainTopology makes the leader record the configured regions in the
-// state machine and, on a new cluster, seed the configured policies.
+// state machine and, on a new cluster, seed the configured policies; it
+// also rotates the upload-token key when it is due (the leader's other
+// once-a-second duty).
 func (n *Node) maintainTopology() {
 	defer n.wg.Done()
 	t := time.NewTicker(time.Second)

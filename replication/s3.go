@@ -423,7 +423,7 @@ func (s *S3) CopyBlob(ctx context.Context, src Driver, dgst digest.Digest) error
 	if from.cfg.Bucket == s.cfg.Bucket && from.cfg.Prefix == s.cfg.Prefix {
 		return nil
 	}
-	present, replace, err := s.lookup(ctx, dgst)
+	present, replace, err := s.lookup(ctx, dgst, false)
 	if err != nil || present {
 		return err
 	}
@@ -490,9 +490,10 @@ func (s *S3) readLink(ctx context.Context, dgst digest.Digest) (s3Link, string, 
 }
 
 // lookup reports whether blob dgst is here, its data object included. For a
-// link whose data object is missing, it returns the link's ETag as replace,
-// for link to replace it.
-func (s *S3) lookup(ctx context.Context, dgst digest.Digest) (present bool, replace string, err error) {
+// link whose data object is missing (or, with verify, whose bytes do not
+// hash to dgst: a commit keeps a blob only once hashed), it returns the
+// link's ETag as replace, for link to replace it.
+func (s *S3) lookup(ctx context.Context, dgst digest.Digest, verify bool) (present bool, replace string, err error) {
 	l, etag, err := s.readLink(ctx, dgst)
 	switch {
 	case errors.Is(err, ErrBlobNotFound):
@@ -500,7 +501,14 @@ func (s *S3) lookup(ctx context.Context, dgst digest.Digest) (present bool, repl
 	case err != nil:
 		return false, "", err
 	}
-	_, err = s.client.StatObject(ctx, s.cfg.Bucket, s.key(l.Data), minio.StatObjectOptions{})
+	if !verify {
+		_, err = s.client.StatObject(ctx, s.cfg.Bucket, s.key(l.Data), minio.StatObjectOptions{})
+	} else {
+		err = s.hashes(ctx, l, dgst)
+		if errors.Is(err, errWrongBytes) {
+			return false, etag, nil // replaced like a dangling link
+		}
+	}
 	switch {
 	case err == nil:
 		return true, "", nil
@@ -510,32 +518,22 @@ func (s *S3) lookup(ctx context.Context, dgst digest.Digest) (present bool, repl
 	return false, "", s.blobError(dgst, err)
 }
 
-// lookupVerified is lookup for a commit: an existing blob counts as present
-// only if its bytes hash to dgst (read once, only when a digest is pushed
-// again). Wrong bytes under the name are replaced like a dangling link:
-// the link's ETag comes back as replace.
-func (s *S3) lookupVerified(ctx context.Context, dgst digest.Digest) (present bool, replace string, err error) {
-	l, etag, err := s.readLink(ctx, dgst)
-	switch {
-	case errors.Is(err, ErrBlobNotFound):
-		return false, "", nil
-	case err != nil:
-		return false, "", err
-	}
+// hashes reads the data object of link l through a hash: errWrongBytes
+// when its bytes are not dgst's.
+func (s *S3) hashes(ctx context.Context, l s3Link, dgst digest.Digest) error {
 	obj, err := s.client.GetObject(ctx, s.cfg.Bucket, s.key(l.Data), minio.GetObjectOptions{})
 	if err != nil {
-		return false, "", s.blobError(dgst, err)
+		return err
 	}
 	defer obj.Close()
 	v := dgst.Verifier()
-	_, err = io.Copy(v, obj)
-	switch {
-	case err == nil && v.Verified():
-		return true, "", nil
-	case err == nil || isNoSuchKey(err):
-		return false, etag, nil
+	if _, err := io.Copy(v, obj); err != nil {
+		return err
 	}
-	return false, "", s.blobError(dgst, err)
+	if !v.Verified() {
+		return errWrongBytes
+	}
+	return nil
 }
 
 // link creates blob dgst's link to l.Data, or, with replace set, replaces

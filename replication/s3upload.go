@@ -132,7 +132,7 @@ func (s *S3) CommitUpload(ctx context.Context, id string, size int64, dgst diges
 	if st.Size != size {
 		return fmt.Errorf("%w: commit of %d bytes, upload %s holds %d", ErrUploadOffset, size, id, st.Size)
 	}
-	present, replace, err := s.lookupVerified(ctx, dgst)
+	present, replace, err := s.lookup(ctx, dgst, true) // kept only once hashed
 	switch {
 	case err != nil:
 		return err

@@ -7,32 +7,18 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"sync"
-	"time"
 )
-
-// recheckEvery is how often a Source looks at its files' modification
-// times again: at most once per interval, on a handshake.
-const recheckEvery = time.Second
 
 // ErrNoPeerCertificate: the peer presented no certificate.
 var ErrNoPeerCertificate = errors.New("peer presented no certificate")
 
 // Source is a process's member identity: the CA pool that peers are
-// verified against, and its own certificate and key. It re-reads the files
-// when they change (checked at most once a second, on a handshake); a
-// change that does not load (a certificate that does not match the new
-// key yet, a half-written rotation) keeps the last good material and is
-// logged.
+// verified against, and its own certificate and key, re-read when the
+// files change (see watched). A new certificate that names another
+// identity is refused: that is a mistake, not a rotation.
 type Source struct {
 	caFile, certFile, keyFile string
-	log                       *slog.Logger
-
-	mu      sync.Mutex
-	cur     *material
-	stamps  [3]stamp
-	checked time.Time
-	failed  string // the last reload error logged, so it is logged once
+	files                     *watched[*material]
 }
 
 // material is one consistent load of the three files.
@@ -42,26 +28,24 @@ type material struct {
 	self Identity
 }
 
-type stamp struct {
-	mod  time.Time
-	size int64
-}
-
 // Open loads caFile, certFile and keyFile. The certificate must be signed
 // by a CA in caFile and carry a Meridian identity.
 func Open(caFile, certFile, keyFile string, log *slog.Logger) (*Source, error) {
 	if caFile == "" || certFile == "" || keyFile == "" {
 		return nil, errors.New("cluster TLS needs all three of --tls-ca, --tls-cert and --tls-key")
 	}
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	s := &Source{caFile: caFile, certFile: certFile, keyFile: keyFile, log: log}
-	m, stamps, err := s.load()
+	s := &Source{caFile: caFile, certFile: certFile, keyFile: keyFile}
+	w, err := newWatched("cluster TLS", log, func(prev *material) (*material, error) {
+		m, err := s.load()
+		if err == nil && prev != nil && m.self != prev.self {
+			return nil, fmt.Errorf("the new certificate names %s, not %s", m.self, prev.self)
+		}
+		return m, err
+	}, caFile, certFile, keyFile)
 	if err != nil {
 		return nil, err
 	}
-	s.cur, s.stamps, s.checked = m, stamps, time.Now()
+	s.files = w
 	return s, nil
 }
 
@@ -69,22 +53,14 @@ func Open(caFile, certFile, keyFile string, log *slog.Logger) (*Source, error) {
 func (s *Source) Identity() Identity { return s.current().self }
 
 // load reads and checks the three files.
-func (s *Source) load() (*material, [3]stamp, error) {
-	var stamps [3]stamp
-	for i, f := range []string{s.caFile, s.certFile, s.keyFile} {
-		st, err := os.Stat(f)
-		if err != nil {
-			return nil, stamps, err
-		}
-		stamps[i] = stamp{st.ModTime(), st.Size()}
-	}
+func (s *Source) load() (*material, error) {
 	caPEM, err := os.ReadFile(s.caFile)
 	if err != nil {
-		return nil, stamps, err
+		return nil, err
 	}
 	cas, err := parseCerts(caPEM)
 	if err != nil {
-		return nil, stamps, fmt.Errorf("%s: %w", s.caFile, err)
+		return nil, fmt.Errorf("%s: %w", s.caFile, err)
 	}
 	pool := x509.NewCertPool()
 	for _, c := range cas {
@@ -92,66 +68,29 @@ func (s *Source) load() (*material, [3]stamp, error) {
 	}
 	pair, err := tls.LoadX509KeyPair(s.certFile, s.keyFile)
 	if err != nil {
-		return nil, stamps, fmt.Errorf("load %s and %s: %w", s.certFile, s.keyFile, err)
+		return nil, fmt.Errorf("load %s and %s: %w", s.certFile, s.keyFile, err)
 	}
 	leaf := pair.Leaf // parsed by LoadX509KeyPair since Go 1.23
 	self, err := IdentityOf(leaf)
 	if err != nil {
-		return nil, stamps, fmt.Errorf("%s: %w", s.certFile, err)
+		return nil, fmt.Errorf("%s: %w", s.certFile, err)
 	}
 	var inter []*x509.Certificate
 	for _, der := range pair.Certificate[1:] {
 		c, err := x509.ParseCertificate(der)
 		if err != nil {
-			return nil, stamps, fmt.Errorf("%s: %w", s.certFile, err)
+			return nil, fmt.Errorf("%s: %w", s.certFile, err)
 		}
 		inter = append(inter, c)
 	}
 	if _, err := verifyChain(pool, leaf, inter); err != nil {
-		return nil, stamps, fmt.Errorf("%s is not signed by a CA in %s: %w", s.certFile, s.caFile, err)
+		return nil, fmt.Errorf("%s is not signed by a CA in %s: %w", s.certFile, s.caFile, err)
 	}
-	return &material{pool: pool, cert: &pair, self: self}, stamps, nil
+	return &material{pool: pool, cert: &pair, self: self}, nil
 }
 
 // current returns the material, reloading it first when a file changed.
-func (s *Source) current() *material {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if time.Since(s.checked) < recheckEvery {
-		return s.cur
-	}
-	s.checked = time.Now()
-	changed := false
-	for i, f := range []string{s.caFile, s.certFile, s.keyFile} {
-		st, err := os.Stat(f)
-		if err != nil || st.ModTime() != s.stamps[i].mod || st.Size() != s.stamps[i].size {
-			changed = true
-			break
-		}
-	}
-	if !changed {
-		return s.cur
-	}
-	m, stamps, err := s.load()
-	if err != nil {
-		if msg := err.Error(); msg != s.failed {
-			s.failed = msg
-			s.log.Warn("cluster TLS files changed but do not load; keeping the previous certificate", "err", err)
-		}
-		return s.cur
-	}
-	if m.self != s.cur.self {
-		// A certificate for another identity is a mistake, not a rotation.
-		if msg := "identity " + m.self.String(); msg != s.failed {
-			s.failed = msg
-			s.log.Error("new cluster certificate names another identity; keeping the previous one", "was", s.cur.self, "now", m.self)
-		}
-		return s.cur
-	}
-	s.cur, s.stamps, s.failed = m, stamps, ""
-	s.log.Info("cluster TLS reloaded", "identity", m.self, "not_after", m.cert.Leaf.NotAfter)
-	return s.cur
-}
+func (s *Source) current() *material { return s.files.get() }
 
 // ServerConfig is the TLS configuration of a member listener (gRPC or
 // Raft): TLS 1.3, a client certificate required and verified against the

@@ -178,7 +178,7 @@ func CheckListeners(listeners map[string]string, tlsOn, gossipKeyOn, insecureOK 
 		missing = append(missing, "--gossip-key-file")
 	}
 	return fmt.Errorf("%w: %s (set %s, see docs/security.md, or accept the risk with --insecure-cluster)",
-		ErrInsecureListener, strings.Join(sorted(open), ", "), strings.Join(missing, " and "))
+		ErrInsecureListener, strings.Join(slices.Sorted(slices.Values(open)), ", "), strings.Join(missing, " and "))
 }
 
 // isLoopback reports whether host:port binds only loopback: a loopback
@@ -193,11 +193,6 @@ func isLoopback(addr string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
-}
-
-func sorted(s []string) []string {
-	slices.Sort(s)
-	return s
 }
 
 // VerifyNode proves that the node at a Raft address is the member id: it
