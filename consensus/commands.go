@@ -11,9 +11,11 @@ import (
 // Entry builds the log entry of a validated command: this binary's format
 // version and the proposer's time, fixed here so every replica applies the
 // same thing. It is the one place a command becomes a LogEntry; callers
-// outside this package send commands, never entries.
-func Entry(cmd *pb.Command, now time.Time) (*pb.LogEntry, error) {
-	e := &pb.LogEntry{Version: LogVersion, TimeUnixNano: now.UnixNano()}
+// outside this package send commands, never entries. actor (who asked; nil
+// for the cluster's own housekeeping) rides in the same entry, and the
+// audit log is written from it as the entry applies.
+func Entry(cmd *pb.Command, actor *pb.Actor, now time.Time) (*pb.LogEntry, error) {
+	e := &pb.LogEntry{Version: LogVersion, TimeUnixNano: now.UnixNano(), Actor: actor}
 	switch c := cmd.GetIntent().(type) {
 	case *pb.Command_PutManifest:
 		e.Command = &pb.LogEntry_PutManifest{PutManifest: c.PutManifest}
@@ -33,6 +35,22 @@ func Entry(cmd *pb.Command, now time.Time) (*pb.LogEntry, error) {
 		e.Command = &pb.LogEntry_DeletePolicy{DeletePolicy: c.DeletePolicy}
 	case *pb.Command_SetRegions:
 		e.Command = &pb.LogEntry_SetRegions{SetRegions: c.SetRegions}
+	case *pb.Command_PutUser:
+		e.Command = &pb.LogEntry_PutUser{PutUser: c.PutUser}
+	case *pb.Command_DeleteUser:
+		e.Command = &pb.LogEntry_DeleteUser{DeleteUser: c.DeleteUser}
+	case *pb.Command_PutTeam:
+		e.Command = &pb.LogEntry_PutTeam{PutTeam: c.PutTeam}
+	case *pb.Command_DeleteTeam:
+		e.Command = &pb.LogEntry_DeleteTeam{DeleteTeam: c.DeleteTeam}
+	case *pb.Command_PutRobot:
+		e.Command = &pb.LogEntry_PutRobot{PutRobot: c.PutRobot}
+	case *pb.Command_RevokeRobot:
+		e.Command = &pb.LogEntry_RevokeRobot{RevokeRobot: c.RevokeRobot}
+	case *pb.Command_PutGrant:
+		e.Command = &pb.LogEntry_PutGrant{PutGrant: c.PutGrant}
+	case *pb.Command_DeleteGrant:
+		e.Command = &pb.LogEntry_DeleteGrant{DeleteGrant: c.DeleteGrant}
 	default:
 		return nil, fmt.Errorf("%w: no command, or one this binary does not know (%T)", pb.ErrInvalidArgument, cmd.GetIntent())
 	}
@@ -43,8 +61,8 @@ func Entry(cmd *pb.Command, now time.Time) (*pb.LogEntry, error) {
 // Propose for the answers. It also returns the entry's log index once
 // applied (with a business error too: the entry is in the log), so that a
 // follower that forwarded the command can wait until it applied it too.
-func (n *Node) Commit(ctx context.Context, cmd *pb.Command) (uint64, error) {
-	e, err := Entry(cmd, time.Now())
+func (n *Node) Commit(ctx context.Context, cmd *pb.Command, actor *pb.Actor) (uint64, error) {
+	e, err := Entry(cmd, actor, time.Now())
 	if err != nil {
 		return 0, err
 	}

@@ -22,7 +22,7 @@ func TestEntryCoversEveryIntent(t *testing.T) {
 		cmd := &pb.Command{}
 		m := cmd.ProtoReflect()
 		m.Set(f, protoreflect.ValueOfMessage(m.NewField(f).Message()))
-		e, err := Entry(cmd, now)
+		e, err := Entry(cmd, nil, now)
 		if err != nil {
 			t.Errorf("%s: %v", f.Name(), err)
 			continue

@@ -39,6 +39,17 @@ var commands = map[protoreflect.Name]applyFunc{
 	"set_regions":     applySetRegions,
 
 	"rotate_upload_key": applyRotateUploadKey,
+
+	"put_user":         applyPutUser,
+	"delete_user":      applyDeleteUser,
+	"put_team":         applyPutTeam,
+	"delete_team":      applyDeleteTeam,
+	"put_robot":        applyPutRobot,
+	"revoke_robot":     applyRevokeRobot,
+	"put_grant":        applyPutGrant,
+	"delete_grant":     applyDeleteGrant,
+	"rotate_token_key": applyRotateTokenKey,
+	"trim_audit":       applyTrimAudit,
 }
 
 var commandOneof = (&pb.LogEntry{}).ProtoReflect().Descriptor().Oneofs().ByName("command")
@@ -98,6 +109,19 @@ func (f *fsm) Apply(l *raft.Log) any {
 		// Rejected: keep nothing but the applied index.
 		b.Close()
 		b = db.NewBatch()
+	} else {
+		if accessCommands[which.Name()] {
+			if err := b.Set(key(tableAccessMeta, "version"), encodeUint64s(l.Index), nil); err != nil {
+				panic(err)
+			}
+		}
+		// Who made the change is written with it: the audit log and the
+		// state cannot disagree.
+		if e.Actor != nil {
+			if err := writeAudit(b, l.Index, e, which); err != nil {
+				panic(fmt.Sprintf("consensus: audit entry %d: %v", l.Index, err))
+			}
+		}
 	}
 	if err := b.Set(key(tableApplied), encodeUint64s(l.Index, l.Term), nil); err != nil {
 		panic(err)

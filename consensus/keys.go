@@ -27,6 +27,14 @@ import (
 //	v 'G'                             region names of the cluster → SetRegions
 //	v 'P' prefix                      replication policy of a name prefix → Policy
 //	v 'W' region 0 digest             blob wanted in a region but not placed there → Wanted
+//	v 'u' name                        user → User (bcrypt hash)
+//	v 't' name                        team → Team
+//	v 'r' name                        robot account → Robot (SHA-256 of its secret)
+//	v 'g' subject 0 prefix            grant → Grant
+//	v 'a' "version"                   log index of the last access change → uint64
+//	v 'a' "token-keys"                registry-token signing keys → TokenKeyRing
+//	v 'a' "bootstrapped"              the first admin was created → empty
+//	v 'U' index (8 bytes, big endian) audit record of the entry at index → AuditRecord
 const layoutVersion byte = 1
 
 const (
@@ -44,6 +52,13 @@ const (
 	tableRegions   byte = 'G'
 	tablePolicy    byte = 'P'
 	tableWanted    byte = 'W'
+
+	tableUser       byte = 'u'
+	tableTeam       byte = 't'
+	tableRobot      byte = 'r'
+	tableGrant      byte = 'g'
+	tableAccessMeta byte = 'a'
+	tableAudit      byte = 'U'
 )
 
 const sep byte = 0

@@ -76,6 +76,7 @@ var metadataCodes = map[pb.Code]ErrorCode{
 	pb.Code_CODE_INVALID_ARGUMENT:      CodeManifestInvalid,
 	pb.Code_CODE_UNAVAILABLE:           CodeUnavailable,
 	pb.Code_CODE_NOT_LEADER:            CodeUnavailable,
+	pb.Code_CODE_DENIED:                CodeDenied,
 }
 
 // asError turns any error into the envelope entry that describes it.

@@ -46,18 +46,6 @@ type Metadata interface {
 	UploadKeys(ctx context.Context) ([]*pb.UploadKey, error)
 }
 
-// Authorizer decides whether a request may act on a repository. It is the
-// seam for access control; the default allows everything.
-type Authorizer interface {
-	// Authorize returns nil to allow, or an error (mapped to UNAUTHORIZED or
-	// DENIED with errorf) to refuse. repo is empty for /v2/ and /v2/_catalog.
-	Authorize(r *http.Request, repo string, write bool) error
-}
-
-type allowAll struct{}
-
-func (allowAll) Authorize(*http.Request, string, bool) error { return nil }
-
 // Config tunes the gateway. DefaultConfig gives working values.
 type Config struct {
 	// MaxManifestSize bounds a manifest body (413 above it).
@@ -78,9 +66,12 @@ type Config struct {
 	// (S3) with a 307 to a URL valid for PresignTTL, instead of streaming.
 	RedirectReads bool
 	PresignTTL    time.Duration
-	// Authorizer checks each request; nil allows everything.
+	// Authorizer authenticates each request; nil allows everything (an
+	// insecure configuration only: nodes and gateways set one).
 	Authorizer Authorizer
-	Logger     *slog.Logger
+	// MemberID names this gateway or node in the audit log.
+	MemberID string
+	Logger   *slog.Logger
 	// Registerer receives the gateway's metrics; nil means none.
 	Registerer prometheus.Registerer
 }
@@ -139,7 +130,7 @@ func New(cfg Config, meta Metadata, stores *replication.Regions) (*Gateway, erro
 		return nil, errors.New("gateway: no blob stores")
 	}
 	if cfg.Authorizer == nil {
-		cfg.Authorizer = allowAll{}
+		cfg.Authorizer = AllowAll()
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -166,7 +157,7 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
 	rt, err := parsePath(r.URL.EscapedPath())
 	if err == nil {
-		err = g.cfg.Authorizer.Authorize(r, rt.name, isWrite(r.Method))
+		r, err = g.authorize(r, rt)
 	}
 	if err == nil {
 		err = g.dispatch(w, r, rt)
@@ -181,10 +172,6 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	g.metrics.observe(rt.kind, r.Method, sw.status(), time.Since(start))
-}
-
-func isWrite(method string) bool {
-	return method != http.MethodGet && method != http.MethodHead
 }
 
 type handlerFunc func(g *Gateway, w http.ResponseWriter, r *http.Request, rt route) error

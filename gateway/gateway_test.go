@@ -398,24 +398,33 @@ func TestUploadKeyNotInstalled(t *testing.T) {
 	}
 }
 
-type denyWrites struct{ seen []string }
+// readOnly is a caller who may pull team/app and nothing else.
+type readOnly struct{}
 
-func (d *denyWrites) Authorize(r *http.Request, repo string, write bool) error {
-	d.seen = append(d.seen, repo)
-	if write {
-		return errorf(CodeDenied, "read-only")
-	}
-	return nil
+func (readOnly) Actor() *pb.Actor { return &pb.Actor{Principal: "user:reader"} }
+func (readOnly) Anonymous() bool  { return false }
+func (readOnly) Can(repo, action string) bool {
+	return repo == "team/app" && action == ActionPull
 }
 
-func TestAuthorizerSeesRepositoryAndRefusesWrites(t *testing.T) {
-	auth := &denyWrites{}
+type readOnlyAuth struct{ refused []string }
+
+func (a *readOnlyAuth) Authenticate(*http.Request) (Caller, error) { return readOnly{}, nil }
+func (a *readOnlyAuth) Challenge(*http.Request, string) string     { return "" }
+func (a *readOnlyAuth) Refused(_ *http.Request, _ Caller, repo string, actions []string) {
+	a.refused = append(a.refused, repo+":"+strings.Join(actions, ","))
+}
+
+func TestAuthorizerChecksEachRouteAction(t *testing.T) {
+	auth := &readOnlyAuth{}
 	h := newHarness(t, func(c *Config) { c.Authorizer = auth })
 	h.do(t, "POST", "/v2/team/app/blobs/uploads/", nil).wantError(t, http.StatusForbidden, "DENIED")
 	h.do(t, "PUT", "/v2/team/app/manifests/v1", strings.NewReader("{}")).wantError(t, http.StatusForbidden, "DENIED")
+	h.do(t, "DELETE", "/v2/team/app/manifests/v1", nil).wantError(t, http.StatusForbidden, "DENIED")
 	h.do(t, "GET", "/v2/team/app/tags/list", nil).wantError(t, http.StatusNotFound, "NAME_UNKNOWN")
-	if want := []string{"team/app", "team/app", "team/app"}; !slices.Equal(auth.seen, want) {
-		t.Errorf("authorizer saw %q, want %q", auth.seen, want)
+	h.do(t, "GET", "/v2/other/tags/list", nil).wantError(t, http.StatusForbidden, "DENIED")
+	if want := []string{"team/app:push", "team/app:push", "team/app:delete", "other:pull"}; !slices.Equal(auth.refused, want) {
+		t.Errorf("refusals recorded %q, want %q", auth.refused, want)
 	}
 	if n := h.leftoverUploads(t); n != 0 {
 		t.Errorf("a denied request started %d uploads", n)

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
 	"net/url"
@@ -67,11 +68,10 @@ func (g *Gateway) catalog(w http.ResponseWriter, r *http.Request, _ route) error
 	if err != nil {
 		return err
 	}
-	repos, err := g.meta.Repositories(r.Context(), last, n+1)
+	repos, more, err := g.pullableRepositories(r.Context(), last, n)
 	if err != nil {
 		return err
 	}
-	repos, more := onePage(repos, n)
 	writePage(w, "/v2/_catalog", repos, more, struct {
 		Repositories []string `json:"repositories"`
 	}{repos})
@@ -110,4 +110,31 @@ func (g *Gateway) referrers(w http.ResponseWriter, r *http.Request, rt route) er
 		Manifests     []descriptor `json:"manifests"`
 	}{2, mediaTypeOCIIndex, list})
 	return nil
+}
+
+// pullableRepositories returns up to n repositories after last that the
+// caller may pull, and whether more follow. It reads ahead in pages, so a
+// caller who may pull few of many repositories still gets full pages.
+func (g *Gateway) pullableRepositories(ctx context.Context, last string, n int) ([]string, bool, error) {
+	c := CallerFrom(ctx)
+	var out []string
+	for {
+		repos, err := g.meta.Repositories(ctx, last, n+1)
+		if err != nil {
+			return nil, false, err
+		}
+		for _, repo := range repos {
+			if c != nil && !c.Can(repo, ActionPull) {
+				continue
+			}
+			if len(out) == n {
+				return out, true, nil
+			}
+			out = append(out, repo)
+		}
+		if len(repos) <= n {
+			return out, false, nil
+		}
+		last = repos[len(repos)-1]
+	}
 }

@@ -123,6 +123,10 @@ func (g *Gateway) mount(w http.ResponseWriter, r *http.Request, rt route, m, fro
 	if from != "" && validateName(from) != nil {
 		return false, nil
 	}
+	if !mayMountFrom(r.Context(), from) {
+		// Mounting would reveal another repository's blob: upload instead.
+		return false, nil
+	}
 	err = g.meta.Commit(r.Context(), &pb.Command{Intent: &pb.Command_LinkBlob{
 		LinkBlob: &pb.LinkBlob{Repository: rt.name, Digest: d.String(), MountFrom: from}}})
 	if errors.Is(err, pb.ErrBlobUnknown) {

@@ -219,7 +219,7 @@ func limit32(n int) int32 { return int32(min(max(n, 0), math.MaxInt32)) }
 // the cluster has no leader (NOT_LEADER: nothing was done) it asks again
 // after a short jittered wait, until ctx ends.
 func (m upstreamMetadata) Commit(ctx context.Context, cmd *pb.Command) error {
-	req := &pb.CommitRequest{Command: cmd}
+	req := &pb.CommitRequest{Command: cmd, Actor: pb.ActorFrom(ctx)}
 	resend := idempotent(cmd)
 	start := time.Now()
 	_, bounded := ctx.Deadline()

@@ -42,6 +42,10 @@ var memberAccess = transport.Access{
 	pb.Cluster_GetPolicy_FullMethodName:          nodesGateways,
 	pb.Cluster_WaitBlobPlaced_FullMethodName:     nodesGateways,
 	pb.Cluster_Ping_FullMethodName:               everyMemberRole,
+	pb.Cluster_ManageAccess_FullMethodName:       nodesAdmins,
+	pb.Cluster_ListAccess_FullMethodName:         nodesAdmins,
+	pb.Cluster_ReadAudit_FullMethodName:          nodesAdmins,
+	pb.Cluster_GetAccessState_FullMethodName:     everyMemberRole,
 
 	pb.BlobStore_Stat_FullMethodName:         nodesGateways,
 	pb.BlobStore_Open_FullMethodName:         nodesGateways,

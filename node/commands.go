@@ -64,6 +64,9 @@ func (n *Node) validateCommand(ctx context.Context, cmd *pb.Command) error {
 		}
 		return nil
 	default:
+		if isAccessIntent(cmd) {
+			return invalid("users, teams, robots and grants change through ManageAccess (meridian user|team|robot|access), not Commit")
+		}
 		return invalid("no command, or a command this node does not know (%T)", cmd.GetIntent())
 	}
 }

@@ -125,6 +125,9 @@ type Config struct {
 	// nodes (tests use it to cut nodes off); nil means plain TCP.
 	Dial func(ctx context.Context, addr string) (net.Conn, error) `yaml:"-"`
 
+	// Auth configures authentication, access control and the audit log.
+	Auth AuthConfig `yaml:"auth"`
+
 	// LogLevel is debug, info, warn or error; LogFormat is text or json.
 	LogLevel  string `yaml:"log_level"`
 	LogFormat string `yaml:"log_format"`
@@ -165,6 +168,7 @@ func DefaultConfig() Config {
 		TrailingLogs:      10240,
 		LogLevel:          "info",
 		LogFormat:         "text",
+		Auth:              defaultAuthConfig(),
 	}
 }
 

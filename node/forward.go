@@ -19,20 +19,24 @@ import (
 // too, so the next push through the same node follows it; other writes
 // do not wait (a follower learns of a commit with the leader's next
 // append, up to a heartbeat later: tens of milliseconds on every write).
+//
+// The actor in ctx (pb.WithActor) is recorded in the entry for the audit
+// log.
 func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
 	if err := n.validateCommand(ctx, cmd); err != nil {
 		return err
 	}
 	var index uint64
+	actor := pb.ActorFrom(ctx)
 	err := n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
-		resp, err := c.Commit(ctx, &pb.CommitRequest{Command: cmd, Forwarded: true})
+		resp, err := c.Commit(ctx, &pb.CommitRequest{Command: cmd, Forwarded: true, Actor: actor})
 		if err != nil {
 			return fromGRPC(err)
 		}
 		index = resp.Index
 		return resp.Result.Err()
 	}, func(ctx context.Context) (err error) {
-		index, err = n.consensus.Commit(ctx, cmd)
+		index, err = n.consensus.Commit(ctx, cmd, actor)
 		return err
 	})
 	if index > 0 && changesPolicy(cmd) {
@@ -129,7 +133,7 @@ func (n *Node) callPeer(ctx context.Context, id string, fn func(context.Context,
 	if err != nil {
 		return fmt.Errorf("%w: %w: %v", pb.ErrUnavailable, errNotSent, err)
 	}
-	return fn(ctx, c)
+	return fn(forwardContext(ctx), c)
 }
 
 // grpcAddrOf finds a node's gRPC address through gossip.

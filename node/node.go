@@ -20,6 +20,7 @@ import (
 
 	"github.com/meridian-registry/meridian/consensus"
 	"github.com/meridian-registry/meridian/gateway"
+	"github.com/meridian-registry/meridian/gateway/auth"
 	"github.com/meridian-registry/meridian/node/membership"
 	"github.com/meridian-registry/meridian/node/pki"
 	"github.com/meridian-registry/meridian/node/transport"
@@ -32,17 +33,21 @@ type Node struct {
 	cfg    Config
 	logger *slog.Logger
 
-	consensus   *consensus.Node
-	membership  *membership.Membership
-	regions     *replication.Regions
-	localStore  replication.Driver
-	replicator  *replication.Replicator
-	scrubber    *replication.Scrubber
-	rtt         *membership.RTT
-	gateway     *gateway.Gateway
-	registry    *prometheus.Registry
-	peers       *peers
-	trust       *transport.Trust
+	consensus  *consensus.Node
+	membership *membership.Membership
+	regions    *replication.Regions
+	localStore replication.Driver
+	replicator *replication.Replicator
+	scrubber   *replication.Scrubber
+	rtt        *membership.RTT
+	gateway    *gateway.Gateway
+	registry   *prometheus.Registry
+	peers      *peers
+	trust      *transport.Trust
+	// access checks HTTP requests and admin credentials; nil when
+	// authentication is off (insecure_no_auth).
+	access      *auth.Authority
+	denied      *auth.DeniedLog
 	gossipKeys  [][]byte
 	readIndexes *consensus.ReadIndexBatcher
 	// caughtUp is set once this replica has applied a read index from the
@@ -155,7 +160,10 @@ func (n *Node) Start(ctx context.Context) (err error) {
 		return err
 	}
 
-	n.grpcServer = grpc.NewServer(n.trust.MemberServerOptions(memberAccess)...)
+	if err := n.setupAccess(ctx); err != nil {
+		return err
+	}
+	n.grpcServer = grpc.NewServer(append(n.trust.MemberServerOptions(memberAccess), grpc.ChainUnaryInterceptor(n.adminInterceptor))...)
 	pb.RegisterClusterServer(n.grpcServer, clusterServer{n: n})
 	// Other regions reach this region's store through its nodes.
 	pb.RegisterBlobStoreServer(n.grpcServer, replication.NewBlobStoreServer(map[string]replication.Driver{n.cfg.Region: n.localStore}))
@@ -188,6 +196,10 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	gc.UploadTTL = n.cfg.UploadTTL
 	gc.Logger = n.logger
 	gc.Registerer = n.registry
+	gc.MemberID = n.cfg.NodeID
+	if n.access != nil {
+		gc.Authorizer = n.access
+	}
 	if n.gateway, err = gateway.New(gc, n.metadata(false), n.regions); err != nil {
 		return err
 	}
@@ -214,6 +226,10 @@ func (n *Node) Start(ctx context.Context) (err error) {
 		return err
 	}
 	n.wg.Add(8)
+	if n.access != nil {
+		n.wg.Add(1)
+		go n.keepAccessCurrent()
+	}
 	go n.runScrubber()
 	go n.pingPeers()
 	go n.purgeAbandonedUploads()
@@ -237,6 +253,9 @@ func (n *Node) routes() http.Handler {
 	api := withRequestCatchUp(n.gateway.Handler())
 	mux.Handle("/v2/", api)
 	mux.Handle("/v2", api)
+	if n.access != nil {
+		mux.Handle("/auth/token", n.access.TokenHandler())
+	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Write([]byte("ok\n"))
@@ -265,6 +284,11 @@ func (n *Node) ready(ctx context.Context) error {
 	// wanted anywhere else.
 	if regions, err := n.consensus.Store().Regions(ctx); err != nil || len(regions) == 0 {
 		return errors.New("cluster regions not recorded yet")
+	}
+	if n.access != nil {
+		if st, err := n.consensus.Store().AccessState(ctx); err != nil || len(st.GetTokenKeys().GetKeys()) == 0 {
+			return errors.New("token signing key not installed yet")
+		}
 	}
 	if !n.caughtUp.Load() {
 		cctx, cancel := context.WithTimeout(ctx, time.Second)
@@ -486,6 +510,9 @@ func (n *Node) Close(ctx context.Context) error {
 		}
 		if n.consensus != nil {
 			errs = append(errs, n.consensus.Close())
+		}
+		if n.denied != nil {
+			errs = append(errs, n.denied.Close())
 		}
 		n.closeErr = errors.Join(errs...)
 	})

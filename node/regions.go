@@ -264,6 +264,9 @@ func (n *Node) maintainTopology() {
 		if err == nil {
 			err = n.consensus.RotateUploadKey(ctx, n.cfg.UploadKeyRotation, n.cfg.UploadTTL)
 		}
+		if err == nil {
+			err = n.accessHousekeeping(ctx)
+		}
 		cancel()
 		if err != nil {
 			n.logger.Warn("record regions or rotate the upload key", "err", err)

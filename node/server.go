@@ -32,11 +32,13 @@ func (s clusterServer) Commit(ctx context.Context, req *pb.CommitRequest) (*pb.C
 	}
 	var err error
 	var index uint64
+	actor := s.n.callerActor(ctx, req.Actor)
+	ctx = pb.WithActor(ctx, actor)
 	if req.Forwarded {
 		// One hop only: a forwarded write that finds no leader here goes
 		// back. The leader validates what it commits itself.
 		if err = s.n.validateCommand(ctx, req.Command); err == nil {
-			index, err = s.n.consensus.Commit(ctx, req.Command)
+			index, err = s.n.consensus.Commit(ctx, req.Command, actor)
 		}
 	} else {
 		err = s.n.commit(ctx, req.Command)

@@ -142,6 +142,14 @@ type Command struct {
 	//	*Command_SetPolicy
 	//	*Command_DeletePolicy
 	//	*Command_SetRegions
+	//	*Command_PutUser
+	//	*Command_DeleteUser
+	//	*Command_PutTeam
+	//	*Command_DeleteTeam
+	//	*Command_PutRobot
+	//	*Command_RevokeRobot
+	//	*Command_PutGrant
+	//	*Command_DeleteGrant
 	Intent        isCommand_Intent `protobuf_oneof:"intent"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -265,6 +273,78 @@ func (x *Command) GetSetRegions() *SetRegions {
 	return nil
 }
 
+func (x *Command) GetPutUser() *PutUser {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_PutUser); ok {
+			return x.PutUser
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetDeleteUser() *DeleteUser {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_DeleteUser); ok {
+			return x.DeleteUser
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetPutTeam() *PutTeam {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_PutTeam); ok {
+			return x.PutTeam
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetDeleteTeam() *DeleteTeam {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_DeleteTeam); ok {
+			return x.DeleteTeam
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetPutRobot() *PutRobot {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_PutRobot); ok {
+			return x.PutRobot
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetRevokeRobot() *RevokeRobot {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_RevokeRobot); ok {
+			return x.RevokeRobot
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetPutGrant() *PutGrant {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_PutGrant); ok {
+			return x.PutGrant
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetDeleteGrant() *DeleteGrant {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_DeleteGrant); ok {
+			return x.DeleteGrant
+		}
+	}
+	return nil
+}
+
 type isCommand_Intent interface {
 	isCommand_Intent()
 }
@@ -305,6 +385,38 @@ type Command_SetRegions struct {
 	SetRegions *SetRegions `protobuf:"bytes,9,opt,name=set_regions,json=setRegions,proto3,oneof"`
 }
 
+type Command_PutUser struct {
+	PutUser *PutUser `protobuf:"bytes,10,opt,name=put_user,json=putUser,proto3,oneof"`
+}
+
+type Command_DeleteUser struct {
+	DeleteUser *DeleteUser `protobuf:"bytes,11,opt,name=delete_user,json=deleteUser,proto3,oneof"`
+}
+
+type Command_PutTeam struct {
+	PutTeam *PutTeam `protobuf:"bytes,12,opt,name=put_team,json=putTeam,proto3,oneof"`
+}
+
+type Command_DeleteTeam struct {
+	DeleteTeam *DeleteTeam `protobuf:"bytes,13,opt,name=delete_team,json=deleteTeam,proto3,oneof"`
+}
+
+type Command_PutRobot struct {
+	PutRobot *PutRobot `protobuf:"bytes,14,opt,name=put_robot,json=putRobot,proto3,oneof"`
+}
+
+type Command_RevokeRobot struct {
+	RevokeRobot *RevokeRobot `protobuf:"bytes,15,opt,name=revoke_robot,json=revokeRobot,proto3,oneof"`
+}
+
+type Command_PutGrant struct {
+	PutGrant *PutGrant `protobuf:"bytes,16,opt,name=put_grant,json=putGrant,proto3,oneof"`
+}
+
+type Command_DeleteGrant struct {
+	DeleteGrant *DeleteGrant `protobuf:"bytes,17,opt,name=delete_grant,json=deleteGrant,proto3,oneof"`
+}
+
 func (*Command_PutManifest) isCommand_Intent() {}
 
 func (*Command_DeleteManifest) isCommand_Intent() {}
@@ -323,10 +435,30 @@ func (*Command_DeletePolicy) isCommand_Intent() {}
 
 func (*Command_SetRegions) isCommand_Intent() {}
 
+func (*Command_PutUser) isCommand_Intent() {}
+
+func (*Command_DeleteUser) isCommand_Intent() {}
+
+func (*Command_PutTeam) isCommand_Intent() {}
+
+func (*Command_DeleteTeam) isCommand_Intent() {}
+
+func (*Command_PutRobot) isCommand_Intent() {}
+
+func (*Command_RevokeRobot) isCommand_Intent() {}
+
+func (*Command_PutGrant) isCommand_Intent() {}
+
+func (*Command_DeleteGrant) isCommand_Intent() {}
+
 type CommitRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Command       *Command               `protobuf:"bytes,1,opt,name=command,proto3" json:"command,omitempty"`
-	Forwarded     bool                   `protobuf:"varint,2,opt,name=forwarded,proto3" json:"forwarded,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Command   *Command               `protobuf:"bytes,1,opt,name=command,proto3" json:"command,omitempty"`
+	Forwarded bool                   `protobuf:"varint,2,opt,name=forwarded,proto3" json:"forwarded,omitempty"`
+	// Who asked (a gateway names the user it authenticated; a node forwarding
+	// a write passes the actor on). The node fills in `via` and, for calls
+	// with none, the caller's certificate.
+	Actor         *Actor `protobuf:"bytes,3,opt,name=actor,proto3" json:"actor,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -373,6 +505,13 @@ func (x *CommitRequest) GetForwarded() bool {
 		return x.Forwarded
 	}
 	return false
+}
+
+func (x *CommitRequest) GetActor() *Actor {
+	if x != nil {
+		return x.Actor
+	}
+	return nil
 }
 
 type CommitResponse struct {
@@ -3096,10 +3235,10 @@ var File_meridianpb_cluster_proto protoreflect.FileDescriptor
 
 const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\n" +
-	"\x18meridianpb/cluster.proto\x12\vmeridian.v1\x1a\x19meridianpb/meridian.proto\"G\n" +
+	"\x18meridianpb/cluster.proto\x12\vmeridian.v1\x1a\x19meridianpb/meridian.proto\x1a\x17meridianpb/access.proto\"G\n" +
 	"\x06Result\x12%\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x11.meridian.v1.CodeR\x04code\x12\x16\n" +
-	"\x06detail\x18\x02 \x01(\tR\x06detail\"\xb5\x04\n" +
+	"\x06detail\x18\x02 \x01(\tR\x06detail\"\xfd\a\n" +
 	"\aCommand\x12=\n" +
 	"\fput_manifest\x18\x01 \x01(\v2\x18.meridian.v1.PutManifestH\x00R\vputManifest\x12F\n" +
 	"\x0fdelete_manifest\x18\x02 \x01(\v2\x1b.meridian.v1.DeleteManifestH\x00R\x0edeleteManifest\x127\n" +
@@ -3114,11 +3253,23 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"set_policy\x18\a \x01(\v2\x16.meridian.v1.SetPolicyH\x00R\tsetPolicy\x12@\n" +
 	"\rdelete_policy\x18\b \x01(\v2\x19.meridian.v1.DeletePolicyH\x00R\fdeletePolicy\x12:\n" +
 	"\vset_regions\x18\t \x01(\v2\x17.meridian.v1.SetRegionsH\x00R\n" +
-	"setRegionsB\b\n" +
-	"\x06intent\"]\n" +
+	"setRegions\x121\n" +
+	"\bput_user\x18\n" +
+	" \x01(\v2\x14.meridian.v1.PutUserH\x00R\aputUser\x12:\n" +
+	"\vdelete_user\x18\v \x01(\v2\x17.meridian.v1.DeleteUserH\x00R\n" +
+	"deleteUser\x121\n" +
+	"\bput_team\x18\f \x01(\v2\x14.meridian.v1.PutTeamH\x00R\aputTeam\x12:\n" +
+	"\vdelete_team\x18\r \x01(\v2\x17.meridian.v1.DeleteTeamH\x00R\n" +
+	"deleteTeam\x124\n" +
+	"\tput_robot\x18\x0e \x01(\v2\x15.meridian.v1.PutRobotH\x00R\bputRobot\x12=\n" +
+	"\frevoke_robot\x18\x0f \x01(\v2\x18.meridian.v1.RevokeRobotH\x00R\vrevokeRobot\x124\n" +
+	"\tput_grant\x18\x10 \x01(\v2\x15.meridian.v1.PutGrantH\x00R\bputGrant\x12=\n" +
+	"\fdelete_grant\x18\x11 \x01(\v2\x18.meridian.v1.DeleteGrantH\x00R\vdeleteGrantB\b\n" +
+	"\x06intent\"\x87\x01\n" +
 	"\rCommitRequest\x12.\n" +
 	"\acommand\x18\x01 \x01(\v2\x14.meridian.v1.CommandR\acommand\x12\x1c\n" +
-	"\tforwarded\x18\x02 \x01(\bR\tforwarded\"S\n" +
+	"\tforwarded\x18\x02 \x01(\bR\tforwarded\x12(\n" +
+	"\x05actor\x18\x03 \x01(\v2\x12.meridian.v1.ActorR\x05actor\"S\n" +
 	"\x0eCommitResponse\x12+\n" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\"8\n" +
@@ -3328,7 +3479,7 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result*<\n" +
 	"\vConsistency\x12\x15\n" +
 	"\x11CONSISTENCY_LOCAL\x10\x00\x12\x16\n" +
-	"\x12CONSISTENCY_STRONG\x10\x012\x81\r\n" +
+	"\x12CONSISTENCY_STRONG\x10\x012\xcc\x0f\n" +
 	"\aCluster\x12A\n" +
 	"\x06Commit\x12\x1a.meridian.v1.CommitRequest\x1a\x1b.meridian.v1.CommitResponse\x12J\n" +
 	"\tReadIndex\x12\x1d.meridian.v1.ReadIndexRequest\x1a\x1e.meridian.v1.ReadIndexResponse\x12=\n" +
@@ -3340,7 +3491,12 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x05Scrub\x12\x19.meridian.v1.ScrubRequest\x1a\x1a.meridian.v1.ScrubResponse\x12S\n" +
 	"\fListPolicies\x12 .meridian.v1.ListPoliciesRequest\x1a!.meridian.v1.ListPoliciesResponse\x12J\n" +
 	"\tSetPolicy\x12\x1d.meridian.v1.SetPolicyRequest\x1a\x1e.meridian.v1.SetPolicyResponse\x12S\n" +
-	"\fDeletePolicy\x12 .meridian.v1.DeletePolicyRequest\x1a!.meridian.v1.DeletePolicyResponse\x12P\n" +
+	"\fDeletePolicy\x12 .meridian.v1.DeletePolicyRequest\x1a!.meridian.v1.DeletePolicyResponse\x12S\n" +
+	"\fManageAccess\x12 .meridian.v1.ManageAccessRequest\x1a!.meridian.v1.ManageAccessResponse\x12M\n" +
+	"\n" +
+	"ListAccess\x12\x1e.meridian.v1.ListAccessRequest\x1a\x1f.meridian.v1.ListAccessResponse\x12J\n" +
+	"\tReadAudit\x12\x1d.meridian.v1.ReadAuditRequest\x1a\x1e.meridian.v1.ReadAuditResponse\x12Y\n" +
+	"\x0eGetAccessState\x12\".meridian.v1.GetAccessStateRequest\x1a#.meridian.v1.GetAccessStateResponse\x12P\n" +
 	"\vGetManifest\x12\x1f.meridian.v1.GetManifestRequest\x1a .meridian.v1.GetManifestResponse\x12A\n" +
 	"\x06GetTag\x12\x1a.meridian.v1.GetTagRequest\x1a\x1b.meridian.v1.GetTagResponse\x12?\n" +
 	"\bListTags\x12\x18.meridian.v1.ListRequest\x1a\x19.meridian.v1.ListResponse\x12G\n" +
@@ -3427,11 +3583,28 @@ var file_meridianpb_cluster_proto_goTypes = []any{
 	(*SetPolicy)(nil),                  // 57: meridian.v1.SetPolicy
 	(*DeletePolicy)(nil),               // 58: meridian.v1.DeletePolicy
 	(*SetRegions)(nil),                 // 59: meridian.v1.SetRegions
-	(*ManifestRecord)(nil),             // 60: meridian.v1.ManifestRecord
-	(*Referrer)(nil),                   // 61: meridian.v1.Referrer
-	(*BlobRecord)(nil),                 // 62: meridian.v1.BlobRecord
-	(*UploadKey)(nil),                  // 63: meridian.v1.UploadKey
-	(*Policy)(nil),                     // 64: meridian.v1.Policy
+	(*PutUser)(nil),                    // 60: meridian.v1.PutUser
+	(*DeleteUser)(nil),                 // 61: meridian.v1.DeleteUser
+	(*PutTeam)(nil),                    // 62: meridian.v1.PutTeam
+	(*DeleteTeam)(nil),                 // 63: meridian.v1.DeleteTeam
+	(*PutRobot)(nil),                   // 64: meridian.v1.PutRobot
+	(*RevokeRobot)(nil),                // 65: meridian.v1.RevokeRobot
+	(*PutGrant)(nil),                   // 66: meridian.v1.PutGrant
+	(*DeleteGrant)(nil),                // 67: meridian.v1.DeleteGrant
+	(*Actor)(nil),                      // 68: meridian.v1.Actor
+	(*ManifestRecord)(nil),             // 69: meridian.v1.ManifestRecord
+	(*Referrer)(nil),                   // 70: meridian.v1.Referrer
+	(*BlobRecord)(nil),                 // 71: meridian.v1.BlobRecord
+	(*UploadKey)(nil),                  // 72: meridian.v1.UploadKey
+	(*Policy)(nil),                     // 73: meridian.v1.Policy
+	(*ManageAccessRequest)(nil),        // 74: meridian.v1.ManageAccessRequest
+	(*ListAccessRequest)(nil),          // 75: meridian.v1.ListAccessRequest
+	(*ReadAuditRequest)(nil),           // 76: meridian.v1.ReadAuditRequest
+	(*GetAccessStateRequest)(nil),      // 77: meridian.v1.GetAccessStateRequest
+	(*ManageAccessResponse)(nil),       // 78: meridian.v1.ManageAccessResponse
+	(*ListAccessResponse)(nil),         // 79: meridian.v1.ListAccessResponse
+	(*ReadAuditResponse)(nil),          // 80: meridian.v1.ReadAuditResponse
+	(*GetAccessStateResponse)(nil),     // 81: meridian.v1.GetAccessStateResponse
 }
 var file_meridianpb_cluster_proto_depIdxs = []int32{
 	50, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
@@ -3444,88 +3617,105 @@ var file_meridianpb_cluster_proto_depIdxs = []int32{
 	57, // 7: meridian.v1.Command.set_policy:type_name -> meridian.v1.SetPolicy
 	58, // 8: meridian.v1.Command.delete_policy:type_name -> meridian.v1.DeletePolicy
 	59, // 9: meridian.v1.Command.set_regions:type_name -> meridian.v1.SetRegions
-	2,  // 10: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
-	1,  // 11: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
-	7,  // 12: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
-	10, // 13: meridian.v1.ScrubResponse.mismatches:type_name -> meridian.v1.ScrubMismatch
-	0,  // 14: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 15: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
-	60, // 16: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
-	0,  // 17: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 18: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
-	0,  // 19: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 20: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
-	0,  // 21: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 22: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
-	61, // 23: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
-	0,  // 24: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 25: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
-	62, // 26: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
-	1,  // 27: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 28: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
-	62, // 29: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
-	27, // 30: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
-	27, // 31: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
-	63, // 32: meridian.v1.GetUploadKeyResponse.keys:type_name -> meridian.v1.UploadKey
-	9,  // 33: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
-	33, // 34: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
-	36, // 35: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
-	37, // 36: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
-	35, // 37: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
-	39, // 38: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
-	64, // 39: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
-	64, // 40: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
-	1,  // 41: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 42: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 43: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
-	1,  // 44: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
-	3,  // 45: meridian.v1.Cluster.Commit:input_type -> meridian.v1.CommitRequest
-	11, // 46: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
-	32, // 47: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
-	34, // 48: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
-	46, // 49: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
-	48, // 50: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
-	5,  // 51: meridian.v1.Cluster.GossipKeyring:input_type -> meridian.v1.GossipKeyringRequest
-	8,  // 52: meridian.v1.Cluster.Scrub:input_type -> meridian.v1.ScrubRequest
-	40, // 53: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
-	42, // 54: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
-	44, // 55: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
-	13, // 56: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
-	15, // 57: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
-	17, // 58: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
-	17, // 59: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
-	19, // 60: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
-	21, // 61: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
-	30, // 62: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
-	23, // 63: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
-	25, // 64: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
-	28, // 65: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
-	4,  // 66: meridian.v1.Cluster.Commit:output_type -> meridian.v1.CommitResponse
-	12, // 67: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
-	33, // 68: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
-	38, // 69: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
-	47, // 70: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
-	49, // 71: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
-	6,  // 72: meridian.v1.Cluster.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
-	9,  // 73: meridian.v1.Cluster.Scrub:output_type -> meridian.v1.ScrubResponse
-	41, // 74: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
-	43, // 75: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
-	45, // 76: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
-	14, // 77: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
-	16, // 78: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
-	18, // 79: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
-	18, // 80: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
-	20, // 81: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
-	22, // 82: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
-	31, // 83: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
-	24, // 84: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
-	26, // 85: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
-	29, // 86: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
-	66, // [66:87] is the sub-list for method output_type
-	45, // [45:66] is the sub-list for method input_type
-	45, // [45:45] is the sub-list for extension type_name
-	45, // [45:45] is the sub-list for extension extendee
-	0,  // [0:45] is the sub-list for field type_name
+	60, // 10: meridian.v1.Command.put_user:type_name -> meridian.v1.PutUser
+	61, // 11: meridian.v1.Command.delete_user:type_name -> meridian.v1.DeleteUser
+	62, // 12: meridian.v1.Command.put_team:type_name -> meridian.v1.PutTeam
+	63, // 13: meridian.v1.Command.delete_team:type_name -> meridian.v1.DeleteTeam
+	64, // 14: meridian.v1.Command.put_robot:type_name -> meridian.v1.PutRobot
+	65, // 15: meridian.v1.Command.revoke_robot:type_name -> meridian.v1.RevokeRobot
+	66, // 16: meridian.v1.Command.put_grant:type_name -> meridian.v1.PutGrant
+	67, // 17: meridian.v1.Command.delete_grant:type_name -> meridian.v1.DeleteGrant
+	2,  // 18: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
+	68, // 19: meridian.v1.CommitRequest.actor:type_name -> meridian.v1.Actor
+	1,  // 20: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
+	7,  // 21: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
+	10, // 22: meridian.v1.ScrubResponse.mismatches:type_name -> meridian.v1.ScrubMismatch
+	0,  // 23: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 24: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
+	69, // 25: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
+	0,  // 26: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 27: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
+	0,  // 28: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 29: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
+	0,  // 30: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 31: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
+	70, // 32: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
+	0,  // 33: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 34: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
+	71, // 35: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
+	1,  // 36: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 37: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
+	71, // 38: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
+	27, // 39: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
+	27, // 40: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
+	72, // 41: meridian.v1.GetUploadKeyResponse.keys:type_name -> meridian.v1.UploadKey
+	9,  // 42: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
+	33, // 43: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
+	36, // 44: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
+	37, // 45: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
+	35, // 46: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
+	39, // 47: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
+	73, // 48: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
+	73, // 49: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
+	1,  // 50: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 51: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 52: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
+	1,  // 53: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
+	3,  // 54: meridian.v1.Cluster.Commit:input_type -> meridian.v1.CommitRequest
+	11, // 55: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
+	32, // 56: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
+	34, // 57: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
+	46, // 58: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
+	48, // 59: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
+	5,  // 60: meridian.v1.Cluster.GossipKeyring:input_type -> meridian.v1.GossipKeyringRequest
+	8,  // 61: meridian.v1.Cluster.Scrub:input_type -> meridian.v1.ScrubRequest
+	40, // 62: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
+	42, // 63: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
+	44, // 64: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
+	74, // 65: meridian.v1.Cluster.ManageAccess:input_type -> meridian.v1.ManageAccessRequest
+	75, // 66: meridian.v1.Cluster.ListAccess:input_type -> meridian.v1.ListAccessRequest
+	76, // 67: meridian.v1.Cluster.ReadAudit:input_type -> meridian.v1.ReadAuditRequest
+	77, // 68: meridian.v1.Cluster.GetAccessState:input_type -> meridian.v1.GetAccessStateRequest
+	13, // 69: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
+	15, // 70: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
+	17, // 71: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
+	17, // 72: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
+	19, // 73: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
+	21, // 74: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
+	30, // 75: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
+	23, // 76: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
+	25, // 77: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
+	28, // 78: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
+	4,  // 79: meridian.v1.Cluster.Commit:output_type -> meridian.v1.CommitResponse
+	12, // 80: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
+	33, // 81: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
+	38, // 82: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
+	47, // 83: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
+	49, // 84: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
+	6,  // 85: meridian.v1.Cluster.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
+	9,  // 86: meridian.v1.Cluster.Scrub:output_type -> meridian.v1.ScrubResponse
+	41, // 87: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
+	43, // 88: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
+	45, // 89: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
+	78, // 90: meridian.v1.Cluster.ManageAccess:output_type -> meridian.v1.ManageAccessResponse
+	79, // 91: meridian.v1.Cluster.ListAccess:output_type -> meridian.v1.ListAccessResponse
+	80, // 92: meridian.v1.Cluster.ReadAudit:output_type -> meridian.v1.ReadAuditResponse
+	81, // 93: meridian.v1.Cluster.GetAccessState:output_type -> meridian.v1.GetAccessStateResponse
+	14, // 94: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
+	16, // 95: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
+	18, // 96: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
+	18, // 97: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
+	20, // 98: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
+	22, // 99: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
+	31, // 100: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
+	24, // 101: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
+	26, // 102: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
+	29, // 103: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
+	79, // [79:104] is the sub-list for method output_type
+	54, // [54:79] is the sub-list for method input_type
+	54, // [54:54] is the sub-list for extension type_name
+	54, // [54:54] is the sub-list for extension extendee
+	0,  // [0:54] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_cluster_proto_init() }
@@ -3534,6 +3724,7 @@ func file_meridianpb_cluster_proto_init() {
 		return
 	}
 	file_meridianpb_meridian_proto_init()
+	file_meridianpb_access_proto_init()
 	file_meridianpb_cluster_proto_msgTypes[1].OneofWrappers = []any{
 		(*Command_PutManifest)(nil),
 		(*Command_DeleteManifest)(nil),
@@ -3544,6 +3735,14 @@ func file_meridianpb_cluster_proto_init() {
 		(*Command_SetPolicy)(nil),
 		(*Command_DeletePolicy)(nil),
 		(*Command_SetRegions)(nil),
+		(*Command_PutUser)(nil),
+		(*Command_DeleteUser)(nil),
+		(*Command_PutTeam)(nil),
+		(*Command_DeleteTeam)(nil),
+		(*Command_PutRobot)(nil),
+		(*Command_RevokeRobot)(nil),
+		(*Command_PutGrant)(nil),
+		(*Command_DeleteGrant)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

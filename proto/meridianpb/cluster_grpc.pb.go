@@ -34,6 +34,10 @@ const (
 	Cluster_ListPolicies_FullMethodName       = "/meridian.v1.Cluster/ListPolicies"
 	Cluster_SetPolicy_FullMethodName          = "/meridian.v1.Cluster/SetPolicy"
 	Cluster_DeletePolicy_FullMethodName       = "/meridian.v1.Cluster/DeletePolicy"
+	Cluster_ManageAccess_FullMethodName       = "/meridian.v1.Cluster/ManageAccess"
+	Cluster_ListAccess_FullMethodName         = "/meridian.v1.Cluster/ListAccess"
+	Cluster_ReadAudit_FullMethodName          = "/meridian.v1.Cluster/ReadAudit"
+	Cluster_GetAccessState_FullMethodName     = "/meridian.v1.Cluster/GetAccessState"
 	Cluster_GetManifest_FullMethodName        = "/meridian.v1.Cluster/GetManifest"
 	Cluster_GetTag_FullMethodName             = "/meridian.v1.Cluster/GetTag"
 	Cluster_ListTags_FullMethodName           = "/meridian.v1.Cluster/ListTags"
@@ -82,6 +86,16 @@ type ClusterClient interface {
 	ListPolicies(ctx context.Context, in *ListPoliciesRequest, opts ...grpc.CallOption) (*ListPoliciesResponse, error)
 	SetPolicy(ctx context.Context, in *SetPolicyRequest, opts ...grpc.CallOption) (*SetPolicyResponse, error)
 	DeletePolicy(ctx context.Context, in *DeletePolicyRequest, opts ...grpc.CallOption) (*DeletePolicyResponse, error)
+	// Access control (the admin API behind `meridian user|team|robot|access`
+	// and `meridian audit`). Callers are cluster admins: an admin
+	// certificate, or an admin user's credentials in the call's
+	// "authorization" metadata (Basic).
+	ManageAccess(ctx context.Context, in *ManageAccessRequest, opts ...grpc.CallOption) (*ManageAccessResponse, error)
+	ListAccess(ctx context.Context, in *ListAccessRequest, opts ...grpc.CallOption) (*ListAccessResponse, error)
+	ReadAudit(ctx context.Context, in *ReadAuditRequest, opts ...grpc.CallOption) (*ReadAuditResponse, error)
+	// GetAccessState gives gateways what they need to authenticate and
+	// authorize requests themselves.
+	GetAccessState(ctx context.Context, in *GetAccessStateRequest, opts ...grpc.CallOption) (*GetAccessStateResponse, error)
 	// Reads of the replicated state, served from the answering node's replica
 	// with the requested consistency.
 	GetManifest(ctx context.Context, in *GetManifestRequest, opts ...grpc.CallOption) (*GetManifestResponse, error)
@@ -213,6 +227,46 @@ func (c *clusterClient) DeletePolicy(ctx context.Context, in *DeletePolicyReques
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(DeletePolicyResponse)
 	err := c.cc.Invoke(ctx, Cluster_DeletePolicy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *clusterClient) ManageAccess(ctx context.Context, in *ManageAccessRequest, opts ...grpc.CallOption) (*ManageAccessResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ManageAccessResponse)
+	err := c.cc.Invoke(ctx, Cluster_ManageAccess_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *clusterClient) ListAccess(ctx context.Context, in *ListAccessRequest, opts ...grpc.CallOption) (*ListAccessResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListAccessResponse)
+	err := c.cc.Invoke(ctx, Cluster_ListAccess_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *clusterClient) ReadAudit(ctx context.Context, in *ReadAuditRequest, opts ...grpc.CallOption) (*ReadAuditResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReadAuditResponse)
+	err := c.cc.Invoke(ctx, Cluster_ReadAudit_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *clusterClient) GetAccessState(ctx context.Context, in *GetAccessStateRequest, opts ...grpc.CallOption) (*GetAccessStateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetAccessStateResponse)
+	err := c.cc.Invoke(ctx, Cluster_GetAccessState_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -355,6 +409,16 @@ type ClusterServer interface {
 	ListPolicies(context.Context, *ListPoliciesRequest) (*ListPoliciesResponse, error)
 	SetPolicy(context.Context, *SetPolicyRequest) (*SetPolicyResponse, error)
 	DeletePolicy(context.Context, *DeletePolicyRequest) (*DeletePolicyResponse, error)
+	// Access control (the admin API behind `meridian user|team|robot|access`
+	// and `meridian audit`). Callers are cluster admins: an admin
+	// certificate, or an admin user's credentials in the call's
+	// "authorization" metadata (Basic).
+	ManageAccess(context.Context, *ManageAccessRequest) (*ManageAccessResponse, error)
+	ListAccess(context.Context, *ListAccessRequest) (*ListAccessResponse, error)
+	ReadAudit(context.Context, *ReadAuditRequest) (*ReadAuditResponse, error)
+	// GetAccessState gives gateways what they need to authenticate and
+	// authorize requests themselves.
+	GetAccessState(context.Context, *GetAccessStateRequest) (*GetAccessStateResponse, error)
 	// Reads of the replicated state, served from the answering node's replica
 	// with the requested consistency.
 	GetManifest(context.Context, *GetManifestRequest) (*GetManifestResponse, error)
@@ -414,6 +478,18 @@ func (UnimplementedClusterServer) SetPolicy(context.Context, *SetPolicyRequest) 
 }
 func (UnimplementedClusterServer) DeletePolicy(context.Context, *DeletePolicyRequest) (*DeletePolicyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeletePolicy not implemented")
+}
+func (UnimplementedClusterServer) ManageAccess(context.Context, *ManageAccessRequest) (*ManageAccessResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ManageAccess not implemented")
+}
+func (UnimplementedClusterServer) ListAccess(context.Context, *ListAccessRequest) (*ListAccessResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListAccess not implemented")
+}
+func (UnimplementedClusterServer) ReadAudit(context.Context, *ReadAuditRequest) (*ReadAuditResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReadAudit not implemented")
+}
+func (UnimplementedClusterServer) GetAccessState(context.Context, *GetAccessStateRequest) (*GetAccessStateResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetAccessState not implemented")
 }
 func (UnimplementedClusterServer) GetManifest(context.Context, *GetManifestRequest) (*GetManifestResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetManifest not implemented")
@@ -664,6 +740,78 @@ func _Cluster_DeletePolicy_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Cluster_ManageAccess_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ManageAccessRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServer).ManageAccess(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cluster_ManageAccess_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServer).ManageAccess(ctx, req.(*ManageAccessRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Cluster_ListAccess_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAccessRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServer).ListAccess(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cluster_ListAccess_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServer).ListAccess(ctx, req.(*ListAccessRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Cluster_ReadAudit_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReadAuditRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServer).ReadAudit(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cluster_ReadAudit_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServer).ReadAudit(ctx, req.(*ReadAuditRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Cluster_GetAccessState_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetAccessStateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServer).GetAccessState(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cluster_GetAccessState_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServer).GetAccessState(ctx, req.(*GetAccessStateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Cluster_GetManifest_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetManifestRequest)
 	if err := dec(in); err != nil {
@@ -894,6 +1042,22 @@ var Cluster_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeletePolicy",
 			Handler:    _Cluster_DeletePolicy_Handler,
+		},
+		{
+			MethodName: "ManageAccess",
+			Handler:    _Cluster_ManageAccess_Handler,
+		},
+		{
+			MethodName: "ListAccess",
+			Handler:    _Cluster_ListAccess_Handler,
+		},
+		{
+			MethodName: "ReadAudit",
+			Handler:    _Cluster_ReadAudit_Handler,
+		},
+		{
+			MethodName: "GetAccessState",
+			Handler:    _Cluster_GetAccessState_Handler,
 		},
 		{
 			MethodName: "GetManifest",

@@ -26,6 +26,7 @@ var (
 	ErrUnavailable         = &Error{Code: Code_CODE_UNAVAILABLE}
 	ErrNotLeader           = &Error{Code: Code_CODE_NOT_LEADER}
 	ErrPolicyUnknown       = &Error{Code: Code_CODE_POLICY_UNKNOWN}
+	ErrDenied              = &Error{Code: Code_CODE_DENIED}
 )
 
 // Errorf returns an *Error with code and a formatted detail.

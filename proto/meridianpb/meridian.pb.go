@@ -44,6 +44,9 @@ const (
 	Code_CODE_UNAVAILABLE           Code = 8
 	Code_CODE_NOT_LEADER            Code = 9
 	Code_CODE_POLICY_UNKNOWN        Code = 10
+	// The change is not allowed (a rule or an existing record stands in
+	// its way): HTTP 403 DENIED.
+	Code_CODE_DENIED Code = 11
 )
 
 // Enum value maps for Code.
@@ -60,6 +63,7 @@ var (
 		8:  "CODE_UNAVAILABLE",
 		9:  "CODE_NOT_LEADER",
 		10: "CODE_POLICY_UNKNOWN",
+		11: "CODE_DENIED",
 	}
 	Code_value = map[string]int32{
 		"CODE_UNSPECIFIED":           0,
@@ -73,6 +77,7 @@ var (
 		"CODE_UNAVAILABLE":           8,
 		"CODE_NOT_LEADER":            9,
 		"CODE_POLICY_UNKNOWN":        10,
+		"CODE_DENIED":                11,
 	}
 )
 
@@ -123,7 +128,20 @@ type LogEntry struct {
 	//	*LogEntry_DeletePolicy
 	//	*LogEntry_SetRegions
 	//	*LogEntry_RotateUploadKey
-	Command       isLogEntry_Command `protobuf_oneof:"command"`
+	//	*LogEntry_PutUser
+	//	*LogEntry_DeleteUser
+	//	*LogEntry_PutTeam
+	//	*LogEntry_DeleteTeam
+	//	*LogEntry_PutRobot
+	//	*LogEntry_RevokeRobot
+	//	*LogEntry_PutGrant
+	//	*LogEntry_DeleteGrant
+	//	*LogEntry_RotateTokenKey
+	//	*LogEntry_TrimAudit
+	Command isLogEntry_Command `protobuf_oneof:"command"`
+	// Who asked for this change (absent for the cluster's housekeeping); the
+	// audit log is written from it when the entry applies.
+	Actor         *Actor `protobuf:"bytes,3,opt,name=actor,proto3" json:"actor,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -278,6 +296,103 @@ func (x *LogEntry) GetRotateUploadKey() *RotateUploadKey {
 	return nil
 }
 
+func (x *LogEntry) GetPutUser() *PutUser {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_PutUser); ok {
+			return x.PutUser
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetDeleteUser() *DeleteUser {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_DeleteUser); ok {
+			return x.DeleteUser
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetPutTeam() *PutTeam {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_PutTeam); ok {
+			return x.PutTeam
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetDeleteTeam() *DeleteTeam {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_DeleteTeam); ok {
+			return x.DeleteTeam
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetPutRobot() *PutRobot {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_PutRobot); ok {
+			return x.PutRobot
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetRevokeRobot() *RevokeRobot {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_RevokeRobot); ok {
+			return x.RevokeRobot
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetPutGrant() *PutGrant {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_PutGrant); ok {
+			return x.PutGrant
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetDeleteGrant() *DeleteGrant {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_DeleteGrant); ok {
+			return x.DeleteGrant
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetRotateTokenKey() *RotateTokenKey {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_RotateTokenKey); ok {
+			return x.RotateTokenKey
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetTrimAudit() *TrimAudit {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_TrimAudit); ok {
+			return x.TrimAudit
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetActor() *Actor {
+	if x != nil {
+		return x.Actor
+	}
+	return nil
+}
+
 type isLogEntry_Command interface {
 	isLogEntry_Command()
 }
@@ -326,6 +441,46 @@ type LogEntry_RotateUploadKey struct {
 	RotateUploadKey *RotateUploadKey `protobuf:"bytes,20,opt,name=rotate_upload_key,json=rotateUploadKey,proto3,oneof"`
 }
 
+type LogEntry_PutUser struct {
+	PutUser *PutUser `protobuf:"bytes,21,opt,name=put_user,json=putUser,proto3,oneof"`
+}
+
+type LogEntry_DeleteUser struct {
+	DeleteUser *DeleteUser `protobuf:"bytes,22,opt,name=delete_user,json=deleteUser,proto3,oneof"`
+}
+
+type LogEntry_PutTeam struct {
+	PutTeam *PutTeam `protobuf:"bytes,23,opt,name=put_team,json=putTeam,proto3,oneof"`
+}
+
+type LogEntry_DeleteTeam struct {
+	DeleteTeam *DeleteTeam `protobuf:"bytes,24,opt,name=delete_team,json=deleteTeam,proto3,oneof"`
+}
+
+type LogEntry_PutRobot struct {
+	PutRobot *PutRobot `protobuf:"bytes,25,opt,name=put_robot,json=putRobot,proto3,oneof"`
+}
+
+type LogEntry_RevokeRobot struct {
+	RevokeRobot *RevokeRobot `protobuf:"bytes,26,opt,name=revoke_robot,json=revokeRobot,proto3,oneof"`
+}
+
+type LogEntry_PutGrant struct {
+	PutGrant *PutGrant `protobuf:"bytes,27,opt,name=put_grant,json=putGrant,proto3,oneof"`
+}
+
+type LogEntry_DeleteGrant struct {
+	DeleteGrant *DeleteGrant `protobuf:"bytes,28,opt,name=delete_grant,json=deleteGrant,proto3,oneof"`
+}
+
+type LogEntry_RotateTokenKey struct {
+	RotateTokenKey *RotateTokenKey `protobuf:"bytes,29,opt,name=rotate_token_key,json=rotateTokenKey,proto3,oneof"`
+}
+
+type LogEntry_TrimAudit struct {
+	TrimAudit *TrimAudit `protobuf:"bytes,30,opt,name=trim_audit,json=trimAudit,proto3,oneof"`
+}
+
 func (*LogEntry_PutManifest) isLogEntry_Command() {}
 
 func (*LogEntry_DeleteManifest) isLogEntry_Command() {}
@@ -347,6 +502,26 @@ func (*LogEntry_DeletePolicy) isLogEntry_Command() {}
 func (*LogEntry_SetRegions) isLogEntry_Command() {}
 
 func (*LogEntry_RotateUploadKey) isLogEntry_Command() {}
+
+func (*LogEntry_PutUser) isLogEntry_Command() {}
+
+func (*LogEntry_DeleteUser) isLogEntry_Command() {}
+
+func (*LogEntry_PutTeam) isLogEntry_Command() {}
+
+func (*LogEntry_DeleteTeam) isLogEntry_Command() {}
+
+func (*LogEntry_PutRobot) isLogEntry_Command() {}
+
+func (*LogEntry_RevokeRobot) isLogEntry_Command() {}
+
+func (*LogEntry_PutGrant) isLogEntry_Command() {}
+
+func (*LogEntry_DeleteGrant) isLogEntry_Command() {}
+
+func (*LogEntry_RotateTokenKey) isLogEntry_Command() {}
+
+func (*LogEntry_TrimAudit) isLogEntry_Command() {}
 
 // PutManifest stores a manifest and optionally points tags at it.
 type PutManifest struct {
@@ -1510,7 +1685,8 @@ var File_meridianpb_meridian_proto protoreflect.FileDescriptor
 
 const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\n" +
-	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\"\x86\x06\n" +
+	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\x1a\x17meridianpb/access.proto\"\xfa\n" +
+	"\n" +
 	"\bLogEntry\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12$\n" +
 	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\x12=\n" +
@@ -1530,7 +1706,21 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\rdelete_policy\x18\x12 \x01(\v2\x19.meridian.v1.DeletePolicyH\x00R\fdeletePolicy\x12:\n" +
 	"\vset_regions\x18\x13 \x01(\v2\x17.meridian.v1.SetRegionsH\x00R\n" +
 	"setRegions\x12J\n" +
-	"\x11rotate_upload_key\x18\x14 \x01(\v2\x1c.meridian.v1.RotateUploadKeyH\x00R\x0frotateUploadKeyB\t\n" +
+	"\x11rotate_upload_key\x18\x14 \x01(\v2\x1c.meridian.v1.RotateUploadKeyH\x00R\x0frotateUploadKey\x121\n" +
+	"\bput_user\x18\x15 \x01(\v2\x14.meridian.v1.PutUserH\x00R\aputUser\x12:\n" +
+	"\vdelete_user\x18\x16 \x01(\v2\x17.meridian.v1.DeleteUserH\x00R\n" +
+	"deleteUser\x121\n" +
+	"\bput_team\x18\x17 \x01(\v2\x14.meridian.v1.PutTeamH\x00R\aputTeam\x12:\n" +
+	"\vdelete_team\x18\x18 \x01(\v2\x17.meridian.v1.DeleteTeamH\x00R\n" +
+	"deleteTeam\x124\n" +
+	"\tput_robot\x18\x19 \x01(\v2\x15.meridian.v1.PutRobotH\x00R\bputRobot\x12=\n" +
+	"\frevoke_robot\x18\x1a \x01(\v2\x18.meridian.v1.RevokeRobotH\x00R\vrevokeRobot\x124\n" +
+	"\tput_grant\x18\x1b \x01(\v2\x15.meridian.v1.PutGrantH\x00R\bputGrant\x12=\n" +
+	"\fdelete_grant\x18\x1c \x01(\v2\x18.meridian.v1.DeleteGrantH\x00R\vdeleteGrant\x12G\n" +
+	"\x10rotate_token_key\x18\x1d \x01(\v2\x1b.meridian.v1.RotateTokenKeyH\x00R\x0erotateTokenKey\x127\n" +
+	"\n" +
+	"trim_audit\x18\x1e \x01(\v2\x16.meridian.v1.TrimAuditH\x00R\ttrimAudit\x12(\n" +
+	"\x05actor\x18\x03 \x01(\v2\x12.meridian.v1.ActorR\x05actorB\t\n" +
 	"\acommand\"\xd1\x03\n" +
 	"\vPutManifest\x12\x1e\n" +
 	"\n" +
@@ -1635,7 +1825,7 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\vannotations\x18\x05 \x03(\v2&.meridian.v1.Referrer.AnnotationsEntryR\vannotations\x1a>\n" +
 	"\x10AnnotationsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\x98\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xa9\x02\n" +
 	"\x04Code\x12\x14\n" +
 	"\x10CODE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11CODE_BLOB_UNKNOWN\x10\x01\x12\x19\n" +
@@ -1648,7 +1838,8 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\x10CODE_UNAVAILABLE\x10\b\x12\x13\n" +
 	"\x0fCODE_NOT_LEADER\x10\t\x12\x17\n" +
 	"\x13CODE_POLICY_UNKNOWN\x10\n" +
-	"B8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
+	"\x12\x0f\n" +
+	"\vCODE_DENIED\x10\vB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
 
 var (
 	file_meridianpb_meridian_proto_rawDescOnce sync.Once
@@ -1688,6 +1879,17 @@ var file_meridianpb_meridian_proto_goTypes = []any{
 	nil,                     // 20: meridian.v1.PutManifest.AnnotationsEntry
 	nil,                     // 21: meridian.v1.ManifestRecord.AnnotationsEntry
 	nil,                     // 22: meridian.v1.Referrer.AnnotationsEntry
+	(*PutUser)(nil),         // 23: meridian.v1.PutUser
+	(*DeleteUser)(nil),      // 24: meridian.v1.DeleteUser
+	(*PutTeam)(nil),         // 25: meridian.v1.PutTeam
+	(*DeleteTeam)(nil),      // 26: meridian.v1.DeleteTeam
+	(*PutRobot)(nil),        // 27: meridian.v1.PutRobot
+	(*RevokeRobot)(nil),     // 28: meridian.v1.RevokeRobot
+	(*PutGrant)(nil),        // 29: meridian.v1.PutGrant
+	(*DeleteGrant)(nil),     // 30: meridian.v1.DeleteGrant
+	(*RotateTokenKey)(nil),  // 31: meridian.v1.RotateTokenKey
+	(*TrimAudit)(nil),       // 32: meridian.v1.TrimAudit
+	(*Actor)(nil),           // 33: meridian.v1.Actor
 }
 var file_meridianpb_meridian_proto_depIdxs = []int32{
 	2,  // 0: meridian.v1.LogEntry.put_manifest:type_name -> meridian.v1.PutManifest
@@ -1701,16 +1903,27 @@ var file_meridianpb_meridian_proto_depIdxs = []int32{
 	13, // 8: meridian.v1.LogEntry.delete_policy:type_name -> meridian.v1.DeletePolicy
 	14, // 9: meridian.v1.LogEntry.set_regions:type_name -> meridian.v1.SetRegions
 	8,  // 10: meridian.v1.LogEntry.rotate_upload_key:type_name -> meridian.v1.RotateUploadKey
-	20, // 11: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
-	9,  // 12: meridian.v1.UploadKeyRing.keys:type_name -> meridian.v1.UploadKey
-	15, // 13: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
-	21, // 14: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
-	22, // 15: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
-	16, // [16:16] is the sub-list for method output_type
-	16, // [16:16] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	23, // 11: meridian.v1.LogEntry.put_user:type_name -> meridian.v1.PutUser
+	24, // 12: meridian.v1.LogEntry.delete_user:type_name -> meridian.v1.DeleteUser
+	25, // 13: meridian.v1.LogEntry.put_team:type_name -> meridian.v1.PutTeam
+	26, // 14: meridian.v1.LogEntry.delete_team:type_name -> meridian.v1.DeleteTeam
+	27, // 15: meridian.v1.LogEntry.put_robot:type_name -> meridian.v1.PutRobot
+	28, // 16: meridian.v1.LogEntry.revoke_robot:type_name -> meridian.v1.RevokeRobot
+	29, // 17: meridian.v1.LogEntry.put_grant:type_name -> meridian.v1.PutGrant
+	30, // 18: meridian.v1.LogEntry.delete_grant:type_name -> meridian.v1.DeleteGrant
+	31, // 19: meridian.v1.LogEntry.rotate_token_key:type_name -> meridian.v1.RotateTokenKey
+	32, // 20: meridian.v1.LogEntry.trim_audit:type_name -> meridian.v1.TrimAudit
+	33, // 21: meridian.v1.LogEntry.actor:type_name -> meridian.v1.Actor
+	20, // 22: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
+	9,  // 23: meridian.v1.UploadKeyRing.keys:type_name -> meridian.v1.UploadKey
+	15, // 24: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
+	21, // 25: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
+	22, // 26: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
+	27, // [27:27] is the sub-list for method output_type
+	27, // [27:27] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_meridian_proto_init() }
@@ -1718,6 +1931,7 @@ func file_meridianpb_meridian_proto_init() {
 	if File_meridianpb_meridian_proto != nil {
 		return
 	}
+	file_meridianpb_access_proto_init()
 	file_meridianpb_meridian_proto_msgTypes[0].OneofWrappers = []any{
 		(*LogEntry_PutManifest)(nil),
 		(*LogEntry_DeleteManifest)(nil),
@@ -1730,6 +1944,16 @@ func file_meridianpb_meridian_proto_init() {
 		(*LogEntry_DeletePolicy)(nil),
 		(*LogEntry_SetRegions)(nil),
 		(*LogEntry_RotateUploadKey)(nil),
+		(*LogEntry_PutUser)(nil),
+		(*LogEntry_DeleteUser)(nil),
+		(*LogEntry_PutTeam)(nil),
+		(*LogEntry_DeleteTeam)(nil),
+		(*LogEntry_PutRobot)(nil),
+		(*LogEntry_RevokeRobot)(nil),
+		(*LogEntry_PutGrant)(nil),
+		(*LogEntry_DeleteGrant)(nil),
+		(*LogEntry_RotateTokenKey)(nil),
+		(*LogEntry_TrimAudit)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
