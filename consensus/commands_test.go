@@ -36,7 +36,7 @@ func TestEntryCoversEveryIntent(t *testing.T) {
 			t.Errorf("%s became %v", f.Name(), got)
 		}
 	}
-	if _, err := Entry(&pb.Command{}, now); !errors.Is(err, pb.ErrInvalidArgument) {
+	if _, err := Entry(&pb.Command{}, nil, now); !errors.Is(err, pb.ErrInvalidArgument) {
 		t.Errorf("empty command: %v, want ErrInvalidArgument", err)
 	}
 }

@@ -77,6 +77,13 @@ type StandaloneConfig struct {
 	SaveGossipKeys func(keys [][]byte) error
 	// HTTPTLS, when set, serves the OCI API over HTTPS.
 	HTTPTLS *tls.Config
+	// Access authenticates the OCI API's callers from the cluster's access
+	// state, which the gateway follows; nil turns authentication off
+	// (insecure_no_auth).
+	Access AccessControl
+	// AccessUsername and AccessPassword are a cluster admin's credentials,
+	// for fetching the access state from a cluster without TLS.
+	AccessUsername, AccessPassword string
 	// InsecureCluster lets the gossip listener bind beyond loopback
 	// without Trust and GossipKeys.
 	InsecureCluster bool
@@ -218,6 +225,10 @@ func (s *Standalone) Start(ctx context.Context) (err error) {
 	gc := s.cfg.Gateway
 	gc.Logger = s.logger
 	gc.Registerer = s.registry
+	gc.MemberID = s.cfg.ID
+	if s.cfg.Access != nil {
+		gc.Authorizer = s.cfg.Access
+	}
 	if s.gateway, err = New(gc, s.upstream.Metadata(), s.regions); err != nil {
 		return err
 	}
@@ -225,6 +236,15 @@ func (s *Standalone) Start(ctx context.Context) (err error) {
 	runCtx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
 	s.wg.Add(2)
+	if a := s.cfg.Access; a != nil {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			a.Follow(runCtx, func(ctx context.Context, known uint64) (*pb.AccessState, error) {
+				return s.upstream.AccessState(ctx, known, s.cfg.AccessUsername, s.cfg.AccessPassword)
+			})
+		}()
+	}
 	go func() { defer s.wg.Done(); s.upstream.Run(runCtx) }()
 	go func() { defer s.wg.Done(); s.keepJoined(runCtx) }()
 
@@ -252,6 +272,9 @@ func (s *Standalone) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/v2/", s.gateway.Handler())
 	mux.Handle("/v2", s.gateway.Handler())
+	if s.cfg.Access != nil {
+		mux.Handle("/auth/token", s.cfg.Access.TokenHandler())
+	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
@@ -260,6 +283,10 @@ func (s *Standalone) routes() http.Handler {
 		w.Write(b)
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if s.cfg.Access != nil && !s.cfg.Access.Ready() {
+			http.Error(w, "access control state not fetched yet", http.StatusServiceUnavailable)
+			return
+		}
 		for _, n := range s.upstream.Nodes() {
 			if n.Healthy {
 				w.Write([]byte("ready\n"))

@@ -61,6 +61,29 @@ type AuthConfig struct {
 	Leeway time.Duration `yaml:"leeway"`
 	// ExternalIssuers are outside token issuers whose tokens are accepted.
 	ExternalIssuers []ExternalIssuer `yaml:"external_issuers"`
+	// Username and PasswordFile are a cluster admin's credentials, with
+	// which a standalone gateway fetches the access state from a cluster
+	// without TLS (with TLS its certificate suffices). The env var
+	// MERIDIAN_PASSWORD may hold the password instead of the file.
+	Username     string `yaml:"username"`
+	PasswordFile string `yaml:"password_file"`
+	// DeniedLog is where a standalone gateway records refused requests
+	// (rotated at 16 MiB); empty: its log output. Nodes keep theirs in
+	// DATA_DIR/denied.log.
+	DeniedLog string `yaml:"denied_log"`
+}
+
+// Externals loads the configured external issuers.
+func (c AuthConfig) Externals() ([]*auth.External, error) {
+	var ext []*auth.External
+	for _, e := range c.ExternalIssuers {
+		x, err := auth.LoadExternal(e.Issuer, e.Audience, e.JWKSFile)
+		if err != nil {
+			return nil, fmt.Errorf("external issuer %q: %w", e.Issuer, err)
+		}
+		ext = append(ext, x)
+	}
+	return ext, nil
 }
 
 // ExternalIssuer is an IdP whose JWTs Meridian accepts.
@@ -90,13 +113,9 @@ func (n *Node) setupAccess(ctx context.Context) error {
 		n.logger.Warn("authentication is OFF (insecure_no_auth): anyone who reaches the registry may push, pull and delete")
 		return nil
 	}
-	var ext []*auth.External
-	for _, e := range n.cfg.Auth.ExternalIssuers {
-		x, err := auth.LoadExternal(e.Issuer, e.Audience, e.JWKSFile)
-		if err != nil {
-			return fmt.Errorf("external issuer %q: %w", e.Issuer, err)
-		}
-		ext = append(ext, x)
+	ext, err := n.cfg.Auth.Externals()
+	if err != nil {
+		return err
 	}
 	denied, err := auth.OpenDeniedLog(filepath.Join(n.cfg.DataDir, "denied.log"), 16<<20)
 	if err != nil {

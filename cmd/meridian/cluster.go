@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"flag"
@@ -67,6 +68,7 @@ type adminFlags struct {
 	addr                   *string
 	timeout                *time.Duration
 	tlsCA, tlsCert, tlsKey *string
+	username, passwordFile *string
 }
 
 func newAdminFlags(name string) adminFlags {
@@ -78,8 +80,22 @@ func newAdminFlags(name string) adminFlags {
 		tlsCA:   fs.String("tls-ca", os.Getenv("MERIDIAN_TLS_CA"), "cluster CA certificate (env MERIDIAN_TLS_CA)"),
 		tlsCert: fs.String("tls-cert", os.Getenv("MERIDIAN_TLS_CERT"), "admin certificate, from meridian ca issue --role admin (env MERIDIAN_TLS_CERT)"),
 		tlsKey:  fs.String("tls-key", os.Getenv("MERIDIAN_TLS_KEY"), "admin certificate's key (env MERIDIAN_TLS_KEY)"),
+		username: fs.String("username", os.Getenv("MERIDIAN_USERNAME"),
+			"an admin user, for clusters without TLS (env MERIDIAN_USERNAME; password from --password-file or MERIDIAN_PASSWORD)"),
+		passwordFile: fs.String("password-file", "", "file holding --username's password"),
 	}
 }
+
+// basicCredentials sends an admin user's credentials with each call; a
+// cluster without TLS requires them on admin methods (it listens on
+// loopback only).
+type basicCredentials struct{ header string }
+
+func (b basicCredentials) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": b.header}, nil
+}
+
+func (basicCredentials) RequireTransportSecurity() bool { return false }
 
 func envOr(key, def string) string {
 	if v := os.Getenv(key); v != "" {
@@ -99,7 +115,16 @@ func (a adminFlags) dial() (pb.ClusterClient, context.Context, func(), error) {
 		}
 		trust.Source = src
 	}
-	conn, err := grpc.NewClient(*a.addr, trust.DialCredentials(), grpc.WithUnaryInterceptor(hintTLS(trust.Secure())))
+	opts := []grpc.DialOption{trust.DialCredentials(), grpc.WithUnaryInterceptor(hintTLS(trust.Secure()))}
+	if *a.username != "" {
+		pw, err := readPassword(*a.passwordFile)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		basic := base64.StdEncoding.EncodeToString([]byte(*a.username + ":" + pw))
+		opts = append(opts, grpc.WithPerRPCCredentials(basicCredentials{"Basic " + basic}))
+	}
+	conn, err := grpc.NewClient(*a.addr, opts...)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("connect to %s: %w", *a.addr, err)
 	}
@@ -294,6 +319,9 @@ func hintTLS(secure bool) grpc.UnaryClientInterceptor {
 		err := invoker(ctx, method, req, reply, cc, opts...)
 		if err != nil && !secure && status.Code(err) == codes.Unavailable {
 			return status.Errorf(codes.Unavailable, "%s (if the cluster runs TLS, give an admin certificate: --tls-ca, --tls-cert, --tls-key or MERIDIAN_TLS_*)", status.Convert(err).Message())
+		}
+		if err != nil && status.Code(err) == codes.Unauthenticated && !strings.Contains(status.Convert(err).Message(), "MERIDIAN_USERNAME") {
+			return fmt.Errorf("%s (an admin certificate, --tls-*, or an admin user: MERIDIAN_USERNAME and MERIDIAN_PASSWORD, or --username and --password-file)", status.Convert(err).Message())
 		}
 		return err
 	}

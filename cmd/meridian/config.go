@@ -147,6 +147,12 @@ var serveOptions = []option{
 	uint64Opt("snapshot-threshold", "log entries between Raft snapshots", func(c *node.Config) *uint64 { return &c.SnapshotThreshold }),
 	durationOpt("snapshot-interval", "how often Raft checks whether to snapshot", func(c *node.Config) *time.Duration { return &c.SnapshotInterval }),
 	uint64Opt("trailing-logs", "log entries kept behind a snapshot for followers that lag a little", func(c *node.Config) *uint64 { return &c.TrailingLogs }),
+	boolOpt("insecure-no-auth", "turn authentication off: anyone who reaches the registry may push, pull and delete", func(c *node.Config) *bool { return &c.Auth.InsecureNoAuth }),
+	stringOpt("admin-password-file", "password of the first admin of a new cluster (default: generated into DATA_DIR/admin-password)", func(c *node.Config) *string { return &c.Auth.AdminPasswordFile }),
+	durationOpt("token-ttl", "lifetime of registry tokens from /auth/token", func(c *node.Config) *time.Duration { return &c.Auth.TokenTTL }),
+	durationOpt("refresh-ttl", "lifetime of refresh tokens (offline_token=true)", func(c *node.Config) *time.Duration { return &c.Auth.RefreshTTL }),
+	durationOpt("token-key-rotation", "how often the leader adds a token signing key", func(c *node.Config) *time.Duration { return &c.Auth.TokenKeyRotation }),
+	durationOpt("audit-retention", "audit records older than this are dropped (0: kept forever)", func(c *node.Config) *time.Duration { return &c.Auth.AuditRetention }),
 	stringOpt("log-level", "debug, info, warn or error", func(c *node.Config) *string { return &c.LogLevel }),
 	stringOpt("log-format", "text or json", func(c *node.Config) *string { return &c.LogFormat }),
 }

@@ -2,13 +2,17 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/meridian-registry/meridian/gateway"
+	"github.com/meridian-registry/meridian/gateway/auth"
 	"github.com/meridian-registry/meridian/node"
 	"github.com/meridian-registry/meridian/node/membership"
 	"github.com/meridian-registry/meridian/node/pki"
@@ -37,8 +41,64 @@ var gatewayOptions = []option{
 	durationOpt("sync-timeout", "how long a blob PUT waits for a policy's min_regions copies before 503", func(c *node.Config) *time.Duration { return &c.Replication.SyncTimeout }),
 	boolOpt("redirect-reads", "answer blob GETs served from S3 with a 307 to a presigned URL", func(c *node.Config) *bool { return &c.Replication.RedirectReads }),
 	durationOpt("presign-ttl", "lifetime of presigned blob URLs", func(c *node.Config) *time.Duration { return &c.Replication.PresignTTL }),
+	boolOpt("insecure-no-auth", "turn authentication off: anyone who reaches the gateway may push, pull and delete", func(c *node.Config) *bool { return &c.Auth.InsecureNoAuth }),
+	stringOpt("username", "a cluster admin, to fetch the access state from nodes without cluster TLS", func(c *node.Config) *string { return &c.Auth.Username }),
+	stringOpt("password-file", "file with --username's password (or env MERIDIAN_PASSWORD)", func(c *node.Config) *string { return &c.Auth.PasswordFile }),
+	stringOpt("denied-log", "file recording refused requests, rotated at 16 MiB (default: the log output)", func(c *node.Config) *string { return &c.Auth.DeniedLog }),
+	durationOpt("token-ttl", "lifetime of registry tokens from /auth/token", func(c *node.Config) *time.Duration { return &c.Auth.TokenTTL }),
+	durationOpt("refresh-ttl", "lifetime of refresh tokens (offline_token=true)", func(c *node.Config) *time.Duration { return &c.Auth.RefreshTTL }),
 	stringOpt("log-level", "debug, info, warn or error", func(c *node.Config) *string { return &c.LogLevel }),
 	stringOpt("log-format", "text or json", func(c *node.Config) *string { return &c.LogFormat }),
+}
+
+// gatewayAccess builds the gateway's access control, unless
+// insecure_no_auth; the returned close releases its denied log.
+func gatewayAccess(c node.Config, sc *gateway.StandaloneConfig, logger *slog.Logger) (func(), error) {
+	if c.Auth.InsecureNoAuth {
+		logger.Warn("authentication is OFF (--insecure-no-auth): anyone who reaches the gateway may push, pull and delete")
+		return func() {}, nil
+	}
+	ext, err := c.Auth.Externals()
+	if err != nil {
+		return nil, err
+	}
+	ac := auth.Config{TokenTTL: c.Auth.TokenTTL, RefreshTTL: c.Auth.RefreshTTL, Leeway: c.Auth.Leeway,
+		External: ext, Via: sc.ID, Logger: logger.With("component", "auth")}
+	closeLog := func() {}
+	if c.Auth.DeniedLog != "" {
+		d, err := auth.OpenDeniedLog(c.Auth.DeniedLog, 16<<20)
+		if err != nil {
+			return nil, err
+		}
+		ac.Denied, closeLog = d, func() { d.Close() }
+	}
+	sc.Access = auth.New(ac)
+	sc.AccessUsername = c.Auth.Username
+	if c.Auth.Username != "" {
+		pw, err := readPassword(c.Auth.PasswordFile)
+		if err != nil {
+			closeLog()
+			return nil, err
+		}
+		sc.AccessPassword = pw
+	}
+	return closeLog, nil
+}
+
+// readPassword reads a password file (first line), or MERIDIAN_PASSWORD
+// without one.
+func readPassword(file string) (string, error) {
+	if file == "" {
+		if pw, ok := os.LookupEnv("MERIDIAN_PASSWORD"); ok {
+			return pw, nil
+		}
+		return "", errors.New("a username needs --password-file or MERIDIAN_PASSWORD")
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimRight(strings.SplitN(string(b), "\n", 2)[0], "\r"), nil
 }
 
 // gatewayDefaults are a node's defaults with the gateway's own gossip port,
@@ -109,6 +169,11 @@ func gatewayCmd(args []string) error {
 	if cfg.InsecureCluster {
 		logger.Warn("--insecure-cluster: gossip and gRPC to the nodes may run without TLS or a gossip key; anyone on the network can join or impersonate members")
 	}
+	closeAccess, err := gatewayAccess(cfg, &sc, logger)
+	if err != nil {
+		return err
+	}
+	defer closeAccess()
 	g, err := gateway.NewStandalone(sc)
 	if err != nil {
 		return err

@@ -21,6 +21,11 @@ Usage:
   meridian policy …          list, set, delete replication policies
   meridian ca …              init a cluster CA, issue member certificates
   meridian scrub             re-hash stored blobs in every region, repair wrong copies
+  meridian user …            add, list, passwd, delete users
+  meridian team …            add a team of users
+  meridian robot …           create, list, revoke robot accounts (log in as robot+NAME)
+  meridian access …          grant, revoke, list permissions on repository prefixes
+  meridian audit [flags]     read the audit log (who changed what, from where)
   meridian bench [flags]     measure push, pull and manifest GET against the machine's limits
   meridian version           print the version
 
@@ -51,6 +56,16 @@ func main() {
 		err = ca(os.Args[2:])
 	case "scrub":
 		err = scrub(os.Args[2:])
+	case "user":
+		err = userCmd(os.Args[2:])
+	case "team":
+		err = teamCmd(os.Args[2:])
+	case "robot":
+		err = robotCmd(os.Args[2:])
+	case "access":
+		err = accessCmd(os.Args[2:])
+	case "audit":
+		err = auditCmd(os.Args[2:])
 	case "bench":
 		err = bench(os.Args[2:])
 	case "version", "--version":

@@ -1,6 +1,7 @@
 package auth
 
 import (
+	"context"
 	"crypto/sha256"
 	"errors"
 	"log/slog"
@@ -309,26 +310,30 @@ func (a *Authority) Challenge(r *http.Request, scope string) string {
 
 // Refused records a request refused for want of access.
 func (a *Authority) Refused(r *http.Request, c gateway.Caller, repo string, actions []string) {
-	if a.cfg.Denied == nil {
-		return
-	}
 	actor := c.Actor()
 	actor.Address, actor.Via = r.RemoteAddr, a.cfg.Via
-	a.cfg.Denied.Record(&pb.AuditRecord{
+	a.record(&pb.AuditRecord{
 		TimeUnixNano: a.cfg.Now().UnixNano(), Actor: actor, Action: "denied",
 		Repository: repo, Detail: r.Method + " " + r.URL.Path + " needs " + strings.Join(actions, ","),
 	})
 }
 
 func (a *Authority) recordFailure(r *http.Request, user, what string) {
-	if a.cfg.Denied == nil {
-		return
-	}
-	a.cfg.Denied.Record(&pb.AuditRecord{
+	a.record(&pb.AuditRecord{
 		TimeUnixNano: a.cfg.Now().UnixNano(),
 		Actor:        &pb.Actor{Principal: "login:" + user, Address: r.RemoteAddr, Via: a.cfg.Via},
 		Action:       "login_failed", Detail: what,
 	})
+}
+
+// record keeps a refusal in the denied log, or the log output without one.
+func (a *Authority) record(r *pb.AuditRecord) {
+	if a.cfg.Denied != nil {
+		a.cfg.Denied.Record(r)
+		return
+	}
+	a.cfg.Logger.Info("request refused", "action", r.Action, "principal", r.GetActor().GetPrincipal(),
+		"address", r.GetActor().GetAddress(), "repository", r.Repository, "detail", r.Detail)
 }
 
 // baseURL is the scheme and host the client used to reach this member.
@@ -399,3 +404,32 @@ func (l *limiter) fail(user, addr string) {
 }
 
 var errNoKey = errors.New("the cluster has not installed a token signing key yet")
+
+// FollowInterval is how often a standalone gateway asks the nodes whether
+// the access state changed: a revocation holds there within about it.
+const FollowInterval = 250 * time.Millisecond
+
+// Follow keeps the state current with fetch (nil, nil: unchanged) until
+// ctx ends.
+func (a *Authority) Follow(ctx context.Context, fetch func(ctx context.Context, known uint64) (*pb.AccessState, error)) {
+	t := time.NewTicker(FollowInterval)
+	defer t.Stop()
+	var lastErr time.Time
+	for {
+		fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		st, err := fetch(fctx, a.Version())
+		cancel()
+		if err == nil && st != nil {
+			err = a.Update(st)
+		}
+		if err != nil && ctx.Err() == nil && time.Since(lastErr) > 30*time.Second {
+			a.cfg.Logger.Warn("fetch the access state", "err", err)
+			lastErr = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
