@@ -58,6 +58,13 @@ func (everyone) Actor() *pb.Actor        { return &pb.Actor{Principal: "anonymou
 func (everyone) Anonymous() bool         { return false }
 func (everyone) Can(string, string) bool { return true }
 
+// scoped is a caller whose token grants less than its account may do.
+type scoped interface {
+	// WouldAllow reports whether the account (not the token) may do
+	// actions on repo.
+	WouldAllow(repo string, actions []string) bool
+}
+
 type callerKey struct{}
 
 // CallerFrom returns the caller the gateway authenticated for ctx's
@@ -132,6 +139,12 @@ func (g *Gateway) authorize(r *http.Request, rt route) (*http.Request, error) {
 	a.Refused(r, c, rt.name, missing)
 	if c.Anonymous() {
 		return r, g.unauthorized(r, rt, "")
+	}
+	if s, ok := c.(scoped); ok && s.WouldAllow(rt.name, missing) {
+		// The token lacks a scope its holder has: a new token for the
+		// scope in the challenge would do (the token spec's
+		// insufficient_scope).
+		return r, g.unauthorized(r, rt, "the token does not grant "+strings.Join(missing, ","))
 	}
 	return r, errorf(CodeDenied, "%s may not %s %s", actor.GetPrincipal(), strings.Join(missing, ","), rt.name)
 }

@@ -117,7 +117,7 @@ func (g *Gateway) referrers(w http.ResponseWriter, r *http.Request, rt route) er
 // caller who may pull few of many repositories still gets full pages.
 func (g *Gateway) pullableRepositories(ctx context.Context, last string, n int) ([]string, bool, error) {
 	c := CallerFrom(ctx)
-	var out []string
+	out := []string{}
 	for {
 		repos, err := g.meta.Repositories(ctx, last, n+1)
 		if err != nil {
@@ -128,7 +128,8 @@ func (g *Gateway) pullableRepositories(ctx context.Context, last string, n int) 
 				continue
 			}
 			if len(out) == n {
-				return out, true, nil
+				// n = 0 asks for an empty page, with no link to a next one.
+				return out, n > 0, nil
 			}
 			out = append(out, repo)
 		}

@@ -59,6 +59,9 @@ type AuthConfig struct {
 	AuditRetention time.Duration `yaml:"audit_retention"`
 	// Leeway absorbs clock skew when checking token times.
 	Leeway time.Duration `yaml:"leeway"`
+	// MaxFailedLogins failed logins of one user in a minute (ten times as
+	// many from one address) lock further attempts out for the minute.
+	MaxFailedLogins int `yaml:"max_failed_logins"`
 	// ExternalIssuers are outside token issuers whose tokens are accepted.
 	ExternalIssuers []ExternalIssuer `yaml:"external_issuers"`
 	// Username and PasswordFile are a cluster admin's credentials, with
@@ -100,6 +103,7 @@ func defaultAuthConfig() AuthConfig {
 		TokenKeyRotation: 720 * time.Hour,
 		AuditRetention:   90 * 24 * time.Hour,
 		Leeway:           30 * time.Second,
+		MaxFailedLogins:  10,
 	}
 }
 
@@ -124,7 +128,7 @@ func (n *Node) setupAccess(ctx context.Context) error {
 	n.denied = denied
 	n.access = auth.New(auth.Config{
 		TokenTTL: n.cfg.Auth.TokenTTL, RefreshTTL: n.cfg.Auth.RefreshTTL, Leeway: n.cfg.Auth.Leeway,
-		External: ext, Denied: denied, Via: n.cfg.NodeID, Logger: n.logger.With("component", "auth"),
+		MaxFailures: n.cfg.Auth.MaxFailedLogins, External: ext, Denied: denied, Via: n.cfg.NodeID, Logger: n.logger.With("component", "auth"),
 	})
 	return n.reloadAccess(ctx)
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/meridian-registry/meridian/node/clustertest/admin"
 	"io"
 	"log/slog"
 	"net/http"
@@ -66,7 +67,7 @@ func TestClusterPushPull(t *testing.T) {
 	if err := c.WaitConverged(ctx); err != nil {
 		t.Fatal(err)
 	}
-	st, err := admin(t, c, follower).ClusterStatus(ctx, &pb.ClusterStatusRequest{})
+	st, err := adminClient(t, c, follower).ClusterStatus(ctx, &pb.ClusterStatusRequest{})
 	if err != nil {
 		t.Fatalf("ClusterStatus: %v", err)
 	}
@@ -637,7 +638,7 @@ func TestClusterReadAfterSnapshotInstall(t *testing.T) {
 	}
 
 	// A new leader's term begins with entries the state machine never sees.
-	resp, err := admin(t, c, leader).TransferLeadership(ctx, &pb.TransferLeadershipRequest{Id: c.Config(next).NodeID})
+	resp, err := adminClient(t, c, leader).TransferLeadership(ctx, &pb.TransferLeadershipRequest{Id: c.Config(next).NodeID})
 	if err != nil || resp.Result.Err() != nil {
 		t.Fatalf("TransferLeadership: %v, %v", err, resp.GetResult())
 	}
@@ -700,7 +701,7 @@ func TestClusterBadInput(t *testing.T) {
 	})
 
 	t.Run("remove the last voter", func(t *testing.T) {
-		resp, err := admin(t, one, 0).RemoveServer(ctx, &pb.RemoveServerRequest{Id: one.Config(0).NodeID})
+		resp, err := adminClient(t, one, 0).RemoveServer(ctx, &pb.RemoveServerRequest{Id: one.Config(0).NodeID})
 		if err != nil {
 			t.Fatalf("RemoveServer: %v", err)
 		}
@@ -718,7 +719,7 @@ func TestClusterBadInput(t *testing.T) {
 	t.Run("transfer leadership", func(t *testing.T) {
 		leader := mustLeader(t, ctx, three)
 		target, via := (leader+1)%3, (leader+2)%3
-		resp, err := admin(t, three, via).TransferLeadership(ctx, &pb.TransferLeadershipRequest{Id: three.Config(target).NodeID})
+		resp, err := adminClient(t, three, via).TransferLeadership(ctx, &pb.TransferLeadershipRequest{Id: three.Config(target).NodeID})
 		if err != nil {
 			t.Fatalf("TransferLeadership: %v", err)
 		}
@@ -738,7 +739,7 @@ func TestClusterBadInput(t *testing.T) {
 		leader := mustLeader(t, ctx, three)
 		gone, via := (leader+1)%3, (leader+2)%3
 		three.Stop(gone)
-		resp, err := admin(t, three, via).RemoveServer(ctx, &pb.RemoveServerRequest{Id: three.Config(gone).NodeID})
+		resp, err := adminClient(t, three, via).RemoveServer(ctx, &pb.RemoveServerRequest{Id: three.Config(gone).NodeID})
 		if err != nil {
 			t.Fatalf("RemoveServer: %v", err)
 		}
@@ -822,7 +823,7 @@ func TestClusterBootstrapRestart(t *testing.T) {
 	if err := c.WaitConverged(ctx); err != nil {
 		t.Fatal(err)
 	}
-	status := admin(t, c, 0)
+	status := adminClient(t, c, 0)
 	waitFor(t, ctx, "node 0 to see every member alive in gossip", func() bool {
 		st, err := status.ClusterStatus(ctx, &pb.ClusterStatusRequest{})
 		if err != nil || len(st.Members) != 3 {
@@ -1073,10 +1074,12 @@ func after(d time.Duration) func() bool {
 	return func() bool { return !time.Now().Before(deadline) }
 }
 
-// admin is a Cluster gRPC client for node i, closed with the test.
-func admin(t *testing.T, c *clustertest.Cluster, i int) pb.ClusterClient {
+// adminClient is a Cluster gRPC client for node i, logged in as the
+// harness's admin, closed with the test.
+func adminClient(t *testing.T, c *clustertest.Cluster, i int) pb.ClusterClient {
 	t.Helper()
-	conn, err := grpc.NewClient(c.Config(i).GRPCAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(c.Config(i).GRPCAddr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithPerRPCCredentials(admin.Credentials()))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,6 +6,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"github.com/meridian-registry/meridian/gateway/auth"
+	"github.com/meridian-registry/meridian/node/clustertest/admin"
 	"io"
 	"log/slog"
 	"net"
@@ -37,18 +39,18 @@ type dirGeo struct {
 	regions []node.RegionConfig
 }
 
-func newDirGeo(t *testing.T, size int) *dirGeo {
+func newDirGeo(t *testing.T, size int, opts ...clustertest.Option) *dirGeo {
 	t.Helper()
 	g := &dirGeo{}
 	for _, r := range geoRegions[:3] {
 		g.regions = append(g.regions, node.RegionConfig{Name: r, Store: "file://" + t.TempDir()})
 	}
-	g.c = clustertest.New(t, size, clustertest.WithConfig(func(i int, c *node.Config) {
+	g.c = clustertest.New(t, size, append([]clustertest.Option{clustertest.WithConfig(func(i int, c *node.Config) {
 		c.BlobDir = ""
 		c.Regions = g.regions
 		c.Region = geoRegions[i]
 		c.Replication.SyncTimeout = 20 * time.Second
-	}))
+	})}, opts...)...)
 	return g
 }
 
@@ -296,6 +298,11 @@ func gatewayConfig(t *testing.T, g *dirGeo, id, region string, dial *latencyDial
 		Regions:       g.gatewayRegions(),
 		Gateway:       gateway.DefaultConfig(),
 		Logger:        clustertest.TestLogger(t, slog.LevelWarn).With("gw", id),
+		// The gateway authenticates requests from the cluster's access
+		// state, which it fetches with the admin's credentials (no TLS).
+		Access:         auth.New(auth.Config{Via: id}),
+		AccessUsername: admin.AdminUser,
+		AccessPassword: admin.AdminPassword,
 	}
 	if dial != nil {
 		cfg.Dial = dial.dial

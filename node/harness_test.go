@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"github.com/meridian-registry/meridian/node/clustertest/admin"
 	"io"
 	"log/slog"
 	"net/http"
@@ -38,6 +39,7 @@ func startNode(t *testing.T, opts ...func(*Config)) *testNode {
 	cfg.GRPCAddr = "127.0.0.1:0"
 	cfg.GossipAddr = "127.0.0.1:0"
 	cfg.NodeID = "n1"
+	cfg.Auth.AdminPasswordFile = admin.PasswordFile(t)
 	for _, o := range opts {
 		o(&cfg)
 	}

@@ -304,10 +304,10 @@ func TestGeoSyncTimeout(t *testing.T) {
 	})
 	c := g.c
 	ctx := within(t, 3*time.Minute)
-	admin := admin(t, c, 0)
+	adm := adminClient(t, c, 0)
 	// Only eu-west besides us-east, whose store we now stop: copies cannot
 	// be made until it is back.
-	resp, err := admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{Prefix: "sync/", Regions: []string{"us-east", "eu-west"}, MinRegions: 2}})
+	resp, err := adm.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{Prefix: "sync/", Regions: []string{"us-east", "eu-west"}, MinRegions: 2}})
 	if err != nil || resp.Result.Err() != nil {
 		t.Fatalf("set policy: %v %v", err, resp.GetResult())
 	}

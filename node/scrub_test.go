@@ -50,7 +50,7 @@ func TestGeoScrubRepairs(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	cc := admin(t, g.c, 1)
+	cc := adminClient(t, g.c, 1)
 	resp, err := cc.Scrub(ctx, &pb.ScrubRequest{})
 	if err != nil {
 		t.Fatal(err)

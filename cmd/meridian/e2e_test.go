@@ -15,6 +15,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/meridian-registry/meridian/node/clustertest/admin"
 	"hash"
 	"io"
 	"io/fs"
@@ -53,12 +54,28 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	// Nodes and gateways authenticate: the shared HTTP clients log in as
+	// the first admin, whose password every node started here bootstraps
+	// with (e2eEnv).
+	http.DefaultTransport = admin.Transport(http.DefaultTransport)
+	remote.DefaultTransport = admin.Transport(remote.DefaultTransport)
 	code := m.Run()
 	if e2eDir != "" {
 		os.RemoveAll(e2eDir)
 	}
 	os.Exit(code)
 }
+
+// e2eAdminPasswordFile holds admin.AdminPassword for e2eEnv.
+var e2eAdminPasswordFile = sync.OnceValue(func() string {
+	f, err := os.CreateTemp("", "meridian-e2e-admin-")
+	if err != nil {
+		panic(err)
+	}
+	f.WriteString(admin.AdminPassword + "\n")
+	f.Close()
+	return f.Name()
+})
 
 // e2eBuild builds this package into out with the test binary's -race and
 // -tags, so a race test also races the server.
@@ -103,6 +120,9 @@ func e2eNeedBinary(t *testing.T) {
 }
 
 // e2eEnv is the test's environment without MERIDIAN_* variables, plus extra.
+//
+// Nodes bootstrap with the harness's admin password; gateways fetch the
+// access state, and CLI commands authenticate, as that admin.
 func e2eEnv(extra ...string) []string {
 	var env []string
 	for _, kv := range os.Environ() {
@@ -110,6 +130,8 @@ func e2eEnv(extra ...string) []string {
 			env = append(env, kv)
 		}
 	}
+	env = append(env, "MERIDIAN_ADMIN_PASSWORD_FILE="+e2eAdminPasswordFile(),
+		"MERIDIAN_USERNAME="+admin.AdminUser, "MERIDIAN_PASSWORD="+admin.AdminPassword)
 	return append(env, extra...)
 }
 

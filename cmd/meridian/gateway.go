@@ -63,7 +63,7 @@ func gatewayAccess(c node.Config, sc *gateway.StandaloneConfig, logger *slog.Log
 		return nil, err
 	}
 	ac := auth.Config{TokenTTL: c.Auth.TokenTTL, RefreshTTL: c.Auth.RefreshTTL, Leeway: c.Auth.Leeway,
-		External: ext, Via: sc.ID, Logger: logger.With("component", "auth")}
+		MaxFailures: c.Auth.MaxFailedLogins, External: ext, Via: sc.ID, Logger: logger.With("component", "auth")}
 	closeLog := func() {}
 	if c.Auth.DeniedLog != "" {
 		d, err := auth.OpenDeniedLog(c.Auth.DeniedLog, 16<<20)

@@ -29,9 +29,10 @@ type Config struct {
 	Leeway time.Duration
 	// External lists trusted outside token issuers.
 	External []*External
-	// MaxFailures failed logins per user, and per client address, within
-	// FailureWindow lock further attempts out until the window passes
-	// (defaults 10 and 1m).
+	// MaxFailures failed logins of one user within FailureWindow, or ten
+	// times as many from one client address (many users may share one),
+	// lock further attempts out until the window passes (defaults 10 and
+	// 1m).
 	MaxFailures   int
 	FailureWindow time.Duration
 	// Denied records refused requests (nil: not recorded).
@@ -141,6 +142,22 @@ func (c *caller) Can(repo, action string) bool {
 	}
 	s := c.a.state.Load()
 	return s != nil && s.can(c.principal, repo, action, c.a.cfg.Now())
+}
+
+// WouldAllow reports whether the caller's account, whatever its token
+// says, may do actions on repo: a client then gets a 401 asking it to
+// fetch a token with that scope, not a 403.
+func (c *caller) WouldAllow(repo string, actions []string) bool {
+	if c.token == nil || c.external {
+		return false
+	}
+	s := c.a.state.Load()
+	for _, act := range actions {
+		if s == nil || !s.can(c.principal, repo, act, c.a.cfg.Now()) {
+			return false
+		}
+	}
+	return true
 }
 
 // claimAllows reports whether a token's access claim covers action on
@@ -374,8 +391,8 @@ func (l *limiter) blocked(user, addr string) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := time.Now()
-	for _, k := range []string{"u:" + user, "a:" + addr} {
-		if w := l.counts[k]; w != nil && now.Sub(w.start) < l.window && w.n >= l.max {
+	for k, max := range map[string]int{"u:" + user: l.max, "a:" + addr: 10 * l.max} {
+		if w := l.counts[k]; w != nil && now.Sub(w.start) < l.window && w.n >= max {
 			return true
 		}
 	}

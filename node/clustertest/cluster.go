@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/meridian-registry/meridian/node/clustertest/admin"
 	"log/slog"
 	"net"
 	"net/http"
@@ -65,6 +66,8 @@ type Cluster struct {
 	net       *network
 	logs      *logSink
 	transport *http.Transport
+	// adminPasswordFile holds AdminPassword for node 0's bootstrap.
+	adminPasswordFile string
 
 	mu      sync.Mutex
 	members []*member
@@ -104,6 +107,7 @@ func New(t testing.TB, size int, opts ...Option) *Cluster {
 		logs:      &logSink{t: t},
 		transport: newTransport(),
 	}
+	c.adminPasswordFile = admin.PasswordFile(t)
 	t.Cleanup(c.logs.stop) // runs after Close: cleanups run last-in first-out
 	t.Cleanup(c.Close)
 
@@ -161,6 +165,7 @@ func (c *Cluster) configLocked(i int, adjust func(*node.Config)) node.Config {
 	cfg.RaftHeartbeatTimeout = 500 * time.Millisecond
 	cfg.RaftElectionTimeout = 500 * time.Millisecond
 	cfg.Voters = c.set.voters
+	cfg.Auth.AdminPasswordFile = c.adminPasswordFile
 	for _, m := range c.members {
 		if m.n != nil {
 			cfg.Join = []string{m.cfg.GossipAddr}
@@ -279,13 +284,17 @@ func (c *Cluster) URL(i int) string { return "http://" + c.Host(i) }
 // Transport is an HTTP transport with keep-alive for talking to the nodes.
 // The harness closes its idle connections before stopping a node, so that
 // the node's HTTP shutdown does not wait for them.
-func (c *Cluster) Transport() *http.Transport { return c.transport }
+// Requests without credentials of their own log in as the admin.
+func (c *Cluster) Transport() http.RoundTripper { return admin.Transport(c.transport) }
 
 // Client is an HTTP client over Transport.
-func (c *Cluster) Client() *http.Client { return &http.Client{Transport: c.transport} }
+func (c *Cluster) Client() *http.Client { return &http.Client{Transport: c.Transport()} }
+
+// RawTransport is Transport without the admin's credentials.
+func (c *Cluster) RawTransport() *http.Transport { return c.transport }
 
 func newTransport() *http.Transport {
-	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr := baseTransport.Clone()
 	tr.MaxIdleConns = 256
 	tr.MaxIdleConnsPerHost = 64
 	return tr
