@@ -154,14 +154,17 @@ func (g *Gateway) authorize(r *http.Request, rt route) (*http.Request, error) {
 func (g *Gateway) unauthorized(r *http.Request, rt route, detail string) error {
 	scope := ""
 	if rt.name != "" {
-		actions := ActionPull
-		if !(r.Method == http.MethodGet || r.Method == http.MethodHead) {
-			actions = "pull,push"
-			if r.Method == http.MethodDelete {
-				actions = ActionDelete
-			}
+		var actions []string
+		for _, n := range needs(r, rt) {
+			actions = append(actions, n.action)
 		}
-		scope = "repository:" + rt.name + ":" + actions
+		if len(actions) == 1 && actions[0] == ActionPush {
+			// Clients that push also read back what they pushed.
+			actions = []string{ActionPull, ActionPush}
+		}
+		if len(actions) > 0 {
+			scope = "repository:" + rt.name + ":" + strings.Join(actions, ",")
+		}
 	}
 	e := errorf(CodeUnauthorized, "%s", detail)
 	if ch := g.cfg.Authorizer.Challenge(r, scope); ch != "" {
@@ -174,15 +177,25 @@ func (g *Gateway) unauthorized(r *http.Request, rt route, detail string) error {
 // from into a mount: it needs pull there. A mount without a source needs
 // pull on every repository (the blob may be linked anywhere); others get
 // a plain upload session instead, which never reveals what is stored.
+//
+// The account decides, not just its token: clients ask for a token
+// scoped to the target repository and rarely add the source.
 func mayMountFrom(ctx context.Context, from string) bool {
 	c := CallerFrom(ctx)
 	if c == nil {
 		return true
 	}
-	if from == "" {
-		return c.Can("", ActionPull)
+	can := func(repo string) bool {
+		if c.Can(repo, ActionPull) {
+			return true
+		}
+		s, ok := c.(scoped)
+		return ok && s.WouldAllow(repo, []string{ActionPull})
 	}
-	return c.Can(from, ActionPull)
+	if from == "" {
+		return can("")
+	}
+	return can(from)
 }
 
 // clientAddress is the request's client address as this member sees it.

@@ -3,6 +3,7 @@ package node_test
 import (
 	"context"
 	"encoding/xml"
+	"github.com/meridian-registry/meridian/node/clustertest/admin"
 	"net"
 	"os"
 	"os/exec"
@@ -171,6 +172,10 @@ func conformanceEnv(addr, results string) []string {
 		"OCI_REPO1=conformance/repo1",
 		"OCI_REPO2=conformance/repo2",
 		"OCI_RESULTS_DIR=" + results,
+		// Authentication is on: the suite logs in as the first admin
+		// (the Docker token flow, from the node's 401 challenge).
+		"OCI_USERNAME=" + admin.AdminUser,
+		"OCI_PASSWORD=" + admin.AdminPassword,
 	}
 	for _, k := range []string{"PATH", "HOME", "TMPDIR"} {
 		if v, ok := os.LookupEnv(k); ok {
@@ -300,6 +305,7 @@ func startConformanceNode(t *testing.T, adjust func(*node.Config)) *node.Node {
 	cfg.GRPCAddr = "127.0.0.1:0"
 	cfg.GossipAddr = "127.0.0.1:0"
 	cfg.LogLevel = "warn"
+	cfg.Auth.AdminPasswordFile = admin.PasswordFile(t)
 	if adjust != nil {
 		adjust(&cfg)
 	}
