@@ -124,7 +124,7 @@ func (g *Gateway) pullableRepositories(ctx context.Context, last string, n int) 
 			return nil, false, err
 		}
 		for _, repo := range repos {
-			if c != nil && !c.Can(repo, ActionPull) {
+			if c != nil && !lists(c, repo) {
 				continue
 			}
 			if len(out) == n {
@@ -138,4 +138,12 @@ func (g *Gateway) pullableRepositories(ctx context.Context, last string, n int) 
 		}
 		last = repos[len(repos)-1]
 	}
+}
+
+// lists reports whether the catalog shows repo to c.
+func lists(c Caller, repo string) bool {
+	if l, ok := c.(interface{ Lists(repo string) bool }); ok {
+		return l.Lists(repo)
+	}
+	return c.Can(repo, ActionPull)
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -9,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/meridian-registry/meridian/node/clustertest/admin"
 )
 
 // clientBinary is a registry client the Makefile installs (MERIDIAN_CRANE,
@@ -24,7 +27,9 @@ func clientBinary(t *testing.T, env string) string {
 
 // crane, oras and regctl, real clients, push and pull over HTTPS trusting
 // the cluster CA as any Go client does (SSL_CERT_FILE), and refuse the
-// registry without it.
+// registry without it. Authentication is on: without logging in each is
+// refused; then crane logs in as a robot, oras as a user with push on the
+// prefix, regctl as the admin (each through the token flow).
 func TestClientsOverHTTPS(t *testing.T) {
 	crane, oras, regctl := clientBinary(t, "MERIDIAN_CRANE"), clientBinary(t, "MERIDIAN_ORAS"), clientBinary(t, "MERIDIAN_REGCTL")
 	e2eNeedBinary(t)
@@ -57,12 +62,54 @@ func TestClientsOverHTTPS(t *testing.T) {
 		return out
 	}
 	p.poll("HTTPS answers", time.Minute, func() error {
-		_, err := run(trust, crane, "catalog", host)
-		return err
+		out, err := run(trust, crane, "catalog", host)
+		if err != nil && strings.Contains(out, "UNAUTHORIZED") {
+			return nil // answered, and asked for credentials
+		}
+		return fmt.Errorf("%v: %s", err, out)
 	})
 
-	// crane: an image made of one layer, its manifest read back, a copy.
+	// Identities for the clients, made with the CLI as the docs show.
+	addr := "--addr=" + p.ready.GRPCAddr
+	cli := func(stdin string, args ...string) string {
+		t.Helper()
+		cmd := exec.Command(e2eBinary, append(args, addr)...)
+		cmd.Env = e2eEnv()
+		cmd.Stdin = strings.NewReader(stdin)
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("meridian %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return string(out)
+	}
+	lastLine := func(out string) string {
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		return lines[len(lines)-1]
+	}
+	robotSecret := lastLine(cli("", "robot", "create", "ci", "--scope", "clients:pull,push"))
+	cli("dev-password-123\n", "user", "add", "dev", "--password-stdin")
+	cli("", "access", "grant", "--user", "dev", "--prefix", "clients", "--actions", "pull,push")
+
+	// Not logged in: refused, nothing pushed.
 	os.WriteFile(filepath.Join(dir, "hello.txt"), []byte("hello over https\n"), 0o644)
+	for _, c := range []struct {
+		bin  string
+		args []string
+	}{
+		{crane, []string{"digest", host + "/clients/none:v1"}},
+		{oras, []string{"push", host + "/clients/none:v1", "hello.txt"}},
+		{regctl, []string{"image", "digest", host + "/clients/none:v1"}},
+	} {
+		out, err := run(trust, c.bin, c.args...)
+		if err == nil || !(strings.Contains(out, "401") || strings.Contains(strings.ToLower(out), "unauthorized")) {
+			t.Errorf("%s without credentials: %v\n%s", filepath.Base(c.bin), err, out)
+		}
+	}
+	must(crane, "auth", "login", host, "-u", "robot+ci", "-p", robotSecret)
+	must(oras, "login", host, "-u", "dev", "-p", "dev-password-123")
+	must(regctl, "registry", "login", host, "-u", admin.AdminUser, "-p", admin.AdminPassword)
+
+	// crane: an image made of one layer, its manifest read back, a copy.
 	if out, err := exec.Command("tar", "-C", dir, "-cf", filepath.Join(dir, "layer.tar"), "hello.txt").CombinedOutput(); err != nil {
 		t.Fatalf("tar: %v\n%s", err, out)
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -152,6 +153,11 @@ func dev(args []string) error {
 	if sc.Trust, sc.GossipKeys, err = gc.LoadTrust(sc.Logger); err != nil {
 		return err
 	}
+	closeAccess, err := gatewayAccess(gc, &sc, sc.Logger)
+	if err != nil {
+		return err
+	}
+	defer closeAccess()
 	gw, err := gateway.NewStandalone(sc)
 	if err != nil {
 		return err
@@ -164,6 +170,12 @@ func dev(args []string) error {
 		defer cancel()
 		gw.Close(shutdown)
 	}()
+	// The first node created the first admin when the cluster was new.
+	passwordFile := filepath.Join(*dir, devNodes[0].id, node.AdminPasswordFileName)
+	password, err := waitForFile(ctx, passwordFile, 30*time.Second)
+	if err != nil {
+		return fmt.Errorf("the first admin's password: %w", err)
+	}
 	fmt.Println()
 	fmt.Println("Meridian dev cluster is up (Ctrl-C stops it; data in " + *dir + "):")
 	fmt.Printf("  gateway  registry http://%s   (in front of every node)\n", devGateway)
@@ -171,6 +183,9 @@ func dev(args []string) error {
 		fmt.Printf("  %s  region %-9s registry http://localhost:%d   grpc 127.0.0.1:%d   blobs %s\n",
 			d.id, d.region, d.base, d.base+1, filepath.Join(blobs, d.region))
 	}
+	fmt.Println()
+	fmt.Println("Log in as the first admin (its password is in " + passwordFile + "), then push and pull:")
+	fmt.Printf("  docker login %s -u admin -p %s\n", devGateway, password)
 	fmt.Println()
 	fmt.Println("Push to " + devGateway + " with any OCI client. Nodes and the gateway speak mutual TLS and encrypted")
 	fmt.Println("gossip with the cluster CA in " + pkiDir + "; admin commands take its admin certificate:")
@@ -180,4 +195,19 @@ func dev(args []string) error {
 	<-ctx.Done()
 	logger.Info("stopping the dev cluster")
 	return nil
+}
+
+// waitForFile returns the first line of path once it exists.
+func waitForFile(ctx context.Context, path string, timeout time.Duration) (string, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		b, err := os.ReadFile(path)
+		if err == nil && len(b) > 0 {
+			return strings.TrimSpace(strings.SplitN(string(b), "\n", 2)[0]), nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return "", fmt.Errorf("%s not written within %v: %v", path, timeout, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/meridian-registry/meridian/node/clustertest/admin"
 )
 
 // dockerHostIP is an address of this host that the docker engine reaches
@@ -33,7 +35,8 @@ func dockerHostIP(t *testing.T) string {
 
 // The docker CLI, a real client, pushes and pulls over HTTPS when the
 // engine trusts the cluster CA (/etc/docker/certs.d/<host:port>/ca.crt),
-// and refuses the registry when it does not.
+// and refuses the registry when it does not. Authentication is on: a push
+// before docker login is refused; after it (the token flow) it works.
 func TestDockerOverHTTPS(t *testing.T) {
 	if err := exec.Command("docker", "info").Run(); err != nil {
 		t.Skip("no docker engine runs here")
@@ -45,7 +48,13 @@ func TestDockerOverHTTPS(t *testing.T) {
 	docker := func(args ...string) (string, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		out, err := exec.CommandContext(ctx, "docker", args...).CombinedOutput()
+		cmd := exec.CommandContext(ctx, "docker", args...)
+		// Its own client config: the login stays with this test.
+		cmd.Env = append(os.Environ(), "DOCKER_CONFIG="+filepath.Join(dir, "docker-config"))
+		if args[0] == "login" {
+			cmd.Stdin = strings.NewReader(admin.AdminPassword + "\n")
+		}
+		out, err := cmd.CombinedOutput()
 		return string(out), err
 	}
 	e2eMeridian(t, "ca", "init", "--dir", pkiDir)
@@ -82,6 +91,12 @@ func TestDockerOverHTTPS(t *testing.T) {
 		t.Fatalf("docker build: %v\n%s", err, out)
 	}
 	t.Cleanup(func() { docker("rmi", "-f", tag) })
+	if out, err := docker("push", tag); err == nil || !strings.Contains(strings.ToLower(out), "unauthorized") && !strings.Contains(out, "no basic auth credentials") {
+		t.Fatalf("docker push before login: %v\n%s", err, out)
+	}
+	if out, err := docker("login", host, "-u", admin.AdminUser, "--password-stdin"); err != nil || !strings.Contains(out, "Login Succeeded") {
+		t.Fatalf("docker login: %v\n%s", err, out)
+	}
 	if out, err := docker("push", tag); err != nil {
 		t.Fatalf("docker push over HTTPS: %v\n%s", err, out)
 	}

@@ -144,6 +144,16 @@ func (c *caller) Can(repo, action string) bool {
 	return s != nil && s.can(c.principal, repo, action, c.a.cfg.Now())
 }
 
+// Lists reports whether repo appears in the caller's catalog: what it may
+// pull, and for a token with the catalog scope, what its account may pull.
+func (c *caller) Lists(repo string) bool {
+	if c.Can(repo, "pull") {
+		return true
+	}
+	_, catalog := c.token[catalogKey]
+	return catalog && c.WouldAllow(repo, []string{"pull"})
+}
+
 // WouldAllow reports whether the caller's account, whatever its token
 // says, may do actions on repo: a client then gets a 401 asking it to
 // fetch a token with that scope, not a 403.

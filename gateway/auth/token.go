@@ -15,6 +15,14 @@ import (
 	"github.com/meridian-registry/meridian/gateway"
 )
 
+// catalogScope asks for a token that lists the catalog (as Distribution
+// names it).
+const catalogScope = "registry:catalog:*"
+
+// catalogKey marks a token's catalog scope in its access map; no
+// repository name contains a space.
+const catalogKey = "registry catalog"
+
 // Token kinds, in the "use" claim: access tokens carry none.
 const useRefresh = "refresh"
 
@@ -49,6 +57,10 @@ func parseScopes(raw []string) []scope {
 		for _, one := range strings.Fields(r) {
 			typ, rest, ok := strings.Cut(one, ":")
 			i := strings.LastIndex(rest, ":")
+			if one == catalogScope {
+				out = append(out, scope{typ: "registry", name: "catalog", actions: []string{"*"}})
+				continue
+			}
 			if !ok || i <= 0 || typ != "repository" {
 				continue
 			}
@@ -64,6 +76,11 @@ func (a *Authority) grantScopes(s *state, principal string, asked []scope) []acc
 	now := a.cfg.Now()
 	access := []accessEntry{}
 	for _, sc := range asked {
+		if sc.typ == "registry" {
+			// Listing the catalog: it shows only what the account may pull.
+			access = append(access, accessEntry{Type: sc.typ, Name: sc.name, Actions: sc.actions})
+			continue
+		}
 		e := accessEntry{Type: sc.typ, Name: sc.name, Actions: []string{}}
 		for _, act := range sc.actions {
 			if ValidAction(act) && s.can(principal, sc.name, act, now) && !containsAction(e.Actions, act) {
@@ -151,8 +168,11 @@ func (a *Authority) verifyBearer(s *state, raw string) (gateway.Caller, error) {
 func accessMap(entries []accessEntry) map[string][]string {
 	m := map[string][]string{}
 	for _, e := range entries {
-		if e.Type == "repository" {
+		switch {
+		case e.Type == "repository":
 			m[e.Name] = append(m[e.Name], e.Actions...)
+		case e.Type == "registry" && e.Name == "catalog":
+			m[catalogKey] = e.Actions
 		}
 	}
 	return m
