@@ -1,0 +1,234 @@
+package node_test
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// A robot revoked through one node is refused by every node and gateway of
+// a three-region cluster within a second: its Basic credentials and the
+// token it got before the revocation alike. Its pushes stop being
+// acknowledged; nothing else is lost.
+func TestRevocationAcrossRegions(t *testing.T) {
+	g := newDirGeo(t, 3)
+	c := g.c
+	ctx := within(t, 3*time.Minute)
+	gwA := startGateway(t, g, "gw-east", "us-east", nil, nil)
+	gwB := startGateway(t, g, "gw-west", "eu-west", nil, nil)
+	g.waitTopology(t, ctx)
+
+	a := &accessSetup{t: t, ctx: ctx, admin: adminClient(t, c, 0)}
+	secret := a.robot("deployer", 0, &pb.Scope{Prefix: "rev", Actions: []string{"pull", "push"}})
+	robot := basicAuth("robot+deployer", secret)()
+
+	endpoints := map[string]string{"gw-east": "http://" + gwA.HTTPAddr(), "gw-west": "http://" + gwB.HTTPAddr()}
+	for i := 0; i < 3; i++ {
+		endpoints[fmt.Sprintf("node-%d", i)] = c.URL(i)
+	}
+	// Everyone knows the robot, and it can push everywhere.
+	for name, base := range endpoints {
+		waitFor(t, ctx, name+" knows the robot", func() bool {
+			return httpStatus(t, base, "POST", "/v2/rev/app/blobs/uploads/", robot, nil) == http.StatusAccepted
+		})
+	}
+	st, _ := a.admin.GetAccessState(ctx, &pb.GetAccessStateRequest{})
+	tokens := map[string]string{}
+	for name, base := range endpoints {
+		tokens[name] = registryToken(t, base, st.State.ClusterId, "robot+deployer", secret, "repository:rev/app:pull,push")
+	}
+	// A stream of pushes as the robot while it is revoked.
+	var mu sync.Mutex
+	var acked, refused int
+	var lastAck time.Time
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for k := 0; ; k++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			body := fmt.Appendf(nil, "push %d", k)
+			// A monolithic upload: one POST with the digest.
+			s := httpStatusAt(endpoints["gw-west"], "POST", "/v2/rev/app/blobs/uploads/?digest="+digestOf(body), robot, body)
+			mu.Lock()
+			if s == http.StatusCreated {
+				acked++
+				lastAck = time.Now()
+			} else {
+				refused++
+			}
+			mu.Unlock()
+		}
+	}()
+	time.Sleep(300 * time.Millisecond)
+
+	// Revoke through node 2, in the third region.
+	revoker := adminClient(t, c, 2)
+	if _, err := revoker.ManageAccess(ctx, &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_RevokeRobot{RevokeRobot: "deployer"}}); err != nil {
+		t.Fatal(err)
+	}
+	revoked := time.Now()
+	refusedAt := map[string]time.Duration{}
+	for len(refusedAt) < 2*len(endpoints) && time.Since(revoked) < 10*time.Second {
+		for name, base := range endpoints {
+			if _, ok := refusedAt[name+" basic"]; !ok && httpStatus(t, base, "GET", "/v2/rev/app/tags/list", robot, nil) == http.StatusUnauthorized {
+				refusedAt[name+" basic"] = time.Since(revoked)
+			}
+			if _, ok := refusedAt[name+" token"]; !ok && httpStatus(t, base, "GET", "/v2/rev/app/tags/list", "Bearer "+tokens[name], nil) == http.StatusUnauthorized {
+				refusedAt[name+" token"] = time.Since(revoked)
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(stop)
+	<-done
+	t.Logf("refused after the revocation: %v", refusedAt)
+	for name := range endpoints {
+		for _, how := range []string{" basic", " token"} {
+			d, ok := refusedAt[name+how]
+			if !ok || d > time.Second {
+				t.Errorf("%s%s: still accepted %v after the revocation (want within 1s)", name, how, d)
+			}
+		}
+	}
+	mu.Lock()
+	t.Logf("robot pushes: %d acknowledged, %d refused; last acknowledged %v after the revocation", acked, refused, lastAck.Sub(revoked))
+	if acked == 0 || refused == 0 {
+		t.Errorf("want pushes acknowledged before and refused after the revocation: %d acknowledged, %d refused", acked, refused)
+	}
+	if lastAck.Sub(revoked) > time.Second {
+		t.Errorf("a push was acknowledged %v after the revocation", lastAck.Sub(revoked))
+	}
+	mu.Unlock()
+
+	// Nothing else lost: the admin's image pushed before is intact
+	// everywhere.
+	img := randomImage(t, 8<<10, 1)
+	if err := remote.Write(ref(t, c, 0, "rev/kept:v1"), img, remoteOpts(ctx, c)...); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if err := pullAndCompare(ctx, c, i, "rev/kept:v1", img); err != nil {
+			t.Errorf("node %d: %v", i, err)
+		}
+	}
+}
+
+// httpStatusAt is httpStatus without a test (for goroutines).
+func httpStatusAt(base, method, path, auth string, body []byte) int {
+	req, err := http.NewRequest(method, base+path, strings.NewReader(string(body)))
+	if err != nil {
+		return 0
+	}
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	req.Header.Set("Content-Type", "application/octet-stream")
+	resp, err := rawClient.Do(req)
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// Every change carries who made it, from where and through which member,
+// in its own log entry: the audit log read from a node in another region
+// names the pushes, the delete and the permission changes, and the node
+// that refused a request lists it with --denied.
+func TestAuditLogAcrossRegions(t *testing.T) {
+	g := newDirGeo(t, 3)
+	c := g.c
+	ctx := within(t, 3*time.Minute)
+	gw := startGateway(t, g, "gw-audit", "us-east", nil, nil)
+	g.waitTopology(t, ctx)
+	start := time.Now()
+
+	a := &accessSetup{t: t, ctx: ctx, admin: adminClient(t, c, 0)}
+	a.user("auditor", matrixPassword)
+	a.grant("user:auditor", "aud", "pull", "push", "delete")
+	as := basicAuth("auditor", matrixPassword)()
+	waitFor(t, ctx, "the gateway knows the auditor", func() bool {
+		return httpStatus(t, "http://"+gw.HTTPAddr(), "GET", "/v2/", as, nil) == http.StatusOK
+	})
+	// A push through the gateway and a delete through node 1.
+	body := []byte("audited blob")
+	if s := httpStatus(t, "http://"+gw.HTTPAddr(), "POST", "/v2/aud/app/blobs/uploads/?digest="+digestOf(body), as, body); s != http.StatusCreated {
+		t.Fatalf("push: %d", s)
+	}
+	waitFor(t, ctx, "node 1 sees the blob", func() bool {
+		return httpStatus(t, c.URL(1), "HEAD", "/v2/aud/app/blobs/"+digestOf(body), as, nil) == http.StatusOK
+	})
+	if s := httpStatus(t, c.URL(1), "DELETE", "/v2/aud/app/blobs/"+digestOf(body), as, nil); s != http.StatusAccepted {
+		t.Fatalf("delete: %d", s)
+	}
+	// A refusal on node 1.
+	if s := httpStatus(t, c.URL(1), "GET", "/v2/secret/app/tags/list", as, nil); s != http.StatusForbidden {
+		t.Fatalf("refusal: %d", s)
+	}
+	a.manage(&pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_Revoke{Revoke: &pb.DeleteGrant{Subject: "user:auditor", Prefix: "aud"}}})
+
+	// Read back from node 2, in the third region.
+	reader := adminClient(t, c, 2)
+	var recs []*pb.AuditRecord
+	waitFor(t, ctx, "node 2 has the revocation in its audit log", func() bool {
+		resp, err := reader.ReadAudit(ctx, &pb.ReadAuditRequest{SinceUnixNano: start.UnixNano()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		recs = resp.Records
+		return len(recs) > 0 && recs[len(recs)-1].Action == "delete_grant"
+	})
+	find := func(action, principal, via string) *pb.AuditRecord {
+		for _, r := range recs {
+			if r.Action == action && r.GetActor().GetPrincipal() == principal && (via == "" || r.GetActor().GetVia() == via) {
+				return r
+			}
+		}
+		t.Errorf("no %s by %s via %q in the audit log read from node 2:\n%v", action, principal, via, recs)
+		return nil
+	}
+	if r := find("link_blob", "user:auditor", "gw-audit"); r != nil {
+		if r.Repository != "aud/app" || !strings.Contains(r.Detail, digestOf(body)) || !strings.HasPrefix(r.GetActor().GetAddress(), "127.0.0.1:") || r.Index == 0 {
+			t.Errorf("push record: %v", r)
+		}
+	}
+	if r := find("unlink_blob", "user:auditor", "node-1"); r != nil && r.Repository != "aud/app" {
+		t.Errorf("delete record: %v", r)
+	}
+	find("put_user", "user:admin", "node-0")
+	find("put_grant", "user:admin", "node-0")
+	find("delete_grant", "user:admin", "node-0")
+	// Filters.
+	resp, err := reader.ReadAudit(ctx, &pb.ReadAuditRequest{SinceUnixNano: start.UnixNano(), Principal: "auditor"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range resp.Records {
+		if r.GetActor().GetPrincipal() != "user:auditor" {
+			t.Errorf("principal filter let through %v", r)
+		}
+	}
+	if len(resp.Records) != 2 {
+		t.Errorf("auditor made 2 changes, the filter found %d", len(resp.Records))
+	}
+	// The refusal stays with the node that refused it.
+	denied, err := adminClient(t, c, 1).ReadAudit(ctx, &pb.ReadAuditRequest{SinceUnixNano: start.UnixNano(), Denied: true, Repository: "secret/app"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(denied.Records) != 1 || denied.Records[0].Action != "denied" || denied.Records[0].GetActor().GetPrincipal() != "user:auditor" {
+		t.Errorf("node 1's denied log: %v", denied.Records)
+	}
+}
