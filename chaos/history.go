@@ -29,6 +29,11 @@ const (
 	OpTagWrite OpKind = "tag-write"
 	// OpDelete deletes the manifest Digest from Repo.
 	OpDelete OpKind = "delete"
+	// OpRobotWrite is one write request (a blob upload or a manifest PUT)
+	// the robot writer sent as User, a robot account: Request names it,
+	// Outcome OK means the registry acknowledged it (2xx). The revocation
+	// check judges these; the image they make up is also an OpPush.
+	OpRobotWrite OpKind = "robot-write"
 	// OpVerify is the check, after healing, of one acknowledged push:
 	// Outcome OK means its tag still points at Digest and the manifest and
 	// every blob pulled back with matching bytes.
@@ -83,6 +88,12 @@ type Op struct {
 	Digest string `json:"digest,omitempty"`
 	Blobs  []Blob `json:"blobs,omitempty"`
 	From   string `json:"from,omitempty"` // OpMount: the source repository
+
+	// User is the account the operation was sent as when it was not the
+	// workload's admin: a robot's login, robot+NAME.
+	User string `json:"user,omitempty"`
+	// Request is an OpRobotWrite's method and path.
+	Request string `json:"request,omitempty"`
 
 	Cond   string `json:"cond,omitempty"`   // OpTagWrite
 	Expect string `json:"expect,omitempty"` // OpTagWrite with CondIfMatch
@@ -146,6 +157,10 @@ type Fault struct {
 	// re-issued in place that the process did not serve in time
 	// (CheckCertRotations). Such a fault was injected and counts.
 	Failure string `json:"failure,omitempty"`
+	// Revoked is when a revoke fault's `meridian robot revoke` returned:
+	// from revokeGrace later on, no write of the robot (Target) may be
+	// acknowledged (CheckRevocations).
+	Revoked time.Duration `json:"revoked,omitempty"`
 }
 
 // RegionLag is a region's replication backlog as `meridian cluster status`

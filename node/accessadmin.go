@@ -633,6 +633,11 @@ func (n *Node) manageAccess(ctx context.Context, req *pb.ManageAccessRequest) (*
 	if err != nil {
 		return nil, err
 	}
+	// The leader judges writes (mayWrite) from the new state before the
+	// caller hears that the change is made.
+	if err := n.reloadAccess(ctx); err != nil {
+		n.logger.Warn("reload access state", "err", err)
+	}
 	resp.Index = index
 	return resp, nil
 }
@@ -699,4 +704,38 @@ func (s clusterServer) GetAccessState(ctx context.Context, req *pb.GetAccessStat
 	}
 	st.ClusterId = s.n.cfg.ClusterID
 	return &pb.GetAccessStateResponse{State: st}, nil
+}
+
+// mayWrite checks again, on the node that builds the entry, that the
+// actor a gateway named may still make this change. A revocation then
+// stops writes as soon as this node has applied it, whatever a gateway
+// still holds.
+func (n *Node) mayWrite(ctx context.Context, cmd *pb.Command) error {
+	a := pb.ActorFrom(ctx)
+	if n.access == nil || a == nil {
+		return nil
+	}
+	type need struct{ repo, action string }
+	var needs []need
+	switch c := cmd.GetIntent().(type) {
+	case *pb.Command_PutManifest:
+		needs = []need{{c.PutManifest.Repository, "push"}}
+	case *pb.Command_LinkBlob:
+		needs = []need{{c.LinkBlob.Repository, "push"}}
+		if c.LinkBlob.MountFrom != "" {
+			needs = append(needs, need{c.LinkBlob.MountFrom, "pull"})
+		}
+	case *pb.Command_DeleteManifest:
+		needs = []need{{c.DeleteManifest.Repository, "delete"}}
+	case *pb.Command_DeleteTag:
+		needs = []need{{c.DeleteTag.Repository, "delete"}}
+	case *pb.Command_UnlinkBlob:
+		needs = []need{{c.UnlinkBlob.Repository, "delete"}}
+	}
+	for _, nd := range needs {
+		if ok, known := n.access.Allowed(a.Principal, nd.repo, nd.action); known && !ok {
+			return pb.Errorf(pb.Code_CODE_DENIED, "%s may not %s %s", a.Principal, nd.action, nd.repo)
+		}
+	}
+	return nil
 }

@@ -36,6 +36,9 @@ func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
 		index = resp.Index
 		return resp.Result.Err()
 	}, func(ctx context.Context) (err error) {
+		if err := n.mayWrite(ctx, cmd); err != nil {
+			return err
+		}
 		index, err = n.consensus.Commit(ctx, cmd, actor)
 		return err
 	})

@@ -38,6 +38,9 @@ func (s clusterServer) Commit(ctx context.Context, req *pb.CommitRequest) (*pb.C
 		// One hop only: a forwarded write that finds no leader here goes
 		// back. The leader validates what it commits itself.
 		if err = s.n.validateCommand(ctx, req.Command); err == nil {
+			err = s.n.mayWrite(ctx, req.Command)
+		}
+		if err == nil {
 			index, err = s.n.consensus.Commit(ctx, req.Command, actor)
 		}
 	} else {

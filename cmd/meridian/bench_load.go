@@ -210,9 +210,18 @@ type registryResult struct {
 	PushMonolithic pushResult `json:"push_monolithic"`
 	PushChunked    pushResult `json:"push_chunked"`
 	Pull           pullResult `json:"pull"`
-	ManifestGET    loadResult `json:"manifest_get_by_tag"`
+	// ManifestGET is with the registry's credentials: for Meridian, a
+	// Bearer token; Distribution runs without authentication.
+	ManifestGET loadResult `json:"manifest_get_by_tag"`
+	// ManifestGETAnonymous is Meridian's same load without credentials,
+	// anonymous pull being granted on the repository.
+	ManifestGETAnonymous *loadResult `json:"manifest_get_by_tag_anonymous,omitempty"`
+	// TokenIssue is Meridian's token endpoint: GET /auth/token with Basic
+	// credentials and one scope.
+	TokenIssue *loadResult `json:"token_issue,omitempty"`
 	// CPU is what each phase (push_monolithic, push_chunked, pull,
-	// manifest_get) cost the server and the load generator.
+	// manifest_get, manifest_get_anonymous, token_issue) cost the server
+	// and the load generator.
 	CPU map[string]cpuUse `json:"cpu,omitempty"`
 }
 
@@ -305,10 +314,20 @@ func (s loadSample) result(concurrency int) loadResult {
 	return res
 }
 
-// manifestLoad GETs url from concurrency clients for d after a short warm-up
-// that opens the connections, and checks every answer is a 200 of wantLen
-// bytes. Requests that fail are counted, not timed.
-func manifestLoad(ctx context.Context, c *http.Client, url string, wantLen, concurrency int, d time.Duration) loadSample {
+// manifestLoad GETs url from concurrency clients for d, each request with
+// the Authorization header authorization ("": none), and checks every answer
+// is a 200 of wantLen bytes.
+func manifestLoad(ctx context.Context, c *http.Client, url, authorization string, wantLen, concurrency int, d time.Duration) loadSample {
+	return closedLoop(ctx, concurrency, d, func() func() error {
+		buf := make([]byte, wantLen+1)
+		return func() error { return getManifest(ctx, c, url, authorization, buf, wantLen) }
+	})
+}
+
+// closedLoop runs concurrency clients for d after a short warm-up that opens
+// the connections; newClient returns a client's request, which it repeats.
+// Requests that fail are counted, not timed.
+func closedLoop(ctx context.Context, concurrency int, d time.Duration, newClient func() func() error) loadSample {
 	warm := min(d/10, time.Second)
 	begin := time.Now()
 	measureFrom, end := begin.Add(warm), begin.Add(warm+d)
@@ -317,14 +336,14 @@ func manifestLoad(ctx context.Context, c *http.Client, url string, wantLen, conc
 	for i := range workers {
 		w := &workers[i]
 		w.lat = make([]time.Duration, 0, 1<<12)
+		do := newClient()
 		wg.Go(func() {
-			buf := make([]byte, wantLen+1)
 			for {
 				t0 := time.Now()
 				if !t0.Before(end) || ctx.Err() != nil {
 					return
 				}
-				err := getManifest(ctx, c, url, buf, wantLen)
+				err := do()
 				t1 := time.Now()
 				switch {
 				case err != nil && ctx.Err() != nil:

@@ -229,12 +229,15 @@ func putManifest(ctx context.Context, c *http.Client, base string, m []byte) err
 
 var errShortManifest = errors.New("manifest body has the wrong length")
 
-func getManifest(ctx context.Context, c *http.Client, url string, buf []byte, wantLen int) error {
+func getManifest(ctx context.Context, c *http.Client, url, authorization string, buf []byte, wantLen int) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return err
 	}
 	req.Header.Set("Accept", mediaTypeManifest)
+	if authorization != "" {
+		req.Header.Set("Authorization", authorization)
+	}
 	resp, err := c.Do(req)
 	if err != nil {
 		return err

@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -104,30 +106,57 @@ func (p *process) logTail() string {
 	return fmt.Sprintf("\n--- %s output (%s) ---\n%s", p.name, p.logPath, strings.TrimSpace(string(b)))
 }
 
+// meridianNode is a node the bench started and how to reach it.
+type meridianNode struct {
+	proc      *process
+	base      string // http://HOST:PORT
+	grpcAddr  string
+	clusterID string // the service of its tokens
+	password  string // of the first admin, benchAdmin
+}
+
+// benchAdmin is the first user of a new node.
+const benchAdmin = "admin"
+
 // startMeridian runs `meridian serve` on 127.0.0.1:0 ports with its data in
-// dir, reads its address from the ready file and waits for /readyz.
-func startMeridian(ctx context.Context, serveCmd, env []string, dir string) (*process, string, error) {
+// dir and a first admin whose password it makes up, reads its addresses
+// from the ready file and waits for /readyz.
+func startMeridian(ctx context.Context, serveCmd, env []string, dir string) (*meridianNode, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, "", err
+		return nil, err
+	}
+	// A fresh password each run: the node listens on loopback only, but the
+	// data dir may be kept (--keep) and nothing else should log in.
+	secret := make([]byte, 16)
+	if _, err := rand.Read(secret); err != nil {
+		return nil, err
+	}
+	password := hex.EncodeToString(secret)
+	pwFile := filepath.Join(dir, "admin-password")
+	if err := os.WriteFile(pwFile, []byte(password+"\n"), 0o600); err != nil {
+		return nil, err
 	}
 	ready := filepath.Join(dir, "ready.json")
 	argv := append(slices.Clone(serveCmd),
 		"--data-dir", filepath.Join(dir, "data"), "--node-id", "bench", "--region", "local",
 		"--http-addr", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0",
+		"--admin-password-file", pwFile,
 		"--ready-file", ready, "--log-level", "warn")
 	// Every other listener (gRPC, gossip, …) on a free port too, through the
 	// env twins of the flags: a node without such a listener ignores them.
 	env = append(slices.Clone(env), "MERIDIAN_GRPC_ADDR=127.0.0.1:0", "MERIDIAN_GOSSIP_ADDR=127.0.0.1:0")
 	p, err := startProcess("meridian", filepath.Join(dir, "meridian.log"), env, argv...)
 	if err != nil {
-		return nil, "", err
+		return nil, err
 	}
-	fail := func(err error) (*process, string, error) {
+	fail := func(err error) (*meridianNode, error) {
 		p.stop()
-		return nil, "", fmt.Errorf("%w%s", err, p.logTail())
+		return nil, fmt.Errorf("%w%s", err, p.logTail())
 	}
 	var info struct {
-		HTTPAddr string `json:"http_addr"`
+		HTTPAddr  string `json:"http_addr"`
+		GRPCAddr  string `json:"grpc_addr"`
+		ClusterID string `json:"cluster_id"`
 	}
 	err = poll(ctx, p, "the ready file", func() error {
 		b, err := os.ReadFile(ready)
@@ -139,11 +168,11 @@ func startMeridian(ctx context.Context, serveCmd, env []string, dir string) (*pr
 	if err != nil {
 		return fail(err)
 	}
-	base := "http://" + info.HTTPAddr
-	if err := waitHTTP(ctx, p, base+"/readyz", http.StatusOK); err != nil {
+	n := &meridianNode{proc: p, base: "http://" + info.HTTPAddr, grpcAddr: info.GRPCAddr, clusterID: info.ClusterID, password: password}
+	if err := waitHTTP(ctx, p, n.base+"/readyz", http.StatusOK); err != nil {
 		return fail(err)
 	}
-	return p, base, nil
+	return n, nil
 }
 
 // startNginx serves docroot with nginx (sendfile on) on a free loopback port,

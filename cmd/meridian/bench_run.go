@@ -23,6 +23,11 @@ import (
 // runs interleaved with its limit (disk test, then every push; static GET,
 // then every registry GET; manifest load slices alternating between the
 // registries), and each push and pull ratio is the median of per-run ratios.
+//
+// Meridian runs with authentication on, as it always does: the workload
+// logs in as the node's first admin, and the manifest load runs with a
+// Bearer token and, in the same slices, anonymously. Distribution runs
+// without authentication.
 func runBench(ctx context.Context, opts benchOptions) (*benchReport, error) {
 	if opts.progress == nil {
 		opts.progress = io.Discard
@@ -70,12 +75,12 @@ func runBench(ctx context.Context, opts benchOptions) (*benchReport, error) {
 	rep.Limits.Static = &staticResult{Server: static.label}
 
 	logf("meridian: starting %s", strings.Join(opts.serveCmd, " "))
-	p, base, err := startMeridian(ctx, opts.serveCmd, opts.serveEnv, filepath.Join(root, "meridian"))
+	n, err := startMeridian(ctx, opts.serveCmd, opts.serveEnv, filepath.Join(root, "meridian"))
 	if err != nil {
 		return rep, fmt.Errorf("bench: meridian: %w", err)
 	}
-	defer p.stop()
-	targets := []*benchTarget{newBenchTarget("meridian", base, p, opts.concurrency)}
+	defer n.proc.stop()
+	targets := []*benchTarget{newMeridianTarget(n, opts.concurrency)}
 	rep.Meridian = targets[0].res
 
 	if bin, reason := findBinary(opts.distribution, "registry"); bin == "" {
@@ -144,11 +149,26 @@ type benchTarget struct {
 	postDigest  bool // the registry stores a blob from POST ?digest=
 	manifestLen int
 	load        loadSample
+
+	// auth is set for Meridian: the workload logs in, and the manifest load
+	// also runs anonymously (anonLoad), and the token endpoint is measured.
+	auth     *benchAuth
+	anonLoad loadSample
 }
 
 func newBenchTarget(name, base string, proc *process, concurrency int) *benchTarget {
 	return &benchTarget{name: name, base: base, proc: proc, c: newBenchClient(1), mc: newBenchClient(concurrency),
 		res: &registryResult{Name: name, URL: base, CPU: map[string]cpuUse{}}}
+}
+
+// newMeridianTarget is a node the bench started, whose clients log in as
+// its first admin. The manifest load's client sends its own Authorization
+// (a token, or none), so it stays unwrapped.
+func newMeridianTarget(n *meridianNode, concurrency int) *benchTarget {
+	t := newBenchTarget("meridian", n.base, n.proc, concurrency)
+	t.auth = newBenchAuth(n)
+	t.c.Transport = t.auth.wrap(t.c.Transport)
+	return t
 }
 
 // measure runs fn and charges the CPU the server and this process used
@@ -246,13 +266,19 @@ func (w *workload) run(ctx context.Context, targets []*benchTarget) error {
 	if err := each("push manifest", func(t *benchTarget) error { return t.putManifest(ctx, manifest) }); err != nil {
 		return err
 	}
-	// Slices of about 2 s, alternating between the registries, so that
-	// whatever else the machine does hits both alike.
+	if err := each("prepare the manifest load", func(t *benchTarget) error { return t.prepareLoad(ctx) }); err != nil {
+		return err
+	}
+	// Slices of about 2 s, alternating between the registries (and on
+	// Meridian between the token and anonymous loads), so that whatever
+	// else the machine does hits them alike.
 	slices := max(1, int(math.Round(w.opts.duration.Seconds()/2)))
-	w.logf("manifest GET by tag: %d clients, %s per registry, in %d slice(s)", w.opts.concurrency, w.opts.duration, slices)
-	for range slices {
+	slice := w.opts.duration / time.Duration(slices)
+	w.logf("manifest GET by tag: %d clients, %s per registry (meridian: with a bearer token, then as much anonymously), in %d slice(s)",
+		w.opts.concurrency, w.opts.duration, slices)
+	for i := range slices {
 		err := each("manifest GET", func(t *benchTarget) error {
-			return t.loadSlice(ctx, w.opts.concurrency, w.opts.duration/time.Duration(slices))
+			return t.loadSlice(ctx, i, w.opts.concurrency, slice)
 		})
 		if err != nil {
 			return err
@@ -260,8 +286,20 @@ func (w *workload) run(ctx context.Context, targets []*benchTarget) error {
 	}
 	for _, t := range live {
 		t.res.ManifestGET = t.load.result(w.opts.concurrency)
+		if t.auth != nil {
+			r := t.anonLoad.result(w.opts.concurrency)
+			t.res.ManifestGETAnonymous = &r
+		}
 	}
-	return nil
+
+	// Last, so that its logins and signatures do not weigh on the loads.
+	tokenTime := max(slice, time.Second)
+	for _, t := range live {
+		if t.auth != nil {
+			w.logf("%s token issuance: %d clients for %s", t.name, w.opts.concurrency, tokenTime)
+		}
+	}
+	return each("token issuance", func(t *benchTarget) error { return t.tokenIssue(ctx, w.opts.concurrency, tokenTime) })
 }
 
 // diskRun writes a new file each run: rewriting one would reuse the pages
@@ -349,15 +387,90 @@ func (t *benchTarget) putManifest(ctx context.Context, m []byte) error {
 	return putManifest(ctx, t.c, t.base, m)
 }
 
-func (t *benchTarget) loadSlice(ctx context.Context, concurrency int, d time.Duration) error {
-	return t.measure("manifest_get", func() error {
-		s := manifestLoad(ctx, t.mc, t.base+"/v2/"+benchRepo+"/manifests/"+benchTag, t.manifestLen, concurrency, d)
+// prepareLoad readies an authenticating registry for the manifest loads:
+// a token, and anonymous pull granted and seen to work.
+func (t *benchTarget) prepareLoad(ctx context.Context) error {
+	if t.auth == nil {
+		return nil
+	}
+	if _, err := t.auth.bearerFor(ctx, t.c, 0); err != nil {
+		return err
+	}
+	if err := t.auth.grantAnonymousPull(ctx); err != nil {
+		return err
+	}
+	err := getManifest(ctx, t.mc, t.manifestURL(), "", make([]byte, t.manifestLen+1), t.manifestLen)
+	if err != nil {
+		return fmt.Errorf("anonymous pull granted, but: %w", err)
+	}
+	return nil
+}
+
+func (t *benchTarget) manifestURL() string {
+	return t.base + "/v2/" + benchRepo + "/manifests/" + benchTag
+}
+
+// loadSlice runs slice i of the manifest load: on an authenticating
+// registry, with the token and anonymously, first one then the other in
+// turn, so that neither always runs second.
+func (t *benchTarget) loadSlice(ctx context.Context, i, concurrency int, d time.Duration) error {
+	withToken := func() error {
+		authorization := ""
+		if t.auth != nil {
+			var err error
+			if authorization, err = t.auth.bearerFor(ctx, t.c, d); err != nil {
+				return err
+			}
+		}
+		return t.measure("manifest_get", func() error {
+			return t.loadOnce(ctx, &t.load, "", authorization, concurrency, d)
+		})
+	}
+	if t.auth == nil {
+		return withToken()
+	}
+	anonymous := func() error {
+		return t.measure("manifest_get_anonymous", func() error {
+			return t.loadOnce(ctx, &t.anonLoad, "anonymous: ", "", concurrency, d)
+		})
+	}
+	first, second := withToken, anonymous
+	if i%2 == 1 {
+		first, second = anonymous, withToken
+	}
+	if err := first(); err != nil {
+		return err
+	}
+	return second()
+}
+
+func (t *benchTarget) loadOnce(ctx context.Context, into *loadSample, what, authorization string, concurrency int, d time.Duration) error {
+	s := manifestLoad(ctx, t.mc, t.manifestURL(), authorization, t.manifestLen, concurrency, d)
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	into.merge(s)
+	if len(s.lat) == 0 {
+		return errors.New(what + "no manifest GET succeeded: " + s.firstErr)
+	}
+	return nil
+}
+
+// tokenIssue measures the token endpoint of an authenticating registry:
+// GET /auth/token with the admin's Basic credentials and one scope.
+func (t *benchTarget) tokenIssue(ctx context.Context, concurrency int, d time.Duration) error {
+	if t.auth == nil {
+		return nil
+	}
+	return t.measure("token_issue", func() error {
+		s := tokenLoad(ctx, t.mc, t.auth.tokenURL(), t.auth.basic, concurrency, d)
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		t.load.merge(s)
+		r := s.result(concurrency)
+		t.res.TokenIssue = &r
 		if len(s.lat) == 0 {
-			return errors.New("no manifest GET succeeded: " + s.firstErr)
+			return errors.New("no token request succeeded: " + s.firstErr)
 		}
 		return nil
 	})

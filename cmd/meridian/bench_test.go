@@ -371,7 +371,7 @@ func TestManifestLoadCountsErrors(t *testing.T) {
 	c := newBenchClient(2)
 	var s loadSample
 	for range 2 {
-		s.merge(manifestLoad(context.Background(), c, srv.URL, len(body), 2, 100*time.Millisecond))
+		s.merge(manifestLoad(context.Background(), c, srv.URL, "", len(body), 2, 100*time.Millisecond))
 	}
 	res := s.result(2)
 	if res.Requests == 0 || res.Errors == 0 || !strings.Contains(res.FirstError, "500") || len(res.SlicesRPS) != 2 {

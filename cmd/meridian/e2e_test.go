@@ -707,7 +707,7 @@ func TestKillDuringUpload(t *testing.T) {
 	req.ContentLength = size - first
 	req.Header.Set("Content-Range", fmt.Sprintf("%d-%d", first, size-1))
 	req.Header.Set("Content-Type", stream)
-	client := &http.Client{Transport: &http.Transport{}}
+	client := &http.Client{Transport: admin.Transport(&http.Transport{})}
 	done := make(chan error, 1)
 	go func() {
 		resp, err := client.Do(req)

@@ -15,6 +15,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/meridian-registry/meridian/node/clustertest/admin"
 	"io"
 	"net/http"
 	"os"
@@ -250,7 +251,7 @@ func (c *gwe2eCluster) waitReplicated(d time.Duration) {
 // gwe2eClient is an HTTP client of its own, so that its connections are
 // its own to close.
 func gwe2eClient() *http.Client {
-	return &http.Client{Transport: &http.Transport{Proxy: nil, MaxIdleConnsPerHost: 128, DisableCompression: true}}
+	return &http.Client{Transport: admin.Transport(&http.Transport{Proxy: nil, MaxIdleConnsPerHost: 128, DisableCompression: true})}
 }
 
 // gwe2eBlobDigest hashes the size bytes of the stream seed, without holding

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"github.com/meridian-registry/meridian/node/clustertest/admin"
 	"io/fs"
 	"net/http"
 	"os"
@@ -275,10 +276,10 @@ func TestServeHTTPS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := remote.Write(ref, img, remote.WithTransport(tr)); err != nil {
+	if err := remote.Write(ref, img, remote.WithTransport(admin.Transport(tr))); err != nil {
 		t.Fatalf("push over HTTPS: %v", err)
 	}
-	got, err := remote.Image(ref, remote.WithTransport(tr))
+	got, err := remote.Image(ref, remote.WithTransport(admin.Transport(tr)))
 	if err != nil {
 		t.Fatalf("pull over HTTPS: %v", err)
 	}

@@ -282,6 +282,19 @@ func verifiedKey(user, pass string, hash []byte) [32]byte {
 	return k
 }
 
+// Allowed reports whether principal ("user:NAME", "robot:NAME" or
+// "anonymous") may do action on repo in the state held now. Principals of
+// other kinds (certificates, external issuers) are not the state's to
+// judge: false, with known false.
+func (a *Authority) Allowed(principal, repo, action string) (allowed, known bool) {
+	kind, _, _ := strings.Cut(principal, ":")
+	if kind != KindUser && kind != KindRobot && principal != Anonymous {
+		return false, false
+	}
+	s := a.state.Load()
+	return s != nil && s.can(principal, repo, action, a.cfg.Now()), true
+}
+
 // IsAdmin reports whether principal may administer the whole cluster:
 // admin on every repository.
 func (a *Authority) IsAdmin(principal string) bool {
