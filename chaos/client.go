@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -16,14 +17,20 @@ import (
 
 const mediaTypeManifest = "application/vnd.oci.image.manifest.v1+json"
 
+// Credentials are an account's login, sent as HTTP Basic.
+type Credentials struct{ User, Password string }
+
 // registryClient speaks the OCI Distribution API over plain HTTP, the way
 // any client would; it records nothing itself.
 type registryClient struct {
 	http    *http.Client
 	timeout time.Duration // per request
+	// login is sent with every request that carries no Authorization
+	// of its own (none: anonymous).
+	login Credentials
 }
 
-func newRegistryClient(timeout time.Duration) *registryClient {
+func newRegistryClient(timeout time.Duration, login Credentials) *registryClient {
 	tr := &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 3 * time.Second}).DialContext,
 		MaxIdleConnsPerHost: 32,
@@ -31,7 +38,7 @@ func newRegistryClient(timeout time.Duration) *registryClient {
 		// A gateway that stops answering must not hold a worker forever.
 		ResponseHeaderTimeout: timeout,
 	}
-	return &registryClient{http: &http.Client{Transport: tr}, timeout: timeout}
+	return &registryClient{http: &http.Client{Transport: tr}, timeout: timeout, login: login}
 }
 
 // reply is what one request got back.
@@ -56,6 +63,11 @@ func (c *registryClient) do(ctx context.Context, gw Endpoint, method, path strin
 	}
 	for k, vs := range hdr {
 		req.Header[k] = vs
+	}
+	// Basic on every request: the registry caches a verified password,
+	// and Basic needs no token round trip that a fault could break.
+	if req.Header.Get("Authorization") == "" && c.login.User != "" {
+		req.SetBasicAuth(c.login.User, c.login.Password)
 	}
 	if body != nil {
 		req.ContentLength = int64(len(body))
@@ -113,6 +125,11 @@ func errText(r reply, err error) string {
 		return fmt.Sprintf("HTTP %d %s", r.status, msg)
 	}
 	return ""
+}
+
+// basicAuth is the Authorization header value of cred.
+func basicAuth(cred Credentials) string {
+	return "Basic " + base64.StdEncoding.EncodeToString([]byte(cred.User+":"+cred.Password))
 }
 
 func sha256Digest(b []byte) string {

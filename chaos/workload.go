@@ -44,6 +44,16 @@ type WorkloadConfig struct {
 	// Think is the pause between a client's operations, so that a 2-core
 	// machine keeps serving its nodes.
 	Think time.Duration
+	// RobotWriters push small images into RobotRepoPrefix repositories
+	// as the robot account Robot names at the start of each push, one
+	// push every RobotPause; every write request they send is recorded
+	// (OpRobotWrite), so that the revocation check can tell which were
+	// acknowledged after the robot was revoked.
+	RobotWriters int
+	Robot        func() Credentials
+	RobotPause   time.Duration
+	// Admin is the login of every other request.
+	Admin Credentials
 	// RequestTimeout bounds each HTTP request.
 	RequestTimeout time.Duration
 	// Live, when set, hears of suspect results as they happen (bytes that
@@ -86,6 +96,18 @@ type tagSlot struct {
 
 const mutableRepo = "chaos/mutable"
 
+// RobotRepoPrefix is where the robot writers push, and what their robot
+// accounts may push to.
+const RobotRepoPrefix = "robot"
+
+// sender is who a request goes out as: nil is the workload's admin;
+// otherwise robot writer client, logged in as cred, each of whose write
+// requests is recorded (OpRobotWrite).
+type sender struct {
+	client int
+	cred   Credentials
+}
+
 // NewWorkload prepares a workload recording into h.
 func NewWorkload(cfg WorkloadConfig, h *History) *Workload {
 	if cfg.RequestTimeout <= 0 {
@@ -94,7 +116,10 @@ func NewWorkload(cfg WorkloadConfig, h *History) *Workload {
 	if cfg.TagGeneration <= 0 {
 		cfg.TagGeneration = 150
 	}
-	w := &Workload{cfg: cfg, h: h, client: newRegistryClient(cfg.RequestTimeout), deleted: map[string]bool{}}
+	if cfg.RobotPause <= 0 {
+		cfg.RobotPause = 250 * time.Millisecond
+	}
+	w := &Workload{cfg: cfg, h: h, client: newRegistryClient(cfg.RequestTimeout, cfg.Admin), deleted: map[string]bool{}}
 	for i := range cfg.TagSlots {
 		w.slots = append(w.slots, &tagSlot{slot: i})
 	}
@@ -107,7 +132,7 @@ func (w *Workload) Setup(ctx context.Context) error {
 	rng := rand.New(rand.NewPCG(w.cfg.Seed, 1<<32))
 	for i := range 4 {
 		for attempt := 0; ; attempt++ {
-			img, err := w.pushImage(ctx, -1, rng, mutableRepo, fmt.Sprintf("value%d", i), 1, false)
+			img, err := w.pushImage(ctx, -1, nil, rng, mutableRepo, fmt.Sprintf("value%d", i), 1, false)
 			if err == nil {
 				w.values = append(w.values, img)
 				break
@@ -144,6 +169,9 @@ func (w *Workload) Run(ctx context.Context, d time.Duration) {
 	spawn(w.cfg.Pullers, w.puller)
 	spawn(w.cfg.Taggers, w.tagger)
 	spawn(w.cfg.Movers, w.mover)
+	if w.cfg.Robot != nil {
+		spawn(w.cfg.RobotWriters, w.robotWriter)
+	}
 	wg.Wait()
 }
 
@@ -192,7 +220,7 @@ func (w *Workload) pusher(ctx context.Context, id int, rng *rand.Rand) {
 		if rng.IntN(5) == 0 {
 			repo = fmt.Sprintf("critical/app%d", id)
 		}
-		img, err := w.pushImage(ctx, id, rng, repo, fmt.Sprintf("v%d", k), 1+rng.IntN(3), false)
+		img, err := w.pushImage(ctx, id, nil, rng, repo, fmt.Sprintf("v%d", k), 1+rng.IntN(3), false)
 		if err == nil {
 			w.addAcked(img)
 		}
@@ -206,7 +234,7 @@ func (w *Workload) uploader(ctx context.Context, id int, rng *rand.Rand) {
 		if k > 0 && !w.pause(ctx, w.cfg.UploadPause) {
 			return
 		}
-		img, err := w.pushImage(ctx, id, rng, fmt.Sprintf("chaos/big%d", id), fmt.Sprintf("v%d", k), 1, true)
+		img, err := w.pushImage(ctx, id, nil, rng, fmt.Sprintf("chaos/big%d", id), fmt.Sprintf("v%d", k), 1, true)
 		if err == nil {
 			w.addAcked(img)
 		}
@@ -233,10 +261,49 @@ func (w *Workload) pick(rng *rand.Rand) (image, bool) {
 	return w.acked[rng.IntN(n)], true
 }
 
+// robotWriter pushes small images as the robot of the moment, which the
+// revoke fault revokes and replaces: after a revocation its pushes are
+// refused until the next robot comes.
+func (w *Workload) robotWriter(ctx context.Context, id int, rng *rand.Rand) {
+	repo := fmt.Sprintf("%s/app%d", RobotRepoPrefix, id)
+	for k := 0; w.pause(ctx, w.cfg.RobotPause/2+time.Duration(rng.Int64N(int64(w.cfg.RobotPause)+1))); k++ {
+		as := &sender{client: id, cred: w.cfg.Robot()}
+		if as.cred.User == "" {
+			continue // no robot yet
+		}
+		img, err := w.pushImage(ctx, id, as, rng, repo, fmt.Sprintf("v%d", k), 1, false)
+		if err == nil {
+			w.addAcked(img)
+		}
+	}
+}
+
+// send sends one request as as (see sender).
+func (w *Workload) send(ctx context.Context, as *sender, gw Endpoint, repo, method, path string, hdr http.Header, body []byte) (reply, error) {
+	if as == nil {
+		return w.client.do(ctx, gw, method, path, hdr, body)
+	}
+	h := http.Header{"Authorization": {basicAuth(as.cred)}}
+	for k, v := range hdr {
+		h[k] = v
+	}
+	op := Op{Client: as.client, Kind: OpRobotWrite, Gateway: gw.ID, Consistency: gw.ReadConsistency, Repo: repo,
+		User: as.cred.User, Request: method + " " + path, Start: w.h.Now()}
+	r, err := w.client.do(ctx, gw, method, path, h, body)
+	op.End, op.Status = w.h.Now(), r.status
+	op.Outcome, op.Err = outcomeOf(r, err), errText(r, err)
+	w.h.Add(op)
+	return r, err
+}
+
 // pushImage uploads blobs and a config, then puts the manifest under tag
-// and records one OpPush. Its error says whether the push was acknowledged.
-func (w *Workload) pushImage(ctx context.Context, id int, rng *rand.Rand, repo, tag string, layers int, chunked bool) (image, error) {
+// and records one OpPush, all as as (nil: the admin). Its error says
+// whether the push was acknowledged.
+func (w *Workload) pushImage(ctx context.Context, id int, as *sender, rng *rand.Rand, repo, tag string, layers int, chunked bool) (image, error) {
 	op := Op{Client: id, Kind: OpPush, Repo: repo, Tag: tag, Start: w.h.Now()}
+	if as != nil {
+		op.User = as.cred.User
+	}
 	gw := w.gateway(rng)
 	fail := func(outcome Outcome, status int, msg string) (image, error) {
 		op.End, op.Outcome, op.Status, op.Err = w.h.Now(), outcome, status, msg
@@ -256,9 +323,9 @@ func (w *Workload) pushImage(ctx context.Context, id int, rng *rand.Rand, repo, 
 		b := Blob{Digest: sha256Digest(data), Size: int64(size)}
 		var err error
 		if chunked && i == 0 {
-			gw, err = w.uploadChunked(ctx, rng, gw, repo, data, b.Digest)
+			gw, err = w.uploadChunked(ctx, as, rng, gw, repo, data, b.Digest)
 		} else {
-			gw, err = w.uploadMonolithic(ctx, gw, repo, data, b.Digest)
+			gw, err = w.uploadMonolithic(ctx, as, gw, repo, data, b.Digest)
 		}
 		if err != nil {
 			return fail(OutcomeFail, 0, fmt.Sprintf("blob %d: %v", i, err))
@@ -272,7 +339,7 @@ func (w *Workload) pushImage(ctx context.Context, id int, rng *rand.Rand, repo, 
 	})
 	cfgBlob := Blob{Digest: sha256Digest(cfgBytes), Size: int64(len(cfgBytes))}
 	var err error
-	if gw, err = w.uploadMonolithic(ctx, gw, repo, cfgBytes, cfgBlob.Digest); err != nil {
+	if gw, err = w.uploadMonolithic(ctx, as, gw, repo, cfgBytes, cfgBlob.Digest); err != nil {
 		return fail(OutcomeFail, 0, "config: "+err.Error())
 	}
 	manifest := manifestFor(cfgBlob, blobs)
@@ -284,7 +351,7 @@ func (w *Workload) pushImage(ctx context.Context, id int, rng *rand.Rand, repo, 
 	}
 	// A manifest PUT is idempotent: retry it, on the other gateway too.
 	gw, r, err := w.retry(ctx, gw, func(gw Endpoint) (reply, error) {
-		return w.client.do(ctx, gw, http.MethodPut, "/v2/"+repo+"/manifests/"+ref,
+		return w.send(ctx, as, gw, repo, http.MethodPut, "/v2/"+repo+"/manifests/"+ref,
 			http.Header{"Content-Type": {mediaTypeManifest}}, manifest)
 	})
 	op.Gateway, op.Consistency = gw.ID, gw.ReadConsistency
@@ -328,9 +395,9 @@ func manifestWith(cfg Blob, layers []Blob, annotations map[string]string) []byte
 
 // uploadMonolithic sends a blob in one POST, retrying on the other gateway
 // while the answer is transient. It returns the gateway that answered.
-func (w *Workload) uploadMonolithic(ctx context.Context, gw Endpoint, repo string, data []byte, dgst string) (Endpoint, error) {
+func (w *Workload) uploadMonolithic(ctx context.Context, as *sender, gw Endpoint, repo string, data []byte, dgst string) (Endpoint, error) {
 	gw, r, err := w.retry(ctx, gw, func(gw Endpoint) (reply, error) {
-		return w.client.do(ctx, gw, http.MethodPost, "/v2/"+repo+"/blobs/uploads/?digest="+url.QueryEscape(dgst),
+		return w.send(ctx, as, gw, repo, http.MethodPost, "/v2/"+repo+"/blobs/uploads/?digest="+url.QueryEscape(dgst),
 			http.Header{"Content-Type": {"application/octet-stream"}}, data)
 	})
 	if err != nil || r.status != http.StatusCreated {
@@ -342,11 +409,11 @@ func (w *Workload) uploadMonolithic(ctx context.Context, gw Endpoint, repo strin
 // uploadChunked opens a session on gw and sends data in chunks, each on
 // the gateway the previous one did not use; a chunk whose gateway fails is
 // sent again, with the same session token, through the other gateway.
-func (w *Workload) uploadChunked(ctx context.Context, rng *rand.Rand, gw Endpoint, repo string, data []byte, dgst string) (Endpoint, error) {
-	r, err := w.client.do(ctx, gw, http.MethodPost, "/v2/"+repo+"/blobs/uploads/", nil, []byte{})
+func (w *Workload) uploadChunked(ctx context.Context, as *sender, rng *rand.Rand, gw Endpoint, repo string, data []byte, dgst string) (Endpoint, error) {
+	r, err := w.send(ctx, as, gw, repo, http.MethodPost, "/v2/"+repo+"/blobs/uploads/", nil, []byte{})
 	if transient(r, err) {
 		gw = w.other(gw)
-		r, err = w.client.do(ctx, gw, http.MethodPost, "/v2/"+repo+"/blobs/uploads/", nil, []byte{})
+		r, err = w.send(ctx, as, gw, repo, http.MethodPost, "/v2/"+repo+"/blobs/uploads/", nil, []byte{})
 	}
 	if err != nil || r.status != http.StatusAccepted {
 		return gw, fmt.Errorf("open session via %s: %s", gw.ID, errText(r, err))
@@ -367,7 +434,7 @@ func (w *Workload) uploadChunked(ctx context.Context, rng *rand.Rand, gw Endpoin
 			"Content-Range": {fmt.Sprintf("%d-%d", off, end-1)},
 		}
 		gw, r, err = w.retry(ctx, gw, func(gw Endpoint) (reply, error) {
-			return w.client.do(ctx, gw, http.MethodPatch, pathOf(loc), hdr, data[off:end])
+			return w.send(ctx, as, gw, repo, http.MethodPatch, pathOf(loc), hdr, data[off:end])
 		})
 		if err != nil || r.status != http.StatusAccepted {
 			return gw, fmt.Errorf("chunk at %d via %s: %s", off, gw.ID, errText(r, err))
@@ -376,7 +443,7 @@ func (w *Workload) uploadChunked(ctx context.Context, rng *rand.Rand, gw Endpoin
 		off = end
 	}
 	gw, r, err = w.retry(ctx, w.other(gw), func(gw Endpoint) (reply, error) {
-		return w.client.do(ctx, gw, http.MethodPut, pathOf(loc)+querySep(loc)+"digest="+url.QueryEscape(dgst), nil, []byte{})
+		return w.send(ctx, as, gw, repo, http.MethodPut, pathOf(loc)+querySep(loc)+"digest="+url.QueryEscape(dgst), nil, []byte{})
 	})
 	if err != nil || r.status != http.StatusCreated {
 		return gw, fmt.Errorf("complete via %s: %s", gw.ID, errText(r, err))

@@ -2,6 +2,7 @@ package node_test
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"sync"
@@ -9,6 +10,8 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/meridian-registry/meridian/node/clustertest/admin"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
@@ -239,5 +242,26 @@ func TestAuditLogAcrossRegions(t *testing.T) {
 	}
 	if len(denied.Records) != 1 || denied.Records[0].Action != "denied" || denied.Records[0].GetActor().GetPrincipal() != "user:auditor" {
 		t.Errorf("node 1's denied log: %v", denied.Records)
+	}
+
+	// The admin HTTP endpoint of node 2 gives the same records, to admins
+	// only.
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, c.URL(2)+"/admin/audit?user=auditor", nil)
+	req.SetBasicAuth(admin.AdminUser, admin.AdminPassword)
+	resp2, err := rawClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body2, _ := io.ReadAll(resp2.Body)
+	resp2.Body.Close()
+	if lines := strings.Split(strings.TrimSpace(string(body2)), "\n"); resp2.StatusCode != http.StatusOK || len(lines) != 2 ||
+		!strings.Contains(lines[0], `"principal":"user:auditor"`) {
+		t.Errorf("GET /admin/audit as admin: %s\n%s", resp2.Status, body2)
+	}
+	if s := httpStatus(t, c.URL(2), "GET", "/admin/audit", as, nil); s != http.StatusForbidden {
+		t.Errorf("GET /admin/audit as a non-admin: %d, want 403", s)
+	}
+	if s := httpStatus(t, c.URL(2), "GET", "/admin/audit", "", nil); s != http.StatusUnauthorized {
+		t.Errorf("GET /admin/audit without credentials: %d, want 401", s)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -15,6 +16,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -24,6 +26,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/meridian-registry/meridian/consensus"
@@ -738,4 +741,59 @@ func (n *Node) mayWrite(ctx context.Context, cmd *pb.Command) error {
 		}
 	}
 	return nil
+}
+
+// serveAudit is GET /admin/audit: the audit log as JSON lines, for a
+// cluster admin (Basic credentials or an admin's token). Query parameters
+// mirror `meridian audit`: since (RFC 3339 or a duration back from now),
+// repo, user, limit, denied=true.
+func (n *Node) serveAudit(w http.ResponseWriter, r *http.Request) {
+	fail := func(code int, msg string) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(code)
+		json.NewEncoder(w).Encode(map[string]string{"error": msg})
+	}
+	c, err := n.access.Authenticate(r)
+	switch {
+	case err != nil:
+		w.Header().Set("WWW-Authenticate", `Basic realm="meridian admin"`)
+		fail(http.StatusUnauthorized, "invalid credentials")
+		return
+	case c.Anonymous():
+		w.Header().Set("WWW-Authenticate", `Basic realm="meridian admin"`)
+		fail(http.StatusUnauthorized, "credentials required")
+		return
+	case !n.access.IsAdmin(c.Actor().Principal):
+		fail(http.StatusForbidden, c.Actor().Principal+" is not a cluster admin")
+		return
+	}
+	q := r.URL.Query()
+	f := consensus.AuditFilter{Repository: q.Get("repo"), Principal: q.Get("user")}
+	if s := q.Get("since"); s != "" {
+		if d, err := time.ParseDuration(s); err == nil {
+			f.Since = time.Now().Add(-d).UnixNano()
+		} else if t, err := time.Parse(time.RFC3339, s); err == nil {
+			f.Since = t.UnixNano()
+		} else {
+			fail(http.StatusBadRequest, "since: want a duration (24h) or an RFC 3339 time")
+			return
+		}
+	}
+	if s := q.Get("limit"); s != "" {
+		if f.Limit, err = strconv.Atoi(s); err != nil || f.Limit < 0 {
+			fail(http.StatusBadRequest, "limit: want a non-negative integer")
+			return
+		}
+	}
+	resp, err := clusterServer{n: n}.ReadAudit(r.Context(), &pb.ReadAuditRequest{
+		SinceUnixNano: f.Since, Repository: f.Repository, Principal: f.Principal, Limit: int32(f.Limit), Denied: q.Get("denied") == "true"})
+	if err != nil {
+		fail(http.StatusInternalServerError, status.Convert(err).Message())
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	for _, rec := range resp.Records {
+		b, _ := protojson.Marshal(rec)
+		w.Write(append(b, '\n'))
+	}
 }

@@ -125,39 +125,57 @@ func checkReport(t *testing.T, rep *benchReport, withDistribution bool) {
 		t.Fatalf("distribution measured: %v, want %v (skipped: %s)", rep.Distribution != nil, withDistribution, rep.DistributionSkipped)
 	}
 	m := rep.Meridian
+	if m.ManifestGETAnonymous == nil || m.TokenIssue == nil {
+		t.Fatalf("meridian: anonymous manifest GET %v, token issuance %v: want both measured", m.ManifestGETAnonymous, m.TokenIssue)
+	}
 	for name, v := range map[string]float64{
 		"disk": rep.Limits.DiskWrite.MBps, "sha256": rep.Limits.SHA256.MBps, "static": rep.Limits.Static.Pull.MBps,
 		"push": m.PushMonolithic.MBps, "chunked push": m.PushChunked.MBps, "pull": m.Pull.MBps, "manifest GET": m.ManifestGET.RPS,
+		"anonymous manifest GET": m.ManifestGETAnonymous.RPS, "token issuance": m.TokenIssue.RPS,
 	} {
 		if !(v > 0) {
 			t.Errorf("%s: %v, want a positive figure", name, v)
 		}
 	}
-	if m.ManifestGET.Errors != 0 {
-		t.Errorf("manifest GET errors: %d (%s)", m.ManifestGET.Errors, m.ManifestGET.FirstError)
+	for name, l := range map[string]loadResult{"manifest GET": m.ManifestGET, "anonymous manifest GET": *m.ManifestGETAnonymous, "token issuance": *m.TokenIssue} {
+		if l.Errors != 0 {
+			t.Errorf("%s errors: %d (%s)", name, l.Errors, l.FirstError)
+		}
+	}
+	// The token and anonymous loads alternate slice by slice.
+	if len(m.ManifestGET.SlicesRPS) != len(m.ManifestGETAnonymous.SlicesRPS) {
+		t.Errorf("slices: %d with a token, %d anonymous", len(m.ManifestGET.SlicesRPS), len(m.ManifestGETAnonymous.SlicesRPS))
+	}
+	for _, phase := range []string{"manifest_get", "manifest_get_anonymous", "token_issue"} {
+		if m.CPU[phase].Runs == 0 {
+			t.Errorf("no CPU figure for %s: %v", phase, m.CPU)
+		}
+	}
+	if d := rep.Distribution; d != nil && (d.ManifestGETAnonymous != nil || d.TokenIssue != nil) {
+		t.Errorf("distribution has Meridian's authentication figures: %+v", d)
 	}
 	if len(m.PushMonolithic.RunsMBps) != 2 || len(m.Pull.RunsMBps) != 2 {
 		t.Errorf("want 2 runs of each push and pull, got %v and %v", m.PushMonolithic.RunsMBps, m.Pull.RunsMBps)
 	}
-	// The targets: both pushes, the pull and, with Distribution, the
-	// manifest GET are judged; without it the last one cannot be.
+	// The targets: both pushes, the pull, the manifest GET with Distribution
+	// (without it, it cannot be judged) and bearer vs anonymous.
 	var results []string
 	for _, row := range rep.Rows {
 		if row.Target != "" {
 			results = append(results, row.Result)
 		}
 	}
-	lastWant := "n/a"
+	distrWant := "n/a"
 	if withDistribution {
-		lastWant = "PASS or MISS"
+		distrWant = "PASS or MISS"
 	}
-	if len(results) != 4 {
-		t.Fatalf("%d targets judged (%q), want 4", len(results), results)
+	if len(results) != 5 {
+		t.Fatalf("%d targets judged (%q), want 5", len(results), results)
 	}
 	for i, r := range results {
 		want := "PASS or MISS"
 		if i == 3 {
-			want = lastWant
+			want = distrWant
 		}
 		if !slices.Contains(strings.Split(want, " or "), r) {
 			t.Errorf("target %d judged %q, want %s", i, r, want)
@@ -166,7 +184,8 @@ func checkReport(t *testing.T, rep *benchReport, withDistribution bool) {
 
 	var table bytes.Buffer
 	rep.writeTable(&table)
-	for _, s := range []string{"limit: disk write", "meridian push, monolithic", "meridian manifest GET by tag, 4 clients", "RESULT"} {
+	for _, s := range []string{"limit: disk write", "meridian push, monolithic", "meridian manifest GET by tag, 4 clients",
+		"meridian manifest GET by tag, bearer token vs anonymous", "meridian token issuance", "tokens/s", "RESULT"} {
 		if !strings.Contains(table.String(), s) {
 			t.Errorf("table lacks %q:\n%s", s, table.String())
 		}
@@ -180,7 +199,8 @@ func checkReport(t *testing.T, rep *benchReport, withDistribution bool) {
 	if err := json.Unmarshal(b, &decoded); err != nil {
 		t.Fatal(err)
 	}
-	if len(decoded.Rows) != len(rep.Rows) || decoded.Meridian.Pull.Bytes != rep.SizeBytes {
+	if len(decoded.Rows) != len(rep.Rows) || decoded.Meridian.Pull.Bytes != rep.SizeBytes ||
+		decoded.Meridian.ManifestGETAnonymous == nil || decoded.Meridian.TokenIssue == nil {
 		t.Errorf("JSON does not round-trip the report:\n%s", b)
 	}
 }
@@ -325,6 +345,55 @@ func TestWorkloadAdaptsToRegistryWithoutMonolithicPOST(t *testing.T) {
 	if u := res.CPU["push_monolithic"]; u.Runs != 2 || u.ServerSeconds != 0 {
 		t.Errorf("CPU of the pushes: %+v, want 2 runs and no server figure for an in-process server", u)
 	}
+	if res.ManifestGETAnonymous != nil || res.TokenIssue != nil {
+		t.Errorf("a registry without authentication got anonymous or token figures: %+v, %+v", res.ManifestGETAnonymous, res.TokenIssue)
+	}
+}
+
+// The bench's clients add the admin's credentials to the node's requests
+// that have none, and to no other host's.
+func TestBenchBasicAuthTransport(t *testing.T) {
+	var mu sync.Mutex
+	var got []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		got = append(got, r.Header.Get("Authorization"))
+		mu.Unlock()
+		if r.URL.Path == "/redirect" {
+			http.Redirect(w, r, r.URL.Query().Get("to"), http.StatusTemporaryRedirect)
+		}
+	}))
+	defer srv.Close()
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		got = append(got, "other:"+r.Header.Get("Authorization"))
+		mu.Unlock()
+	}))
+	defer other.Close()
+
+	a := newBenchAuth(&meridianNode{base: srv.URL, password: "0123456789abcdef"})
+	c := &http.Client{Transport: a.wrap(http.DefaultTransport)}
+	get := func(url, authorization string) {
+		req, _ := http.NewRequest(http.MethodGet, url, nil)
+		if authorization != "" {
+			req.Header.Set("Authorization", authorization)
+		}
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+	}
+	get(srv.URL+"/v2/", "")
+	get(srv.URL+"/v2/", "Bearer x")
+	get(srv.URL+"/redirect?to="+other.URL+"/blob", "")
+	want := []string{a.basic, "Bearer x", a.basic, "other:"}
+	if !slices.Equal(got, want) {
+		t.Errorf("Authorization sent: %q, want %q", got, want)
+	}
+	if a.basic != "Basic YWRtaW46MDEyMzQ1Njc4OWFiY2RlZg==" {
+		t.Errorf("Basic credentials %q", a.basic)
+	}
 }
 
 // A registry that fails after the first target is dropped, and its error
@@ -385,6 +454,32 @@ func TestManifestLoadCountsErrors(t *testing.T) {
 	rep.buildRows()
 	if got := rep.Rows[len(rep.Rows)-1].Result; got != "ERR" {
 		t.Errorf("a load with errors is judged %q, want ERR", got)
+	}
+
+	// Errors of the anonymous load or of the token endpoint mark their rows.
+	clean := loadResult{Concurrency: 2, Requests: 100, RPS: 1000, SlicesRPS: []float64{900, 1100}}
+	anon := clean
+	anon.RPS, anon.SlicesRPS = 1000, []float64{1000, 1000}
+	rep = &benchReport{Meridian: &registryResult{Name: "meridian", ManifestGET: clean, ManifestGETAnonymous: &anon, TokenIssue: &res}}
+	rep.buildRows()
+	byFigure := map[string]benchRow{}
+	for _, row := range rep.Rows {
+		byFigure[row.Figure] = row
+	}
+	vs := byFigure["meridian manifest GET by tag, bearer token vs anonymous"]
+	// The ratio is the median of the per-slice ratios, 0.9 and 1.1.
+	if vs.Result != "PASS" || math.Abs(vs.Ratio-1.1) > 1e-9 || vs.LimitValue != 1000 {
+		t.Errorf("bearer vs anonymous row: %+v", vs)
+	}
+	if tk := byFigure["meridian token issuance"]; tk.Result != "ERR" || tk.Unit != "tokens/s" || tk.Target != "" {
+		t.Errorf("token issuance row with errors: %+v", tk)
+	}
+	anon.Errors, anon.FirstError = 3, "boom"
+	rep.buildRows()
+	for _, row := range rep.Rows {
+		if row.Figure == vs.Figure && row.Result != "ERR" {
+			t.Errorf("bearer vs anonymous with anonymous errors judged %q, want ERR", row.Result)
+		}
 	}
 }
 
