@@ -274,8 +274,13 @@ func (w *workload) run(ctx context.Context, targets []*benchTarget) error {
 	// else the machine does hits them alike.
 	slices := max(1, int(math.Round(w.opts.duration.Seconds()/2)))
 	slice := w.opts.duration / time.Duration(slices)
-	w.logf("manifest GET by tag: %d clients, %s per registry (meridian: with a bearer token, then as much anonymously), in %d slice(s)",
-		w.opts.concurrency, w.opts.duration, slices)
+	also := ""
+	for _, t := range live {
+		if t.auth != nil {
+			also += fmt.Sprintf(" (%s: with a bearer token and as long anonymously)", t.name)
+		}
+	}
+	w.logf("manifest GET by tag: %d clients, %s per registry%s, in %d slice(s)", w.opts.concurrency, w.opts.duration, also, slices)
 	for i := range slices {
 		err := each("manifest GET", func(t *benchTarget) error {
 			return t.loadSlice(ctx, i, w.opts.concurrency, slice)
