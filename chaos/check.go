@@ -39,6 +39,7 @@ const (
 	CheckNameFalseNotFound = "no-false-404"
 	CheckNameLinearizable  = "tags-linearizable"
 	CheckNameCertRotations = "rotated-certificates-served"
+	CheckNameRevocations   = "revoked-robot-refused"
 )
 
 // CheckResult is what one check found in a history.

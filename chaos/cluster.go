@@ -32,7 +32,7 @@ type Options struct {
 	Meridian, Versitygw string
 	// Dir is the run directory; everything goes under it: pki/ (the
 	// cluster CA, the gossip key and every member's certificate, from
-	// `meridian ca`), config/ (the generated YAML), nodes/<id> (data),
+	// `meridian ca`, and the first admin's password), config/ (the generated YAML), nodes/<id> (data),
 	// blobs/<region> (directory regions), s3/<region> (versitygw data),
 	// logs/ (every process's output, restarts appended) and ready/ (ready
 	// files).
@@ -86,6 +86,11 @@ type Cluster struct {
 	out  io.Writer
 	net  *Network
 	pki  *clusterPKI
+
+	// adminPassword is the first admin's (--admin-password-file); robots
+	// is the robot the workload's robot writers push as.
+	adminPassword string
+	robots        robotAccounts
 
 	s3       map[string]*s3Server // by region
 	nodes    []*nodeProc
@@ -178,6 +183,9 @@ func StartCluster(ctx context.Context, opt Options) (_ *Cluster, err error) {
 	}
 	c.logf("cluster CA for %q in %s: %d member certificates and an admin's; mutual TLS and gossip encryption on",
 		clusterID, c.pki.dir, len(members))
+	if c.adminPassword, err = writeAdminPassword(c.adminPasswordFile()); err != nil {
+		return nil, err
+	}
 
 	// S3 regions: a versitygw each, behind a fault proxy, with a bucket.
 	stores := map[string]string{}
@@ -282,6 +290,19 @@ func StartCluster(ctx context.Context, opt Options) (_ *Cluster, err error) {
 			return nil, err
 		}
 	}
+
+	// Authentication: the admin the first node created, and the robot
+	// the workload's robot writers start with.
+	rctx, cancel := context.WithTimeout(ctx, time.Minute)
+	name, err := c.newRobot(rctx)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("chaos: creating the first robot: %w", err)
+	}
+	if err := c.waitLogin(ctx, time.Minute); err != nil {
+		return nil, err
+	}
+	c.logf("authentication on: the workload logs in as %s and, for its robot writer, as robot %s", adminUser, name)
 	c.logf("cluster up: %d nodes in %d regions, %d gateways; logs in %s", len(c.nodes), len(c.prof.Regions), len(c.gateways), filepath.Join(dir, "logs"))
 	return c, nil
 }
@@ -645,7 +666,8 @@ func (s *s3Server) stop() error {
 func (c *Cluster) nodeArgv(n *nodeProc) []string {
 	argv := append([]string{c.opt.Meridian, "serve", "--config", n.config}, c.pki.memberFlags(n.spec.ID)...)
 	if n.first && n.proc.Starts() == 0 {
-		return argv
+		// The node that bootstraps creates the first admin.
+		return append(argv, "--admin-password-file", c.adminPasswordFile())
 	}
 	for _, o := range c.nodes {
 		if o != n {

@@ -70,8 +70,9 @@ func findVersitygw() (string, bool) {
 // TestShortCluster starts the short profile's cluster (mutual TLS, gossip
 // encryption), checks its shape, puts each fault on it briefly (through
 // the same code InjectFaults uses; a certificate rotation of the leader
-// among them), runs the scheduler until it has injected every kind once,
-// heals and waits for convergence.
+// among them, and a revocation of the robot, whose login every gateway
+// must refuse within revokeGrace), runs the scheduler until it has
+// injected every kind once, heals and waits for convergence.
 func TestShortCluster(t *testing.T) {
 	meridian, versitygw := binaries(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
@@ -153,23 +154,49 @@ func TestShortCluster(t *testing.T) {
 		{kind: FaultS3Stall, region: "us-east", target: "us-east", hold: 2 * time.Second},
 		{kind: FaultS3Stop, region: "us-east", target: "us-east", hold: 2 * time.Second},
 		{kind: FaultCertRotate},
+		{kind: FaultRevoke, robot: robotTarget, target: robotTarget, hold: time.Second},
 	} {
 		if f.target == "" {
 			f.node, f.target = leader, leader
 		}
+		robot := c.Robot()
 		faultStart := time.Now()
 		heal, err := c.inject(f)
 		if err != nil {
 			t.Fatalf("%s: %v", f.kind, err)
 		}
-		if f.detail == "leader" {
+		switch {
+		case f.kind == FaultRevoke:
+			// Every gateway refuses the robot within the grace the
+			// revocation check allows.
+			for _, gw := range c.Gateways() {
+				code := 0
+				for time.Since(f.revoked) < revokeGrace {
+					if code, _ = statusAs(ctx, gw.URL+"/v2/", robot); code == 401 {
+						break
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+				if code != 401 {
+					t.Errorf("%s still answered %d to robot %s %v after its revocation returned", gw.ID, code, f.target, time.Since(f.revoked))
+				}
+			}
+		case f.detail == "leader":
 			leader = newLeader(leader)
 			t.Logf("%s of the leader %s: %s took over after %v", f.kind, f.target, leader, time.Since(faultStart).Round(time.Millisecond))
-		} else {
+		default:
 			time.Sleep(f.hold)
 		}
 		if note := heal(ctx); note != "" || f.failure != "" {
 			t.Fatalf("healing %s: %s%s", f.kind, note, f.failure)
+		}
+		if f.kind == FaultRevoke {
+			if c.Robot() == robot {
+				t.Fatal("the revocation's healing made no new robot")
+			}
+			if err := c.waitLogin(ctx, 10*time.Second); err != nil {
+				t.Fatal(err)
+			}
 		}
 		t.Logf("%s on %s: healed after %v %s", f.kind, f.target, time.Since(faultStart).Round(time.Millisecond), f.detail)
 	}

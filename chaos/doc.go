@@ -2,17 +2,18 @@
 // while clients work, then checks every promise the registry makes.
 //
 // The harness uses only the meridian binary and its public interfaces:
-// processes started with --ready-file, the OCI API on /v2/, `meridian ca`
-// and `meridian cluster status --json`. It makes the run's cluster CA and
+// processes started with --ready-file, the OCI API on /v2/, `meridian ca`,
+// `meridian cluster status --json` and `meridian robot`. It makes the run's cluster CA and
 // a certificate for every member and for itself (members run mutual TLS
 // on gRPC and Raft and encrypted gossip), starts versitygw S3 servers behind
 // an HTTP fault proxy of its own, puts a TCP fault proxy in front of each
 // node's gRPC and Raft ports (through --advertise-grpc/--advertise-raft),
-// runs a seeded concurrent workload through two gateways, injects faults
+// runs a seeded concurrent workload through two gateways (logged in as the
+// first admin, and a stream of pushes as a robot), injects faults
 // on a seeded schedule that cycles through every kind (kill -9 of the
 // leader and restart, SIGSTOP, partitions, latency, S3 errors, stalls and
 // outages, a gateway killed mid-upload, a node's certificate re-issued in
-// place), heals, and checks:
+// place, the robot revoked mid-write), heals, and checks:
 //
 //   - every acknowledged push that was not deleted pulls back byte for byte;
 //   - no pull returned bytes that do not match the requested digest;
@@ -22,6 +23,8 @@
 //     read began;
 //   - every certificate re-issued in place was served by its node within
 //     10 s, without a restart;
+//   - no write of a revoked robot sent more than a second after its
+//     revocation returned was acknowledged;
 //   - after healing every node reaches the same applied index and state
 //     digest, and no region misses a blob its policy names.
 //

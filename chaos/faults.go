@@ -22,11 +22,12 @@ const (
 	FaultS3Stop      = "s3-stop"      // kill an S3 server, restart it after 5–15 s
 	FaultGatewayKill = "gateway-kill" // kill -9 a gateway, restart it after 2–8 s
 	FaultCertRotate  = "cert-rotate"  // re-issue a node's certificate in place; it must serve the new one within 10 s
+	FaultRevoke      = "revoke"       // revoke the workload's robot mid-write; a new one takes over after 3–6 s
 )
 
 // FaultKinds lists every fault kind.
 var FaultKinds = []string{FaultKill, FaultPause, FaultPartition, FaultLatency, FaultS3Error, FaultS3Stall, FaultS3Stop, FaultGatewayKill,
-	FaultCertRotate}
+	FaultCertRotate, FaultRevoke}
 
 // FaultPlan paces InjectFaults.
 type FaultPlan struct {
@@ -54,6 +55,7 @@ type faultSpec struct {
 	groups  [2][]string
 	region  string // s3 faults
 	gateway string
+	robot   string // robotTarget (revoke)
 	hold    time.Duration
 	delay   time.Duration // latency
 	detail  string
@@ -61,6 +63,8 @@ type faultSpec struct {
 	// failure is what the fault's own check found wrong once it healed
 	// (Fault.Failure).
 	failure string
+	// revoked is when a revocation returned (Fault.Revoked).
+	revoked time.Time
 }
 
 // faultSlot is one place in the schedule: the kind to inject, how long
@@ -332,7 +336,7 @@ func (inj *injector) busy() (down map[string]bool, targets map[string]bool) {
 		for _, n := range f.nodes {
 			down[n] = true
 		}
-		for _, t := range []string{f.node, f.region, f.gateway} {
+		for _, t := range []string{f.node, f.region, f.gateway, f.robot} {
 			if t != "" {
 				targets[t] = true
 			}
@@ -384,6 +388,8 @@ func (inj *injector) draw(ctx context.Context, slot faultSlot) *faultSpec {
 		ok = len(s3Regions) > 0
 	case FaultGatewayKill:
 		ok = len(freeGateways) > 0 && len(freeGateways) == len(c.gateways)
+	case FaultRevoke:
+		ok = !targets[robotTarget]
 	}
 	if !ok {
 		return nil
@@ -501,6 +507,12 @@ func (inj *injector) draw(ctx context.Context, slot faultSlot) *faultSpec {
 		// certificate, or certRotateWithin passed.
 		id, _, _ := pickNode(0)
 		f.node, f.target = id, id
+	case FaultRevoke:
+		// The writers go on as the revoked robot for the hold, which
+		// leaves seconds of requests past revokeGrace to judge. The
+		// target becomes the robot's name once it is known.
+		f.robot, f.target = robotTarget, robotTarget
+		f.hold = hold(3*time.Second, 6*time.Second)
 	}
 	return f
 }
@@ -546,8 +558,12 @@ func (inj *injector) run(ctx context.Context, f *faultSpec) bool {
 
 func (inj *injector) finish(f *faultSpec, start, end time.Time, note, injectErr string) {
 	detail := strings.TrimSpace(strings.Join([]string{f.detail, note}, " "))
-	inj.record(Fault{Kind: f.kind, Target: f.target, Start: start.Sub(inj.base), End: end.Sub(inj.base), Detail: detail,
-		Leader: f.leader, Error: injectErr, Failure: f.failure})
+	rec := Fault{Kind: f.kind, Target: f.target, Start: start.Sub(inj.base), End: end.Sub(inj.base), Detail: detail,
+		Leader: f.leader, Error: injectErr, Failure: f.failure}
+	if !f.revoked.IsZero() {
+		rec.Revoked = f.revoked.Sub(inj.base)
+	}
+	inj.record(rec)
 	inj.mu.Lock()
 	delete(inj.active, f)
 	close(inj.changed)
@@ -624,6 +640,8 @@ func (c *Cluster) inject(f *faultSpec) (heal func(context.Context) string, err e
 		}, nil
 	case FaultCertRotate:
 		return c.rotateCert(f)
+	case FaultRevoke:
+		return c.revokeRobot(f)
 	}
 	return nil, fmt.Errorf("unknown fault kind %q", f.kind)
 }

@@ -109,6 +109,11 @@ func TestFaultDraws(t *testing.T) {
 					if f.kind == FaultCertRotate && (f.node == "" || len(f.nodes) > 0 || f.hold != 0) {
 						t.Fatalf("%s: a rotation takes a node down or holds: %+v", p.Name, f)
 					}
+					// A revocation touches no member, and holds long enough
+					// for the robot's writes past revokeGrace to be judged.
+					if f.kind == FaultRevoke && (f.robot != robotTarget || f.node != "" || len(f.nodes) > 0 || f.hold < 3*time.Second) {
+						t.Fatalf("%s: a revocation drew %+v", p.Name, f)
+					}
 					got = append(got, f.kind+" "+f.target)
 					kinds[f.kind]++
 					inj.active[f] = true
@@ -120,7 +125,7 @@ func TestFaultDraws(t *testing.T) {
 				}
 				targets := map[string]int{}
 				for a := range inj.active {
-					for _, x := range append(slices.Clone(a.groups[0]), append(a.groups[1], a.node, a.region, a.gateway)...) {
+					for _, x := range append(slices.Clone(a.groups[0]), append(a.groups[1], a.node, a.region, a.gateway, a.robot)...) {
 						if x != "" {
 							targets[x]++
 						}
@@ -208,6 +213,11 @@ func TestFaultHoldCap(t *testing.T) {
 			// certificate, at most certRotateWithin.
 			busy = certRotateWithin + settle
 		}
+		if k == FaultRevoke {
+			// At most 6 s held, then a robot created; the revocation
+			// and the creation take a Raft commit each.
+			busy = 6*time.Second + 2*time.Second + settle
+		}
 		worst += max(p.FaultEvery*3/2, busy)
 	}
 	if worst > p.Workload {
@@ -227,7 +237,7 @@ func TestFaultQuotas(t *testing.T) {
 	}
 	want := []string{"kill 0 of at least 1", "kill (leader) 0 of at least 1", "pause 0 of at least 1", "partition 0 of at least 1",
 		"latency 0 of at least 1", "s3-error 0 of at least 1", "s3-stall 0 of at least 1", "s3-stop 0 of at least 1", "gateway-kill 0 of at least 1",
-		"cert-rotate 0 of at least 1"}
+		"cert-rotate 0 of at least 1", "revoke 0 of at least 1"}
 	if !reflect.DeepEqual(names, want) {
 		t.Fatalf("short quotas:\n got %q\nwant %q", names, want)
 	}

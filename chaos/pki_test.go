@@ -231,7 +231,9 @@ func TestCheckCertRotations(t *testing.T) {
 	if r.Passed || !slices.Contains(r.Failures, "check "+CheckNameCertRotations+" had nothing to check") {
 		t.Fatalf("no rotation: %+v, failures %q", none, r.Failures)
 	}
-	if !rotations(FaultQuotas(ShortProfile(), nil, 1), nil) || rotations(FaultQuotas(ShortProfile(), []string{FaultKill}, 1), faults[3:]) {
+	if !hasKind(FaultQuotas(ShortProfile(), nil, 1), nil, FaultCertRotate) ||
+		hasKind(FaultQuotas(ShortProfile(), []string{FaultKill}, 1), faults[3:], FaultCertRotate) ||
+		!hasKind(nil, faults[:1], FaultCertRotate) {
 		t.Fatal("the rotation check is not added exactly when rotations are promised or happened")
 	}
 }

@@ -91,7 +91,7 @@ func ShortProfile() Profile {
 		RaftHeartbeatTimeout: 1500 * time.Millisecond,
 		RaftElectionTimeout:  2 * time.Second,
 		ApplyTimeout:         15 * time.Second,
-		Workload:             150 * time.Second,
+		Workload:             165 * time.Second, // a worst-case round of every kind fits (TestFaultHoldCap)
 		FaultEvery:           8 * time.Second,
 		MaxFaultHold:         10 * time.Second,
 		FaultRounds:          1,

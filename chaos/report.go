@@ -221,7 +221,7 @@ const (
 )
 
 var (
-	kindOrder    = []OpKind{OpPush, OpMount, OpPullManifest, OpPullBlob, OpTagRead, OpTagWrite, OpDelete, OpVerify}
+	kindOrder    = []OpKind{OpPush, OpMount, OpPullManifest, OpPullBlob, OpTagRead, OpTagWrite, OpDelete, OpRobotWrite, OpVerify}
 	outcomeOrder = []Outcome{OutcomeOK, OutcomeFail, OutcomeUnknown, OutcomeNotFound}
 )
 
@@ -428,6 +428,11 @@ func formatOp(op Op) string {
 		}
 	case OpMount:
 		fmt.Fprintf(&b, " from=%s", op.From)
+	case OpRobotWrite:
+		fmt.Fprintf(&b, " %s", op.Request)
+	}
+	if op.User != "" {
+		fmt.Fprintf(&b, " as=%s", op.User)
 	}
 	if op.Got != "" {
 		fmt.Fprintf(&b, " got=%s", shortDigest(op.Got))

@@ -68,6 +68,7 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 	started := time.Now()
 	wc := workloadFor(p, cfg.Seed, c.Gateways())
 	wc.Live = logf
+	wc.Admin, wc.Robot = c.AdminCredentials(), c.Robot
 	wl := NewWorkload(wc, h)
 	setupCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	err = wl.Setup(setupCtx)
@@ -155,8 +156,11 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 
 	ops := h.Ops()
 	checks := CheckHistory(ops, linearizabilityTimeout)
-	if rotations(quotas, faults) {
+	if hasKind(quotas, faults, FaultCertRotate) {
 		checks = append(checks, CheckCertRotations(faults))
+	}
+	if hasKind(quotas, faults, FaultRevoke) {
+		checks = append(checks, CheckRevocations(ops, faults))
 	}
 	for _, ch := range checks {
 		logf("check %s: %s, %d checked, in %v", ch.Name, ch.Status, ch.Checked, ch.Took.Round(time.Millisecond))
@@ -189,12 +193,12 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 	return rep, nil
 }
 
-// rotations reports whether a run with these promises and faults has
-// certificate rotations to check: promised ones (none injected is then a
-// check with nothing to check, which fails the run) or injected ones.
-func rotations(quotas []FaultQuota, faults []Fault) bool {
-	return slices.ContainsFunc(quotas, func(q FaultQuota) bool { return q.Kind == FaultCertRotate }) ||
-		slices.ContainsFunc(faults, func(f Fault) bool { return f.Kind == FaultCertRotate })
+// hasKind reports whether a run with these promises and faults has faults
+// of kind to check: promised ones (none injected is then a check with
+// nothing to check, which fails the run) or injected ones.
+func hasKind(quotas []FaultQuota, faults []Fault, kind string) bool {
+	return slices.ContainsFunc(quotas, func(q FaultQuota) bool { return q.Kind == kind }) ||
+		slices.ContainsFunc(faults, func(f Fault) bool { return f.Kind == kind })
 }
 
 // linearizabilityTimeout bounds porcupine. A run whose checker times out
@@ -209,12 +213,16 @@ const linearizabilityTimeout = 2 * time.Minute
 func workloadFor(p Profile, seed uint64, gws []Endpoint) WorkloadConfig {
 	wc := WorkloadConfig{
 		Seed: seed, Gateways: gws,
-		Pushers: 2, Uploaders: 1, Pullers: 2, Taggers: 3, Movers: 1,
+		Pushers: 2, Uploaders: 1, Pullers: 2, Taggers: 3, Movers: 1, RobotWriters: 1,
 		TagSlots: 3, TagGeneration: 120,
 		ChunkedBlobSize: 11 << 20,
 		UploadPause:     3 * time.Second,
 		Think:           100 * time.Millisecond,
-		RequestTimeout:  20 * time.Second,
+		// A revoked robot's refusals count against the registry's
+		// failed-login limit (100 a minute from one address, where every
+		// client is): a few dozen per revocation stay well below it.
+		RobotPause:     250 * time.Millisecond,
+		RequestTimeout: 20 * time.Second,
 	}
 	if len(p.Nodes) >= 5 {
 		// About 2 MB/s of new blobs per region: 30 minutes fit in ~4 GB

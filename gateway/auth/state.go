@@ -35,6 +35,7 @@ type state struct {
 	grants  map[string][]*pb.Grant // subject → grants
 	keys    map[string]*signingKey // kid → key
 	signing *signingKey            // newest
+	tokens  *tokenCache            // tokens verified against this state
 }
 
 type signingKey struct {
@@ -51,6 +52,7 @@ func newState(st *pb.AccessState) (*state, error) {
 		teamsOf: map[string][]string{},
 		grants:  map[string][]*pb.Grant{},
 		keys:    map[string]*signingKey{},
+		tokens:  &tokenCache{},
 	}
 	for _, u := range st.GetUsers() {
 		s.users[u.Name] = u

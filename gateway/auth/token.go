@@ -2,12 +2,14 @@ package auth
 
 import (
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
@@ -151,18 +153,64 @@ func (a *Authority) verifyBearer(s *state, raw string) (gateway.Caller, error) {
 		}
 		return &caller{a: a, principal: KindExternal + ":" + ext.Issuer + "/" + c.Subject, token: accessMap(c.Access), external: true}, nil
 	}
-	c, err := a.parse(s, raw)
-	if err != nil {
-		return nil, errUnauthorized("invalid token: " + err.Error())
+	now := a.cfg.Now()
+	v, ok := s.tokens.get(raw, now, a.cfg.Leeway)
+	if !ok {
+		c, err := a.parse(s, raw)
+		if err != nil {
+			return nil, errUnauthorized("invalid token: " + err.Error())
+		}
+		if c.Use != "" {
+			return nil, errUnauthorized("a refresh token is not an access token")
+		}
+		v = verifiedToken{principal: c.Subject, access: accessMap(c.Access), expires: c.ExpiresAt.Time}
+		s.tokens.put(raw, v)
 	}
-	if c.Use != "" {
-		return nil, errUnauthorized("a refresh token is not an access token")
-	}
-	principal := c.Subject
-	if !s.alive(principal, a.cfg.Now()) {
+	if !s.alive(v.principal, now) {
 		return nil, errUnauthorized("the token's account no longer exists or was revoked")
 	}
-	return &caller{a: a, principal: principal, anonymous: principal == Anonymous, token: accessMap(c.Access)}, nil
+	return &caller{a: a, principal: v.principal, anonymous: v.principal == Anonymous, token: v.access}, nil
+}
+
+// verifiedToken is what a checked token says, kept so that the signature
+// of a token used on every request is checked once. The account's grants
+// are still checked on every request.
+type verifiedToken struct {
+	principal string
+	access    map[string][]string
+	expires   time.Time
+}
+
+// tokenCache holds verified tokens of one access state: a new state (a new
+// key ring among other things) starts with an empty cache. Keys are SHA-256
+// sums of the tokens.
+type tokenCache struct {
+	mu sync.RWMutex
+	m  map[[32]byte]verifiedToken
+}
+
+// maxCachedTokens bounds the cache; when full it starts over.
+const maxCachedTokens = 16384
+
+func (c *tokenCache) get(raw string, now time.Time, leeway time.Duration) (verifiedToken, bool) {
+	k := sha256.Sum256([]byte(raw))
+	c.mu.RLock()
+	v, ok := c.m[k]
+	c.mu.RUnlock()
+	if ok && now.After(v.expires.Add(leeway)) {
+		return verifiedToken{}, false // expired: parse says why
+	}
+	return v, ok
+}
+
+func (c *tokenCache) put(raw string, v verifiedToken) {
+	k := sha256.Sum256([]byte(raw))
+	c.mu.Lock()
+	if c.m == nil || len(c.m) >= maxCachedTokens {
+		c.m = make(map[[32]byte]verifiedToken)
+	}
+	c.m[k] = v
+	c.mu.Unlock()
 }
 
 func accessMap(entries []accessEntry) map[string][]string {
