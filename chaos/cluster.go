@@ -32,10 +32,10 @@ type Options struct {
 	Meridian, Versitygw string
 	// Dir is the run directory; everything goes under it: pki/ (the
 	// cluster CA, the gossip key and every member's certificate, from
-	// `meridian ca`, and the first admin's password), config/ (the generated YAML), nodes/<id> (data),
-	// blobs/<region> (directory regions), s3/<region> (versitygw data),
-	// logs/ (every process's output, restarts appended) and ready/ (ready
-	// files).
+	// `meridian ca`, and the first admin's password), config/ (the
+	// generated YAML), nodes/<id> (data), blobs/<region> (directory
+	// regions), s3/<region> (versitygw data), logs/ (every process's
+	// output, restarts appended) and ready/ (ready files).
 	Dir     string
 	Profile Profile
 	// Log receives progress lines (nil: none).
