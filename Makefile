@@ -25,9 +25,10 @@ MINIO_VERSION        := v0.0.0-20260212201848-7aac2a2c5b7c
 CRANE_VERSION        := v0.22.1
 ORAS_VERSION         := v1.3.6
 REGCTL_VERSION       := v0.11.7
+HELM_VERSION         := v3.21.4
 VERSION              := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: protoc all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
+.PHONY: skopeo protoc all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
 
 all: build
 
@@ -45,8 +46,8 @@ run: build
 ## conformance suite against a real node; then the short chaos run.
 TEST_ENV := MERIDIAN_CONFORMANCE=$(TOOLS)/conformance MERIDIAN_VERSITYGW=$(TOOLS)/versitygw MERIDIAN_REQUIRE_S3=1 \
   MERIDIAN_DISTRIBUTION=$(TOOLS)/registry MERIDIAN_CRANE=$(TOOLS)/crane MERIDIAN_ORAS=$(TOOLS)/oras \
-  MERIDIAN_REGCTL=$(TOOLS)/regctl
-test: vet fmt-check proto-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry $(TOOLS)/crane $(TOOLS)/oras $(TOOLS)/regctl
+  MERIDIAN_REGCTL=$(TOOLS)/regctl MERIDIAN_HELM=$(TOOLS)/helm MERIDIAN_SKOPEO=$$(command -v skopeo)
+test: vet fmt-check proto-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry $(TOOLS)/crane $(TOOLS)/oras $(TOOLS)/regctl $(TOOLS)/helm skopeo
 	$(TEST_ENV) $(GO) test -count=1 -timeout 25m ./...
 	$(MAKE) chaos-short
 
@@ -54,7 +55,7 @@ test: vet fmt-check proto-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(T
 ## under a seeded workload and a seeded schedule that cycles through every
 ## fault kind (kill -9 of the leader and others, SIGSTOP, partitions,
 ## latency, S3 errors/stalls/outages, a gateway killed mid-upload, a node
-## certificate re-issued in place), then the checkers; a run passes only if
+## certificate re-issued in place, a robot account revoked mid-run), then the checkers; a run passes only if
 ## every check decided and every promised fault ran; the summary and a JSON
 ## report land in the run directory (and chaos-report.json). SEED=n
 ## reproduces a run; DURATION=10m changes its length; FAULTS=kill,partition
@@ -107,6 +108,17 @@ $(TOOLS)/oras:
 
 $(TOOLS)/regctl:
 	GOBIN=$(TOOLS) $(GO) install github.com/regclient/regclient/cmd/regctl@$(REGCTL_VERSION)
+
+# helm: `helm registry login`, `helm push` and `helm pull` of a chart.
+$(TOOLS)/helm:
+	GOBIN=$(TOOLS) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+
+# skopeo from Debian's packages (installed here when missing and apt-get
+# works; the client test skips without it).
+skopeo:
+	@command -v skopeo >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { apt-get install -y skopeo >/dev/null 2>&1 || \
+	    { apt-get update >/dev/null 2>&1 && apt-get install -y skopeo >/dev/null 2>&1; }; }; } || true
 
 $(TOOLS)/registry:
 	GOBIN=$(TOOLS) $(GO) install github.com/distribution/distribution/v3/cmd/registry@$(DISTRIBUTION_VERSION)

@@ -10,8 +10,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/meridian-registry/meridian/node/clustertest/admin"
 )
@@ -152,4 +154,78 @@ func TestSecretsStayOutOfLogs(t *testing.T) {
 		}
 	}
 	t.Logf("searched %d bytes of logs, audit records, errors and metrics", outputs.Len())
+}
+
+// A new cluster's first node generates the admin's password into
+// DATA_DIR/admin-password, readable by its owner alone, names the file in
+// its log (not the password), and keeps it across a restart; the password
+// works for the admin API and the registry.
+func TestFirstAdminPassword(t *testing.T) {
+	e2eNeedBinary(t)
+	dir := t.TempDir()
+	data := filepath.Join(dir, "data")
+	var env []string
+	for _, kv := range e2eEnv() {
+		if !strings.HasPrefix(kv, "MERIDIAN_ADMIN_PASSWORD_FILE=") && !strings.HasPrefix(kv, "MERIDIAN_USERNAME=") && !strings.HasPrefix(kv, "MERIDIAN_PASSWORD=") {
+			env = append(env, kv)
+		}
+	}
+	start := func() *e2eProc {
+		ready := filepath.Join(dir, "ready.json")
+		p := e2eStart(t, ready, env, append([]string{"serve", "--data-dir", data, "--node-id", "first", "--ready-file", ready}, e2eLoopback...)...)
+		p.waitReady()
+		return p
+	}
+	p := start()
+	file := filepath.Join(data, "admin-password")
+	var password string
+	p.poll("the admin password file", time.Minute, func() error {
+		b, err := os.ReadFile(file)
+		if err != nil || len(b) == 0 {
+			return fmt.Errorf("%s: %v", file, err)
+		}
+		password = strings.TrimSpace(string(b))
+		return nil
+	})
+	if st, err := os.Stat(file); err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("%s: mode %v, want 0600 (%v)", file, st.Mode().Perm(), err)
+	}
+	if len(password) < 32 {
+		t.Errorf("generated password of %d characters", len(password))
+	}
+	list := func(pw string) error {
+		cmd := exec.Command(e2eBinary, "user", "list", "--addr", p.ready.GRPCAddr)
+		cmd.Env = append(slices.Clone(env), "MERIDIAN_USERNAME=admin", "MERIDIAN_PASSWORD="+pw)
+		out, err := cmd.CombinedOutput()
+		if err == nil && !strings.Contains(string(out), "admin") {
+			return fmt.Errorf("user list: %s", out)
+		}
+		return err
+	}
+	if err := list(password); err != nil {
+		t.Errorf("user list as the first admin: %v", err)
+	}
+	if err := list("a-wrong-password"); err == nil {
+		t.Error("user list with a wrong password succeeded")
+	}
+	// Without credentials, the admin API refuses with a readable message.
+	cmd := exec.Command(e2eBinary, "user", "list", "--addr", p.ready.GRPCAddr)
+	cmd.Env = env
+	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "MERIDIAN_USERNAME") {
+		t.Errorf("user list without credentials: %v\n%s", err, out)
+	}
+	p.stop()
+	logs, _ := os.ReadFile(p.logPath)
+	if !strings.Contains(string(logs), file) || strings.Contains(string(logs), password) {
+		t.Errorf("the log should name %s and not hold the password:\n%s", file, logs)
+	}
+	// A restart neither creates another admin nor changes the password.
+	p = start()
+	if b, _ := os.ReadFile(file); strings.TrimSpace(string(b)) != password {
+		t.Error("the password file changed across a restart")
+	}
+	if err := list(password); err != nil {
+		t.Errorf("after a restart: %v", err)
+	}
+	p.stop()
 }

@@ -1,0 +1,169 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/meridian-registry/meridian/node/clustertest/admin"
+)
+
+// helm and skopeo, real clients, against a node over HTTPS with a robot
+// account: refused without credentials, then helm registry login with
+// helm push and helm pull of a chart, and skopeo copy and inspect with
+// --creds. Each skips when its client is not installed (make test
+// installs helm with go install and skopeo from Debian's packages).
+func TestHelmAndSkopeoWithCredentials(t *testing.T) {
+	helm, skopeo := os.Getenv("MERIDIAN_HELM"), os.Getenv("MERIDIAN_SKOPEO")
+	if helm == "" && skopeo == "" {
+		t.Skip("MERIDIAN_HELM and MERIDIAN_SKOPEO are not set; `make test` installs the clients and sets them")
+	}
+	e2eNeedBinary(t)
+	dir := t.TempDir()
+	pkiDir := filepath.Join(dir, "pki")
+	e2eMeridian(t, "ca", "init", "--dir", pkiDir)
+	e2eMeridian(t, "ca", "issue", "--dir", pkiDir, "--role", "node", "--id", "web", "--ip", "127.0.0.1")
+	ready := filepath.Join(dir, "ready.json")
+	p := e2eStart(t, ready, e2eEnv(), slices.Concat([]string{"serve", "--node-id", "web", "--data-dir", filepath.Join(dir, "data"),
+		"--ready-file", ready, "--http-tls-cert", filepath.Join(pkiDir, "web.crt"), "--http-tls-key", filepath.Join(pkiDir, "web.key")},
+		e2eLoopback)...)
+	p.waitWritten()
+	host := p.ready.HTTPAddr
+
+	cmd := exec.Command(e2eBinary, "robot", "create", "charts", "--scope", "charts:pull,push", "--addr", p.ready.GRPCAddr)
+	cmd.Env = e2eEnv()
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("robot create: %v", err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	user, secret := "robot+charts", lines[len(lines)-1]
+
+	home := filepath.Join(dir, "home")
+	env := []string{"HOME=" + home, "SSL_CERT_FILE=" + filepath.Join(pkiDir, "ca.crt"), "DOCKER_CONFIG=" + filepath.Join(home, "docker"),
+		"XDG_CONFIG_HOME=" + filepath.Join(home, "config"), "XDG_CACHE_HOME=" + filepath.Join(home, "cache"),
+		"XDG_DATA_HOME=" + filepath.Join(home, "data"), "XDG_RUNTIME_DIR=" + filepath.Join(home, "run"), "REGISTRY_AUTH_FILE=" + filepath.Join(home, "auth.json")}
+	os.MkdirAll(filepath.Join(home, "run"), 0o700)
+	run := func(bin string, args ...string) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		c := exec.CommandContext(ctx, bin, args...)
+		c.Dir = dir
+		c.Env = e2eEnv(env...)
+		b, err := c.CombinedOutput()
+		return string(b), err
+	}
+	must := func(bin string, args ...string) string {
+		t.Helper()
+		out, err := run(bin, args...)
+		if err != nil {
+			t.Fatalf("%s %s: %v\n%s", filepath.Base(bin), strings.Join(args, " "), err, out)
+		}
+		return out
+	}
+	refused := func(what, out string, err error) {
+		t.Helper()
+		low := strings.ToLower(out)
+		if err == nil || !(strings.Contains(low, "unauthorized") || strings.Contains(low, "401") || strings.Contains(low, "authentication required")) {
+			t.Errorf("%s without credentials: %v\n%s", what, err, out)
+		}
+	}
+	p.poll("HTTPS answers", time.Minute, func() error {
+		resp, err := httpsClient(t, pkiDir).Get("https://" + host + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err
+	})
+
+	if helm != "" {
+		t.Run("helm", func(t *testing.T) {
+			must(helm, "create", "mychart")
+			must(helm, "package", "mychart", "-d", dir)
+			chart := filepath.Join(dir, "mychart-0.1.0.tgz")
+			out, err := run(helm, "push", chart, "oci://"+host+"/charts")
+			refused("helm push", out, err)
+			must(helm, "registry", "login", host, "-u", user, "-p", secret)
+			out = must(helm, "push", chart, "oci://"+host+"/charts")
+			if !strings.Contains(out, "Digest:") {
+				t.Errorf("helm push printed no digest:\n%s", out)
+			}
+			pulled := filepath.Join(dir, "pulled")
+			must(helm, "pull", "oci://"+host+"/charts/mychart", "--version", "0.1.0", "-d", pulled)
+			if _, err := os.Stat(filepath.Join(pulled, "mychart-0.1.0.tgz")); err != nil {
+				t.Errorf("helm pull: %v", err)
+			}
+		})
+	}
+	if skopeo != "" {
+		t.Run("skopeo", func(t *testing.T) {
+			// The source image, pushed by the admin.
+			ref, _ := name.ParseReference(host + "/charts/src:v1")
+			img, _ := random.Image(2048, 2)
+			tr := admin.Transport(httpsTransport(t, pkiDir))
+			if err := remote.Write(ref, img, remote.WithTransport(tr)); err != nil {
+				t.Fatal(err)
+			}
+			want, _ := img.Digest()
+			// skopeo trusts the *.crt files of a directory (and takes any
+			// *.key there for a client certificate): the CA alone.
+			caDir := filepath.Join(dir, "skopeo-ca")
+			os.MkdirAll(caDir, 0o700)
+			caPEM, _ := os.ReadFile(filepath.Join(pkiDir, "ca.crt"))
+			os.WriteFile(filepath.Join(caDir, "ca.crt"), caPEM, 0o600)
+			certs := "--cert-dir=" + caDir
+			out, err := run(skopeo, "inspect", certs, "docker://"+host+"/charts/src:v1")
+			refused("skopeo inspect", out, err)
+			out = must(skopeo, "inspect", certs, "--creds", user+":"+secret, "--format", "{{.Digest}}", "docker://"+host+"/charts/src:v1")
+			if strings.TrimSpace(out) != want.String() {
+				t.Errorf("skopeo inspect: digest %q, want %s", out, want)
+			}
+			must(skopeo, "copy", "--src-cert-dir", caDir, "--dest-cert-dir", caDir, "--src-creds", user+":"+secret,
+				"--dest-creds", user+":"+secret, "docker://"+host+"/charts/src:v1", "docker://"+host+"/charts/copy:v1")
+			got, err := remote.Image(mustRef(t, host+"/charts/copy:v1"), remote.WithTransport(tr))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d, _ := got.Digest(); d != want {
+				t.Errorf("skopeo's copy has digest %s, want %s", d, want)
+			}
+		})
+	}
+	p.stop()
+}
+
+func mustRef(t *testing.T, s string) name.Reference {
+	t.Helper()
+	r, err := name.ParseReference(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func httpsTransport(t *testing.T, pkiDir string) *http.Transport {
+	t.Helper()
+	caPEM, err := os.ReadFile(filepath.Join(pkiDir, "ca.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(caPEM)
+	return &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}
+}
+
+func httpsClient(t *testing.T, pkiDir string) *http.Client {
+	return &http.Client{Transport: httpsTransport(t, pkiDir), Timeout: 10 * time.Second}
+}
