@@ -30,6 +30,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/meridian-registry/meridian/consensus"
+	"github.com/meridian-registry/meridian/gateway"
 	"github.com/meridian-registry/meridian/gateway/auth"
 	"github.com/meridian-registry/meridian/node/pki"
 	"github.com/meridian-registry/meridian/node/transport"
@@ -358,6 +359,10 @@ func (n *Node) adminActor(ctx context.Context) (*pb.Actor, error) {
 	}
 	r := &http.Request{RemoteAddr: addr, Header: http.Header{}}
 	principal, err := n.access.Login(r, user, pass)
+	var gerr *gateway.Error
+	if errors.As(err, &gerr) && gerr.Code == gateway.CodeTooManyRequests {
+		return nil, status.Error(codes.ResourceExhausted, "too many failed logins; try again in a minute")
+	}
 	if err != nil {
 		return nil, status.Error(codes.Unauthenticated, "invalid username or password")
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
 	"net/http"
 	"os"
 	"os/exec"
@@ -42,6 +43,18 @@ func TestHelmAndSkopeoWithCredentials(t *testing.T) {
 	p.waitWritten()
 	host := p.ready.HTTPAddr
 
+	// Ready means the first admin exists.
+	p.poll("HTTPS readyz", time.Minute, func() error {
+		resp, err := httpsClient(t, pkiDir).Get("https://" + host + "/readyz")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("%s", resp.Status)
+		}
+		return nil
+	})
 	cmd := exec.Command(e2eBinary, "robot", "create", "charts", "--scope", "charts:pull,push", "--addr", p.ready.GRPCAddr)
 	cmd.Env = e2eEnv()
 	out, err := cmd.Output()
@@ -80,66 +93,55 @@ func TestHelmAndSkopeoWithCredentials(t *testing.T) {
 			t.Errorf("%s without credentials: %v\n%s", what, err, out)
 		}
 	}
-	p.poll("HTTPS answers", time.Minute, func() error {
-		resp, err := httpsClient(t, pkiDir).Get("https://" + host + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err
-	})
-
 	if helm != "" {
-		t.Run("helm", func(t *testing.T) {
-			must(helm, "create", "mychart")
-			must(helm, "package", "mychart", "-d", dir)
-			chart := filepath.Join(dir, "mychart-0.1.0.tgz")
-			out, err := run(helm, "push", chart, "oci://"+host+"/charts")
-			refused("helm push", out, err)
-			must(helm, "registry", "login", host, "-u", user, "-p", secret)
-			out = must(helm, "push", chart, "oci://"+host+"/charts")
-			if !strings.Contains(out, "Digest:") {
-				t.Errorf("helm push printed no digest:\n%s", out)
-			}
-			pulled := filepath.Join(dir, "pulled")
-			must(helm, "pull", "oci://"+host+"/charts/mychart", "--version", "0.1.0", "-d", pulled)
-			if _, err := os.Stat(filepath.Join(pulled, "mychart-0.1.0.tgz")); err != nil {
-				t.Errorf("helm pull: %v", err)
-			}
-		})
+		must(helm, "create", "mychart")
+		must(helm, "package", "mychart", "-d", dir)
+		chart := filepath.Join(dir, "mychart-0.1.0.tgz")
+		out, err := run(helm, "push", chart, "oci://"+host+"/charts")
+		refused("helm push", out, err)
+		must(helm, "registry", "login", host, "-u", user, "-p", secret)
+		out = must(helm, "push", chart, "oci://"+host+"/charts")
+		if !strings.Contains(out, "Digest:") {
+			t.Errorf("helm push printed no digest:\n%s", out)
+		}
+		pulled := filepath.Join(dir, "pulled")
+		os.MkdirAll(pulled, 0o755)
+		must(helm, "pull", "oci://"+host+"/charts/mychart", "--version", "0.1.0", "-d", pulled)
+		if _, err := os.Stat(filepath.Join(pulled, "mychart-0.1.0.tgz")); err != nil {
+			t.Errorf("helm pull: %v", err)
+		}
 	}
 	if skopeo != "" {
-		t.Run("skopeo", func(t *testing.T) {
-			// The source image, pushed by the admin.
-			ref, _ := name.ParseReference(host + "/charts/src:v1")
-			img, _ := random.Image(2048, 2)
-			tr := admin.Transport(httpsTransport(t, pkiDir))
-			if err := remote.Write(ref, img, remote.WithTransport(tr)); err != nil {
-				t.Fatal(err)
-			}
-			want, _ := img.Digest()
-			// skopeo trusts the *.crt files of a directory (and takes any
-			// *.key there for a client certificate): the CA alone.
-			caDir := filepath.Join(dir, "skopeo-ca")
-			os.MkdirAll(caDir, 0o700)
-			caPEM, _ := os.ReadFile(filepath.Join(pkiDir, "ca.crt"))
-			os.WriteFile(filepath.Join(caDir, "ca.crt"), caPEM, 0o600)
-			certs := "--cert-dir=" + caDir
-			out, err := run(skopeo, "inspect", certs, "docker://"+host+"/charts/src:v1")
-			refused("skopeo inspect", out, err)
-			out = must(skopeo, "inspect", certs, "--creds", user+":"+secret, "--format", "{{.Digest}}", "docker://"+host+"/charts/src:v1")
-			if strings.TrimSpace(out) != want.String() {
-				t.Errorf("skopeo inspect: digest %q, want %s", out, want)
-			}
-			must(skopeo, "copy", "--src-cert-dir", caDir, "--dest-cert-dir", caDir, "--src-creds", user+":"+secret,
-				"--dest-creds", user+":"+secret, "docker://"+host+"/charts/src:v1", "docker://"+host+"/charts/copy:v1")
-			got, err := remote.Image(mustRef(t, host+"/charts/copy:v1"), remote.WithTransport(tr))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if d, _ := got.Digest(); d != want {
-				t.Errorf("skopeo's copy has digest %s, want %s", d, want)
-			}
-		})
+		// The source image, pushed by the admin.
+		ref, _ := name.ParseReference(host + "/charts/src:v1")
+		img, _ := random.Image(2048, 2)
+		tr := admin.Transport(httpsTransport(t, pkiDir))
+		if err := remote.Write(ref, img, remote.WithTransport(tr)); err != nil {
+			t.Fatal(err)
+		}
+		want, _ := img.Digest()
+		// skopeo trusts the *.crt files of a directory (and takes any
+		// *.key there for a client certificate): the CA alone.
+		caDir := filepath.Join(dir, "skopeo-ca")
+		os.MkdirAll(caDir, 0o700)
+		caPEM, _ := os.ReadFile(filepath.Join(pkiDir, "ca.crt"))
+		os.WriteFile(filepath.Join(caDir, "ca.crt"), caPEM, 0o600)
+		certs := "--cert-dir=" + caDir
+		out, err := run(skopeo, "inspect", certs, "docker://"+host+"/charts/src:v1")
+		refused("skopeo inspect", out, err)
+		out = must(skopeo, "inspect", certs, "--creds", user+":"+secret, "--format", "{{.Digest}}", "docker://"+host+"/charts/src:v1")
+		if strings.TrimSpace(out) != want.String() {
+			t.Errorf("skopeo inspect: digest %q, want %s", out, want)
+		}
+		must(skopeo, "copy", "--src-cert-dir", caDir, "--dest-cert-dir", caDir, "--src-creds", user+":"+secret,
+			"--dest-creds", user+":"+secret, "docker://"+host+"/charts/src:v1", "docker://"+host+"/charts/copy:v1")
+		got, err := remote.Image(mustRef(t, host+"/charts/copy:v1"), remote.WithTransport(tr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d, _ := got.Digest(); d != want {
+			t.Errorf("skopeo's copy has digest %s, want %s", d, want)
+		}
 	}
 	p.stop()
 }
