@@ -172,11 +172,13 @@ func (n *Node) keepAccessCurrent() {
 	}
 }
 
-// bootstrapAdmin creates the first admin of a cluster this node
-// bootstrapped: it runs on the leader until the state records one, so it
-// happens once per cluster, even across restarts.
+// bootstrapAdmin creates the first admin of the cluster: the leader runs
+// it until the state records one (a new cluster's leader is the node that
+// bootstrapped it; a cluster from before access control gets one from its
+// leader of the moment), so it happens once per cluster, even across
+// restarts.
 func (n *Node) bootstrapAdmin(ctx context.Context) error {
-	if n.cfg.Auth.InsecureNoAuth || len(n.cfg.Join) > 0 {
+	if n.cfg.Auth.InsecureNoAuth {
 		return nil
 	}
 	store := n.consensus.Store()

@@ -290,9 +290,8 @@ func (n *Node) ready(ctx context.Context) error {
 		if st, err := n.consensus.Store().AccessState(ctx); err != nil || len(st.GetTokenKeys().GetKeys()) == 0 {
 			return errors.New("token signing key not installed yet")
 		}
-		// The node that creates the first admin is ready once it has:
-		// scripts log in right after /readyz.
-		if done, err := n.consensus.Store().AccessBootstrapped(); len(n.cfg.Join) == 0 && (err != nil || !done) {
+		// Scripts log in right after /readyz: the first admin must exist.
+		if done, err := n.consensus.Store().AccessBootstrapped(); err != nil || !done {
 			return errors.New("first admin not created yet")
 		}
 	}
