@@ -235,14 +235,7 @@ func applyRotateTokenKey(b *pebble.Batch, e *pb.LogEntry) error {
 	}
 	k := proto.Clone(c.Key).(*pb.TokenKey)
 	k.CreatedUnixNano = e.TimeUnixNano
-	ring.Keys = append(ring.Keys, k)
-	kept := ring.Keys[:0]
-	for i, k := range ring.Keys {
-		if i == len(ring.Keys)-1 || ring.Keys[i+1].CreatedUnixNano >= c.RetireBeforeUnixNano {
-			kept = append(kept, k)
-		}
-	}
-	ring.Keys = kept
+	ring.Keys = retire(append(ring.Keys, k), c.RetireBeforeUnixNano)
 	return setProto(b, key(tableAccessMeta, "token-keys"), ring)
 }
 

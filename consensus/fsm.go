@@ -409,15 +409,21 @@ func applyRotateUploadKey(b *pebble.Batch, e *pb.LogEntry) error {
 	if n := len(ring.Keys); n > 0 {
 		next = ring.Keys[n-1].Id + 1
 	}
-	ring.Keys = append(ring.Keys, &pb.UploadKey{Id: next, Key: c.Key, CreatedUnixNano: e.TimeUnixNano})
-	kept := ring.Keys[:0]
-	for i, k := range ring.Keys {
-		if i == len(ring.Keys)-1 || ring.Keys[i+1].CreatedUnixNano >= c.RetireBeforeUnixNano {
+	ring.Keys = retire(append(ring.Keys, &pb.UploadKey{Id: next, Key: c.Key, CreatedUnixNano: e.TimeUnixNano}), c.RetireBeforeUnixNano)
+	return setProto(b, key(tableUploadKey, "ring"), ring)
+}
+
+// retire drops the keys of a ring (oldest first) whose successor was
+// created before the cut-off: no token they signed or sealed is still
+// valid. The newest key always stays.
+func retire[K interface{ GetCreatedUnixNano() int64 }](keys []K, before int64) []K {
+	kept := keys[:0]
+	for i, k := range keys {
+		if i == len(keys)-1 || keys[i+1].GetCreatedUnixNano() >= before {
 			kept = append(kept, k)
 		}
 	}
-	ring.Keys = kept
-	return setProto(b, key(tableUploadKey, "ring"), ring)
+	return kept
 }
 
 // uploadKeyRing reads the ring, or makes one of a cluster's first key.

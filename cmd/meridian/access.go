@@ -53,8 +53,13 @@ func parseMixed(fs *flag.FlagSet, args []string) ([]string, error) {
 	}
 }
 
-// oneName checks that exactly one positional argument was given.
-func oneName(cmd string, pos []string) (string, error) {
+// parseName parses args (flags anywhere) and returns the one NAME they
+// must hold.
+func parseName(fs *flag.FlagSet, args []string, cmd string) (string, error) {
+	pos, err := parseMixed(fs, args)
+	if err != nil {
+		return "", err
+	}
 	if len(pos) != 1 {
 		return "", fmt.Errorf("%s: want exactly one NAME, got %d arguments", cmd, len(pos))
 	}
@@ -103,11 +108,7 @@ func userCmd(args []string) error {
 	switch args[0] {
 	case "add":
 		stdin := a.fs.Bool("password-stdin", false, "read the password from standard input (one line)")
-		pos, err := parseMixed(a.fs, args[1:])
-		if err != nil {
-			return err
-		}
-		name, err := oneName("user add", pos)
+		name, err := parseName(a.fs, args[1:], "user add")
 		if err != nil {
 			return err
 		}
@@ -128,11 +129,7 @@ func userCmd(args []string) error {
 		}
 		return nil
 	case "passwd":
-		pos, err := parseMixed(a.fs, args[1:])
-		if err != nil {
-			return err
-		}
-		name, err := oneName("user passwd", pos)
+		name, err := parseName(a.fs, args[1:], "user passwd")
 		if err != nil {
 			return err
 		}
@@ -146,11 +143,7 @@ func userCmd(args []string) error {
 		fmt.Printf("changed the password of %s\n", name)
 		return nil
 	case "delete":
-		pos, err := parseMixed(a.fs, args[1:])
-		if err != nil {
-			return err
-		}
-		name, err := oneName("user delete", pos)
+		name, err := parseName(a.fs, args[1:], "user delete")
 		if err != nil {
 			return err
 		}
@@ -192,11 +185,7 @@ func teamCmd(args []string) error {
 	a.fs.Init("meridian team add", flag.ContinueOnError)
 	var members stringList
 	a.fs.Var(&members, "member", "a user in the team; repeat for more (the team's members are exactly these)")
-	pos, err := parseMixed(a.fs, args[1:])
-	if err != nil {
-		return err
-	}
-	name, err := oneName("team add", pos)
+	name, err := parseName(a.fs, args[1:], "team add")
 	if err != nil {
 		return err
 	}
@@ -219,11 +208,7 @@ func robotCmd(args []string) error {
 		var scopes stringList
 		a.fs.Var(&scopes, "scope", "PREFIX:ACTIONS the robot may do (e.g. ci/app:pull,push); repeat for more")
 		expires := a.fs.Duration("expires", 0, "lifetime (e.g. 720h); 0: never expires")
-		pos, err := parseMixed(a.fs, args[1:])
-		if err != nil {
-			return err
-		}
-		name, err := oneName("robot create", pos)
+		name, err := parseName(a.fs, args[1:], "robot create")
 		if err != nil {
 			return err
 		}
@@ -249,11 +234,7 @@ func robotCmd(args []string) error {
 		fmt.Println(resp.Secret)
 		return nil
 	case "revoke":
-		pos, err := parseMixed(a.fs, args[1:])
-		if err != nil {
-			return err
-		}
-		name, err := oneName("robot revoke", pos)
+		name, err := parseName(a.fs, args[1:], "robot revoke")
 		if err != nil {
 			return err
 		}
