@@ -2,6 +2,7 @@ package consensus
 
 import (
 	"context"
+	"fmt"
 	"testing"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -91,4 +92,75 @@ func sixtyFour(c string) string {
 		s += c
 	}
 	return s
+}
+
+// Deletes cascade by exact name (bob's grants go, bobby's stay; a team's
+// grants go with it), the first admin is created once, and the token key
+// ring keeps the newest key and those still needed.
+func TestAccessCascadesAndBootstrap(t *testing.T) {
+	h := newTestFSM(t)
+	ctx := context.Background()
+	for _, name := range []string{"bob", "bobby"} {
+		if err := h.apply(&pb.LogEntry{Command: &pb.LogEntry_PutUser{PutUser: &pb.PutUser{User: &pb.User{Name: name, PasswordHash: []byte("h")}}}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.apply(&pb.LogEntry{Command: &pb.LogEntry_PutGrant{PutGrant: &pb.PutGrant{Grant: &pb.Grant{Subject: "user:" + name, Prefix: "app", Actions: []string{"pull"}}}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.apply(&pb.LogEntry{Command: &pb.LogEntry_PutTeam{PutTeam: &pb.PutTeam{Team: &pb.Team{Name: "web", Members: []string{"bobby"}}}}})
+	h.apply(&pb.LogEntry{Command: &pb.LogEntry_PutGrant{PutGrant: &pb.PutGrant{Grant: &pb.Grant{Subject: "team:web", Prefix: "web", Actions: []string{"push"}}}}})
+	h.apply(&pb.LogEntry{Command: &pb.LogEntry_DeleteUser{DeleteUser: &pb.DeleteUser{Name: "bob"}}})
+	h.apply(&pb.LogEntry{Command: &pb.LogEntry_DeleteTeam{DeleteTeam: &pb.DeleteTeam{Name: "web"}}})
+	st, _ := h.store.AccessState(ctx)
+	if len(st.Grants) != 1 || st.Grants[0].Subject != "user:bobby" {
+		t.Errorf("grants after deleting bob and team web: %v", st.Grants)
+	}
+	// The first admin, once.
+	boot := func(name string) error {
+		return h.apply(&pb.LogEntry{Command: &pb.LogEntry_PutUser{PutUser: &pb.PutUser{Bootstrap: true, User: &pb.User{Name: name, PasswordHash: []byte("h")}}}})
+	}
+	if err := boot("admin"); err != nil {
+		t.Fatal(err)
+	}
+	if err := boot("admin2"); pb.CodeOf(err) != pb.Code_CODE_DENIED {
+		t.Errorf("a second bootstrap: %v, want DENIED", err)
+	}
+	if ok, _ := h.store.AccessBootstrapped(); !ok {
+		t.Error("bootstrap not recorded")
+	}
+	st, _ = h.store.AccessState(ctx)
+	if len(st.Users) != 2 || !hasGrant(st, "user:admin", "", "admin") {
+		t.Errorf("after bootstrap: users %v grants %v", st.Users, st.Grants)
+	}
+	// Keys at 1, 2 and 3 s; retiring before 2.5 s drops the first (its
+	// successor came at 2 s) and keeps the second (replaced at 3 s).
+	for i, retire := range []int64{0, 0, 2_500_000_000} {
+		e := &pb.LogEntry{TimeUnixNano: int64(i+1) * 1_000_000_000, Command: &pb.LogEntry_RotateTokenKey{RotateTokenKey: &pb.RotateTokenKey{
+			Key: &pb.TokenKey{Id: fmt.Sprint("k", i), PrivateKey: []byte("der")}, RetireBeforeUnixNano: retire}}}
+		if err := h.apply(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, _ = h.store.AccessState(ctx)
+	var ids []string
+	for _, k := range st.TokenKeys.Keys {
+		ids = append(ids, k.Id)
+	}
+	if fmt.Sprint(ids) != "[k1 k2]" {
+		t.Errorf("token keys %v, want [k1 k2]", ids)
+	}
+}
+
+func hasGrant(st *pb.AccessState, subject, prefix, action string) bool {
+	for _, g := range st.Grants {
+		if g.Subject == subject && g.Prefix == prefix {
+			for _, a := range g.Actions {
+				if a == action {
+					return true
+				}
+			}
+		}
+	}
+	return false
 }

@@ -54,7 +54,9 @@ func (allowAll) Refused(*http.Request, Caller, string, []string) {}
 
 type everyone struct{}
 
-func (everyone) Actor() *pb.Actor        { return &pb.Actor{Principal: "anonymous"} }
+// Its writes are recorded as "unauthenticated": no one was asked who they
+// are (and a node does not judge such a principal's grants).
+func (everyone) Actor() *pb.Actor        { return &pb.Actor{Principal: "unauthenticated"} }
 func (everyone) Anonymous() bool         { return false }
 func (everyone) Can(string, string) bool { return true }
 

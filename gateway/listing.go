@@ -36,9 +36,19 @@ func onePage(items []string, n int) ([]string, bool) {
 // writePage writes a JSON list page and, when more follow, a Link header to
 // the next page.
 func writePage(w http.ResponseWriter, path string, page []string, more bool, body any) {
+	next := ""
 	if more {
-		next := url.Values{"n": {strconv.Itoa(len(page))}, "last": {page[len(page)-1]}}
-		w.Header().Set("Link", "<"+path+"?"+next.Encode()+`>; rel="next"`)
+		next = page[len(page)-1]
+	}
+	writePageAfter(w, path, len(page), next, body)
+}
+
+// writePageAfter writes a JSON list page and, unless next is empty, a Link
+// header to the page of up to n items after next.
+func writePageAfter(w http.ResponseWriter, path string, n int, next string, body any) {
+	if next != "" {
+		q := url.Values{"n": {strconv.Itoa(n)}, "last": {next}}
+		w.Header().Set("Link", "<"+path+"?"+q.Encode()+`>; rel="next"`)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(body)
@@ -68,11 +78,11 @@ func (g *Gateway) catalog(w http.ResponseWriter, r *http.Request, _ route) error
 	if err != nil {
 		return err
 	}
-	repos, more, err := g.pullableRepositories(r.Context(), last, n)
+	repos, next, err := g.pullableRepositories(r.Context(), last, n)
 	if err != nil {
 		return err
 	}
-	writePage(w, "/v2/_catalog", repos, more, struct {
+	writePageAfter(w, "/v2/_catalog", n, next, struct {
 		Repositories []string `json:"repositories"`
 	}{repos})
 	return nil
@@ -112,31 +122,50 @@ func (g *Gateway) referrers(w http.ResponseWriter, r *http.Request, rt route) er
 	return nil
 }
 
+// catalogScan bounds how many repositories one catalog request reads: a
+// caller who may list few of many repositories gets a short page and a
+// link to continue, not a scan of the whole catalog.
+const catalogScan = 10000
+
 // pullableRepositories returns up to n repositories after last that the
-// caller may pull, and whether more follow. It reads ahead in pages, so a
-// caller who may pull few of many repositories still gets full pages.
-func (g *Gateway) pullableRepositories(ctx context.Context, last string, n int) ([]string, bool, error) {
-	c := CallerFrom(ctx)
+// caller may list, and the name to continue after when more may follow
+// ("" at the end). It reads ahead in pages of the list limit.
+func (g *Gateway) pullableRepositories(ctx context.Context, last string, n int) ([]string, string, error) {
 	out := []string{}
-	for {
-		repos, err := g.meta.Repositories(ctx, last, n+1)
+	if n == 0 {
+		return out, "", nil // an empty page, with no link to a next one
+	}
+	c := CallerFrom(ctx)
+	size := max(n, g.cfg.ListLimit)
+	for scanned := 0; ; {
+		repos, err := g.meta.Repositories(ctx, last, size+1)
 		if err != nil {
-			return nil, false, err
+			return nil, "", err
 		}
-		for _, repo := range repos {
+		end := len(repos) <= size
+		if !end {
+			repos = repos[:size]
+		}
+		for i, repo := range repos {
+			last = repo
+			scanned++
 			if c != nil && !lists(c, repo) {
 				continue
 			}
-			if len(out) == n {
-				// n = 0 asks for an empty page, with no link to a next one.
-				return out, n > 0, nil
-			}
 			out = append(out, repo)
+			if len(out) == n {
+				if end && i == len(repos)-1 {
+					return out, "", nil
+				}
+				return out, repo, nil
+			}
 		}
-		if len(repos) <= n {
-			return out, false, nil
+		if end {
+			return out, "", nil
 		}
-		last = repos[len(repos)-1]
+		if scanned >= catalogScan {
+			return out, last, nil
+		}
 	}
 }
 

@@ -1,6 +1,7 @@
 package node_test
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net/http"
@@ -10,7 +11,13 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
+	"github.com/meridian-registry/meridian/node/clustertest"
 	"github.com/meridian-registry/meridian/node/clustertest/admin"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -265,3 +272,97 @@ func TestAuditLogAcrossRegions(t *testing.T) {
 		t.Errorf("GET /admin/audit without credentials: %d, want 401", s)
 	}
 }
+
+// The admin API, on a node without cluster TLS, as an attacker on the
+// same host would call it: without credentials, with a user's, and with
+// an admin's of one prefix only, every admin method is refused; and no
+// change may leave the cluster without an admin.
+func TestAdminAPIRefusesNonAdmins(t *testing.T) {
+	c := clustertest.New(t, 1)
+	ctx := within(t, time.Minute)
+	a := &accessSetup{t: t, ctx: ctx, admin: adminClient(t, c, 0)}
+	a.user("mallory", matrixPassword)
+	a.grant("user:mallory", "team", "pull", "push", "delete", "admin") // admin of one prefix
+	dial := func(creds credentials.PerRPCCredentials) pb.ClusterClient {
+		opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+		if creds != nil {
+			opts = append(opts, grpc.WithPerRPCCredentials(creds))
+		}
+		conn, err := grpc.NewClient(c.Config(0).GRPCAddr, opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return pb.NewClusterClient(conn)
+	}
+	grant := &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_Grant{Grant: &pb.Grant{Subject: "user:mallory", Prefix: "", Actions: []string{"admin"}}}}
+	for name, cl := range map[string]struct {
+		c    pb.ClusterClient
+		code codes.Code
+	}{
+		"no credentials":        {dial(nil), codes.Unauthenticated},
+		"a wrong password":      {dial(basicGRPC("admin", "not-the-password")), codes.Unauthenticated},
+		"an admin of a prefix":  {dial(basicGRPC("mallory", matrixPassword)), codes.PermissionDenied},
+		"a robot's credentials": {dial(basicGRPC("robot+none", "x")), codes.Unauthenticated},
+	} {
+		calls := map[string]func() error{
+			"ManageAccess":   func() error { _, err := cl.c.ManageAccess(ctx, grant); return err },
+			"ListAccess":     func() error { _, err := cl.c.ListAccess(ctx, &pb.ListAccessRequest{}); return err },
+			"ReadAudit":      func() error { _, err := cl.c.ReadAudit(ctx, &pb.ReadAuditRequest{}); return err },
+			"GetAccessState": func() error { _, err := cl.c.GetAccessState(ctx, &pb.GetAccessStateRequest{}); return err },
+			"SetPolicy": func() error {
+				_, err := cl.c.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{Prefix: "x/"}})
+				return err
+			},
+			"Commit of a grant": func() error {
+				resp, err := cl.c.Commit(ctx, &pb.CommitRequest{Command: &pb.Command{Intent: &pb.Command_PutGrant{PutGrant: &pb.PutGrant{Grant: grant.GetGrant()}}}})
+				if err == nil && pb.CodeOf(resp.Result.Err()) == pb.Code_CODE_INVALID_ARGUMENT {
+					return status.Error(codes.InvalidArgument, resp.Result.Detail)
+				}
+				return err
+			},
+		}
+		for method, call := range calls {
+			err := call()
+			want := cl.code
+			if method == "Commit of a grant" {
+				want = codes.InvalidArgument // access changes never go through Commit
+			}
+			if status.Code(err) != want {
+				t.Errorf("%s with %s: %v, want %v", method, name, err, want)
+			}
+		}
+	}
+	st, _ := a.admin.ListAccess(ctx, &pb.ListAccessRequest{})
+	for _, g := range st.Grants {
+		if g.Subject == "user:mallory" && g.Prefix == "" {
+			t.Errorf("mallory got %v", g)
+		}
+	}
+	// The last admin stays.
+	for name, req := range map[string]*pb.ManageAccessRequest{
+		"delete the admin":       {Op: &pb.ManageAccessRequest_DeleteUser{DeleteUser: "admin"}},
+		"revoke its admin grant": {Op: &pb.ManageAccessRequest_Revoke{Revoke: &pb.DeleteGrant{Subject: "user:admin", Prefix: ""}}},
+	} {
+		if _, err := a.admin.ManageAccess(ctx, req); status.Code(err) == codes.OK || !strings.Contains(status.Convert(err).Message(), "without an admin") {
+			t.Errorf("%s: %v, want a refusal", name, err)
+		}
+	}
+	// With a second admin, the first can go.
+	a.user("second", matrixPassword)
+	a.grant("user:second", "", "pull", "push", "delete", "admin")
+	a.manage(&pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_Revoke{Revoke: &pb.DeleteGrant{Subject: "user:admin", Prefix: ""}}})
+}
+
+// basicGRPC sends Basic credentials with each call.
+type basicGRPCCreds struct{ header string }
+
+func basicGRPC(user, pass string) credentials.PerRPCCredentials {
+	return basicGRPCCreds{basicAuth(user, pass)()}
+}
+
+func (b basicGRPCCreds) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": b.header}, nil
+}
+
+func (basicGRPCCreds) RequireTransportSecurity() bool { return false }

@@ -160,14 +160,16 @@ func (n *Node) reloadAccess(ctx context.Context) error {
 func (n *Node) keepAccessCurrent() {
 	defer n.wg.Done()
 	for {
+		// The channel is taken before the reload: an entry applied during
+		// the reload closes it, and the loop reloads again.
 		changed := n.consensus.Changed()
+		if err := n.reloadAccess(context.Background()); err != nil {
+			n.logger.Warn("reload access state", "err", err)
+		}
 		select {
 		case <-n.stop:
 			return
 		case <-changed:
-		}
-		if err := n.reloadAccess(context.Background()); err != nil {
-			n.logger.Warn("reload access state", "err", err)
 		}
 	}
 }
@@ -639,6 +641,9 @@ func (n *Node) manageAccess(ctx context.Context, req *pb.ManageAccessRequest) (*
 	if err := validateAccess(cmd); err != nil {
 		return nil, err
 	}
+	if err := n.keepsAnAdmin(ctx, cmd); err != nil {
+		return nil, err
+	}
 	index, err := n.consensus.Commit(ctx, cmd, pb.ActorFrom(ctx))
 	if err != nil {
 		return nil, err
@@ -678,10 +683,17 @@ func (s clusterServer) ListAccess(ctx context.Context, _ *pb.ListAccessRequest) 
 	return &pb.ListAccessResponse{Users: st.Users, Teams: st.Teams, Robots: st.Robots, Grants: st.Grants}, nil
 }
 
+// maxAuditRecords bounds one audit read (the newest ones), so an answer
+// stays well inside gRPC's message size.
+const maxAuditRecords = 10000
+
 // ReadAudit reads the replicated audit log from this node's replica, and
 // the refusals this node recorded when asked.
 func (s clusterServer) ReadAudit(ctx context.Context, req *pb.ReadAuditRequest) (*pb.ReadAuditResponse, error) {
 	f := consensus.AuditFilter{Since: req.SinceUnixNano, Repository: req.Repository, Principal: req.Principal, Limit: int(req.Limit)}
+	if f.Limit <= 0 || f.Limit > maxAuditRecords {
+		f.Limit = maxAuditRecords
+	}
 	recs, err := s.n.consensus.Store().Audit(ctx, f)
 	if err != nil {
 		return nil, pb.ToStatus(err)
@@ -705,7 +717,9 @@ func (s clusterServer) GetAccessState(ctx context.Context, req *pb.GetAccessStat
 	if err != nil {
 		return nil, pb.ToStatus(err)
 	}
-	if req.KnownVersion != 0 && req.KnownVersion == v {
+	// A replica behind the caller answers "unchanged" too: the caller
+	// keeps the newer state it has.
+	if req.KnownVersion != 0 && v <= req.KnownVersion {
 		return &pb.GetAccessStateResponse{Unchanged: true}, nil
 	}
 	st, err := store.AccessState(ctx)
@@ -724,6 +738,11 @@ func (n *Node) mayWrite(ctx context.Context, cmd *pb.Command) error {
 	a := pb.ActorFrom(ctx)
 	if n.access == nil || a == nil {
 		return nil
+	}
+	// Judge from the state this replica has applied, not a copy that the
+	// reload loop has yet to refresh (a new leader, say).
+	if err := n.reloadAccess(ctx); err != nil {
+		return err
 	}
 	type need struct{ repo, action string }
 	var needs []need
@@ -803,4 +822,50 @@ func (n *Node) serveAudit(w http.ResponseWriter, r *http.Request) {
 		b, _ := protojson.Marshal(rec)
 		w.Write(append(b, '\n'))
 	}
+}
+
+// keepsAnAdmin refuses a change that would leave the cluster without a
+// user who may administer it: no one could then change access again.
+func (n *Node) keepsAnAdmin(ctx context.Context, cmd *pb.Command) error {
+	var gone func(g *pb.Grant) bool
+	switch c := cmd.GetIntent().(type) {
+	case *pb.Command_DeleteUser:
+		gone = func(g *pb.Grant) bool { return g.Subject == "user:"+c.DeleteUser.Name }
+	case *pb.Command_DeleteTeam:
+		gone = func(g *pb.Grant) bool { return g.Subject == "team:"+c.DeleteTeam.Name }
+	case *pb.Command_DeleteGrant:
+		gone = func(g *pb.Grant) bool {
+			return g.Subject == c.DeleteGrant.Subject && g.Prefix == c.DeleteGrant.Prefix
+		}
+	default:
+		return nil
+	}
+	st, err := n.consensus.Store().AccessState(ctx)
+	if err != nil {
+		return err
+	}
+	deletedUser := ""
+	if c, ok := cmd.GetIntent().(*pb.Command_DeleteUser); ok {
+		deletedUser = c.DeleteUser.Name
+	}
+	for _, g := range st.Grants {
+		p := strings.TrimSuffix(g.Prefix, "/")
+		if gone(g) || !(p == "" || p == "*") || !slices.Contains(g.Actions, "admin") {
+			continue
+		}
+		kind, name, _ := strings.Cut(g.Subject, ":")
+		switch kind {
+		case "user":
+			if name != deletedUser && slices.ContainsFunc(st.Users, func(u *pb.User) bool { return u.Name == name }) {
+				return nil
+			}
+		case "team":
+			for _, t := range st.Teams {
+				if t.Name == name && slices.ContainsFunc(t.Members, func(m string) bool { return m != deletedUser }) {
+					return nil
+				}
+			}
+		}
+	}
+	return pb.Errorf(pb.Code_CODE_DENIED, "refused: the cluster would be left without an admin (a user with admin on every repository); grant one first")
 }

@@ -270,6 +270,10 @@ func TestAuthorizationMatrix(t *testing.T) {
 					m["aud"] = "another-registry"
 				})))},
 				{name: "tampered claims", repo: "mx/app", invalid: true, auth: bearer(tampered)},
+				{name: "another issuer", repo: "mx/app", invalid: true, auth: bearer(forge(t, clusterKey, signer.Id, claims("user:writer", pullPush, func(m jwt.MapClaims) {
+					m["iss"] = "meridian/another-cluster"
+				})))},
+				{name: "unknown kid", repo: "mx/app", invalid: true, auth: bearer(forge(t, clusterKey, "no-such-key", claims("user:writer", pullPush, nil)))},
 			}
 			for i, cl := range callers {
 				t.Run(cl.name, func(t *testing.T) {

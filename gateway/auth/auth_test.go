@@ -20,6 +20,7 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 	"golang.org/x/crypto/bcrypt"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/meridian-registry/meridian/gateway"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -253,4 +254,82 @@ func TestExternalIssuer(t *testing.T) {
 			t.Errorf("%s: %v, want UNAUTHORIZED", name, err)
 		}
 	}
+}
+
+// A token ends with the credentials it was issued under: a password change
+// or an account created again under the same name refuses it, and an older
+// state never replaces a newer one. Tokens of another issuer or an
+// unknown kid are refused.
+func TestTokensFollowTheAccount(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	clock := now
+	a := testAuthority(t, Config{Now: func() time.Time { return clock }})
+	s := a.state.Load()
+	issue := func(principal string) string {
+		c := newClaims(s, principal, clock, time.Hour)
+		tok, err := a.sign(s, c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	use := func(tok string) error {
+		r := request("GET", "/v2/app/tags/list", "")
+		r.Header.Set("Authorization", "Bearer "+tok)
+		_, err := a.Authenticate(r)
+		return err
+	}
+	aliceTok, robotTok := issue("user:alice"), issue("robot:ci")
+	if use(aliceTok) != nil || use(robotTok) != nil {
+		t.Fatal("fresh tokens refused")
+	}
+	// Another issuer, and a kid the ring does not have.
+	other := newClaims(s, "user:alice", clock, time.Hour)
+	other.Issuer = "meridian/elsewhere"
+	tok, _ := a.sign(s, other)
+	if codeOf(use(tok)) != "UNAUTHORIZED" {
+		t.Error("a token of another issuer was accepted")
+	}
+	jt := jwt.NewWithClaims(jwt.SigningMethodES256, newClaims(s, "user:alice", clock, time.Hour))
+	jt.Header["kid"] = "k2"
+	tok, _ = jt.SignedString(s.signing.private)
+	if codeOf(use(tok)) != "UNAUTHORIZED" {
+		t.Error("a token with an unknown kid was accepted")
+	}
+
+	// Ten seconds later alice changes her password, and ci is revoked and
+	// created again under its name.
+	clock = now.Add(10 * time.Second)
+	st := &pb.AccessState{Version: 2, ClusterId: testService,
+		Users:     []*pb.User{{Name: "alice", PasswordHash: s.users["alice"].PasswordHash, UpdatedUnixNano: clock.UnixNano()}},
+		Robots:    []*pb.Robot{{Name: "ci", SecretHash: HashRobotSecret("new-secret"), CreatedUnixNano: clock.UnixNano(), Scopes: s.robots["ci"].Scopes}},
+		Grants:    []*pb.Grant{{Subject: "user:alice", Prefix: "app", Actions: []string{"pull", "push"}}},
+		TokenKeys: &pb.TokenKeyRing{Keys: []*pb.TokenKey{{Id: "k1", PrivateKey: mustPKCS8(t, s.signing.private)}}},
+	}
+	if err := a.Update(st); err != nil {
+		t.Fatal(err)
+	}
+	if codeOf(use(aliceTok)) != "UNAUTHORIZED" || codeOf(use(robotTok)) != "UNAUTHORIZED" {
+		t.Error("tokens issued before the credentials changed are still accepted")
+	}
+	s = a.state.Load()
+	if use(issue("user:alice")) != nil {
+		t.Error("a token issued after the change is refused")
+	}
+	// The old state (version 1) does not come back.
+	old := proto.Clone(st).(*pb.AccessState)
+	old.Version = 1
+	old.Grants = []*pb.Grant{{Subject: "user:alice", Prefix: "", Actions: []string{"admin"}}}
+	a.Update(old)
+	if a.Version() != 2 || a.IsAdmin("user:alice") {
+		t.Errorf("an older state replaced a newer one: version %d", a.Version())
+	}
+}
+
+func mustPKCS8(t *testing.T, k *ecdsa.PrivateKey) []byte {
+	der, err := x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
 }

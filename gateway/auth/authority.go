@@ -29,10 +29,11 @@ type Config struct {
 	Leeway time.Duration
 	// External lists trusted outside token issuers.
 	External []*External
-	// MaxFailures failed logins of one user within FailureWindow, or ten
-	// times as many from one client address (many users may share one),
-	// lock further attempts out until the window passes (defaults 10 and
-	// 1m).
+	// MaxFailures failed logins of one user from one client address
+	// within FailureWindow, or ten times as many of any users from one
+	// address, lock that address out until the window passes (defaults 10
+	// and 1m). Counting per address keeps a stranger from locking an
+	// account out everywhere.
 	MaxFailures   int
 	FailureWindow time.Duration
 	// Denied records refused requests (nil: not recorded).
@@ -87,13 +88,22 @@ func New(cfg Config) *Authority {
 }
 
 // Update installs a new access state.
+// A state older than the one held is ignored: a lagging node must not
+// bring back a grant that was revoked.
 func (a *Authority) Update(st *pb.AccessState) error {
 	s, err := newState(st)
 	if err != nil {
 		return err
 	}
-	a.state.Store(s)
-	return nil
+	for {
+		old := a.state.Load()
+		if old != nil && old.version >= s.version {
+			return nil
+		}
+		if a.state.CompareAndSwap(old, s) {
+			return nil
+		}
+	}
 }
 
 // Version is the access version held (0 before the first Update).
@@ -414,7 +424,7 @@ func (l *limiter) blocked(user, addr string) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := time.Now()
-	for k, max := range map[string]int{"u:" + user: l.max, "a:" + addr: 10 * l.max} {
+	for k, max := range map[string]int{"u:" + user + "|" + addr: l.max, "a:" + addr: 10 * l.max} {
 		if w := l.counts[k]; w != nil && now.Sub(w.start) < l.window && w.n >= max {
 			return true
 		}
@@ -433,7 +443,7 @@ func (l *limiter) fail(user, addr string) {
 			}
 		}
 	}
-	for _, k := range []string{"u:" + user, "a:" + addr} {
+	for _, k := range []string{"u:" + user + "|" + addr, "a:" + addr} {
 		w := l.counts[k]
 		if w == nil || now.Sub(w.start) >= l.window {
 			w = &window{start: now}

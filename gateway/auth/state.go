@@ -145,6 +145,26 @@ func (s *state) alive(principal string, now time.Time) bool {
 	return true
 }
 
+// issuedBefore reports whether a token issued at iat predates the
+// account's current credentials: a password change, or a robot or user
+// created again under the same name, ends the tokens issued before.
+// Token times have whole seconds, so the comparison is on seconds.
+func (s *state) issuedBefore(principal string, iat time.Time) bool {
+	kind, name, _ := strings.Cut(principal, ":")
+	var since int64
+	switch kind {
+	case KindUser:
+		if u := s.users[name]; u != nil {
+			since = u.UpdatedUnixNano
+		}
+	case KindRobot:
+		if r := s.robots[name]; r != nil {
+			since = r.CreatedUnixNano
+		}
+	}
+	return iat.Unix() < time.Unix(0, since).Unix()
+}
+
 func robotUsable(r *pb.Robot, now time.Time) bool {
 	return !r.Revoked && (r.ExpiresUnixNano == 0 || now.UnixNano() < r.ExpiresUnixNano)
 }

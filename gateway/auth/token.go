@@ -163,11 +163,14 @@ func (a *Authority) verifyBearer(s *state, raw string) (gateway.Caller, error) {
 		if c.Use != "" {
 			return nil, errUnauthorized("a refresh token is not an access token")
 		}
-		v = verifiedToken{principal: c.Subject, access: accessMap(c.Access), expires: c.ExpiresAt.Time}
+		if c.IssuedAt == nil {
+			return nil, errUnauthorized("invalid token: no iat")
+		}
+		v = verifiedToken{principal: c.Subject, access: accessMap(c.Access), expires: c.ExpiresAt.Time, issued: c.IssuedAt.Time}
 		s.tokens.put(raw, v)
 	}
-	if !s.alive(v.principal, now) {
-		return nil, errUnauthorized("the token's account no longer exists or was revoked")
+	if !s.alive(v.principal, now) || s.issuedBefore(v.principal, v.issued) {
+		return nil, errUnauthorized("the token's account no longer exists, was revoked or changed its credentials")
 	}
 	return &caller{a: a, principal: v.principal, anonymous: v.principal == Anonymous, token: v.access}, nil
 }
@@ -179,6 +182,7 @@ type verifiedToken struct {
 	principal string
 	access    map[string][]string
 	expires   time.Time
+	issued    time.Time
 }
 
 // tokenCache holds verified tokens of one access state: a new state (a new
@@ -309,8 +313,8 @@ func (a *Authority) tokenPost(r *http.Request) (*tokenResponse, error) {
 			return nil, errUnauthorized("invalid refresh token")
 		}
 		principal = c.Subject
-		if !s.alive(principal, a.cfg.Now()) {
-			return nil, errUnauthorized("the refresh token's account no longer exists or was revoked")
+		if c.IssuedAt == nil || !s.alive(principal, a.cfg.Now()) || s.issuedBefore(principal, c.IssuedAt.Time) {
+			return nil, errUnauthorized("the refresh token's account no longer exists, was revoked or changed its credentials")
 		}
 		offline = false // the client keeps the refresh token it has
 	default:
