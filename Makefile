@@ -28,7 +28,7 @@ REGCTL_VERSION       := v0.11.7
 HELM_VERSION         := v3.21.4
 VERSION              := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: skopeo protoc all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
+.PHONY: skopeo podman protoc all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
 
 all: build
 
@@ -46,8 +46,8 @@ run: build
 ## conformance suite against a real node; then the short chaos run.
 TEST_ENV := MERIDIAN_CONFORMANCE=$(TOOLS)/conformance MERIDIAN_VERSITYGW=$(TOOLS)/versitygw MERIDIAN_REQUIRE_S3=1 \
   MERIDIAN_DISTRIBUTION=$(TOOLS)/registry MERIDIAN_CRANE=$(TOOLS)/crane MERIDIAN_ORAS=$(TOOLS)/oras \
-  MERIDIAN_REGCTL=$(TOOLS)/regctl MERIDIAN_HELM=$(TOOLS)/helm MERIDIAN_SKOPEO=$$(command -v skopeo)
-test: vet fmt-check proto-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry $(TOOLS)/crane $(TOOLS)/oras $(TOOLS)/regctl $(TOOLS)/helm skopeo
+  MERIDIAN_REGCTL=$(TOOLS)/regctl MERIDIAN_HELM=$(TOOLS)/helm MERIDIAN_SKOPEO=$$(command -v skopeo) MERIDIAN_PODMAN=$$(command -v podman)
+test: vet fmt-check proto-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry $(TOOLS)/crane $(TOOLS)/oras $(TOOLS)/regctl $(TOOLS)/helm skopeo podman
 	$(TEST_ENV) $(GO) test -count=1 -timeout 25m ./...
 	$(MAKE) chaos-short
 
@@ -113,12 +113,12 @@ $(TOOLS)/regctl:
 $(TOOLS)/helm:
 	GOBIN=$(TOOLS) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
-# skopeo from Debian's packages (installed here when missing and apt-get
-# works; the client test skips without it).
-skopeo:
-	@command -v skopeo >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-	  { apt-get install -y skopeo >/dev/null 2>&1 || \
-	    { apt-get update >/dev/null 2>&1 && apt-get install -y skopeo >/dev/null 2>&1; }; }; } || true
+# skopeo and podman from Debian's packages (installed here when missing and
+# apt-get works; the client test leaves out what is missing).
+skopeo podman:
+	@command -v $@ >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { apt-get install -y $@ >/dev/null 2>&1 || \
+	    { apt-get update >/dev/null 2>&1 && apt-get install -y $@ >/dev/null 2>&1; }; }; } || true
 
 $(TOOLS)/registry:
 	GOBIN=$(TOOLS) $(GO) install github.com/distribution/distribution/v3/cmd/registry@$(DISTRIBUTION_VERSION)

@@ -21,15 +21,16 @@ import (
 	"github.com/meridian-registry/meridian/node/clustertest/admin"
 )
 
-// helm and skopeo, real clients, against a node over HTTPS with a robot
-// account: refused without credentials, then helm registry login with
-// helm push and helm pull of a chart, and skopeo copy and inspect with
-// --creds. Each skips when its client is not installed (make test
-// installs helm with go install and skopeo from Debian's packages).
-func TestHelmAndSkopeoWithCredentials(t *testing.T) {
-	helm, skopeo := os.Getenv("MERIDIAN_HELM"), os.Getenv("MERIDIAN_SKOPEO")
-	if helm == "" && skopeo == "" {
-		t.Skip("MERIDIAN_HELM and MERIDIAN_SKOPEO are not set; `make test` installs the clients and sets them")
+// helm, skopeo and podman, real clients, against a node over HTTPS with a
+// robot account: refused without credentials, then helm registry login
+// with helm push and helm pull of a chart, skopeo copy and inspect with
+// --creds, and podman login, build (FROM scratch), push and pull. Each is
+// left out when its client is not installed (make test installs helm with
+// go install, skopeo and podman from Debian's packages).
+func TestHelmSkopeoPodmanWithCredentials(t *testing.T) {
+	helm, skopeo, podman := os.Getenv("MERIDIAN_HELM"), os.Getenv("MERIDIAN_SKOPEO"), os.Getenv("MERIDIAN_PODMAN")
+	if helm == "" && skopeo == "" && podman == "" {
+		t.Skip("MERIDIAN_HELM, MERIDIAN_SKOPEO and MERIDIAN_PODMAN are not set; `make test` installs the clients and sets them")
 	}
 	e2eNeedBinary(t)
 	dir := t.TempDir()
@@ -69,6 +70,8 @@ func TestHelmAndSkopeoWithCredentials(t *testing.T) {
 		"XDG_CONFIG_HOME=" + filepath.Join(home, "config"), "XDG_CACHE_HOME=" + filepath.Join(home, "cache"),
 		"XDG_DATA_HOME=" + filepath.Join(home, "data"), "XDG_RUNTIME_DIR=" + filepath.Join(home, "run"), "REGISTRY_AUTH_FILE=" + filepath.Join(home, "auth.json")}
 	os.MkdirAll(filepath.Join(home, "run"), 0o700)
+	// podman and skopeo read it before they try the registry.
+	os.WriteFile(filepath.Join(home, "auth.json"), []byte(`{"auths":{}}`), 0o600)
 	run := func(bin string, args ...string) (string, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
@@ -120,12 +123,7 @@ func TestHelmAndSkopeoWithCredentials(t *testing.T) {
 			t.Fatal(err)
 		}
 		want, _ := img.Digest()
-		// skopeo trusts the *.crt files of a directory (and takes any
-		// *.key there for a client certificate): the CA alone.
-		caDir := filepath.Join(dir, "skopeo-ca")
-		os.MkdirAll(caDir, 0o700)
-		caPEM, _ := os.ReadFile(filepath.Join(pkiDir, "ca.crt"))
-		os.WriteFile(filepath.Join(caDir, "ca.crt"), caPEM, 0o600)
+		caDir := caDirOf(t, dir, pkiDir)
 		certs := "--cert-dir=" + caDir
 		out, err := run(skopeo, "inspect", certs, "docker://"+host+"/charts/src:v1")
 		refused("skopeo inspect", out, err)
@@ -143,7 +141,48 @@ func TestHelmAndSkopeoWithCredentials(t *testing.T) {
 			t.Errorf("skopeo's copy has digest %s, want %s", d, want)
 		}
 	}
+	if podman != "" {
+		// Storage of its own in the test's directory, vfs: nothing of the
+		// host's podman is touched.
+		// (podman wants a run root of at most 50 characters).
+		runroot, err := os.MkdirTemp("", "mpod")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(runroot) })
+		store := []string{"--root", filepath.Join(dir, "podman"), "--runroot", runroot, "--storage-driver", "vfs"}
+		pod := func(args ...string) []string { return append(slices.Clone(store), args...) }
+		image := host + "/charts/podman:v1"
+		ctxDir := filepath.Join(dir, "podman-build")
+		os.MkdirAll(ctxDir, 0o755)
+		os.WriteFile(filepath.Join(ctxDir, "Containerfile"), []byte("FROM scratch\nCOPY hello /hello\n"), 0o644)
+		os.WriteFile(filepath.Join(ctxDir, "hello"), []byte("hello from podman\n"), 0o644)
+		must(podman, pod("build", "-q", "-t", image, ctxDir)...)
+		out, err := run(podman, pod("push", "--cert-dir", caDirOf(t, dir, pkiDir), image)...)
+		refused("podman push", out, err)
+		must(podman, pod("login", "--cert-dir", caDirOf(t, dir, pkiDir), "-u", user, "-p", secret, host)...)
+		must(podman, pod("push", "--cert-dir", caDirOf(t, dir, pkiDir), image)...)
+		must(podman, pod("rmi", image)...)
+		must(podman, pod("pull", "--cert-dir", caDirOf(t, dir, pkiDir), image)...)
+	}
 	p.stop()
+}
+
+// caDirOf is a directory holding only the cluster CA, as skopeo and podman
+// take it (*.crt trusted; a *.key there would be taken for a client
+// certificate).
+func caDirOf(t *testing.T, dir, pkiDir string) string {
+	caDir := filepath.Join(dir, "ca-only")
+	if _, err := os.Stat(filepath.Join(caDir, "ca.crt")); err == nil {
+		return caDir
+	}
+	os.MkdirAll(caDir, 0o700)
+	caPEM, err := os.ReadFile(filepath.Join(pkiDir, "ca.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(caDir, "ca.crt"), caPEM, 0o600)
+	return caDir
 }
 
 func mustRef(t *testing.T, s string) name.Reference {
