@@ -12,6 +12,11 @@ var (
 	nodesAdmins     = []string{pki.RoleNode, pki.RoleAdmin}
 	adminsOnly      = []string{pki.RoleAdmin}
 	everyMemberRole = []string{pki.RoleNode, pki.RoleGateway, pki.RoleAdmin}
+	// adminsOrUsers: admin certificates, nodes forwarding for them, and
+	// callers without a certificate that bring an admin user's
+	// credentials (checked by adminInterceptor).
+	adminsOrUsers   = []string{pki.RoleNode, pki.RoleAdmin, transport.Credentialed}
+	adminCertOrUser = []string{pki.RoleAdmin, transport.Credentialed}
 )
 
 // memberAccess says which certificate roles may call which of the node's
@@ -25,13 +30,13 @@ var memberAccess = transport.Access{
 	pb.Cluster_ReadIndex_FullMethodName:          nodesGateways,
 	pb.Cluster_Status_FullMethodName:             everyMemberRole,
 	pb.Cluster_ClusterStatus_FullMethodName:      nodesAdmins,
-	pb.Cluster_TransferLeadership_FullMethodName: nodesAdmins,
-	pb.Cluster_RemoveServer_FullMethodName:       nodesAdmins,
-	pb.Cluster_GossipKeyring_FullMethodName:      adminsOnly,
-	pb.Cluster_Scrub_FullMethodName:              adminsOnly,
+	pb.Cluster_TransferLeadership_FullMethodName: adminsOrUsers,
+	pb.Cluster_RemoveServer_FullMethodName:       adminsOrUsers,
+	pb.Cluster_GossipKeyring_FullMethodName:      adminCertOrUser,
+	pb.Cluster_Scrub_FullMethodName:              adminCertOrUser,
 	pb.Cluster_ListPolicies_FullMethodName:       nodesAdmins,
-	pb.Cluster_SetPolicy_FullMethodName:          nodesAdmins,
-	pb.Cluster_DeletePolicy_FullMethodName:       nodesAdmins,
+	pb.Cluster_SetPolicy_FullMethodName:          adminsOrUsers,
+	pb.Cluster_DeletePolicy_FullMethodName:       adminsOrUsers,
 	pb.Cluster_GetManifest_FullMethodName:        nodesGateways,
 	pb.Cluster_GetTag_FullMethodName:             nodesGateways,
 	pb.Cluster_ListTags_FullMethodName:           nodesGateways,
@@ -42,9 +47,9 @@ var memberAccess = transport.Access{
 	pb.Cluster_GetPolicy_FullMethodName:          nodesGateways,
 	pb.Cluster_WaitBlobPlaced_FullMethodName:     nodesGateways,
 	pb.Cluster_Ping_FullMethodName:               everyMemberRole,
-	pb.Cluster_ManageAccess_FullMethodName:       nodesAdmins,
-	pb.Cluster_ListAccess_FullMethodName:         nodesAdmins,
-	pb.Cluster_ReadAudit_FullMethodName:          nodesAdmins,
+	pb.Cluster_ManageAccess_FullMethodName:       adminsOrUsers,
+	pb.Cluster_ListAccess_FullMethodName:         adminsOrUsers,
+	pb.Cluster_ReadAudit_FullMethodName:          adminsOrUsers,
 	pb.Cluster_GetAccessState_FullMethodName:     everyMemberRole,
 
 	pb.BlobStore_Stat_FullMethodName:         nodesGateways,

@@ -1,10 +1,12 @@
 package node
 
 import (
+	"slices"
 	"testing"
 
 	"google.golang.org/grpc"
 
+	"github.com/meridian-registry/meridian/node/transport"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
@@ -29,6 +31,17 @@ func TestMemberAccessCoversEveryMethod(t *testing.T) {
 	for m := range memberAccess {
 		if !served[m] {
 			t.Errorf("memberAccess names %s, which the node does not serve", m)
+		}
+	}
+}
+
+// A method open to callers without a certificate must be one whose
+// credentials the node checks (adminInterceptor); otherwise it would be
+// open to anyone who reaches the port.
+func TestCredentialedMethodsAreChecked(t *testing.T) {
+	for m, roles := range memberAccess {
+		if slices.Contains(roles, transport.Credentialed) && !adminMethods[m] {
+			t.Errorf("%s admits callers without a certificate but is not in adminMethods", m)
 		}
 	}
 }

@@ -300,10 +300,10 @@ func (n *Node) accessHousekeeping(ctx context.Context) error {
 
 // Admin RPCs.
 
-// adminMethods need a cluster admin. With cluster TLS the certificate's
-// role decides (memberAccess: admins, and nodes forwarding for one); in
-// plaintext an admin user's credentials must come with the call, so a
-// local process cannot change who may do what. GetAccessState hands out
+// adminMethods need a cluster admin: an admin certificate (or a node
+// forwarding for one, memberAccess), or an admin user's credentials in the
+// call, with or without cluster TLS. In plaintext the credentials are the
+// only proof, so a local process cannot change who may do what. GetAccessState hands out
 // password hashes and token signing keys, so it is guarded the same way.
 var adminMethods = map[string]bool{
 	pb.Cluster_TransferLeadership_FullMethodName: true,
@@ -349,7 +349,10 @@ func (n *Node) adminActor(ctx context.Context) (*pb.Actor, error) {
 		}
 		return actor, nil
 	}
-	if n.trust.Secure() {
+	// No certificate (the transport let the call through because the
+	// method takes credentials), or plaintext: an admin user's
+	// credentials decide.
+	if n.access == nil && n.trust.Secure() {
 		return nil, status.Error(codes.Unauthenticated, "no verified client certificate")
 	}
 	if n.access == nil {

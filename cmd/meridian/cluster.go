@@ -15,6 +15,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 
@@ -108,14 +109,25 @@ func envOr(key, def string) string {
 // certificate.
 func (a adminFlags) dial() (pb.ClusterClient, context.Context, func(), error) {
 	trust := &transport.Trust{}
-	if *a.tlsCA != "" || *a.tlsCert != "" || *a.tlsKey != "" {
+	creds := trust.DialCredentials()
+	switch {
+	case *a.tlsCA != "" && *a.tlsCert == "" && *a.tlsKey == "" && *a.username != "":
+		// An admin user on a TLS cluster: the CA to trust the node, the
+		// credentials to prove who calls.
+		cfg, err := pki.ClientConfigCAOnly(*a.tlsCA, "h2")
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		creds = grpc.WithTransportCredentials(credentials.NewTLS(cfg))
+	case *a.tlsCA != "" || *a.tlsCert != "" || *a.tlsKey != "":
 		src, err := pki.Open(*a.tlsCA, *a.tlsCert, *a.tlsKey, nil)
 		if err != nil {
 			return nil, nil, nil, err
 		}
 		trust.Source = src
+		creds = trust.DialCredentials()
 	}
-	opts := []grpc.DialOption{trust.DialCredentials(), grpc.WithUnaryInterceptor(hintTLS(trust.Secure()))}
+	opts := []grpc.DialOption{creds, grpc.WithUnaryInterceptor(hintTLS(*a.tlsCA != ""))}
 	if *a.username != "" {
 		pw, err := readPassword(*a.passwordFile)
 		if err != nil {

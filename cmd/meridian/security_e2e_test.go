@@ -22,7 +22,12 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/meridian-registry/meridian/node/pki"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 )
 
 // e2eMeridian runs a short meridian command and fails the test if it fails.
@@ -397,5 +402,57 @@ func TestGossipKeyRotationBinary(t *testing.T) {
 		}
 	case <-time.After(time.Minute):
 		t.Fatalf("a node with the removed key still runs:\n%s", stale.logTail())
+	}
+}
+
+// On a cluster with TLS an admin user's credentials work without an admin
+// certificate (the CLI trusts the CA alone), while a client without a
+// certificate reaches nothing else: every other method, and admin methods
+// without or with the wrong credentials, are refused.
+func TestAdminUserOverTLS(t *testing.T) {
+	s := startSecE2E(t)
+	addr := "--addr=" + s.nodes[1].ready.GRPCAddr
+	ca := filepath.Join(s.pki, "ca.crt")
+	// e2eEnv names the first admin (MERIDIAN_USERNAME/MERIDIAN_PASSWORD).
+	if out, err := s.run(nil, "user", "add", "dana", "--password-stdin", "--tls-ca", ca, addr); err == nil {
+		t.Fatalf("user add read no password from stdin and succeeded:\n%s", out)
+	}
+	s.mustRun("robot", "create", "tls-ci", "--scope", "ci:pull", "--tls-ca", ca, addr)
+	if out := s.mustRun("robot", "list", "--tls-ca", ca, addr); !strings.Contains(out, "tls-ci") {
+		t.Errorf("robot list:\n%s", out)
+	}
+	out, err := s.run([]string{"MERIDIAN_PASSWORD=wrong-password-here"}, "user", "list", "--tls-ca", ca, addr)
+	if err == nil || !strings.Contains(out, "invalid username or password") {
+		t.Errorf("user list with a wrong password: %v\n%s", err, out)
+	}
+
+	tlsCfg, err := pki.ClientConfigCAOnly(ca, "h2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := grpc.NewClient(s.nodes[0].ready.GRPCAddr, grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	c := pb.NewClusterClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for name, call := range map[string]func() error{
+		"ManageAccess": func() error {
+			_, err := c.ManageAccess(ctx, &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_DeleteUser{DeleteUser: "admin"}})
+			return err
+		},
+		"ClusterStatus":  func() error { _, err := c.ClusterStatus(ctx, &pb.ClusterStatusRequest{}); return err },
+		"GetAccessState": func() error { _, err := c.GetAccessState(ctx, &pb.GetAccessStateRequest{}); return err },
+		"GetUploadKey":   func() error { _, err := c.GetUploadKey(ctx, &pb.GetUploadKeyRequest{}); return err },
+		"Commit": func() error {
+			_, err := c.Commit(ctx, &pb.CommitRequest{Command: &pb.Command{Intent: &pb.Command_DeleteTag{DeleteTag: &pb.DeleteTag{Repository: "secure/app", Tag: "v1"}}}})
+			return err
+		},
+	} {
+		if err := call(); status.Code(err) != codes.Unauthenticated {
+			t.Errorf("%s without a certificate or credentials: %v, want Unauthenticated", name, err)
+		}
 	}
 }

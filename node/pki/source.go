@@ -98,6 +98,18 @@ func (s *Source) current() *material { return s.files.get() }
 // every role of this cluster; per-RPC role checks come on top). nextProtos
 // is the ALPN list ("h2" for gRPC).
 func (s *Source) ServerConfig(allow func(Identity) error, nextProtos ...string) *tls.Config {
+	return s.serverConfig(tls.RequireAndVerifyClientCert, allow, nextProtos)
+}
+
+// ServerConfigCertOptional is ServerConfig for a listener that also takes
+// clients without a certificate (gRPC, where admin users may call admin
+// methods with their credentials instead): a certificate, when given, is
+// verified as strictly, and each call checks what the client proved.
+func (s *Source) ServerConfigCertOptional(allow func(Identity) error, nextProtos ...string) *tls.Config {
+	return s.serverConfig(tls.VerifyClientCertIfGiven, allow, nextProtos)
+}
+
+func (s *Source) serverConfig(auth tls.ClientAuthType, allow func(Identity) error, nextProtos []string) *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
@@ -105,15 +117,55 @@ func (s *Source) ServerConfig(allow func(Identity) error, nextProtos ...string) 
 			return &tls.Config{
 				MinVersion:   tls.VersionTLS13,
 				Certificates: []tls.Certificate{*m.cert},
-				ClientAuth:   tls.RequireAndVerifyClientCert,
+				ClientAuth:   auth,
 				ClientCAs:    m.pool,
 				NextProtos:   nextProtos,
 				VerifyConnection: func(cs tls.ConnectionState) error {
+					if len(cs.PeerCertificates) == 0 && auth == tls.VerifyClientCertIfGiven {
+						return nil
+					}
 					return checkPeer(m, cs, allow)
 				},
 			}, nil
 		},
 	}
+}
+
+// ClientConfigCAOnly is the TLS configuration of a client without a
+// certificate of its own (an admin user with credentials): it verifies
+// the server against the CA in caFile and requires a node of that CA's
+// cluster.
+func ClientConfigCAOnly(caFile string, nextProtos ...string) (*tls.Config, error) {
+	b, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(b) {
+		return nil, fmt.Errorf("%s: no PEM certificate", caFile)
+	}
+	return &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		NextProtos: nextProtos,
+		// Verified below, by the CA and by identity, not by host name.
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return ErrNoPeerCertificate
+			}
+			if _, err := verifyChain(pool, cs.PeerCertificates[0], cs.PeerCertificates[1:]); err != nil {
+				return fmt.Errorf("server certificate: %w", err)
+			}
+			id, err := IdentityOf(cs.PeerCertificates[0])
+			if err != nil {
+				return err
+			}
+			if id.Role != RoleNode {
+				return fmt.Errorf("%s is not a node", id)
+			}
+			return nil
+		},
+	}, nil
 }
 
 // ClientConfig is the TLS configuration for dialing a member: the server

@@ -130,14 +130,15 @@ func (c *serverConn) Write(b []byte) (int, error) {
 	return c.Conn.Write(b)
 }
 
-// ServerCredentials are the gRPC server's transport credentials: mutual
-// TLS admitting any role of this cluster (each call is then checked
-// against an Access table), or plaintext.
+// ServerCredentials are the gRPC server's transport credentials: TLS
+// admitting any role of this cluster, and clients without a certificate
+// (each call is then checked against an Access table, which admits those
+// to the methods that take credentials only), or plaintext.
 func (t *Trust) ServerCredentials() grpc.ServerOption {
 	if !t.Secure() {
 		return grpc.Creds(insecure.NewCredentials())
 	}
-	return grpc.Creds(credentials.NewTLS(t.Source.ServerConfig(nil, "h2")))
+	return grpc.Creds(credentials.NewTLS(t.Source.ServerConfigCertOptional(nil, "h2")))
 }
 
 // DialCredentials are the gRPC client's transport credentials for calling
