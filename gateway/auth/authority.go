@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -326,18 +327,9 @@ func (s *state) coversAll(principal, action string) bool {
 	for _, subj := range subjects {
 		for _, g := range s.grants[subj] {
 			p := strings.TrimSuffix(g.Prefix, "/")
-			if (p == "" || p == "*") && containsAction(g.Actions, action) {
+			if (p == "" || p == "*") && slices.Contains(g.Actions, action) {
 				return true
 			}
-		}
-	}
-	return false
-}
-
-func containsAction(list []string, a string) bool {
-	for _, x := range list {
-		if x == a {
-			return true
 		}
 	}
 	return false

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -85,7 +86,7 @@ func (a *Authority) grantScopes(s *state, principal string, asked []scope) []acc
 		}
 		e := accessEntry{Type: sc.typ, Name: sc.name, Actions: []string{}}
 		for _, act := range sc.actions {
-			if ValidAction(act) && s.can(principal, sc.name, act, now) && !containsAction(e.Actions, act) {
+			if ValidAction(act) && s.can(principal, sc.name, act, now) && !slices.Contains(e.Actions, act) {
 				e.Actions = append(e.Actions, act)
 			}
 		}
