@@ -207,20 +207,16 @@ func (s *Standalone) Start(ctx context.Context) (err error) {
 	}); err != nil {
 		return err
 	}
-	s.regions = replication.NewRegions(s.cfg.Region)
+	// Every file:// store, this region's included, is a directory only
+	// that region's nodes see: the gateway reaches it through them.
+	var regionStores []replication.StoreConfig
 	for _, r := range s.cfg.Regions {
-		if strings.HasPrefix(r.Store, "file://") {
-			// A directory only that region's nodes see: through them.
-			s.regions.Add(r.Name, replication.NewRemote(r.Name, s.upstream.RegionConn(r.Name)))
-			continue
-		}
-		d, err := replication.OpenStore(ctx, replication.StoreConfig{Region: r.Name, URL: r.Store, AccessKey: r.AccessKey, SecretKey: r.SecretKey})
-		if errors.Is(err, replication.ErrStoreUnreachable) && d != nil {
-			s.logger.Warn("region store unreachable at start; starting anyway", "region", r.Name, "err", err)
-		} else if err != nil {
-			return fmt.Errorf("region %s store: %w", r.Name, err)
-		}
-		s.regions.Add(r.Name, d)
+		regionStores = append(regionStores, replication.StoreConfig{Region: r.Name, URL: r.Store, AccessKey: r.AccessKey, SecretKey: r.SecretKey})
+	}
+	if s.regions, err = replication.OpenRegions(ctx, replication.OpenRegionsConfig{
+		Local: s.cfg.Region, Stores: regionStores, Remote: s.upstream.RegionConn, Logger: s.logger,
+	}); err != nil {
+		return err
 	}
 	gc := s.cfg.Gateway
 	gc.Logger = s.logger

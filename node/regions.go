@@ -4,10 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -143,26 +141,17 @@ func (c Config) validateRegions() []error {
 // regions' S3 buckets directly, and other regions' directories through a
 // node of that region (replication.Remote over gRPC).
 func (n *Node) openStores(ctx context.Context) error {
-	n.regions = replication.NewRegions(n.cfg.Region)
+	var stores []replication.StoreConfig
 	for _, rc := range n.cfg.regionList() {
-		sc := replication.StoreConfig{Region: rc.Name, URL: rc.Store, AccessKey: rc.AccessKey, SecretKey: rc.SecretKey}
-		if rc.Name != n.cfg.Region && strings.HasPrefix(rc.Store, "file://") {
-			n.regions.Add(rc.Name, replication.NewRemote(rc.Name, n.regionConn(rc.Name)))
-			continue
-		}
-		if strings.HasPrefix(rc.Store, "file://") {
-			if err := os.MkdirAll(strings.TrimPrefix(rc.Store, "file://"), 0o700); err != nil {
-				return fmt.Errorf("region %s store: %w", rc.Name, err)
-			}
-		}
-		d, err := replication.OpenStore(ctx, sc)
-		if errors.Is(err, replication.ErrStoreUnreachable) && d != nil {
-			n.logger.Warn("region store unreachable at start; starting anyway", "region", rc.Name, "err", err)
-		} else if err != nil {
-			return fmt.Errorf("region %s store: %w", rc.Name, err)
-		}
-		n.regions.Add(rc.Name, d)
+		stores = append(stores, replication.StoreConfig{Region: rc.Name, URL: rc.Store, AccessKey: rc.AccessKey, SecretKey: rc.SecretKey})
 	}
+	regions, err := replication.OpenRegions(ctx, replication.OpenRegionsConfig{
+		Local: n.cfg.Region, Stores: stores, OwnDirectory: true, Remote: n.regionConn, Logger: n.logger,
+	})
+	if err != nil {
+		return err
+	}
+	n.regions = regions
 	n.localStore, _ = n.regions.Driver(n.cfg.Region)
 	return nil
 }

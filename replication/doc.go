@@ -6,8 +6,9 @@
 // reached through a [Driver]: a directory ([Filesystem]), an S3-compatible
 // bucket ([S3]), or, for a directory that only another region's nodes see,
 // a node of that region over gRPC ([Remote], served by [BlobStoreServer]).
-// [OpenStore] opens a store from its URL (file:///… or s3://…). Every driver
-// must pass the conformance suite in the drivertest package.
+// [OpenStore] opens a store from its URL (file:///… or s3://…), and
+// [OpenRegions] every region's store for a node or a standalone gateway.
+// Every driver must pass the conformance suite in the drivertest package.
 //
 // Drivers are byte storage only. The gateway streams a push into an upload
 // (WriteUpload) while hashing it, verifies the digest itself, and then asks
