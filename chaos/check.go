@@ -40,6 +40,7 @@ const (
 	CheckNameLinearizable  = "tags-linearizable"
 	CheckNameCertRotations = "rotated-certificates-served"
 	CheckNameRevocations   = "revoked-robot-refused"
+	CheckNameGossipKeys    = "gossip-key-rotated-online"
 )
 
 // CheckResult is what one check found in a history.

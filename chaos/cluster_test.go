@@ -70,8 +70,9 @@ func findVersitygw() (string, bool) {
 // TestShortCluster starts the short profile's cluster (mutual TLS, gossip
 // encryption), checks its shape, puts each fault on it briefly (through
 // the same code InjectFaults uses; a certificate rotation of the leader
-// among them, and a revocation of the robot, whose login every gateway
-// must refuse within revokeGrace), runs the scheduler until it has
+// among them, a revocation of the robot, whose login every gateway must
+// refuse within revokeGrace, and a gossip key rotation that restarts the
+// leader from its key file), runs the scheduler until it has
 // injected every kind once, heals and waits for convergence.
 func TestShortCluster(t *testing.T) {
 	meridian, versitygw := binaries(t)
@@ -155,6 +156,7 @@ func TestShortCluster(t *testing.T) {
 		{kind: FaultS3Stop, region: "us-east", target: "us-east", hold: 2 * time.Second},
 		{kind: FaultCertRotate},
 		{kind: FaultRevoke, robot: robotTarget, target: robotTarget, hold: time.Second},
+		{kind: FaultGossipKey},
 	} {
 		if f.target == "" {
 			f.node, f.target = leader, leader

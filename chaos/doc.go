@@ -13,7 +13,8 @@
 // on a seeded schedule that cycles through every kind (kill -9 of the
 // leader and restart, SIGSTOP, partitions, latency, S3 errors, stalls and
 // outages, a gateway killed mid-upload, a node's certificate re-issued in
-// place, the robot revoked mid-write), heals, and checks:
+// place, the robot revoked mid-write, the gossip key rotated online and a
+// node restarted from its rewritten key file), heals, and checks:
 //
 //   - every acknowledged push that was not deleted pulls back byte for byte;
 //   - no pull returned bytes that do not match the requested digest;
@@ -25,6 +26,9 @@
 //     10 s, without a restart;
 //   - no write of a revoked robot sent more than a second after its
 //     revocation returned was acknowledged;
+//   - every online gossip key rotation completed, every member rewrote
+//     its key file to the new key, and a node restarted from its file
+//     and another saw every member alive in gossip;
 //   - after healing every node reaches the same applied index and state
 //     digest, and no region misses a blob its policy names.
 //

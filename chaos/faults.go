@@ -23,11 +23,12 @@ const (
 	FaultGatewayKill = "gateway-kill" // kill -9 a gateway, restart it after 2–8 s
 	FaultCertRotate  = "cert-rotate"  // re-issue a node's certificate in place; it must serve the new one within 10 s
 	FaultRevoke      = "revoke"       // revoke the workload's robot mid-write; a new one takes over after 3–6 s
+	FaultGossipKey   = "gossip-key"   // rotate the gossip key online with the CLI, then restart a node from its key file
 )
 
 // FaultKinds lists every fault kind.
 var FaultKinds = []string{FaultKill, FaultPause, FaultPartition, FaultLatency, FaultS3Error, FaultS3Stall, FaultS3Stop, FaultGatewayKill,
-	FaultCertRotate, FaultRevoke}
+	FaultCertRotate, FaultRevoke, FaultGossipKey}
 
 // FaultPlan paces InjectFaults.
 type FaultPlan struct {
@@ -56,6 +57,9 @@ type faultSpec struct {
 	region  string // s3 faults
 	gateway string
 	robot   string // robotTarget (revoke)
+	// members are the nodes and gateways a fault occupies without taking
+	// them down (gossip-key: all of them).
+	members []string
 	hold    time.Duration
 	delay   time.Duration // latency
 	detail  string
@@ -336,7 +340,7 @@ func (inj *injector) busy() (down map[string]bool, targets map[string]bool) {
 		for _, n := range f.nodes {
 			down[n] = true
 		}
-		for _, t := range []string{f.node, f.region, f.gateway, f.robot} {
+		for _, t := range append([]string{f.node, f.region, f.gateway, f.robot}, f.members...) {
 			if t != "" {
 				targets[t] = true
 			}
@@ -390,6 +394,10 @@ func (inj *injector) draw(ctx context.Context, slot faultSlot) *faultSpec {
 		ok = len(freeGateways) > 0 && len(freeGateways) == len(c.gateways)
 	case FaultRevoke:
 		ok = !targets[robotTarget]
+	case FaultGossipKey:
+		// Every member must be up and take part: one that missed the new
+		// key could not come back once the old one is removed.
+		ok = len(down) == 0 && len(freeNodes) == len(c.nodes) && len(freeGateways) == len(c.gateways) && nodeFaultOK
 	}
 	if !ok {
 		return nil
@@ -513,6 +521,13 @@ func (inj *injector) draw(ctx context.Context, slot faultSlot) *faultSpec {
 		// target becomes the robot's name once it is known.
 		f.robot, f.target = robotTarget, robotTarget
 		f.hold = hold(3*time.Second, 6*time.Second)
+	case FaultGossipKey:
+		// Nothing to hold: the fault lasts until the restarted node and
+		// another see every member alive, or gossipKeyWithin passed.
+		id, _, _ := pickNode(0)
+		f.node, f.nodes, f.target = id, []string{id}, gossipKeyTarget
+		f.members = append(slices.Clone(c.NodeIDs()), freeGateways...)
+		f.detail = "restart " + id
 	}
 	return f
 }
@@ -546,9 +561,9 @@ func (inj *injector) run(ctx context.Context, f *faultSpec) bool {
 		healStart := time.Now()
 		note := heal(hctx)
 		end := time.Now()
-		// A rotation's healing is the wait for the new certificate, which
-		// its detail gives.
-		if took := end.Sub(healStart); took > 500*time.Millisecond && note == "" && f.kind != FaultCertRotate {
+		// A rotation's healing is the wait for the new certificate or
+		// for gossip, which its detail gives.
+		if took := end.Sub(healStart); took > 500*time.Millisecond && note == "" && f.kind != FaultCertRotate && f.kind != FaultGossipKey {
 			note = fmt.Sprintf("(healing took %v)", took.Round(10*time.Millisecond))
 		}
 		inj.finish(f, start, end, note, "")
@@ -642,6 +657,8 @@ func (c *Cluster) inject(f *faultSpec) (heal func(context.Context) string, err e
 		return c.rotateCert(f)
 	case FaultRevoke:
 		return c.revokeRobot(f)
+	case FaultGossipKey:
+		return c.rotateGossipKey(f)
 	}
 	return nil, fmt.Errorf("unknown fault kind %q", f.kind)
 }

@@ -114,6 +114,12 @@ func TestFaultDraws(t *testing.T) {
 					if f.kind == FaultRevoke && (f.robot != robotTarget || f.node != "" || len(f.nodes) > 0 || f.hold < 3*time.Second) {
 						t.Fatalf("%s: a revocation drew %+v", p.Name, f)
 					}
+					// A rotation needs every member up, occupies them all and
+					// takes down only the node it restarts.
+					if f.kind == FaultGossipKey && (f.node == "" || !slices.Equal(f.nodes, []string{f.node}) || f.hold != 0 ||
+						len(f.members) != len(p.Nodes)+len(p.Gateways)) {
+						t.Fatalf("%s: a gossip key rotation drew %+v", p.Name, f)
+					}
 					got = append(got, f.kind+" "+f.target)
 					kinds[f.kind]++
 					inj.active[f] = true
@@ -125,7 +131,14 @@ func TestFaultDraws(t *testing.T) {
 				}
 				targets := map[string]int{}
 				for a := range inj.active {
-					for _, x := range append(slices.Clone(a.groups[0]), append(a.groups[1], a.node, a.region, a.gateway, a.robot)...) {
+					xs := append(slices.Clone(a.groups[0]), append(a.groups[1], a.region, a.gateway, a.robot)...)
+					// A rotation's node is among its members.
+					if len(a.members) > 0 {
+						xs = append(xs, a.members...)
+					} else {
+						xs = append(xs, a.node)
+					}
+					for _, x := range xs {
 						if x != "" {
 							targets[x]++
 						}
@@ -218,6 +231,11 @@ func TestFaultHoldCap(t *testing.T) {
 			// and the creation take a Raft commit each.
 			busy = 6*time.Second + 2*time.Second + settle
 		}
+		if k == FaultGossipKey {
+			// Three CLI steps (a few seconds at most), then a node's
+			// restart and gossip, at most gossipKeyWithin.
+			busy = 5*time.Second + gossipKeyWithin + settle
+		}
 		worst += max(p.FaultEvery*3/2, busy)
 	}
 	if worst > p.Workload {
@@ -237,7 +255,7 @@ func TestFaultQuotas(t *testing.T) {
 	}
 	want := []string{"kill 0 of at least 1", "kill (leader) 0 of at least 1", "pause 0 of at least 1", "partition 0 of at least 1",
 		"latency 0 of at least 1", "s3-error 0 of at least 1", "s3-stall 0 of at least 1", "s3-stop 0 of at least 1", "gateway-kill 0 of at least 1",
-		"cert-rotate 0 of at least 1", "revoke 0 of at least 1"}
+		"cert-rotate 0 of at least 1", "revoke 0 of at least 1", "gossip-key 0 of at least 1"}
 	if !reflect.DeepEqual(names, want) {
 		t.Fatalf("short quotas:\n got %q\nwant %q", names, want)
 	}

@@ -36,7 +36,8 @@ const certRotateWithin = 10 * time.Second
 
 // clusterPKI is the run's cluster CA, made with `meridian ca` under
 // dir: ca.crt, ca.key, gossip.key and ID.crt/ID.key for every member and
-// for the harness's admin.
+// for the harness's admin, and ID.gossip.key (a copy of gossip.key) for
+// every member.
 type clusterPKI struct {
 	meridian, dir, cluster string
 	// admin and roots are what the harness dials members with.
@@ -60,7 +61,17 @@ func newClusterPKI(ctx context.Context, meridian, dir, cluster string, members [
 			return nil, err
 		}
 	}
-	var err error
+	// Each member gets a copy of the key file: a member rewrites its own
+	// after a keyring change, and restarts from it.
+	key, err := os.ReadFile(p.gossipKeyFile())
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range members {
+		if err := os.WriteFile(p.memberGossipKeyFile(m.id), key, 0o600); err != nil {
+			return nil, err
+		}
+	}
 	if p.admin, err = tls.LoadX509KeyPair(p.certFile(adminID), p.keyFile(adminID)); err != nil {
 		return nil, fmt.Errorf("chaos: admin certificate: %w", err)
 	}
@@ -97,6 +108,11 @@ func (p *clusterPKI) gossipKeyFile() string     { return filepath.Join(p.dir, "g
 func (p *clusterPKI) certFile(id string) string { return filepath.Join(p.dir, id+".crt") }
 func (p *clusterPKI) keyFile(id string) string  { return filepath.Join(p.dir, id+".key") }
 
+// memberGossipKeyFile is id's own copy of the gossip keyring.
+func (p *clusterPKI) memberGossipKeyFile(id string) string {
+	return filepath.Join(p.dir, id+".gossip.key")
+}
+
 // tlsFlags name the CA and id's certificate and key: what an admin
 // command takes.
 func (p *clusterPKI) tlsFlags(id string) []string {
@@ -104,9 +120,9 @@ func (p *clusterPKI) tlsFlags(id string) []string {
 }
 
 // memberFlags are what `meridian serve` or `meridian gateway` takes to
-// run as id: mutual TLS and the gossip keyring.
+// run as id: mutual TLS and its own gossip key file.
 func (p *clusterPKI) memberFlags(id string) []string {
-	return append(p.tlsFlags(id), "--gossip-key-file", p.gossipKeyFile())
+	return append(p.tlsFlags(id), "--gossip-key-file", p.memberGossipKeyFile(id))
 }
 
 // identity is the spiffe URI a certificate of role and id carries.

@@ -8,9 +8,12 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"errors"
 	"math/big"
 	"net/url"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -239,12 +242,13 @@ func TestCheckCertRotations(t *testing.T) {
 }
 
 // TestProfileReservedIDs: a member id that would overwrite the CA's
-// files or the harness's admin certificate is refused.
+// files, the harness's admin certificate or another member's gossip key
+// file is refused.
 func TestProfileReservedIDs(t *testing.T) {
 	if err := ShortProfile().validate(); err != nil {
 		t.Fatal(err)
 	}
-	for _, id := range []string{"ca", "gossip", adminID} {
+	for _, id := range []string{"ca", "gossip", adminID, "gw-local.gossip"} {
 		p := ShortProfile()
 		p.Nodes[1].ID = id
 		if err := p.validate(); err == nil || !strings.Contains(err.Error(), "reserved") {
@@ -255,5 +259,62 @@ func TestProfileReservedIDs(t *testing.T) {
 		if err := p.validate(); err == nil || !strings.Contains(err.Error(), "reserved") {
 			t.Errorf("gateway %q: %v", id, err)
 		}
+	}
+}
+
+// TestCheckGossipKeys: each injected rotation counts; one that failed is
+// a violation that fails the run; a promised check with no rotation
+// proved nothing.
+func TestCheckGossipKeys(t *testing.T) {
+	faults := []Fault{
+		{Kind: FaultGossipKey, Target: gossipKeyTarget, Start: time.Second, End: 9 * time.Second, Detail: "restart n1, key a → b"},
+		{Kind: FaultGossipKey, Target: gossipKeyTarget, Start: 20 * time.Second, End: 40 * time.Second, Detail: "restart n2, key b → c",
+			Failure: "after the restart of n2 not every member alive in gossip"},
+		{Kind: FaultGossipKey, Target: gossipKeyTarget, Error: "gossip-key install: exit status 1"},
+		{Kind: FaultKill, Target: "n1", Start: time.Second, End: 9 * time.Second},
+	}
+	res := CheckGossipKeys(faults)
+	if res.Status != CheckFail || res.Checked != 2 || len(res.Violations) != 1 || !strings.Contains(res.Violations[0].Message, "restart n2") {
+		t.Fatalf("result %+v", res)
+	}
+	r := NewReport(1, "short", testStarted, time.Minute, nil, faults, nil, []CheckResult{res}, convergedState())
+	if r.Passed || !slices.Contains(r.Failures, "check "+CheckNameGossipKeys+" found 1 violations") {
+		t.Fatalf("a failed rotation: failures %q", r.Failures)
+	}
+	if res := CheckGossipKeys(faults[:1]); res.Status != CheckPass || res.Checked != 1 {
+		t.Fatalf("one rotation: %+v", res)
+	}
+	none := CheckGossipKeys(faults[3:])
+	r = NewReport(1, "short", testStarted, time.Minute, nil, nil, nil, []CheckResult{none}, convergedState())
+	if r.Passed || !slices.Contains(r.Failures, "check "+CheckNameGossipKeys+" had nothing to check") {
+		t.Fatalf("no rotation: %+v, failures %q", none, r.Failures)
+	}
+	if !hasKind(FaultQuotas(ShortProfile(), nil, 1), nil, FaultGossipKey) ||
+		hasKind(FaultQuotas(ShortProfile(), []string{FaultKill}, 1), faults[3:], FaultGossipKey) {
+		t.Fatal("the gossip key check is not added exactly when rotations are promised or happened")
+	}
+}
+
+// TestGossipKeyFiles: a key file reads primary first, comments and blank
+// lines skipped; a new key is 32 bytes of base64; the status JSON gives
+// every member's health, gateways included.
+func TestGossipKeyFiles(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "k")
+	a, b := newGossipKey(), newGossipKey()
+	if raw, err := base64.StdEncoding.DecodeString(a); err != nil || len(raw) != 32 || a == b {
+		t.Fatalf("new keys %q, %q: %v", a, b, err)
+	}
+	if err := os.WriteFile(path, []byte("# keyring\n"+a+"\n\n"+b+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if keys, err := readGossipKeys(path); err != nil || !slices.Equal(keys, []string{a, b}) {
+		t.Fatalf("keys %q, %v", keys, err)
+	}
+	h, err := parseMemberHealth([]byte(`{"members":[{"id":"n1","role":"server","health":"alive"},{"id":"gw-local","role":"gateway","health":"suspect"}]}`))
+	if err != nil || h["n1"] != "alive" || h["gw-local"] != "suspect" || len(h) != 2 {
+		t.Fatalf("health %v, %v", h, err)
+	}
+	if _, err := parseMemberHealth([]byte(`{"members":[]}`)); err == nil {
+		t.Fatal("a status without members gave no error")
 	}
 }

@@ -91,7 +91,7 @@ func ShortProfile() Profile {
 		RaftHeartbeatTimeout: 1500 * time.Millisecond,
 		RaftElectionTimeout:  2 * time.Second,
 		ApplyTimeout:         15 * time.Second,
-		Workload:             165 * time.Second, // a worst-case round of every kind fits (TestFaultHoldCap)
+		Workload:             190 * time.Second, // a worst-case round of every kind fits (TestFaultHoldCap)
 		FaultEvery:           8 * time.Second,
 		MaxFaultHold:         10 * time.Second,
 		FaultRounds:          1,
@@ -191,7 +191,8 @@ func (p Profile) validate() error {
 	}
 	hasNode := map[string]bool{}
 	for _, n := range p.Nodes {
-		if n.ID == "" || seen[n.ID] {
+		// An id ending in .gossip would overwrite another's gossip key file.
+		if n.ID == "" || seen[n.ID] || strings.HasSuffix(n.ID, ".gossip") {
 			errs = append(errs, fmt.Sprintf("node %q: empty, duplicate or reserved id", n.ID))
 		}
 		seen[n.ID] = true
@@ -206,7 +207,8 @@ func (p Profile) validate() error {
 		}
 	}
 	for _, g := range p.Gateways {
-		if g.ID == "" || seen[g.ID] {
+		// An id ending in .gossip would overwrite another's gossip key file.
+		if g.ID == "" || seen[g.ID] || strings.HasSuffix(g.ID, ".gossip") {
 			errs = append(errs, fmt.Sprintf("gateway %q: empty, duplicate or reserved id", g.ID))
 		}
 		seen[g.ID] = true

@@ -162,6 +162,9 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 	if hasKind(quotas, faults, FaultRevoke) {
 		checks = append(checks, CheckRevocations(ops, faults))
 	}
+	if hasKind(quotas, faults, FaultGossipKey) {
+		checks = append(checks, CheckGossipKeys(faults))
+	}
 	for _, ch := range checks {
 		logf("check %s: %s, %d checked, in %v", ch.Name, ch.Status, ch.Checked, ch.Took.Round(time.Millisecond))
 	}
