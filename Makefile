@@ -55,7 +55,8 @@ test: vet fmt-check proto-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(T
 ## under a seeded workload and a seeded schedule that cycles through every
 ## fault kind (kill -9 of the leader and others, SIGSTOP, partitions,
 ## latency, S3 errors/stalls/outages, a gateway killed mid-upload, a node
-## certificate re-issued in place, a robot account revoked mid-run), then the checkers; a run passes only if
+## certificate re-issued in place, the gossip key rotated online, a robot account
+## revoked mid-run), then the checkers; a run passes only if
 ## every check decided and every promised fault ran; the summary and a JSON
 ## report land in the run directory (and chaos-report.json). SEED=n
 ## reproduces a run; DURATION=10m changes its length; FAULTS=kill,partition
