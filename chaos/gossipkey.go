@@ -230,24 +230,9 @@ func parseMemberHealth(b []byte) (map[string]string, error) {
 // gossip, within gossipKeyWithin of the removal. Checked counts the
 // rotations injected; one whose Failure is set is a violation.
 func CheckGossipKeys(faults []Fault) CheckResult {
-	checked := 0
-	var vs []Violation
-	var took []time.Duration
-	for _, f := range faults {
-		if f.Kind != FaultGossipKey || f.Error != "" {
-			continue
-		}
-		checked++
-		if f.Failure != "" {
-			vs = append(vs, Violation{Check: CheckNameGossipKeys,
-				Message: fmt.Sprintf("rotation at %s (%s): %s", fmtOffset(f.Start), f.Detail, f.Failure)})
-		} else {
-			took = append(took, f.End-f.Start)
-		}
-	}
-	detail := fmt.Sprintf("%d of %d gossip key rotations left every member alive in gossip, a restarted node included", len(took), checked)
-	if len(took) > 0 {
-		detail += fmt.Sprintf(" (the slowest %v from install)", slices.Max(took).Round(10*time.Millisecond))
-	}
-	return newResult(CheckNameGossipKeys, checked, vs, detail)
+	return checkFaultOutcomes(faults, FaultGossipKey, CheckNameGossipKeys,
+		func(f Fault) string { return fmt.Sprintf("rotation at %s (%s)", fmtOffset(f.Start), f.Detail) },
+		func(ok, checked int) string {
+			return fmt.Sprintf("%d of %d gossip key rotations left every member alive in gossip, a restarted node included", ok, checked)
+		}, "from install")
 }

@@ -235,24 +235,34 @@ func shortSerial(n *big.Int) string {
 // certRotateWithin, without a restart. Checked counts the rotations
 // injected; a rotation whose Failure is set is a violation.
 func CheckCertRotations(faults []Fault) CheckResult {
+	return checkFaultOutcomes(faults, FaultCertRotate, CheckNameCertRotations,
+		func(f Fault) string { return fmt.Sprintf("%s, re-issued at %s", f.Target, fmtOffset(f.Start)) },
+		func(ok, checked int) string {
+			return fmt.Sprintf("%d of %d certificates re-issued in place served within %v", ok, checked, certRotateWithin)
+		}, "after its re-issue began")
+}
+
+// checkFaultOutcomes is the check of a fault kind that judges its own
+// outcome (Failure set: a violation): every injected fault of kind is
+// counted, and the slowest good one is reported as "slowest <d> <after>".
+func checkFaultOutcomes(faults []Fault, kind, check string, name func(Fault) string, summary func(ok, checked int) string, after string) CheckResult {
 	checked := 0
 	var vs []Violation
 	var took []time.Duration
 	for _, f := range faults {
-		if f.Kind != FaultCertRotate || f.Error != "" {
+		if f.Kind != kind || f.Error != "" {
 			continue
 		}
 		checked++
 		if f.Failure != "" {
-			vs = append(vs, Violation{Check: CheckNameCertRotations,
-				Message: fmt.Sprintf("%s, re-issued at %s: %s", f.Target, fmtOffset(f.Start), f.Failure)})
+			vs = append(vs, Violation{Check: check, Message: name(f) + ": " + f.Failure})
 		} else {
 			took = append(took, f.End-f.Start)
 		}
 	}
-	detail := fmt.Sprintf("%d of %d certificates re-issued in place served within %v", len(took), checked, certRotateWithin)
+	detail := summary(len(took), checked)
 	if len(took) > 0 {
-		detail += fmt.Sprintf(" (the slowest %v after its re-issue began)", slices.Max(took).Round(10*time.Millisecond))
+		detail += fmt.Sprintf(" (the slowest %v %s)", slices.Max(took).Round(10*time.Millisecond), after)
 	}
-	return newResult(CheckNameCertRotations, checked, vs, detail)
+	return newResult(check, checked, vs, detail)
 }
