@@ -66,6 +66,19 @@ func parseName(fs *flag.FlagSet, args []string, cmd string) (string, error) {
 	return pos[0], nil
 }
 
+// nameChange runs a change of the one NAME in args and prints done.
+func nameChange(a adminFlags, args []string, cmd, done string, req func(name string) *pb.ManageAccessRequest) error {
+	name, err := parseName(a.fs, args, cmd)
+	if err != nil {
+		return err
+	}
+	if _, err := manage(a, req(name)); err != nil {
+		return fmt.Errorf("%s %s: %w", cmd, name, err)
+	}
+	fmt.Printf(done, name)
+	return nil
+}
+
 func manage(a adminFlags, req *pb.ManageAccessRequest) (*pb.ManageAccessResponse, error) {
 	c, ctx, done, err := a.dial()
 	if err != nil {
@@ -143,15 +156,9 @@ func userCmd(args []string) error {
 		fmt.Printf("changed the password of %s\n", name)
 		return nil
 	case "delete":
-		name, err := parseName(a.fs, args[1:], "user delete")
-		if err != nil {
-			return err
-		}
-		if _, err := manage(a, &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_DeleteUser{DeleteUser: name}}); err != nil {
-			return fmt.Errorf("user delete %s: %w", name, err)
-		}
-		fmt.Printf("deleted user %s and its grants\n", name)
-		return nil
+		return nameChange(a, args[1:], "user delete", "deleted user %s and its grants\n", func(name string) *pb.ManageAccessRequest {
+			return &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_DeleteUser{DeleteUser: name}}
+		})
 	case "list":
 		if _, err := parseMixed(a.fs, args[1:]); err != nil {
 			return err
@@ -234,15 +241,9 @@ func robotCmd(args []string) error {
 		fmt.Println(resp.Secret)
 		return nil
 	case "revoke":
-		name, err := parseName(a.fs, args[1:], "robot revoke")
-		if err != nil {
-			return err
-		}
-		if _, err := manage(a, &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_RevokeRobot{RevokeRobot: name}}); err != nil {
-			return fmt.Errorf("robot revoke %s: %w", name, err)
-		}
-		fmt.Printf("revoked robot %s\n", name)
-		return nil
+		return nameChange(a, args[1:], "robot revoke", "revoked robot %s\n", func(name string) *pb.ManageAccessRequest {
+			return &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_RevokeRobot{RevokeRobot: name}}
+		})
 	case "list":
 		if _, err := parseMixed(a.fs, args[1:]); err != nil {
 			return err
