@@ -7,11 +7,14 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
 	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -85,7 +88,28 @@ func manage(a adminFlags, req *pb.ManageAccessRequest) (*pb.ManageAccessResponse
 		return nil, err
 	}
 	defer done()
-	return c.ManageAccess(ctx, req)
+	resp, err := c.ManageAccess(ctx, req)
+	return resp, readable(err)
+}
+
+// businessPrefix is how a node's business errors start ("CODE_DENIED: ").
+var businessPrefix = regexp.MustCompile(`^(remote: )?CODE_[A-Z_]+: `)
+
+// readable is a refusal as the operator should read it: the node's reason
+// without gRPC's wrapping.
+func readable(err error) error {
+	if err == nil {
+		return nil
+	}
+	s, ok := status.FromError(err)
+	if !ok {
+		return err
+	}
+	switch s.Code() {
+	case codes.Unavailable, codes.DeadlineExceeded:
+		return err // the hint about TLS or the node's address stays
+	}
+	return errors.New(businessPrefix.ReplaceAllString(s.Message(), ""))
 }
 
 func listAccess(a adminFlags) (*pb.ListAccessResponse, error) {
