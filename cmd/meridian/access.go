@@ -112,13 +112,22 @@ func readable(err error) error {
 	return errors.New(businessPrefix.ReplaceAllString(s.Message(), ""))
 }
 
-func listAccess(a adminFlags) (*pb.ListAccessResponse, error) {
+// listAccess parses the list command's flags (no arguments) and lists.
+func listAccess(a adminFlags, args []string) (*pb.ListAccessResponse, error) {
+	pos, err := parseMixed(a.fs, args)
+	if err != nil {
+		return nil, err
+	}
+	if len(pos) > 0 {
+		return nil, fmt.Errorf("unexpected arguments %q", pos)
+	}
 	c, ctx, done, err := a.dial()
 	if err != nil {
 		return nil, err
 	}
 	defer done()
-	return c.ListAccess(ctx, &pb.ListAccessRequest{})
+	resp, err := c.ListAccess(ctx, &pb.ListAccessRequest{})
+	return resp, readable(err)
 }
 
 // readNewPassword reads one line from stdin: the new password of
@@ -184,10 +193,7 @@ func userCmd(args []string) error {
 			return &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_DeleteUser{DeleteUser: name}}
 		})
 	case "list":
-		if _, err := parseMixed(a.fs, args[1:]); err != nil {
-			return err
-		}
-		l, err := listAccess(a)
+		l, err := listAccess(a, args[1:])
 		if err != nil {
 			return err
 		}
@@ -269,10 +275,7 @@ func robotCmd(args []string) error {
 			return &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_RevokeRobot{RevokeRobot: name}}
 		})
 	case "list":
-		if _, err := parseMixed(a.fs, args[1:]); err != nil {
-			return err
-		}
-		l, err := listAccess(a)
+		l, err := listAccess(a, args[1:])
 		if err != nil {
 			return err
 		}
@@ -340,10 +343,7 @@ func accessCmd(args []string) error {
 		return nil
 	case "list":
 		asJSON := a.fs.Bool("json", false, "print JSON")
-		if _, err := parseMixed(a.fs, args[1:]); err != nil {
-			return err
-		}
-		l, err := listAccess(a)
+		l, err := listAccess(a, args[1:])
 		if err != nil {
 			return err
 		}
