@@ -34,14 +34,7 @@ func TestHelmSkopeoPodmanWithCredentials(t *testing.T) {
 	}
 	e2eNeedBinary(t)
 	dir := t.TempDir()
-	pkiDir := filepath.Join(dir, "pki")
-	e2eMeridian(t, "ca", "init", "--dir", pkiDir)
-	e2eMeridian(t, "ca", "issue", "--dir", pkiDir, "--role", "node", "--id", "web", "--ip", "127.0.0.1")
-	ready := filepath.Join(dir, "ready.json")
-	p := e2eStart(t, ready, e2eEnv(), slices.Concat([]string{"serve", "--node-id", "web", "--data-dir", filepath.Join(dir, "data"),
-		"--ready-file", ready, "--http-tls-cert", filepath.Join(pkiDir, "web.crt"), "--http-tls-key", filepath.Join(pkiDir, "web.key")},
-		e2eLoopback)...)
-	p.waitWritten()
+	p, pkiDir := e2eServeHTTPS(t, dir)
 	host := p.ready.HTTPAddr
 
 	// Ready means the first admin exists.

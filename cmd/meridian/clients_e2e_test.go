@@ -34,14 +34,7 @@ func TestClientsOverHTTPS(t *testing.T) {
 	crane, oras, regctl := clientBinary(t, "MERIDIAN_CRANE"), clientBinary(t, "MERIDIAN_ORAS"), clientBinary(t, "MERIDIAN_REGCTL")
 	e2eNeedBinary(t)
 	dir := t.TempDir()
-	pkiDir := filepath.Join(dir, "pki")
-	e2eMeridian(t, "ca", "init", "--dir", pkiDir)
-	e2eMeridian(t, "ca", "issue", "--dir", pkiDir, "--role", "node", "--id", "web", "--ip", "127.0.0.1")
-	ready := filepath.Join(dir, "ready.json")
-	p := e2eStart(t, ready, e2eEnv(), slices.Concat([]string{"serve", "--node-id", "web", "--data-dir", filepath.Join(dir, "data"),
-		"--ready-file", ready, "--http-tls-cert", filepath.Join(pkiDir, "web.crt"), "--http-tls-key", filepath.Join(pkiDir, "web.key")},
-		e2eLoopback)...)
-	p.waitWritten()
+	p, pkiDir := e2eServeHTTPS(t, dir)
 	host := p.ready.HTTPAddr
 	trust := []string{"SSL_CERT_FILE=" + filepath.Join(pkiDir, "ca.crt"), "HOME=" + dir, "DOCKER_CONFIG=" + filepath.Join(dir, "docker")}
 	run := func(env []string, bin string, args ...string) (string, error) {
@@ -156,4 +149,21 @@ func TestClientsOverHTTPS(t *testing.T) {
 		}
 	}
 	p.stop()
+}
+
+// e2eServeHTTPS starts `meridian serve` in dir serving the OCI API over
+// HTTPS with a certificate for 127.0.0.1 from a new cluster CA in
+// dir/pki, and returns it once its ready file is written, with the PKI
+// directory.
+func e2eServeHTTPS(t *testing.T, dir string) (*e2eProc, string) {
+	t.Helper()
+	pkiDir := filepath.Join(dir, "pki")
+	e2eMeridian(t, "ca", "init", "--dir", pkiDir)
+	e2eMeridian(t, "ca", "issue", "--dir", pkiDir, "--role", "node", "--id", "web", "--ip", "127.0.0.1")
+	ready := filepath.Join(dir, "ready.json")
+	p := e2eStart(t, ready, e2eEnv(), slices.Concat([]string{"serve", "--node-id", "web", "--data-dir", filepath.Join(dir, "data"),
+		"--ready-file", ready, "--http-tls-cert", filepath.Join(pkiDir, "web.crt"), "--http-tls-key", filepath.Join(pkiDir, "web.key")},
+		e2eLoopback)...)
+	p.waitWritten()
+	return p, pkiDir
 }
