@@ -51,6 +51,10 @@ func Entry(cmd *pb.Command, actor *pb.Actor, now time.Time) (*pb.LogEntry, error
 		e.Command = &pb.LogEntry_PutGrant{PutGrant: c.PutGrant}
 	case *pb.Command_DeleteGrant:
 		e.Command = &pb.LogEntry_DeleteGrant{DeleteGrant: c.DeleteGrant}
+	case *pb.Command_DeleteRepository:
+		e.Command = &pb.LogEntry_DeleteRepository{DeleteRepository: c.DeleteRepository}
+	case *pb.Command_BlobRemoved:
+		e.Command = &pb.LogEntry_BlobRemoved{BlobRemoved: c.BlobRemoved}
 	default:
 		return nil, fmt.Errorf("%w: no command, or one this binary does not know (%T)", pb.ErrInvalidArgument, cmd.GetIntent())
 	}

@@ -50,6 +50,10 @@ var commands = map[protoreflect.Name]applyFunc{
 	"delete_grant":     applyDeleteGrant,
 	"rotate_token_key": applyRotateTokenKey,
 	"trim_audit":       applyTrimAudit,
+
+	"collect_garbage":   applyCollectGarbage,
+	"blob_removed":      applyBlobRemoved,
+	"delete_repository": applyDeleteRepository,
 }
 
 var commandOneof = (&pb.LogEntry{}).ProtoReflect().Descriptor().Oneofs().ByName("command")
@@ -226,9 +230,12 @@ func applyPutManifest(b *pebble.Batch, e *pb.LogEntry) error {
 	rec := &pb.ManifestRecord{
 		Digest: c.Digest, MediaType: c.MediaType, Content: c.Content,
 		Subject: c.Subject, ArtifactType: c.ArtifactType, Annotations: c.Annotations,
-		CreatedUnixNano: created,
+		CreatedUnixNano: created, Blobs: c.Blobs, Manifests: c.Manifests,
 	}
 	if err := setProto(b, mk, rec); err != nil {
+		return err
+	}
+	if err := addReferences(b, repo, c.Digest, c.Blobs, c.Manifests); err != nil {
 		return err
 	}
 	if c.Subject != "" {
@@ -241,15 +248,18 @@ func applyPutManifest(b *pebble.Batch, e *pb.LogEntry) error {
 		}
 	}
 	for _, tag := range c.Tags {
-		if err := setTag(b, repo, tag, c.Digest); err != nil {
+		if err := setTag(b, repo, tag, c.Digest, e.TimeUnixNano); err != nil {
 			return err
 		}
 	}
-	return nil
+	// A manifest pushed by digest alone starts (or restarts) its time as
+	// untagged.
+	return markIfUntagged(b, repo, c.Digest, e.TimeUnixNano)
 }
 
-// setTag points tag at digest, keeping the reverse index in step.
-func setTag(b *pebble.Batch, repo, tag, digest string) error {
+// setTag points tag at digest, keeping the reverse index and the untagged
+// candidates in step.
+func setTag(b *pebble.Batch, repo, tag, digest string, now int64) error {
 	tk := key(tableTag, repo, tag)
 	old, ok, err := get(b, tk)
 	if err != nil {
@@ -263,7 +273,16 @@ func setTag(b *pebble.Batch, repo, tag, digest string) error {
 	if err := b.Set(tk, []byte(digest), nil); err != nil {
 		return err
 	}
-	return b.Set(key(tableTagIndex, repo, digest, tag), nil, nil)
+	if err := b.Set(key(tableTagIndex, repo, digest, tag), nil, nil); err != nil {
+		return err
+	}
+	if err := b.Delete(key(tableUntagged, repo, digest), nil); err != nil {
+		return err
+	}
+	if ok && string(old) != digest {
+		return markIfUntagged(b, repo, string(old), now)
+	}
+	return nil
 }
 
 func applyDeleteManifest(b *pebble.Batch, e *pb.LogEntry) error {
@@ -278,28 +297,10 @@ func applyDeleteManifest(b *pebble.Batch, e *pb.LogEntry) error {
 	if !found {
 		return pb.Errorf(pb.Code_CODE_MANIFEST_UNKNOWN, "manifest %s not found in %s", c.Digest, repo)
 	}
-	// Collect first: deleting while iterating an indexed batch is not allowed.
-	var tags []string
-	if err := scan(b, prefix(tableTagIndex, repo, c.Digest), "", -1, func(k, _ []byte) error {
-		tags = append(tags, lastField(k))
-		return nil
-	}); err != nil {
+	if err := refusedWhileReferenced(b, tableChildRef, repo, c.Digest, "manifest", "index"); err != nil {
 		return err
 	}
-	for _, tag := range tags {
-		if err := b.Delete(key(tableTag, repo, tag), nil); err != nil {
-			return err
-		}
-		if err := b.Delete(key(tableTagIndex, repo, c.Digest, tag), nil); err != nil {
-			return err
-		}
-	}
-	if rec.Subject != "" {
-		if err := b.Delete(key(tableReferrer, repo, rec.Subject, c.Digest), nil); err != nil {
-			return err
-		}
-	}
-	return b.Delete(mk, nil)
+	return removeManifest(b, repo, rec, e.TimeUnixNano)
 }
 
 func applyDeleteTag(b *pebble.Batch, e *pb.LogEntry) error {
@@ -315,7 +316,10 @@ func applyDeleteTag(b *pebble.Batch, e *pb.LogEntry) error {
 	if err := b.Delete(key(tableTagIndex, c.Repository, string(d), c.Tag), nil); err != nil {
 		return err
 	}
-	return b.Delete(tk, nil)
+	if err := b.Delete(tk, nil); err != nil {
+		return err
+	}
+	return markIfUntagged(b, c.Repository, string(d), e.TimeUnixNano)
 }
 
 func applyLinkBlob(b *pebble.Batch, e *pb.LogEntry) error {
@@ -325,6 +329,15 @@ func applyLinkBlob(b *pebble.Batch, e *pb.LogEntry) error {
 	found, err := getProto(b, bk, rec)
 	if err != nil {
 		return err
+	}
+	if found && rec.CondemnedUnixNano != 0 {
+		// Garbage collection took it: a mount finds nothing, and a new push
+		// must wait until every region has removed the old copy, since
+		// a removal still under way could delete the new bytes.
+		if c.PlacedRegion == "" {
+			return pb.Errorf(pb.Code_CODE_BLOB_UNKNOWN, "blob %s not found", c.Digest)
+		}
+		return pb.Errorf(pb.Code_CODE_UNAVAILABLE, "blob %s is being garbage-collected; push it again in a moment", c.Digest)
 	}
 	if c.PlacedRegion == "" {
 		// A mount: the bytes must already be somewhere, and in the source
@@ -361,6 +374,13 @@ func applyLinkBlob(b *pebble.Batch, e *pb.LogEntry) error {
 	if err := b.Set(key(tableBlobRepos, c.Digest, c.Repository), nil, nil); err != nil {
 		return err
 	}
+	if err := b.Delete(key(tableOrphanBlob, c.Digest), nil); err != nil {
+		return err
+	}
+	// A (re)link starts the grace period of a blob no manifest uses yet.
+	if err := markIfUnreferenced(b, c.Repository, c.Digest, e.TimeUnixNano); err != nil {
+		return err
+	}
 	return recomputeBlob(b, c.Digest, e.TimeUnixNano)
 }
 
@@ -384,10 +404,10 @@ func applyUnlinkBlob(b *pebble.Batch, e *pb.LogEntry) error {
 	if !ok {
 		return pb.Errorf(pb.Code_CODE_BLOB_UNKNOWN, "blob %s not found in %s", c.Digest, c.Repository)
 	}
-	if err := b.Delete(lk, nil); err != nil {
+	if err := refusedWhileReferenced(b, tableBlobRef, c.Repository, c.Digest, "blob", "manifest"); err != nil {
 		return err
 	}
-	if err := b.Delete(key(tableBlobRepos, c.Digest, c.Repository), nil); err != nil {
+	if err := unlink(b, c.Repository, c.Digest, e.TimeUnixNano); err != nil {
 		return err
 	}
 	return recomputeBlob(b, c.Digest, e.TimeUnixNano)

@@ -798,9 +798,18 @@ func populate(h *testFSM, n int) {
 		if i%13 == 12 {
 			h.mustApply(deleteManifest(repo, digestOf(fmt.Sprintf(`{"layer":%d}`, i-7))))
 		}
-		if i%17 == 16 {
-			h.mustApply(unlinkBlob(repo, layer))
+		if i%17 == 16 && i%4 == 0 {
+			// Only a link no manifest references may go.
+			h.mustApply(unlinkBlob("mirror/all", layer))
 		}
+		if i%50 == 49 {
+			// Collect every blob unreferenced so far (and, below, drop a
+			// repository): snapshots and replays carry the lifecycle tables too.
+			h.gcUntil(fmt.Sprint("run", i), h.now(), 0)
+		}
+	}
+	if n > 100 {
+		h.mustApply(deleteRepo("org6/app"))
 	}
 }
 

@@ -35,6 +35,14 @@ import (
 //	v 'a' "token-keys"                registry-token signing keys → TokenKeyRing
 //	v 'a' "bootstrapped"              the first admin was created → empty
 //	v 'U' index (8 bytes, big endian) audit record of the entry at index → AuditRecord
+//	v 'D' repo 0 blob 0 manifest      manifest references blob (config, layer) → empty
+//	v 'I' repo 0 child 0 index        index lists child manifest → empty
+//	v 'C' repo 0 digest               blob link no manifest references, since → uint64 (unix nanos)
+//	v 'O' digest                      blob record with no link, since → uint64
+//	v 'H' repo 0 digest               manifest with no tag, since → uint64
+//	v 'Z' region 0 digest             condemned blob the region must remove → Wanted
+//	v 'c' "run"                       last garbage-collection run → GCRun
+//	v 'c' "freed" 0 region            what collection freed in a region → GCRegion
 const layoutVersion byte = 1
 
 const (
@@ -59,6 +67,14 @@ const (
 	tableGrant      byte = 'g'
 	tableAccessMeta byte = 'a'
 	tableAudit      byte = 'U'
+
+	tableBlobRef    byte = 'D'
+	tableChildRef   byte = 'I'
+	tableUnrefLink  byte = 'C'
+	tableOrphanBlob byte = 'O'
+	tableUntagged   byte = 'H'
+	tableRemoval    byte = 'Z'
+	tableGC         byte = 'c'
 )
 
 const sep byte = 0

@@ -35,6 +35,17 @@ func applyPlaceBlob(b *pebble.Batch, e *pb.LogEntry) error {
 	if c.Region == "" {
 		return pb.Errorf(pb.Code_CODE_INVALID_ARGUMENT, "a placement names its region")
 	}
+	if rec.CondemnedUnixNano != 0 {
+		// A copy that finished after the blob was condemned: the region
+		// holds bytes now, so it must remove them too.
+		if err := addPlacement(b, rec, c.Region); err != nil {
+			return err
+		}
+		if err := b.Delete(key(tableWanted, c.Region, c.Digest), nil); err != nil {
+			return err
+		}
+		return setProto(b, key(tableRemoval, c.Region, c.Digest), &pb.Wanted{Digest: c.Digest, Size: rec.Size, SinceUnixNano: e.TimeUnixNano})
+	}
 	if err := addPlacement(b, rec, c.Region); err != nil {
 		return err
 	}
@@ -142,7 +153,13 @@ func recomputeWanted(b *pebble.Batch, rules placementRules, digest string, now i
 	// Regions known to the cluster plus any the blob is already placed in.
 	for _, region := range rules.regions {
 		wk := key(tableWanted, region, digest)
-		if want[region] && !slices.Contains(rec.Regions, region) {
+		// A region still removing a condemned copy must not copy the blob
+		// in again until the removal is done: it could delete the new copy.
+		removing, err := has(b, key(tableRemoval, region, digest))
+		if err != nil {
+			return err
+		}
+		if want[region] && !removing && !slices.Contains(rec.Regions, region) {
 			ok, err := has(b, wk)
 			if err != nil {
 				return err

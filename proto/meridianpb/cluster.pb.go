@@ -150,6 +150,8 @@ type Command struct {
 	//	*Command_RevokeRobot
 	//	*Command_PutGrant
 	//	*Command_DeleteGrant
+	//	*Command_DeleteRepository
+	//	*Command_BlobRemoved
 	Intent        isCommand_Intent `protobuf_oneof:"intent"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -345,6 +347,24 @@ func (x *Command) GetDeleteGrant() *DeleteGrant {
 	return nil
 }
 
+func (x *Command) GetDeleteRepository() *DeleteRepository {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_DeleteRepository); ok {
+			return x.DeleteRepository
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetBlobRemoved() *BlobRemoved {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_BlobRemoved); ok {
+			return x.BlobRemoved
+		}
+	}
+	return nil
+}
+
 type isCommand_Intent interface {
 	isCommand_Intent()
 }
@@ -417,6 +437,14 @@ type Command_DeleteGrant struct {
 	DeleteGrant *DeleteGrant `protobuf:"bytes,17,opt,name=delete_grant,json=deleteGrant,proto3,oneof"`
 }
 
+type Command_DeleteRepository struct {
+	DeleteRepository *DeleteRepository `protobuf:"bytes,18,opt,name=delete_repository,json=deleteRepository,proto3,oneof"`
+}
+
+type Command_BlobRemoved struct {
+	BlobRemoved *BlobRemoved `protobuf:"bytes,19,opt,name=blob_removed,json=blobRemoved,proto3,oneof"`
+}
+
 func (*Command_PutManifest) isCommand_Intent() {}
 
 func (*Command_DeleteManifest) isCommand_Intent() {}
@@ -450,6 +478,10 @@ func (*Command_RevokeRobot) isCommand_Intent() {}
 func (*Command_PutGrant) isCommand_Intent() {}
 
 func (*Command_DeleteGrant) isCommand_Intent() {}
+
+func (*Command_DeleteRepository) isCommand_Intent() {}
+
+func (*Command_BlobRemoved) isCommand_Intent() {}
 
 type CommitRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
@@ -3238,7 +3270,7 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x18meridianpb/cluster.proto\x12\vmeridian.v1\x1a\x19meridianpb/meridian.proto\x1a\x17meridianpb/access.proto\"G\n" +
 	"\x06Result\x12%\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x11.meridian.v1.CodeR\x04code\x12\x16\n" +
-	"\x06detail\x18\x02 \x01(\tR\x06detail\"\xfd\a\n" +
+	"\x06detail\x18\x02 \x01(\tR\x06detail\"\x8a\t\n" +
 	"\aCommand\x12=\n" +
 	"\fput_manifest\x18\x01 \x01(\v2\x18.meridian.v1.PutManifestH\x00R\vputManifest\x12F\n" +
 	"\x0fdelete_manifest\x18\x02 \x01(\v2\x1b.meridian.v1.DeleteManifestH\x00R\x0edeleteManifest\x127\n" +
@@ -3264,7 +3296,9 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\tput_robot\x18\x0e \x01(\v2\x15.meridian.v1.PutRobotH\x00R\bputRobot\x12=\n" +
 	"\frevoke_robot\x18\x0f \x01(\v2\x18.meridian.v1.RevokeRobotH\x00R\vrevokeRobot\x124\n" +
 	"\tput_grant\x18\x10 \x01(\v2\x15.meridian.v1.PutGrantH\x00R\bputGrant\x12=\n" +
-	"\fdelete_grant\x18\x11 \x01(\v2\x18.meridian.v1.DeleteGrantH\x00R\vdeleteGrantB\b\n" +
+	"\fdelete_grant\x18\x11 \x01(\v2\x18.meridian.v1.DeleteGrantH\x00R\vdeleteGrant\x12L\n" +
+	"\x11delete_repository\x18\x12 \x01(\v2\x1d.meridian.v1.DeleteRepositoryH\x00R\x10deleteRepository\x12=\n" +
+	"\fblob_removed\x18\x13 \x01(\v2\x18.meridian.v1.BlobRemovedH\x00R\vblobRemovedB\b\n" +
 	"\x06intent\"\x87\x01\n" +
 	"\rCommitRequest\x12.\n" +
 	"\acommand\x18\x01 \x01(\v2\x14.meridian.v1.CommandR\acommand\x12\x1c\n" +
@@ -3591,20 +3625,22 @@ var file_meridianpb_cluster_proto_goTypes = []any{
 	(*RevokeRobot)(nil),                // 65: meridian.v1.RevokeRobot
 	(*PutGrant)(nil),                   // 66: meridian.v1.PutGrant
 	(*DeleteGrant)(nil),                // 67: meridian.v1.DeleteGrant
-	(*Actor)(nil),                      // 68: meridian.v1.Actor
-	(*ManifestRecord)(nil),             // 69: meridian.v1.ManifestRecord
-	(*Referrer)(nil),                   // 70: meridian.v1.Referrer
-	(*BlobRecord)(nil),                 // 71: meridian.v1.BlobRecord
-	(*UploadKey)(nil),                  // 72: meridian.v1.UploadKey
-	(*Policy)(nil),                     // 73: meridian.v1.Policy
-	(*ManageAccessRequest)(nil),        // 74: meridian.v1.ManageAccessRequest
-	(*ListAccessRequest)(nil),          // 75: meridian.v1.ListAccessRequest
-	(*ReadAuditRequest)(nil),           // 76: meridian.v1.ReadAuditRequest
-	(*GetAccessStateRequest)(nil),      // 77: meridian.v1.GetAccessStateRequest
-	(*ManageAccessResponse)(nil),       // 78: meridian.v1.ManageAccessResponse
-	(*ListAccessResponse)(nil),         // 79: meridian.v1.ListAccessResponse
-	(*ReadAuditResponse)(nil),          // 80: meridian.v1.ReadAuditResponse
-	(*GetAccessStateResponse)(nil),     // 81: meridian.v1.GetAccessStateResponse
+	(*DeleteRepository)(nil),           // 68: meridian.v1.DeleteRepository
+	(*BlobRemoved)(nil),                // 69: meridian.v1.BlobRemoved
+	(*Actor)(nil),                      // 70: meridian.v1.Actor
+	(*ManifestRecord)(nil),             // 71: meridian.v1.ManifestRecord
+	(*Referrer)(nil),                   // 72: meridian.v1.Referrer
+	(*BlobRecord)(nil),                 // 73: meridian.v1.BlobRecord
+	(*UploadKey)(nil),                  // 74: meridian.v1.UploadKey
+	(*Policy)(nil),                     // 75: meridian.v1.Policy
+	(*ManageAccessRequest)(nil),        // 76: meridian.v1.ManageAccessRequest
+	(*ListAccessRequest)(nil),          // 77: meridian.v1.ListAccessRequest
+	(*ReadAuditRequest)(nil),           // 78: meridian.v1.ReadAuditRequest
+	(*GetAccessStateRequest)(nil),      // 79: meridian.v1.GetAccessStateRequest
+	(*ManageAccessResponse)(nil),       // 80: meridian.v1.ManageAccessResponse
+	(*ListAccessResponse)(nil),         // 81: meridian.v1.ListAccessResponse
+	(*ReadAuditResponse)(nil),          // 82: meridian.v1.ReadAuditResponse
+	(*GetAccessStateResponse)(nil),     // 83: meridian.v1.GetAccessStateResponse
 }
 var file_meridianpb_cluster_proto_depIdxs = []int32{
 	50, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
@@ -3625,97 +3661,99 @@ var file_meridianpb_cluster_proto_depIdxs = []int32{
 	65, // 15: meridian.v1.Command.revoke_robot:type_name -> meridian.v1.RevokeRobot
 	66, // 16: meridian.v1.Command.put_grant:type_name -> meridian.v1.PutGrant
 	67, // 17: meridian.v1.Command.delete_grant:type_name -> meridian.v1.DeleteGrant
-	2,  // 18: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
-	68, // 19: meridian.v1.CommitRequest.actor:type_name -> meridian.v1.Actor
-	1,  // 20: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
-	7,  // 21: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
-	10, // 22: meridian.v1.ScrubResponse.mismatches:type_name -> meridian.v1.ScrubMismatch
-	0,  // 23: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 24: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
-	69, // 25: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
-	0,  // 26: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 27: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
-	0,  // 28: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 29: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
-	0,  // 30: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 31: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
-	70, // 32: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
-	0,  // 33: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 34: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
-	71, // 35: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
-	1,  // 36: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 37: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
-	71, // 38: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
-	27, // 39: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
-	27, // 40: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
-	72, // 41: meridian.v1.GetUploadKeyResponse.keys:type_name -> meridian.v1.UploadKey
-	9,  // 42: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
-	33, // 43: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
-	36, // 44: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
-	37, // 45: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
-	35, // 46: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
-	39, // 47: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
-	73, // 48: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
-	73, // 49: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
-	1,  // 50: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 51: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 52: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
-	1,  // 53: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
-	3,  // 54: meridian.v1.Cluster.Commit:input_type -> meridian.v1.CommitRequest
-	11, // 55: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
-	32, // 56: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
-	34, // 57: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
-	46, // 58: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
-	48, // 59: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
-	5,  // 60: meridian.v1.Cluster.GossipKeyring:input_type -> meridian.v1.GossipKeyringRequest
-	8,  // 61: meridian.v1.Cluster.Scrub:input_type -> meridian.v1.ScrubRequest
-	40, // 62: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
-	42, // 63: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
-	44, // 64: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
-	74, // 65: meridian.v1.Cluster.ManageAccess:input_type -> meridian.v1.ManageAccessRequest
-	75, // 66: meridian.v1.Cluster.ListAccess:input_type -> meridian.v1.ListAccessRequest
-	76, // 67: meridian.v1.Cluster.ReadAudit:input_type -> meridian.v1.ReadAuditRequest
-	77, // 68: meridian.v1.Cluster.GetAccessState:input_type -> meridian.v1.GetAccessStateRequest
-	13, // 69: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
-	15, // 70: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
-	17, // 71: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
-	17, // 72: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
-	19, // 73: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
-	21, // 74: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
-	30, // 75: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
-	23, // 76: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
-	25, // 77: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
-	28, // 78: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
-	4,  // 79: meridian.v1.Cluster.Commit:output_type -> meridian.v1.CommitResponse
-	12, // 80: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
-	33, // 81: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
-	38, // 82: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
-	47, // 83: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
-	49, // 84: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
-	6,  // 85: meridian.v1.Cluster.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
-	9,  // 86: meridian.v1.Cluster.Scrub:output_type -> meridian.v1.ScrubResponse
-	41, // 87: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
-	43, // 88: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
-	45, // 89: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
-	78, // 90: meridian.v1.Cluster.ManageAccess:output_type -> meridian.v1.ManageAccessResponse
-	79, // 91: meridian.v1.Cluster.ListAccess:output_type -> meridian.v1.ListAccessResponse
-	80, // 92: meridian.v1.Cluster.ReadAudit:output_type -> meridian.v1.ReadAuditResponse
-	81, // 93: meridian.v1.Cluster.GetAccessState:output_type -> meridian.v1.GetAccessStateResponse
-	14, // 94: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
-	16, // 95: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
-	18, // 96: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
-	18, // 97: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
-	20, // 98: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
-	22, // 99: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
-	31, // 100: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
-	24, // 101: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
-	26, // 102: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
-	29, // 103: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
-	79, // [79:104] is the sub-list for method output_type
-	54, // [54:79] is the sub-list for method input_type
-	54, // [54:54] is the sub-list for extension type_name
-	54, // [54:54] is the sub-list for extension extendee
-	0,  // [0:54] is the sub-list for field type_name
+	68, // 18: meridian.v1.Command.delete_repository:type_name -> meridian.v1.DeleteRepository
+	69, // 19: meridian.v1.Command.blob_removed:type_name -> meridian.v1.BlobRemoved
+	2,  // 20: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
+	70, // 21: meridian.v1.CommitRequest.actor:type_name -> meridian.v1.Actor
+	1,  // 22: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
+	7,  // 23: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
+	10, // 24: meridian.v1.ScrubResponse.mismatches:type_name -> meridian.v1.ScrubMismatch
+	0,  // 25: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 26: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
+	71, // 27: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
+	0,  // 28: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 29: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
+	0,  // 30: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 31: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
+	0,  // 32: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 33: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
+	72, // 34: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
+	0,  // 35: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 36: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
+	73, // 37: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
+	1,  // 38: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 39: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
+	73, // 40: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
+	27, // 41: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
+	27, // 42: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
+	74, // 43: meridian.v1.GetUploadKeyResponse.keys:type_name -> meridian.v1.UploadKey
+	9,  // 44: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
+	33, // 45: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
+	36, // 46: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
+	37, // 47: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
+	35, // 48: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
+	39, // 49: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
+	75, // 50: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
+	75, // 51: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
+	1,  // 52: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 53: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 54: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
+	1,  // 55: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
+	3,  // 56: meridian.v1.Cluster.Commit:input_type -> meridian.v1.CommitRequest
+	11, // 57: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
+	32, // 58: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
+	34, // 59: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
+	46, // 60: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
+	48, // 61: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
+	5,  // 62: meridian.v1.Cluster.GossipKeyring:input_type -> meridian.v1.GossipKeyringRequest
+	8,  // 63: meridian.v1.Cluster.Scrub:input_type -> meridian.v1.ScrubRequest
+	40, // 64: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
+	42, // 65: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
+	44, // 66: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
+	76, // 67: meridian.v1.Cluster.ManageAccess:input_type -> meridian.v1.ManageAccessRequest
+	77, // 68: meridian.v1.Cluster.ListAccess:input_type -> meridian.v1.ListAccessRequest
+	78, // 69: meridian.v1.Cluster.ReadAudit:input_type -> meridian.v1.ReadAuditRequest
+	79, // 70: meridian.v1.Cluster.GetAccessState:input_type -> meridian.v1.GetAccessStateRequest
+	13, // 71: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
+	15, // 72: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
+	17, // 73: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
+	17, // 74: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
+	19, // 75: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
+	21, // 76: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
+	30, // 77: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
+	23, // 78: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
+	25, // 79: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
+	28, // 80: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
+	4,  // 81: meridian.v1.Cluster.Commit:output_type -> meridian.v1.CommitResponse
+	12, // 82: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
+	33, // 83: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
+	38, // 84: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
+	47, // 85: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
+	49, // 86: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
+	6,  // 87: meridian.v1.Cluster.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
+	9,  // 88: meridian.v1.Cluster.Scrub:output_type -> meridian.v1.ScrubResponse
+	41, // 89: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
+	43, // 90: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
+	45, // 91: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
+	80, // 92: meridian.v1.Cluster.ManageAccess:output_type -> meridian.v1.ManageAccessResponse
+	81, // 93: meridian.v1.Cluster.ListAccess:output_type -> meridian.v1.ListAccessResponse
+	82, // 94: meridian.v1.Cluster.ReadAudit:output_type -> meridian.v1.ReadAuditResponse
+	83, // 95: meridian.v1.Cluster.GetAccessState:output_type -> meridian.v1.GetAccessStateResponse
+	14, // 96: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
+	16, // 97: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
+	18, // 98: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
+	18, // 99: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
+	20, // 100: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
+	22, // 101: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
+	31, // 102: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
+	24, // 103: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
+	26, // 104: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
+	29, // 105: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
+	81, // [81:106] is the sub-list for method output_type
+	56, // [56:81] is the sub-list for method input_type
+	56, // [56:56] is the sub-list for extension type_name
+	56, // [56:56] is the sub-list for extension extendee
+	0,  // [0:56] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_cluster_proto_init() }
@@ -3743,6 +3781,8 @@ func file_meridianpb_cluster_proto_init() {
 		(*Command_RevokeRobot)(nil),
 		(*Command_PutGrant)(nil),
 		(*Command_DeleteGrant)(nil),
+		(*Command_DeleteRepository)(nil),
+		(*Command_BlobRemoved)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

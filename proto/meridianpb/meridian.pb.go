@@ -138,6 +138,9 @@ type LogEntry struct {
 	//	*LogEntry_DeleteGrant
 	//	*LogEntry_RotateTokenKey
 	//	*LogEntry_TrimAudit
+	//	*LogEntry_CollectGarbage
+	//	*LogEntry_BlobRemoved
+	//	*LogEntry_DeleteRepository
 	Command isLogEntry_Command `protobuf_oneof:"command"`
 	// Who asked for this change (absent for the cluster's housekeeping); the
 	// audit log is written from it when the entry applies.
@@ -386,6 +389,33 @@ func (x *LogEntry) GetTrimAudit() *TrimAudit {
 	return nil
 }
 
+func (x *LogEntry) GetCollectGarbage() *CollectGarbage {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_CollectGarbage); ok {
+			return x.CollectGarbage
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetBlobRemoved() *BlobRemoved {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_BlobRemoved); ok {
+			return x.BlobRemoved
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetDeleteRepository() *DeleteRepository {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_DeleteRepository); ok {
+			return x.DeleteRepository
+		}
+	}
+	return nil
+}
+
 func (x *LogEntry) GetActor() *Actor {
 	if x != nil {
 		return x.Actor
@@ -481,6 +511,18 @@ type LogEntry_TrimAudit struct {
 	TrimAudit *TrimAudit `protobuf:"bytes,30,opt,name=trim_audit,json=trimAudit,proto3,oneof"`
 }
 
+type LogEntry_CollectGarbage struct {
+	CollectGarbage *CollectGarbage `protobuf:"bytes,31,opt,name=collect_garbage,json=collectGarbage,proto3,oneof"`
+}
+
+type LogEntry_BlobRemoved struct {
+	BlobRemoved *BlobRemoved `protobuf:"bytes,32,opt,name=blob_removed,json=blobRemoved,proto3,oneof"`
+}
+
+type LogEntry_DeleteRepository struct {
+	DeleteRepository *DeleteRepository `protobuf:"bytes,33,opt,name=delete_repository,json=deleteRepository,proto3,oneof"`
+}
+
 func (*LogEntry_PutManifest) isLogEntry_Command() {}
 
 func (*LogEntry_DeleteManifest) isLogEntry_Command() {}
@@ -522,6 +564,12 @@ func (*LogEntry_DeleteGrant) isLogEntry_Command() {}
 func (*LogEntry_RotateTokenKey) isLogEntry_Command() {}
 
 func (*LogEntry_TrimAudit) isLogEntry_Command() {}
+
+func (*LogEntry_CollectGarbage) isLogEntry_Command() {}
+
+func (*LogEntry_BlobRemoved) isLogEntry_Command() {}
+
+func (*LogEntry_DeleteRepository) isLogEntry_Command() {}
 
 // PutManifest stores a manifest and optionally points tags at it.
 type PutManifest struct {
@@ -664,7 +712,8 @@ func (x *PutManifest) GetAnnotations() map[string]string {
 	return nil
 }
 
-// DeleteManifest removes a manifest and every tag that points at it.
+// DeleteManifest removes a manifest and every tag that points at it. It is
+// refused while an index in the repository lists the manifest.
 type DeleteManifest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Repository    string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
@@ -850,7 +899,8 @@ func (x *LinkBlob) GetMountFrom() string {
 	return ""
 }
 
-// UnlinkBlob removes a blob from a repository. Bytes stay until garbage
+// UnlinkBlob removes a blob from a repository. It is refused while a
+// manifest in the repository references the blob. Bytes stay until garbage
 // collection, since other repositories may link the same blob.
 type UnlinkBlob struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1451,8 +1501,12 @@ type ManifestRecord struct {
 	ArtifactType    string                 `protobuf:"bytes,5,opt,name=artifact_type,json=artifactType,proto3" json:"artifact_type,omitempty"`
 	Annotations     map[string]string      `protobuf:"bytes,6,rep,name=annotations,proto3" json:"annotations,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	CreatedUnixNano int64                  `protobuf:"varint,7,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// What the manifest references in its repository (config and layers;
+	// an index's children), so deleting it can drop the references.
+	Blobs         []string `protobuf:"bytes,8,rep,name=blobs,proto3" json:"blobs,omitempty"`
+	Manifests     []string `protobuf:"bytes,9,rep,name=manifests,proto3" json:"manifests,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ManifestRecord) Reset() {
@@ -1534,6 +1588,20 @@ func (x *ManifestRecord) GetCreatedUnixNano() int64 {
 	return 0
 }
 
+func (x *ManifestRecord) GetBlobs() []string {
+	if x != nil {
+		return x.Blobs
+	}
+	return nil
+}
+
+func (x *ManifestRecord) GetManifests() []string {
+	if x != nil {
+		return x.Manifests
+	}
+	return nil
+}
+
 // BlobRecord is the cluster-wide record of a blob: its size and the regions
 // whose stores hold verified copies.
 type BlobRecord struct {
@@ -1542,8 +1610,11 @@ type BlobRecord struct {
 	Size            int64                  `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
 	Regions         []string               `protobuf:"bytes,3,rep,name=regions,proto3" json:"regions,omitempty"`
 	CreatedUnixNano int64                  `protobuf:"varint,4,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Set when garbage collection condemned the blob: it can no longer be
+	// linked, and each region in regions still has to remove its copy.
+	CondemnedUnixNano int64 `protobuf:"varint,5,opt,name=condemned_unix_nano,json=condemnedUnixNano,proto3" json:"condemned_unix_nano,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *BlobRecord) Reset() {
@@ -1604,6 +1675,454 @@ func (x *BlobRecord) GetCreatedUnixNano() int64 {
 	return 0
 }
 
+func (x *BlobRecord) GetCondemnedUnixNano() int64 {
+	if x != nil {
+		return x.CondemnedUnixNano
+	}
+	return 0
+}
+
+// DeleteRepository removes a repository: its tags, manifests, referrers and
+// blob links. Blobs no other repository links become garbage.
+type DeleteRepository struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repository    string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteRepository) Reset() {
+	*x = DeleteRepository{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteRepository) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteRepository) ProtoMessage() {}
+
+func (x *DeleteRepository) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteRepository.ProtoReflect.Descriptor instead.
+func (*DeleteRepository) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *DeleteRepository) GetRepository() string {
+	if x != nil {
+		return x.Repository
+	}
+	return ""
+}
+
+// CollectGarbage is one batch of a garbage-collection run, proposed by the
+// leader from the candidate tables. The state machine re-checks every
+// candidate at this entry's log index, so whatever was linked, referenced or
+// tagged since the leader looked is kept.
+type CollectGarbage struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	RunId              string                 `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	RunStartedUnixNano int64                  `protobuf:"varint,2,opt,name=run_started_unix_nano,json=runStartedUnixNano,proto3" json:"run_started_unix_nano,omitempty"`
+	// Blob links that no manifest of their repository has referenced since
+	// before this time are dropped; a blob left with no link is condemned.
+	UnreferencedBeforeUnixNano int64    `protobuf:"varint,3,opt,name=unreferenced_before_unix_nano,json=unreferencedBeforeUnixNano,proto3" json:"unreferenced_before_unix_nano,omitempty"`
+	Blobs                      []string `protobuf:"bytes,4,rep,name=blobs,proto3" json:"blobs,omitempty"`
+	// Manifests untagged and unreferenced since before this time are deleted
+	// (0: none are).
+	UntaggedBeforeUnixNano int64          `protobuf:"varint,5,opt,name=untagged_before_unix_nano,json=untaggedBeforeUnixNano,proto3" json:"untagged_before_unix_nano,omitempty"`
+	Manifests              []*ManifestRef `protobuf:"bytes,6,rep,name=manifests,proto3" json:"manifests,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
+}
+
+func (x *CollectGarbage) Reset() {
+	*x = CollectGarbage{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CollectGarbage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CollectGarbage) ProtoMessage() {}
+
+func (x *CollectGarbage) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CollectGarbage.ProtoReflect.Descriptor instead.
+func (*CollectGarbage) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *CollectGarbage) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+func (x *CollectGarbage) GetRunStartedUnixNano() int64 {
+	if x != nil {
+		return x.RunStartedUnixNano
+	}
+	return 0
+}
+
+func (x *CollectGarbage) GetUnreferencedBeforeUnixNano() int64 {
+	if x != nil {
+		return x.UnreferencedBeforeUnixNano
+	}
+	return 0
+}
+
+func (x *CollectGarbage) GetBlobs() []string {
+	if x != nil {
+		return x.Blobs
+	}
+	return nil
+}
+
+func (x *CollectGarbage) GetUntaggedBeforeUnixNano() int64 {
+	if x != nil {
+		return x.UntaggedBeforeUnixNano
+	}
+	return 0
+}
+
+func (x *CollectGarbage) GetManifests() []*ManifestRef {
+	if x != nil {
+		return x.Manifests
+	}
+	return nil
+}
+
+type ManifestRef struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repository    string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
+	Digest        string                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ManifestRef) Reset() {
+	*x = ManifestRef{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ManifestRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ManifestRef) ProtoMessage() {}
+
+func (x *ManifestRef) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ManifestRef.ProtoReflect.Descriptor instead.
+func (*ManifestRef) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ManifestRef) GetRepository() string {
+	if x != nil {
+		return x.Repository
+	}
+	return ""
+}
+
+func (x *ManifestRef) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+// BlobRemoved records that a region's store no longer holds a condemned
+// blob; the blob record goes with the last region.
+type BlobRemoved struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Digest        string                 `protobuf:"bytes,1,opt,name=digest,proto3" json:"digest,omitempty"`
+	Region        string                 `protobuf:"bytes,2,opt,name=region,proto3" json:"region,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BlobRemoved) Reset() {
+	*x = BlobRemoved{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BlobRemoved) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BlobRemoved) ProtoMessage() {}
+
+func (x *BlobRemoved) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BlobRemoved.ProtoReflect.Descriptor instead.
+func (*BlobRemoved) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *BlobRemoved) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *BlobRemoved) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+// GCRun sums up a garbage-collection run; its entries add to it.
+type GCRun struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	RunId           string                 `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	StartedUnixNano int64                  `protobuf:"varint,2,opt,name=started_unix_nano,json=startedUnixNano,proto3" json:"started_unix_nano,omitempty"`
+	// Time of the run's last entry.
+	FinishedUnixNano           int64 `protobuf:"varint,3,opt,name=finished_unix_nano,json=finishedUnixNano,proto3" json:"finished_unix_nano,omitempty"`
+	UnreferencedBeforeUnixNano int64 `protobuf:"varint,4,opt,name=unreferenced_before_unix_nano,json=unreferencedBeforeUnixNano,proto3" json:"unreferenced_before_unix_nano,omitempty"`
+	UntaggedBeforeUnixNano     int64 `protobuf:"varint,5,opt,name=untagged_before_unix_nano,json=untaggedBeforeUnixNano,proto3" json:"untagged_before_unix_nano,omitempty"`
+	// Blobs and manifests the leader proposed.
+	Candidates       int64 `protobuf:"varint,6,opt,name=candidates,proto3" json:"candidates,omitempty"`
+	BlobsCondemned   int64 `protobuf:"varint,7,opt,name=blobs_condemned,json=blobsCondemned,proto3" json:"blobs_condemned,omitempty"`
+	BytesCondemned   int64 `protobuf:"varint,8,opt,name=bytes_condemned,json=bytesCondemned,proto3" json:"bytes_condemned,omitempty"`
+	LinksDropped     int64 `protobuf:"varint,9,opt,name=links_dropped,json=linksDropped,proto3" json:"links_dropped,omitempty"`
+	ManifestsDeleted int64 `protobuf:"varint,10,opt,name=manifests_deleted,json=manifestsDeleted,proto3" json:"manifests_deleted,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *GCRun) Reset() {
+	*x = GCRun{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GCRun) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GCRun) ProtoMessage() {}
+
+func (x *GCRun) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GCRun.ProtoReflect.Descriptor instead.
+func (*GCRun) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *GCRun) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+func (x *GCRun) GetStartedUnixNano() int64 {
+	if x != nil {
+		return x.StartedUnixNano
+	}
+	return 0
+}
+
+func (x *GCRun) GetFinishedUnixNano() int64 {
+	if x != nil {
+		return x.FinishedUnixNano
+	}
+	return 0
+}
+
+func (x *GCRun) GetUnreferencedBeforeUnixNano() int64 {
+	if x != nil {
+		return x.UnreferencedBeforeUnixNano
+	}
+	return 0
+}
+
+func (x *GCRun) GetUntaggedBeforeUnixNano() int64 {
+	if x != nil {
+		return x.UntaggedBeforeUnixNano
+	}
+	return 0
+}
+
+func (x *GCRun) GetCandidates() int64 {
+	if x != nil {
+		return x.Candidates
+	}
+	return 0
+}
+
+func (x *GCRun) GetBlobsCondemned() int64 {
+	if x != nil {
+		return x.BlobsCondemned
+	}
+	return 0
+}
+
+func (x *GCRun) GetBytesCondemned() int64 {
+	if x != nil {
+		return x.BytesCondemned
+	}
+	return 0
+}
+
+func (x *GCRun) GetLinksDropped() int64 {
+	if x != nil {
+		return x.LinksDropped
+	}
+	return 0
+}
+
+func (x *GCRun) GetManifestsDeleted() int64 {
+	if x != nil {
+		return x.ManifestsDeleted
+	}
+	return 0
+}
+
+// GCRegion is what garbage collection freed in one region since the
+// cluster began, and what it still has to remove there.
+type GCRegion struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Region        string                 `protobuf:"bytes,1,opt,name=region,proto3" json:"region,omitempty"`
+	BlobsFreed    int64                  `protobuf:"varint,2,opt,name=blobs_freed,json=blobsFreed,proto3" json:"blobs_freed,omitempty"`
+	BytesFreed    int64                  `protobuf:"varint,3,opt,name=bytes_freed,json=bytesFreed,proto3" json:"bytes_freed,omitempty"`
+	BlobsPending  int64                  `protobuf:"varint,4,opt,name=blobs_pending,json=blobsPending,proto3" json:"blobs_pending,omitempty"`
+	BytesPending  int64                  `protobuf:"varint,5,opt,name=bytes_pending,json=bytesPending,proto3" json:"bytes_pending,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GCRegion) Reset() {
+	*x = GCRegion{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GCRegion) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GCRegion) ProtoMessage() {}
+
+func (x *GCRegion) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GCRegion.ProtoReflect.Descriptor instead.
+func (*GCRegion) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *GCRegion) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *GCRegion) GetBlobsFreed() int64 {
+	if x != nil {
+		return x.BlobsFreed
+	}
+	return 0
+}
+
+func (x *GCRegion) GetBytesFreed() int64 {
+	if x != nil {
+		return x.BytesFreed
+	}
+	return 0
+}
+
+func (x *GCRegion) GetBlobsPending() int64 {
+	if x != nil {
+		return x.BlobsPending
+	}
+	return 0
+}
+
+func (x *GCRegion) GetBytesPending() int64 {
+	if x != nil {
+		return x.BytesPending
+	}
+	return 0
+}
+
 // Referrer is a descriptor listed by the referrers API for a subject.
 type Referrer struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1618,7 +2137,7 @@ type Referrer struct {
 
 func (x *Referrer) Reset() {
 	*x = Referrer{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[18]
+	mi := &file_meridianpb_meridian_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1630,7 +2149,7 @@ func (x *Referrer) String() string {
 func (*Referrer) ProtoMessage() {}
 
 func (x *Referrer) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[18]
+	mi := &file_meridianpb_meridian_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1643,7 +2162,7 @@ func (x *Referrer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Referrer.ProtoReflect.Descriptor instead.
 func (*Referrer) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{18}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Referrer) GetMediaType() string {
@@ -1685,8 +2204,7 @@ var File_meridianpb_meridian_proto protoreflect.FileDescriptor
 
 const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\n" +
-	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\x1a\x17meridianpb/access.proto\"\xfa\n" +
-	"\n" +
+	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\x1a\x17meridianpb/access.proto\"\xcf\f\n" +
 	"\bLogEntry\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12$\n" +
 	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\x12=\n" +
@@ -1719,7 +2237,10 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\fdelete_grant\x18\x1c \x01(\v2\x18.meridian.v1.DeleteGrantH\x00R\vdeleteGrant\x12G\n" +
 	"\x10rotate_token_key\x18\x1d \x01(\v2\x1b.meridian.v1.RotateTokenKeyH\x00R\x0erotateTokenKey\x127\n" +
 	"\n" +
-	"trim_audit\x18\x1e \x01(\v2\x16.meridian.v1.TrimAuditH\x00R\ttrimAudit\x12(\n" +
+	"trim_audit\x18\x1e \x01(\v2\x16.meridian.v1.TrimAuditH\x00R\ttrimAudit\x12F\n" +
+	"\x0fcollect_garbage\x18\x1f \x01(\v2\x1b.meridian.v1.CollectGarbageH\x00R\x0ecollectGarbage\x12=\n" +
+	"\fblob_removed\x18  \x01(\v2\x18.meridian.v1.BlobRemovedH\x00R\vblobRemoved\x12L\n" +
+	"\x11delete_repository\x18! \x01(\v2\x1d.meridian.v1.DeleteRepositoryH\x00R\x10deleteRepository\x12(\n" +
 	"\x05actor\x18\x03 \x01(\v2\x12.meridian.v1.ActorR\x05actorB\t\n" +
 	"\acommand\"\xd1\x03\n" +
 	"\vPutManifest\x12\x1e\n" +
@@ -1797,7 +2318,7 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\x06Wanted\x12\x16\n" +
 	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12&\n" +
-	"\x0fsince_unix_nano\x18\x03 \x01(\x03R\rsinceUnixNano\"\xdc\x02\n" +
+	"\x0fsince_unix_nano\x18\x03 \x01(\x03R\rsinceUnixNano\"\x90\x03\n" +
 	"\x0eManifestRecord\x12\x16\n" +
 	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x1d\n" +
 	"\n" +
@@ -1806,16 +2327,60 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\asubject\x18\x04 \x01(\tR\asubject\x12#\n" +
 	"\rartifact_type\x18\x05 \x01(\tR\fartifactType\x12N\n" +
 	"\vannotations\x18\x06 \x03(\v2,.meridian.v1.ManifestRecord.AnnotationsEntryR\vannotations\x12*\n" +
-	"\x11created_unix_nano\x18\a \x01(\x03R\x0fcreatedUnixNano\x1a>\n" +
+	"\x11created_unix_nano\x18\a \x01(\x03R\x0fcreatedUnixNano\x12\x14\n" +
+	"\x05blobs\x18\b \x03(\tR\x05blobs\x12\x1c\n" +
+	"\tmanifests\x18\t \x03(\tR\tmanifests\x1a>\n" +
 	"\x10AnnotationsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"~\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xae\x01\n" +
 	"\n" +
 	"BlobRecord\x12\x16\n" +
 	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12\x18\n" +
 	"\aregions\x18\x03 \x03(\tR\aregions\x12*\n" +
-	"\x11created_unix_nano\x18\x04 \x01(\x03R\x0fcreatedUnixNano\"\x84\x02\n" +
+	"\x11created_unix_nano\x18\x04 \x01(\x03R\x0fcreatedUnixNano\x12.\n" +
+	"\x13condemned_unix_nano\x18\x05 \x01(\x03R\x11condemnedUnixNano\"2\n" +
+	"\x10DeleteRepository\x12\x1e\n" +
+	"\n" +
+	"repository\x18\x01 \x01(\tR\n" +
+	"repository\"\xa6\x02\n" +
+	"\x0eCollectGarbage\x12\x15\n" +
+	"\x06run_id\x18\x01 \x01(\tR\x05runId\x121\n" +
+	"\x15run_started_unix_nano\x18\x02 \x01(\x03R\x12runStartedUnixNano\x12A\n" +
+	"\x1dunreferenced_before_unix_nano\x18\x03 \x01(\x03R\x1aunreferencedBeforeUnixNano\x12\x14\n" +
+	"\x05blobs\x18\x04 \x03(\tR\x05blobs\x129\n" +
+	"\x19untagged_before_unix_nano\x18\x05 \x01(\x03R\x16untaggedBeforeUnixNano\x126\n" +
+	"\tmanifests\x18\x06 \x03(\v2\x18.meridian.v1.ManifestRefR\tmanifests\"E\n" +
+	"\vManifestRef\x12\x1e\n" +
+	"\n" +
+	"repository\x18\x01 \x01(\tR\n" +
+	"repository\x12\x16\n" +
+	"\x06digest\x18\x02 \x01(\tR\x06digest\"=\n" +
+	"\vBlobRemoved\x12\x16\n" +
+	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x16\n" +
+	"\x06region\x18\x02 \x01(\tR\x06region\"\xba\x03\n" +
+	"\x05GCRun\x12\x15\n" +
+	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12*\n" +
+	"\x11started_unix_nano\x18\x02 \x01(\x03R\x0fstartedUnixNano\x12,\n" +
+	"\x12finished_unix_nano\x18\x03 \x01(\x03R\x10finishedUnixNano\x12A\n" +
+	"\x1dunreferenced_before_unix_nano\x18\x04 \x01(\x03R\x1aunreferencedBeforeUnixNano\x129\n" +
+	"\x19untagged_before_unix_nano\x18\x05 \x01(\x03R\x16untaggedBeforeUnixNano\x12\x1e\n" +
+	"\n" +
+	"candidates\x18\x06 \x01(\x03R\n" +
+	"candidates\x12'\n" +
+	"\x0fblobs_condemned\x18\a \x01(\x03R\x0eblobsCondemned\x12'\n" +
+	"\x0fbytes_condemned\x18\b \x01(\x03R\x0ebytesCondemned\x12#\n" +
+	"\rlinks_dropped\x18\t \x01(\x03R\flinksDropped\x12+\n" +
+	"\x11manifests_deleted\x18\n" +
+	" \x01(\x03R\x10manifestsDeleted\"\xae\x01\n" +
+	"\bGCRegion\x12\x16\n" +
+	"\x06region\x18\x01 \x01(\tR\x06region\x12\x1f\n" +
+	"\vblobs_freed\x18\x02 \x01(\x03R\n" +
+	"blobsFreed\x12\x1f\n" +
+	"\vbytes_freed\x18\x03 \x01(\x03R\n" +
+	"bytesFreed\x12#\n" +
+	"\rblobs_pending\x18\x04 \x01(\x03R\fblobsPending\x12#\n" +
+	"\rbytes_pending\x18\x05 \x01(\x03R\fbytesPending\"\x84\x02\n" +
 	"\bReferrer\x12\x1d\n" +
 	"\n" +
 	"media_type\x18\x01 \x01(\tR\tmediaType\x12\x16\n" +
@@ -1854,42 +2419,48 @@ func file_meridianpb_meridian_proto_rawDescGZIP() []byte {
 }
 
 var file_meridianpb_meridian_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_meridianpb_meridian_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_meridianpb_meridian_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_meridianpb_meridian_proto_goTypes = []any{
-	(Code)(0),               // 0: meridian.v1.Code
-	(*LogEntry)(nil),        // 1: meridian.v1.LogEntry
-	(*PutManifest)(nil),     // 2: meridian.v1.PutManifest
-	(*DeleteManifest)(nil),  // 3: meridian.v1.DeleteManifest
-	(*DeleteTag)(nil),       // 4: meridian.v1.DeleteTag
-	(*LinkBlob)(nil),        // 5: meridian.v1.LinkBlob
-	(*UnlinkBlob)(nil),      // 6: meridian.v1.UnlinkBlob
-	(*SetUploadKey)(nil),    // 7: meridian.v1.SetUploadKey
-	(*RotateUploadKey)(nil), // 8: meridian.v1.RotateUploadKey
-	(*UploadKey)(nil),       // 9: meridian.v1.UploadKey
-	(*UploadKeyRing)(nil),   // 10: meridian.v1.UploadKeyRing
-	(*PlaceBlob)(nil),       // 11: meridian.v1.PlaceBlob
-	(*SetPolicy)(nil),       // 12: meridian.v1.SetPolicy
-	(*DeletePolicy)(nil),    // 13: meridian.v1.DeletePolicy
-	(*SetRegions)(nil),      // 14: meridian.v1.SetRegions
-	(*Policy)(nil),          // 15: meridian.v1.Policy
-	(*Wanted)(nil),          // 16: meridian.v1.Wanted
-	(*ManifestRecord)(nil),  // 17: meridian.v1.ManifestRecord
-	(*BlobRecord)(nil),      // 18: meridian.v1.BlobRecord
-	(*Referrer)(nil),        // 19: meridian.v1.Referrer
-	nil,                     // 20: meridian.v1.PutManifest.AnnotationsEntry
-	nil,                     // 21: meridian.v1.ManifestRecord.AnnotationsEntry
-	nil,                     // 22: meridian.v1.Referrer.AnnotationsEntry
-	(*PutUser)(nil),         // 23: meridian.v1.PutUser
-	(*DeleteUser)(nil),      // 24: meridian.v1.DeleteUser
-	(*PutTeam)(nil),         // 25: meridian.v1.PutTeam
-	(*DeleteTeam)(nil),      // 26: meridian.v1.DeleteTeam
-	(*PutRobot)(nil),        // 27: meridian.v1.PutRobot
-	(*RevokeRobot)(nil),     // 28: meridian.v1.RevokeRobot
-	(*PutGrant)(nil),        // 29: meridian.v1.PutGrant
-	(*DeleteGrant)(nil),     // 30: meridian.v1.DeleteGrant
-	(*RotateTokenKey)(nil),  // 31: meridian.v1.RotateTokenKey
-	(*TrimAudit)(nil),       // 32: meridian.v1.TrimAudit
-	(*Actor)(nil),           // 33: meridian.v1.Actor
+	(Code)(0),                // 0: meridian.v1.Code
+	(*LogEntry)(nil),         // 1: meridian.v1.LogEntry
+	(*PutManifest)(nil),      // 2: meridian.v1.PutManifest
+	(*DeleteManifest)(nil),   // 3: meridian.v1.DeleteManifest
+	(*DeleteTag)(nil),        // 4: meridian.v1.DeleteTag
+	(*LinkBlob)(nil),         // 5: meridian.v1.LinkBlob
+	(*UnlinkBlob)(nil),       // 6: meridian.v1.UnlinkBlob
+	(*SetUploadKey)(nil),     // 7: meridian.v1.SetUploadKey
+	(*RotateUploadKey)(nil),  // 8: meridian.v1.RotateUploadKey
+	(*UploadKey)(nil),        // 9: meridian.v1.UploadKey
+	(*UploadKeyRing)(nil),    // 10: meridian.v1.UploadKeyRing
+	(*PlaceBlob)(nil),        // 11: meridian.v1.PlaceBlob
+	(*SetPolicy)(nil),        // 12: meridian.v1.SetPolicy
+	(*DeletePolicy)(nil),     // 13: meridian.v1.DeletePolicy
+	(*SetRegions)(nil),       // 14: meridian.v1.SetRegions
+	(*Policy)(nil),           // 15: meridian.v1.Policy
+	(*Wanted)(nil),           // 16: meridian.v1.Wanted
+	(*ManifestRecord)(nil),   // 17: meridian.v1.ManifestRecord
+	(*BlobRecord)(nil),       // 18: meridian.v1.BlobRecord
+	(*DeleteRepository)(nil), // 19: meridian.v1.DeleteRepository
+	(*CollectGarbage)(nil),   // 20: meridian.v1.CollectGarbage
+	(*ManifestRef)(nil),      // 21: meridian.v1.ManifestRef
+	(*BlobRemoved)(nil),      // 22: meridian.v1.BlobRemoved
+	(*GCRun)(nil),            // 23: meridian.v1.GCRun
+	(*GCRegion)(nil),         // 24: meridian.v1.GCRegion
+	(*Referrer)(nil),         // 25: meridian.v1.Referrer
+	nil,                      // 26: meridian.v1.PutManifest.AnnotationsEntry
+	nil,                      // 27: meridian.v1.ManifestRecord.AnnotationsEntry
+	nil,                      // 28: meridian.v1.Referrer.AnnotationsEntry
+	(*PutUser)(nil),          // 29: meridian.v1.PutUser
+	(*DeleteUser)(nil),       // 30: meridian.v1.DeleteUser
+	(*PutTeam)(nil),          // 31: meridian.v1.PutTeam
+	(*DeleteTeam)(nil),       // 32: meridian.v1.DeleteTeam
+	(*PutRobot)(nil),         // 33: meridian.v1.PutRobot
+	(*RevokeRobot)(nil),      // 34: meridian.v1.RevokeRobot
+	(*PutGrant)(nil),         // 35: meridian.v1.PutGrant
+	(*DeleteGrant)(nil),      // 36: meridian.v1.DeleteGrant
+	(*RotateTokenKey)(nil),   // 37: meridian.v1.RotateTokenKey
+	(*TrimAudit)(nil),        // 38: meridian.v1.TrimAudit
+	(*Actor)(nil),            // 39: meridian.v1.Actor
 }
 var file_meridianpb_meridian_proto_depIdxs = []int32{
 	2,  // 0: meridian.v1.LogEntry.put_manifest:type_name -> meridian.v1.PutManifest
@@ -1903,27 +2474,31 @@ var file_meridianpb_meridian_proto_depIdxs = []int32{
 	13, // 8: meridian.v1.LogEntry.delete_policy:type_name -> meridian.v1.DeletePolicy
 	14, // 9: meridian.v1.LogEntry.set_regions:type_name -> meridian.v1.SetRegions
 	8,  // 10: meridian.v1.LogEntry.rotate_upload_key:type_name -> meridian.v1.RotateUploadKey
-	23, // 11: meridian.v1.LogEntry.put_user:type_name -> meridian.v1.PutUser
-	24, // 12: meridian.v1.LogEntry.delete_user:type_name -> meridian.v1.DeleteUser
-	25, // 13: meridian.v1.LogEntry.put_team:type_name -> meridian.v1.PutTeam
-	26, // 14: meridian.v1.LogEntry.delete_team:type_name -> meridian.v1.DeleteTeam
-	27, // 15: meridian.v1.LogEntry.put_robot:type_name -> meridian.v1.PutRobot
-	28, // 16: meridian.v1.LogEntry.revoke_robot:type_name -> meridian.v1.RevokeRobot
-	29, // 17: meridian.v1.LogEntry.put_grant:type_name -> meridian.v1.PutGrant
-	30, // 18: meridian.v1.LogEntry.delete_grant:type_name -> meridian.v1.DeleteGrant
-	31, // 19: meridian.v1.LogEntry.rotate_token_key:type_name -> meridian.v1.RotateTokenKey
-	32, // 20: meridian.v1.LogEntry.trim_audit:type_name -> meridian.v1.TrimAudit
-	33, // 21: meridian.v1.LogEntry.actor:type_name -> meridian.v1.Actor
-	20, // 22: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
-	9,  // 23: meridian.v1.UploadKeyRing.keys:type_name -> meridian.v1.UploadKey
-	15, // 24: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
-	21, // 25: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
-	22, // 26: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
-	27, // [27:27] is the sub-list for method output_type
-	27, // [27:27] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	29, // 11: meridian.v1.LogEntry.put_user:type_name -> meridian.v1.PutUser
+	30, // 12: meridian.v1.LogEntry.delete_user:type_name -> meridian.v1.DeleteUser
+	31, // 13: meridian.v1.LogEntry.put_team:type_name -> meridian.v1.PutTeam
+	32, // 14: meridian.v1.LogEntry.delete_team:type_name -> meridian.v1.DeleteTeam
+	33, // 15: meridian.v1.LogEntry.put_robot:type_name -> meridian.v1.PutRobot
+	34, // 16: meridian.v1.LogEntry.revoke_robot:type_name -> meridian.v1.RevokeRobot
+	35, // 17: meridian.v1.LogEntry.put_grant:type_name -> meridian.v1.PutGrant
+	36, // 18: meridian.v1.LogEntry.delete_grant:type_name -> meridian.v1.DeleteGrant
+	37, // 19: meridian.v1.LogEntry.rotate_token_key:type_name -> meridian.v1.RotateTokenKey
+	38, // 20: meridian.v1.LogEntry.trim_audit:type_name -> meridian.v1.TrimAudit
+	20, // 21: meridian.v1.LogEntry.collect_garbage:type_name -> meridian.v1.CollectGarbage
+	22, // 22: meridian.v1.LogEntry.blob_removed:type_name -> meridian.v1.BlobRemoved
+	19, // 23: meridian.v1.LogEntry.delete_repository:type_name -> meridian.v1.DeleteRepository
+	39, // 24: meridian.v1.LogEntry.actor:type_name -> meridian.v1.Actor
+	26, // 25: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
+	9,  // 26: meridian.v1.UploadKeyRing.keys:type_name -> meridian.v1.UploadKey
+	15, // 27: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
+	27, // 28: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
+	21, // 29: meridian.v1.CollectGarbage.manifests:type_name -> meridian.v1.ManifestRef
+	28, // 30: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
+	31, // [31:31] is the sub-list for method output_type
+	31, // [31:31] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_meridian_proto_init() }
@@ -1954,6 +2529,9 @@ func file_meridianpb_meridian_proto_init() {
 		(*LogEntry_DeleteGrant)(nil),
 		(*LogEntry_RotateTokenKey)(nil),
 		(*LogEntry_TrimAudit)(nil),
+		(*LogEntry_CollectGarbage)(nil),
+		(*LogEntry_BlobRemoved)(nil),
+		(*LogEntry_DeleteRepository)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1961,7 +2539,7 @@ func file_meridianpb_meridian_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridianpb_meridian_proto_rawDesc), len(file_meridianpb_meridian_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   22,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,297 @@
+package consensus
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"testing"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+func deleteRepo(repo string) *pb.LogEntry {
+	return &pb.LogEntry{Command: &pb.LogEntry_DeleteRepository{DeleteRepository: &pb.DeleteRepository{Repository: repo}}}
+}
+
+func blobRemoved(digest, region string) *pb.LogEntry {
+	return &pb.LogEntry{Command: &pb.LogEntry_BlobRemoved{BlobRemoved: &pb.BlobRemoved{Digest: digest, Region: region}}}
+}
+
+// collectEntry is a CollectGarbage entry for the candidates of plan.
+func collectEntry(run string, unrefBefore, untaggedBefore int64, plan *GCPlan) *pb.LogEntry {
+	c := &pb.CollectGarbage{RunId: run, UnreferencedBeforeUnixNano: unrefBefore, UntaggedBeforeUnixNano: untaggedBefore, Manifests: plan.Manifests}
+	for _, b := range plan.Blobs {
+		c.Blobs = append(c.Blobs, b.Digest)
+	}
+	return &pb.LogEntry{Command: &pb.LogEntry_CollectGarbage{CollectGarbage: c}}
+}
+
+// now is the time of the last applied entry (entries are 1 ms apart).
+func (h *testFSM) now() int64 { return int64(h.index) * 1_000_000 }
+
+// gc plans and runs a collection with both cut-offs at the last entry's time:
+// everything unreferenced or untagged so far goes.
+func (h *testFSM) gc(run string) *GCPlan {
+	h.tb.Helper()
+	return h.gcUntil(run, h.now(), h.now())
+}
+
+func (h *testFSM) gcUntil(run string, unrefBefore, untaggedBefore int64) *GCPlan {
+	h.tb.Helper()
+	plan, err := h.store.PlanGC(context.Background(), unrefBefore, untaggedBefore)
+	if err != nil {
+		h.tb.Fatal(err)
+	}
+	h.mustApply(collectEntry(run, unrefBefore, untaggedBefore, plan))
+	return plan
+}
+
+// image puts a manifest in repo referencing blobs, which it places first.
+func (h *testFSM) image(repo, content string, tags []string, blobs ...string) string {
+	h.tb.Helper()
+	for _, d := range blobs {
+		h.mustApply(placeBlob(repo, d, int64(len(d)), "us"))
+	}
+	c := manifest(repo, content, tags...)
+	c.Blobs = blobs
+	h.mustApply(put(c))
+	return c.Digest
+}
+
+func wantCondemned(t *testing.T, s *Store, digest string, regions ...string) {
+	t.Helper()
+	rec, err := s.Blob(context.Background(), digest)
+	if err != nil {
+		t.Fatalf("Blob(%s): %v", digest, err)
+	}
+	if rec.CondemnedUnixNano == 0 {
+		t.Fatalf("blob %s is not condemned", digest)
+	}
+	for _, r := range regions {
+		got, err := s.Removals(context.Background(), r, "", -1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.ContainsFunc(got, func(w *pb.Wanted) bool { return w.Digest == digest }) {
+			t.Fatalf("region %s has no removal of %s", r, digest)
+		}
+	}
+}
+
+func TestDeletesRefusedWhileReferenced(t *testing.T) {
+	h := newTestFSM(t)
+	layer, config := digestOf("layer"), digestOf("config")
+	img := h.image("app", "img", nil, config, layer)
+	idx := manifest("app", "index", "latest")
+	idx.Manifests = []string{img}
+	h.mustApply(put(idx))
+
+	// A blob a manifest uses, and a manifest an index lists, stay.
+	err := h.apply(unlinkBlob("app", layer))
+	if !errors.Is(err, pb.ErrDenied) || !strings.Contains(err.Error(), img) {
+		t.Fatalf("unlink of a referenced blob: %v; want DENIED naming %s", err, img)
+	}
+	err = h.apply(deleteManifest("app", img))
+	if !errors.Is(err, pb.ErrDenied) || !strings.Contains(err.Error(), idx.Digest) {
+		t.Fatalf("delete of a listed manifest: %v; want DENIED naming %s", err, idx.Digest)
+	}
+	// Top down, everything goes.
+	h.mustApply(deleteManifest("app", idx.Digest))
+	h.mustApply(deleteManifest("app", img))
+	h.mustApply(unlinkBlob("app", layer))
+	h.mustApply(unlinkBlob("app", config))
+	h.checkApplied()
+}
+
+func TestGCCondemnsUnreferencedBlobsAfterGrace(t *testing.T) {
+	h := newTestFSM(t)
+	ctx := context.Background()
+	layer, config, shared := digestOf("layer"), digestOf("config"), digestOf("shared")
+	img := h.image("app", "img", []string{"v1"}, config, layer, shared)
+	h.mustApply(placeBlob("app", layer, int64(len(layer)), "eu"))
+	h.image("other", "other-img", []string{"v1"}, shared)
+	h.mustApply(deleteManifest("app", img))
+	deleted := h.now()
+
+	// Within the grace period nothing goes.
+	plan, err := h.store.PlanGC(ctx, deleted-1, 0)
+	if err != nil || len(plan.Blobs) != 0 {
+		t.Fatalf("plan inside the grace period = %+v, %v; want nothing", plan.Blobs, err)
+	}
+	plan = h.gc("run1")
+	var condemned []string
+	for _, b := range plan.Blobs {
+		if b.Condemned {
+			condemned = append(condemned, b.Digest)
+		}
+	}
+	slices.Sort(condemned)
+	want := []string{config, layer}
+	slices.Sort(want)
+	if !slices.Equal(condemned, want) {
+		t.Fatalf("plan condemns %v; want %v", condemned, want)
+	}
+	// The shared blob lost its link in app only.
+	if _, err := h.store.LinkedBlob(ctx, "app", shared); !errors.Is(err, pb.ErrBlobUnknown) {
+		t.Fatalf("app's unreferenced link to the shared blob: %v; want gone", err)
+	}
+	if _, err := h.store.LinkedBlob(ctx, "other", shared); err != nil {
+		t.Fatalf("other's referenced link: %v", err)
+	}
+	wantCondemned(t, h.store, layer, "us", "eu")
+	wantCondemned(t, h.store, config, "us")
+
+	// A condemned blob cannot be mounted, nor linked until it is gone.
+	h.reject(mountBlob("third", layer, ""), pb.ErrBlobUnknown)
+	h.reject(placeBlob("third", layer, int64(len(layer)), "us"), pb.ErrUnavailable)
+
+	// Each region removes its copy; the record goes with the last.
+	h.mustApply(blobRemoved(layer, "us"))
+	wantCondemned(t, h.store, layer, "eu")
+	h.mustApply(blobRemoved(layer, "us")) // a repeat changes nothing
+	h.mustApply(blobRemoved(layer, "eu"))
+	if _, err := h.store.Blob(ctx, layer); !errors.Is(err, pb.ErrBlobUnknown) {
+		t.Fatalf("record after every region removed it: %v", err)
+	}
+	run, regions, err := h.store.GCStatus(ctx, []string{"eu", "us"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if run.RunId != "run1" || run.BlobsCondemned != 2 || run.LinksDropped != 3 {
+		t.Fatalf("run = %+v; want run1, 2 condemned, 3 links dropped", run)
+	}
+	if regions[0].BlobsFreed != 1 || regions[1].BlobsFreed != 1 || regions[1].BlobsPending != 1 {
+		t.Fatalf("regions = %+v; want eu 1 freed, us 1 freed and 1 pending", regions)
+	}
+
+	// Once gone, the same digest pushes afresh.
+	h.mustApply(placeBlob("third", layer, int64(len(layer)), "us"))
+	h.checkApplied()
+}
+
+func TestGCLinkAfterPlanWins(t *testing.T) {
+	h := newTestFSM(t)
+	ctx := context.Background()
+	layer := digestOf("layer")
+	h.mustApply(placeBlob("app", layer, 5, "us"))
+	cutoff := h.now()
+	plan, err := h.store.PlanGC(ctx, cutoff, 0)
+	if err != nil || len(plan.Blobs) != 1 || !plan.Blobs[0].Condemned {
+		t.Fatalf("plan = %+v, %v; want the layer condemned", plan.Blobs, err)
+	}
+	// Between the plan and its entry, a push in another region links it
+	// again, and a manifest starts using it.
+	h.mustApply(placeBlob("app", layer, 5, "eu"))
+	c := manifest("app", "img", "v1")
+	c.Blobs = []string{layer}
+	h.mustApply(put(c))
+	h.mustApply(collectEntry("run", cutoff, 0, plan))
+	rec, err := h.store.LinkedBlob(ctx, "app", layer)
+	if err != nil || rec.CondemnedUnixNano != 0 {
+		t.Fatalf("blob after a link raced the run: %+v, %v; want linked and alive", rec, err)
+	}
+	// A relink alone (no manifest) also restarts the grace period.
+	h.mustApply(placeBlob("solo", digestOf("solo"), 4, "us"))
+	cutoff = h.now()
+	plan, _ = h.store.PlanGC(ctx, cutoff, 0)
+	h.mustApply(placeBlob("solo", digestOf("solo"), 4, "us"))
+	h.mustApply(collectEntry("run2", cutoff, 0, plan))
+	if _, err := h.store.LinkedBlob(ctx, "solo", digestOf("solo")); err != nil {
+		t.Fatalf("relinked blob collected: %v", err)
+	}
+}
+
+func TestGCUntaggedManifests(t *testing.T) {
+	h := newTestFSM(t)
+	ctx := context.Background()
+	tagged := h.image("app", "tagged", []string{"v1"}, digestOf("l1"))
+	untagged := h.image("app", "untagged", nil, digestOf("l2"))
+	child := h.image("app", "child", nil, digestOf("l3"))
+	idx := manifest("app", "index", "multi")
+	idx.Manifests = []string{child}
+	h.mustApply(put(idx))
+	sig := manifest("app", "signature")
+	sig.Subject = tagged
+	h.mustApply(put(sig))
+	orphanSig := manifest("app", "orphan-signature")
+	orphanSig.Subject = digestOf("gone")
+	h.mustApply(put(orphanSig))
+	retagged := h.image("app", "retagged", []string{"moving"}, digestOf("l4"))
+	h.image("app", "newer", []string{"moving"}, digestOf("l5")) // retagged loses its tag
+
+	// Untagged collection is off unless asked for.
+	plan, err := h.store.PlanGC(ctx, h.now(), 0)
+	if err != nil || len(plan.Manifests) != 0 {
+		t.Fatalf("plan without an untagged cut-off = %v, %v", plan.Manifests, err)
+	}
+	plan = h.gc("run")
+	var got []string
+	for _, m := range plan.Manifests {
+		got = append(got, m.Digest)
+	}
+	want := []string{untagged, orphanSig.Digest, retagged}
+	slices.Sort(got)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("untagged manifests collected = %v; want %v", got, want)
+	}
+	for _, d := range want {
+		if _, err := h.store.Manifest(ctx, "app", d); !errors.Is(err, pb.ErrManifestUnknown) {
+			t.Fatalf("manifest %s after collection: %v", d, err)
+		}
+	}
+	for _, d := range []string{tagged, child, idx.Digest, sig.Digest} {
+		if _, err := h.store.Manifest(ctx, "app", d); err != nil {
+			t.Fatalf("kept manifest %s: %v", d, err)
+		}
+	}
+	// The collected manifests' layers are unreferenced from now: the next
+	// run, after the grace period, takes them.
+	plan = h.gc("run2")
+	if len(plan.Blobs) != 2 {
+		t.Fatalf("second run collects %+v; want l2 and l4", plan.Blobs)
+	}
+	wantCondemned(t, h.store, digestOf("l2"), "us")
+	wantCondemned(t, h.store, digestOf("l4"), "us")
+}
+
+func TestDeleteRepository(t *testing.T) {
+	h := newTestFSM(t)
+	ctx := context.Background()
+	shared, own := digestOf("shared"), digestOf("own")
+	h.image("doomed", "img", []string{"v1", "v2"}, shared, own)
+	h.image("kept", "img2", []string{"v1"}, shared)
+	h.mustApply(deleteRepo("doomed"))
+	if ok, err := h.store.RepositoryExists(ctx, "doomed"); err != nil || ok {
+		t.Fatalf("repository after delete: %v, %v", ok, err)
+	}
+	wantNoTag(t, h.store, "doomed", "v1")
+	if _, err := h.store.LinkedBlob(ctx, "doomed", own); !errors.Is(err, pb.ErrBlobUnknown) {
+		t.Fatalf("link after repository delete: %v", err)
+	}
+	h.gc("run")
+	wantCondemned(t, h.store, own, "us")
+	if rec, err := h.store.LinkedBlob(ctx, "kept", shared); err != nil || rec.CondemnedUnixNano != 0 {
+		t.Fatalf("blob another repository uses: %+v, %v", rec, err)
+	}
+	h.reject(deleteRepo("doomed"), pb.ErrNameUnknown)
+	// The name can be used again from scratch.
+	h.image("doomed", "img", []string{"v1"}, digestOf("fresh"))
+	wantTags(t, h.store, "doomed", "v1")
+}
+
+func TestCopyFinishingAfterCondemnationIsRemoved(t *testing.T) {
+	h := newTestFSM(t)
+	h.mustApply(setRegions("us", "eu"))
+	d := digestOf("layer")
+	h.mustApply(placeBlob("app", d, 5, "us"))
+	wantWanted(t, h.store, "eu", d)
+	h.mustApply(unlinkBlob("app", d))
+	h.gc("run")
+	wantCondemned(t, h.store, d, "us")
+	// eu's replicator was mid-copy; its placement lands now.
+	h.mustApply(placeIn(d, 5, "eu"))
+	wantCondemned(t, h.store, d, "us", "eu")
+	wantWanted(t, h.store, "eu")
+}
