@@ -316,6 +316,10 @@ func auditDetail(e *pb.LogEntry) string {
 		return c.UnlinkBlob.Digest
 	case *pb.LogEntry_PlaceBlob:
 		return c.PlaceBlob.Digest + " region=" + c.PlaceBlob.Region
+	case *pb.LogEntry_SetImmutableRule:
+		return c.SetImmutableRule.GetRule().Describe()
+	case *pb.LogEntry_DeleteImmutableRule:
+		return c.DeleteImmutableRule.GetRule().Describe()
 	case *pb.LogEntry_SetPolicy:
 		return fmt.Sprintf("prefix=%q regions=%v", c.SetPolicy.GetPolicy().GetPrefix(), c.SetPolicy.GetPolicy().GetRegions())
 	case *pb.LogEntry_DeletePolicy:

@@ -55,6 +55,10 @@ func Entry(cmd *pb.Command, actor *pb.Actor, now time.Time) (*pb.LogEntry, error
 		e.Command = &pb.LogEntry_DeleteRepository{DeleteRepository: c.DeleteRepository}
 	case *pb.Command_BlobRemoved:
 		e.Command = &pb.LogEntry_BlobRemoved{BlobRemoved: c.BlobRemoved}
+	case *pb.Command_SetImmutableRule:
+		e.Command = &pb.LogEntry_SetImmutableRule{SetImmutableRule: c.SetImmutableRule}
+	case *pb.Command_DeleteImmutableRule:
+		e.Command = &pb.LogEntry_DeleteImmutableRule{DeleteImmutableRule: c.DeleteImmutableRule}
 	default:
 		return nil, fmt.Errorf("%w: no command, or one this binary does not know (%T)", pb.ErrInvalidArgument, cmd.GetIntent())
 	}

@@ -54,6 +54,9 @@ var commands = map[protoreflect.Name]applyFunc{
 	"collect_garbage":   applyCollectGarbage,
 	"blob_removed":      applyBlobRemoved,
 	"delete_repository": applyDeleteRepository,
+
+	"set_immutable_rule":    applySetImmutableRule,
+	"delete_immutable_rule": applyDeleteImmutableRule,
 }
 
 var commandOneof = (&pb.LogEntry{}).ProtoReflect().Descriptor().Oneofs().ByName("command")
@@ -196,6 +199,23 @@ func applyPutManifest(b *pebble.Batch, e *pb.LogEntry) error {
 			return pb.Errorf(pb.Code_CODE_PRECONDITION_FAILED, "tag %s does not point at %s", c.Tags[0], c.IfMatch)
 		}
 	}
+	if len(c.Tags) > 0 {
+		rules, err := immutableRules(b)
+		if err != nil {
+			return err
+		}
+		for _, tag := range c.Tags {
+			current, exists, err := get(b, key(tableTag, repo, tag))
+			if err != nil {
+				return err
+			}
+			if exists && string(current) != c.Digest {
+				if err := refuseImmutable(rules, repo, tag, "moving it to "+c.Digest); err != nil {
+					return err
+				}
+			}
+		}
+	}
 	for _, d := range c.Blobs {
 		ok, err := has(b, key(tableLink, repo, d))
 		if err != nil {
@@ -300,6 +320,9 @@ func applyDeleteManifest(b *pebble.Batch, e *pb.LogEntry) error {
 	if err := refusedWhileReferenced(b, tableChildRef, repo, c.Digest, "manifest", "index"); err != nil {
 		return err
 	}
+	if err := refuseImmutableTagsOf(b, repo, c.Digest, "deleting its manifest"); err != nil {
+		return err
+	}
 	return removeManifest(b, repo, rec, e.TimeUnixNano)
 }
 
@@ -312,6 +335,13 @@ func applyDeleteTag(b *pebble.Batch, e *pb.LogEntry) error {
 	}
 	if !ok {
 		return pb.Errorf(pb.Code_CODE_MANIFEST_UNKNOWN, "tag %s not found in %s", c.Tag, c.Repository)
+	}
+	rules, err := immutableRules(b)
+	if err != nil {
+		return err
+	}
+	if err := refuseImmutable(rules, c.Repository, c.Tag, "deleting it"); err != nil {
+		return err
 	}
 	if err := b.Delete(key(tableTagIndex, c.Repository, string(d), c.Tag), nil); err != nil {
 		return err

@@ -43,6 +43,7 @@ import (
 //	v 'Z' region 0 digest             condemned blob the region must remove → Wanted
 //	v 'c' "run"                       last garbage-collection run → GCRun
 //	v 'c' "freed" 0 region            what collection freed in a region → GCRegion
+//	v 'i' repositories 0 tags         tag immutability rule → ImmutableRule
 const layoutVersion byte = 1
 
 const (
@@ -75,6 +76,7 @@ const (
 	tableUntagged   byte = 'H'
 	tableRemoval    byte = 'Z'
 	tableGC         byte = 'c'
+	tableImmutable  byte = 'i'
 )
 
 const sep byte = 0

@@ -188,6 +188,9 @@ func applyDeleteRepository(b *pebble.Batch, e *pb.LogEntry) error {
 	if !ok {
 		return pb.Errorf(pb.Code_CODE_NAME_UNKNOWN, "repository %s not found", repo)
 	}
+	if err := refuseImmutableTagsOf(b, repo, "", "deleting the repository"); err != nil {
+		return err
+	}
 	var blobs []string
 	if err := scan(b, prefix(tableLink, repo), "", -1, func(k, _ []byte) error {
 		blobs = append(blobs, lastField(k))

@@ -295,3 +295,39 @@ func TestCopyFinishingAfterCondemnationIsRemoved(t *testing.T) {
 	wantCondemned(t, h.store, d, "us", "eu")
 	wantWanted(t, h.store, "eu")
 }
+
+func immutable(repos, tags string) *pb.LogEntry {
+	return &pb.LogEntry{Command: &pb.LogEntry_SetImmutableRule{SetImmutableRule: &pb.SetImmutableRule{
+		Rule: &pb.ImmutableRule{Repositories: repos, Tags: tags}}}}
+}
+
+func TestImmutableTags(t *testing.T) {
+	h := newTestFSM(t)
+	v1 := h.image("team/app", "one", []string{"v1", "latest"}, digestOf("l1"))
+	h.mustApply(immutable("team", "v*"))
+	h.reject(immutable("team", "["), pb.ErrInvalidArgument)
+
+	// Covered tags stay where they are.
+	two := manifest("team/app", "two", "v1")
+	err := h.apply(put(two))
+	if !errors.Is(err, pb.ErrDenied) || !strings.Contains(err.Error(), "immutable") || !strings.Contains(err.Error(), "team") {
+		t.Fatalf("moving an immutable tag: %v; want DENIED naming the rule", err)
+	}
+	h.reject(deleteTag("team/app", "v1"), pb.ErrDenied)
+	h.reject(deleteManifest("team/app", v1), pb.ErrDenied)
+	h.reject(deleteRepo("team/app"), pb.ErrDenied)
+
+	// Re-pushing the same manifest, new covered tags, and uncovered tags
+	// (or repositories) are fine.
+	h.mustApply(put(manifest("team/app", "one", "v1")))
+	h.mustApply(put(manifest("team/app", "two", "v2")))
+	h.mustApply(put(manifest("team/app", "two", "latest")))
+	h.mustApply(put(manifest("other/app", "one", "v1")))
+	h.mustApply(put(manifest("other/app", "two", "v1")))
+
+	// Without the rule, the tag moves again.
+	h.mustApply(&pb.LogEntry{Command: &pb.LogEntry_DeleteImmutableRule{DeleteImmutableRule: &pb.DeleteImmutableRule{
+		Rule: &pb.ImmutableRule{Repositories: "team", Tags: "v*"}}}})
+	h.mustApply(put(manifest("team/app", "two", "v1")))
+	wantTag(t, h.store, "team/app", "v1", digestOf("two"))
+}

@@ -3,25 +3,13 @@ package auth
 import (
 	"path"
 	"strings"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
-// Matches reports whether a grant's repository pattern covers repo. ""
-// and "*" cover every repository; a pattern with '*', '?' or '[' is a
-// glob (path.Match: '*' stays within one path component); anything else
-// is a prefix of whole path components ("team/app" covers "team/app" and
-// "team/app/web", not "team/apple").
-func Matches(pattern, repo string) bool {
-	pattern = strings.TrimSuffix(pattern, "/")
-	switch {
-	case pattern == "" || pattern == "*":
-		return true
-	case strings.ContainsAny(pattern, "*?["):
-		ok, err := path.Match(pattern, repo)
-		return err == nil && ok
-	default:
-		return repo == pattern || strings.HasPrefix(repo, pattern+"/")
-	}
-}
+// Matches reports whether a grant's repository pattern covers repo; see
+// meridianpb.MatchRepository, which immutability rules share.
+func Matches(pattern, repo string) bool { return pb.MatchRepository(pattern, repo) }
 
 // ValidPattern reports whether pattern is a usable grant pattern.
 func ValidPattern(pattern string) bool {

@@ -152,6 +152,8 @@ type Command struct {
 	//	*Command_DeleteGrant
 	//	*Command_DeleteRepository
 	//	*Command_BlobRemoved
+	//	*Command_SetImmutableRule
+	//	*Command_DeleteImmutableRule
 	Intent        isCommand_Intent `protobuf_oneof:"intent"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -365,6 +367,24 @@ func (x *Command) GetBlobRemoved() *BlobRemoved {
 	return nil
 }
 
+func (x *Command) GetSetImmutableRule() *SetImmutableRule {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_SetImmutableRule); ok {
+			return x.SetImmutableRule
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetDeleteImmutableRule() *DeleteImmutableRule {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_DeleteImmutableRule); ok {
+			return x.DeleteImmutableRule
+		}
+	}
+	return nil
+}
+
 type isCommand_Intent interface {
 	isCommand_Intent()
 }
@@ -445,6 +465,14 @@ type Command_BlobRemoved struct {
 	BlobRemoved *BlobRemoved `protobuf:"bytes,19,opt,name=blob_removed,json=blobRemoved,proto3,oneof"`
 }
 
+type Command_SetImmutableRule struct {
+	SetImmutableRule *SetImmutableRule `protobuf:"bytes,20,opt,name=set_immutable_rule,json=setImmutableRule,proto3,oneof"`
+}
+
+type Command_DeleteImmutableRule struct {
+	DeleteImmutableRule *DeleteImmutableRule `protobuf:"bytes,21,opt,name=delete_immutable_rule,json=deleteImmutableRule,proto3,oneof"`
+}
+
 func (*Command_PutManifest) isCommand_Intent() {}
 
 func (*Command_DeleteManifest) isCommand_Intent() {}
@@ -482,6 +510,10 @@ func (*Command_DeleteGrant) isCommand_Intent() {}
 func (*Command_DeleteRepository) isCommand_Intent() {}
 
 func (*Command_BlobRemoved) isCommand_Intent() {}
+
+func (*Command_SetImmutableRule) isCommand_Intent() {}
+
+func (*Command_DeleteImmutableRule) isCommand_Intent() {}
 
 type CommitRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
@@ -3270,7 +3302,8 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x18meridianpb/cluster.proto\x12\vmeridian.v1\x1a\x19meridianpb/meridian.proto\x1a\x17meridianpb/access.proto\"G\n" +
 	"\x06Result\x12%\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x11.meridian.v1.CodeR\x04code\x12\x16\n" +
-	"\x06detail\x18\x02 \x01(\tR\x06detail\"\x8a\t\n" +
+	"\x06detail\x18\x02 \x01(\tR\x06detail\"\xb1\n" +
+	"\n" +
 	"\aCommand\x12=\n" +
 	"\fput_manifest\x18\x01 \x01(\v2\x18.meridian.v1.PutManifestH\x00R\vputManifest\x12F\n" +
 	"\x0fdelete_manifest\x18\x02 \x01(\v2\x1b.meridian.v1.DeleteManifestH\x00R\x0edeleteManifest\x127\n" +
@@ -3298,7 +3331,9 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\tput_grant\x18\x10 \x01(\v2\x15.meridian.v1.PutGrantH\x00R\bputGrant\x12=\n" +
 	"\fdelete_grant\x18\x11 \x01(\v2\x18.meridian.v1.DeleteGrantH\x00R\vdeleteGrant\x12L\n" +
 	"\x11delete_repository\x18\x12 \x01(\v2\x1d.meridian.v1.DeleteRepositoryH\x00R\x10deleteRepository\x12=\n" +
-	"\fblob_removed\x18\x13 \x01(\v2\x18.meridian.v1.BlobRemovedH\x00R\vblobRemovedB\b\n" +
+	"\fblob_removed\x18\x13 \x01(\v2\x18.meridian.v1.BlobRemovedH\x00R\vblobRemoved\x12M\n" +
+	"\x12set_immutable_rule\x18\x14 \x01(\v2\x1d.meridian.v1.SetImmutableRuleH\x00R\x10setImmutableRule\x12V\n" +
+	"\x15delete_immutable_rule\x18\x15 \x01(\v2 .meridian.v1.DeleteImmutableRuleH\x00R\x13deleteImmutableRuleB\b\n" +
 	"\x06intent\"\x87\x01\n" +
 	"\rCommitRequest\x12.\n" +
 	"\acommand\x18\x01 \x01(\v2\x14.meridian.v1.CommandR\acommand\x12\x1c\n" +
@@ -3627,20 +3662,22 @@ var file_meridianpb_cluster_proto_goTypes = []any{
 	(*DeleteGrant)(nil),                // 67: meridian.v1.DeleteGrant
 	(*DeleteRepository)(nil),           // 68: meridian.v1.DeleteRepository
 	(*BlobRemoved)(nil),                // 69: meridian.v1.BlobRemoved
-	(*Actor)(nil),                      // 70: meridian.v1.Actor
-	(*ManifestRecord)(nil),             // 71: meridian.v1.ManifestRecord
-	(*Referrer)(nil),                   // 72: meridian.v1.Referrer
-	(*BlobRecord)(nil),                 // 73: meridian.v1.BlobRecord
-	(*UploadKey)(nil),                  // 74: meridian.v1.UploadKey
-	(*Policy)(nil),                     // 75: meridian.v1.Policy
-	(*ManageAccessRequest)(nil),        // 76: meridian.v1.ManageAccessRequest
-	(*ListAccessRequest)(nil),          // 77: meridian.v1.ListAccessRequest
-	(*ReadAuditRequest)(nil),           // 78: meridian.v1.ReadAuditRequest
-	(*GetAccessStateRequest)(nil),      // 79: meridian.v1.GetAccessStateRequest
-	(*ManageAccessResponse)(nil),       // 80: meridian.v1.ManageAccessResponse
-	(*ListAccessResponse)(nil),         // 81: meridian.v1.ListAccessResponse
-	(*ReadAuditResponse)(nil),          // 82: meridian.v1.ReadAuditResponse
-	(*GetAccessStateResponse)(nil),     // 83: meridian.v1.GetAccessStateResponse
+	(*SetImmutableRule)(nil),           // 70: meridian.v1.SetImmutableRule
+	(*DeleteImmutableRule)(nil),        // 71: meridian.v1.DeleteImmutableRule
+	(*Actor)(nil),                      // 72: meridian.v1.Actor
+	(*ManifestRecord)(nil),             // 73: meridian.v1.ManifestRecord
+	(*Referrer)(nil),                   // 74: meridian.v1.Referrer
+	(*BlobRecord)(nil),                 // 75: meridian.v1.BlobRecord
+	(*UploadKey)(nil),                  // 76: meridian.v1.UploadKey
+	(*Policy)(nil),                     // 77: meridian.v1.Policy
+	(*ManageAccessRequest)(nil),        // 78: meridian.v1.ManageAccessRequest
+	(*ListAccessRequest)(nil),          // 79: meridian.v1.ListAccessRequest
+	(*ReadAuditRequest)(nil),           // 80: meridian.v1.ReadAuditRequest
+	(*GetAccessStateRequest)(nil),      // 81: meridian.v1.GetAccessStateRequest
+	(*ManageAccessResponse)(nil),       // 82: meridian.v1.ManageAccessResponse
+	(*ListAccessResponse)(nil),         // 83: meridian.v1.ListAccessResponse
+	(*ReadAuditResponse)(nil),          // 84: meridian.v1.ReadAuditResponse
+	(*GetAccessStateResponse)(nil),     // 85: meridian.v1.GetAccessStateResponse
 }
 var file_meridianpb_cluster_proto_depIdxs = []int32{
 	50, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
@@ -3663,97 +3700,99 @@ var file_meridianpb_cluster_proto_depIdxs = []int32{
 	67, // 17: meridian.v1.Command.delete_grant:type_name -> meridian.v1.DeleteGrant
 	68, // 18: meridian.v1.Command.delete_repository:type_name -> meridian.v1.DeleteRepository
 	69, // 19: meridian.v1.Command.blob_removed:type_name -> meridian.v1.BlobRemoved
-	2,  // 20: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
-	70, // 21: meridian.v1.CommitRequest.actor:type_name -> meridian.v1.Actor
-	1,  // 22: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
-	7,  // 23: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
-	10, // 24: meridian.v1.ScrubResponse.mismatches:type_name -> meridian.v1.ScrubMismatch
-	0,  // 25: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 26: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
-	71, // 27: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
-	0,  // 28: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 29: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
-	0,  // 30: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 31: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
-	0,  // 32: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 33: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
-	72, // 34: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
-	0,  // 35: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 36: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
-	73, // 37: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
-	1,  // 38: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 39: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
-	73, // 40: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
-	27, // 41: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
-	27, // 42: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
-	74, // 43: meridian.v1.GetUploadKeyResponse.keys:type_name -> meridian.v1.UploadKey
-	9,  // 44: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
-	33, // 45: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
-	36, // 46: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
-	37, // 47: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
-	35, // 48: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
-	39, // 49: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
-	75, // 50: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
-	75, // 51: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
-	1,  // 52: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 53: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 54: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
-	1,  // 55: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
-	3,  // 56: meridian.v1.Cluster.Commit:input_type -> meridian.v1.CommitRequest
-	11, // 57: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
-	32, // 58: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
-	34, // 59: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
-	46, // 60: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
-	48, // 61: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
-	5,  // 62: meridian.v1.Cluster.GossipKeyring:input_type -> meridian.v1.GossipKeyringRequest
-	8,  // 63: meridian.v1.Cluster.Scrub:input_type -> meridian.v1.ScrubRequest
-	40, // 64: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
-	42, // 65: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
-	44, // 66: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
-	76, // 67: meridian.v1.Cluster.ManageAccess:input_type -> meridian.v1.ManageAccessRequest
-	77, // 68: meridian.v1.Cluster.ListAccess:input_type -> meridian.v1.ListAccessRequest
-	78, // 69: meridian.v1.Cluster.ReadAudit:input_type -> meridian.v1.ReadAuditRequest
-	79, // 70: meridian.v1.Cluster.GetAccessState:input_type -> meridian.v1.GetAccessStateRequest
-	13, // 71: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
-	15, // 72: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
-	17, // 73: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
-	17, // 74: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
-	19, // 75: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
-	21, // 76: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
-	30, // 77: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
-	23, // 78: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
-	25, // 79: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
-	28, // 80: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
-	4,  // 81: meridian.v1.Cluster.Commit:output_type -> meridian.v1.CommitResponse
-	12, // 82: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
-	33, // 83: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
-	38, // 84: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
-	47, // 85: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
-	49, // 86: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
-	6,  // 87: meridian.v1.Cluster.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
-	9,  // 88: meridian.v1.Cluster.Scrub:output_type -> meridian.v1.ScrubResponse
-	41, // 89: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
-	43, // 90: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
-	45, // 91: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
-	80, // 92: meridian.v1.Cluster.ManageAccess:output_type -> meridian.v1.ManageAccessResponse
-	81, // 93: meridian.v1.Cluster.ListAccess:output_type -> meridian.v1.ListAccessResponse
-	82, // 94: meridian.v1.Cluster.ReadAudit:output_type -> meridian.v1.ReadAuditResponse
-	83, // 95: meridian.v1.Cluster.GetAccessState:output_type -> meridian.v1.GetAccessStateResponse
-	14, // 96: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
-	16, // 97: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
-	18, // 98: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
-	18, // 99: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
-	20, // 100: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
-	22, // 101: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
-	31, // 102: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
-	24, // 103: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
-	26, // 104: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
-	29, // 105: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
-	81, // [81:106] is the sub-list for method output_type
-	56, // [56:81] is the sub-list for method input_type
-	56, // [56:56] is the sub-list for extension type_name
-	56, // [56:56] is the sub-list for extension extendee
-	0,  // [0:56] is the sub-list for field type_name
+	70, // 20: meridian.v1.Command.set_immutable_rule:type_name -> meridian.v1.SetImmutableRule
+	71, // 21: meridian.v1.Command.delete_immutable_rule:type_name -> meridian.v1.DeleteImmutableRule
+	2,  // 22: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
+	72, // 23: meridian.v1.CommitRequest.actor:type_name -> meridian.v1.Actor
+	1,  // 24: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
+	7,  // 25: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
+	10, // 26: meridian.v1.ScrubResponse.mismatches:type_name -> meridian.v1.ScrubMismatch
+	0,  // 27: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 28: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
+	73, // 29: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
+	0,  // 30: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 31: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
+	0,  // 32: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 33: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
+	0,  // 34: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 35: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
+	74, // 36: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
+	0,  // 37: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 38: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
+	75, // 39: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
+	1,  // 40: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 41: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
+	75, // 42: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
+	27, // 43: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
+	27, // 44: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
+	76, // 45: meridian.v1.GetUploadKeyResponse.keys:type_name -> meridian.v1.UploadKey
+	9,  // 46: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
+	33, // 47: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
+	36, // 48: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
+	37, // 49: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
+	35, // 50: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
+	39, // 51: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
+	77, // 52: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
+	77, // 53: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
+	1,  // 54: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 55: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 56: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
+	1,  // 57: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
+	3,  // 58: meridian.v1.Cluster.Commit:input_type -> meridian.v1.CommitRequest
+	11, // 59: meridian.v1.Cluster.ReadIndex:input_type -> meridian.v1.ReadIndexRequest
+	32, // 60: meridian.v1.Cluster.Status:input_type -> meridian.v1.StatusRequest
+	34, // 61: meridian.v1.Cluster.ClusterStatus:input_type -> meridian.v1.ClusterStatusRequest
+	46, // 62: meridian.v1.Cluster.TransferLeadership:input_type -> meridian.v1.TransferLeadershipRequest
+	48, // 63: meridian.v1.Cluster.RemoveServer:input_type -> meridian.v1.RemoveServerRequest
+	5,  // 64: meridian.v1.Cluster.GossipKeyring:input_type -> meridian.v1.GossipKeyringRequest
+	8,  // 65: meridian.v1.Cluster.Scrub:input_type -> meridian.v1.ScrubRequest
+	40, // 66: meridian.v1.Cluster.ListPolicies:input_type -> meridian.v1.ListPoliciesRequest
+	42, // 67: meridian.v1.Cluster.SetPolicy:input_type -> meridian.v1.SetPolicyRequest
+	44, // 68: meridian.v1.Cluster.DeletePolicy:input_type -> meridian.v1.DeletePolicyRequest
+	78, // 69: meridian.v1.Cluster.ManageAccess:input_type -> meridian.v1.ManageAccessRequest
+	79, // 70: meridian.v1.Cluster.ListAccess:input_type -> meridian.v1.ListAccessRequest
+	80, // 71: meridian.v1.Cluster.ReadAudit:input_type -> meridian.v1.ReadAuditRequest
+	81, // 72: meridian.v1.Cluster.GetAccessState:input_type -> meridian.v1.GetAccessStateRequest
+	13, // 73: meridian.v1.Cluster.GetManifest:input_type -> meridian.v1.GetManifestRequest
+	15, // 74: meridian.v1.Cluster.GetTag:input_type -> meridian.v1.GetTagRequest
+	17, // 75: meridian.v1.Cluster.ListTags:input_type -> meridian.v1.ListRequest
+	17, // 76: meridian.v1.Cluster.ListRepositories:input_type -> meridian.v1.ListRequest
+	19, // 77: meridian.v1.Cluster.ListReferrers:input_type -> meridian.v1.ListReferrersRequest
+	21, // 78: meridian.v1.Cluster.GetLinkedBlob:input_type -> meridian.v1.GetLinkedBlobRequest
+	30, // 79: meridian.v1.Cluster.GetUploadKey:input_type -> meridian.v1.GetUploadKeyRequest
+	23, // 80: meridian.v1.Cluster.GetPolicy:input_type -> meridian.v1.GetPolicyRequest
+	25, // 81: meridian.v1.Cluster.WaitBlobPlaced:input_type -> meridian.v1.WaitBlobPlacedRequest
+	28, // 82: meridian.v1.Cluster.Ping:input_type -> meridian.v1.PingRequest
+	4,  // 83: meridian.v1.Cluster.Commit:output_type -> meridian.v1.CommitResponse
+	12, // 84: meridian.v1.Cluster.ReadIndex:output_type -> meridian.v1.ReadIndexResponse
+	33, // 85: meridian.v1.Cluster.Status:output_type -> meridian.v1.NodeStatus
+	38, // 86: meridian.v1.Cluster.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
+	47, // 87: meridian.v1.Cluster.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
+	49, // 88: meridian.v1.Cluster.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
+	6,  // 89: meridian.v1.Cluster.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
+	9,  // 90: meridian.v1.Cluster.Scrub:output_type -> meridian.v1.ScrubResponse
+	41, // 91: meridian.v1.Cluster.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
+	43, // 92: meridian.v1.Cluster.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
+	45, // 93: meridian.v1.Cluster.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
+	82, // 94: meridian.v1.Cluster.ManageAccess:output_type -> meridian.v1.ManageAccessResponse
+	83, // 95: meridian.v1.Cluster.ListAccess:output_type -> meridian.v1.ListAccessResponse
+	84, // 96: meridian.v1.Cluster.ReadAudit:output_type -> meridian.v1.ReadAuditResponse
+	85, // 97: meridian.v1.Cluster.GetAccessState:output_type -> meridian.v1.GetAccessStateResponse
+	14, // 98: meridian.v1.Cluster.GetManifest:output_type -> meridian.v1.GetManifestResponse
+	16, // 99: meridian.v1.Cluster.GetTag:output_type -> meridian.v1.GetTagResponse
+	18, // 100: meridian.v1.Cluster.ListTags:output_type -> meridian.v1.ListResponse
+	18, // 101: meridian.v1.Cluster.ListRepositories:output_type -> meridian.v1.ListResponse
+	20, // 102: meridian.v1.Cluster.ListReferrers:output_type -> meridian.v1.ListReferrersResponse
+	22, // 103: meridian.v1.Cluster.GetLinkedBlob:output_type -> meridian.v1.GetLinkedBlobResponse
+	31, // 104: meridian.v1.Cluster.GetUploadKey:output_type -> meridian.v1.GetUploadKeyResponse
+	24, // 105: meridian.v1.Cluster.GetPolicy:output_type -> meridian.v1.GetPolicyResponse
+	26, // 106: meridian.v1.Cluster.WaitBlobPlaced:output_type -> meridian.v1.WaitBlobPlacedResponse
+	29, // 107: meridian.v1.Cluster.Ping:output_type -> meridian.v1.PingResponse
+	83, // [83:108] is the sub-list for method output_type
+	58, // [58:83] is the sub-list for method input_type
+	58, // [58:58] is the sub-list for extension type_name
+	58, // [58:58] is the sub-list for extension extendee
+	0,  // [0:58] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_cluster_proto_init() }
@@ -3783,6 +3822,8 @@ func file_meridianpb_cluster_proto_init() {
 		(*Command_DeleteGrant)(nil),
 		(*Command_DeleteRepository)(nil),
 		(*Command_BlobRemoved)(nil),
+		(*Command_SetImmutableRule)(nil),
+		(*Command_DeleteImmutableRule)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

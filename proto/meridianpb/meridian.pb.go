@@ -141,6 +141,8 @@ type LogEntry struct {
 	//	*LogEntry_CollectGarbage
 	//	*LogEntry_BlobRemoved
 	//	*LogEntry_DeleteRepository
+	//	*LogEntry_SetImmutableRule
+	//	*LogEntry_DeleteImmutableRule
 	Command isLogEntry_Command `protobuf_oneof:"command"`
 	// Who asked for this change (absent for the cluster's housekeeping); the
 	// audit log is written from it when the entry applies.
@@ -416,6 +418,24 @@ func (x *LogEntry) GetDeleteRepository() *DeleteRepository {
 	return nil
 }
 
+func (x *LogEntry) GetSetImmutableRule() *SetImmutableRule {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_SetImmutableRule); ok {
+			return x.SetImmutableRule
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetDeleteImmutableRule() *DeleteImmutableRule {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_DeleteImmutableRule); ok {
+			return x.DeleteImmutableRule
+		}
+	}
+	return nil
+}
+
 func (x *LogEntry) GetActor() *Actor {
 	if x != nil {
 		return x.Actor
@@ -523,6 +543,14 @@ type LogEntry_DeleteRepository struct {
 	DeleteRepository *DeleteRepository `protobuf:"bytes,33,opt,name=delete_repository,json=deleteRepository,proto3,oneof"`
 }
 
+type LogEntry_SetImmutableRule struct {
+	SetImmutableRule *SetImmutableRule `protobuf:"bytes,34,opt,name=set_immutable_rule,json=setImmutableRule,proto3,oneof"`
+}
+
+type LogEntry_DeleteImmutableRule struct {
+	DeleteImmutableRule *DeleteImmutableRule `protobuf:"bytes,35,opt,name=delete_immutable_rule,json=deleteImmutableRule,proto3,oneof"`
+}
+
 func (*LogEntry_PutManifest) isLogEntry_Command() {}
 
 func (*LogEntry_DeleteManifest) isLogEntry_Command() {}
@@ -570,6 +598,10 @@ func (*LogEntry_CollectGarbage) isLogEntry_Command() {}
 func (*LogEntry_BlobRemoved) isLogEntry_Command() {}
 
 func (*LogEntry_DeleteRepository) isLogEntry_Command() {}
+
+func (*LogEntry_SetImmutableRule) isLogEntry_Command() {}
+
+func (*LogEntry_DeleteImmutableRule) isLogEntry_Command() {}
 
 // PutManifest stores a manifest and optionally points tags at it.
 type PutManifest struct {
@@ -1728,6 +1760,153 @@ func (x *DeleteRepository) GetRepository() string {
 	return ""
 }
 
+// ImmutableRule makes matching tags write-once: a tag that exists can be
+// neither moved to another manifest nor deleted, and neither can the
+// manifest it points at or its repository.
+type ImmutableRule struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Repository pattern, as in grants: a prefix of whole path components
+	// ("team/app" covers "team/app" and "team/app/web") or a glob
+	// ("team/*"); "" covers every repository.
+	Repositories string `protobuf:"bytes,1,opt,name=repositories,proto3" json:"repositories,omitempty"`
+	// Tag glob (path.Match), e.g. "v*" or "*".
+	Tags          string `protobuf:"bytes,2,opt,name=tags,proto3" json:"tags,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImmutableRule) Reset() {
+	*x = ImmutableRule{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImmutableRule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImmutableRule) ProtoMessage() {}
+
+func (x *ImmutableRule) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImmutableRule.ProtoReflect.Descriptor instead.
+func (*ImmutableRule) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ImmutableRule) GetRepositories() string {
+	if x != nil {
+		return x.Repositories
+	}
+	return ""
+}
+
+func (x *ImmutableRule) GetTags() string {
+	if x != nil {
+		return x.Tags
+	}
+	return ""
+}
+
+type SetImmutableRule struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Rule          *ImmutableRule         `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetImmutableRule) Reset() {
+	*x = SetImmutableRule{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetImmutableRule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetImmutableRule) ProtoMessage() {}
+
+func (x *SetImmutableRule) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetImmutableRule.ProtoReflect.Descriptor instead.
+func (*SetImmutableRule) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *SetImmutableRule) GetRule() *ImmutableRule {
+	if x != nil {
+		return x.Rule
+	}
+	return nil
+}
+
+type DeleteImmutableRule struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Rule          *ImmutableRule         `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteImmutableRule) Reset() {
+	*x = DeleteImmutableRule{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteImmutableRule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteImmutableRule) ProtoMessage() {}
+
+func (x *DeleteImmutableRule) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteImmutableRule.ProtoReflect.Descriptor instead.
+func (*DeleteImmutableRule) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *DeleteImmutableRule) GetRule() *ImmutableRule {
+	if x != nil {
+		return x.Rule
+	}
+	return nil
+}
+
 // CollectGarbage is one batch of a garbage-collection run, proposed by the
 // leader from the candidate tables. The state machine re-checks every
 // candidate at this entry's log index, so whatever was linked, referenced or
@@ -1750,7 +1929,7 @@ type CollectGarbage struct {
 
 func (x *CollectGarbage) Reset() {
 	*x = CollectGarbage{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[19]
+	mi := &file_meridianpb_meridian_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1762,7 +1941,7 @@ func (x *CollectGarbage) String() string {
 func (*CollectGarbage) ProtoMessage() {}
 
 func (x *CollectGarbage) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[19]
+	mi := &file_meridianpb_meridian_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1775,7 +1954,7 @@ func (x *CollectGarbage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectGarbage.ProtoReflect.Descriptor instead.
 func (*CollectGarbage) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{19}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CollectGarbage) GetRunId() string {
@@ -1830,7 +2009,7 @@ type ManifestRef struct {
 
 func (x *ManifestRef) Reset() {
 	*x = ManifestRef{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[20]
+	mi := &file_meridianpb_meridian_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1842,7 +2021,7 @@ func (x *ManifestRef) String() string {
 func (*ManifestRef) ProtoMessage() {}
 
 func (x *ManifestRef) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[20]
+	mi := &file_meridianpb_meridian_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1855,7 +2034,7 @@ func (x *ManifestRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ManifestRef.ProtoReflect.Descriptor instead.
 func (*ManifestRef) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{20}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ManifestRef) GetRepository() string {
@@ -1884,7 +2063,7 @@ type BlobRemoved struct {
 
 func (x *BlobRemoved) Reset() {
 	*x = BlobRemoved{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[21]
+	mi := &file_meridianpb_meridian_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1896,7 +2075,7 @@ func (x *BlobRemoved) String() string {
 func (*BlobRemoved) ProtoMessage() {}
 
 func (x *BlobRemoved) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[21]
+	mi := &file_meridianpb_meridian_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1909,7 +2088,7 @@ func (x *BlobRemoved) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlobRemoved.ProtoReflect.Descriptor instead.
 func (*BlobRemoved) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{21}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *BlobRemoved) GetDigest() string {
@@ -1947,7 +2126,7 @@ type GCRun struct {
 
 func (x *GCRun) Reset() {
 	*x = GCRun{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[22]
+	mi := &file_meridianpb_meridian_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1959,7 +2138,7 @@ func (x *GCRun) String() string {
 func (*GCRun) ProtoMessage() {}
 
 func (x *GCRun) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[22]
+	mi := &file_meridianpb_meridian_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1972,7 +2151,7 @@ func (x *GCRun) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GCRun.ProtoReflect.Descriptor instead.
 func (*GCRun) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{22}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GCRun) GetRunId() string {
@@ -2060,7 +2239,7 @@ type GCRegion struct {
 
 func (x *GCRegion) Reset() {
 	*x = GCRegion{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[23]
+	mi := &file_meridianpb_meridian_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2072,7 +2251,7 @@ func (x *GCRegion) String() string {
 func (*GCRegion) ProtoMessage() {}
 
 func (x *GCRegion) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[23]
+	mi := &file_meridianpb_meridian_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2085,7 +2264,7 @@ func (x *GCRegion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GCRegion.ProtoReflect.Descriptor instead.
 func (*GCRegion) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{23}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GCRegion) GetRegion() string {
@@ -2137,7 +2316,7 @@ type Referrer struct {
 
 func (x *Referrer) Reset() {
 	*x = Referrer{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[24]
+	mi := &file_meridianpb_meridian_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2149,7 +2328,7 @@ func (x *Referrer) String() string {
 func (*Referrer) ProtoMessage() {}
 
 func (x *Referrer) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[24]
+	mi := &file_meridianpb_meridian_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2162,7 +2341,7 @@ func (x *Referrer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Referrer.ProtoReflect.Descriptor instead.
 func (*Referrer) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{24}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Referrer) GetMediaType() string {
@@ -2204,7 +2383,7 @@ var File_meridianpb_meridian_proto protoreflect.FileDescriptor
 
 const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\n" +
-	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\x1a\x17meridianpb/access.proto\"\xcf\f\n" +
+	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\x1a\x17meridianpb/access.proto\"\xf6\r\n" +
 	"\bLogEntry\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12$\n" +
 	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\x12=\n" +
@@ -2240,7 +2419,9 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"trim_audit\x18\x1e \x01(\v2\x16.meridian.v1.TrimAuditH\x00R\ttrimAudit\x12F\n" +
 	"\x0fcollect_garbage\x18\x1f \x01(\v2\x1b.meridian.v1.CollectGarbageH\x00R\x0ecollectGarbage\x12=\n" +
 	"\fblob_removed\x18  \x01(\v2\x18.meridian.v1.BlobRemovedH\x00R\vblobRemoved\x12L\n" +
-	"\x11delete_repository\x18! \x01(\v2\x1d.meridian.v1.DeleteRepositoryH\x00R\x10deleteRepository\x12(\n" +
+	"\x11delete_repository\x18! \x01(\v2\x1d.meridian.v1.DeleteRepositoryH\x00R\x10deleteRepository\x12M\n" +
+	"\x12set_immutable_rule\x18\" \x01(\v2\x1d.meridian.v1.SetImmutableRuleH\x00R\x10setImmutableRule\x12V\n" +
+	"\x15delete_immutable_rule\x18# \x01(\v2 .meridian.v1.DeleteImmutableRuleH\x00R\x13deleteImmutableRule\x12(\n" +
 	"\x05actor\x18\x03 \x01(\v2\x12.meridian.v1.ActorR\x05actorB\t\n" +
 	"\acommand\"\xd1\x03\n" +
 	"\vPutManifest\x12\x1e\n" +
@@ -2343,7 +2524,14 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\x10DeleteRepository\x12\x1e\n" +
 	"\n" +
 	"repository\x18\x01 \x01(\tR\n" +
-	"repository\"\xa6\x02\n" +
+	"repository\"G\n" +
+	"\rImmutableRule\x12\"\n" +
+	"\frepositories\x18\x01 \x01(\tR\frepositories\x12\x12\n" +
+	"\x04tags\x18\x02 \x01(\tR\x04tags\"B\n" +
+	"\x10SetImmutableRule\x12.\n" +
+	"\x04rule\x18\x01 \x01(\v2\x1a.meridian.v1.ImmutableRuleR\x04rule\"E\n" +
+	"\x13DeleteImmutableRule\x12.\n" +
+	"\x04rule\x18\x01 \x01(\v2\x1a.meridian.v1.ImmutableRuleR\x04rule\"\xa6\x02\n" +
 	"\x0eCollectGarbage\x12\x15\n" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\x121\n" +
 	"\x15run_started_unix_nano\x18\x02 \x01(\x03R\x12runStartedUnixNano\x12A\n" +
@@ -2419,48 +2607,51 @@ func file_meridianpb_meridian_proto_rawDescGZIP() []byte {
 }
 
 var file_meridianpb_meridian_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_meridianpb_meridian_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_meridianpb_meridian_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_meridianpb_meridian_proto_goTypes = []any{
-	(Code)(0),                // 0: meridian.v1.Code
-	(*LogEntry)(nil),         // 1: meridian.v1.LogEntry
-	(*PutManifest)(nil),      // 2: meridian.v1.PutManifest
-	(*DeleteManifest)(nil),   // 3: meridian.v1.DeleteManifest
-	(*DeleteTag)(nil),        // 4: meridian.v1.DeleteTag
-	(*LinkBlob)(nil),         // 5: meridian.v1.LinkBlob
-	(*UnlinkBlob)(nil),       // 6: meridian.v1.UnlinkBlob
-	(*SetUploadKey)(nil),     // 7: meridian.v1.SetUploadKey
-	(*RotateUploadKey)(nil),  // 8: meridian.v1.RotateUploadKey
-	(*UploadKey)(nil),        // 9: meridian.v1.UploadKey
-	(*UploadKeyRing)(nil),    // 10: meridian.v1.UploadKeyRing
-	(*PlaceBlob)(nil),        // 11: meridian.v1.PlaceBlob
-	(*SetPolicy)(nil),        // 12: meridian.v1.SetPolicy
-	(*DeletePolicy)(nil),     // 13: meridian.v1.DeletePolicy
-	(*SetRegions)(nil),       // 14: meridian.v1.SetRegions
-	(*Policy)(nil),           // 15: meridian.v1.Policy
-	(*Wanted)(nil),           // 16: meridian.v1.Wanted
-	(*ManifestRecord)(nil),   // 17: meridian.v1.ManifestRecord
-	(*BlobRecord)(nil),       // 18: meridian.v1.BlobRecord
-	(*DeleteRepository)(nil), // 19: meridian.v1.DeleteRepository
-	(*CollectGarbage)(nil),   // 20: meridian.v1.CollectGarbage
-	(*ManifestRef)(nil),      // 21: meridian.v1.ManifestRef
-	(*BlobRemoved)(nil),      // 22: meridian.v1.BlobRemoved
-	(*GCRun)(nil),            // 23: meridian.v1.GCRun
-	(*GCRegion)(nil),         // 24: meridian.v1.GCRegion
-	(*Referrer)(nil),         // 25: meridian.v1.Referrer
-	nil,                      // 26: meridian.v1.PutManifest.AnnotationsEntry
-	nil,                      // 27: meridian.v1.ManifestRecord.AnnotationsEntry
-	nil,                      // 28: meridian.v1.Referrer.AnnotationsEntry
-	(*PutUser)(nil),          // 29: meridian.v1.PutUser
-	(*DeleteUser)(nil),       // 30: meridian.v1.DeleteUser
-	(*PutTeam)(nil),          // 31: meridian.v1.PutTeam
-	(*DeleteTeam)(nil),       // 32: meridian.v1.DeleteTeam
-	(*PutRobot)(nil),         // 33: meridian.v1.PutRobot
-	(*RevokeRobot)(nil),      // 34: meridian.v1.RevokeRobot
-	(*PutGrant)(nil),         // 35: meridian.v1.PutGrant
-	(*DeleteGrant)(nil),      // 36: meridian.v1.DeleteGrant
-	(*RotateTokenKey)(nil),   // 37: meridian.v1.RotateTokenKey
-	(*TrimAudit)(nil),        // 38: meridian.v1.TrimAudit
-	(*Actor)(nil),            // 39: meridian.v1.Actor
+	(Code)(0),                   // 0: meridian.v1.Code
+	(*LogEntry)(nil),            // 1: meridian.v1.LogEntry
+	(*PutManifest)(nil),         // 2: meridian.v1.PutManifest
+	(*DeleteManifest)(nil),      // 3: meridian.v1.DeleteManifest
+	(*DeleteTag)(nil),           // 4: meridian.v1.DeleteTag
+	(*LinkBlob)(nil),            // 5: meridian.v1.LinkBlob
+	(*UnlinkBlob)(nil),          // 6: meridian.v1.UnlinkBlob
+	(*SetUploadKey)(nil),        // 7: meridian.v1.SetUploadKey
+	(*RotateUploadKey)(nil),     // 8: meridian.v1.RotateUploadKey
+	(*UploadKey)(nil),           // 9: meridian.v1.UploadKey
+	(*UploadKeyRing)(nil),       // 10: meridian.v1.UploadKeyRing
+	(*PlaceBlob)(nil),           // 11: meridian.v1.PlaceBlob
+	(*SetPolicy)(nil),           // 12: meridian.v1.SetPolicy
+	(*DeletePolicy)(nil),        // 13: meridian.v1.DeletePolicy
+	(*SetRegions)(nil),          // 14: meridian.v1.SetRegions
+	(*Policy)(nil),              // 15: meridian.v1.Policy
+	(*Wanted)(nil),              // 16: meridian.v1.Wanted
+	(*ManifestRecord)(nil),      // 17: meridian.v1.ManifestRecord
+	(*BlobRecord)(nil),          // 18: meridian.v1.BlobRecord
+	(*DeleteRepository)(nil),    // 19: meridian.v1.DeleteRepository
+	(*ImmutableRule)(nil),       // 20: meridian.v1.ImmutableRule
+	(*SetImmutableRule)(nil),    // 21: meridian.v1.SetImmutableRule
+	(*DeleteImmutableRule)(nil), // 22: meridian.v1.DeleteImmutableRule
+	(*CollectGarbage)(nil),      // 23: meridian.v1.CollectGarbage
+	(*ManifestRef)(nil),         // 24: meridian.v1.ManifestRef
+	(*BlobRemoved)(nil),         // 25: meridian.v1.BlobRemoved
+	(*GCRun)(nil),               // 26: meridian.v1.GCRun
+	(*GCRegion)(nil),            // 27: meridian.v1.GCRegion
+	(*Referrer)(nil),            // 28: meridian.v1.Referrer
+	nil,                         // 29: meridian.v1.PutManifest.AnnotationsEntry
+	nil,                         // 30: meridian.v1.ManifestRecord.AnnotationsEntry
+	nil,                         // 31: meridian.v1.Referrer.AnnotationsEntry
+	(*PutUser)(nil),             // 32: meridian.v1.PutUser
+	(*DeleteUser)(nil),          // 33: meridian.v1.DeleteUser
+	(*PutTeam)(nil),             // 34: meridian.v1.PutTeam
+	(*DeleteTeam)(nil),          // 35: meridian.v1.DeleteTeam
+	(*PutRobot)(nil),            // 36: meridian.v1.PutRobot
+	(*RevokeRobot)(nil),         // 37: meridian.v1.RevokeRobot
+	(*PutGrant)(nil),            // 38: meridian.v1.PutGrant
+	(*DeleteGrant)(nil),         // 39: meridian.v1.DeleteGrant
+	(*RotateTokenKey)(nil),      // 40: meridian.v1.RotateTokenKey
+	(*TrimAudit)(nil),           // 41: meridian.v1.TrimAudit
+	(*Actor)(nil),               // 42: meridian.v1.Actor
 }
 var file_meridianpb_meridian_proto_depIdxs = []int32{
 	2,  // 0: meridian.v1.LogEntry.put_manifest:type_name -> meridian.v1.PutManifest
@@ -2474,31 +2665,35 @@ var file_meridianpb_meridian_proto_depIdxs = []int32{
 	13, // 8: meridian.v1.LogEntry.delete_policy:type_name -> meridian.v1.DeletePolicy
 	14, // 9: meridian.v1.LogEntry.set_regions:type_name -> meridian.v1.SetRegions
 	8,  // 10: meridian.v1.LogEntry.rotate_upload_key:type_name -> meridian.v1.RotateUploadKey
-	29, // 11: meridian.v1.LogEntry.put_user:type_name -> meridian.v1.PutUser
-	30, // 12: meridian.v1.LogEntry.delete_user:type_name -> meridian.v1.DeleteUser
-	31, // 13: meridian.v1.LogEntry.put_team:type_name -> meridian.v1.PutTeam
-	32, // 14: meridian.v1.LogEntry.delete_team:type_name -> meridian.v1.DeleteTeam
-	33, // 15: meridian.v1.LogEntry.put_robot:type_name -> meridian.v1.PutRobot
-	34, // 16: meridian.v1.LogEntry.revoke_robot:type_name -> meridian.v1.RevokeRobot
-	35, // 17: meridian.v1.LogEntry.put_grant:type_name -> meridian.v1.PutGrant
-	36, // 18: meridian.v1.LogEntry.delete_grant:type_name -> meridian.v1.DeleteGrant
-	37, // 19: meridian.v1.LogEntry.rotate_token_key:type_name -> meridian.v1.RotateTokenKey
-	38, // 20: meridian.v1.LogEntry.trim_audit:type_name -> meridian.v1.TrimAudit
-	20, // 21: meridian.v1.LogEntry.collect_garbage:type_name -> meridian.v1.CollectGarbage
-	22, // 22: meridian.v1.LogEntry.blob_removed:type_name -> meridian.v1.BlobRemoved
+	32, // 11: meridian.v1.LogEntry.put_user:type_name -> meridian.v1.PutUser
+	33, // 12: meridian.v1.LogEntry.delete_user:type_name -> meridian.v1.DeleteUser
+	34, // 13: meridian.v1.LogEntry.put_team:type_name -> meridian.v1.PutTeam
+	35, // 14: meridian.v1.LogEntry.delete_team:type_name -> meridian.v1.DeleteTeam
+	36, // 15: meridian.v1.LogEntry.put_robot:type_name -> meridian.v1.PutRobot
+	37, // 16: meridian.v1.LogEntry.revoke_robot:type_name -> meridian.v1.RevokeRobot
+	38, // 17: meridian.v1.LogEntry.put_grant:type_name -> meridian.v1.PutGrant
+	39, // 18: meridian.v1.LogEntry.delete_grant:type_name -> meridian.v1.DeleteGrant
+	40, // 19: meridian.v1.LogEntry.rotate_token_key:type_name -> meridian.v1.RotateTokenKey
+	41, // 20: meridian.v1.LogEntry.trim_audit:type_name -> meridian.v1.TrimAudit
+	23, // 21: meridian.v1.LogEntry.collect_garbage:type_name -> meridian.v1.CollectGarbage
+	25, // 22: meridian.v1.LogEntry.blob_removed:type_name -> meridian.v1.BlobRemoved
 	19, // 23: meridian.v1.LogEntry.delete_repository:type_name -> meridian.v1.DeleteRepository
-	39, // 24: meridian.v1.LogEntry.actor:type_name -> meridian.v1.Actor
-	26, // 25: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
-	9,  // 26: meridian.v1.UploadKeyRing.keys:type_name -> meridian.v1.UploadKey
-	15, // 27: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
-	27, // 28: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
-	21, // 29: meridian.v1.CollectGarbage.manifests:type_name -> meridian.v1.ManifestRef
-	28, // 30: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
-	31, // [31:31] is the sub-list for method output_type
-	31, // [31:31] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	21, // 24: meridian.v1.LogEntry.set_immutable_rule:type_name -> meridian.v1.SetImmutableRule
+	22, // 25: meridian.v1.LogEntry.delete_immutable_rule:type_name -> meridian.v1.DeleteImmutableRule
+	42, // 26: meridian.v1.LogEntry.actor:type_name -> meridian.v1.Actor
+	29, // 27: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
+	9,  // 28: meridian.v1.UploadKeyRing.keys:type_name -> meridian.v1.UploadKey
+	15, // 29: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
+	30, // 30: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
+	20, // 31: meridian.v1.SetImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
+	20, // 32: meridian.v1.DeleteImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
+	24, // 33: meridian.v1.CollectGarbage.manifests:type_name -> meridian.v1.ManifestRef
+	31, // 34: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
+	35, // [35:35] is the sub-list for method output_type
+	35, // [35:35] is the sub-list for method input_type
+	35, // [35:35] is the sub-list for extension type_name
+	35, // [35:35] is the sub-list for extension extendee
+	0,  // [0:35] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_meridian_proto_init() }
@@ -2532,6 +2727,8 @@ func file_meridianpb_meridian_proto_init() {
 		(*LogEntry_CollectGarbage)(nil),
 		(*LogEntry_BlobRemoved)(nil),
 		(*LogEntry_DeleteRepository)(nil),
+		(*LogEntry_SetImmutableRule)(nil),
+		(*LogEntry_DeleteImmutableRule)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2539,7 +2736,7 @@ func file_meridianpb_meridian_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridianpb_meridian_proto_rawDesc), len(file_meridianpb_meridian_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   28,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
