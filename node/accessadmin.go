@@ -763,6 +763,8 @@ func (n *Node) mayWrite(ctx context.Context, cmd *pb.Command) error {
 		needs = []need{{c.DeleteTag.Repository, "delete"}}
 	case *pb.Command_UnlinkBlob:
 		needs = []need{{c.UnlinkBlob.Repository, "delete"}}
+	case *pb.Command_DeleteRepository:
+		needs = []need{{c.DeleteRepository.Repository, "admin"}}
 	}
 	for _, nd := range needs {
 		if ok, known := n.access.Allowed(a.Principal, nd.repo, nd.action); known && !ok {

@@ -58,6 +58,14 @@ func (n *Node) validateCommand(ctx context.Context, cmd *pb.Command) error {
 			return invalid("prefix %q: not a repository name prefix", c.DeletePolicy.GetPrefix())
 		}
 		return nil
+	case *pb.Command_BlobRemoved:
+		return firstErr(checkDigest("digest", c.BlobRemoved.GetDigest()), n.checkRegion(c.BlobRemoved.GetRegion()))
+	case *pb.Command_DeleteRepository:
+		return checkRepo(c.DeleteRepository.GetRepository())
+	case *pb.Command_SetImmutableRule:
+		return checkImmutableRule(c.SetImmutableRule.GetRule())
+	case *pb.Command_DeleteImmutableRule:
+		return checkImmutableRule(c.DeleteImmutableRule.GetRule())
 	case *pb.Command_SetRegions:
 		if !slices.Equal(c.SetRegions.GetRegions(), n.cfg.regionNames()) {
 			return invalid("regions %v: the cluster's configured regions are %v", c.SetRegions.GetRegions(), n.cfg.regionNames())
@@ -134,6 +142,19 @@ func (n *Node) checkSize(size int64) error {
 func (n *Node) checkRegion(region string) error {
 	if !slices.Contains(n.cfg.regionNames(), region) {
 		return invalid("region %q: the cluster's regions are %v", region, n.cfg.regionNames())
+	}
+	return nil
+}
+
+func checkImmutableRule(r *pb.ImmutableRule) error {
+	if r == nil || r.Tags == "" {
+		return invalid("an immutability rule names a tag pattern (--tags)")
+	}
+	if err := firstErr(checkText("repositories", r.Repositories, false), checkText("tags", r.Tags, true)); err != nil {
+		return err
+	}
+	if !pb.ValidGlob(r.Repositories) || !pb.ValidGlob(r.Tags) {
+		return invalid("immutability rule %s: not a valid pattern", r.Describe())
 	}
 	return nil
 }

@@ -127,6 +127,8 @@ type Config struct {
 
 	// Auth configures authentication, access control and the audit log.
 	Auth AuthConfig `yaml:"auth"`
+	// GC schedules garbage collection.
+	GC GCConfig `yaml:"gc"`
 
 	// LogLevel is debug, info, warn or error; LogFormat is text or json.
 	LogLevel  string `yaml:"log_level"`
@@ -169,6 +171,7 @@ func DefaultConfig() Config {
 		LogLevel:          "info",
 		LogFormat:         "text",
 		Auth:              defaultAuthConfig(),
+		GC:                defaultGCConfig(),
 	}
 }
 
@@ -228,6 +231,9 @@ func (c Config) Validate() error {
 	}
 	if c.MaxBlobSize < 0 {
 		errs = append(errs, errors.New("max_blob_size cannot be negative"))
+	}
+	if err := c.GC.validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.Replication.ScrubInterval < 0 || c.Replication.ScrubRate < 0 {
 		errs = append(errs, errors.New("replication.scrub_interval and replication.scrub_rate cannot be negative"))

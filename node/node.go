@@ -42,6 +42,8 @@ type Node struct {
 	rtt        *membership.RTT
 	gateway    *gateway.Gateway
 	registry   *prometheus.Registry
+	gc         gcRunner
+	gcMetrics  *gcMetrics
 	peers      *peers
 	trust      *transport.Trust
 	// access checks HTTP requests and admin credentials; nil when
@@ -114,6 +116,9 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	}
 	n.registry = prometheus.NewRegistry()
 	n.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if n.gcMetrics, err = newGCMetrics(n.registry); err != nil {
+		return err
+	}
 
 	// Listen first, so every advertised address is known before gossip.
 	if n.httpListener, err = net.Listen("tcp", n.cfg.HTTPAddr); err != nil {
@@ -225,7 +230,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := n.joinCluster(ctx, hasState); err != nil {
 		return err
 	}
-	n.wg.Add(8)
+	n.wg.Add(9)
 	if n.access != nil {
 		n.wg.Add(1)
 		go n.keepAccessCurrent()
@@ -238,6 +243,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	go n.catchUpAfterStart()
 	go n.maintainTopology()
 	go n.runReplicator()
+	go n.scheduleGC()
 
 	if err := n.writeReadyFile(); err != nil {
 		return err

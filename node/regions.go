@@ -207,6 +207,17 @@ func (p placementSource) Place(ctx context.Context, digest string, size int64, r
 		Digest: digest, Size: size, Region: region}}})
 }
 
+func (p placementSource) Removals(ctx context.Context, region, after string, limit int) ([]*pb.Wanted, error) {
+	return p.n.consensus.Store().Removals(ctx, region, after, limit)
+}
+
+func (p placementSource) Removed(ctx context.Context, digest, region string) error {
+	ctx, cancel := context.WithTimeout(ctx, p.n.cfg.ApplyTimeout)
+	defer cancel()
+	return p.n.commit(ctx, &pb.Command{Intent: &pb.Command_BlobRemoved{BlobRemoved: &pb.BlobRemoved{
+		Digest: digest, Region: region}}})
+}
+
 func (p placementSource) Owns(digest string) bool {
 	return replication.Owner(digest, p.n.regionNodes()) == p.n.cfg.NodeID
 }

@@ -34,6 +34,11 @@ type PlacementSource interface {
 	// node of the region does, chosen by consistent hashing on the digest
 	// over the region's live nodes (see Owner).
 	Owns(digest string) bool
+	// Removals lists blobs garbage collection condemned that region still
+	// holds, by digest after after.
+	Removals(ctx context.Context, region, after string, limit int) ([]*pb.Wanted, error)
+	// Removed commits, through Raft, that region no longer holds digest.
+	Removed(ctx context.Context, digest, region string) error
 }
 
 // ReplicatorConfig configures a Replicator.
@@ -56,9 +61,11 @@ type ReplicatorConfig struct {
 
 // Replicator copies every blob its region should hold but does not from the
 // nearest region that has it, verifies the digest, and commits the
-// placement. Its work list is the replicated state (the Wanted table), so a
-// restarted replicator resumes where the cluster stands, and a copy that
-// fails is retried with backoff.
+// placement. It also deletes the region's copies of blobs garbage
+// collection condemned, then commits the removal. Its work lists are the
+// replicated state (the Wanted and removal tables), so a restarted
+// replicator resumes where the cluster stands, and work that fails is
+// retried with backoff.
 type Replicator struct {
 	cfg    ReplicatorConfig
 	logger *slog.Logger
@@ -70,6 +77,8 @@ type Replicator struct {
 	copies     *prometheus.CounterVec
 	copyBytes  prometheus.Counter
 	placeDelay prometheus.Observer
+	removals   *prometheus.CounterVec
+	freedBytes prometheus.Counter
 }
 
 type retryState struct {
@@ -120,8 +129,18 @@ func NewReplicator(cfg ReplicatorConfig) (*Replicator, error) {
 		Buckets:     prometheus.ExponentialBuckets(0.01, 2, 16),
 	})
 	r.placeDelay = delay
+	r.removals = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "meridian", Subsystem: "gc", Name: "removals_total",
+		Help:        "Condemned blob copies this node deleted from its region, by outcome.",
+		ConstLabels: prometheus.Labels{"region": cfg.Region},
+	}, []string{"result"})
+	r.freedBytes = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "meridian", Subsystem: "gc", Name: "freed_bytes_total",
+		Help:        "Bytes of condemned blobs this node deleted from its region.",
+		ConstLabels: prometheus.Labels{"region": cfg.Region},
+	})
 	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{r.copies, r.copyBytes, delay} {
+		for _, c := range []prometheus.Collector{r.copies, r.copyBytes, delay, r.removals, r.freedBytes} {
 			if err := cfg.Registerer.Register(c); err != nil {
 				return nil, err
 			}
@@ -155,34 +174,55 @@ func (r *Replicator) Run(ctx context.Context) {
 	}
 }
 
-// scan starts a copy of every wanted blob this node owns that is neither
-// running nor backing off, and returns when the next backoff ends.
+// scan starts a copy of every wanted blob, and a removal of every condemned
+// one, that this node owns and that is neither running nor backing off; it
+// returns when the next backoff ends.
 func (r *Replicator) scan(ctx context.Context, sem chan struct{}, wg *sync.WaitGroup) time.Duration {
+	seen := map[string]bool{}
+	wake := r.scanList(ctx, sem, wg, seen, "copy", r.cfg.Source.Wanted, r.copy)
+	wake = min(wake, r.scanList(ctx, sem, wg, seen, "remove", r.cfg.Source.Removals, r.remove))
+	// Forget the backoff of work that is no longer listed.
+	r.mu.Lock()
+	for k := range r.retry {
+		if !seen[k] {
+			delete(r.retry, k)
+		}
+	}
+	r.mu.Unlock()
+	return max(wake, 10*time.Millisecond)
+}
+
+// scanList starts work on one list (copies or removals). Running and
+// backoff state is kept per kind and digest, so a blob's copy and its
+// removal never share it.
+func (r *Replicator) scanList(ctx context.Context, sem chan struct{}, wg *sync.WaitGroup, seen map[string]bool, kind string,
+	list func(ctx context.Context, region, after string, limit int) ([]*pb.Wanted, error),
+	work func(ctx context.Context, w *pb.Wanted) error) time.Duration {
 	wake := r.cfg.Rescan
 	after := ""
-	seen := map[string]bool{}
 	for {
-		page, err := r.cfg.Source.Wanted(ctx, r.cfg.Region, after, 1000)
+		page, err := list(ctx, r.cfg.Region, after, 1000)
 		if err != nil {
 			if ctx.Err() == nil {
-				r.logger.Warn("read replication work list", "err", err)
+				r.logger.Warn("read replication work list", "kind", kind, "err", err)
 			}
 			return time.Second
 		}
 		for _, w := range page {
-			seen[w.Digest] = true
+			k := kind + " " + w.Digest
+			seen[k] = true
 			if !r.cfg.Source.Owns(w.Digest) {
 				continue
 			}
 			r.mu.Lock()
-			busy := r.running[w.Digest]
-			rs, backingOff := r.retry[w.Digest]
+			busy := r.running[k]
+			rs, backingOff := r.retry[k]
 			if !busy && backingOff && time.Now().Before(rs.next) {
 				wake = min(wake, time.Until(rs.next))
 				busy = true
 			}
 			if !busy {
-				r.running[w.Digest] = true
+				r.running[k] = true
 			}
 			r.mu.Unlock()
 			if busy {
@@ -191,48 +231,61 @@ func (r *Replicator) scan(ctx context.Context, sem chan struct{}, wg *sync.WaitG
 			select {
 			case sem <- struct{}{}:
 			case <-ctx.Done():
-				r.done(w.Digest, nil)
+				r.done(k, nil)
 				return 0
 			}
 			wg.Add(1)
 			go func(w *pb.Wanted) {
 				defer wg.Done()
 				defer func() { <-sem }()
-				err := r.copy(ctx, w)
-				r.done(w.Digest, err)
+				r.done(k, work(ctx, w))
 			}(w)
 		}
 		if len(page) < 1000 {
-			break
+			return wake
 		}
 		after = page[len(page)-1].Digest
 	}
-	// Forget the backoff of blobs that are no longer wanted.
-	r.mu.Lock()
-	for d := range r.retry {
-		if !seen[d] {
-			delete(r.retry, d)
-		}
-	}
-	r.mu.Unlock()
-	return max(wake, 10*time.Millisecond)
 }
 
-func (r *Replicator) done(dgst string, err error) {
+func (r *Replicator) done(k string, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	delete(r.running, dgst)
+	delete(r.running, k)
 	if err == nil {
-		delete(r.retry, dgst)
+		delete(r.retry, k)
 		return
 	}
-	rs := r.retry[dgst]
+	rs := r.retry[k]
 	rs.attempts++
 	backoff := r.cfg.MinBackoff << min(rs.attempts-1, 16)
 	backoff = min(backoff, r.cfg.MaxBackoff)
 	backoff += rand.N(backoff/4 + 1) // spread retries of many blobs
 	rs.next = time.Now().Add(backoff)
-	r.retry[dgst] = rs
+	r.retry[k] = rs
+}
+
+// remove deletes the region's copy of a condemned blob, then commits that
+// the region no longer holds it. Deleting first keeps the order safe: once
+// the removal is committed, no delete of these bytes is still under way,
+// so a later push of the same digest cannot lose its new copy.
+func (r *Replicator) remove(ctx context.Context, w *pb.Wanted) error {
+	dgst := digest.Digest(w.Digest)
+	d, _ := r.cfg.Regions.Driver(r.cfg.Region)
+	if err := d.Delete(ctx, dgst); err != nil && !errors.Is(err, ErrBlobNotFound) {
+		r.removals.WithLabelValues("failed").Inc()
+		r.logger.Warn("gc: delete condemned blob", "digest", dgst, "err", err)
+		return err
+	}
+	if err := r.cfg.Source.Removed(ctx, w.Digest, r.cfg.Region); err != nil {
+		r.removals.WithLabelValues("failed").Inc()
+		r.logger.Warn("gc: commit removal", "digest", dgst, "err", err)
+		return err
+	}
+	r.removals.WithLabelValues("removed").Inc()
+	r.freedBytes.Add(float64(w.Size))
+	r.logger.Debug("removed condemned blob", "digest", dgst, "size", w.Size)
+	return nil
 }
 
 // copy brings one blob into the region and commits its placement.

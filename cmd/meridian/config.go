@@ -153,6 +153,9 @@ var serveOptions = []option{
 	durationOpt("refresh-ttl", "lifetime of refresh tokens (offline_token=true)", func(c *node.Config) *time.Duration { return &c.Auth.RefreshTTL }),
 	durationOpt("token-key-rotation", "how often the leader adds a token signing key", func(c *node.Config) *time.Duration { return &c.Auth.TokenKeyRotation }),
 	durationOpt("audit-retention", "audit records older than this are dropped (0: kept forever)", func(c *node.Config) *time.Duration { return &c.Auth.AuditRetention }),
+	durationOpt("gc-interval", "how often the leader collects garbage (0: only when meridian gc run asks)", func(c *node.Config) *time.Duration { return &c.GC.Interval }),
+	durationOpt("gc-grace", "how long a blob goes unreferenced before garbage collection takes it", func(c *node.Config) *time.Duration { return &c.GC.Grace }),
+	durationOpt("gc-untagged", "collect manifests untagged and unreferenced this long (0: keep them)", func(c *node.Config) *time.Duration { return &c.GC.Untagged }),
 	stringOpt("log-level", "debug, info, warn or error", func(c *node.Config) *string { return &c.LogLevel }),
 	stringOpt("log-format", "text or json", func(c *node.Config) *string { return &c.LogFormat }),
 }
