@@ -309,7 +309,7 @@ func (u *Upstream) ping(ctx context.Context, n UpstreamNode) {
 		u.fail(n.ID, err)
 		return
 	}
-	c := pb.NewClusterClient(conn)
+	c := pb.NewGatewayClient(conn)
 	warm := !n.Known || !n.Healthy
 	for {
 		pctx, cancel := context.WithTimeout(ctx, u.pingTimeout())

@@ -40,7 +40,7 @@ func (u *Upstream) AccessState(ctx context.Context, known uint64, user, pass str
 			last = err
 			continue
 		}
-		resp, err := pb.NewClusterClient(conn).GetAccessState(ctx, &pb.GetAccessStateRequest{KnownVersion: known})
+		resp, err := pb.NewGatewayClient(conn).GetAccessState(ctx, &pb.GetAccessStateRequest{KnownVersion: known})
 		if err != nil {
 			last = fmt.Errorf("node %s: %w", n.ID, pb.FromStatus(err))
 			continue

@@ -16,7 +16,7 @@ import (
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
-// upstreamMetadata is Metadata over the Cluster gRPC service:
+// upstreamMetadata is Metadata over the nodes' Gateway gRPC service:
 //
 //   - reads go to the nearest healthy node; a transport failure (node
 //     unreachable, connection broken, attempt timed out) takes the node out
@@ -53,7 +53,7 @@ func (m upstreamMetadata) consistency() pb.Consistency {
 
 // rpc is one call of a read: the value, the business result, or the call's
 // own (gRPC) error.
-type rpc[T any] func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) (T, *pb.Result, error)
+type rpc[T any] func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) (T, *pb.Result, error)
 
 // callPolicy says how one kind of read is attempted.
 type callPolicy struct {
@@ -89,7 +89,7 @@ func read[T any](ctx context.Context, u *Upstream, pol callPolicy, fn rpc[T]) (T
 			actx, cancel = context.WithTimeout(ctx, pol.timeout)
 		}
 		var p peer.Peer
-		v, res, err := fn(actx, pb.NewClusterClient(conn), grpc.Peer(&p))
+		v, res, err := fn(actx, pb.NewGatewayClient(conn), grpc.Peer(&p))
 		cancel()
 		if err == nil {
 			return v, res.Err()
@@ -120,7 +120,7 @@ func transportFailure(err error) bool {
 func (m upstreamMetadata) reads() callPolicy { return callPolicy{timeout: m.u.cfg.CallTimeout} }
 
 func (m upstreamMetadata) Manifest(ctx context.Context, repo, digest string) (*pb.ManifestRecord, error) {
-	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) (*pb.ManifestRecord, *pb.Result, error) {
+	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) (*pb.ManifestRecord, *pb.Result, error) {
 		resp, err := c.GetManifest(ctx, &pb.GetManifestRequest{Repository: repo, Digest: digest, Consistency: m.consistency()}, opts...)
 		return resp.GetManifest(), resp.GetResult(), err
 	})
@@ -135,7 +135,7 @@ func (m upstreamMetadata) ManifestByTag(ctx context.Context, repo, tag string) (
 		rec      *pb.ManifestRecord
 		resolved bool
 	}
-	a, err := read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) (answer, *pb.Result, error) {
+	a, err := read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) (answer, *pb.Result, error) {
 		resp, err := c.GetManifest(ctx, &pb.GetManifestRequest{Repository: repo, Tag: tag, Consistency: m.consistency()}, opts...)
 		return answer{resp.GetManifest(), resp.GetTagResolved()}, resp.GetResult(), err
 	})
@@ -150,42 +150,42 @@ func (m upstreamMetadata) ManifestByTag(ctx context.Context, repo, tag string) (
 }
 
 func (m upstreamMetadata) Tag(ctx context.Context, repo, tag string) (string, error) {
-	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) (string, *pb.Result, error) {
+	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) (string, *pb.Result, error) {
 		resp, err := c.GetTag(ctx, &pb.GetTagRequest{Repository: repo, Tag: tag, Consistency: m.consistency()}, opts...)
 		return resp.GetDigest(), resp.GetResult(), err
 	})
 }
 
 func (m upstreamMetadata) Tags(ctx context.Context, repo, after string, limit int) ([]string, error) {
-	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) ([]string, *pb.Result, error) {
+	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) ([]string, *pb.Result, error) {
 		resp, err := c.ListTags(ctx, &pb.ListRequest{Repository: repo, After: after, Limit: limit32(limit), Consistency: m.consistency()}, opts...)
 		return resp.GetItems(), resp.GetResult(), err
 	})
 }
 
 func (m upstreamMetadata) Repositories(ctx context.Context, after string, limit int) ([]string, error) {
-	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) ([]string, *pb.Result, error) {
+	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) ([]string, *pb.Result, error) {
 		resp, err := c.ListRepositories(ctx, &pb.ListRequest{After: after, Limit: limit32(limit), Consistency: m.consistency()}, opts...)
 		return resp.GetItems(), resp.GetResult(), err
 	})
 }
 
 func (m upstreamMetadata) Referrers(ctx context.Context, repo, subject string) ([]*pb.Referrer, error) {
-	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) ([]*pb.Referrer, *pb.Result, error) {
+	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) ([]*pb.Referrer, *pb.Result, error) {
 		resp, err := c.ListReferrers(ctx, &pb.ListReferrersRequest{Repository: repo, Subject: subject, Consistency: m.consistency()}, opts...)
 		return resp.GetReferrers(), resp.GetResult(), err
 	})
 }
 
 func (m upstreamMetadata) LinkedBlob(ctx context.Context, repo, digest string) (*pb.BlobRecord, error) {
-	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) (*pb.BlobRecord, *pb.Result, error) {
+	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) (*pb.BlobRecord, *pb.Result, error) {
 		resp, err := c.GetLinkedBlob(ctx, &pb.GetLinkedBlobRequest{Repository: repo, Digest: digest, Consistency: m.consistency()}, opts...)
 		return resp.GetBlob(), resp.GetResult(), err
 	})
 }
 
 func (m upstreamMetadata) Policy(ctx context.Context, repo string) (pb.EffectivePolicy, error) {
-	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) (pb.EffectivePolicy, *pb.Result, error) {
+	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) (pb.EffectivePolicy, *pb.Result, error) {
 		resp, err := c.GetPolicy(ctx, &pb.GetPolicyRequest{Repository: repo}, opts...)
 		return pb.EffectivePolicy{Regions: resp.GetRegions(), MinRegions: int(resp.GetMinRegions())}, resp.GetResult(), err
 	})
@@ -194,7 +194,7 @@ func (m upstreamMetadata) Policy(ctx context.Context, repo string) (pb.Effective
 // WaitPlaced waits on one node at a time, bounded by ctx only: the node
 // answers shortly before ctx's deadline with the record as it stands.
 func (m upstreamMetadata) WaitPlaced(ctx context.Context, digest string, regions int) (*pb.BlobRecord, error) {
-	return read(ctx, m.u, callPolicy{}, func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) (*pb.BlobRecord, *pb.Result, error) {
+	return read(ctx, m.u, callPolicy{}, func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) (*pb.BlobRecord, *pb.Result, error) {
 		resp, err := c.WaitBlobPlaced(ctx, &pb.WaitBlobPlacedRequest{Digest: digest, Regions: limit32(regions)}, opts...)
 		return resp.GetBlob(), resp.GetResult(), err
 	})
@@ -203,7 +203,7 @@ func (m upstreamMetadata) WaitPlaced(ctx context.Context, digest string, regions
 func (m upstreamMetadata) UploadKeys(ctx context.Context) ([]*pb.UploadKey, error) {
 	pol := m.reads()
 	pol.answersUnavailable = true
-	return read(ctx, m.u, pol, func(ctx context.Context, c pb.ClusterClient, opts ...grpc.CallOption) ([]*pb.UploadKey, *pb.Result, error) {
+	return read(ctx, m.u, pol, func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) ([]*pb.UploadKey, *pb.Result, error) {
 		resp, err := c.GetUploadKey(ctx, &pb.GetUploadKeyRequest{}, opts...)
 		if err == nil && len(resp.Keys) == 0 && len(resp.Key) > 0 {
 			// A node from before the ring: its one key is the ring's first.
@@ -261,7 +261,7 @@ func (u *Upstream) commit(ctx context.Context, req *pb.CommitRequest, resend boo
 			continue
 		}
 		var p peer.Peer
-		resp, err := pb.NewClusterClient(conn).Commit(ctx, req, grpc.Peer(&p))
+		resp, err := pb.NewGatewayClient(conn).Commit(ctx, req, grpc.Peer(&p))
 		if err == nil {
 			return resp.GetResult().Err()
 		}

@@ -1,6 +1,8 @@
 package node
 
 import (
+	"google.golang.org/grpc"
+
 	"github.com/meridian-registry/meridian/node/pki"
 	"github.com/meridian-registry/meridian/node/transport"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -10,7 +12,6 @@ var (
 	nodesOnly       = []string{pki.RoleNode}
 	nodesGateways   = []string{pki.RoleNode, pki.RoleGateway}
 	nodesAdmins     = []string{pki.RoleNode, pki.RoleAdmin}
-	adminsOnly      = []string{pki.RoleAdmin}
 	everyMemberRole = []string{pki.RoleNode, pki.RoleGateway, pki.RoleAdmin}
 	// adminsOrUsers: admin certificates, nodes forwarding for them, and
 	// callers without a certificate that bring an admin user's
@@ -19,39 +20,40 @@ var (
 	adminCertOrUser = []string{pki.RoleAdmin, transport.Credentialed}
 )
 
-// memberAccess says which certificate roles may call which of the node's
-// gRPC methods (with cluster TLS on). Nodes may call what they forward to
-// the leader on behalf of a caller whose role the first node checked.
-// Admin operations are closed to gateways; deleting stored blobs and
-// purging uploads is for nodes alone (their replicator and purger). A
-// method missing here is refused to everyone.
-var memberAccess = transport.Access{
-	pb.Cluster_Commit_FullMethodName:             nodesGateways, // which intents: mayCommit
-	pb.Cluster_ReadIndex_FullMethodName:          nodesGateways,
-	pb.Cluster_Status_FullMethodName:             everyMemberRole,
-	pb.Cluster_ClusterStatus_FullMethodName:      nodesAdmins,
-	pb.Cluster_TransferLeadership_FullMethodName: adminsOrUsers,
-	pb.Cluster_RemoveServer_FullMethodName:       adminsOrUsers,
-	pb.Cluster_GossipKeyring_FullMethodName:      adminCertOrUser,
-	pb.Cluster_Scrub_FullMethodName:              adminCertOrUser,
-	pb.Cluster_ListPolicies_FullMethodName:       nodesAdmins,
-	pb.Cluster_SetPolicy_FullMethodName:          adminsOrUsers,
-	pb.Cluster_DeletePolicy_FullMethodName:       adminsOrUsers,
-	pb.Cluster_GetManifest_FullMethodName:        nodesGateways,
-	pb.Cluster_GetTag_FullMethodName:             nodesGateways,
-	pb.Cluster_ListTags_FullMethodName:           nodesGateways,
-	pb.Cluster_ListRepositories_FullMethodName:   nodesGateways,
-	pb.Cluster_ListReferrers_FullMethodName:      nodesGateways,
-	pb.Cluster_GetLinkedBlob_FullMethodName:      nodesGateways,
-	pb.Cluster_GetUploadKey_FullMethodName:       nodesGateways,
-	pb.Cluster_GetPolicy_FullMethodName:          nodesGateways,
-	pb.Cluster_WaitBlobPlaced_FullMethodName:     nodesGateways,
-	pb.Cluster_Ping_FullMethodName:               everyMemberRole,
-	pb.Cluster_ManageAccess_FullMethodName:       adminsOrUsers,
-	pb.Cluster_ListAccess_FullMethodName:         adminsOrUsers,
-	pb.Cluster_ReadAudit_FullMethodName:          adminsOrUsers,
-	pb.Cluster_GetAccessState_FullMethodName:     everyMemberRole,
+// service is the Access key that covers every method of sd.
+func service(sd grpc.ServiceDesc) string { return "/" + sd.ServiceName + "/" }
 
+// memberAccess says which certificate roles may call which of the node's
+// gRPC methods (with cluster TLS on). Each service admits the callers of
+// one role; a method admitting others names them, and why, below its
+// service. A method missing here is refused to everyone.
+var memberAccess = transport.Access{
+	// Forwarded writes and read indexes pass between nodes only.
+	service(pb.Member_ServiceDesc): nodesOnly,
+
+	// What gateways need: reads, repository writes (which intents:
+	// mayCommit), the upload key, the access state, pings. Nodes may call
+	// it too; they ping each other.
+	service(pb.Gateway_ServiceDesc): nodesGateways,
+	// Admins too: it is the state they manage.
+	pb.Gateway_GetAccessState_FullMethodName: everyMemberRole,
+
+	// Operator commands: admin certificates, admin users' credentials, and
+	// nodes, which forward them to the leader and gather every member's
+	// status. Closed to gateways.
+	service(pb.Admin_ServiceDesc): adminsOrUsers,
+	// Reads open without credentials in plaintext (not in adminMethods):
+	// with TLS they need a certificate, as nothing would check credentials.
+	pb.Admin_Status_FullMethodName:        nodesAdmins,
+	pb.Admin_ClusterStatus_FullMethodName: nodesAdmins,
+	pb.Admin_ListPolicies_FullMethodName:  nodesAdmins,
+	// No node forwards these (gossip carries a keyring change, the node
+	// asked scrubs itself): a node certificate has no business with them.
+	pb.Admin_GossipKeyring_FullMethodName: adminCertOrUser,
+	pb.Admin_Scrub_FullMethodName:         adminCertOrUser,
+
+	// Deleting stored blobs and purging uploads is for nodes alone (their
+	// replicator and purger).
 	pb.BlobStore_Stat_FullMethodName:         nodesGateways,
 	pb.BlobStore_Open_FullMethodName:         nodesGateways,
 	pb.BlobStore_StartUpload_FullMethodName:  nodesGateways,

@@ -49,7 +49,7 @@ func TestRevocationAcrossRegions(t *testing.T) {
 			return httpStatus(t, base, "POST", "/v2/rev/app/blobs/uploads/", robot, nil) == http.StatusAccepted
 		})
 	}
-	st, _ := a.admin.GetAccessState(ctx, &pb.GetAccessStateRequest{})
+	st, _ := pb.NewGatewayClient(adminConn(t, c, 0)).GetAccessState(ctx, &pb.GetAccessStateRequest{})
 	tokens := map[string]string{}
 	for name, base := range endpoints {
 		tokens[name] = registryToken(t, base, st.State.ClusterId, "robot+deployer", secret, "repository:rev/app:pull,push")
@@ -283,7 +283,7 @@ func TestAdminAPIRefusesNonAdmins(t *testing.T) {
 	a := &accessSetup{t: t, ctx: ctx, admin: adminClient(t, c, 0)}
 	a.user("mallory", matrixPassword)
 	a.grant("user:mallory", "team", "pull", "push", "delete", "admin") // admin of one prefix
-	dial := func(creds credentials.PerRPCCredentials) pb.ClusterClient {
+	dial := func(creds credentials.PerRPCCredentials) *grpc.ClientConn {
 		opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
 		if creds != nil {
 			opts = append(opts, grpc.WithPerRPCCredentials(creds))
@@ -293,11 +293,11 @@ func TestAdminAPIRefusesNonAdmins(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { conn.Close() })
-		return pb.NewClusterClient(conn)
+		return conn
 	}
 	grant := &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_Grant{Grant: &pb.Grant{Subject: "user:mallory", Prefix: "", Actions: []string{"admin"}}}}
 	for name, cl := range map[string]struct {
-		c    pb.ClusterClient
+		conn *grpc.ClientConn
 		code codes.Code
 	}{
 		"no credentials":        {dial(nil), codes.Unauthenticated},
@@ -305,17 +305,18 @@ func TestAdminAPIRefusesNonAdmins(t *testing.T) {
 		"an admin of a prefix":  {dial(basicGRPC("mallory", matrixPassword)), codes.PermissionDenied},
 		"a robot's credentials": {dial(basicGRPC("robot+none", "x")), codes.Unauthenticated},
 	} {
+		adm, gw := pb.NewAdminClient(cl.conn), pb.NewGatewayClient(cl.conn)
 		calls := map[string]func() error{
-			"ManageAccess":   func() error { _, err := cl.c.ManageAccess(ctx, grant); return err },
-			"ListAccess":     func() error { _, err := cl.c.ListAccess(ctx, &pb.ListAccessRequest{}); return err },
-			"ReadAudit":      func() error { _, err := cl.c.ReadAudit(ctx, &pb.ReadAuditRequest{}); return err },
-			"GetAccessState": func() error { _, err := cl.c.GetAccessState(ctx, &pb.GetAccessStateRequest{}); return err },
+			"ManageAccess":   func() error { _, err := adm.ManageAccess(ctx, grant); return err },
+			"ListAccess":     func() error { _, err := adm.ListAccess(ctx, &pb.ListAccessRequest{}); return err },
+			"ReadAudit":      func() error { _, err := adm.ReadAudit(ctx, &pb.ReadAuditRequest{}); return err },
+			"GetAccessState": func() error { _, err := gw.GetAccessState(ctx, &pb.GetAccessStateRequest{}); return err },
 			"SetPolicy": func() error {
-				_, err := cl.c.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{Prefix: "x/"}})
+				_, err := adm.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{Prefix: "x/"}})
 				return err
 			},
 			"Commit of a grant": func() error {
-				resp, err := cl.c.Commit(ctx, &pb.CommitRequest{Command: &pb.Command{Intent: &pb.Command_PutGrant{PutGrant: &pb.PutGrant{Grant: grant.GetGrant()}}}})
+				resp, err := gw.Commit(ctx, &pb.CommitRequest{Command: &pb.Command{Intent: &pb.Command_PutGrant{PutGrant: &pb.PutGrant{Grant: grant.GetGrant()}}}})
 				if err == nil && pb.CodeOf(resp.Result.Err()) == pb.Code_CODE_INVALID_ARGUMENT {
 					return status.Error(codes.InvalidArgument, resp.Result.Detail)
 				}

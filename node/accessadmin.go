@@ -306,16 +306,16 @@ func (n *Node) accessHousekeeping(ctx context.Context) error {
 // only proof, so a local process cannot change who may do what. GetAccessState hands out
 // password hashes and token signing keys, so it is guarded the same way.
 var adminMethods = map[string]bool{
-	pb.Cluster_TransferLeadership_FullMethodName: true,
-	pb.Cluster_RemoveServer_FullMethodName:       true,
-	pb.Cluster_GossipKeyring_FullMethodName:      true,
-	pb.Cluster_Scrub_FullMethodName:              true,
-	pb.Cluster_SetPolicy_FullMethodName:          true,
-	pb.Cluster_DeletePolicy_FullMethodName:       true,
-	pb.Cluster_ManageAccess_FullMethodName:       true,
-	pb.Cluster_ListAccess_FullMethodName:         true,
-	pb.Cluster_ReadAudit_FullMethodName:          true,
-	pb.Cluster_GetAccessState_FullMethodName:     true,
+	pb.Admin_TransferLeadership_FullMethodName: true,
+	pb.Admin_RemoveServer_FullMethodName:       true,
+	pb.Admin_GossipKeyring_FullMethodName:      true,
+	pb.Admin_Scrub_FullMethodName:              true,
+	pb.Admin_SetPolicy_FullMethodName:          true,
+	pb.Admin_DeletePolicy_FullMethodName:       true,
+	pb.Admin_ManageAccess_FullMethodName:       true,
+	pb.Admin_ListAccess_FullMethodName:         true,
+	pb.Admin_ReadAudit_FullMethodName:          true,
+	pb.Gateway_GetAccessState_FullMethodName:   true,
 }
 
 // adminInterceptor checks credentials on admin methods in plaintext and
@@ -551,13 +551,13 @@ func isAccessIntent(cmd *pb.Command) bool {
 // the work (a follower forwards the call with its caller's credentials),
 // so a password is hashed where it is committed and a secret generated
 // once.
-func (s clusterServer) ManageAccess(ctx context.Context, req *pb.ManageAccessRequest) (*pb.ManageAccessResponse, error) {
+func (s adminServer) ManageAccess(ctx context.Context, req *pb.ManageAccessRequest) (*pb.ManageAccessResponse, error) {
 	if s.n.access == nil {
 		return nil, status.Error(codes.FailedPrecondition, "access control is off on this node (insecure_no_auth)")
 	}
 	var resp *pb.ManageAccessResponse
-	err := s.n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
-		r, err := c.ManageAccess(forwardContext(ctx), req)
+	err := s.n.onLeader(ctx, func(ctx context.Context, cc grpc.ClientConnInterface) error {
+		r, err := pb.NewAdminClient(cc).ManageAccess(forwardContext(ctx), req)
 		if err != nil {
 			return fromGRPC(err)
 		}
@@ -672,7 +672,7 @@ func userCommand(name, password string) (*pb.Command, error) {
 }
 
 // ListAccess lists identities and grants, without hashes.
-func (s clusterServer) ListAccess(ctx context.Context, _ *pb.ListAccessRequest) (*pb.ListAccessResponse, error) {
+func (s adminServer) ListAccess(ctx context.Context, _ *pb.ListAccessRequest) (*pb.ListAccessResponse, error) {
 	st, err := s.n.consensus.Store().AccessState(ctx)
 	if err != nil {
 		return nil, pb.ToStatus(err)
@@ -692,7 +692,7 @@ const maxAuditRecords = 10000
 
 // ReadAudit reads the replicated audit log from this node's replica, and
 // the refusals this node recorded when asked.
-func (s clusterServer) ReadAudit(ctx context.Context, req *pb.ReadAuditRequest) (*pb.ReadAuditResponse, error) {
+func (s adminServer) ReadAudit(ctx context.Context, req *pb.ReadAuditRequest) (*pb.ReadAuditResponse, error) {
 	f := consensus.AuditFilter{Since: req.SinceUnixNano, Repository: req.Repository, Principal: req.Principal, Limit: int(req.Limit)}
 	if f.Limit <= 0 || f.Limit > maxAuditRecords {
 		f.Limit = maxAuditRecords
@@ -714,7 +714,7 @@ func (s clusterServer) ReadAudit(ctx context.Context, req *pb.ReadAuditRequest) 
 
 // GetAccessState gives a gateway the access state (hashes and signing
 // keys included) unless it already holds the current version.
-func (s clusterServer) GetAccessState(ctx context.Context, req *pb.GetAccessStateRequest) (*pb.GetAccessStateResponse, error) {
+func (s gatewayServer) GetAccessState(ctx context.Context, req *pb.GetAccessStateRequest) (*pb.GetAccessStateResponse, error) {
 	store := s.n.consensus.Store()
 	v, err := store.AccessVersion()
 	if err != nil {
@@ -816,7 +816,7 @@ func (n *Node) serveAudit(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	resp, err := clusterServer{n: n}.ReadAudit(r.Context(), &pb.ReadAuditRequest{
+	resp, err := adminServer{n: n}.ReadAudit(r.Context(), &pb.ReadAuditRequest{
 		SinceUnixNano: f.Since, Repository: f.Repository, Principal: f.Principal, Limit: int32(f.Limit), Denied: q.Get("denied") == "true"})
 	if err != nil {
 		fail(http.StatusInternalServerError, status.Convert(err).Message())

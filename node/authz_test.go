@@ -80,7 +80,7 @@ func bearer(tok string) func() string { return func() string { return "Bearer " 
 type accessSetup struct {
 	t      *testing.T
 	ctx    context.Context
-	admin  pb.ClusterClient
+	admin  pb.AdminClient
 	robots map[string]string
 }
 
@@ -184,7 +184,7 @@ func TestAuthorizationMatrix(t *testing.T) {
 	revoked := a.robot("gone", 0, &pb.Scope{Prefix: "mx", Actions: []string{"pull"}})
 	a.manage(&pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_RevokeRobot{RevokeRobot: "gone"}})
 
-	st, err := a.admin.GetAccessState(ctx, &pb.GetAccessStateRequest{})
+	st, err := pb.NewGatewayClient(adminConn(t, c, 0)).GetAccessState(ctx, &pb.GetAccessStateRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}

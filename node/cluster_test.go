@@ -1074,9 +1074,9 @@ func after(d time.Duration) func() bool {
 	return func() bool { return !time.Now().Before(deadline) }
 }
 
-// adminClient is a Cluster gRPC client for node i, logged in as the
+// adminConn is a gRPC connection to node i whose calls log in as the
 // harness's admin, closed with the test.
-func adminClient(t *testing.T, c *clustertest.Cluster, i int) pb.ClusterClient {
+func adminConn(t *testing.T, c *clustertest.Cluster, i int) *grpc.ClientConn {
 	t.Helper()
 	conn, err := grpc.NewClient(c.Config(i).GRPCAddr, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithPerRPCCredentials(admin.Credentials()))
@@ -1084,7 +1084,14 @@ func adminClient(t *testing.T, c *clustertest.Cluster, i int) pb.ClusterClient {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return pb.NewClusterClient(conn)
+	return conn
+}
+
+// adminClient is the Admin service of node i, called as the harness's
+// admin.
+func adminClient(t *testing.T, c *clustertest.Cluster, i int) pb.AdminClient {
+	t.Helper()
+	return pb.NewAdminClient(adminConn(t, c, i))
 }
 
 func ref(t *testing.T, c *clustertest.Cluster, i int, s string) name.Reference {

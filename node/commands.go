@@ -217,9 +217,10 @@ func gatewayIntent(cmd *pb.Command) bool {
 
 // mayCommit checks the caller of a Commit against the intent: gateways
 // send repository writes, nodes everything (their replicators place blobs,
-// their admin API sets policies) and forwarded writes. In plaintext every
-// caller is trusted (loopback or --insecure-cluster).
-func (n *Node) mayCommit(ctx context.Context, req *pb.CommitRequest) error {
+// their admin API sets policies). Forwarded writes are Member/Forward,
+// closed to all but nodes by the access table. In plaintext every caller
+// is trusted (loopback or --insecure-cluster).
+func (n *Node) mayCommit(ctx context.Context, cmd *pb.Command) error {
 	if !n.trust.Secure() {
 		return nil
 	}
@@ -227,11 +228,9 @@ func (n *Node) mayCommit(ctx context.Context, req *pb.CommitRequest) error {
 	switch {
 	case id.Role == pki.RoleNode:
 		return nil
-	case req.Forwarded:
-		return status.Errorf(codes.PermissionDenied, "%s may not forward writes: nodes only", id)
-	case id.Role == pki.RoleGateway && (gatewayIntent(req.Command) || req.Command.GetIntent() == nil):
+	case id.Role == pki.RoleGateway && (gatewayIntent(cmd) || cmd.GetIntent() == nil):
 		return nil // an empty command fails validation with its reason
 	default:
-		return status.Error(codes.PermissionDenied, fmt.Sprintf("%s may not commit %T", id, req.Command.GetIntent()))
+		return status.Error(codes.PermissionDenied, fmt.Sprintf("%s may not commit %T", id, cmd.GetIntent()))
 	}
 }

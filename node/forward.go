@@ -7,6 +7,8 @@ import (
 	"math/rand/v2"
 	"time"
 
+	"google.golang.org/grpc"
+
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
@@ -28,8 +30,8 @@ func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
 	}
 	var index uint64
 	actor := pb.ActorFrom(ctx)
-	err := n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
-		resp, err := c.Commit(ctx, &pb.CommitRequest{Command: cmd, Forwarded: true, Actor: actor})
+	err := n.onLeader(ctx, func(ctx context.Context, cc grpc.ClientConnInterface) error {
+		resp, err := pb.NewMemberClient(cc).Forward(ctx, &pb.CommitRequest{Command: cmd, Actor: actor})
 		if err != nil {
 			return fromGRPC(err)
 		}
@@ -65,9 +67,9 @@ func changesPolicy(cmd *pb.Command) bool {
 }
 
 // onLeader runs local on this node when it leads, or remote against the
-// leader's gRPC service. It retries while the answer is "not the leader"
+// leader's gRPC services. It retries while the answer is "not the leader"
 // (nothing was done) or no leader is known, until the deadline.
-func (n *Node) onLeader(ctx context.Context, remote func(context.Context, pb.ClusterClient) error, local func(context.Context) error) error {
+func (n *Node) onLeader(ctx context.Context, remote func(context.Context, grpc.ClientConnInterface) error, local func(context.Context) error) error {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
@@ -126,13 +128,13 @@ func noEffect(err error) error {
 	return fmt.Errorf("%w: %w", errNoEffect, err)
 }
 
-// callPeer runs fn against the gRPC service of node id.
-func (n *Node) callPeer(ctx context.Context, id string, fn func(context.Context, pb.ClusterClient) error) error {
+// callPeer runs fn over the pooled connection to node id.
+func (n *Node) callPeer(ctx context.Context, id string, fn func(context.Context, grpc.ClientConnInterface) error) error {
 	addr := n.grpcAddrOf(id)
 	if addr == "" {
 		return fmt.Errorf("%w: %w (node %s)", pb.ErrUnavailable, errNoLeaderAddress, id)
 	}
-	c, err := n.peers.client(addr)
+	c, err := n.peers.conn(addr)
 	if err != nil {
 		return fmt.Errorf("%w: %w: %v", pb.ErrUnavailable, errNotSent, err)
 	}
@@ -153,8 +155,8 @@ func (n *Node) grpcAddrOf(id string) string {
 // readIndex fetches a read index from the leader (or itself when leading).
 func (n *Node) readIndex(ctx context.Context) (uint64, error) {
 	var index uint64
-	err := n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
-		resp, err := c.ReadIndex(ctx, &pb.ReadIndexRequest{})
+	err := n.onLeader(ctx, func(ctx context.Context, cc grpc.ClientConnInterface) error {
+		resp, err := pb.NewMemberClient(cc).ReadIndex(ctx, &pb.ReadIndexRequest{})
 		if err != nil {
 			return noEffect(fromGRPC(err))
 		}

@@ -24,7 +24,7 @@ var keyOps = map[string]membership.KeyOp{
 
 // GossipKeyring changes the gossip keyring of every live member through
 // this node's gossip, and reports each member's answer.
-func (s clusterServer) GossipKeyring(ctx context.Context, req *pb.GossipKeyringRequest) (*pb.GossipKeyringResponse, error) {
+func (s adminServer) GossipKeyring(ctx context.Context, req *pb.GossipKeyringRequest) (*pb.GossipKeyringResponse, error) {
 	op, ok := keyOps[req.Op]
 	if !ok {
 		return nil, status.Errorf(codes.InvalidArgument, "op %q: want list, install, use or remove", req.Op)

@@ -169,7 +169,9 @@ func (n *Node) Start(ctx context.Context) (err error) {
 		return err
 	}
 	n.grpcServer = grpc.NewServer(append(n.trust.MemberServerOptions(memberAccess), grpc.ChainUnaryInterceptor(n.adminInterceptor))...)
-	pb.RegisterClusterServer(n.grpcServer, clusterServer{n: n})
+	pb.RegisterMemberServer(n.grpcServer, memberServer{n: n})
+	pb.RegisterGatewayServer(n.grpcServer, gatewayServer{n: n})
+	pb.RegisterAdminServer(n.grpcServer, adminServer{n: n})
 	// Other regions reach this region's store through its nodes.
 	pb.RegisterBlobStoreServer(n.grpcServer, replication.NewBlobStoreServer(map[string]replication.Driver{n.cfg.Region: n.localStore}))
 	go n.grpcServer.Serve(n.grpcListener)

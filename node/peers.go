@@ -23,15 +23,6 @@ func newPeers(trust *transport.Trust, dial func(ctx context.Context, addr string
 	return &peers{pool: trust.NewPool(dial, grpc.WithUnaryInterceptor(markNotSent))}
 }
 
-// client returns a Cluster client for addr, dialing lazily.
-func (p *peers) client(addr string) (pb.ClusterClient, error) {
-	c, err := p.conn(addr)
-	if err != nil {
-		return nil, err
-	}
-	return pb.NewClusterClient(c), nil
-}
-
 // conn returns the pooled connection to addr, dialing lazily.
 func (p *peers) conn(addr string) (*grpc.ClientConn, error) { return p.pool.Conn(addr) }
 

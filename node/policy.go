@@ -51,7 +51,7 @@ func (n *Node) validatePolicy(ctx context.Context, p *pb.Policy) error {
 	return nil
 }
 
-func (s clusterServer) ListPolicies(ctx context.Context, _ *pb.ListPoliciesRequest) (*pb.ListPoliciesResponse, error) {
+func (s adminServer) ListPolicies(ctx context.Context, _ *pb.ListPoliciesRequest) (*pb.ListPoliciesResponse, error) {
 	// An operator reading policies expects the committed ones.
 	if err := s.n.catchUp(ctx); err != nil {
 		return nil, pb.ToStatus(err)
@@ -68,7 +68,7 @@ func (s clusterServer) ListPolicies(ctx context.Context, _ *pb.ListPoliciesReque
 	return &pb.ListPoliciesResponse{Policies: policies, Regions: regions}, nil
 }
 
-func (s clusterServer) SetPolicy(ctx context.Context, req *pb.SetPolicyRequest) (*pb.SetPolicyResponse, error) {
+func (s adminServer) SetPolicy(ctx context.Context, req *pb.SetPolicyRequest) (*pb.SetPolicyResponse, error) {
 	// Caught up first, so the policy is checked against the newest ones;
 	// commit validates it.
 	err := s.n.catchUp(ctx)
@@ -82,7 +82,7 @@ func (s clusterServer) SetPolicy(ctx context.Context, req *pb.SetPolicyRequest) 
 	return &pb.SetPolicyResponse{Result: r}, nil
 }
 
-func (s clusterServer) DeletePolicy(ctx context.Context, req *pb.DeletePolicyRequest) (*pb.DeletePolicyResponse, error) {
+func (s adminServer) DeletePolicy(ctx context.Context, req *pb.DeletePolicyRequest) (*pb.DeletePolicyResponse, error) {
 	err := s.n.commit(ctx, &pb.Command{Intent: &pb.Command_DeletePolicy{DeletePolicy: &pb.DeletePolicy{Prefix: req.Prefix}}})
 	r, gerr := answer(err)
 	if gerr != nil {

@@ -28,13 +28,13 @@ func (n *Node) pingPeers() {
 			if m.ID == n.cfg.NodeID || m.Role != membership.RoleServer || m.State != membership.StateAlive || m.GRPCAddr == "" {
 				continue
 			}
-			c, err := n.peers.client(m.GRPCAddr)
+			cc, err := n.peers.conn(m.GRPCAddr)
 			if err != nil {
 				continue
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 			start := time.Now()
-			resp, err := c.Ping(ctx, &pb.PingRequest{FromId: n.cfg.NodeID, Coordinate: pb.CoordinateToProto(n.rtt.Coordinate())})
+			resp, err := pb.NewGatewayClient(cc).Ping(ctx, &pb.PingRequest{FromId: n.cfg.NodeID, Coordinate: pb.CoordinateToProto(n.rtt.Coordinate())})
 			took := time.Since(start)
 			cancel()
 			if err != nil {
@@ -46,13 +46,13 @@ func (n *Node) pingPeers() {
 	}
 }
 
-func (s clusterServer) Ping(context.Context, *pb.PingRequest) (*pb.PingResponse, error) {
+func (s gatewayServer) Ping(context.Context, *pb.PingRequest) (*pb.PingResponse, error) {
 	n := s.n
 	return &pb.PingResponse{NodeId: n.cfg.NodeID, Region: n.cfg.Region, Zone: n.cfg.Zone,
 		Coordinate: pb.CoordinateToProto(n.rtt.Coordinate())}, nil
 }
 
-func (s clusterServer) GetPolicy(ctx context.Context, req *pb.GetPolicyRequest) (*pb.GetPolicyResponse, error) {
+func (s gatewayServer) GetPolicy(ctx context.Context, req *pb.GetPolicyRequest) (*pb.GetPolicyResponse, error) {
 	p, err := s.n.metadata(false).Policy(ctx, req.Repository)
 	r, gerr := answer(err)
 	if gerr != nil {
@@ -61,7 +61,7 @@ func (s clusterServer) GetPolicy(ctx context.Context, req *pb.GetPolicyRequest) 
 	return &pb.GetPolicyResponse{Result: r, Regions: p.Regions, MinRegions: int32(p.MinRegions)}, nil
 }
 
-func (s clusterServer) WaitBlobPlaced(ctx context.Context, req *pb.WaitBlobPlacedRequest) (*pb.WaitBlobPlacedResponse, error) {
+func (s gatewayServer) WaitBlobPlaced(ctx context.Context, req *pb.WaitBlobPlacedRequest) (*pb.WaitBlobPlacedResponse, error) {
 	// Answer a little before the caller's deadline, so it gets the record
 	// rather than a bare timeout.
 	wait := ctx

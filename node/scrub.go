@@ -31,7 +31,7 @@ func (n *Node) runScrubber() {
 
 // Scrub runs a pass over every placed copy in the asked regions (all when
 // none), through this node's stores, at full speed.
-func (s clusterServer) Scrub(ctx context.Context, req *pb.ScrubRequest) (*pb.ScrubResponse, error) {
+func (s adminServer) Scrub(ctx context.Context, req *pb.ScrubRequest) (*pb.ScrubResponse, error) {
 	for _, r := range req.Regions {
 		if err := s.n.checkRegion(r); err != nil {
 			return nil, status.Error(codes.InvalidArgument, err.Error())

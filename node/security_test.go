@@ -19,6 +19,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/meridian-registry/meridian/node"
 	"github.com/meridian-registry/meridian/node/clustertest"
@@ -114,7 +116,7 @@ func TestSecureClusterPushPull(t *testing.T) {
 	}
 	// An admin certificate reads the cluster's status.
 	conn := grpcClient(t, c.Config(follower).GRPCAddr, p.trust(pki.RoleAdmin, "ops").DialCredentials())
-	st, err := pb.NewClusterClient(conn).ClusterStatus(ctx, &pb.ClusterStatusRequest{})
+	st, err := pb.NewAdminClient(conn).ClusterStatus(ctx, &pb.ClusterStatusRequest{})
 	if err != nil || len(st.Members) != 3 {
 		t.Fatalf("ClusterStatus with an admin certificate: %v, %v", st, err)
 	}
@@ -128,34 +130,34 @@ func TestSecureClusterGRPCRefusesStrangers(t *testing.T) {
 	addr := c.Config(leader).GRPCAddr
 	other := newSecurePKI(t, p.cluster) // same cluster id, another CA
 
-	call := func(creds grpc.DialOption, f func(pb.ClusterClient) error) codes.Code {
+	call := func(creds grpc.DialOption, f func(*grpc.ClientConn) error) codes.Code {
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
 		_ = cctx
-		return status.Code(f(pb.NewClusterClient(grpcClient(t, addr, creds))))
+		return status.Code(f(grpcClient(t, addr, creds)))
 	}
-	uploadKey := func(c pb.ClusterClient) error {
-		_, err := c.GetUploadKey(ctx, &pb.GetUploadKeyRequest{})
+	uploadKey := func(cc *grpc.ClientConn) error {
+		_, err := pb.NewGatewayClient(cc).GetUploadKey(ctx, &pb.GetUploadKeyRequest{})
 		return err
 	}
 	for _, tc := range []struct {
 		name  string
 		creds grpc.DialOption
-		f     func(pb.ClusterClient) error
+		f     func(*grpc.ClientConn) error
 		want  codes.Code
 	}{
 		{"no TLS asks for the upload key", grpc.WithTransportCredentials(insecure.NewCredentials()), uploadKey, codes.Unavailable},
 		{"another CA's gateway asks for the upload key", other.trust(pki.RoleGateway, "gw").DialCredentials(), uploadKey, codes.Unavailable},
-		{"gateway transfers leadership", p.trust(pki.RoleGateway, "gw").DialCredentials(), func(c pb.ClusterClient) error {
-			_, err := c.TransferLeadership(ctx, &pb.TransferLeadershipRequest{})
+		{"gateway transfers leadership", p.trust(pki.RoleGateway, "gw").DialCredentials(), func(cc *grpc.ClientConn) error {
+			_, err := pb.NewAdminClient(cc).TransferLeadership(ctx, &pb.TransferLeadershipRequest{})
 			return err
 		}, codes.PermissionDenied},
-		{"gateway removes a server", p.trust(pki.RoleGateway, "gw").DialCredentials(), func(c pb.ClusterClient) error {
-			_, err := c.RemoveServer(ctx, &pb.RemoveServerRequest{Id: c2id(leader)})
+		{"gateway removes a server", p.trust(pki.RoleGateway, "gw").DialCredentials(), func(cc *grpc.ClientConn) error {
+			_, err := pb.NewAdminClient(cc).RemoveServer(ctx, &pb.RemoveServerRequest{Id: c2id(leader)})
 			return err
 		}, codes.PermissionDenied},
-		{"gateway sets a policy", p.trust(pki.RoleGateway, "gw").DialCredentials(), func(c pb.ClusterClient) error {
-			_, err := c.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{Prefix: "x/"}})
+		{"gateway sets a policy", p.trust(pki.RoleGateway, "gw").DialCredentials(), func(cc *grpc.ClientConn) error {
+			_, err := pb.NewAdminClient(cc).SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{Prefix: "x/"}})
 			return err
 		}, codes.PermissionDenied},
 		{"admin asks for the upload key", p.trust(pki.RoleAdmin, "ops").DialCredentials(), uploadKey, codes.PermissionDenied},
@@ -183,6 +185,81 @@ func TestSecureClusterGRPCRefusesStrangers(t *testing.T) {
 }
 
 func c2id(i int) string { return fmt.Sprintf("node-%d", i) }
+
+// The gRPC services split by caller role, probed as the holder of a stolen
+// certificate would: every method of Member, Gateway and Admin is called
+// with a real client under a node, a gateway and an admin certificate. A
+// gateway certificate gets PermissionDenied from every Admin and Member
+// method. The methods come from the service descriptors, so a method added
+// later is probed too; the expectations are written out here, not read
+// from the node's access table, so a change to the table shows.
+func TestServicesAdmitTheirRolesOnly(t *testing.T) {
+	c, p := newSecureCluster(t)
+	ctx := within(t, 3*time.Minute)
+	leader := mustLeader(t, ctx, c)
+	addr := c.Config(leader).GRPCAddr
+	callers := map[string]*grpc.ClientConn{
+		pki.RoleNode:    grpcClient(t, addr, p.trust(pki.RoleNode, "node-9").DialCredentials()),
+		pki.RoleGateway: grpcClient(t, addr, p.trust(pki.RoleGateway, "gw").DialCredentials()),
+		pki.RoleAdmin:   grpcClient(t, addr, p.trust(pki.RoleAdmin, "ops").DialCredentials()),
+	}
+	allowed := func(service, method, role string) bool {
+		switch {
+		case service == "Member":
+			return role == pki.RoleNode
+		case service == "Gateway" && method == "GetAccessState":
+			return true
+		case service == "Gateway":
+			return role != pki.RoleAdmin
+		case method == "GossipKeyring" || method == "Scrub":
+			return role == pki.RoleAdmin
+		default: // Admin
+			return role != pki.RoleGateway
+		}
+	}
+	// Requests that change nothing when let through; any other method gets
+	// an empty one. Only whether the transport refused the call matters.
+	requests := map[string]proto.Message{
+		"TransferLeadership": &pb.TransferLeadershipRequest{Id: "no-such-node"},
+		"RemoveServer":       &pb.RemoveServerRequest{Id: "no-such-node"},
+		"DeletePolicy":       &pb.DeletePolicyRequest{Prefix: "no/such/prefix"},
+		"GossipKeyring":      &pb.GossipKeyringRequest{Op: "list"},
+	}
+	for _, sd := range []grpc.ServiceDesc{pb.Member_ServiceDesc, pb.Gateway_ServiceDesc, pb.Admin_ServiceDesc} {
+		service := strings.TrimPrefix(sd.ServiceName, "meridian.v1.")
+		for _, m := range sd.Methods {
+			for role, conn := range callers {
+				t.Run(service+"/"+m.MethodName+"/"+role, func(t *testing.T) {
+					req, ok := requests[m.MethodName]
+					if !ok {
+						req = &emptypb.Empty{}
+					}
+					timeout := 20 * time.Second
+					if m.MethodName == "WaitBlobPlaced" {
+						// It waits for a blob nobody places and answers
+						// "not yet" just before the deadline.
+						timeout = 2 * time.Second
+					}
+					cctx, cancel := context.WithTimeout(ctx, timeout)
+					defer cancel()
+					err := conn.Invoke(cctx, "/"+sd.ServiceName+"/"+m.MethodName, req, &emptypb.Empty{})
+					code := status.Code(err)
+					refused := code == codes.PermissionDenied || code == codes.Unauthenticated
+					switch want := allowed(service, m.MethodName, role); {
+					case want && refused:
+						t.Errorf("refused to a %s certificate: %v", role, err)
+					case !want && code != codes.PermissionDenied:
+						t.Errorf("a %s certificate got %v (%v), want PermissionDenied", role, code, err)
+					}
+				})
+			}
+		}
+	}
+	// The probes moved nothing.
+	if l := mustLeader(t, ctx, c); l != leader {
+		t.Errorf("leadership moved from node %d to %d", leader, l)
+	}
+}
 
 // A plain Raft client, as hashicorp/raft itself would dial, cannot get a
 // heartbeat with a higher term or a forged entry into the cluster.
@@ -324,9 +401,12 @@ func TestCommitValidatesIntents(t *testing.T) {
 	ctx := within(t, 2*time.Minute)
 	leader := mustLeader(t, ctx, c)
 	follower := (leader + 1) % 3
-	cc := pb.NewClusterClient(grpcClient(t, c.Config(follower).GRPCAddr, p.trust(pki.RoleGateway, "gw").DialCredentials()))
+	conn := grpcClient(t, c.Config(follower).GRPCAddr, p.trust(pki.RoleGateway, "gw").DialCredentials())
 	commit := func(cmd *pb.Command, forwarded bool) (*pb.CommitResponse, error) {
-		return cc.Commit(ctx, &pb.CommitRequest{Command: cmd, Forwarded: forwarded})
+		if forwarded {
+			return pb.NewMemberClient(conn).Forward(ctx, &pb.CommitRequest{Command: cmd})
+		}
+		return pb.NewGatewayClient(conn).Commit(ctx, &pb.CommitRequest{Command: cmd})
 	}
 	good := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}`)
 	goodDigest := "sha256:" + fmt.Sprintf("%x", sha256.Sum256(good))

@@ -5,15 +5,28 @@ import (
 	"fmt"
 	"time"
 
+	"google.golang.org/grpc"
+
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
-// clusterServer answers the Cluster service for other nodes, gateways and
-// operator commands.
-type clusterServer struct {
-	pb.UnimplementedClusterServer
-	n *Node
-}
+// The node's gRPC services, one per caller role (access.go says who may
+// call which): memberServer for other nodes, gatewayServer for gateways,
+// adminServer for operator commands.
+type (
+	memberServer struct {
+		pb.UnimplementedMemberServer
+		n *Node
+	}
+	gatewayServer struct {
+		pb.UnimplementedGatewayServer
+		n *Node
+	}
+	adminServer struct {
+		pb.UnimplementedAdminServer
+		n *Node
+	}
+)
 
 // answer splits err into a business Result or a gRPC status.
 func answer(err error) (*pb.Result, error) {
@@ -23,28 +36,19 @@ func answer(err error) (*pb.Result, error) {
 	return nil, pb.ToStatus(err)
 }
 
-// Commit validates a write intent and commits it. Gateways may send the
-// repository intents only; placements, policies and regions, and forwarded
-// writes, come from nodes.
-func (s clusterServer) Commit(ctx context.Context, req *pb.CommitRequest) (*pb.CommitResponse, error) {
-	if err := s.n.mayCommit(ctx, req); err != nil {
-		return nil, err
-	}
-	var err error
-	var index uint64
+// Forward commits a write another node validated and passed on. One hop
+// only: a forwarded write that finds no leader here goes back. The leader
+// validates what it commits itself.
+func (s memberServer) Forward(ctx context.Context, req *pb.CommitRequest) (*pb.CommitResponse, error) {
 	actor := s.n.callerActor(ctx, req.Actor)
 	ctx = pb.WithActor(ctx, actor)
-	if req.Forwarded {
-		// One hop only: a forwarded write that finds no leader here goes
-		// back. The leader validates what it commits itself.
-		if err = s.n.validateCommand(ctx, req.Command); err == nil {
-			err = s.n.mayWrite(ctx, req.Command)
-		}
-		if err == nil {
-			index, err = s.n.consensus.Commit(ctx, req.Command, actor)
-		}
-	} else {
-		err = s.n.commit(ctx, req.Command)
+	var index uint64
+	err := s.n.validateCommand(ctx, req.Command)
+	if err == nil {
+		err = s.n.mayWrite(ctx, req.Command)
+	}
+	if err == nil {
+		index, err = s.n.consensus.Commit(ctx, req.Command, actor)
 	}
 	r, gerr := answer(err)
 	if gerr != nil {
@@ -53,7 +57,7 @@ func (s clusterServer) Commit(ctx context.Context, req *pb.CommitRequest) (*pb.C
 	return &pb.CommitResponse{Result: r, Index: index}, nil
 }
 
-func (s clusterServer) ReadIndex(ctx context.Context, _ *pb.ReadIndexRequest) (*pb.ReadIndexResponse, error) {
+func (s memberServer) ReadIndex(ctx context.Context, _ *pb.ReadIndexRequest) (*pb.ReadIndexResponse, error) {
 	i, err := s.n.consensus.ReadIndex(ctx)
 	if err != nil {
 		return nil, pb.ToStatus(err)
@@ -61,18 +65,33 @@ func (s clusterServer) ReadIndex(ctx context.Context, _ *pb.ReadIndexRequest) (*
 	return &pb.ReadIndexResponse{Index: i}, nil
 }
 
-func (s clusterServer) Status(context.Context, *pb.StatusRequest) (*pb.NodeStatus, error) {
+// Commit validates a write intent and commits it, through the leader.
+// Gateways may send the repository intents only; placements, policies and
+// regions come from nodes.
+func (s gatewayServer) Commit(ctx context.Context, req *pb.CommitRequest) (*pb.CommitResponse, error) {
+	if err := s.n.mayCommit(ctx, req.Command); err != nil {
+		return nil, err
+	}
+	ctx = pb.WithActor(ctx, s.n.callerActor(ctx, req.Actor))
+	r, gerr := answer(s.n.commit(ctx, req.Command))
+	if gerr != nil {
+		return nil, gerr
+	}
+	return &pb.CommitResponse{Result: r}, nil
+}
+
+func (s adminServer) Status(context.Context, *pb.StatusRequest) (*pb.NodeStatus, error) {
 	return s.n.status(), nil
 }
 
-func (s clusterServer) ClusterStatus(ctx context.Context, _ *pb.ClusterStatusRequest) (*pb.ClusterStatusResponse, error) {
+func (s adminServer) ClusterStatus(ctx context.Context, _ *pb.ClusterStatusRequest) (*pb.ClusterStatusResponse, error) {
 	return s.n.clusterStatus(ctx), nil
 }
 
-func (s clusterServer) TransferLeadership(ctx context.Context, req *pb.TransferLeadershipRequest) (*pb.TransferLeadershipResponse, error) {
+func (s adminServer) TransferLeadership(ctx context.Context, req *pb.TransferLeadershipRequest) (*pb.TransferLeadershipResponse, error) {
 	before, _ := s.n.consensus.Leader()
-	err := s.n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
-		resp, err := c.TransferLeadership(ctx, req)
+	err := s.n.onLeader(ctx, func(ctx context.Context, cc grpc.ClientConnInterface) error {
+		resp, err := pb.NewAdminClient(cc).TransferLeadership(ctx, req)
 		if err != nil {
 			return fromGRPC(err)
 		}
@@ -113,9 +132,9 @@ func (n *Node) leaderOtherThan(ctx context.Context, old string) string {
 	}
 }
 
-func (s clusterServer) RemoveServer(ctx context.Context, req *pb.RemoveServerRequest) (*pb.RemoveServerResponse, error) {
-	err := s.n.onLeader(ctx, func(ctx context.Context, c pb.ClusterClient) error {
-		resp, err := c.RemoveServer(ctx, req)
+func (s adminServer) RemoveServer(ctx context.Context, req *pb.RemoveServerRequest) (*pb.RemoveServerResponse, error) {
+	err := s.n.onLeader(ctx, func(ctx context.Context, cc grpc.ClientConnInterface) error {
+		resp, err := pb.NewAdminClient(cc).RemoveServer(ctx, req)
 		if err != nil {
 			return fromGRPC(err)
 		}
@@ -141,7 +160,7 @@ func adminError(err error) error {
 
 func consistency(c pb.Consistency) bool { return c == pb.Consistency_CONSISTENCY_STRONG }
 
-func (s clusterServer) GetManifest(ctx context.Context, req *pb.GetManifestRequest) (*pb.GetManifestResponse, error) {
+func (s gatewayServer) GetManifest(ctx context.Context, req *pb.GetManifestRequest) (*pb.GetManifestResponse, error) {
 	md := s.n.metadata(consistency(req.Consistency))
 	dgst, err := req.Digest, error(nil)
 	byTag := req.Tag != "" && dgst == ""
@@ -159,7 +178,7 @@ func (s clusterServer) GetManifest(ctx context.Context, req *pb.GetManifestReque
 	return &pb.GetManifestResponse{Result: r, Manifest: m, TagResolved: byTag}, nil
 }
 
-func (s clusterServer) GetTag(ctx context.Context, req *pb.GetTagRequest) (*pb.GetTagResponse, error) {
+func (s gatewayServer) GetTag(ctx context.Context, req *pb.GetTagRequest) (*pb.GetTagResponse, error) {
 	d, err := s.n.metadata(consistency(req.Consistency)).Tag(ctx, req.Repository, req.Tag)
 	r, gerr := answer(err)
 	if gerr != nil {
@@ -168,7 +187,7 @@ func (s clusterServer) GetTag(ctx context.Context, req *pb.GetTagRequest) (*pb.G
 	return &pb.GetTagResponse{Result: r, Digest: d}, nil
 }
 
-func (s clusterServer) ListTags(ctx context.Context, req *pb.ListRequest) (*pb.ListResponse, error) {
+func (s gatewayServer) ListTags(ctx context.Context, req *pb.ListRequest) (*pb.ListResponse, error) {
 	items, err := s.n.metadata(consistency(req.Consistency)).Tags(ctx, req.Repository, req.After, int(req.Limit))
 	r, gerr := answer(err)
 	if gerr != nil {
@@ -177,7 +196,7 @@ func (s clusterServer) ListTags(ctx context.Context, req *pb.ListRequest) (*pb.L
 	return &pb.ListResponse{Result: r, Items: items}, nil
 }
 
-func (s clusterServer) ListRepositories(ctx context.Context, req *pb.ListRequest) (*pb.ListResponse, error) {
+func (s gatewayServer) ListRepositories(ctx context.Context, req *pb.ListRequest) (*pb.ListResponse, error) {
 	items, err := s.n.metadata(consistency(req.Consistency)).Repositories(ctx, req.After, int(req.Limit))
 	r, gerr := answer(err)
 	if gerr != nil {
@@ -186,7 +205,7 @@ func (s clusterServer) ListRepositories(ctx context.Context, req *pb.ListRequest
 	return &pb.ListResponse{Result: r, Items: items}, nil
 }
 
-func (s clusterServer) ListReferrers(ctx context.Context, req *pb.ListReferrersRequest) (*pb.ListReferrersResponse, error) {
+func (s gatewayServer) ListReferrers(ctx context.Context, req *pb.ListReferrersRequest) (*pb.ListReferrersResponse, error) {
 	refs, err := s.n.metadata(consistency(req.Consistency)).Referrers(ctx, req.Repository, req.Subject)
 	r, gerr := answer(err)
 	if gerr != nil {
@@ -195,7 +214,7 @@ func (s clusterServer) ListReferrers(ctx context.Context, req *pb.ListReferrersR
 	return &pb.ListReferrersResponse{Result: r, Referrers: refs}, nil
 }
 
-func (s clusterServer) GetLinkedBlob(ctx context.Context, req *pb.GetLinkedBlobRequest) (*pb.GetLinkedBlobResponse, error) {
+func (s gatewayServer) GetLinkedBlob(ctx context.Context, req *pb.GetLinkedBlobRequest) (*pb.GetLinkedBlobResponse, error) {
 	b, err := s.n.metadata(consistency(req.Consistency)).LinkedBlob(ctx, req.Repository, req.Digest)
 	r, gerr := answer(err)
 	if gerr != nil {
@@ -204,7 +223,7 @@ func (s clusterServer) GetLinkedBlob(ctx context.Context, req *pb.GetLinkedBlobR
 	return &pb.GetLinkedBlobResponse{Result: r, Blob: b}, nil
 }
 
-func (s clusterServer) GetUploadKey(ctx context.Context, _ *pb.GetUploadKeyRequest) (*pb.GetUploadKeyResponse, error) {
+func (s gatewayServer) GetUploadKey(ctx context.Context, _ *pb.GetUploadKeyRequest) (*pb.GetUploadKeyResponse, error) {
 	keys, err := s.n.metadata(false).UploadKeys(ctx)
 	if err != nil {
 		return nil, pb.ToStatus(err)

@@ -12,6 +12,7 @@ import (
 	"github.com/meridian-registry/meridian/consensus"
 	"github.com/meridian-registry/meridian/node/membership"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protojson"
 )
 
@@ -107,8 +108,8 @@ func (n *Node) clusterStatus(ctx context.Context) *pb.ClusterStatusResponse {
 			defer wg.Done()
 			cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 			defer cancel()
-			err := n.callPeer(cctx, id, func(ctx context.Context, c pb.ClusterClient) error {
-				st, err := c.Status(ctx, &pb.StatusRequest{})
+			err := n.callPeer(cctx, id, func(ctx context.Context, cc grpc.ClientConnInterface) error {
+				st, err := pb.NewAdminClient(cc).Status(ctx, &pb.StatusRequest{})
 				if err == nil {
 					mu.Lock()
 					ms.Status = st

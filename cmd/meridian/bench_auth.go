@@ -112,7 +112,7 @@ func (a *benchAuth) grantAnonymousPull(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	g := &pb.Grant{Subject: "anonymous", Prefix: benchRepo, Actions: []string{"pull"}}
-	if _, err := pb.NewClusterClient(conn).ManageAccess(ctx, &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_Grant{Grant: g}}); err != nil {
+	if _, err := pb.NewAdminClient(conn).ManageAccess(ctx, &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_Grant{Grant: g}}); err != nil {
 		return fmt.Errorf("granting anonymous pull on %s: %w", benchRepo, err)
 	}
 	return nil

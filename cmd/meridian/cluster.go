@@ -105,9 +105,9 @@ func envOr(key, def string) string {
 	return def
 }
 
-// dial connects to a node's Cluster service, over mutual TLS when given a
+// dial connects to a node's Admin service, over mutual TLS when given a
 // certificate.
-func (a adminFlags) dial() (pb.ClusterClient, context.Context, func(), error) {
+func (a adminFlags) dial() (pb.AdminClient, context.Context, func(), error) {
 	trust := &transport.Trust{}
 	creds := trust.DialCredentials()
 	switch {
@@ -141,7 +141,7 @@ func (a adminFlags) dial() (pb.ClusterClient, context.Context, func(), error) {
 		return nil, nil, nil, fmt.Errorf("connect to %s: %w", *a.addr, err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *a.timeout)
-	return pb.NewClusterClient(conn), ctx, func() { cancel(); conn.Close() }, nil
+	return pb.NewAdminClient(conn), ctx, func() { cancel(); conn.Close() }, nil
 }
 
 func clusterStatus(args []string) error {

@@ -435,19 +435,19 @@ func TestAdminUserOverTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	c := pb.NewClusterClient(conn)
+	adm, gw := pb.NewAdminClient(conn), pb.NewGatewayClient(conn)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	for name, call := range map[string]func() error{
 		"ManageAccess": func() error {
-			_, err := c.ManageAccess(ctx, &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_DeleteUser{DeleteUser: "admin"}})
+			_, err := adm.ManageAccess(ctx, &pb.ManageAccessRequest{Op: &pb.ManageAccessRequest_DeleteUser{DeleteUser: "admin"}})
 			return err
 		},
-		"ClusterStatus":  func() error { _, err := c.ClusterStatus(ctx, &pb.ClusterStatusRequest{}); return err },
-		"GetAccessState": func() error { _, err := c.GetAccessState(ctx, &pb.GetAccessStateRequest{}); return err },
-		"GetUploadKey":   func() error { _, err := c.GetUploadKey(ctx, &pb.GetUploadKeyRequest{}); return err },
+		"ClusterStatus":  func() error { _, err := adm.ClusterStatus(ctx, &pb.ClusterStatusRequest{}); return err },
+		"GetAccessState": func() error { _, err := gw.GetAccessState(ctx, &pb.GetAccessStateRequest{}); return err },
+		"GetUploadKey":   func() error { _, err := gw.GetUploadKey(ctx, &pb.GetUploadKeyRequest{}); return err },
 		"Commit": func() error {
-			_, err := c.Commit(ctx, &pb.CommitRequest{Command: &pb.Command{Intent: &pb.Command_DeleteTag{DeleteTag: &pb.DeleteTag{Repository: "secure/app", Tag: "v1"}}}})
+			_, err := gw.Commit(ctx, &pb.CommitRequest{Command: &pb.Command{Intent: &pb.Command_DeleteTag{DeleteTag: &pb.DeleteTag{Repository: "secure/app", Tag: "v1"}}}})
 			return err
 		},
 	} {

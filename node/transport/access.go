@@ -20,15 +20,15 @@ import (
 const Credentialed = "credentials"
 
 // Access says which roles may call which gRPC method. Keys are full method
-// names ("/meridian.v1.Cluster/Status") or a service prefix ending in "/"
-// ("/meridian.v1.BlobStore/"); the full name wins. A method the table does
+// names ("/meridian.v1.Admin/Status") or a service prefix ending in "/"
+// ("/meridian.v1.Admin/"); the full name wins. A method the table does
 // not name is refused: new RPCs are closed until someone decides who may
 // call them.
 type Access map[string][]string
 
-// roles returns the roles allowed to call method, and whether the table
-// names it at all.
-func (a Access) roles(method string) ([]string, bool) {
+// Roles returns the roles allowed to call method, and whether the table
+// names it at all (by its full name or its service's prefix).
+func (a Access) Roles(method string) ([]string, bool) {
 	if r, ok := a[method]; ok {
 		return r, true
 	}
@@ -66,7 +66,7 @@ func (t *Trust) authorize(ctx context.Context, a Access, method string) error {
 		return nil
 	}
 	id, ok := Caller(ctx)
-	allowed, named := a.roles(method)
+	allowed, named := a.Roles(method)
 	if !ok {
 		// No certificate: only methods that take credentials, which the
 		// server's own interceptor then requires.
