@@ -315,6 +315,10 @@ var adminMethods = map[string]bool{
 	pb.Admin_ManageAccess_FullMethodName:       true,
 	pb.Admin_ListAccess_FullMethodName:         true,
 	pb.Admin_ReadAudit_FullMethodName:          true,
+	pb.Admin_RunGC_FullMethodName:              true,
+	pb.Admin_GCStatus_FullMethodName:           true,
+	pb.Admin_ManageLifecycle_FullMethodName:    true,
+	pb.Admin_ListLifecycle_FullMethodName:      true,
 	pb.Gateway_GetAccessState_FullMethodName:   true,
 }
 

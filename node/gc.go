@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
 
 	"github.com/meridian-registry/meridian/consensus"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -90,7 +91,7 @@ type gcRunner struct{ mu sync.Mutex }
 // re-checks each candidate, so a run never takes what a concurrent push
 // linked; the answer's Run holds what the entries actually did.
 func (n *Node) runGC(ctx context.Context, req *pb.RunGCRequest) (*pb.RunGCResponse, error) {
-	if !req.DryRun && !n.consensus.IsLeader() {
+	if !n.consensus.IsLeader() {
 		return nil, fmt.Errorf("%w: garbage collection runs on the leader", pb.ErrNotLeader)
 	}
 	if !n.gc.mu.TryLock() {
@@ -240,4 +241,70 @@ func (n *Node) scheduleGC() {
 		}
 		cancel()
 	}
+}
+
+// manageLifecycle commits an admin's lifecycle change: a repository
+// delete or an immutability rule. The node validates it like any command.
+func (n *Node) manageLifecycle(ctx context.Context, req *pb.ManageLifecycleRequest) error {
+	cmd := &pb.Command{}
+	switch c := req.GetChange().(type) {
+	case *pb.ManageLifecycleRequest_DeleteRepository:
+		cmd.Intent = &pb.Command_DeleteRepository{DeleteRepository: c.DeleteRepository}
+	case *pb.ManageLifecycleRequest_SetImmutableRule:
+		cmd.Intent = &pb.Command_SetImmutableRule{SetImmutableRule: c.SetImmutableRule}
+	case *pb.ManageLifecycleRequest_DeleteImmutableRule:
+		cmd.Intent = &pb.Command_DeleteImmutableRule{DeleteImmutableRule: c.DeleteImmutableRule}
+	default:
+		return invalid("no lifecycle change in the request")
+	}
+	return n.commit(ctx, cmd)
+}
+
+// RunGC runs a collection on the leader, dry runs too: its state holds
+// every write acknowledged so far, so the plan is what a run would take.
+// A run can outlast the usual apply timeout on a large registry, so the
+// caller's deadline bounds it.
+func (s adminServer) RunGC(ctx context.Context, req *pb.RunGCRequest) (*pb.RunGCResponse, error) {
+	var resp *pb.RunGCResponse
+	err := s.n.onLeader(ctx, func(ctx context.Context, cc grpc.ClientConnInterface) error {
+		r, err := pb.NewAdminClient(cc).RunGC(forwardContext(ctx), req)
+		if err != nil {
+			return fromGRPC(err)
+		}
+		resp = r
+		return nil
+	}, func(ctx context.Context) (err error) {
+		resp, err = s.n.runGC(ctx, req)
+		return err
+	})
+	if r, gerr := answer(adminError(err)); gerr != nil {
+		return nil, gerr
+	} else if r != nil {
+		return &pb.RunGCResponse{Result: r}, nil
+	}
+	return resp, nil
+}
+
+func (s adminServer) GCStatus(ctx context.Context, _ *pb.GCStatusRequest) (*pb.GCStatusResponse, error) {
+	resp, err := s.n.gcStatus(ctx)
+	if err != nil {
+		return nil, pb.ToStatus(err)
+	}
+	return resp, nil
+}
+
+func (s adminServer) ManageLifecycle(ctx context.Context, req *pb.ManageLifecycleRequest) (*pb.ManageLifecycleResponse, error) {
+	r, gerr := answer(adminError(s.n.manageLifecycle(ctx, req)))
+	if gerr != nil {
+		return nil, gerr
+	}
+	return &pb.ManageLifecycleResponse{Result: r}, nil
+}
+
+func (s adminServer) ListLifecycle(ctx context.Context, _ *pb.ListLifecycleRequest) (*pb.ListLifecycleResponse, error) {
+	rules, err := s.n.consensus.Store().ImmutableRules(ctx)
+	if err != nil {
+		return nil, pb.ToStatus(err)
+	}
+	return &pb.ListLifecycleResponse{ImmutableRules: rules}, nil
 }

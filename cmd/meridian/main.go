@@ -26,6 +26,9 @@ Usage:
   meridian robot …           create, list, revoke robot accounts (log in as robot+NAME)
   meridian access …          grant, revoke, list permissions on repository prefixes
   meridian audit [flags]     read the audit log (who changed what, from where)
+  meridian gc …              run (or dry-run) garbage collection, show what it freed per region
+  meridian repo delete NAME  delete a repository (its tags, manifests and blob links)
+  meridian immutable …       add, delete, list tag immutability rules
   meridian bench [flags]     measure push, pull and manifest GET against the machine's limits
   meridian version           print the version
 
@@ -66,6 +69,12 @@ func main() {
 		err = accessCmd(os.Args[2:])
 	case "audit":
 		err = auditCmd(os.Args[2:])
+	case "gc":
+		err = gcCmd(os.Args[2:])
+	case "repo":
+		err = repoCmd(os.Args[2:])
+	case "immutable":
+		err = immutableCmd(os.Args[2:])
 	case "bench":
 		err = bench(os.Args[2:])
 	case "version", "--version":
