@@ -320,6 +320,11 @@ func auditDetail(e *pb.LogEntry) string {
 		return c.SetImmutableRule.GetRule().Describe()
 	case *pb.LogEntry_DeleteImmutableRule:
 		return c.DeleteImmutableRule.GetRule().Describe()
+	case *pb.LogEntry_SetQuota:
+		q := c.SetQuota.GetQuota()
+		return fmt.Sprintf("repositories=%q max_bytes=%d max_repositories=%d max_tags=%d", q.GetRepositories(), q.GetMaxBytes(), q.GetMaxRepositories(), q.GetMaxTags())
+	case *pb.LogEntry_DeleteQuota:
+		return fmt.Sprintf("repositories=%q", c.DeleteQuota.Repositories)
 	case *pb.LogEntry_SetPolicy:
 		return fmt.Sprintf("prefix=%q regions=%v", c.SetPolicy.GetPolicy().GetPrefix(), c.SetPolicy.GetPolicy().GetRegions())
 	case *pb.LogEntry_DeletePolicy:

@@ -59,6 +59,10 @@ func Entry(cmd *pb.Command, actor *pb.Actor, now time.Time) (*pb.LogEntry, error
 		e.Command = &pb.LogEntry_SetImmutableRule{SetImmutableRule: c.SetImmutableRule}
 	case *pb.Command_DeleteImmutableRule:
 		e.Command = &pb.LogEntry_DeleteImmutableRule{DeleteImmutableRule: c.DeleteImmutableRule}
+	case *pb.Command_SetQuota:
+		e.Command = &pb.LogEntry_SetQuota{SetQuota: c.SetQuota}
+	case *pb.Command_DeleteQuota:
+		e.Command = &pb.LogEntry_DeleteQuota{DeleteQuota: c.DeleteQuota}
 	default:
 		return nil, fmt.Errorf("%w: no command, or one this binary does not know (%T)", pb.ErrInvalidArgument, cmd.GetIntent())
 	}

@@ -57,6 +57,8 @@ var commands = map[protoreflect.Name]applyFunc{
 
 	"set_immutable_rule":    applySetImmutableRule,
 	"delete_immutable_rule": applyDeleteImmutableRule,
+	"set_quota":             applySetQuota,
+	"delete_quota":          applyDeleteQuota,
 }
 
 var commandOneof = (&pb.LogEntry{}).ProtoReflect().Descriptor().Oneofs().ByName("command")
@@ -106,7 +108,17 @@ func (f *fsm) Apply(l *raft.Log) any {
 	b := db.NewIndexedBatch()
 	defer func() { b.Close() }()
 	result := apply(b, e)
-	if result != nil {
+	var kept keptRejection
+	if errors.As(result, &kept) {
+		// Refused, but a fresh batch records what must not be lost (see
+		// keptRejection).
+		b.Close()
+		b = db.NewIndexedBatch()
+		if err := kept.keep(b); err != nil {
+			panic(fmt.Sprintf("consensus: apply entry %d: %v", l.Index, err))
+		}
+		result = kept.refused
+	} else if result != nil {
 		var rejected *pb.Error
 		if !errors.As(result, &rejected) {
 			// A storage failure, not a business answer: other replicas applied
@@ -168,6 +180,9 @@ func (f *fsm) Restore(r io.ReadCloser) error {
 func ensureRepo(b *pebble.Batch, repo string, now int64) error {
 	ok, err := has(b, key(tableRepo, repo))
 	if err != nil || ok {
+		return err
+	}
+	if err := chargeRepository(b, repo, 1); err != nil {
 		return err
 	}
 	return b.Set(key(tableRepo, repo), encodeUint64s(uint64(now)), nil)
@@ -289,6 +304,8 @@ func setTag(b *pebble.Batch, repo, tag, digest string, now int64) error {
 		if err := b.Delete(key(tableTagIndex, repo, string(old), tag), nil); err != nil {
 			return err
 		}
+	} else if err := chargeTags(b, repo, 1); err != nil {
+		return err
 	}
 	if err := b.Set(tk, []byte(digest), nil); err != nil {
 		return err
@@ -343,6 +360,9 @@ func applyDeleteTag(b *pebble.Batch, e *pb.LogEntry) error {
 	if err := refuseImmutable(rules, c.Repository, c.Tag, "deleting it"); err != nil {
 		return err
 	}
+	if err := chargeTags(b, c.Repository, -1); err != nil {
+		return err
+	}
 	if err := b.Delete(key(tableTagIndex, c.Repository, string(d), c.Tag), nil); err != nil {
 		return err
 	}
@@ -395,8 +415,30 @@ func applyLinkBlob(b *pebble.Batch, e *pb.LogEntry) error {
 			return err
 		}
 	}
-	if err := ensureRepo(b, c.Repository, e.TimeUnixNano); err != nil {
+	linked, err := has(b, key(tableLink, c.Repository, c.Digest))
+	if err != nil {
 		return err
+	}
+	err = ensureRepo(b, c.Repository, e.TimeUnixNano)
+	if err == nil && !linked {
+		err = chargeLink(b, c.Repository, c.Digest, rec.Size, 1)
+	}
+	if err != nil {
+		var refused *pb.Error
+		if c.PlacedRegion == "" || !errors.As(err, &refused) {
+			return err
+		}
+		// A push over a quota: its bytes are in the region's store
+		// already, so the record stays, unlinked, for garbage collection
+		// to free them.
+		return keptRejection{refused: refused, keep: func(b *pebble.Batch) error {
+			if !found {
+				if err := putTime(b, key(tableOrphanBlob, c.Digest), e.TimeUnixNano); err != nil {
+					return err
+				}
+			}
+			return addPlacement(b, rec, c.PlacedRegion)
+		}}
 	}
 	if err := b.Set(key(tableLink, c.Repository, c.Digest), nil, nil); err != nil {
 		return err

@@ -44,6 +44,7 @@ import (
 //	v 'c' "run"                       last garbage-collection run → GCRun
 //	v 'c' "freed" 0 region            what collection freed in a region → GCRegion
 //	v 'i' repositories 0 tags         tag immutability rule → ImmutableRule
+//	v 'Q' repositories                quota and its usage → QuotaUsage
 const layoutVersion byte = 1
 
 const (
@@ -77,6 +78,7 @@ const (
 	tableRemoval    byte = 'Z'
 	tableGC         byte = 'c'
 	tableImmutable  byte = 'i'
+	tableQuota      byte = 'Q'
 )
 
 const sep byte = 0

@@ -130,6 +130,13 @@ func unlink(b *pebble.Batch, repo, d string, now int64) error {
 			return err
 		}
 	}
+	size, err := blobSize(b, d)
+	if err != nil {
+		return err
+	}
+	if err := chargeLink(b, repo, d, size, -1); err != nil {
+		return err
+	}
 	_, linked, err := firstUnder(b, prefix(tableBlobRepos, d))
 	if err != nil || linked {
 		return err
@@ -165,6 +172,9 @@ func removeManifest(b *pebble.Batch, repo string, rec *pb.ManifestRecord, now in
 			return err
 		}
 	}
+	if err := chargeTags(b, repo, -int64(len(tags))); err != nil {
+		return err
+	}
 	if rec.Subject != "" {
 		if err := b.Delete(key(tableReferrer, repo, rec.Subject, rec.Digest), nil); err != nil {
 			return err
@@ -196,6 +206,19 @@ func applyDeleteRepository(b *pebble.Batch, e *pb.LogEntry) error {
 		blobs = append(blobs, lastField(k))
 		return nil
 	}); err != nil {
+		return err
+	}
+	var tags int64
+	if err := scan(b, prefix(tableTag, repo), "", -1, func(_, _ []byte) error {
+		tags++
+		return nil
+	}); err != nil {
+		return err
+	}
+	if err := chargeTags(b, repo, -tags); err != nil {
+		return err
+	}
+	if err := chargeRepository(b, repo, -1); err != nil {
 		return err
 	}
 	for _, table := range []byte{tableTag, tableTagIndex, tableManifest, tableReferrer, tableBlobRef, tableChildRef, tableUntagged} {

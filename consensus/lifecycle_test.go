@@ -331,3 +331,88 @@ func TestImmutableTags(t *testing.T) {
 	h.mustApply(put(manifest("team/app", "two", "v1")))
 	wantTag(t, h.store, "team/app", "v1", digestOf("two"))
 }
+
+func setQuota(repos string, maxBytes, maxRepos, maxTags int64) *pb.LogEntry {
+	return &pb.LogEntry{Command: &pb.LogEntry_SetQuota{SetQuota: &pb.SetQuota{Quota: &pb.Quota{
+		Repositories: repos, MaxBytes: maxBytes, MaxRepositories: maxRepos, MaxTags: maxTags}}}}
+}
+
+func wantUsage(t *testing.T, s *Store, repos string, bytes, nrepos, tags int64) {
+	t.Helper()
+	us, err := s.QuotaUsages(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range us {
+		if u.Quota.Repositories == repos {
+			if u.Bytes != bytes || u.Repositories != nrepos || u.Tags != tags {
+				t.Fatalf("quota %q uses %d bytes, %d repositories, %d tags; want %d, %d, %d", repos, u.Bytes, u.Repositories, u.Tags, bytes, nrepos, tags)
+			}
+			return
+		}
+	}
+	t.Fatalf("no quota %q", repos)
+}
+
+func TestQuotas(t *testing.T) {
+	h := newTestFSM(t)
+	ctx := context.Background()
+	shared := digestOf("shared")
+	// Usage is counted from what exists when the quota is set.
+	h.mustApply(placeBlob("team/a", shared, 100, "us"))
+	h.mustApply(setQuota("team", 250, 2, 2))
+	wantUsage(t, h.store, "team", 100, 1, 0)
+
+	// A blob linked in two covered repositories counts once.
+	h.mustApply(mountBlob("team/b", shared, "team/a"))
+	wantUsage(t, h.store, "team", 100, 2, 0)
+	h.mustApply(placeBlob("team/b", digestOf("b1"), 150, "us"))
+	wantUsage(t, h.store, "team", 250, 2, 0)
+
+	// Past a limit: DENIED with the usage, and nothing changes.
+	err := h.apply(placeBlob("team/b", digestOf("b2"), 1, "us"))
+	if !errors.Is(err, pb.ErrDenied) || !strings.Contains(err.Error(), "quota exceeded: uses 250 of 250 bytes") {
+		t.Fatalf("link past the byte quota: %v", err)
+	}
+	wantUsage(t, h.store, "team", 250, 2, 0)
+	// The refused push's bytes are in the store: the record stays,
+	// unlinked, and collection frees them.
+	if _, err := h.store.LinkedBlob(ctx, "team/b", digestOf("b2")); !errors.Is(err, pb.ErrBlobUnknown) {
+		t.Fatalf("refused blob is linked: %v", err)
+	}
+	plan, err := h.store.PlanGC(ctx, h.now(), 0)
+	if err != nil || !slices.ContainsFunc(plan.Blobs, func(b BlobCollection) bool { return b.Digest == digestOf("b2") && b.Condemned }) {
+		t.Fatalf("collection plan %+v, %v; want the refused blob condemned", plan.Blobs, err)
+	}
+
+	if err := h.apply(placeBlob("team/c", digestOf("c"), 1, "us")); !errors.Is(err, pb.ErrDenied) { // a third repository
+		t.Fatalf("a third repository: %v", err)
+	}
+	h.mustApply(placeBlob("elsewhere", digestOf("e"), 1000, "us")) // not covered
+
+	// Tags.
+	m := manifest("team/a", "m", "v1", "v2")
+	m.Blobs = []string{shared}
+	h.mustApply(put(m))
+	wantUsage(t, h.store, "team", 250, 2, 2)
+	h.reject(put(manifest("team/a", "m2", "v3")), pb.ErrDenied)
+	h.mustApply(put(manifest("team/a", "m2", "v2"))) // moving a tag adds none
+	h.mustApply(deleteTag("team/a", "v2"))
+	wantUsage(t, h.store, "team", 250, 2, 1)
+
+	// Unlinks and repository deletes give it back.
+	h.mustApply(deleteRepo("team/b"))
+	wantUsage(t, h.store, "team", 100, 1, 1)
+	h.mustApply(placeBlob("team/c", digestOf("c2"), 150, "us"))
+	wantUsage(t, h.store, "team", 250, 2, 1)
+
+	// Replays and snapshots agree: a second store fed the same log holds
+	// the same usage.
+	h2 := newTestFSM(t)
+	for _, l := range h.logs {
+		applyResult(t, h2.fsm.Apply(l))
+	}
+	if !slices.Equal(h.digest(), h2.digest()) {
+		t.Fatal("replaying the log gives another state")
+	}
+}

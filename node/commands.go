@@ -66,6 +66,20 @@ func (n *Node) validateCommand(ctx context.Context, cmd *pb.Command) error {
 		return checkImmutableRule(c.SetImmutableRule.GetRule())
 	case *pb.Command_DeleteImmutableRule:
 		return checkImmutableRule(c.DeleteImmutableRule.GetRule())
+	case *pb.Command_SetQuota:
+		q := c.SetQuota.GetQuota()
+		if q == nil {
+			return invalid("no quota")
+		}
+		if q.MaxBytes < 0 || q.MaxRepositories < 0 || q.MaxTags < 0 {
+			return invalid("quota limits cannot be negative")
+		}
+		if q.MaxBytes == 0 && q.MaxRepositories == 0 && q.MaxTags == 0 {
+			return invalid("a quota sets at least one of --max-bytes, --max-repositories, --max-tags")
+		}
+		return checkRepoPattern(q.Repositories)
+	case *pb.Command_DeleteQuota:
+		return checkRepoPattern(c.DeleteQuota.GetRepositories())
 	case *pb.Command_SetRegions:
 		if !slices.Equal(c.SetRegions.GetRegions(), n.cfg.regionNames()) {
 			return invalid("regions %v: the cluster's configured regions are %v", c.SetRegions.GetRegions(), n.cfg.regionNames())
@@ -142,6 +156,16 @@ func (n *Node) checkSize(size int64) error {
 func (n *Node) checkRegion(region string) error {
 	if !slices.Contains(n.cfg.regionNames(), region) {
 		return invalid("region %q: the cluster's regions are %v", region, n.cfg.regionNames())
+	}
+	return nil
+}
+
+func checkRepoPattern(p string) error {
+	if err := checkText("repositories", p, false); err != nil {
+		return err
+	}
+	if !pb.ValidGlob(p) {
+		return invalid("repositories %q: not a valid pattern", p)
 	}
 	return nil
 }

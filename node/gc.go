@@ -244,7 +244,7 @@ func (n *Node) scheduleGC() {
 }
 
 // manageLifecycle commits an admin's lifecycle change: a repository
-// delete or an immutability rule. The node validates it like any command.
+// delete, an immutability rule or a quota. The node validates it like any command.
 func (n *Node) manageLifecycle(ctx context.Context, req *pb.ManageLifecycleRequest) error {
 	cmd := &pb.Command{}
 	switch c := req.GetChange().(type) {
@@ -254,6 +254,10 @@ func (n *Node) manageLifecycle(ctx context.Context, req *pb.ManageLifecycleReque
 		cmd.Intent = &pb.Command_SetImmutableRule{SetImmutableRule: c.SetImmutableRule}
 	case *pb.ManageLifecycleRequest_DeleteImmutableRule:
 		cmd.Intent = &pb.Command_DeleteImmutableRule{DeleteImmutableRule: c.DeleteImmutableRule}
+	case *pb.ManageLifecycleRequest_SetQuota:
+		cmd.Intent = &pb.Command_SetQuota{SetQuota: c.SetQuota}
+	case *pb.ManageLifecycleRequest_DeleteQuota:
+		cmd.Intent = &pb.Command_DeleteQuota{DeleteQuota: c.DeleteQuota}
 	default:
 		return invalid("no lifecycle change in the request")
 	}
@@ -306,5 +310,9 @@ func (s adminServer) ListLifecycle(ctx context.Context, _ *pb.ListLifecycleReque
 	if err != nil {
 		return nil, pb.ToStatus(err)
 	}
-	return &pb.ListLifecycleResponse{ImmutableRules: rules}, nil
+	quotas, err := s.n.consensus.Store().QuotaUsages(ctx)
+	if err != nil {
+		return nil, pb.ToStatus(err)
+	}
+	return &pb.ListLifecycleResponse{ImmutableRules: rules, Quotas: quotas}, nil
 }

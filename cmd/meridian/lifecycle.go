@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/meridian-registry/meridian/node"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
@@ -29,6 +30,10 @@ MERIDIAN_USERNAME and MERIDIAN_PASSWORD or --username and --password-file):
   meridian immutable delete --repositories PATTERN --tags GLOB
   meridian immutable list
                       tags a rule covers cannot be moved or deleted once they exist
+  meridian quota set --repositories PATTERN [--max-bytes 10GiB] [--max-repositories N] [--max-tags N]
+  meridian quota delete --repositories PATTERN
+  meridian quota list [--json]
+                      limits on what the covered repositories hold together, and their usage
 
 Every command takes --addr (any node's gRPC address).
 `
@@ -290,5 +295,83 @@ func immutableCmd(args []string) error {
 	default:
 		fmt.Fprint(os.Stderr, lifecycleUsage)
 		return fmt.Errorf("immutable: unknown command %q (want add, delete or list)", args[0])
+	}
+}
+
+func quotaCmd(args []string) error {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, lifecycleUsage)
+		return errors.New("quota: want set, delete or list")
+	}
+	a := newAdminFlags("quota " + args[0])
+	a.fs.Usage = func() { fmt.Fprint(a.fs.Output(), lifecycleUsage) }
+	switch args[0] {
+	case "set", "delete":
+		repos := a.fs.String("repositories", "", `repository pattern: a prefix ("team") or glob ("team/*"); empty: every repository`)
+		maxBytes := a.fs.String("max-bytes", "0", "storage limit (suffixes KiB, MiB, GiB, TiB; 0: none)")
+		maxRepos := a.fs.Int64("max-repositories", 0, "repository limit (0: none)")
+		maxTags := a.fs.Int64("max-tags", 0, "tag limit (0: none)")
+		if pos, err := parseMixed(a.fs, args[1:]); err != nil {
+			return err
+		} else if len(pos) > 0 {
+			return fmt.Errorf("quota %s takes flags only (got %v)", args[0], pos)
+		}
+		var req *pb.ManageLifecycleRequest
+		if args[0] == "delete" {
+			req = &pb.ManageLifecycleRequest{Change: &pb.ManageLifecycleRequest_DeleteQuota{DeleteQuota: &pb.DeleteQuota{Repositories: *repos}}}
+		} else {
+			b, err := node.ParseByteSize(*maxBytes)
+			if err != nil {
+				return fmt.Errorf("quota set: --max-bytes: %w", err)
+			}
+			req = &pb.ManageLifecycleRequest{Change: &pb.ManageLifecycleRequest_SetQuota{SetQuota: &pb.SetQuota{Quota: &pb.Quota{
+				Repositories: *repos, MaxBytes: int64(b), MaxRepositories: *maxRepos, MaxTags: *maxTags}}}}
+		}
+		if err := manageLifecycle(a, req); err != nil {
+			return fmt.Errorf("quota %s: %w", args[0], err)
+		}
+		fmt.Printf("%s the quota on repositories %q\n", map[string]string{"set": "set", "delete": "deleted"}[args[0]], *repos)
+		return nil
+	case "list":
+		asJSON := a.fs.Bool("json", false, "print JSON")
+		if pos, err := parseMixed(a.fs, args[1:]); err != nil {
+			return err
+		} else if len(pos) > 0 {
+			return fmt.Errorf("quota list takes no arguments (got %v)", pos)
+		}
+		c, ctx, done, err := a.dial()
+		if err != nil {
+			return err
+		}
+		defer done()
+		resp, err := c.ListLifecycle(ctx, &pb.ListLifecycleRequest{})
+		if err != nil {
+			return fmt.Errorf("quota list: %w", readable(err))
+		}
+		if *asJSON {
+			printJSON(&pb.ListLifecycleResponse{Quotas: resp.Quotas})
+			return nil
+		}
+		limit := func(used, max int64, format func(int64) string) string {
+			if max == 0 {
+				return format(used) + " (no limit)"
+			}
+			return fmt.Sprintf("%s of %s", format(used), format(max))
+		}
+		count := func(n int64) string { return fmt.Sprint(n) }
+		w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(w, "REPOSITORIES\tSTORAGE\tREPOSITORIES USED\tTAGS")
+		for _, u := range resp.Quotas {
+			q := u.Quota
+			repos := q.Repositories
+			if repos == "" {
+				repos = "*"
+			}
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", repos, limit(u.Bytes, q.MaxBytes, bytesOf), limit(u.Repositories, q.MaxRepositories, count), limit(u.Tags, q.MaxTags, count))
+		}
+		return w.Flush()
+	default:
+		fmt.Fprint(os.Stderr, lifecycleUsage)
+		return fmt.Errorf("quota: unknown command %q (want set, delete or list)", args[0])
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -59,13 +60,32 @@ func TestLifecycleCLI(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// Quotas: the tag limit refuses a third tag with the usage, and the
+	// list shows what the covered repositories use.
+	mustCLI("quota", "set", "--repositories", "life", "--max-tags", "2", "--max-bytes", "1GiB")
+	tag, err := name.NewTag(p.ready.HTTPAddr+"/life/kept:v2", name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = remote.Tag(tag, kept)
+	if err == nil || !strings.Contains(err.Error(), "DENIED") || !strings.Contains(err.Error(), "quota exceeded: uses 2 of 2 tags") {
+		t.Fatalf("a tag past the quota: %v; want DENIED with the usage", err)
+	}
+	if out := mustCLI("quota", "list"); !strings.Contains(out, "2 of 2") || !strings.Contains(out, "of 1.0 GiB") {
+		t.Fatalf("quota list:\n%s", out)
+	}
+	refuse("at least one", "quota", "set", "--repositories", "x")
+	refuse("--max-bytes", "quota", "set", "--repositories", "x", "--max-bytes", "lots")
+	mustCLI("quota", "delete", "--repositories", "life")
+	refuse("no quota", "quota", "delete", "--repositories", "life")
+
 	// Immutable tags: a covered tag neither moves nor goes, nor does its
 	// repository.
 	mustCLI("immutable", "add", "--repositories", "life", "--tags", "v*")
 	if out := mustCLI("immutable", "list"); !strings.Contains(out, "life") || !strings.Contains(out, "v*") {
 		t.Fatalf("immutable list:\n%s", out)
 	}
-	err := remote.Write(p.ref("life/app:v1"), other)
+	err = remote.Write(p.ref("life/app:v1"), other)
 	if err == nil || !strings.Contains(err.Error(), "DENIED") || !strings.Contains(err.Error(), "immutable") {
 		t.Fatalf("overwriting an immutable tag: %v; want DENIED naming the rule", err)
 	}

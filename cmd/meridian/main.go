@@ -29,6 +29,7 @@ Usage:
   meridian gc …              run (or dry-run) garbage collection, show what it freed per region
   meridian repo delete NAME  delete a repository (its tags, manifests and blob links)
   meridian immutable …       add, delete, list tag immutability rules
+  meridian quota …           set, delete, list storage, repository and tag quotas with their usage
   meridian bench [flags]     measure push, pull and manifest GET against the machine's limits
   meridian version           print the version
 
@@ -75,6 +76,8 @@ func main() {
 		err = repoCmd(os.Args[2:])
 	case "immutable":
 		err = immutableCmd(os.Args[2:])
+	case "quota":
+		err = quotaCmd(os.Args[2:])
 	case "bench":
 		err = bench(os.Args[2:])
 	case "version", "--version":

@@ -156,6 +156,8 @@ type Command struct {
 	//	*Command_BlobRemoved
 	//	*Command_SetImmutableRule
 	//	*Command_DeleteImmutableRule
+	//	*Command_SetQuota
+	//	*Command_DeleteQuota
 	Intent        isCommand_Intent `protobuf_oneof:"intent"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -387,6 +389,24 @@ func (x *Command) GetDeleteImmutableRule() *DeleteImmutableRule {
 	return nil
 }
 
+func (x *Command) GetSetQuota() *SetQuota {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_SetQuota); ok {
+			return x.SetQuota
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetDeleteQuota() *DeleteQuota {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_DeleteQuota); ok {
+			return x.DeleteQuota
+		}
+	}
+	return nil
+}
+
 type isCommand_Intent interface {
 	isCommand_Intent()
 }
@@ -475,6 +495,14 @@ type Command_DeleteImmutableRule struct {
 	DeleteImmutableRule *DeleteImmutableRule `protobuf:"bytes,21,opt,name=delete_immutable_rule,json=deleteImmutableRule,proto3,oneof"`
 }
 
+type Command_SetQuota struct {
+	SetQuota *SetQuota `protobuf:"bytes,22,opt,name=set_quota,json=setQuota,proto3,oneof"`
+}
+
+type Command_DeleteQuota struct {
+	DeleteQuota *DeleteQuota `protobuf:"bytes,23,opt,name=delete_quota,json=deleteQuota,proto3,oneof"`
+}
+
 func (*Command_PutManifest) isCommand_Intent() {}
 
 func (*Command_DeleteManifest) isCommand_Intent() {}
@@ -516,6 +544,10 @@ func (*Command_BlobRemoved) isCommand_Intent() {}
 func (*Command_SetImmutableRule) isCommand_Intent() {}
 
 func (*Command_DeleteImmutableRule) isCommand_Intent() {}
+
+func (*Command_SetQuota) isCommand_Intent() {}
+
+func (*Command_DeleteQuota) isCommand_Intent() {}
 
 // CommitRequest carries an intent to Gateway/Commit, or to Member/Forward
 // when a follower passes a write it validated on to the leader.
@@ -3298,8 +3330,7 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x18meridianpb/cluster.proto\x12\vmeridian.v1\x1a\x19meridianpb/meridian.proto\x1a\x17meridianpb/access.proto\"G\n" +
 	"\x06Result\x12%\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x11.meridian.v1.CodeR\x04code\x12\x16\n" +
-	"\x06detail\x18\x02 \x01(\tR\x06detail\"\xb1\n" +
-	"\n" +
+	"\x06detail\x18\x02 \x01(\tR\x06detail\"\xa6\v\n" +
 	"\aCommand\x12=\n" +
 	"\fput_manifest\x18\x01 \x01(\v2\x18.meridian.v1.PutManifestH\x00R\vputManifest\x12F\n" +
 	"\x0fdelete_manifest\x18\x02 \x01(\v2\x1b.meridian.v1.DeleteManifestH\x00R\x0edeleteManifest\x127\n" +
@@ -3329,7 +3360,9 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x11delete_repository\x18\x12 \x01(\v2\x1d.meridian.v1.DeleteRepositoryH\x00R\x10deleteRepository\x12=\n" +
 	"\fblob_removed\x18\x13 \x01(\v2\x18.meridian.v1.BlobRemovedH\x00R\vblobRemoved\x12M\n" +
 	"\x12set_immutable_rule\x18\x14 \x01(\v2\x1d.meridian.v1.SetImmutableRuleH\x00R\x10setImmutableRule\x12V\n" +
-	"\x15delete_immutable_rule\x18\x15 \x01(\v2 .meridian.v1.DeleteImmutableRuleH\x00R\x13deleteImmutableRuleB\b\n" +
+	"\x15delete_immutable_rule\x18\x15 \x01(\v2 .meridian.v1.DeleteImmutableRuleH\x00R\x13deleteImmutableRule\x124\n" +
+	"\tset_quota\x18\x16 \x01(\v2\x15.meridian.v1.SetQuotaH\x00R\bsetQuota\x12=\n" +
+	"\fdelete_quota\x18\x17 \x01(\v2\x18.meridian.v1.DeleteQuotaH\x00R\vdeleteQuotaB\b\n" +
 	"\x06intent\"z\n" +
 	"\rCommitRequest\x12.\n" +
 	"\acommand\x18\x01 \x01(\v2\x14.meridian.v1.CommandR\acommand\x12(\n" +
@@ -3632,12 +3665,14 @@ var file_meridianpb_cluster_proto_goTypes = []any{
 	(*BlobRemoved)(nil),                // 69: meridian.v1.BlobRemoved
 	(*SetImmutableRule)(nil),           // 70: meridian.v1.SetImmutableRule
 	(*DeleteImmutableRule)(nil),        // 71: meridian.v1.DeleteImmutableRule
-	(*Actor)(nil),                      // 72: meridian.v1.Actor
-	(*ManifestRecord)(nil),             // 73: meridian.v1.ManifestRecord
-	(*Referrer)(nil),                   // 74: meridian.v1.Referrer
-	(*BlobRecord)(nil),                 // 75: meridian.v1.BlobRecord
-	(*UploadKey)(nil),                  // 76: meridian.v1.UploadKey
-	(*Policy)(nil),                     // 77: meridian.v1.Policy
+	(*SetQuota)(nil),                   // 72: meridian.v1.SetQuota
+	(*DeleteQuota)(nil),                // 73: meridian.v1.DeleteQuota
+	(*Actor)(nil),                      // 74: meridian.v1.Actor
+	(*ManifestRecord)(nil),             // 75: meridian.v1.ManifestRecord
+	(*Referrer)(nil),                   // 76: meridian.v1.Referrer
+	(*BlobRecord)(nil),                 // 77: meridian.v1.BlobRecord
+	(*UploadKey)(nil),                  // 78: meridian.v1.UploadKey
+	(*Policy)(nil),                     // 79: meridian.v1.Policy
 }
 var file_meridianpb_cluster_proto_depIdxs = []int32{
 	50, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
@@ -3662,47 +3697,49 @@ var file_meridianpb_cluster_proto_depIdxs = []int32{
 	69, // 19: meridian.v1.Command.blob_removed:type_name -> meridian.v1.BlobRemoved
 	70, // 20: meridian.v1.Command.set_immutable_rule:type_name -> meridian.v1.SetImmutableRule
 	71, // 21: meridian.v1.Command.delete_immutable_rule:type_name -> meridian.v1.DeleteImmutableRule
-	2,  // 22: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
-	72, // 23: meridian.v1.CommitRequest.actor:type_name -> meridian.v1.Actor
-	1,  // 24: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
-	7,  // 25: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
-	10, // 26: meridian.v1.ScrubResponse.mismatches:type_name -> meridian.v1.ScrubMismatch
-	0,  // 27: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 28: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
-	73, // 29: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
-	0,  // 30: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 31: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
-	0,  // 32: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 33: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
-	0,  // 34: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 35: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
-	74, // 36: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
-	0,  // 37: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 38: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
-	75, // 39: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
-	1,  // 40: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 41: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
-	75, // 42: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
-	27, // 43: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
-	27, // 44: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
-	76, // 45: meridian.v1.GetUploadKeyResponse.keys:type_name -> meridian.v1.UploadKey
-	9,  // 46: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
-	33, // 47: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
-	36, // 48: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
-	37, // 49: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
-	35, // 50: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
-	39, // 51: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
-	77, // 52: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
-	77, // 53: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
-	1,  // 54: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 55: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 56: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
-	1,  // 57: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
-	58, // [58:58] is the sub-list for method output_type
-	58, // [58:58] is the sub-list for method input_type
-	58, // [58:58] is the sub-list for extension type_name
-	58, // [58:58] is the sub-list for extension extendee
-	0,  // [0:58] is the sub-list for field type_name
+	72, // 22: meridian.v1.Command.set_quota:type_name -> meridian.v1.SetQuota
+	73, // 23: meridian.v1.Command.delete_quota:type_name -> meridian.v1.DeleteQuota
+	2,  // 24: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
+	74, // 25: meridian.v1.CommitRequest.actor:type_name -> meridian.v1.Actor
+	1,  // 26: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
+	7,  // 27: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
+	10, // 28: meridian.v1.ScrubResponse.mismatches:type_name -> meridian.v1.ScrubMismatch
+	0,  // 29: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 30: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
+	75, // 31: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
+	0,  // 32: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 33: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
+	0,  // 34: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 35: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
+	0,  // 36: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 37: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
+	76, // 38: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
+	0,  // 39: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 40: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
+	77, // 41: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
+	1,  // 42: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 43: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
+	77, // 44: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
+	27, // 45: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
+	27, // 46: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
+	78, // 47: meridian.v1.GetUploadKeyResponse.keys:type_name -> meridian.v1.UploadKey
+	9,  // 48: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
+	33, // 49: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
+	36, // 50: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
+	37, // 51: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
+	35, // 52: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
+	39, // 53: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
+	79, // 54: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
+	79, // 55: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
+	1,  // 56: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 57: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 58: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
+	1,  // 59: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
+	60, // [60:60] is the sub-list for method output_type
+	60, // [60:60] is the sub-list for method input_type
+	60, // [60:60] is the sub-list for extension type_name
+	60, // [60:60] is the sub-list for extension extendee
+	0,  // [0:60] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_cluster_proto_init() }
@@ -3734,6 +3771,8 @@ func file_meridianpb_cluster_proto_init() {
 		(*Command_BlobRemoved)(nil),
 		(*Command_SetImmutableRule)(nil),
 		(*Command_DeleteImmutableRule)(nil),
+		(*Command_SetQuota)(nil),
+		(*Command_DeleteQuota)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

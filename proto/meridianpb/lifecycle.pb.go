@@ -392,6 +392,8 @@ type ManageLifecycleRequest struct {
 	//	*ManageLifecycleRequest_DeleteRepository
 	//	*ManageLifecycleRequest_SetImmutableRule
 	//	*ManageLifecycleRequest_DeleteImmutableRule
+	//	*ManageLifecycleRequest_SetQuota
+	//	*ManageLifecycleRequest_DeleteQuota
 	Change        isManageLifecycleRequest_Change `protobuf_oneof:"change"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -461,6 +463,24 @@ func (x *ManageLifecycleRequest) GetDeleteImmutableRule() *DeleteImmutableRule {
 	return nil
 }
 
+func (x *ManageLifecycleRequest) GetSetQuota() *SetQuota {
+	if x != nil {
+		if x, ok := x.Change.(*ManageLifecycleRequest_SetQuota); ok {
+			return x.SetQuota
+		}
+	}
+	return nil
+}
+
+func (x *ManageLifecycleRequest) GetDeleteQuota() *DeleteQuota {
+	if x != nil {
+		if x, ok := x.Change.(*ManageLifecycleRequest_DeleteQuota); ok {
+			return x.DeleteQuota
+		}
+	}
+	return nil
+}
+
 type isManageLifecycleRequest_Change interface {
 	isManageLifecycleRequest_Change()
 }
@@ -477,11 +497,23 @@ type ManageLifecycleRequest_DeleteImmutableRule struct {
 	DeleteImmutableRule *DeleteImmutableRule `protobuf:"bytes,3,opt,name=delete_immutable_rule,json=deleteImmutableRule,proto3,oneof"`
 }
 
+type ManageLifecycleRequest_SetQuota struct {
+	SetQuota *SetQuota `protobuf:"bytes,4,opt,name=set_quota,json=setQuota,proto3,oneof"`
+}
+
+type ManageLifecycleRequest_DeleteQuota struct {
+	DeleteQuota *DeleteQuota `protobuf:"bytes,5,opt,name=delete_quota,json=deleteQuota,proto3,oneof"`
+}
+
 func (*ManageLifecycleRequest_DeleteRepository) isManageLifecycleRequest_Change() {}
 
 func (*ManageLifecycleRequest_SetImmutableRule) isManageLifecycleRequest_Change() {}
 
 func (*ManageLifecycleRequest_DeleteImmutableRule) isManageLifecycleRequest_Change() {}
+
+func (*ManageLifecycleRequest_SetQuota) isManageLifecycleRequest_Change() {}
+
+func (*ManageLifecycleRequest_DeleteQuota) isManageLifecycleRequest_Change() {}
 
 type ManageLifecycleResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -566,6 +598,7 @@ func (*ListLifecycleRequest) Descriptor() ([]byte, []int) {
 type ListLifecycleResponse struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	ImmutableRules []*ImmutableRule       `protobuf:"bytes,1,rep,name=immutable_rules,json=immutableRules,proto3" json:"immutable_rules,omitempty"`
+	Quotas         []*QuotaUsage          `protobuf:"bytes,2,rep,name=quotas,proto3" json:"quotas,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -607,6 +640,13 @@ func (x *ListLifecycleResponse) GetImmutableRules() []*ImmutableRule {
 	return nil
 }
 
+func (x *ListLifecycleResponse) GetQuotas() []*QuotaUsage {
+	if x != nil {
+		return x.Quotas
+	}
+	return nil
+}
+
 var File_meridianpb_lifecycle_proto protoreflect.FileDescriptor
 
 const file_meridianpb_lifecycle_proto_rawDesc = "" +
@@ -641,17 +681,20 @@ const file_meridianpb_lifecycle_proto_rawDesc = "" +
 	"\x0einterval_nanos\x18\x03 \x01(\x03R\rintervalNanos\x12\x1f\n" +
 	"\vgrace_nanos\x18\x04 \x01(\x03R\n" +
 	"graceNanos\x12%\n" +
-	"\x0euntagged_nanos\x18\x05 \x01(\x03R\runtaggedNanos\"\x97\x02\n" +
+	"\x0euntagged_nanos\x18\x05 \x01(\x03R\runtaggedNanos\"\x8c\x03\n" +
 	"\x16ManageLifecycleRequest\x12L\n" +
 	"\x11delete_repository\x18\x01 \x01(\v2\x1d.meridian.v1.DeleteRepositoryH\x00R\x10deleteRepository\x12M\n" +
 	"\x12set_immutable_rule\x18\x02 \x01(\v2\x1d.meridian.v1.SetImmutableRuleH\x00R\x10setImmutableRule\x12V\n" +
-	"\x15delete_immutable_rule\x18\x03 \x01(\v2 .meridian.v1.DeleteImmutableRuleH\x00R\x13deleteImmutableRuleB\b\n" +
+	"\x15delete_immutable_rule\x18\x03 \x01(\v2 .meridian.v1.DeleteImmutableRuleH\x00R\x13deleteImmutableRule\x124\n" +
+	"\tset_quota\x18\x04 \x01(\v2\x15.meridian.v1.SetQuotaH\x00R\bsetQuota\x12=\n" +
+	"\fdelete_quota\x18\x05 \x01(\v2\x18.meridian.v1.DeleteQuotaH\x00R\vdeleteQuotaB\b\n" +
 	"\x06change\"F\n" +
 	"\x17ManageLifecycleResponse\x12+\n" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\"\x16\n" +
-	"\x14ListLifecycleRequest\"\\\n" +
+	"\x14ListLifecycleRequest\"\x8d\x01\n" +
 	"\x15ListLifecycleResponse\x12C\n" +
-	"\x0fimmutable_rules\x18\x01 \x03(\v2\x1a.meridian.v1.ImmutableRuleR\x0eimmutableRulesB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
+	"\x0fimmutable_rules\x18\x01 \x03(\v2\x1a.meridian.v1.ImmutableRuleR\x0eimmutableRules\x12/\n" +
+	"\x06quotas\x18\x02 \x03(\v2\x17.meridian.v1.QuotaUsageR\x06quotasB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
 
 var (
 	file_meridianpb_lifecycle_proto_rawDescOnce sync.Once
@@ -683,7 +726,10 @@ var file_meridianpb_lifecycle_proto_goTypes = []any{
 	(*DeleteRepository)(nil),        // 13: meridian.v1.DeleteRepository
 	(*SetImmutableRule)(nil),        // 14: meridian.v1.SetImmutableRule
 	(*DeleteImmutableRule)(nil),     // 15: meridian.v1.DeleteImmutableRule
-	(*ImmutableRule)(nil),           // 16: meridian.v1.ImmutableRule
+	(*SetQuota)(nil),                // 16: meridian.v1.SetQuota
+	(*DeleteQuota)(nil),             // 17: meridian.v1.DeleteQuota
+	(*ImmutableRule)(nil),           // 18: meridian.v1.ImmutableRule
+	(*QuotaUsage)(nil),              // 19: meridian.v1.QuotaUsage
 }
 var file_meridianpb_lifecycle_proto_depIdxs = []int32{
 	9,  // 0: meridian.v1.RunGCResponse.result:type_name -> meridian.v1.Result
@@ -695,13 +741,16 @@ var file_meridianpb_lifecycle_proto_depIdxs = []int32{
 	13, // 6: meridian.v1.ManageLifecycleRequest.delete_repository:type_name -> meridian.v1.DeleteRepository
 	14, // 7: meridian.v1.ManageLifecycleRequest.set_immutable_rule:type_name -> meridian.v1.SetImmutableRule
 	15, // 8: meridian.v1.ManageLifecycleRequest.delete_immutable_rule:type_name -> meridian.v1.DeleteImmutableRule
-	9,  // 9: meridian.v1.ManageLifecycleResponse.result:type_name -> meridian.v1.Result
-	16, // 10: meridian.v1.ListLifecycleResponse.immutable_rules:type_name -> meridian.v1.ImmutableRule
-	11, // [11:11] is the sub-list for method output_type
-	11, // [11:11] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	16, // 9: meridian.v1.ManageLifecycleRequest.set_quota:type_name -> meridian.v1.SetQuota
+	17, // 10: meridian.v1.ManageLifecycleRequest.delete_quota:type_name -> meridian.v1.DeleteQuota
+	9,  // 11: meridian.v1.ManageLifecycleResponse.result:type_name -> meridian.v1.Result
+	18, // 12: meridian.v1.ListLifecycleResponse.immutable_rules:type_name -> meridian.v1.ImmutableRule
+	19, // 13: meridian.v1.ListLifecycleResponse.quotas:type_name -> meridian.v1.QuotaUsage
+	14, // [14:14] is the sub-list for method output_type
+	14, // [14:14] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_lifecycle_proto_init() }
@@ -716,6 +765,8 @@ func file_meridianpb_lifecycle_proto_init() {
 		(*ManageLifecycleRequest_DeleteRepository)(nil),
 		(*ManageLifecycleRequest_SetImmutableRule)(nil),
 		(*ManageLifecycleRequest_DeleteImmutableRule)(nil),
+		(*ManageLifecycleRequest_SetQuota)(nil),
+		(*ManageLifecycleRequest_DeleteQuota)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

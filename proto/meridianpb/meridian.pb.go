@@ -143,6 +143,8 @@ type LogEntry struct {
 	//	*LogEntry_DeleteRepository
 	//	*LogEntry_SetImmutableRule
 	//	*LogEntry_DeleteImmutableRule
+	//	*LogEntry_SetQuota
+	//	*LogEntry_DeleteQuota
 	Command isLogEntry_Command `protobuf_oneof:"command"`
 	// Who asked for this change (absent for the cluster's housekeeping); the
 	// audit log is written from it when the entry applies.
@@ -436,6 +438,24 @@ func (x *LogEntry) GetDeleteImmutableRule() *DeleteImmutableRule {
 	return nil
 }
 
+func (x *LogEntry) GetSetQuota() *SetQuota {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_SetQuota); ok {
+			return x.SetQuota
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetDeleteQuota() *DeleteQuota {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_DeleteQuota); ok {
+			return x.DeleteQuota
+		}
+	}
+	return nil
+}
+
 func (x *LogEntry) GetActor() *Actor {
 	if x != nil {
 		return x.Actor
@@ -551,6 +571,14 @@ type LogEntry_DeleteImmutableRule struct {
 	DeleteImmutableRule *DeleteImmutableRule `protobuf:"bytes,35,opt,name=delete_immutable_rule,json=deleteImmutableRule,proto3,oneof"`
 }
 
+type LogEntry_SetQuota struct {
+	SetQuota *SetQuota `protobuf:"bytes,36,opt,name=set_quota,json=setQuota,proto3,oneof"`
+}
+
+type LogEntry_DeleteQuota struct {
+	DeleteQuota *DeleteQuota `protobuf:"bytes,37,opt,name=delete_quota,json=deleteQuota,proto3,oneof"`
+}
+
 func (*LogEntry_PutManifest) isLogEntry_Command() {}
 
 func (*LogEntry_DeleteManifest) isLogEntry_Command() {}
@@ -602,6 +630,10 @@ func (*LogEntry_DeleteRepository) isLogEntry_Command() {}
 func (*LogEntry_SetImmutableRule) isLogEntry_Command() {}
 
 func (*LogEntry_DeleteImmutableRule) isLogEntry_Command() {}
+
+func (*LogEntry_SetQuota) isLogEntry_Command() {}
+
+func (*LogEntry_DeleteQuota) isLogEntry_Command() {}
 
 // PutManifest stores a manifest and optionally points tags at it.
 type PutManifest struct {
@@ -1907,6 +1939,240 @@ func (x *DeleteImmutableRule) GetRule() *ImmutableRule {
 	return nil
 }
 
+// Quota bounds what the repositories a pattern covers may hold together.
+// It is enforced where the state changes (blob links, manifest PUTs), so
+// writes in two regions cannot race past it. 0 means no limit.
+type Quota struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Repository pattern, as in grants.
+	Repositories string `protobuf:"bytes,1,opt,name=repositories,proto3" json:"repositories,omitempty"`
+	// Bytes of the distinct blobs linked in covered repositories (a blob
+	// linked in two of them counts once).
+	MaxBytes        int64 `protobuf:"varint,2,opt,name=max_bytes,json=maxBytes,proto3" json:"max_bytes,omitempty"`
+	MaxRepositories int64 `protobuf:"varint,3,opt,name=max_repositories,json=maxRepositories,proto3" json:"max_repositories,omitempty"`
+	MaxTags         int64 `protobuf:"varint,4,opt,name=max_tags,json=maxTags,proto3" json:"max_tags,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *Quota) Reset() {
+	*x = Quota{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Quota) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Quota) ProtoMessage() {}
+
+func (x *Quota) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Quota.ProtoReflect.Descriptor instead.
+func (*Quota) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *Quota) GetRepositories() string {
+	if x != nil {
+		return x.Repositories
+	}
+	return ""
+}
+
+func (x *Quota) GetMaxBytes() int64 {
+	if x != nil {
+		return x.MaxBytes
+	}
+	return 0
+}
+
+func (x *Quota) GetMaxRepositories() int64 {
+	if x != nil {
+		return x.MaxRepositories
+	}
+	return 0
+}
+
+func (x *Quota) GetMaxTags() int64 {
+	if x != nil {
+		return x.MaxTags
+	}
+	return 0
+}
+
+// QuotaUsage is a quota and what its repositories use now.
+type QuotaUsage struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Quota         *Quota                 `protobuf:"bytes,1,opt,name=quota,proto3" json:"quota,omitempty"`
+	Bytes         int64                  `protobuf:"varint,2,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	Repositories  int64                  `protobuf:"varint,3,opt,name=repositories,proto3" json:"repositories,omitempty"`
+	Tags          int64                  `protobuf:"varint,4,opt,name=tags,proto3" json:"tags,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QuotaUsage) Reset() {
+	*x = QuotaUsage{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QuotaUsage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QuotaUsage) ProtoMessage() {}
+
+func (x *QuotaUsage) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QuotaUsage.ProtoReflect.Descriptor instead.
+func (*QuotaUsage) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *QuotaUsage) GetQuota() *Quota {
+	if x != nil {
+		return x.Quota
+	}
+	return nil
+}
+
+func (x *QuotaUsage) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *QuotaUsage) GetRepositories() int64 {
+	if x != nil {
+		return x.Repositories
+	}
+	return 0
+}
+
+func (x *QuotaUsage) GetTags() int64 {
+	if x != nil {
+		return x.Tags
+	}
+	return 0
+}
+
+// SetQuota creates or replaces a quota; its usage is counted from the state
+// as it applies. Content already over the new limits stays; new writes are
+// refused.
+type SetQuota struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Quota         *Quota                 `protobuf:"bytes,1,opt,name=quota,proto3" json:"quota,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetQuota) Reset() {
+	*x = SetQuota{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetQuota) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetQuota) ProtoMessage() {}
+
+func (x *SetQuota) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetQuota.ProtoReflect.Descriptor instead.
+func (*SetQuota) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *SetQuota) GetQuota() *Quota {
+	if x != nil {
+		return x.Quota
+	}
+	return nil
+}
+
+type DeleteQuota struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repositories  string                 `protobuf:"bytes,1,opt,name=repositories,proto3" json:"repositories,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteQuota) Reset() {
+	*x = DeleteQuota{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteQuota) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteQuota) ProtoMessage() {}
+
+func (x *DeleteQuota) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteQuota.ProtoReflect.Descriptor instead.
+func (*DeleteQuota) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *DeleteQuota) GetRepositories() string {
+	if x != nil {
+		return x.Repositories
+	}
+	return ""
+}
+
 // CollectGarbage is one batch of a garbage-collection run, proposed by the
 // leader from the candidate tables. The state machine re-checks every
 // candidate at this entry's log index, so whatever was linked, referenced or
@@ -1929,7 +2195,7 @@ type CollectGarbage struct {
 
 func (x *CollectGarbage) Reset() {
 	*x = CollectGarbage{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[22]
+	mi := &file_meridianpb_meridian_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1941,7 +2207,7 @@ func (x *CollectGarbage) String() string {
 func (*CollectGarbage) ProtoMessage() {}
 
 func (x *CollectGarbage) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[22]
+	mi := &file_meridianpb_meridian_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1954,7 +2220,7 @@ func (x *CollectGarbage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectGarbage.ProtoReflect.Descriptor instead.
 func (*CollectGarbage) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{22}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CollectGarbage) GetRunId() string {
@@ -2009,7 +2275,7 @@ type ManifestRef struct {
 
 func (x *ManifestRef) Reset() {
 	*x = ManifestRef{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[23]
+	mi := &file_meridianpb_meridian_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2021,7 +2287,7 @@ func (x *ManifestRef) String() string {
 func (*ManifestRef) ProtoMessage() {}
 
 func (x *ManifestRef) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[23]
+	mi := &file_meridianpb_meridian_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2034,7 +2300,7 @@ func (x *ManifestRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ManifestRef.ProtoReflect.Descriptor instead.
 func (*ManifestRef) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{23}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ManifestRef) GetRepository() string {
@@ -2063,7 +2329,7 @@ type BlobRemoved struct {
 
 func (x *BlobRemoved) Reset() {
 	*x = BlobRemoved{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[24]
+	mi := &file_meridianpb_meridian_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2075,7 +2341,7 @@ func (x *BlobRemoved) String() string {
 func (*BlobRemoved) ProtoMessage() {}
 
 func (x *BlobRemoved) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[24]
+	mi := &file_meridianpb_meridian_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2088,7 +2354,7 @@ func (x *BlobRemoved) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlobRemoved.ProtoReflect.Descriptor instead.
 func (*BlobRemoved) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{24}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *BlobRemoved) GetDigest() string {
@@ -2126,7 +2392,7 @@ type GCRun struct {
 
 func (x *GCRun) Reset() {
 	*x = GCRun{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[25]
+	mi := &file_meridianpb_meridian_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2138,7 +2404,7 @@ func (x *GCRun) String() string {
 func (*GCRun) ProtoMessage() {}
 
 func (x *GCRun) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[25]
+	mi := &file_meridianpb_meridian_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2151,7 +2417,7 @@ func (x *GCRun) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GCRun.ProtoReflect.Descriptor instead.
 func (*GCRun) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{25}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GCRun) GetRunId() string {
@@ -2239,7 +2505,7 @@ type GCRegion struct {
 
 func (x *GCRegion) Reset() {
 	*x = GCRegion{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[26]
+	mi := &file_meridianpb_meridian_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2251,7 +2517,7 @@ func (x *GCRegion) String() string {
 func (*GCRegion) ProtoMessage() {}
 
 func (x *GCRegion) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[26]
+	mi := &file_meridianpb_meridian_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2264,7 +2530,7 @@ func (x *GCRegion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GCRegion.ProtoReflect.Descriptor instead.
 func (*GCRegion) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{26}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *GCRegion) GetRegion() string {
@@ -2316,7 +2582,7 @@ type Referrer struct {
 
 func (x *Referrer) Reset() {
 	*x = Referrer{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[27]
+	mi := &file_meridianpb_meridian_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2328,7 +2594,7 @@ func (x *Referrer) String() string {
 func (*Referrer) ProtoMessage() {}
 
 func (x *Referrer) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[27]
+	mi := &file_meridianpb_meridian_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2341,7 +2607,7 @@ func (x *Referrer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Referrer.ProtoReflect.Descriptor instead.
 func (*Referrer) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{27}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Referrer) GetMediaType() string {
@@ -2383,7 +2649,7 @@ var File_meridianpb_meridian_proto protoreflect.FileDescriptor
 
 const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\n" +
-	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\x1a\x17meridianpb/access.proto\"\xf6\r\n" +
+	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\x1a\x17meridianpb/access.proto\"\xeb\x0e\n" +
 	"\bLogEntry\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12$\n" +
 	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\x12=\n" +
@@ -2421,7 +2687,9 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\fblob_removed\x18  \x01(\v2\x18.meridian.v1.BlobRemovedH\x00R\vblobRemoved\x12L\n" +
 	"\x11delete_repository\x18! \x01(\v2\x1d.meridian.v1.DeleteRepositoryH\x00R\x10deleteRepository\x12M\n" +
 	"\x12set_immutable_rule\x18\" \x01(\v2\x1d.meridian.v1.SetImmutableRuleH\x00R\x10setImmutableRule\x12V\n" +
-	"\x15delete_immutable_rule\x18# \x01(\v2 .meridian.v1.DeleteImmutableRuleH\x00R\x13deleteImmutableRule\x12(\n" +
+	"\x15delete_immutable_rule\x18# \x01(\v2 .meridian.v1.DeleteImmutableRuleH\x00R\x13deleteImmutableRule\x124\n" +
+	"\tset_quota\x18$ \x01(\v2\x15.meridian.v1.SetQuotaH\x00R\bsetQuota\x12=\n" +
+	"\fdelete_quota\x18% \x01(\v2\x18.meridian.v1.DeleteQuotaH\x00R\vdeleteQuota\x12(\n" +
 	"\x05actor\x18\x03 \x01(\v2\x12.meridian.v1.ActorR\x05actorB\t\n" +
 	"\acommand\"\xd1\x03\n" +
 	"\vPutManifest\x12\x1e\n" +
@@ -2531,7 +2799,22 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\x10SetImmutableRule\x12.\n" +
 	"\x04rule\x18\x01 \x01(\v2\x1a.meridian.v1.ImmutableRuleR\x04rule\"E\n" +
 	"\x13DeleteImmutableRule\x12.\n" +
-	"\x04rule\x18\x01 \x01(\v2\x1a.meridian.v1.ImmutableRuleR\x04rule\"\xa6\x02\n" +
+	"\x04rule\x18\x01 \x01(\v2\x1a.meridian.v1.ImmutableRuleR\x04rule\"\x8e\x01\n" +
+	"\x05Quota\x12\"\n" +
+	"\frepositories\x18\x01 \x01(\tR\frepositories\x12\x1b\n" +
+	"\tmax_bytes\x18\x02 \x01(\x03R\bmaxBytes\x12)\n" +
+	"\x10max_repositories\x18\x03 \x01(\x03R\x0fmaxRepositories\x12\x19\n" +
+	"\bmax_tags\x18\x04 \x01(\x03R\amaxTags\"\x84\x01\n" +
+	"\n" +
+	"QuotaUsage\x12(\n" +
+	"\x05quota\x18\x01 \x01(\v2\x12.meridian.v1.QuotaR\x05quota\x12\x14\n" +
+	"\x05bytes\x18\x02 \x01(\x03R\x05bytes\x12\"\n" +
+	"\frepositories\x18\x03 \x01(\x03R\frepositories\x12\x12\n" +
+	"\x04tags\x18\x04 \x01(\x03R\x04tags\"4\n" +
+	"\bSetQuota\x12(\n" +
+	"\x05quota\x18\x01 \x01(\v2\x12.meridian.v1.QuotaR\x05quota\"1\n" +
+	"\vDeleteQuota\x12\"\n" +
+	"\frepositories\x18\x01 \x01(\tR\frepositories\"\xa6\x02\n" +
 	"\x0eCollectGarbage\x12\x15\n" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\x121\n" +
 	"\x15run_started_unix_nano\x18\x02 \x01(\x03R\x12runStartedUnixNano\x12A\n" +
@@ -2607,7 +2890,7 @@ func file_meridianpb_meridian_proto_rawDescGZIP() []byte {
 }
 
 var file_meridianpb_meridian_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_meridianpb_meridian_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_meridianpb_meridian_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_meridianpb_meridian_proto_goTypes = []any{
 	(Code)(0),                   // 0: meridian.v1.Code
 	(*LogEntry)(nil),            // 1: meridian.v1.LogEntry
@@ -2632,26 +2915,30 @@ var file_meridianpb_meridian_proto_goTypes = []any{
 	(*ImmutableRule)(nil),       // 20: meridian.v1.ImmutableRule
 	(*SetImmutableRule)(nil),    // 21: meridian.v1.SetImmutableRule
 	(*DeleteImmutableRule)(nil), // 22: meridian.v1.DeleteImmutableRule
-	(*CollectGarbage)(nil),      // 23: meridian.v1.CollectGarbage
-	(*ManifestRef)(nil),         // 24: meridian.v1.ManifestRef
-	(*BlobRemoved)(nil),         // 25: meridian.v1.BlobRemoved
-	(*GCRun)(nil),               // 26: meridian.v1.GCRun
-	(*GCRegion)(nil),            // 27: meridian.v1.GCRegion
-	(*Referrer)(nil),            // 28: meridian.v1.Referrer
-	nil,                         // 29: meridian.v1.PutManifest.AnnotationsEntry
-	nil,                         // 30: meridian.v1.ManifestRecord.AnnotationsEntry
-	nil,                         // 31: meridian.v1.Referrer.AnnotationsEntry
-	(*PutUser)(nil),             // 32: meridian.v1.PutUser
-	(*DeleteUser)(nil),          // 33: meridian.v1.DeleteUser
-	(*PutTeam)(nil),             // 34: meridian.v1.PutTeam
-	(*DeleteTeam)(nil),          // 35: meridian.v1.DeleteTeam
-	(*PutRobot)(nil),            // 36: meridian.v1.PutRobot
-	(*RevokeRobot)(nil),         // 37: meridian.v1.RevokeRobot
-	(*PutGrant)(nil),            // 38: meridian.v1.PutGrant
-	(*DeleteGrant)(nil),         // 39: meridian.v1.DeleteGrant
-	(*RotateTokenKey)(nil),      // 40: meridian.v1.RotateTokenKey
-	(*TrimAudit)(nil),           // 41: meridian.v1.TrimAudit
-	(*Actor)(nil),               // 42: meridian.v1.Actor
+	(*Quota)(nil),               // 23: meridian.v1.Quota
+	(*QuotaUsage)(nil),          // 24: meridian.v1.QuotaUsage
+	(*SetQuota)(nil),            // 25: meridian.v1.SetQuota
+	(*DeleteQuota)(nil),         // 26: meridian.v1.DeleteQuota
+	(*CollectGarbage)(nil),      // 27: meridian.v1.CollectGarbage
+	(*ManifestRef)(nil),         // 28: meridian.v1.ManifestRef
+	(*BlobRemoved)(nil),         // 29: meridian.v1.BlobRemoved
+	(*GCRun)(nil),               // 30: meridian.v1.GCRun
+	(*GCRegion)(nil),            // 31: meridian.v1.GCRegion
+	(*Referrer)(nil),            // 32: meridian.v1.Referrer
+	nil,                         // 33: meridian.v1.PutManifest.AnnotationsEntry
+	nil,                         // 34: meridian.v1.ManifestRecord.AnnotationsEntry
+	nil,                         // 35: meridian.v1.Referrer.AnnotationsEntry
+	(*PutUser)(nil),             // 36: meridian.v1.PutUser
+	(*DeleteUser)(nil),          // 37: meridian.v1.DeleteUser
+	(*PutTeam)(nil),             // 38: meridian.v1.PutTeam
+	(*DeleteTeam)(nil),          // 39: meridian.v1.DeleteTeam
+	(*PutRobot)(nil),            // 40: meridian.v1.PutRobot
+	(*RevokeRobot)(nil),         // 41: meridian.v1.RevokeRobot
+	(*PutGrant)(nil),            // 42: meridian.v1.PutGrant
+	(*DeleteGrant)(nil),         // 43: meridian.v1.DeleteGrant
+	(*RotateTokenKey)(nil),      // 44: meridian.v1.RotateTokenKey
+	(*TrimAudit)(nil),           // 45: meridian.v1.TrimAudit
+	(*Actor)(nil),               // 46: meridian.v1.Actor
 }
 var file_meridianpb_meridian_proto_depIdxs = []int32{
 	2,  // 0: meridian.v1.LogEntry.put_manifest:type_name -> meridian.v1.PutManifest
@@ -2665,35 +2952,39 @@ var file_meridianpb_meridian_proto_depIdxs = []int32{
 	13, // 8: meridian.v1.LogEntry.delete_policy:type_name -> meridian.v1.DeletePolicy
 	14, // 9: meridian.v1.LogEntry.set_regions:type_name -> meridian.v1.SetRegions
 	8,  // 10: meridian.v1.LogEntry.rotate_upload_key:type_name -> meridian.v1.RotateUploadKey
-	32, // 11: meridian.v1.LogEntry.put_user:type_name -> meridian.v1.PutUser
-	33, // 12: meridian.v1.LogEntry.delete_user:type_name -> meridian.v1.DeleteUser
-	34, // 13: meridian.v1.LogEntry.put_team:type_name -> meridian.v1.PutTeam
-	35, // 14: meridian.v1.LogEntry.delete_team:type_name -> meridian.v1.DeleteTeam
-	36, // 15: meridian.v1.LogEntry.put_robot:type_name -> meridian.v1.PutRobot
-	37, // 16: meridian.v1.LogEntry.revoke_robot:type_name -> meridian.v1.RevokeRobot
-	38, // 17: meridian.v1.LogEntry.put_grant:type_name -> meridian.v1.PutGrant
-	39, // 18: meridian.v1.LogEntry.delete_grant:type_name -> meridian.v1.DeleteGrant
-	40, // 19: meridian.v1.LogEntry.rotate_token_key:type_name -> meridian.v1.RotateTokenKey
-	41, // 20: meridian.v1.LogEntry.trim_audit:type_name -> meridian.v1.TrimAudit
-	23, // 21: meridian.v1.LogEntry.collect_garbage:type_name -> meridian.v1.CollectGarbage
-	25, // 22: meridian.v1.LogEntry.blob_removed:type_name -> meridian.v1.BlobRemoved
+	36, // 11: meridian.v1.LogEntry.put_user:type_name -> meridian.v1.PutUser
+	37, // 12: meridian.v1.LogEntry.delete_user:type_name -> meridian.v1.DeleteUser
+	38, // 13: meridian.v1.LogEntry.put_team:type_name -> meridian.v1.PutTeam
+	39, // 14: meridian.v1.LogEntry.delete_team:type_name -> meridian.v1.DeleteTeam
+	40, // 15: meridian.v1.LogEntry.put_robot:type_name -> meridian.v1.PutRobot
+	41, // 16: meridian.v1.LogEntry.revoke_robot:type_name -> meridian.v1.RevokeRobot
+	42, // 17: meridian.v1.LogEntry.put_grant:type_name -> meridian.v1.PutGrant
+	43, // 18: meridian.v1.LogEntry.delete_grant:type_name -> meridian.v1.DeleteGrant
+	44, // 19: meridian.v1.LogEntry.rotate_token_key:type_name -> meridian.v1.RotateTokenKey
+	45, // 20: meridian.v1.LogEntry.trim_audit:type_name -> meridian.v1.TrimAudit
+	27, // 21: meridian.v1.LogEntry.collect_garbage:type_name -> meridian.v1.CollectGarbage
+	29, // 22: meridian.v1.LogEntry.blob_removed:type_name -> meridian.v1.BlobRemoved
 	19, // 23: meridian.v1.LogEntry.delete_repository:type_name -> meridian.v1.DeleteRepository
 	21, // 24: meridian.v1.LogEntry.set_immutable_rule:type_name -> meridian.v1.SetImmutableRule
 	22, // 25: meridian.v1.LogEntry.delete_immutable_rule:type_name -> meridian.v1.DeleteImmutableRule
-	42, // 26: meridian.v1.LogEntry.actor:type_name -> meridian.v1.Actor
-	29, // 27: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
-	9,  // 28: meridian.v1.UploadKeyRing.keys:type_name -> meridian.v1.UploadKey
-	15, // 29: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
-	30, // 30: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
-	20, // 31: meridian.v1.SetImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
-	20, // 32: meridian.v1.DeleteImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
-	24, // 33: meridian.v1.CollectGarbage.manifests:type_name -> meridian.v1.ManifestRef
-	31, // 34: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
-	35, // [35:35] is the sub-list for method output_type
-	35, // [35:35] is the sub-list for method input_type
-	35, // [35:35] is the sub-list for extension type_name
-	35, // [35:35] is the sub-list for extension extendee
-	0,  // [0:35] is the sub-list for field type_name
+	25, // 26: meridian.v1.LogEntry.set_quota:type_name -> meridian.v1.SetQuota
+	26, // 27: meridian.v1.LogEntry.delete_quota:type_name -> meridian.v1.DeleteQuota
+	46, // 28: meridian.v1.LogEntry.actor:type_name -> meridian.v1.Actor
+	33, // 29: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
+	9,  // 30: meridian.v1.UploadKeyRing.keys:type_name -> meridian.v1.UploadKey
+	15, // 31: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
+	34, // 32: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
+	20, // 33: meridian.v1.SetImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
+	20, // 34: meridian.v1.DeleteImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
+	23, // 35: meridian.v1.QuotaUsage.quota:type_name -> meridian.v1.Quota
+	23, // 36: meridian.v1.SetQuota.quota:type_name -> meridian.v1.Quota
+	28, // 37: meridian.v1.CollectGarbage.manifests:type_name -> meridian.v1.ManifestRef
+	35, // 38: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
+	39, // [39:39] is the sub-list for method output_type
+	39, // [39:39] is the sub-list for method input_type
+	39, // [39:39] is the sub-list for extension type_name
+	39, // [39:39] is the sub-list for extension extendee
+	0,  // [0:39] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_meridian_proto_init() }
@@ -2729,6 +3020,8 @@ func file_meridianpb_meridian_proto_init() {
 		(*LogEntry_DeleteRepository)(nil),
 		(*LogEntry_SetImmutableRule)(nil),
 		(*LogEntry_DeleteImmutableRule)(nil),
+		(*LogEntry_SetQuota)(nil),
+		(*LogEntry_DeleteQuota)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2736,7 +3029,7 @@ func file_meridianpb_meridian_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridianpb_meridian_proto_rawDesc), len(file_meridianpb_meridian_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   31,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
