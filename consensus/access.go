@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/cockroachdb/pebble/v2"
 	"google.golang.org/protobuf/proto"
@@ -325,6 +326,27 @@ func auditDetail(e *pb.LogEntry) string {
 		return fmt.Sprintf("repositories=%q max_bytes=%d max_repositories=%d max_tags=%d", q.GetRepositories(), q.GetMaxBytes(), q.GetMaxRepositories(), q.GetMaxTags())
 	case *pb.LogEntry_DeleteQuota:
 		return fmt.Sprintf("repositories=%q", c.DeleteQuota.Repositories)
+	case *pb.LogEntry_SetRetentionRule:
+		r := c.SetRetentionRule.GetRule()
+		return fmt.Sprintf("repositories=%q keep_tags=%d tag_pattern=%q untagged_after=%v keep_pulled_within=%v protected=%v",
+			r.GetRepositories(), r.GetKeepTags(), r.GetTagPattern(), time.Duration(r.GetUntaggedAfterNanos()), time.Duration(r.GetKeepPulledWithinNanos()), r.GetProtectedTags())
+	case *pb.LogEntry_DeleteRetentionRule:
+		return fmt.Sprintf("repositories=%q", c.DeleteRetentionRule.Repositories)
+	case *pb.LogEntry_ApplyRetention:
+		var items []string
+		for _, t := range c.ApplyRetention.Tags {
+			items = append(items, t.Repository+":"+t.Tag)
+		}
+		for _, m := range c.ApplyRetention.Manifests {
+			items = append(items, m.Repository+"@"+m.Digest)
+		}
+		const shown = 20
+		more := ""
+		if len(items) > shown {
+			more = fmt.Sprintf(" and %d more", len(items)-shown)
+			items = items[:shown]
+		}
+		return fmt.Sprintf("run=%s deletes %s%s (each re-checked as it applied)", c.ApplyRetention.RunId, strings.Join(items, ","), more)
 	case *pb.LogEntry_SetPolicy:
 		return fmt.Sprintf("prefix=%q regions=%v", c.SetPolicy.GetPolicy().GetPrefix(), c.SetPolicy.GetPolicy().GetRegions())
 	case *pb.LogEntry_DeletePolicy:

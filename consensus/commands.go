@@ -63,6 +63,12 @@ func Entry(cmd *pb.Command, actor *pb.Actor, now time.Time) (*pb.LogEntry, error
 		e.Command = &pb.LogEntry_SetQuota{SetQuota: c.SetQuota}
 	case *pb.Command_DeleteQuota:
 		e.Command = &pb.LogEntry_DeleteQuota{DeleteQuota: c.DeleteQuota}
+	case *pb.Command_SetRetentionRule:
+		e.Command = &pb.LogEntry_SetRetentionRule{SetRetentionRule: c.SetRetentionRule}
+	case *pb.Command_DeleteRetentionRule:
+		e.Command = &pb.LogEntry_DeleteRetentionRule{DeleteRetentionRule: c.DeleteRetentionRule}
+	case *pb.Command_RecordPulls:
+		e.Command = &pb.LogEntry_RecordPulls{RecordPulls: c.RecordPulls}
 	default:
 		return nil, fmt.Errorf("%w: no command, or one this binary does not know (%T)", pb.ErrInvalidArgument, cmd.GetIntent())
 	}

@@ -59,7 +59,15 @@ var commands = map[protoreflect.Name]applyFunc{
 	"delete_immutable_rule": applyDeleteImmutableRule,
 	"set_quota":             applySetQuota,
 	"delete_quota":          applyDeleteQuota,
+	"set_retention_rule":    applySetRetentionRule,
+	"delete_retention_rule": applyDeleteRetentionRule,
+	"apply_retention":       applyApplyRetention,
+	"record_pulls":          applyRecordPulls,
 }
+
+// unaudited are entries the audit log leaves out: members' batched pull
+// times are bookkeeping, not changes anyone asked for.
+var unaudited = map[protoreflect.Name]bool{"record_pulls": true}
 
 var commandOneof = (&pb.LogEntry{}).ProtoReflect().Descriptor().Oneofs().ByName("command")
 
@@ -136,7 +144,7 @@ func (f *fsm) Apply(l *raft.Log) any {
 		}
 		// Who made the change is written with it: the audit log and the
 		// state cannot disagree.
-		if e.Actor != nil {
+		if e.Actor != nil && !unaudited[which.Name()] {
 			if err := writeAudit(b, l.Index, e, which); err != nil {
 				panic(fmt.Sprintf("consensus: audit entry %d: %v", l.Index, err))
 			}
@@ -258,19 +266,21 @@ func applyPutManifest(b *pebble.Batch, e *pb.LogEntry) error {
 	if err != nil {
 		return err
 	}
-	created := e.TimeUnixNano
+	created, blobs, children := e.TimeUnixNano, c.Blobs, c.Manifests
 	if found {
-		created = existing.CreatedUnixNano
+		// Same digest, same content: what it references was recorded when
+		// it was first put.
+		created, blobs, children = existing.CreatedUnixNano, existing.Blobs, existing.Manifests
 	}
 	rec := &pb.ManifestRecord{
 		Digest: c.Digest, MediaType: c.MediaType, Content: c.Content,
 		Subject: c.Subject, ArtifactType: c.ArtifactType, Annotations: c.Annotations,
-		CreatedUnixNano: created, Blobs: c.Blobs, Manifests: c.Manifests,
+		CreatedUnixNano: created, Blobs: blobs, Manifests: children,
 	}
 	if err := setProto(b, mk, rec); err != nil {
 		return err
 	}
-	if err := addReferences(b, repo, c.Digest, c.Blobs, c.Manifests); err != nil {
+	if err := addReferences(b, repo, c.Digest, blobs, children); err != nil {
 		return err
 	}
 	if c.Subject != "" {
@@ -312,6 +322,12 @@ func setTag(b *pebble.Batch, repo, tag, digest string, now int64) error {
 	}
 	if err := b.Set(key(tableTagIndex, repo, digest, tag), nil, nil); err != nil {
 		return err
+	}
+	if !ok || string(old) != digest {
+		// Retention counts tags by when they were pushed here.
+		if err := putTime(b, key(tableTagTime, repo, tag), now); err != nil {
+			return err
+		}
 	}
 	if err := b.Delete(key(tableUntagged, repo, digest), nil); err != nil {
 		return err
@@ -364,6 +380,9 @@ func applyDeleteTag(b *pebble.Batch, e *pb.LogEntry) error {
 		return err
 	}
 	if err := b.Delete(key(tableTagIndex, c.Repository, string(d), c.Tag), nil); err != nil {
+		return err
+	}
+	if err := b.Delete(key(tableTagTime, c.Repository, c.Tag), nil); err != nil {
 		return err
 	}
 	if err := b.Delete(tk, nil); err != nil {

@@ -45,6 +45,10 @@ import (
 //	v 'c' "freed" 0 region            what collection freed in a region → GCRegion
 //	v 'i' repositories 0 tags         tag immutability rule → ImmutableRule
 //	v 'Q' repositories                quota and its usage → QuotaUsage
+//	v 'e' repositories                retention rule → RetentionRule
+//	v 'V' repo 0 tag                  when the tag was created or last moved → uint64
+//	v 'p' repo 0 digest               when the manifest was last pulled (coarse) → uint64
+//	v 'c' "retention"                 last retention run → RetentionRun
 const layoutVersion byte = 1
 
 const (
@@ -79,6 +83,9 @@ const (
 	tableGC         byte = 'c'
 	tableImmutable  byte = 'i'
 	tableQuota      byte = 'Q'
+	tableRetention  byte = 'e'
+	tableTagTime    byte = 'V'
+	tablePulled     byte = 'p'
 )
 
 const sep byte = 0

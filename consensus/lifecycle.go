@@ -171,6 +171,12 @@ func removeManifest(b *pebble.Batch, repo string, rec *pb.ManifestRecord, now in
 		if err := b.Delete(key(tableTagIndex, repo, rec.Digest, tag), nil); err != nil {
 			return err
 		}
+		if err := b.Delete(key(tableTagTime, repo, tag), nil); err != nil {
+			return err
+		}
+	}
+	if err := b.Delete(key(tablePulled, repo, rec.Digest), nil); err != nil {
+		return err
 	}
 	if err := chargeTags(b, repo, -int64(len(tags))); err != nil {
 		return err
@@ -221,7 +227,7 @@ func applyDeleteRepository(b *pebble.Batch, e *pb.LogEntry) error {
 	if err := chargeRepository(b, repo, -1); err != nil {
 		return err
 	}
-	for _, table := range []byte{tableTag, tableTagIndex, tableManifest, tableReferrer, tableBlobRef, tableChildRef, tableUntagged} {
+	for _, table := range []byte{tableTag, tableTagIndex, tableManifest, tableReferrer, tableBlobRef, tableChildRef, tableUntagged, tableTagTime, tablePulled} {
 		p := prefix(table, repo)
 		if err := b.DeleteRange(p, upperBound(p), nil); err != nil {
 			return err

@@ -3,9 +3,13 @@ package consensus
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
@@ -415,4 +419,89 @@ func TestQuotas(t *testing.T) {
 	if !slices.Equal(h.digest(), h2.digest()) {
 		t.Fatal("replaying the log gives another state")
 	}
+}
+
+func setRetention(r *pb.RetentionRule) *pb.LogEntry {
+	return &pb.LogEntry{Command: &pb.LogEntry_SetRetentionRule{SetRetentionRule: &pb.SetRetentionRule{Rule: r}}}
+}
+
+func recordPull(repo, digest string, t int64) *pb.LogEntry {
+	return &pb.LogEntry{Command: &pb.LogEntry_RecordPulls{RecordPulls: &pb.RecordPulls{Pulls: []*pb.Pull{{Repository: repo, Digest: digest, UnixNano: t}}}}}
+}
+
+// retain plans a retention run now and applies it, returning the plan.
+func (h *testFSM) retain(run string) *pb.ApplyRetention {
+	h.tb.Helper()
+	plan, err := h.store.PlanRetention(context.Background(), h.now())
+	if err != nil {
+		h.tb.Fatal(err)
+	}
+	plan.RunId = run
+	h.mustApply(&pb.LogEntry{Command: &pb.LogEntry_ApplyRetention{ApplyRetention: proto.Clone(plan).(*pb.ApplyRetention)}})
+	return plan
+}
+
+func TestRetention(t *testing.T) {
+	h := newTestFSM(t)
+	ctx := context.Background()
+	// Six releases pushed in order, a protected "stable", a "dev-" tag the
+	// pattern does not count, and an old untagged manifest.
+	var rel []string
+	for i := range 6 {
+		rel = append(rel, h.image("app", fmt.Sprint("release-", i), []string{fmt.Sprintf("v%d", i)}, digestOf(fmt.Sprint("layer-", i))))
+	}
+	h.mustApply(put(manifest("app", "release-0", "stable")))
+	h.image("app", "dev", []string{"dev-1"}, digestOf("dev-layer"))
+	old := h.image("app", "old-untagged", nil, digestOf("old-layer"))
+	// v1 was pulled recently; the rule keeps what was pulled within the window.
+	h.mustApply(recordPull("app", rel[1], h.now()))
+	h.mustApply(immutable("app", "v2"))
+	h.mustApply(setRetention(&pb.RetentionRule{Repositories: "app", KeepTags: 2, TagPattern: "v*",
+		ProtectedTags: []string{"stable"}, UntaggedAfterNanos: 1, KeepPulledWithinNanos: int64(time.Hour)}))
+	h.reject(setRetention(&pb.RetentionRule{Repositories: "app", TagPattern: "["}), pb.ErrInvalidArgument)
+
+	plan := h.retain("r1")
+	var planned []string
+	for _, tg := range plan.Tags {
+		planned = append(planned, tg.Tag)
+	}
+	slices.Sort(planned)
+	// v5, v4 kept (newest two counted); v2 immutable and v1 pulled are not
+	// counted or kept; v3 and v0 go. v0's manifest keeps "stable".
+	if !slices.Equal(planned, []string{"v0", "v3"}) {
+		t.Fatalf("retention plans to delete tags %v; want [v0 v3]", planned)
+	}
+	wantTags(t, h.store, "app", "dev-1", "stable", "v1", "v2", "v4", "v5")
+	// v3's manifest had no other tag: it went too; v0's stays under stable.
+	if _, err := h.store.Manifest(ctx, "app", rel[3]); !errors.Is(err, pb.ErrManifestUnknown) {
+		t.Fatalf("manifest of a deleted tag: %v", err)
+	}
+	if _, err := h.store.Manifest(ctx, "app", rel[0]); err != nil {
+		t.Fatalf("manifest still tagged stable: %v", err)
+	}
+	if _, err := h.store.Manifest(ctx, "app", old); !errors.Is(err, pb.ErrManifestUnknown) {
+		t.Fatalf("old untagged manifest: %v", err)
+	}
+	run, err := func() (*pb.RetentionRun, error) {
+		r := &pb.RetentionRun{}
+		_, err := getProto(h.store.db, key(tableGC, "retention"), r)
+		return r, err
+	}()
+	if err != nil || run.TagsDeleted != 2 || run.ManifestsDeleted != 2 {
+		t.Fatalf("retention run = %+v, %v; want 2 tags, 2 manifests", run, err)
+	}
+
+	// A tag pushed again after the plan stays: the entry re-checks.
+	h.image("app", "release-6", []string{"v6"}, digestOf("layer-6"))
+	plan, _ = h.store.PlanRetention(ctx, h.now())
+	plan.RunId = "r2"
+	// v4 is pushed again (deleted and re-created on the same manifest)
+	// after the plan: newer than the plan, it stays.
+	h.mustApply(deleteTag("app", "v4"))
+	h.mustApply(put(manifest("app", "release-4", "v4")))
+	h.mustApply(&pb.LogEntry{Command: &pb.LogEntry_ApplyRetention{ApplyRetention: plan}})
+	wantTags(t, h.store, "app", "dev-1", "stable", "v1", "v2", "v4", "v5", "v6")
+	// The next run counts v4 as the newest push: v5 goes.
+	h.retain("r3")
+	wantTags(t, h.store, "app", "dev-1", "stable", "v1", "v2", "v4", "v6")
 }

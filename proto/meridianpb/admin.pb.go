@@ -31,7 +31,7 @@ var File_meridianpb_admin_proto protoreflect.FileDescriptor
 
 const file_meridianpb_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x16meridianpb/admin.proto\x12\vmeridian.v1\x1a\x18meridianpb/cluster.proto\x1a\x17meridianpb/access.proto\x1a\x1ameridianpb/lifecycle.proto2\x97\n" +
+	"\x16meridianpb/admin.proto\x12\vmeridian.v1\x1a\x18meridianpb/cluster.proto\x1a\x17meridianpb/access.proto\x1a\x1ameridianpb/lifecycle.proto2\xec\n" +
 	"\n" +
 	"\x05Admin\x12=\n" +
 	"\x06Status\x12\x1a.meridian.v1.StatusRequest\x1a\x17.meridian.v1.NodeStatus\x12V\n" +
@@ -50,7 +50,8 @@ const file_meridianpb_admin_proto_rawDesc = "" +
 	"\x05RunGC\x12\x19.meridian.v1.RunGCRequest\x1a\x1a.meridian.v1.RunGCResponse\x12G\n" +
 	"\bGCStatus\x12\x1c.meridian.v1.GCStatusRequest\x1a\x1d.meridian.v1.GCStatusResponse\x12\\\n" +
 	"\x0fManageLifecycle\x12#.meridian.v1.ManageLifecycleRequest\x1a$.meridian.v1.ManageLifecycleResponse\x12V\n" +
-	"\rListLifecycle\x12!.meridian.v1.ListLifecycleRequest\x1a\".meridian.v1.ListLifecycleResponseB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
+	"\rListLifecycle\x12!.meridian.v1.ListLifecycleRequest\x1a\".meridian.v1.ListLifecycleResponse\x12S\n" +
+	"\fRunRetention\x12 .meridian.v1.RunRetentionRequest\x1a!.meridian.v1.RunRetentionResponseB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
 
 var file_meridianpb_admin_proto_goTypes = []any{
 	(*StatusRequest)(nil),              // 0: meridian.v1.StatusRequest
@@ -69,22 +70,24 @@ var file_meridianpb_admin_proto_goTypes = []any{
 	(*GCStatusRequest)(nil),            // 13: meridian.v1.GCStatusRequest
 	(*ManageLifecycleRequest)(nil),     // 14: meridian.v1.ManageLifecycleRequest
 	(*ListLifecycleRequest)(nil),       // 15: meridian.v1.ListLifecycleRequest
-	(*NodeStatus)(nil),                 // 16: meridian.v1.NodeStatus
-	(*ClusterStatusResponse)(nil),      // 17: meridian.v1.ClusterStatusResponse
-	(*TransferLeadershipResponse)(nil), // 18: meridian.v1.TransferLeadershipResponse
-	(*RemoveServerResponse)(nil),       // 19: meridian.v1.RemoveServerResponse
-	(*GossipKeyringResponse)(nil),      // 20: meridian.v1.GossipKeyringResponse
-	(*ScrubResponse)(nil),              // 21: meridian.v1.ScrubResponse
-	(*ListPoliciesResponse)(nil),       // 22: meridian.v1.ListPoliciesResponse
-	(*SetPolicyResponse)(nil),          // 23: meridian.v1.SetPolicyResponse
-	(*DeletePolicyResponse)(nil),       // 24: meridian.v1.DeletePolicyResponse
-	(*ManageAccessResponse)(nil),       // 25: meridian.v1.ManageAccessResponse
-	(*ListAccessResponse)(nil),         // 26: meridian.v1.ListAccessResponse
-	(*ReadAuditResponse)(nil),          // 27: meridian.v1.ReadAuditResponse
-	(*RunGCResponse)(nil),              // 28: meridian.v1.RunGCResponse
-	(*GCStatusResponse)(nil),           // 29: meridian.v1.GCStatusResponse
-	(*ManageLifecycleResponse)(nil),    // 30: meridian.v1.ManageLifecycleResponse
-	(*ListLifecycleResponse)(nil),      // 31: meridian.v1.ListLifecycleResponse
+	(*RunRetentionRequest)(nil),        // 16: meridian.v1.RunRetentionRequest
+	(*NodeStatus)(nil),                 // 17: meridian.v1.NodeStatus
+	(*ClusterStatusResponse)(nil),      // 18: meridian.v1.ClusterStatusResponse
+	(*TransferLeadershipResponse)(nil), // 19: meridian.v1.TransferLeadershipResponse
+	(*RemoveServerResponse)(nil),       // 20: meridian.v1.RemoveServerResponse
+	(*GossipKeyringResponse)(nil),      // 21: meridian.v1.GossipKeyringResponse
+	(*ScrubResponse)(nil),              // 22: meridian.v1.ScrubResponse
+	(*ListPoliciesResponse)(nil),       // 23: meridian.v1.ListPoliciesResponse
+	(*SetPolicyResponse)(nil),          // 24: meridian.v1.SetPolicyResponse
+	(*DeletePolicyResponse)(nil),       // 25: meridian.v1.DeletePolicyResponse
+	(*ManageAccessResponse)(nil),       // 26: meridian.v1.ManageAccessResponse
+	(*ListAccessResponse)(nil),         // 27: meridian.v1.ListAccessResponse
+	(*ReadAuditResponse)(nil),          // 28: meridian.v1.ReadAuditResponse
+	(*RunGCResponse)(nil),              // 29: meridian.v1.RunGCResponse
+	(*GCStatusResponse)(nil),           // 30: meridian.v1.GCStatusResponse
+	(*ManageLifecycleResponse)(nil),    // 31: meridian.v1.ManageLifecycleResponse
+	(*ListLifecycleResponse)(nil),      // 32: meridian.v1.ListLifecycleResponse
+	(*RunRetentionResponse)(nil),       // 33: meridian.v1.RunRetentionResponse
 }
 var file_meridianpb_admin_proto_depIdxs = []int32{
 	0,  // 0: meridian.v1.Admin.Status:input_type -> meridian.v1.StatusRequest
@@ -103,24 +106,26 @@ var file_meridianpb_admin_proto_depIdxs = []int32{
 	13, // 13: meridian.v1.Admin.GCStatus:input_type -> meridian.v1.GCStatusRequest
 	14, // 14: meridian.v1.Admin.ManageLifecycle:input_type -> meridian.v1.ManageLifecycleRequest
 	15, // 15: meridian.v1.Admin.ListLifecycle:input_type -> meridian.v1.ListLifecycleRequest
-	16, // 16: meridian.v1.Admin.Status:output_type -> meridian.v1.NodeStatus
-	17, // 17: meridian.v1.Admin.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
-	18, // 18: meridian.v1.Admin.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
-	19, // 19: meridian.v1.Admin.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
-	20, // 20: meridian.v1.Admin.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
-	21, // 21: meridian.v1.Admin.Scrub:output_type -> meridian.v1.ScrubResponse
-	22, // 22: meridian.v1.Admin.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
-	23, // 23: meridian.v1.Admin.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
-	24, // 24: meridian.v1.Admin.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
-	25, // 25: meridian.v1.Admin.ManageAccess:output_type -> meridian.v1.ManageAccessResponse
-	26, // 26: meridian.v1.Admin.ListAccess:output_type -> meridian.v1.ListAccessResponse
-	27, // 27: meridian.v1.Admin.ReadAudit:output_type -> meridian.v1.ReadAuditResponse
-	28, // 28: meridian.v1.Admin.RunGC:output_type -> meridian.v1.RunGCResponse
-	29, // 29: meridian.v1.Admin.GCStatus:output_type -> meridian.v1.GCStatusResponse
-	30, // 30: meridian.v1.Admin.ManageLifecycle:output_type -> meridian.v1.ManageLifecycleResponse
-	31, // 31: meridian.v1.Admin.ListLifecycle:output_type -> meridian.v1.ListLifecycleResponse
-	16, // [16:32] is the sub-list for method output_type
-	0,  // [0:16] is the sub-list for method input_type
+	16, // 16: meridian.v1.Admin.RunRetention:input_type -> meridian.v1.RunRetentionRequest
+	17, // 17: meridian.v1.Admin.Status:output_type -> meridian.v1.NodeStatus
+	18, // 18: meridian.v1.Admin.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
+	19, // 19: meridian.v1.Admin.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
+	20, // 20: meridian.v1.Admin.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
+	21, // 21: meridian.v1.Admin.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
+	22, // 22: meridian.v1.Admin.Scrub:output_type -> meridian.v1.ScrubResponse
+	23, // 23: meridian.v1.Admin.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
+	24, // 24: meridian.v1.Admin.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
+	25, // 25: meridian.v1.Admin.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
+	26, // 26: meridian.v1.Admin.ManageAccess:output_type -> meridian.v1.ManageAccessResponse
+	27, // 27: meridian.v1.Admin.ListAccess:output_type -> meridian.v1.ListAccessResponse
+	28, // 28: meridian.v1.Admin.ReadAudit:output_type -> meridian.v1.ReadAuditResponse
+	29, // 29: meridian.v1.Admin.RunGC:output_type -> meridian.v1.RunGCResponse
+	30, // 30: meridian.v1.Admin.GCStatus:output_type -> meridian.v1.GCStatusResponse
+	31, // 31: meridian.v1.Admin.ManageLifecycle:output_type -> meridian.v1.ManageLifecycleResponse
+	32, // 32: meridian.v1.Admin.ListLifecycle:output_type -> meridian.v1.ListLifecycleResponse
+	33, // 33: meridian.v1.Admin.RunRetention:output_type -> meridian.v1.RunRetentionResponse
+	17, // [17:34] is the sub-list for method output_type
+	0,  // [0:17] is the sub-list for method input_type
 	0,  // [0:0] is the sub-list for extension type_name
 	0,  // [0:0] is the sub-list for extension extendee
 	0,  // [0:0] is the sub-list for field type_name

@@ -42,6 +42,7 @@ const (
 	Admin_GCStatus_FullMethodName           = "/meridian.v1.Admin/GCStatus"
 	Admin_ManageLifecycle_FullMethodName    = "/meridian.v1.Admin/ManageLifecycle"
 	Admin_ListLifecycle_FullMethodName      = "/meridian.v1.Admin/ListLifecycle"
+	Admin_RunRetention_FullMethodName       = "/meridian.v1.Admin/RunRetention"
 )
 
 // AdminClient is the client API for Admin service.
@@ -74,12 +75,15 @@ type AdminClient interface {
 	ManageAccess(ctx context.Context, in *ManageAccessRequest, opts ...grpc.CallOption) (*ManageAccessResponse, error)
 	ListAccess(ctx context.Context, in *ListAccessRequest, opts ...grpc.CallOption) (*ListAccessResponse, error)
 	ReadAudit(ctx context.Context, in *ReadAuditRequest, opts ...grpc.CallOption) (*ReadAuditResponse, error)
-	// Lifecycle (`meridian gc|repo|immutable`). RunGC runs on the leader
+	// Lifecycle (`meridian gc|repo|immutable|quota|retention`). RunGC runs on the leader
 	// (followers forward it); a dry run answers from the node asked.
 	RunGC(ctx context.Context, in *RunGCRequest, opts ...grpc.CallOption) (*RunGCResponse, error)
 	GCStatus(ctx context.Context, in *GCStatusRequest, opts ...grpc.CallOption) (*GCStatusResponse, error)
 	ManageLifecycle(ctx context.Context, in *ManageLifecycleRequest, opts ...grpc.CallOption) (*ManageLifecycleResponse, error)
 	ListLifecycle(ctx context.Context, in *ListLifecycleRequest, opts ...grpc.CallOption) (*ListLifecycleResponse, error)
+	// RunRetention applies the retention rules on the leader now (a dry run
+	// lists what it would delete).
+	RunRetention(ctx context.Context, in *RunRetentionRequest, opts ...grpc.CallOption) (*RunRetentionResponse, error)
 }
 
 type adminClient struct {
@@ -250,6 +254,16 @@ func (c *adminClient) ListLifecycle(ctx context.Context, in *ListLifecycleReques
 	return out, nil
 }
 
+func (c *adminClient) RunRetention(ctx context.Context, in *RunRetentionRequest, opts ...grpc.CallOption) (*RunRetentionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RunRetentionResponse)
+	err := c.cc.Invoke(ctx, Admin_RunRetention_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -280,12 +294,15 @@ type AdminServer interface {
 	ManageAccess(context.Context, *ManageAccessRequest) (*ManageAccessResponse, error)
 	ListAccess(context.Context, *ListAccessRequest) (*ListAccessResponse, error)
 	ReadAudit(context.Context, *ReadAuditRequest) (*ReadAuditResponse, error)
-	// Lifecycle (`meridian gc|repo|immutable`). RunGC runs on the leader
+	// Lifecycle (`meridian gc|repo|immutable|quota|retention`). RunGC runs on the leader
 	// (followers forward it); a dry run answers from the node asked.
 	RunGC(context.Context, *RunGCRequest) (*RunGCResponse, error)
 	GCStatus(context.Context, *GCStatusRequest) (*GCStatusResponse, error)
 	ManageLifecycle(context.Context, *ManageLifecycleRequest) (*ManageLifecycleResponse, error)
 	ListLifecycle(context.Context, *ListLifecycleRequest) (*ListLifecycleResponse, error)
+	// RunRetention applies the retention rules on the leader now (a dry run
+	// lists what it would delete).
+	RunRetention(context.Context, *RunRetentionRequest) (*RunRetentionResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -343,6 +360,9 @@ func (UnimplementedAdminServer) ManageLifecycle(context.Context, *ManageLifecycl
 }
 func (UnimplementedAdminServer) ListLifecycle(context.Context, *ListLifecycleRequest) (*ListLifecycleResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListLifecycle not implemented")
+}
+func (UnimplementedAdminServer) RunRetention(context.Context, *RunRetentionRequest) (*RunRetentionResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RunRetention not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -653,6 +673,24 @@ func _Admin_ListLifecycle_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_RunRetention_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RunRetentionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RunRetention(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RunRetention_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RunRetention(ctx, req.(*RunRetentionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -723,6 +761,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListLifecycle",
 			Handler:    _Admin_ListLifecycle_Handler,
+		},
+		{
+			MethodName: "RunRetention",
+			Handler:    _Admin_RunRetention_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -158,6 +158,9 @@ type Command struct {
 	//	*Command_DeleteImmutableRule
 	//	*Command_SetQuota
 	//	*Command_DeleteQuota
+	//	*Command_SetRetentionRule
+	//	*Command_DeleteRetentionRule
+	//	*Command_RecordPulls
 	Intent        isCommand_Intent `protobuf_oneof:"intent"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -407,6 +410,33 @@ func (x *Command) GetDeleteQuota() *DeleteQuota {
 	return nil
 }
 
+func (x *Command) GetSetRetentionRule() *SetRetentionRule {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_SetRetentionRule); ok {
+			return x.SetRetentionRule
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetDeleteRetentionRule() *DeleteRetentionRule {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_DeleteRetentionRule); ok {
+			return x.DeleteRetentionRule
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetRecordPulls() *RecordPulls {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_RecordPulls); ok {
+			return x.RecordPulls
+		}
+	}
+	return nil
+}
+
 type isCommand_Intent interface {
 	isCommand_Intent()
 }
@@ -503,6 +533,18 @@ type Command_DeleteQuota struct {
 	DeleteQuota *DeleteQuota `protobuf:"bytes,23,opt,name=delete_quota,json=deleteQuota,proto3,oneof"`
 }
 
+type Command_SetRetentionRule struct {
+	SetRetentionRule *SetRetentionRule `protobuf:"bytes,24,opt,name=set_retention_rule,json=setRetentionRule,proto3,oneof"`
+}
+
+type Command_DeleteRetentionRule struct {
+	DeleteRetentionRule *DeleteRetentionRule `protobuf:"bytes,25,opt,name=delete_retention_rule,json=deleteRetentionRule,proto3,oneof"`
+}
+
+type Command_RecordPulls struct {
+	RecordPulls *RecordPulls `protobuf:"bytes,26,opt,name=record_pulls,json=recordPulls,proto3,oneof"`
+}
+
 func (*Command_PutManifest) isCommand_Intent() {}
 
 func (*Command_DeleteManifest) isCommand_Intent() {}
@@ -548,6 +590,12 @@ func (*Command_DeleteImmutableRule) isCommand_Intent() {}
 func (*Command_SetQuota) isCommand_Intent() {}
 
 func (*Command_DeleteQuota) isCommand_Intent() {}
+
+func (*Command_SetRetentionRule) isCommand_Intent() {}
+
+func (*Command_DeleteRetentionRule) isCommand_Intent() {}
+
+func (*Command_RecordPulls) isCommand_Intent() {}
 
 // CommitRequest carries an intent to Gateway/Commit, or to Member/Forward
 // when a follower passes a write it validated on to the leader.
@@ -3330,7 +3378,7 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x18meridianpb/cluster.proto\x12\vmeridian.v1\x1a\x19meridianpb/meridian.proto\x1a\x17meridianpb/access.proto\"G\n" +
 	"\x06Result\x12%\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x11.meridian.v1.CodeR\x04code\x12\x16\n" +
-	"\x06detail\x18\x02 \x01(\tR\x06detail\"\xa6\v\n" +
+	"\x06detail\x18\x02 \x01(\tR\x06detail\"\x8c\r\n" +
 	"\aCommand\x12=\n" +
 	"\fput_manifest\x18\x01 \x01(\v2\x18.meridian.v1.PutManifestH\x00R\vputManifest\x12F\n" +
 	"\x0fdelete_manifest\x18\x02 \x01(\v2\x1b.meridian.v1.DeleteManifestH\x00R\x0edeleteManifest\x127\n" +
@@ -3362,7 +3410,10 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x12set_immutable_rule\x18\x14 \x01(\v2\x1d.meridian.v1.SetImmutableRuleH\x00R\x10setImmutableRule\x12V\n" +
 	"\x15delete_immutable_rule\x18\x15 \x01(\v2 .meridian.v1.DeleteImmutableRuleH\x00R\x13deleteImmutableRule\x124\n" +
 	"\tset_quota\x18\x16 \x01(\v2\x15.meridian.v1.SetQuotaH\x00R\bsetQuota\x12=\n" +
-	"\fdelete_quota\x18\x17 \x01(\v2\x18.meridian.v1.DeleteQuotaH\x00R\vdeleteQuotaB\b\n" +
+	"\fdelete_quota\x18\x17 \x01(\v2\x18.meridian.v1.DeleteQuotaH\x00R\vdeleteQuota\x12M\n" +
+	"\x12set_retention_rule\x18\x18 \x01(\v2\x1d.meridian.v1.SetRetentionRuleH\x00R\x10setRetentionRule\x12V\n" +
+	"\x15delete_retention_rule\x18\x19 \x01(\v2 .meridian.v1.DeleteRetentionRuleH\x00R\x13deleteRetentionRule\x12=\n" +
+	"\frecord_pulls\x18\x1a \x01(\v2\x18.meridian.v1.RecordPullsH\x00R\vrecordPullsB\b\n" +
 	"\x06intent\"z\n" +
 	"\rCommitRequest\x12.\n" +
 	"\acommand\x18\x01 \x01(\v2\x14.meridian.v1.CommandR\acommand\x12(\n" +
@@ -3667,12 +3718,15 @@ var file_meridianpb_cluster_proto_goTypes = []any{
 	(*DeleteImmutableRule)(nil),        // 71: meridian.v1.DeleteImmutableRule
 	(*SetQuota)(nil),                   // 72: meridian.v1.SetQuota
 	(*DeleteQuota)(nil),                // 73: meridian.v1.DeleteQuota
-	(*Actor)(nil),                      // 74: meridian.v1.Actor
-	(*ManifestRecord)(nil),             // 75: meridian.v1.ManifestRecord
-	(*Referrer)(nil),                   // 76: meridian.v1.Referrer
-	(*BlobRecord)(nil),                 // 77: meridian.v1.BlobRecord
-	(*UploadKey)(nil),                  // 78: meridian.v1.UploadKey
-	(*Policy)(nil),                     // 79: meridian.v1.Policy
+	(*SetRetentionRule)(nil),           // 74: meridian.v1.SetRetentionRule
+	(*DeleteRetentionRule)(nil),        // 75: meridian.v1.DeleteRetentionRule
+	(*RecordPulls)(nil),                // 76: meridian.v1.RecordPulls
+	(*Actor)(nil),                      // 77: meridian.v1.Actor
+	(*ManifestRecord)(nil),             // 78: meridian.v1.ManifestRecord
+	(*Referrer)(nil),                   // 79: meridian.v1.Referrer
+	(*BlobRecord)(nil),                 // 80: meridian.v1.BlobRecord
+	(*UploadKey)(nil),                  // 81: meridian.v1.UploadKey
+	(*Policy)(nil),                     // 82: meridian.v1.Policy
 }
 var file_meridianpb_cluster_proto_depIdxs = []int32{
 	50, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
@@ -3699,47 +3753,50 @@ var file_meridianpb_cluster_proto_depIdxs = []int32{
 	71, // 21: meridian.v1.Command.delete_immutable_rule:type_name -> meridian.v1.DeleteImmutableRule
 	72, // 22: meridian.v1.Command.set_quota:type_name -> meridian.v1.SetQuota
 	73, // 23: meridian.v1.Command.delete_quota:type_name -> meridian.v1.DeleteQuota
-	2,  // 24: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
-	74, // 25: meridian.v1.CommitRequest.actor:type_name -> meridian.v1.Actor
-	1,  // 26: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
-	7,  // 27: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
-	10, // 28: meridian.v1.ScrubResponse.mismatches:type_name -> meridian.v1.ScrubMismatch
-	0,  // 29: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 30: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
-	75, // 31: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
-	0,  // 32: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 33: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
-	0,  // 34: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 35: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
-	0,  // 36: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 37: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
-	76, // 38: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
-	0,  // 39: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 40: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
-	77, // 41: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
-	1,  // 42: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 43: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
-	77, // 44: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
-	27, // 45: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
-	27, // 46: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
-	78, // 47: meridian.v1.GetUploadKeyResponse.keys:type_name -> meridian.v1.UploadKey
-	9,  // 48: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
-	33, // 49: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
-	36, // 50: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
-	37, // 51: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
-	35, // 52: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
-	39, // 53: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
-	79, // 54: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
-	79, // 55: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
-	1,  // 56: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 57: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 58: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
-	1,  // 59: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
-	60, // [60:60] is the sub-list for method output_type
-	60, // [60:60] is the sub-list for method input_type
-	60, // [60:60] is the sub-list for extension type_name
-	60, // [60:60] is the sub-list for extension extendee
-	0,  // [0:60] is the sub-list for field type_name
+	74, // 24: meridian.v1.Command.set_retention_rule:type_name -> meridian.v1.SetRetentionRule
+	75, // 25: meridian.v1.Command.delete_retention_rule:type_name -> meridian.v1.DeleteRetentionRule
+	76, // 26: meridian.v1.Command.record_pulls:type_name -> meridian.v1.RecordPulls
+	2,  // 27: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
+	77, // 28: meridian.v1.CommitRequest.actor:type_name -> meridian.v1.Actor
+	1,  // 29: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
+	7,  // 30: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
+	10, // 31: meridian.v1.ScrubResponse.mismatches:type_name -> meridian.v1.ScrubMismatch
+	0,  // 32: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 33: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
+	78, // 34: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
+	0,  // 35: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 36: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
+	0,  // 37: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 38: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
+	0,  // 39: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 40: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
+	79, // 41: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
+	0,  // 42: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 43: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
+	80, // 44: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
+	1,  // 45: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 46: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
+	80, // 47: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
+	27, // 48: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
+	27, // 49: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
+	81, // 50: meridian.v1.GetUploadKeyResponse.keys:type_name -> meridian.v1.UploadKey
+	9,  // 51: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
+	33, // 52: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
+	36, // 53: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
+	37, // 54: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
+	35, // 55: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
+	39, // 56: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
+	82, // 57: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
+	82, // 58: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
+	1,  // 59: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 60: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 61: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
+	1,  // 62: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
+	63, // [63:63] is the sub-list for method output_type
+	63, // [63:63] is the sub-list for method input_type
+	63, // [63:63] is the sub-list for extension type_name
+	63, // [63:63] is the sub-list for extension extendee
+	0,  // [0:63] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_cluster_proto_init() }
@@ -3773,6 +3830,9 @@ func file_meridianpb_cluster_proto_init() {
 		(*Command_DeleteImmutableRule)(nil),
 		(*Command_SetQuota)(nil),
 		(*Command_DeleteQuota)(nil),
+		(*Command_SetRetentionRule)(nil),
+		(*Command_DeleteRetentionRule)(nil),
+		(*Command_RecordPulls)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

@@ -394,6 +394,8 @@ type ManageLifecycleRequest struct {
 	//	*ManageLifecycleRequest_DeleteImmutableRule
 	//	*ManageLifecycleRequest_SetQuota
 	//	*ManageLifecycleRequest_DeleteQuota
+	//	*ManageLifecycleRequest_SetRetentionRule
+	//	*ManageLifecycleRequest_DeleteRetentionRule
 	Change        isManageLifecycleRequest_Change `protobuf_oneof:"change"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -481,6 +483,24 @@ func (x *ManageLifecycleRequest) GetDeleteQuota() *DeleteQuota {
 	return nil
 }
 
+func (x *ManageLifecycleRequest) GetSetRetentionRule() *SetRetentionRule {
+	if x != nil {
+		if x, ok := x.Change.(*ManageLifecycleRequest_SetRetentionRule); ok {
+			return x.SetRetentionRule
+		}
+	}
+	return nil
+}
+
+func (x *ManageLifecycleRequest) GetDeleteRetentionRule() *DeleteRetentionRule {
+	if x != nil {
+		if x, ok := x.Change.(*ManageLifecycleRequest_DeleteRetentionRule); ok {
+			return x.DeleteRetentionRule
+		}
+	}
+	return nil
+}
+
 type isManageLifecycleRequest_Change interface {
 	isManageLifecycleRequest_Change()
 }
@@ -505,6 +525,14 @@ type ManageLifecycleRequest_DeleteQuota struct {
 	DeleteQuota *DeleteQuota `protobuf:"bytes,5,opt,name=delete_quota,json=deleteQuota,proto3,oneof"`
 }
 
+type ManageLifecycleRequest_SetRetentionRule struct {
+	SetRetentionRule *SetRetentionRule `protobuf:"bytes,6,opt,name=set_retention_rule,json=setRetentionRule,proto3,oneof"`
+}
+
+type ManageLifecycleRequest_DeleteRetentionRule struct {
+	DeleteRetentionRule *DeleteRetentionRule `protobuf:"bytes,7,opt,name=delete_retention_rule,json=deleteRetentionRule,proto3,oneof"`
+}
+
 func (*ManageLifecycleRequest_DeleteRepository) isManageLifecycleRequest_Change() {}
 
 func (*ManageLifecycleRequest_SetImmutableRule) isManageLifecycleRequest_Change() {}
@@ -514,6 +542,10 @@ func (*ManageLifecycleRequest_DeleteImmutableRule) isManageLifecycleRequest_Chan
 func (*ManageLifecycleRequest_SetQuota) isManageLifecycleRequest_Change() {}
 
 func (*ManageLifecycleRequest_DeleteQuota) isManageLifecycleRequest_Change() {}
+
+func (*ManageLifecycleRequest_SetRetentionRule) isManageLifecycleRequest_Change() {}
+
+func (*ManageLifecycleRequest_DeleteRetentionRule) isManageLifecycleRequest_Change() {}
 
 type ManageLifecycleResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -599,6 +631,7 @@ type ListLifecycleResponse struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	ImmutableRules []*ImmutableRule       `protobuf:"bytes,1,rep,name=immutable_rules,json=immutableRules,proto3" json:"immutable_rules,omitempty"`
 	Quotas         []*QuotaUsage          `protobuf:"bytes,2,rep,name=quotas,proto3" json:"quotas,omitempty"`
+	RetentionRules []*RetentionRule       `protobuf:"bytes,3,rep,name=retention_rules,json=retentionRules,proto3" json:"retention_rules,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -647,6 +680,145 @@ func (x *ListLifecycleResponse) GetQuotas() []*QuotaUsage {
 	return nil
 }
 
+func (x *ListLifecycleResponse) GetRetentionRules() []*RetentionRule {
+	if x != nil {
+		return x.RetentionRules
+	}
+	return nil
+}
+
+type RunRetentionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// List what a run would delete; change nothing.
+	DryRun        bool `protobuf:"varint,1,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RunRetentionRequest) Reset() {
+	*x = RunRetentionRequest{}
+	mi := &file_meridianpb_lifecycle_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RunRetentionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RunRetentionRequest) ProtoMessage() {}
+
+func (x *RunRetentionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_lifecycle_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RunRetentionRequest.ProtoReflect.Descriptor instead.
+func (*RunRetentionRequest) Descriptor() ([]byte, []int) {
+	return file_meridianpb_lifecycle_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *RunRetentionRequest) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
+}
+
+type RunRetentionResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Result *Result                `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
+	DryRun bool                   `protobuf:"varint,2,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
+	RunId  string                 `protobuf:"bytes,3,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	// The plan: what the rules chose at the leader.
+	Tags      []*RetentionTag      `protobuf:"bytes,4,rep,name=tags,proto3" json:"tags,omitempty"`
+	Manifests []*RetentionManifest `protobuf:"bytes,5,rep,name=manifests,proto3" json:"manifests,omitempty"`
+	// What the run's entries did (a push or pull that raced the run keeps
+	// its manifest); empty for a dry run.
+	Run           *RetentionRun `protobuf:"bytes,6,opt,name=run,proto3" json:"run,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RunRetentionResponse) Reset() {
+	*x = RunRetentionResponse{}
+	mi := &file_meridianpb_lifecycle_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RunRetentionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RunRetentionResponse) ProtoMessage() {}
+
+func (x *RunRetentionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_lifecycle_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RunRetentionResponse.ProtoReflect.Descriptor instead.
+func (*RunRetentionResponse) Descriptor() ([]byte, []int) {
+	return file_meridianpb_lifecycle_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *RunRetentionResponse) GetResult() *Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *RunRetentionResponse) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
+}
+
+func (x *RunRetentionResponse) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+func (x *RunRetentionResponse) GetTags() []*RetentionTag {
+	if x != nil {
+		return x.Tags
+	}
+	return nil
+}
+
+func (x *RunRetentionResponse) GetManifests() []*RetentionManifest {
+	if x != nil {
+		return x.Manifests
+	}
+	return nil
+}
+
+func (x *RunRetentionResponse) GetRun() *RetentionRun {
+	if x != nil {
+		return x.Run
+	}
+	return nil
+}
+
 var File_meridianpb_lifecycle_proto protoreflect.FileDescriptor
 
 const file_meridianpb_lifecycle_proto_rawDesc = "" +
@@ -681,20 +853,32 @@ const file_meridianpb_lifecycle_proto_rawDesc = "" +
 	"\x0einterval_nanos\x18\x03 \x01(\x03R\rintervalNanos\x12\x1f\n" +
 	"\vgrace_nanos\x18\x04 \x01(\x03R\n" +
 	"graceNanos\x12%\n" +
-	"\x0euntagged_nanos\x18\x05 \x01(\x03R\runtaggedNanos\"\x8c\x03\n" +
+	"\x0euntagged_nanos\x18\x05 \x01(\x03R\runtaggedNanos\"\xb3\x04\n" +
 	"\x16ManageLifecycleRequest\x12L\n" +
 	"\x11delete_repository\x18\x01 \x01(\v2\x1d.meridian.v1.DeleteRepositoryH\x00R\x10deleteRepository\x12M\n" +
 	"\x12set_immutable_rule\x18\x02 \x01(\v2\x1d.meridian.v1.SetImmutableRuleH\x00R\x10setImmutableRule\x12V\n" +
 	"\x15delete_immutable_rule\x18\x03 \x01(\v2 .meridian.v1.DeleteImmutableRuleH\x00R\x13deleteImmutableRule\x124\n" +
 	"\tset_quota\x18\x04 \x01(\v2\x15.meridian.v1.SetQuotaH\x00R\bsetQuota\x12=\n" +
-	"\fdelete_quota\x18\x05 \x01(\v2\x18.meridian.v1.DeleteQuotaH\x00R\vdeleteQuotaB\b\n" +
+	"\fdelete_quota\x18\x05 \x01(\v2\x18.meridian.v1.DeleteQuotaH\x00R\vdeleteQuota\x12M\n" +
+	"\x12set_retention_rule\x18\x06 \x01(\v2\x1d.meridian.v1.SetRetentionRuleH\x00R\x10setRetentionRule\x12V\n" +
+	"\x15delete_retention_rule\x18\a \x01(\v2 .meridian.v1.DeleteRetentionRuleH\x00R\x13deleteRetentionRuleB\b\n" +
 	"\x06change\"F\n" +
 	"\x17ManageLifecycleResponse\x12+\n" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\"\x16\n" +
-	"\x14ListLifecycleRequest\"\x8d\x01\n" +
+	"\x14ListLifecycleRequest\"\xd2\x01\n" +
 	"\x15ListLifecycleResponse\x12C\n" +
 	"\x0fimmutable_rules\x18\x01 \x03(\v2\x1a.meridian.v1.ImmutableRuleR\x0eimmutableRules\x12/\n" +
-	"\x06quotas\x18\x02 \x03(\v2\x17.meridian.v1.QuotaUsageR\x06quotasB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
+	"\x06quotas\x18\x02 \x03(\v2\x17.meridian.v1.QuotaUsageR\x06quotas\x12C\n" +
+	"\x0fretention_rules\x18\x03 \x03(\v2\x1a.meridian.v1.RetentionRuleR\x0eretentionRules\".\n" +
+	"\x13RunRetentionRequest\x12\x17\n" +
+	"\adry_run\x18\x01 \x01(\bR\x06dryRun\"\x8d\x02\n" +
+	"\x14RunRetentionResponse\x12+\n" +
+	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\x12\x17\n" +
+	"\adry_run\x18\x02 \x01(\bR\x06dryRun\x12\x15\n" +
+	"\x06run_id\x18\x03 \x01(\tR\x05runId\x12-\n" +
+	"\x04tags\x18\x04 \x03(\v2\x19.meridian.v1.RetentionTagR\x04tags\x12<\n" +
+	"\tmanifests\x18\x05 \x03(\v2\x1e.meridian.v1.RetentionManifestR\tmanifests\x12+\n" +
+	"\x03run\x18\x06 \x01(\v2\x19.meridian.v1.RetentionRunR\x03runB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
 
 var (
 	file_meridianpb_lifecycle_proto_rawDescOnce sync.Once
@@ -708,7 +892,7 @@ func file_meridianpb_lifecycle_proto_rawDescGZIP() []byte {
 	return file_meridianpb_lifecycle_proto_rawDescData
 }
 
-var file_meridianpb_lifecycle_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_meridianpb_lifecycle_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_meridianpb_lifecycle_proto_goTypes = []any{
 	(*RunGCRequest)(nil),            // 0: meridian.v1.RunGCRequest
 	(*GCBlob)(nil),                  // 1: meridian.v1.GCBlob
@@ -719,38 +903,53 @@ var file_meridianpb_lifecycle_proto_goTypes = []any{
 	(*ManageLifecycleResponse)(nil), // 6: meridian.v1.ManageLifecycleResponse
 	(*ListLifecycleRequest)(nil),    // 7: meridian.v1.ListLifecycleRequest
 	(*ListLifecycleResponse)(nil),   // 8: meridian.v1.ListLifecycleResponse
-	(*Result)(nil),                  // 9: meridian.v1.Result
-	(*ManifestRef)(nil),             // 10: meridian.v1.ManifestRef
-	(*GCRun)(nil),                   // 11: meridian.v1.GCRun
-	(*GCRegion)(nil),                // 12: meridian.v1.GCRegion
-	(*DeleteRepository)(nil),        // 13: meridian.v1.DeleteRepository
-	(*SetImmutableRule)(nil),        // 14: meridian.v1.SetImmutableRule
-	(*DeleteImmutableRule)(nil),     // 15: meridian.v1.DeleteImmutableRule
-	(*SetQuota)(nil),                // 16: meridian.v1.SetQuota
-	(*DeleteQuota)(nil),             // 17: meridian.v1.DeleteQuota
-	(*ImmutableRule)(nil),           // 18: meridian.v1.ImmutableRule
-	(*QuotaUsage)(nil),              // 19: meridian.v1.QuotaUsage
+	(*RunRetentionRequest)(nil),     // 9: meridian.v1.RunRetentionRequest
+	(*RunRetentionResponse)(nil),    // 10: meridian.v1.RunRetentionResponse
+	(*Result)(nil),                  // 11: meridian.v1.Result
+	(*ManifestRef)(nil),             // 12: meridian.v1.ManifestRef
+	(*GCRun)(nil),                   // 13: meridian.v1.GCRun
+	(*GCRegion)(nil),                // 14: meridian.v1.GCRegion
+	(*DeleteRepository)(nil),        // 15: meridian.v1.DeleteRepository
+	(*SetImmutableRule)(nil),        // 16: meridian.v1.SetImmutableRule
+	(*DeleteImmutableRule)(nil),     // 17: meridian.v1.DeleteImmutableRule
+	(*SetQuota)(nil),                // 18: meridian.v1.SetQuota
+	(*DeleteQuota)(nil),             // 19: meridian.v1.DeleteQuota
+	(*SetRetentionRule)(nil),        // 20: meridian.v1.SetRetentionRule
+	(*DeleteRetentionRule)(nil),     // 21: meridian.v1.DeleteRetentionRule
+	(*ImmutableRule)(nil),           // 22: meridian.v1.ImmutableRule
+	(*QuotaUsage)(nil),              // 23: meridian.v1.QuotaUsage
+	(*RetentionRule)(nil),           // 24: meridian.v1.RetentionRule
+	(*RetentionTag)(nil),            // 25: meridian.v1.RetentionTag
+	(*RetentionManifest)(nil),       // 26: meridian.v1.RetentionManifest
+	(*RetentionRun)(nil),            // 27: meridian.v1.RetentionRun
 }
 var file_meridianpb_lifecycle_proto_depIdxs = []int32{
-	9,  // 0: meridian.v1.RunGCResponse.result:type_name -> meridian.v1.Result
+	11, // 0: meridian.v1.RunGCResponse.result:type_name -> meridian.v1.Result
 	1,  // 1: meridian.v1.RunGCResponse.blobs:type_name -> meridian.v1.GCBlob
-	10, // 2: meridian.v1.RunGCResponse.manifests:type_name -> meridian.v1.ManifestRef
-	11, // 3: meridian.v1.RunGCResponse.run:type_name -> meridian.v1.GCRun
-	11, // 4: meridian.v1.GCStatusResponse.last_run:type_name -> meridian.v1.GCRun
-	12, // 5: meridian.v1.GCStatusResponse.regions:type_name -> meridian.v1.GCRegion
-	13, // 6: meridian.v1.ManageLifecycleRequest.delete_repository:type_name -> meridian.v1.DeleteRepository
-	14, // 7: meridian.v1.ManageLifecycleRequest.set_immutable_rule:type_name -> meridian.v1.SetImmutableRule
-	15, // 8: meridian.v1.ManageLifecycleRequest.delete_immutable_rule:type_name -> meridian.v1.DeleteImmutableRule
-	16, // 9: meridian.v1.ManageLifecycleRequest.set_quota:type_name -> meridian.v1.SetQuota
-	17, // 10: meridian.v1.ManageLifecycleRequest.delete_quota:type_name -> meridian.v1.DeleteQuota
-	9,  // 11: meridian.v1.ManageLifecycleResponse.result:type_name -> meridian.v1.Result
-	18, // 12: meridian.v1.ListLifecycleResponse.immutable_rules:type_name -> meridian.v1.ImmutableRule
-	19, // 13: meridian.v1.ListLifecycleResponse.quotas:type_name -> meridian.v1.QuotaUsage
-	14, // [14:14] is the sub-list for method output_type
-	14, // [14:14] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	12, // 2: meridian.v1.RunGCResponse.manifests:type_name -> meridian.v1.ManifestRef
+	13, // 3: meridian.v1.RunGCResponse.run:type_name -> meridian.v1.GCRun
+	13, // 4: meridian.v1.GCStatusResponse.last_run:type_name -> meridian.v1.GCRun
+	14, // 5: meridian.v1.GCStatusResponse.regions:type_name -> meridian.v1.GCRegion
+	15, // 6: meridian.v1.ManageLifecycleRequest.delete_repository:type_name -> meridian.v1.DeleteRepository
+	16, // 7: meridian.v1.ManageLifecycleRequest.set_immutable_rule:type_name -> meridian.v1.SetImmutableRule
+	17, // 8: meridian.v1.ManageLifecycleRequest.delete_immutable_rule:type_name -> meridian.v1.DeleteImmutableRule
+	18, // 9: meridian.v1.ManageLifecycleRequest.set_quota:type_name -> meridian.v1.SetQuota
+	19, // 10: meridian.v1.ManageLifecycleRequest.delete_quota:type_name -> meridian.v1.DeleteQuota
+	20, // 11: meridian.v1.ManageLifecycleRequest.set_retention_rule:type_name -> meridian.v1.SetRetentionRule
+	21, // 12: meridian.v1.ManageLifecycleRequest.delete_retention_rule:type_name -> meridian.v1.DeleteRetentionRule
+	11, // 13: meridian.v1.ManageLifecycleResponse.result:type_name -> meridian.v1.Result
+	22, // 14: meridian.v1.ListLifecycleResponse.immutable_rules:type_name -> meridian.v1.ImmutableRule
+	23, // 15: meridian.v1.ListLifecycleResponse.quotas:type_name -> meridian.v1.QuotaUsage
+	24, // 16: meridian.v1.ListLifecycleResponse.retention_rules:type_name -> meridian.v1.RetentionRule
+	11, // 17: meridian.v1.RunRetentionResponse.result:type_name -> meridian.v1.Result
+	25, // 18: meridian.v1.RunRetentionResponse.tags:type_name -> meridian.v1.RetentionTag
+	26, // 19: meridian.v1.RunRetentionResponse.manifests:type_name -> meridian.v1.RetentionManifest
+	27, // 20: meridian.v1.RunRetentionResponse.run:type_name -> meridian.v1.RetentionRun
+	21, // [21:21] is the sub-list for method output_type
+	21, // [21:21] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_lifecycle_proto_init() }
@@ -767,6 +966,8 @@ func file_meridianpb_lifecycle_proto_init() {
 		(*ManageLifecycleRequest_DeleteImmutableRule)(nil),
 		(*ManageLifecycleRequest_SetQuota)(nil),
 		(*ManageLifecycleRequest_DeleteQuota)(nil),
+		(*ManageLifecycleRequest_SetRetentionRule)(nil),
+		(*ManageLifecycleRequest_DeleteRetentionRule)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -774,7 +975,7 @@ func file_meridianpb_lifecycle_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridianpb_lifecycle_proto_rawDesc), len(file_meridianpb_lifecycle_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

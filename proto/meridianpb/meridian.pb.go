@@ -145,6 +145,10 @@ type LogEntry struct {
 	//	*LogEntry_DeleteImmutableRule
 	//	*LogEntry_SetQuota
 	//	*LogEntry_DeleteQuota
+	//	*LogEntry_SetRetentionRule
+	//	*LogEntry_DeleteRetentionRule
+	//	*LogEntry_ApplyRetention
+	//	*LogEntry_RecordPulls
 	Command isLogEntry_Command `protobuf_oneof:"command"`
 	// Who asked for this change (absent for the cluster's housekeeping); the
 	// audit log is written from it when the entry applies.
@@ -456,6 +460,42 @@ func (x *LogEntry) GetDeleteQuota() *DeleteQuota {
 	return nil
 }
 
+func (x *LogEntry) GetSetRetentionRule() *SetRetentionRule {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_SetRetentionRule); ok {
+			return x.SetRetentionRule
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetDeleteRetentionRule() *DeleteRetentionRule {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_DeleteRetentionRule); ok {
+			return x.DeleteRetentionRule
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetApplyRetention() *ApplyRetention {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_ApplyRetention); ok {
+			return x.ApplyRetention
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetRecordPulls() *RecordPulls {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_RecordPulls); ok {
+			return x.RecordPulls
+		}
+	}
+	return nil
+}
+
 func (x *LogEntry) GetActor() *Actor {
 	if x != nil {
 		return x.Actor
@@ -579,6 +619,22 @@ type LogEntry_DeleteQuota struct {
 	DeleteQuota *DeleteQuota `protobuf:"bytes,37,opt,name=delete_quota,json=deleteQuota,proto3,oneof"`
 }
 
+type LogEntry_SetRetentionRule struct {
+	SetRetentionRule *SetRetentionRule `protobuf:"bytes,38,opt,name=set_retention_rule,json=setRetentionRule,proto3,oneof"`
+}
+
+type LogEntry_DeleteRetentionRule struct {
+	DeleteRetentionRule *DeleteRetentionRule `protobuf:"bytes,39,opt,name=delete_retention_rule,json=deleteRetentionRule,proto3,oneof"`
+}
+
+type LogEntry_ApplyRetention struct {
+	ApplyRetention *ApplyRetention `protobuf:"bytes,40,opt,name=apply_retention,json=applyRetention,proto3,oneof"`
+}
+
+type LogEntry_RecordPulls struct {
+	RecordPulls *RecordPulls `protobuf:"bytes,41,opt,name=record_pulls,json=recordPulls,proto3,oneof"`
+}
+
 func (*LogEntry_PutManifest) isLogEntry_Command() {}
 
 func (*LogEntry_DeleteManifest) isLogEntry_Command() {}
@@ -634,6 +690,14 @@ func (*LogEntry_DeleteImmutableRule) isLogEntry_Command() {}
 func (*LogEntry_SetQuota) isLogEntry_Command() {}
 
 func (*LogEntry_DeleteQuota) isLogEntry_Command() {}
+
+func (*LogEntry_SetRetentionRule) isLogEntry_Command() {}
+
+func (*LogEntry_DeleteRetentionRule) isLogEntry_Command() {}
+
+func (*LogEntry_ApplyRetention) isLogEntry_Command() {}
+
+func (*LogEntry_RecordPulls) isLogEntry_Command() {}
 
 // PutManifest stores a manifest and optionally points tags at it.
 type PutManifest struct {
@@ -2173,6 +2237,573 @@ func (x *DeleteQuota) GetRepositories() string {
 	return ""
 }
 
+// RetentionRule says what the repositories a pattern covers keep; a run
+// deletes the rest. Where several rules cover a repository, the one with
+// the longest pattern governs it.
+type RetentionRule struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Repositories string                 `protobuf:"bytes,1,opt,name=repositories,proto3" json:"repositories,omitempty"`
+	// Keep the newest keep_tags tags of each repository by push time, among
+	// the tags matching tag_pattern (every tag when empty; tags it does not
+	// match are kept). 0: no count rule.
+	KeepTags   int32  `protobuf:"varint,2,opt,name=keep_tags,json=keepTags,proto3" json:"keep_tags,omitempty"`
+	TagPattern string `protobuf:"bytes,3,opt,name=tag_pattern,json=tagPattern,proto3" json:"tag_pattern,omitempty"`
+	// Delete manifests untagged and unreferenced for this long (0: keep).
+	UntaggedAfterNanos int64 `protobuf:"varint,4,opt,name=untagged_after_nanos,json=untaggedAfterNanos,proto3" json:"untagged_after_nanos,omitempty"`
+	// Keep whatever was pulled within this window (0: pulls do not count).
+	KeepPulledWithinNanos int64 `protobuf:"varint,5,opt,name=keep_pulled_within_nanos,json=keepPulledWithinNanos,proto3" json:"keep_pulled_within_nanos,omitempty"`
+	// Tags matching any of these globs are never deleted.
+	ProtectedTags []string `protobuf:"bytes,6,rep,name=protected_tags,json=protectedTags,proto3" json:"protected_tags,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RetentionRule) Reset() {
+	*x = RetentionRule{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetentionRule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetentionRule) ProtoMessage() {}
+
+func (x *RetentionRule) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetentionRule.ProtoReflect.Descriptor instead.
+func (*RetentionRule) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *RetentionRule) GetRepositories() string {
+	if x != nil {
+		return x.Repositories
+	}
+	return ""
+}
+
+func (x *RetentionRule) GetKeepTags() int32 {
+	if x != nil {
+		return x.KeepTags
+	}
+	return 0
+}
+
+func (x *RetentionRule) GetTagPattern() string {
+	if x != nil {
+		return x.TagPattern
+	}
+	return ""
+}
+
+func (x *RetentionRule) GetUntaggedAfterNanos() int64 {
+	if x != nil {
+		return x.UntaggedAfterNanos
+	}
+	return 0
+}
+
+func (x *RetentionRule) GetKeepPulledWithinNanos() int64 {
+	if x != nil {
+		return x.KeepPulledWithinNanos
+	}
+	return 0
+}
+
+func (x *RetentionRule) GetProtectedTags() []string {
+	if x != nil {
+		return x.ProtectedTags
+	}
+	return nil
+}
+
+type SetRetentionRule struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Rule          *RetentionRule         `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetRetentionRule) Reset() {
+	*x = SetRetentionRule{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetRetentionRule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetRetentionRule) ProtoMessage() {}
+
+func (x *SetRetentionRule) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetRetentionRule.ProtoReflect.Descriptor instead.
+func (*SetRetentionRule) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *SetRetentionRule) GetRule() *RetentionRule {
+	if x != nil {
+		return x.Rule
+	}
+	return nil
+}
+
+type DeleteRetentionRule struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repositories  string                 `protobuf:"bytes,1,opt,name=repositories,proto3" json:"repositories,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteRetentionRule) Reset() {
+	*x = DeleteRetentionRule{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteRetentionRule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteRetentionRule) ProtoMessage() {}
+
+func (x *DeleteRetentionRule) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteRetentionRule.ProtoReflect.Descriptor instead.
+func (*DeleteRetentionRule) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *DeleteRetentionRule) GetRepositories() string {
+	if x != nil {
+		return x.Repositories
+	}
+	return ""
+}
+
+// ApplyRetention deletes what a retention run chose. The state machine
+// re-checks each item at this index: a tag pushed or moved since the run
+// looked, a manifest tagged or referenced since, anything pulled since the
+// keep window began, or anything an immutability rule covers, stays.
+type ApplyRetention struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	RunId string                 `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	// Tags pushed after this time stay.
+	PushedBeforeUnixNano int64                `protobuf:"varint,2,opt,name=pushed_before_unix_nano,json=pushedBeforeUnixNano,proto3" json:"pushed_before_unix_nano,omitempty"`
+	Tags                 []*RetentionTag      `protobuf:"bytes,3,rep,name=tags,proto3" json:"tags,omitempty"`
+	Manifests            []*RetentionManifest `protobuf:"bytes,4,rep,name=manifests,proto3" json:"manifests,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *ApplyRetention) Reset() {
+	*x = ApplyRetention{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApplyRetention) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApplyRetention) ProtoMessage() {}
+
+func (x *ApplyRetention) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApplyRetention.ProtoReflect.Descriptor instead.
+func (*ApplyRetention) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ApplyRetention) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+func (x *ApplyRetention) GetPushedBeforeUnixNano() int64 {
+	if x != nil {
+		return x.PushedBeforeUnixNano
+	}
+	return 0
+}
+
+func (x *ApplyRetention) GetTags() []*RetentionTag {
+	if x != nil {
+		return x.Tags
+	}
+	return nil
+}
+
+func (x *ApplyRetention) GetManifests() []*RetentionManifest {
+	if x != nil {
+		return x.Manifests
+	}
+	return nil
+}
+
+type RetentionTag struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Repository string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
+	Tag        string                 `protobuf:"bytes,2,opt,name=tag,proto3" json:"tag,omitempty"`
+	// The manifest the tag pointed at when the run looked.
+	Digest string `protobuf:"bytes,3,opt,name=digest,proto3" json:"digest,omitempty"`
+	// Kept if its manifest was pulled after this time (0: pulls do not count).
+	KeepIfPulledAfterUnixNano int64 `protobuf:"varint,4,opt,name=keep_if_pulled_after_unix_nano,json=keepIfPulledAfterUnixNano,proto3" json:"keep_if_pulled_after_unix_nano,omitempty"`
+	unknownFields             protoimpl.UnknownFields
+	sizeCache                 protoimpl.SizeCache
+}
+
+func (x *RetentionTag) Reset() {
+	*x = RetentionTag{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetentionTag) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetentionTag) ProtoMessage() {}
+
+func (x *RetentionTag) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetentionTag.ProtoReflect.Descriptor instead.
+func (*RetentionTag) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *RetentionTag) GetRepository() string {
+	if x != nil {
+		return x.Repository
+	}
+	return ""
+}
+
+func (x *RetentionTag) GetTag() string {
+	if x != nil {
+		return x.Tag
+	}
+	return ""
+}
+
+func (x *RetentionTag) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *RetentionTag) GetKeepIfPulledAfterUnixNano() int64 {
+	if x != nil {
+		return x.KeepIfPulledAfterUnixNano
+	}
+	return 0
+}
+
+type RetentionManifest struct {
+	state                     protoimpl.MessageState `protogen:"open.v1"`
+	Repository                string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
+	Digest                    string                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	UntaggedBeforeUnixNano    int64                  `protobuf:"varint,3,opt,name=untagged_before_unix_nano,json=untaggedBeforeUnixNano,proto3" json:"untagged_before_unix_nano,omitempty"`
+	KeepIfPulledAfterUnixNano int64                  `protobuf:"varint,4,opt,name=keep_if_pulled_after_unix_nano,json=keepIfPulledAfterUnixNano,proto3" json:"keep_if_pulled_after_unix_nano,omitempty"`
+	unknownFields             protoimpl.UnknownFields
+	sizeCache                 protoimpl.SizeCache
+}
+
+func (x *RetentionManifest) Reset() {
+	*x = RetentionManifest{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetentionManifest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetentionManifest) ProtoMessage() {}
+
+func (x *RetentionManifest) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetentionManifest.ProtoReflect.Descriptor instead.
+func (*RetentionManifest) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *RetentionManifest) GetRepository() string {
+	if x != nil {
+		return x.Repository
+	}
+	return ""
+}
+
+func (x *RetentionManifest) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *RetentionManifest) GetUntaggedBeforeUnixNano() int64 {
+	if x != nil {
+		return x.UntaggedBeforeUnixNano
+	}
+	return 0
+}
+
+func (x *RetentionManifest) GetKeepIfPulledAfterUnixNano() int64 {
+	if x != nil {
+		return x.KeepIfPulledAfterUnixNano
+	}
+	return 0
+}
+
+// RetentionRun sums up a retention run; its entries add to it.
+type RetentionRun struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	RunId            string                 `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	StartedUnixNano  int64                  `protobuf:"varint,2,opt,name=started_unix_nano,json=startedUnixNano,proto3" json:"started_unix_nano,omitempty"`
+	TagsDeleted      int64                  `protobuf:"varint,3,opt,name=tags_deleted,json=tagsDeleted,proto3" json:"tags_deleted,omitempty"`
+	ManifestsDeleted int64                  `protobuf:"varint,4,opt,name=manifests_deleted,json=manifestsDeleted,proto3" json:"manifests_deleted,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *RetentionRun) Reset() {
+	*x = RetentionRun{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetentionRun) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetentionRun) ProtoMessage() {}
+
+func (x *RetentionRun) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetentionRun.ProtoReflect.Descriptor instead.
+func (*RetentionRun) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *RetentionRun) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+func (x *RetentionRun) GetStartedUnixNano() int64 {
+	if x != nil {
+		return x.StartedUnixNano
+	}
+	return 0
+}
+
+func (x *RetentionRun) GetTagsDeleted() int64 {
+	if x != nil {
+		return x.TagsDeleted
+	}
+	return 0
+}
+
+func (x *RetentionRun) GetManifestsDeleted() int64 {
+	if x != nil {
+		return x.ManifestsDeleted
+	}
+	return 0
+}
+
+// RecordPulls advances the coarse last-pull times of manifests; members
+// batch them (see gateway.PullLog).
+type RecordPulls struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pulls         []*Pull                `protobuf:"bytes,1,rep,name=pulls,proto3" json:"pulls,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RecordPulls) Reset() {
+	*x = RecordPulls{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecordPulls) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecordPulls) ProtoMessage() {}
+
+func (x *RecordPulls) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecordPulls.ProtoReflect.Descriptor instead.
+func (*RecordPulls) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *RecordPulls) GetPulls() []*Pull {
+	if x != nil {
+		return x.Pulls
+	}
+	return nil
+}
+
+type Pull struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repository    string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
+	Digest        string                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	UnixNano      int64                  `protobuf:"varint,3,opt,name=unix_nano,json=unixNano,proto3" json:"unix_nano,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Pull) Reset() {
+	*x = Pull{}
+	mi := &file_meridianpb_meridian_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Pull) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Pull) ProtoMessage() {}
+
+func (x *Pull) ProtoReflect() protoreflect.Message {
+	mi := &file_meridianpb_meridian_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Pull.ProtoReflect.Descriptor instead.
+func (*Pull) Descriptor() ([]byte, []int) {
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *Pull) GetRepository() string {
+	if x != nil {
+		return x.Repository
+	}
+	return ""
+}
+
+func (x *Pull) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *Pull) GetUnixNano() int64 {
+	if x != nil {
+		return x.UnixNano
+	}
+	return 0
+}
+
 // CollectGarbage is one batch of a garbage-collection run, proposed by the
 // leader from the candidate tables. The state machine re-checks every
 // candidate at this entry's log index, so whatever was linked, referenced or
@@ -2195,7 +2826,7 @@ type CollectGarbage struct {
 
 func (x *CollectGarbage) Reset() {
 	*x = CollectGarbage{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[26]
+	mi := &file_meridianpb_meridian_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2207,7 +2838,7 @@ func (x *CollectGarbage) String() string {
 func (*CollectGarbage) ProtoMessage() {}
 
 func (x *CollectGarbage) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[26]
+	mi := &file_meridianpb_meridian_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2220,7 +2851,7 @@ func (x *CollectGarbage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectGarbage.ProtoReflect.Descriptor instead.
 func (*CollectGarbage) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{26}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CollectGarbage) GetRunId() string {
@@ -2275,7 +2906,7 @@ type ManifestRef struct {
 
 func (x *ManifestRef) Reset() {
 	*x = ManifestRef{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[27]
+	mi := &file_meridianpb_meridian_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2287,7 +2918,7 @@ func (x *ManifestRef) String() string {
 func (*ManifestRef) ProtoMessage() {}
 
 func (x *ManifestRef) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[27]
+	mi := &file_meridianpb_meridian_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2300,7 +2931,7 @@ func (x *ManifestRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ManifestRef.ProtoReflect.Descriptor instead.
 func (*ManifestRef) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{27}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ManifestRef) GetRepository() string {
@@ -2329,7 +2960,7 @@ type BlobRemoved struct {
 
 func (x *BlobRemoved) Reset() {
 	*x = BlobRemoved{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[28]
+	mi := &file_meridianpb_meridian_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2341,7 +2972,7 @@ func (x *BlobRemoved) String() string {
 func (*BlobRemoved) ProtoMessage() {}
 
 func (x *BlobRemoved) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[28]
+	mi := &file_meridianpb_meridian_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2354,7 +2985,7 @@ func (x *BlobRemoved) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlobRemoved.ProtoReflect.Descriptor instead.
 func (*BlobRemoved) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{28}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *BlobRemoved) GetDigest() string {
@@ -2392,7 +3023,7 @@ type GCRun struct {
 
 func (x *GCRun) Reset() {
 	*x = GCRun{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[29]
+	mi := &file_meridianpb_meridian_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2404,7 +3035,7 @@ func (x *GCRun) String() string {
 func (*GCRun) ProtoMessage() {}
 
 func (x *GCRun) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[29]
+	mi := &file_meridianpb_meridian_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2417,7 +3048,7 @@ func (x *GCRun) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GCRun.ProtoReflect.Descriptor instead.
 func (*GCRun) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{29}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *GCRun) GetRunId() string {
@@ -2505,7 +3136,7 @@ type GCRegion struct {
 
 func (x *GCRegion) Reset() {
 	*x = GCRegion{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[30]
+	mi := &file_meridianpb_meridian_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2517,7 +3148,7 @@ func (x *GCRegion) String() string {
 func (*GCRegion) ProtoMessage() {}
 
 func (x *GCRegion) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[30]
+	mi := &file_meridianpb_meridian_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2530,7 +3161,7 @@ func (x *GCRegion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GCRegion.ProtoReflect.Descriptor instead.
 func (*GCRegion) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{30}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *GCRegion) GetRegion() string {
@@ -2582,7 +3213,7 @@ type Referrer struct {
 
 func (x *Referrer) Reset() {
 	*x = Referrer{}
-	mi := &file_meridianpb_meridian_proto_msgTypes[31]
+	mi := &file_meridianpb_meridian_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2594,7 +3225,7 @@ func (x *Referrer) String() string {
 func (*Referrer) ProtoMessage() {}
 
 func (x *Referrer) ProtoReflect() protoreflect.Message {
-	mi := &file_meridianpb_meridian_proto_msgTypes[31]
+	mi := &file_meridianpb_meridian_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2607,7 +3238,7 @@ func (x *Referrer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Referrer.ProtoReflect.Descriptor instead.
 func (*Referrer) Descriptor() ([]byte, []int) {
-	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{31}
+	return file_meridianpb_meridian_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Referrer) GetMediaType() string {
@@ -2649,7 +3280,7 @@ var File_meridianpb_meridian_proto protoreflect.FileDescriptor
 
 const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\n" +
-	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\x1a\x17meridianpb/access.proto\"\xeb\x0e\n" +
+	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\x1a\x17meridianpb/access.proto\"\x99\x11\n" +
 	"\bLogEntry\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12$\n" +
 	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\x12=\n" +
@@ -2689,7 +3320,11 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\x12set_immutable_rule\x18\" \x01(\v2\x1d.meridian.v1.SetImmutableRuleH\x00R\x10setImmutableRule\x12V\n" +
 	"\x15delete_immutable_rule\x18# \x01(\v2 .meridian.v1.DeleteImmutableRuleH\x00R\x13deleteImmutableRule\x124\n" +
 	"\tset_quota\x18$ \x01(\v2\x15.meridian.v1.SetQuotaH\x00R\bsetQuota\x12=\n" +
-	"\fdelete_quota\x18% \x01(\v2\x18.meridian.v1.DeleteQuotaH\x00R\vdeleteQuota\x12(\n" +
+	"\fdelete_quota\x18% \x01(\v2\x18.meridian.v1.DeleteQuotaH\x00R\vdeleteQuota\x12M\n" +
+	"\x12set_retention_rule\x18& \x01(\v2\x1d.meridian.v1.SetRetentionRuleH\x00R\x10setRetentionRule\x12V\n" +
+	"\x15delete_retention_rule\x18' \x01(\v2 .meridian.v1.DeleteRetentionRuleH\x00R\x13deleteRetentionRule\x12F\n" +
+	"\x0fapply_retention\x18( \x01(\v2\x1b.meridian.v1.ApplyRetentionH\x00R\x0eapplyRetention\x12=\n" +
+	"\frecord_pulls\x18) \x01(\v2\x18.meridian.v1.RecordPullsH\x00R\vrecordPulls\x12(\n" +
 	"\x05actor\x18\x03 \x01(\v2\x12.meridian.v1.ActorR\x05actorB\t\n" +
 	"\acommand\"\xd1\x03\n" +
 	"\vPutManifest\x12\x1e\n" +
@@ -2814,7 +3449,51 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\bSetQuota\x12(\n" +
 	"\x05quota\x18\x01 \x01(\v2\x12.meridian.v1.QuotaR\x05quota\"1\n" +
 	"\vDeleteQuota\x12\"\n" +
-	"\frepositories\x18\x01 \x01(\tR\frepositories\"\xa6\x02\n" +
+	"\frepositories\x18\x01 \x01(\tR\frepositories\"\x83\x02\n" +
+	"\rRetentionRule\x12\"\n" +
+	"\frepositories\x18\x01 \x01(\tR\frepositories\x12\x1b\n" +
+	"\tkeep_tags\x18\x02 \x01(\x05R\bkeepTags\x12\x1f\n" +
+	"\vtag_pattern\x18\x03 \x01(\tR\n" +
+	"tagPattern\x120\n" +
+	"\x14untagged_after_nanos\x18\x04 \x01(\x03R\x12untaggedAfterNanos\x127\n" +
+	"\x18keep_pulled_within_nanos\x18\x05 \x01(\x03R\x15keepPulledWithinNanos\x12%\n" +
+	"\x0eprotected_tags\x18\x06 \x03(\tR\rprotectedTags\"B\n" +
+	"\x10SetRetentionRule\x12.\n" +
+	"\x04rule\x18\x01 \x01(\v2\x1a.meridian.v1.RetentionRuleR\x04rule\"9\n" +
+	"\x13DeleteRetentionRule\x12\"\n" +
+	"\frepositories\x18\x01 \x01(\tR\frepositories\"\xcb\x01\n" +
+	"\x0eApplyRetention\x12\x15\n" +
+	"\x06run_id\x18\x01 \x01(\tR\x05runId\x125\n" +
+	"\x17pushed_before_unix_nano\x18\x02 \x01(\x03R\x14pushedBeforeUnixNano\x12-\n" +
+	"\x04tags\x18\x03 \x03(\v2\x19.meridian.v1.RetentionTagR\x04tags\x12<\n" +
+	"\tmanifests\x18\x04 \x03(\v2\x1e.meridian.v1.RetentionManifestR\tmanifests\"\x9b\x01\n" +
+	"\fRetentionTag\x12\x1e\n" +
+	"\n" +
+	"repository\x18\x01 \x01(\tR\n" +
+	"repository\x12\x10\n" +
+	"\x03tag\x18\x02 \x01(\tR\x03tag\x12\x16\n" +
+	"\x06digest\x18\x03 \x01(\tR\x06digest\x12A\n" +
+	"\x1ekeep_if_pulled_after_unix_nano\x18\x04 \x01(\x03R\x19keepIfPulledAfterUnixNano\"\xc9\x01\n" +
+	"\x11RetentionManifest\x12\x1e\n" +
+	"\n" +
+	"repository\x18\x01 \x01(\tR\n" +
+	"repository\x12\x16\n" +
+	"\x06digest\x18\x02 \x01(\tR\x06digest\x129\n" +
+	"\x19untagged_before_unix_nano\x18\x03 \x01(\x03R\x16untaggedBeforeUnixNano\x12A\n" +
+	"\x1ekeep_if_pulled_after_unix_nano\x18\x04 \x01(\x03R\x19keepIfPulledAfterUnixNano\"\xa1\x01\n" +
+	"\fRetentionRun\x12\x15\n" +
+	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12*\n" +
+	"\x11started_unix_nano\x18\x02 \x01(\x03R\x0fstartedUnixNano\x12!\n" +
+	"\ftags_deleted\x18\x03 \x01(\x03R\vtagsDeleted\x12+\n" +
+	"\x11manifests_deleted\x18\x04 \x01(\x03R\x10manifestsDeleted\"6\n" +
+	"\vRecordPulls\x12'\n" +
+	"\x05pulls\x18\x01 \x03(\v2\x11.meridian.v1.PullR\x05pulls\"[\n" +
+	"\x04Pull\x12\x1e\n" +
+	"\n" +
+	"repository\x18\x01 \x01(\tR\n" +
+	"repository\x12\x16\n" +
+	"\x06digest\x18\x02 \x01(\tR\x06digest\x12\x1b\n" +
+	"\tunix_nano\x18\x03 \x01(\x03R\bunixNano\"\xa6\x02\n" +
 	"\x0eCollectGarbage\x12\x15\n" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\x121\n" +
 	"\x15run_started_unix_nano\x18\x02 \x01(\x03R\x12runStartedUnixNano\x12A\n" +
@@ -2890,7 +3569,7 @@ func file_meridianpb_meridian_proto_rawDescGZIP() []byte {
 }
 
 var file_meridianpb_meridian_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_meridianpb_meridian_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_meridianpb_meridian_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
 var file_meridianpb_meridian_proto_goTypes = []any{
 	(Code)(0),                   // 0: meridian.v1.Code
 	(*LogEntry)(nil),            // 1: meridian.v1.LogEntry
@@ -2919,26 +3598,35 @@ var file_meridianpb_meridian_proto_goTypes = []any{
 	(*QuotaUsage)(nil),          // 24: meridian.v1.QuotaUsage
 	(*SetQuota)(nil),            // 25: meridian.v1.SetQuota
 	(*DeleteQuota)(nil),         // 26: meridian.v1.DeleteQuota
-	(*CollectGarbage)(nil),      // 27: meridian.v1.CollectGarbage
-	(*ManifestRef)(nil),         // 28: meridian.v1.ManifestRef
-	(*BlobRemoved)(nil),         // 29: meridian.v1.BlobRemoved
-	(*GCRun)(nil),               // 30: meridian.v1.GCRun
-	(*GCRegion)(nil),            // 31: meridian.v1.GCRegion
-	(*Referrer)(nil),            // 32: meridian.v1.Referrer
-	nil,                         // 33: meridian.v1.PutManifest.AnnotationsEntry
-	nil,                         // 34: meridian.v1.ManifestRecord.AnnotationsEntry
-	nil,                         // 35: meridian.v1.Referrer.AnnotationsEntry
-	(*PutUser)(nil),             // 36: meridian.v1.PutUser
-	(*DeleteUser)(nil),          // 37: meridian.v1.DeleteUser
-	(*PutTeam)(nil),             // 38: meridian.v1.PutTeam
-	(*DeleteTeam)(nil),          // 39: meridian.v1.DeleteTeam
-	(*PutRobot)(nil),            // 40: meridian.v1.PutRobot
-	(*RevokeRobot)(nil),         // 41: meridian.v1.RevokeRobot
-	(*PutGrant)(nil),            // 42: meridian.v1.PutGrant
-	(*DeleteGrant)(nil),         // 43: meridian.v1.DeleteGrant
-	(*RotateTokenKey)(nil),      // 44: meridian.v1.RotateTokenKey
-	(*TrimAudit)(nil),           // 45: meridian.v1.TrimAudit
-	(*Actor)(nil),               // 46: meridian.v1.Actor
+	(*RetentionRule)(nil),       // 27: meridian.v1.RetentionRule
+	(*SetRetentionRule)(nil),    // 28: meridian.v1.SetRetentionRule
+	(*DeleteRetentionRule)(nil), // 29: meridian.v1.DeleteRetentionRule
+	(*ApplyRetention)(nil),      // 30: meridian.v1.ApplyRetention
+	(*RetentionTag)(nil),        // 31: meridian.v1.RetentionTag
+	(*RetentionManifest)(nil),   // 32: meridian.v1.RetentionManifest
+	(*RetentionRun)(nil),        // 33: meridian.v1.RetentionRun
+	(*RecordPulls)(nil),         // 34: meridian.v1.RecordPulls
+	(*Pull)(nil),                // 35: meridian.v1.Pull
+	(*CollectGarbage)(nil),      // 36: meridian.v1.CollectGarbage
+	(*ManifestRef)(nil),         // 37: meridian.v1.ManifestRef
+	(*BlobRemoved)(nil),         // 38: meridian.v1.BlobRemoved
+	(*GCRun)(nil),               // 39: meridian.v1.GCRun
+	(*GCRegion)(nil),            // 40: meridian.v1.GCRegion
+	(*Referrer)(nil),            // 41: meridian.v1.Referrer
+	nil,                         // 42: meridian.v1.PutManifest.AnnotationsEntry
+	nil,                         // 43: meridian.v1.ManifestRecord.AnnotationsEntry
+	nil,                         // 44: meridian.v1.Referrer.AnnotationsEntry
+	(*PutUser)(nil),             // 45: meridian.v1.PutUser
+	(*DeleteUser)(nil),          // 46: meridian.v1.DeleteUser
+	(*PutTeam)(nil),             // 47: meridian.v1.PutTeam
+	(*DeleteTeam)(nil),          // 48: meridian.v1.DeleteTeam
+	(*PutRobot)(nil),            // 49: meridian.v1.PutRobot
+	(*RevokeRobot)(nil),         // 50: meridian.v1.RevokeRobot
+	(*PutGrant)(nil),            // 51: meridian.v1.PutGrant
+	(*DeleteGrant)(nil),         // 52: meridian.v1.DeleteGrant
+	(*RotateTokenKey)(nil),      // 53: meridian.v1.RotateTokenKey
+	(*TrimAudit)(nil),           // 54: meridian.v1.TrimAudit
+	(*Actor)(nil),               // 55: meridian.v1.Actor
 }
 var file_meridianpb_meridian_proto_depIdxs = []int32{
 	2,  // 0: meridian.v1.LogEntry.put_manifest:type_name -> meridian.v1.PutManifest
@@ -2952,39 +3640,47 @@ var file_meridianpb_meridian_proto_depIdxs = []int32{
 	13, // 8: meridian.v1.LogEntry.delete_policy:type_name -> meridian.v1.DeletePolicy
 	14, // 9: meridian.v1.LogEntry.set_regions:type_name -> meridian.v1.SetRegions
 	8,  // 10: meridian.v1.LogEntry.rotate_upload_key:type_name -> meridian.v1.RotateUploadKey
-	36, // 11: meridian.v1.LogEntry.put_user:type_name -> meridian.v1.PutUser
-	37, // 12: meridian.v1.LogEntry.delete_user:type_name -> meridian.v1.DeleteUser
-	38, // 13: meridian.v1.LogEntry.put_team:type_name -> meridian.v1.PutTeam
-	39, // 14: meridian.v1.LogEntry.delete_team:type_name -> meridian.v1.DeleteTeam
-	40, // 15: meridian.v1.LogEntry.put_robot:type_name -> meridian.v1.PutRobot
-	41, // 16: meridian.v1.LogEntry.revoke_robot:type_name -> meridian.v1.RevokeRobot
-	42, // 17: meridian.v1.LogEntry.put_grant:type_name -> meridian.v1.PutGrant
-	43, // 18: meridian.v1.LogEntry.delete_grant:type_name -> meridian.v1.DeleteGrant
-	44, // 19: meridian.v1.LogEntry.rotate_token_key:type_name -> meridian.v1.RotateTokenKey
-	45, // 20: meridian.v1.LogEntry.trim_audit:type_name -> meridian.v1.TrimAudit
-	27, // 21: meridian.v1.LogEntry.collect_garbage:type_name -> meridian.v1.CollectGarbage
-	29, // 22: meridian.v1.LogEntry.blob_removed:type_name -> meridian.v1.BlobRemoved
+	45, // 11: meridian.v1.LogEntry.put_user:type_name -> meridian.v1.PutUser
+	46, // 12: meridian.v1.LogEntry.delete_user:type_name -> meridian.v1.DeleteUser
+	47, // 13: meridian.v1.LogEntry.put_team:type_name -> meridian.v1.PutTeam
+	48, // 14: meridian.v1.LogEntry.delete_team:type_name -> meridian.v1.DeleteTeam
+	49, // 15: meridian.v1.LogEntry.put_robot:type_name -> meridian.v1.PutRobot
+	50, // 16: meridian.v1.LogEntry.revoke_robot:type_name -> meridian.v1.RevokeRobot
+	51, // 17: meridian.v1.LogEntry.put_grant:type_name -> meridian.v1.PutGrant
+	52, // 18: meridian.v1.LogEntry.delete_grant:type_name -> meridian.v1.DeleteGrant
+	53, // 19: meridian.v1.LogEntry.rotate_token_key:type_name -> meridian.v1.RotateTokenKey
+	54, // 20: meridian.v1.LogEntry.trim_audit:type_name -> meridian.v1.TrimAudit
+	36, // 21: meridian.v1.LogEntry.collect_garbage:type_name -> meridian.v1.CollectGarbage
+	38, // 22: meridian.v1.LogEntry.blob_removed:type_name -> meridian.v1.BlobRemoved
 	19, // 23: meridian.v1.LogEntry.delete_repository:type_name -> meridian.v1.DeleteRepository
 	21, // 24: meridian.v1.LogEntry.set_immutable_rule:type_name -> meridian.v1.SetImmutableRule
 	22, // 25: meridian.v1.LogEntry.delete_immutable_rule:type_name -> meridian.v1.DeleteImmutableRule
 	25, // 26: meridian.v1.LogEntry.set_quota:type_name -> meridian.v1.SetQuota
 	26, // 27: meridian.v1.LogEntry.delete_quota:type_name -> meridian.v1.DeleteQuota
-	46, // 28: meridian.v1.LogEntry.actor:type_name -> meridian.v1.Actor
-	33, // 29: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
-	9,  // 30: meridian.v1.UploadKeyRing.keys:type_name -> meridian.v1.UploadKey
-	15, // 31: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
-	34, // 32: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
-	20, // 33: meridian.v1.SetImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
-	20, // 34: meridian.v1.DeleteImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
-	23, // 35: meridian.v1.QuotaUsage.quota:type_name -> meridian.v1.Quota
-	23, // 36: meridian.v1.SetQuota.quota:type_name -> meridian.v1.Quota
-	28, // 37: meridian.v1.CollectGarbage.manifests:type_name -> meridian.v1.ManifestRef
-	35, // 38: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
-	39, // [39:39] is the sub-list for method output_type
-	39, // [39:39] is the sub-list for method input_type
-	39, // [39:39] is the sub-list for extension type_name
-	39, // [39:39] is the sub-list for extension extendee
-	0,  // [0:39] is the sub-list for field type_name
+	28, // 28: meridian.v1.LogEntry.set_retention_rule:type_name -> meridian.v1.SetRetentionRule
+	29, // 29: meridian.v1.LogEntry.delete_retention_rule:type_name -> meridian.v1.DeleteRetentionRule
+	30, // 30: meridian.v1.LogEntry.apply_retention:type_name -> meridian.v1.ApplyRetention
+	34, // 31: meridian.v1.LogEntry.record_pulls:type_name -> meridian.v1.RecordPulls
+	55, // 32: meridian.v1.LogEntry.actor:type_name -> meridian.v1.Actor
+	42, // 33: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
+	9,  // 34: meridian.v1.UploadKeyRing.keys:type_name -> meridian.v1.UploadKey
+	15, // 35: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
+	43, // 36: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
+	20, // 37: meridian.v1.SetImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
+	20, // 38: meridian.v1.DeleteImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
+	23, // 39: meridian.v1.QuotaUsage.quota:type_name -> meridian.v1.Quota
+	23, // 40: meridian.v1.SetQuota.quota:type_name -> meridian.v1.Quota
+	27, // 41: meridian.v1.SetRetentionRule.rule:type_name -> meridian.v1.RetentionRule
+	31, // 42: meridian.v1.ApplyRetention.tags:type_name -> meridian.v1.RetentionTag
+	32, // 43: meridian.v1.ApplyRetention.manifests:type_name -> meridian.v1.RetentionManifest
+	35, // 44: meridian.v1.RecordPulls.pulls:type_name -> meridian.v1.Pull
+	37, // 45: meridian.v1.CollectGarbage.manifests:type_name -> meridian.v1.ManifestRef
+	44, // 46: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
+	47, // [47:47] is the sub-list for method output_type
+	47, // [47:47] is the sub-list for method input_type
+	47, // [47:47] is the sub-list for extension type_name
+	47, // [47:47] is the sub-list for extension extendee
+	0,  // [0:47] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_meridian_proto_init() }
@@ -3022,6 +3718,10 @@ func file_meridianpb_meridian_proto_init() {
 		(*LogEntry_DeleteImmutableRule)(nil),
 		(*LogEntry_SetQuota)(nil),
 		(*LogEntry_DeleteQuota)(nil),
+		(*LogEntry_SetRetentionRule)(nil),
+		(*LogEntry_DeleteRetentionRule)(nil),
+		(*LogEntry_ApplyRetention)(nil),
+		(*LogEntry_RecordPulls)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -3029,7 +3729,7 @@ func file_meridianpb_meridian_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meridianpb_meridian_proto_rawDesc), len(file_meridianpb_meridian_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   35,
+			NumMessages:   44,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
