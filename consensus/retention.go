@@ -321,3 +321,13 @@ func retentionTags(r pebble.Reader, repo string, rule *pb.RetentionRule, immutab
 	}
 	return out, err
 }
+
+// RetentionRun returns the last retention run (empty before the first).
+func (s *Store) RetentionRun(context.Context) (*pb.RetentionRun, error) {
+	r := &pb.RetentionRun{}
+	err := s.read(func(db *pebble.DB) error {
+		_, err := getProto(db, key(tableGC, "retention"), r)
+		return err
+	})
+	return r, err
+}

@@ -71,6 +71,10 @@ type Config struct {
 	Authorizer Authorizer
 	// MemberID names this gateway or node in the audit log.
 	MemberID string
+	// PullResolution is how coarsely manifest pulls are recorded for
+	// retention (times truncated to it, sent at most once per manifest per
+	// period, in batches); 0 records none. See RunPullLog.
+	PullResolution time.Duration
 	Logger   *slog.Logger
 	// Registerer receives the gateway's metrics; nil means none.
 	Registerer prometheus.Registerer
@@ -85,6 +89,7 @@ func DefaultConfig() Config {
 		ListLimit:       10000,
 		SyncTimeout:     30 * time.Second,
 		PresignTTL:      5 * time.Minute,
+		PullResolution:  10 * time.Minute,
 	}
 }
 
@@ -118,6 +123,9 @@ type Gateway struct {
 	keyMu   sync.Mutex
 	keys    []*pb.UploadKey // the ring as last fetched
 	fetched time.Time
+
+	// pulls learns of every manifest GET (nil: pulls are not recorded).
+	pulls *PullLog
 }
 
 // New returns a gateway that reads and writes blobs through stores, the
@@ -141,7 +149,18 @@ func New(cfg Config, meta Metadata, stores *replication.Regions) (*Gateway, erro
 		return nil, err
 	}
 	g.metrics = m
+	if cfg.PullResolution > 0 {
+		g.pulls = NewPullLog(cfg.PullResolution, meta.Commit, g.logger)
+	}
 	return g, nil
+}
+
+// RunPullLog sends the recorded pulls to the cluster until ctx ends;
+// without a PullResolution it returns at once.
+func (g *Gateway) RunPullLog(ctx context.Context) {
+	if g.pulls != nil {
+		g.pulls.Run(ctx, min(g.cfg.PullResolution, time.Minute))
+	}
 }
 
 // Handler returns the HTTP handler for /v2/ and everything below it.

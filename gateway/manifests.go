@@ -292,6 +292,9 @@ func (g *Gateway) getManifest(w http.ResponseWriter, r *http.Request, rt route) 
 			return err
 		}
 	}
+	if g.pulls != nil && r.Method == http.MethodGet {
+		g.pulls.Pulled(rt.name, m.Digest)
+	}
 	h := w.Header()
 	etag := `"` + m.Digest + `"`
 	h.Set("Docker-Content-Digest", m.Digest)

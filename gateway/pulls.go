@@ -59,16 +59,15 @@ func (p *PullLog) Pulled(repo, digest string) {
 	p.pending[k] = t
 }
 
-// Run flushes the log every interval until ctx ends, then once more.
+// Run flushes the log every interval until ctx ends. Pulls not yet sent
+// when the member stops are dropped: at worst a manifest looks as if last
+// pulled one period earlier.
 func (p *PullLog) Run(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-			p.Flush(fctx)
-			cancel()
 			return
 		case <-t.C:
 			p.Flush(ctx)

@@ -231,7 +231,7 @@ func (s *Standalone) Start(ctx context.Context) (err error) {
 
 	runCtx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
-	s.wg.Add(2)
+	s.wg.Add(3)
 	if a := s.cfg.Access; a != nil {
 		s.wg.Add(1)
 		go func() {
@@ -243,6 +243,7 @@ func (s *Standalone) Start(ctx context.Context) (err error) {
 	}
 	go func() { defer s.wg.Done(); s.upstream.Run(runCtx) }()
 	go func() { defer s.wg.Done(); s.keepJoined(runCtx) }()
+	go func() { defer s.wg.Done(); s.gateway.RunPullLog(runCtx) }()
 
 	s.httpSrv = &http.Server{
 		Handler:           s.routes(),

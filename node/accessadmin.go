@@ -319,6 +319,7 @@ var adminMethods = map[string]bool{
 	pb.Admin_GCStatus_FullMethodName:           true,
 	pb.Admin_ManageLifecycle_FullMethodName:    true,
 	pb.Admin_ListLifecycle_FullMethodName:      true,
+	pb.Admin_RunRetention_FullMethodName:       true,
 	pb.Gateway_GetAccessState_FullMethodName:   true,
 }
 

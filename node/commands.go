@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"time"
 	"unicode"
 
 	"google.golang.org/grpc/codes"
@@ -80,6 +81,25 @@ func (n *Node) validateCommand(ctx context.Context, cmd *pb.Command) error {
 		return checkRepoPattern(q.Repositories)
 	case *pb.Command_DeleteQuota:
 		return checkRepoPattern(c.DeleteQuota.GetRepositories())
+	case *pb.Command_SetRetentionRule:
+		return checkRetentionRule(c.SetRetentionRule.GetRule())
+	case *pb.Command_DeleteRetentionRule:
+		return checkRepoPattern(c.DeleteRetentionRule.GetRepositories())
+	case *pb.Command_RecordPulls:
+		pulls := c.RecordPulls.GetPulls()
+		if len(pulls) == 0 || len(pulls) > 1000 {
+			return invalid("record pulls: %d pulls, want 1 to 1000", len(pulls))
+		}
+		latest := time.Now().Add(time.Hour).UnixNano()
+		for _, p := range pulls {
+			if err := firstErr(checkRepo(p.Repository), checkDigest("digest", p.Digest)); err != nil {
+				return err
+			}
+			if p.UnixNano <= 0 || p.UnixNano > latest {
+				return invalid("record pulls: time %d is not a time of a pull", p.UnixNano)
+			}
+		}
+		return nil
 	case *pb.Command_SetRegions:
 		if !slices.Equal(c.SetRegions.GetRegions(), n.cfg.regionNames()) {
 			return invalid("regions %v: the cluster's configured regions are %v", c.SetRegions.GetRegions(), n.cfg.regionNames())
@@ -160,6 +180,33 @@ func (n *Node) checkRegion(region string) error {
 	return nil
 }
 
+func checkRetentionRule(r *pb.RetentionRule) error {
+	if r == nil {
+		return invalid("no retention rule")
+	}
+	if r.KeepTags < 0 || r.UntaggedAfterNanos < 0 || r.KeepPulledWithinNanos < 0 {
+		return invalid("retention limits cannot be negative")
+	}
+	if r.KeepTags == 0 && r.UntaggedAfterNanos == 0 {
+		return invalid("a retention rule keeps a number of tags (--keep-tags) or deletes untagged manifests (--untagged-after), or both")
+	}
+	if err := checkRepoPattern(r.Repositories); err != nil {
+		return err
+	}
+	if len(r.ProtectedTags) > 100 {
+		return invalid("at most 100 protected tag patterns")
+	}
+	for _, g := range append([]string{r.TagPattern}, r.ProtectedTags...) {
+		if err := checkText("tag pattern", g, false); err != nil {
+			return err
+		}
+		if !pb.ValidGlob(g) {
+			return invalid("tag pattern %q: not a valid glob", g)
+		}
+	}
+	return nil
+}
+
 func checkRepoPattern(p string) error {
 	if err := checkText("repositories", p, false); err != nil {
 		return err
@@ -233,7 +280,7 @@ func firstErr(errs ...error) error {
 func gatewayIntent(cmd *pb.Command) bool {
 	switch cmd.GetIntent().(type) {
 	case *pb.Command_PutManifest, *pb.Command_DeleteManifest, *pb.Command_DeleteTag,
-		*pb.Command_LinkBlob, *pb.Command_UnlinkBlob:
+		*pb.Command_LinkBlob, *pb.Command_UnlinkBlob, *pb.Command_RecordPulls:
 		return true
 	}
 	return false

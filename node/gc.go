@@ -29,17 +29,29 @@ type GCConfig struct {
 	// no live subject has kept for this long (0: untagged manifests stay,
 	// since clients may pull them by digest).
 	Untagged time.Duration `yaml:"untagged"`
+	// PullResolution is how coarsely manifest pulls are recorded for
+	// retention's keep-pulled-within rules: pull times are truncated to it
+	// and each member sends a manifest's pull at most once per period.
+	PullResolution time.Duration `yaml:"pull_resolution"`
 }
 
 func defaultGCConfig() GCConfig {
-	return GCConfig{Interval: time.Hour, Grace: 24 * time.Hour}
+	return GCConfig{Interval: time.Hour, Grace: 24 * time.Hour, PullResolution: 10 * time.Minute}
 }
 
 func (c GCConfig) validate() error {
-	if c.Interval < 0 || c.Grace < 0 || c.Untagged < 0 {
-		return errors.New("gc.interval, gc.grace and gc.untagged cannot be negative")
+	if c.Interval < 0 || c.Grace < 0 || c.Untagged < 0 || c.PullResolution < 0 {
+		return errors.New("gc.interval, gc.grace, gc.untagged and gc.pull_resolution cannot be negative")
 	}
 	return nil
+}
+
+// runPullLog sends the pulls this node served to the cluster.
+func (n *Node) runPullLog() {
+	defer n.wg.Done()
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { <-n.stop; cancel() }()
+	n.gateway.RunPullLog(ctx)
 }
 
 // gcBatch bounds the candidates of one CollectGarbage entry, so a large
@@ -211,7 +223,8 @@ func (n *Node) gcStatus(ctx context.Context) (*pb.GCStatusResponse, error) {
 	}, nil
 }
 
-// scheduleGC makes the leader run a collection every gc.interval.
+// scheduleGC makes the leader apply the retention rules and run a
+// collection every gc.interval.
 func (n *Node) scheduleGC() {
 	defer n.wg.Done()
 	if n.cfg.GC.Interval <= 0 {
@@ -236,6 +249,10 @@ func (n *Node) scheduleGC() {
 			case <-ctx.Done():
 			}
 		}()
+		// Retention first: what it deletes becomes garbage for later runs.
+		if _, err := n.runRetention(ctx, false, &pb.Actor{Principal: "system", Via: n.cfg.NodeID}); err != nil {
+			n.logger.Warn("scheduled retention", "err", err)
+		}
 		if _, err := n.runGC(ctx, &pb.RunGCRequest{}); err != nil {
 			n.logger.Warn("scheduled garbage collection", "err", err)
 		}
@@ -258,6 +275,10 @@ func (n *Node) manageLifecycle(ctx context.Context, req *pb.ManageLifecycleReque
 		cmd.Intent = &pb.Command_SetQuota{SetQuota: c.SetQuota}
 	case *pb.ManageLifecycleRequest_DeleteQuota:
 		cmd.Intent = &pb.Command_DeleteQuota{DeleteQuota: c.DeleteQuota}
+	case *pb.ManageLifecycleRequest_SetRetentionRule:
+		cmd.Intent = &pb.Command_SetRetentionRule{SetRetentionRule: c.SetRetentionRule}
+	case *pb.ManageLifecycleRequest_DeleteRetentionRule:
+		cmd.Intent = &pb.Command_DeleteRetentionRule{DeleteRetentionRule: c.DeleteRetentionRule}
 	default:
 		return invalid("no lifecycle change in the request")
 	}
@@ -314,5 +335,9 @@ func (s adminServer) ListLifecycle(ctx context.Context, _ *pb.ListLifecycleReque
 	if err != nil {
 		return nil, pb.ToStatus(err)
 	}
-	return &pb.ListLifecycleResponse{ImmutableRules: rules, Quotas: quotas}, nil
+	retention, err := s.n.consensus.Store().RetentionRules(ctx)
+	if err != nil {
+		return nil, pb.ToStatus(err)
+	}
+	return &pb.ListLifecycleResponse{ImmutableRules: rules, Quotas: quotas, RetentionRules: retention}, nil
 }

@@ -204,6 +204,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	gc.Logger = n.logger
 	gc.Registerer = n.registry
 	gc.MemberID = n.cfg.NodeID
+	gc.PullResolution = n.cfg.GC.PullResolution
 	if n.access != nil {
 		gc.Authorizer = n.access
 	}
@@ -232,7 +233,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := n.joinCluster(ctx, hasState); err != nil {
 		return err
 	}
-	n.wg.Add(9)
+	n.wg.Add(10)
 	if n.access != nil {
 		n.wg.Add(1)
 		go n.keepAccessCurrent()
@@ -246,6 +247,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	go n.maintainTopology()
 	go n.runReplicator()
 	go n.scheduleGC()
+	go n.runPullLog()
 
 	if err := n.writeReadyFile(); err != nil {
 		return err

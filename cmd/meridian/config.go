@@ -156,6 +156,7 @@ var serveOptions = []option{
 	durationOpt("gc-interval", "how often the leader collects garbage (0: only when meridian gc run asks)", func(c *node.Config) *time.Duration { return &c.GC.Interval }),
 	durationOpt("gc-grace", "how long a blob goes unreferenced before garbage collection takes it", func(c *node.Config) *time.Duration { return &c.GC.Grace }),
 	durationOpt("gc-untagged", "collect manifests untagged and unreferenced this long (0: keep them)", func(c *node.Config) *time.Duration { return &c.GC.Untagged }),
+	durationOpt("gc-pull-resolution", "how coarsely pulls are recorded for retention rules (0: not recorded)", func(c *node.Config) *time.Duration { return &c.GC.PullResolution }),
 	stringOpt("log-level", "debug, info, warn or error", func(c *node.Config) *string { return &c.LogLevel }),
 	stringOpt("log-format", "text or json", func(c *node.Config) *string { return &c.LogFormat }),
 }

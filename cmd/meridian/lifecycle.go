@@ -34,6 +34,13 @@ MERIDIAN_USERNAME and MERIDIAN_PASSWORD or --username and --password-file):
   meridian quota delete --repositories PATTERN
   meridian quota list [--json]
                       limits on what the covered repositories hold together, and their usage
+  meridian retention set --repositories PATTERN [--keep-tags N] [--tag-pattern GLOB]
+                      [--untagged-after DURATION] [--keep-pulled-within DURATION] [--protect GLOB]...
+  meridian retention delete --repositories PATTERN
+  meridian retention list [--json]
+  meridian retention run [--dry-run] [--json]
+                      apply the rules now (they also run every gc.interval); --dry-run lists
+                      exactly what a run would delete
 
 Every command takes --addr (any node's gRPC address).
 `
@@ -373,5 +380,134 @@ func quotaCmd(args []string) error {
 	default:
 		fmt.Fprint(os.Stderr, lifecycleUsage)
 		return fmt.Errorf("quota: unknown command %q (want set, delete or list)", args[0])
+	}
+}
+
+func retentionCmd(args []string) error {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, lifecycleUsage)
+		return errors.New("retention: want set, delete, list or run")
+	}
+	a := newAdminFlags("retention " + args[0])
+	a.fs.Usage = func() { fmt.Fprint(a.fs.Output(), lifecycleUsage) }
+	noArgs := func() error {
+		if pos, err := parseMixed(a.fs, args[1:]); err != nil {
+			return err
+		} else if len(pos) > 0 {
+			return fmt.Errorf("retention %s takes flags only (got %v)", args[0], pos)
+		}
+		return nil
+	}
+	switch args[0] {
+	case "set", "delete":
+		repos := a.fs.String("repositories", "", `repository pattern: a prefix ("team") or glob ("team/*"); empty: every repository`)
+		keep := a.fs.Int("keep-tags", 0, "keep the newest N tags of each repository by push time (0: no count rule)")
+		pattern := a.fs.String("tag-pattern", "", `count only tags matching this glob, e.g. "v*" (others are kept)`)
+		untagged := a.fs.Duration("untagged-after", 0, "delete manifests untagged and unreferenced this long (0: keep them)")
+		pulled := a.fs.Duration("keep-pulled-within", 0, "keep anything pulled within this window (0: pulls do not count)")
+		var protect repeated
+		a.fs.Var(&protect, "protect", "never delete tags matching this glob (repeatable)")
+		if err := noArgs(); err != nil {
+			return err
+		}
+		var req *pb.ManageLifecycleRequest
+		if args[0] == "delete" {
+			req = &pb.ManageLifecycleRequest{Change: &pb.ManageLifecycleRequest_DeleteRetentionRule{DeleteRetentionRule: &pb.DeleteRetentionRule{Repositories: *repos}}}
+		} else {
+			req = &pb.ManageLifecycleRequest{Change: &pb.ManageLifecycleRequest_SetRetentionRule{SetRetentionRule: &pb.SetRetentionRule{Rule: &pb.RetentionRule{
+				Repositories: *repos, KeepTags: int32(*keep), TagPattern: *pattern, UntaggedAfterNanos: int64(*untagged),
+				KeepPulledWithinNanos: int64(*pulled), ProtectedTags: protect}}}}
+		}
+		if err := manageLifecycle(a, req); err != nil {
+			return fmt.Errorf("retention %s: %w", args[0], err)
+		}
+		fmt.Printf("%s the retention rule on repositories %q\n", map[string]string{"set": "set", "delete": "deleted"}[args[0]], *repos)
+		return nil
+	case "list":
+		asJSON := a.fs.Bool("json", false, "print JSON")
+		if err := noArgs(); err != nil {
+			return err
+		}
+		c, ctx, done, err := a.dial()
+		if err != nil {
+			return err
+		}
+		defer done()
+		resp, err := c.ListLifecycle(ctx, &pb.ListLifecycleRequest{})
+		if err != nil {
+			return fmt.Errorf("retention list: %w", readable(err))
+		}
+		if *asJSON {
+			printJSON(&pb.ListLifecycleResponse{RetentionRules: resp.RetentionRules})
+			return nil
+		}
+		w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(w, "REPOSITORIES\tKEEP TAGS\tTAG PATTERN\tUNTAGGED AFTER\tKEEP PULLED WITHIN\tPROTECTED")
+		dur := func(n int64) string {
+			if n == 0 {
+				return "-"
+			}
+			return time.Duration(n).String()
+		}
+		for _, r := range resp.RetentionRules {
+			repos, keep, pattern := r.Repositories, "-", r.TagPattern
+			if repos == "" {
+				repos = "*"
+			}
+			if r.KeepTags > 0 {
+				keep = fmt.Sprint(r.KeepTags)
+			}
+			if pattern == "" {
+				pattern = "*"
+			}
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%v\n", repos, keep, pattern, dur(r.UntaggedAfterNanos), dur(r.KeepPulledWithinNanos), r.ProtectedTags)
+		}
+		return w.Flush()
+	case "run":
+		dry := a.fs.Bool("dry-run", false, "list what a run would delete; change nothing")
+		asJSON := a.fs.Bool("json", false, "print JSON")
+		if err := a.fs.Set("timeout", "10m"); err != nil {
+			return err
+		}
+		if err := noArgs(); err != nil {
+			return err
+		}
+		c, ctx, done, err := a.dial()
+		if err != nil {
+			return err
+		}
+		defer done()
+		resp, err := c.RunRetention(ctx, &pb.RunRetentionRequest{DryRun: *dry})
+		if err == nil {
+			err = resp.Result.Err()
+		}
+		if err != nil {
+			return fmt.Errorf("retention run: %w", readable(err))
+		}
+		if *asJSON {
+			printJSON(resp)
+			return nil
+		}
+		w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+		for _, t := range resp.Tags {
+			fmt.Fprintf(w, "tag\t%s:%s\t%s\n", t.Repository, t.Tag, t.Digest)
+		}
+		for _, m := range resp.Manifests {
+			fmt.Fprintf(w, "manifest\t%s@%s\tuntagged\n", m.Repository, m.Digest)
+		}
+		w.Flush()
+		if resp.DryRun {
+			fmt.Printf("dry run (nothing changed): would delete %d tags and %d untagged manifests\n", len(resp.Tags), len(resp.Manifests))
+			return nil
+		}
+		fmt.Printf("deleted %d tags and %d manifests (a manifest goes with its last tag); garbage collection frees their blobs\n",
+			resp.Run.GetTagsDeleted(), resp.Run.GetManifestsDeleted())
+		if resp.Run.GetTagsDeleted() < int64(len(resp.Tags)) {
+			fmt.Println("(pushes or pulls during the run kept some of them)")
+		}
+		return nil
+	default:
+		fmt.Fprint(os.Stderr, lifecycleUsage)
+		return fmt.Errorf("retention: unknown command %q (want set, delete, list or run)", args[0])
 	}
 }

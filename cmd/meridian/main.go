@@ -30,6 +30,7 @@ Usage:
   meridian repo delete NAME  delete a repository (its tags, manifests and blob links)
   meridian immutable …       add, delete, list tag immutability rules
   meridian quota …           set, delete, list storage, repository and tag quotas with their usage
+  meridian retention …       set, delete, list, run retention rules (newest N tags, untagged, pulled)
   meridian bench [flags]     measure push, pull and manifest GET against the machine's limits
   meridian version           print the version
 
@@ -78,6 +79,8 @@ func main() {
 		err = immutableCmd(os.Args[2:])
 	case "quota":
 		err = quotaCmd(os.Args[2:])
+	case "retention":
+		err = retentionCmd(os.Args[2:])
 	case "bench":
 		err = bench(os.Args[2:])
 	case "version", "--version":
