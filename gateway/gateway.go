@@ -75,7 +75,7 @@ type Config struct {
 	// retention (times truncated to it, sent at most once per manifest per
 	// period, in batches); 0 records none. See RunPullLog.
 	PullResolution time.Duration
-	Logger   *slog.Logger
+	Logger         *slog.Logger
 	// Registerer receives the gateway's metrics; nil means none.
 	Registerer prometheus.Registerer
 }
