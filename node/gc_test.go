@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -12,9 +14,12 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/minio/minio-go/v7"
 	"github.com/opencontainers/go-digest"
 	"google.golang.org/protobuf/proto"
 
@@ -38,127 +43,197 @@ func runGC(t *testing.T, ctx context.Context, adm pb.AdminClient, dry bool) *pb.
 	return resp
 }
 
-// TestGeoGCFreesEveryRegion deletes an image in a three-region cluster
-// (two real S3 servers and a directory) and checks that garbage collection
-// removes its bytes from every region's store, keeps the blob another
-// image shares, and lets the same image be pushed again afterwards.
-func TestGeoGCFreesEveryRegion(t *testing.T) {
-	g := newGeo(t, nil, nil)
-	ctx := within(t, 3*time.Minute)
-	doomed, err := random.Image(2048, 2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kept := pushImages(t, ctx, g.c, 1, "geo/kept", 1)[0]
-	// The kept image shares its config with nothing, but mounting one of
-	// its layers into the doomed repository must not free it.
-	if err := remote.Write(ref(t, g.c, 0, "geo/doomed:v1"), doomed, remoteOpts(ctx, g.c)...); err != nil {
-		t.Fatal(err)
-	}
-	g.waitReplicated(t, ctx, 0)
-	doomedBlobs, keptBlobs := imageBlobs(t, doomed), imageBlobs(t, kept)
-	for _, region := range []string{"us-east", "eu-west", "ap-south"} {
-		for _, d := range doomedBlobs {
-			if err := verifyStored(g.store(t, region), d); err != nil {
-				t.Fatalf("before gc, %s in %s: %v", d, region, err)
+// storedBytes counts, by listing the store itself, a region's committed
+// blob bytes and blobs. An S3 region keeps a blob's bytes in a data/
+// object and a small link under blobs/ (replication/s3.go): the bytes are
+// the data objects', the blobs the links, and every data object must have
+// its link. A directory region keeps files under blobs/.
+func (g *geo) storedBytes(t *testing.T, ctx context.Context, region string) (bytes, objects int64) {
+	t.Helper()
+	if s, ok := g.s3[region]; ok {
+		var data int64
+		for o := range s.Client(t).ListObjects(ctx, region, minio.ListObjectsOptions{Recursive: true}) {
+			if o.Err != nil {
+				t.Fatalf("list %s: %v", region, o.Err)
+			}
+			switch {
+			case strings.HasPrefix(o.Key, "data/"):
+				bytes += o.Size
+				data++
+			case strings.HasPrefix(o.Key, "blobs/"):
+				objects++
 			}
 		}
+		if data != objects {
+			t.Fatalf("%s holds %d data objects for %d blob links", region, data, objects)
+		}
+		return bytes, objects
+	}
+	for _, r := range g.regions {
+		if r.Name != region {
+			continue
+		}
+		root := filepath.Join(strings.TrimPrefix(r.Store, "file://"), "blobs")
+		err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+			if err != nil || d.IsDir() {
+				return err
+			}
+			info, err := d.Info()
+			if err != nil {
+				return err
+			}
+			bytes += info.Size()
+			objects++
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("walk %s: %v", region, err)
+		}
+		return bytes, objects
+	}
+	t.Fatalf("no region %s", region)
+	return 0, 0
+}
+
+// TestGeoGCFreesEveryRegion pushes 50 images into a three-region cluster
+// (two real S3 servers and a directory), deletes half, and runs garbage
+// collection through a follower. Every bucket and directory, counted by
+// listing it, loses exactly the bytes of the deleted images; the rest pull
+// back byte for byte through a node of every region; a referenced layer
+// cannot be deleted; and a collected image can be pushed again.
+func TestGeoGCFreesEveryRegion(t *testing.T) {
+	g := newGeo(t, nil, func(i int, c *node.Config) { c.GC.Interval = 0 })
+	ctx := within(t, 4*time.Minute)
+	regions := []string{"us-east", "eu-west", "ap-south"}
+	imgs := pushImages(t, ctx, g.c, 1, "geo/app", 50)
+	g.waitReplicated(t, ctx, 0)
+	type usage struct{ bytes, objects int64 }
+	before := map[string]usage{}
+	for _, r := range regions {
+		b, o := g.storedBytes(t, ctx, r)
+		before[r] = usage{b, o}
 	}
 
 	// A layer the manifest still references cannot be deleted.
-	layerURL := fmt.Sprintf("%s/v2/geo/doomed/blobs/%s", g.c.URL(2), doomedBlobs[1])
+	layerURL := fmt.Sprintf("%s/v2/geo/app/blobs/%s", g.c.URL(2), imageBlobs(t, imgs[0])[1])
 	if code, body := httpDo(t, g.c, http.MethodDelete, layerURL); code != http.StatusForbidden || !strings.Contains(body, "DENIED") {
 		t.Fatalf("DELETE of a referenced layer = %d %s; want 403 DENIED", code, body)
 	}
-	dgst, err := doomed.Digest()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Delete(ref(t, g.c, 2, "geo/doomed@"+dgst.String()), remoteOpts(ctx, g.c)...); err != nil {
-		t.Fatal(err)
+	var freedBytes, freedBlobs int64
+	doomed := map[string]bool{}
+	for k := 0; k < len(imgs); k += 2 {
+		dgst, err := imgs[k].Digest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := remote.Delete(ref(t, g.c, k%3, "geo/app@"+dgst.String()), remoteOpts(ctx, g.c)...); err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range imageBlobs(t, imgs[k]) {
+			doomed[d.String()] = true
+			size, err := g.store(t, "us-east").Stat(ctx, d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			freedBytes += size
+			freedBlobs++
+		}
 	}
 
-	adm := adminClient(t, g.c, 3) // a follower in us-east: a real run is forwarded
+	adm := adminClient(t, g.c, 3) // a follower in us-east: the run is forwarded
 	dry := runGC(t, ctx, adm, true)
-	condemned := map[string]bool{}
+	var planned int64
 	for _, b := range dry.Blobs {
-		if b.Condemned {
-			condemned[b.Digest] = true
+		if !b.Condemned || !doomed[b.Digest] {
+			t.Fatalf("dry run plans %+v; want only the deleted images' blobs, condemned", b)
 		}
+		planned += b.Size
 	}
-	for _, d := range doomedBlobs {
-		if !condemned[d.String()] {
-			t.Fatalf("dry run does not condemn %s: %v", d, dry.Blobs)
-		}
+	if planned != freedBytes {
+		t.Fatalf("dry run would free %d bytes; the deleted images hold %d", planned, freedBytes)
 	}
-	for _, d := range keptBlobs {
-		if condemned[d.String()] {
-			t.Fatalf("dry run condemns %s of the kept image", d)
-		}
-	}
-	// A dry run changes nothing.
-	for _, d := range doomedBlobs {
-		if err := verifyStored(g.store(t, "eu-west"), d); err != nil {
-			t.Fatalf("after the dry run, %s: %v", d, err)
-		}
+	if b, _ := g.storedBytes(t, ctx, "eu-west"); b != before["eu-west"].bytes {
+		t.Fatalf("the dry run changed eu-west: %d bytes, was %d", b, before["eu-west"].bytes)
 	}
 
 	run := runGC(t, ctx, adm, false)
-	if run.Run.GetBlobsCondemned() != int64(len(doomedBlobs)) {
-		t.Fatalf("run condemned %d blobs; want %d (%+v)", run.Run.GetBlobsCondemned(), len(doomedBlobs), run.Run)
+	if run.Run.GetBlobsCondemned() != freedBlobs || run.Run.GetBytesCondemned() != freedBytes {
+		t.Fatalf("run condemned %d blobs, %d bytes; want %d, %d", run.Run.GetBlobsCondemned(), run.Run.GetBytesCondemned(), freedBlobs, freedBytes)
 	}
 	waitFor(t, ctx, "every region to remove the condemned blobs", func() bool {
 		st, err := adm.GCStatus(ctx, &pb.GCStatusRequest{})
-		if err != nil {
+		if err != nil || len(st.Regions) != 3 {
 			return false
 		}
 		for _, r := range st.Regions {
-			if r.BlobsPending != 0 || r.BlobsFreed < int64(len(doomedBlobs)) {
+			if r.BlobsPending != 0 || r.BytesFreed != freedBytes {
 				return false
 			}
 		}
-		return len(st.Regions) == 3
+		return true
 	})
-	for _, region := range []string{"us-east", "eu-west", "ap-south"} {
-		for _, d := range doomedBlobs {
-			if _, err := g.store(t, region).Stat(ctx, d); !errors.Is(err, replication.ErrBlobNotFound) {
-				t.Fatalf("after gc, %s in %s: %v; want gone", d, region, err)
-			}
+	for _, r := range regions {
+		b, o := g.storedBytes(t, ctx, r)
+		if before[r].bytes-b != freedBytes || before[r].objects-o != freedBlobs {
+			t.Fatalf("%s lost %d bytes in %d objects; the deleted images held %d bytes in %d blobs",
+				r, before[r].bytes-b, before[r].objects-o, freedBytes, freedBlobs)
 		}
-		for _, d := range keptBlobs {
-			if err := verifyStored(g.store(t, region), d); err != nil {
-				t.Fatalf("after gc, kept %s in %s: %v", d, region, err)
+	}
+	// What stays pulls back byte for byte through every region, and its
+	// bytes are in every region's store.
+	for k := 1; k < len(imgs); k += 2 {
+		for i := range 3 {
+			mustPullFull(t, ctx, g.c, i, fmt.Sprintf("geo/app:v%d", k), imgs[k])
+		}
+		for _, r := range regions {
+			for _, d := range imageBlobs(t, imgs[k]) {
+				if err := verifyStored(g.store(t, r), d); err != nil {
+					t.Fatalf("kept %s in %s: %v", d, r, err)
+				}
 			}
 		}
 	}
-	mustPullFull(t, ctx, g.c, 1, "geo/kept:v0", kept)
 
-	// The same bytes push again from scratch and replicate everywhere.
-	if err := remote.Write(ref(t, g.c, 1, "geo/doomed:v2"), doomed, remoteOpts(ctx, g.c)...); err != nil {
+	// A collected image pushes again from scratch and replicates everywhere.
+	if err := remote.Write(ref(t, g.c, 1, "geo/app:again"), imgs[0], remoteOpts(ctx, g.c)...); err != nil {
 		t.Fatalf("pushing a collected image again: %v", err)
 	}
 	g.waitReplicated(t, ctx, 0)
-	for _, d := range doomedBlobs {
+	for _, d := range imageBlobs(t, imgs[0]) {
 		if err := verifyStored(g.store(t, "ap-south"), d); err != nil {
 			t.Fatalf("re-pushed %s in ap-south: %v", d, err)
 		}
 	}
-	mustPullFull(t, ctx, g.c, 2, "geo/doomed:v2", doomed)
+	mustPullFull(t, ctx, g.c, 2, "geo/app:again", imgs[0])
 }
 
-// TestGCRacingPushesLoseNothing pushes images through every node while the
-// leader collects garbage with no grace period, over and over. A push may
-// be refused (its layers collected before its manifest came), but every
-// manifest the registry acknowledged must stay fully pullable: no run may
-// take a blob that a concurrent push linked.
+// TestGCRacingPushesLoseNothing pushes images through the nodes of three
+// regions while the leader collects garbage with no grace period, over and
+// over. Images share layers from a small pool across repositories, and
+// half of them are deleted again, so runs condemn layers that other pushes
+// are linking or uploading again at the same moment. A push may be
+// refused (its layers collected before its manifest came, or a re-upload
+// of a layer still being removed), but every manifest the registry
+// acknowledged must end up complete: each of its blobs verified in every
+// region's store, and the image pulled back through every region.
 func TestGCRacingPushesLoseNothing(t *testing.T) {
-	c := clustertest.New(t, 3, clustertest.WithConfig(func(i int, cfg *node.Config) { cfg.GC.Interval = 0 }))
-	ctx := within(t, 3*time.Minute)
+	g := newDirGeo(t, 3, clustertest.WithConfig(func(i int, cfg *node.Config) { cfg.GC.Interval = 0 }))
+	c := g.c
+	ctx := within(t, 4*time.Minute)
+	g.waitTopology(t, ctx)
 	leader, err := c.Leader(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	adm := adminClient(t, c, leader)
+	var pool []v1.Layer
+	for range 6 {
+		l, err := random.Layer(2048, types.OCILayer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pool = append(pool, l)
+	}
 
 	var (
 		mu    sync.Mutex
@@ -177,31 +252,33 @@ func TestGCRacingPushesLoseNothing(t *testing.T) {
 					return
 				default:
 				}
-				img, err := random.Image(512, 2)
+				base, err := random.Image(256, 1)
+				if err == nil {
+					base, err = mutate.AppendLayers(base, pool[(w+k)%len(pool)], pool[(w*k+1)%len(pool)])
+				}
 				if err != nil {
 					t.Error(err)
 					return
 				}
-				// Workers share one repository, so links and collection of
-				// the same repository interleave.
-				tag := fmt.Sprintf("race/app:w%d-%d", w, k)
-				err = remote.Write(ref(t, c, w%3, tag), img, remoteOpts(ctx, c)...)
+				tag := fmt.Sprintf("race/r%d:w%d-%d", k%3, w, k)
+				err = remote.Write(ref(t, c, w%3, tag), base, remoteOpts(ctx, c)...)
 				var terr *transport.Error
 				switch {
 				case err == nil:
 					mu.Lock()
-					acked[tag] = img
+					acked[tag] = base
 					mu.Unlock()
 				case errors.As(err, &terr):
-					refused.Add(1) // MANIFEST_BLOB_UNKNOWN or a 503: refused, never acknowledged
+					refused.Add(1) // refused, never acknowledged
+					continue
 				default:
 					t.Errorf("push %s: %v", tag, err)
 					return
 				}
-				// Half the images are deleted again, so runs have work.
-				if err == nil && k%2 == 0 {
-					d, _ := img.Digest()
-					if err := remote.Delete(ref(t, c, (w+1)%3, "race/app@"+d.String()), remoteOpts(ctx, c)...); err != nil {
+				if k%2 == 0 {
+					d, _ := base.Digest()
+					repo := strings.SplitN(tag, ":", 2)[0]
+					if err := remote.Delete(ref(t, c, (w+1)%3, repo+"@"+d.String()), remoteOpts(ctx, c)...); err != nil {
 						t.Errorf("delete %s: %v", tag, err)
 						return
 					}
@@ -223,23 +300,47 @@ func TestGCRacingPushesLoseNothing(t *testing.T) {
 	// One more run after the pushes: whatever is left unreferenced goes,
 	// and the acknowledged images must survive it too.
 	runGC(t, ctx, adm, false)
-	st, err := adm.GCStatus(ctx, &pb.GCStatusRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, ctx, "removals to finish", func() bool {
+	var st *pb.GCStatusResponse
+	waitFor(t, ctx, "removals to finish in every region", func() bool {
 		st, err = adm.GCStatus(ctx, &pb.GCStatusRequest{})
-		return err == nil && st.Regions[0].BlobsPending == 0
+		if err != nil {
+			return false
+		}
+		for _, r := range st.Regions {
+			if r.BlobsPending != 0 {
+				return false
+			}
+		}
+		return true
 	})
 	mu.Lock()
 	defer mu.Unlock()
+	var blobs []digest.Digest
+	for _, img := range acked {
+		blobs = append(blobs, imageBlobs(t, img)...)
+	}
 	if len(acked) < 10 || st.Regions[0].BlobsFreed == 0 {
 		t.Fatalf("too little happened to prove anything: %d acknowledged images kept, %d blobs freed", len(acked), st.Regions[0].BlobsFreed)
 	}
-	for tag, img := range acked {
-		mustPullFull(t, ctx, c, 0, tag, img)
+	g.waitPlaced(t, ctx, blobs)
+	for _, r := range g.regions {
+		d, err := replication.OpenStore(ctx, replication.StoreConfig{Region: r.Name, URL: r.Store})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, b := range blobs {
+			if err := verifyStored(d, b); err != nil {
+				t.Fatalf("a blob of an acknowledged image in %s: %v", r.Name, err)
+			}
+		}
 	}
-	t.Logf("%d gc runs, %d images kept and verified, %d pushes refused, %d blobs freed", runs, len(acked), refused.Load(), st.Regions[0].BlobsFreed)
+	for tag, img := range acked {
+		for i := range 3 {
+			mustPullFull(t, ctx, c, i, tag, img)
+		}
+	}
+	t.Logf("%d gc runs, %d images kept and verified in 3 regions, %d pushes refused, %d blobs freed per region",
+		runs, len(acked), refused.Load(), st.Regions[0].BlobsFreed)
 }
 
 // httpDo sends an empty request with the harness's admin credentials and
