@@ -172,13 +172,17 @@ fuzz:
 ## `meridian gateway` process in front of three `meridian serve` processes:
 ## manifest GETs at 500 req/s and a 256 MiB blob GET through the gateway
 ## beside the node it prefers, and a 2 GiB blob streamed through the gateway
-## with its peak RSS (one run: -benchtime 1x).
+## with its peak RSS (one run: -benchtime 1x); a garbage-collection pass over
+## 100k manifests and 200k blobs (time, peak heap), and push latency with and
+## without a collection loop running.
 bench: build $(TOOLS)/registry $(TOOLS)/versitygw
 	@command -v nginx >/dev/null || (apt-get install -y nginx >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y nginx >/dev/null)) || echo "nginx unavailable: comparing with Go's file server"
 	$(MERIDIAN) bench --distribution $(TOOLS)/registry
 	$(GO) test -run '^$$' -bench 'TagUpdate|TagRead' -benchtime 2000x -timeout 30m ./node/
 	$(GO) test -run '^$$' -bench 'LeaderFailover' -benchtime 10x -timeout 30m ./node/
-	$(GO) test -run '^$$' -bench . -benchtime 2000x ./consensus/
+	$(GO) test -run '^$$' -bench 'LogStore|Propose' -benchtime 2000x ./consensus/
+	$(GO) test -run '^$$' -bench 'GCPass' -benchtime 1x -timeout 30m ./consensus/
+	$(GO) test -run '^$$' -bench 'PushWithGC' -benchtime 500x -timeout 30m ./node/
 	MERIDIAN_VERSITYGW=$(TOOLS)/versitygw $(GO) test -run '^$$' -bench 'ReplicationLag' -benchtime 1x -timeout 30m ./node/
 	MERIDIAN_VERSITYGW=$(TOOLS)/versitygw $(GO) test -run '^$$' -bench 'CrossRegionCopy' -benchtime 5x -timeout 30m ./replication/
 	$(GO) test -run '^$$' -bench 'Gateway' -benchtime 1x -timeout 30m ./cmd/meridian/

@@ -334,6 +334,11 @@ func applyCollectGarbage(b *pebble.Batch, e *pb.LogEntry) error {
 	}
 	run.FinishedUnixNano = now
 	run.Candidates += int64(len(c.Blobs) + len(c.Manifests))
+	// One entry may carry hundreds of blobs: read the placement rules once.
+	rules, err := loadRules(b)
+	if err != nil {
+		return err
+	}
 	if c.UntaggedBeforeUnixNano > 0 {
 		for _, m := range c.Manifests {
 			rec, ok, err := manifestCollectable(b, m.Repository, m.Digest, c.UntaggedBeforeUnixNano)
@@ -361,13 +366,13 @@ func applyCollectGarbage(b *pebble.Batch, e *pb.LogEntry) error {
 			run.LinksDropped++
 		}
 		if p.condemn {
-			if err := condemn(b, d, now); err != nil {
+			if err := condemn(b, rules, d, now); err != nil {
 				return err
 			}
 			run.BlobsCondemned++
 			run.BytesCondemned += p.size
 		} else if len(p.drop) > 0 {
-			if err := recomputeBlob(b, d, now); err != nil {
+			if err := recomputeWanted(b, rules, d, now); err != nil {
 				return err
 			}
 		}
@@ -377,7 +382,7 @@ func applyCollectGarbage(b *pebble.Batch, e *pb.LogEntry) error {
 
 // condemn marks blob d for removal: it can no longer be linked, and every
 // region holding it must delete its copy. A blob held nowhere goes at once.
-func condemn(b *pebble.Batch, d string, now int64) error {
+func condemn(b *pebble.Batch, rules placementRules, d string, now int64) error {
 	rec := &pb.BlobRecord{}
 	if _, err := getProto(b, key(tableBlob, d), rec); err != nil {
 		return err
@@ -397,7 +402,7 @@ func condemn(b *pebble.Batch, d string, now int64) error {
 			return err
 		}
 	}
-	return recomputeBlob(b, d, now)
+	return recomputeWanted(b, rules, d, now)
 }
 
 // applyBlobRemoved records that a region deleted its copy of a condemned

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 
@@ -146,7 +147,7 @@ func buildFromSnapshot(dir string, r io.Reader) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	db, err := pebble.Open(dir, &pebble.Options{})
+	db, err := pebble.Open(dir, stateOptions(slog.New(slog.DiscardHandler)))
 	if err != nil {
 		return err
 	}

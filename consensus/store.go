@@ -14,6 +14,7 @@ import (
 	"sync"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/bloom"
 	"google.golang.org/protobuf/proto"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -53,7 +54,7 @@ func openStateDB(dir string, logger *slog.Logger) (*pebble.DB, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("open state store %s: %w", dir, err)
 	}
-	db, err := pebble.Open(dir, &pebble.Options{Logger: pebbleLogger{logger}})
+	db, err := pebble.Open(dir, stateOptions(logger))
 	if err != nil {
 		return nil, fmt.Errorf("open state store %s: %w", dir, err)
 	}
@@ -62,6 +63,23 @@ func openStateDB(dir string, logger *slog.Logger) (*pebble.DB, error) {
 		return nil, fmt.Errorf("state store %s: %w", dir, err)
 	}
 	return db, nil
+}
+
+// stateCacheSize is the state store's block cache. Every write's apply
+// reads the keys it checks (links, references, candidates), so with
+// pebble's 8 MiB default a large registry re-reads index and data blocks
+// from disk on every entry.
+const stateCacheSize = 64 << 20
+
+// stateOptions tunes the state store for point lookups: a larger block
+// cache, and bloom filters so a key that does not exist (most checks of a
+// new push) costs no data block read.
+func stateOptions(logger *slog.Logger) *pebble.Options {
+	opts := &pebble.Options{Logger: pebbleLogger{logger}, CacheSize: stateCacheSize}
+	for i := range opts.Levels {
+		opts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
+	}
+	return opts
 }
 
 // checkLayout stamps a new store with the layout version and refuses a store
