@@ -112,6 +112,10 @@ type Config struct {
 	// Raft or gossip listener beyond loopback refuses to start without
 	// them unless InsecureCluster.
 	TLSCA string `yaml:"tls_ca"`
+	// TLSCRL is a revocation list signed by the cluster CA (meridian ca
+	// revoke); peers whose certificate it lists are refused. Re-read when
+	// it changes.
+	TLSCRL string `yaml:"tls_crl"`
 	// HTTPTLSCert and HTTPTLSKey serve the OCI API over HTTPS (HTTP/2 and
 	// HTTP/1.1), re-read when they change; without them it is plain HTTP.
 	HTTPTLSCert     string `yaml:"http_tls_cert"`
@@ -338,8 +342,11 @@ func (c Config) HTTPTLS(logger *slog.Logger) (*tls.Config, error) {
 // encryption without a key file.
 func (c Config) LoadTrust(logger *slog.Logger) (*transport.Trust, [][]byte, error) {
 	trust := &transport.Trust{}
+	if c.TLSCRL != "" && c.TLSCA == "" {
+		return nil, nil, errors.New("cluster TLS: --tls-crl needs --tls-ca, --tls-cert and --tls-key")
+	}
 	if c.TLSCA != "" || c.TLSCert != "" || c.TLSKey != "" {
-		src, err := pki.Open(c.TLSCA, c.TLSCert, c.TLSKey, logger)
+		src, err := pki.OpenWithCRL(c.TLSCA, c.TLSCRL, c.TLSCert, c.TLSKey, logger)
 		if err != nil {
 			return nil, nil, fmt.Errorf("cluster TLS: %w", err)
 		}

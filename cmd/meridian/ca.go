@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 const caUsage = `Usage:
   meridian ca init  --dir DIR [--cluster-id ID]
   meridian ca issue --dir DIR --role node|gateway|admin --id ID [--dns NAME]… [--ip IP]… [--validity 8760h]
+  meridian ca revoke --dir DIR (--id ID | --cert FILE)
 
 init writes a new cluster CA into DIR: DIR/ca.crt, DIR/ca.key (0600) and a
 fresh gossip key DIR/gossip.key (0600). The CA names the cluster
@@ -27,6 +29,13 @@ certificate: a node's ID is its --node-id, a gateway's its --gateway-id, an
 admin's any name. --dns and --ip add host names for HTTPS clients. Issuing
 again for the same ID renews the certificate; processes using the files
 pick it up without a restart.
+
+revoke adds a certificate (DIR/ID.crt, or --cert FILE) to the CA's signed
+revocation list DIR/ca.crl (init writes an empty one). Members started with
+--tls-crl pointing at a copy of it refuse that certificate on gRPC and Raft
+as soon as the new list reaches them: they re-read it when it changes. Copy
+ca.crl wherever ca.crt goes. A new certificate issued for the same ID has a
+new serial number and is not revoked.
 `
 
 func ca(args []string) error {
@@ -39,6 +48,8 @@ func ca(args []string) error {
 		return caInit(args[1:])
 	case "issue":
 		return caIssue(args[1:])
+	case "revoke":
+		return caRevoke(args[1:])
 	case "help", "-h", "--help":
 		fmt.Print(caUsage)
 		return nil
@@ -122,5 +133,38 @@ func (r *repeated) Set(v string) error {
 		return errors.New("empty value")
 	}
 	*r = append(*r, v)
+	return nil
+}
+
+func caRevoke(args []string) error {
+	fs := flag.NewFlagSet("ca revoke", flag.ContinueOnError)
+	fs.Usage = func() { fmt.Fprint(fs.Output(), caUsage) }
+	dir := fs.String("dir", "", "the CA's directory (from ca init); ca.crl there is updated")
+	id := fs.String("id", "", "revoke DIR/ID.crt")
+	cert := fs.String("cert", "", "revoke this certificate file instead")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("ca revoke: unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	switch {
+	case *dir == "":
+		return errors.New("ca revoke: --dir is required")
+	case (*id == "") == (*cert == ""):
+		return errors.New("ca revoke: give exactly one of --id and --cert")
+	}
+	path := *cert
+	if *id != "" {
+		if !pki.ValidID(*id) {
+			return fmt.Errorf("ca revoke: --id %q is not a member id", *id)
+		}
+		path = filepath.Join(*dir, *id+".crt")
+	}
+	serial, err := pki.Revoke(*dir, path)
+	if err != nil {
+		return fmt.Errorf("ca revoke: %w", err)
+	}
+	fmt.Printf("revoked %s (serial %s) in %s; copy it to every member's --tls-crl\n", path, serial, filepath.Join(*dir, pki.CRLFile))
 	return nil
 }

@@ -167,6 +167,7 @@ var trustOptions = []option{
 	stringOpt("tls-ca", "cluster CA certificate(s), PEM: peers must chain to one", func(c *node.Config) *string { return &c.TLSCA }),
 	stringOpt("tls-cert", "this member's certificate (meridian ca issue), for mutual TLS on gRPC and Raft", func(c *node.Config) *string { return &c.TLSCert }),
 	stringOpt("tls-key", "this member's private key", func(c *node.Config) *string { return &c.TLSKey }),
+	stringOpt("tls-crl", "revocation list signed by the cluster CA (meridian ca revoke): listed certificates are refused; reloaded when it changes", func(c *node.Config) *string { return &c.TLSCRL }),
 	stringOpt("http-tls-cert", "certificate for HTTPS on the OCI port (HTTP/2); reloaded when it changes", func(c *node.Config) *string { return &c.HTTPTLSCert }),
 	stringOpt("http-tls-key", "key of --http-tls-cert", func(c *node.Config) *string { return &c.HTTPTLSKey }),
 	stringOpt("gossip-key-file", "gossip keyring: one base64 key per line, the first the primary", func(c *node.Config) *string { return &c.GossipKeyFile }),

@@ -86,8 +86,12 @@ func dev(args []string) error {
 	if err := devPKI(pkiDir); err != nil {
 		return err
 	}
+	if err := pki.EnsureCRL(pkiDir); err != nil {
+		return err
+	}
 	secure := func(c *node.Config, id string) {
 		c.TLSCA = filepath.Join(pkiDir, pki.CACertFile)
+		c.TLSCRL = filepath.Join(pkiDir, pki.CRLFile)
 		c.TLSCert, c.TLSKey = filepath.Join(pkiDir, id+".crt"), filepath.Join(pkiDir, id+".key")
 		c.GossipKeyFile = filepath.Join(pkiDir, pki.GossipKeyFile)
 	}

@@ -23,6 +23,8 @@ const (
 	CACertFile    = "ca.crt"
 	CAKeyFile     = "ca.key"
 	GossipKeyFile = "gossip.key"
+	// CRLFile is the CA's certificate revocation list (--tls-crl).
+	CRLFile = "ca.crl"
 )
 
 const (
@@ -87,7 +89,93 @@ func InitCA(dir, clusterID string) error {
 	if err := WriteFileAtomic(filepath.Join(dir, GossipKeyFile), []byte(base64.StdEncoding.EncodeToString(gossip)+"\n"), 0o600); err != nil {
 		return err
 	}
+	ca, err := x509.ParseCertificate(der)
+	if err != nil {
+		return err
+	}
+	// An empty revocation list from the start, so members can name it in
+	// --tls-crl before anything is revoked.
+	if err := writeCRL(dir, ca, key, nil, 1); err != nil {
+		return err
+	}
 	return WriteFileAtomic(filepath.Join(dir, CACertFile), pemCert(der), 0o644)
+}
+
+// Revoke adds the certificate in certFile to the CA's revocation list in
+// dir (ca.crl, created if missing) and returns its serial number. Members
+// that name the list in --tls-crl refuse that certificate once the new
+// list reaches them (they re-read it when it changes); copy it wherever
+// ca.crt goes.
+func Revoke(dir, certFile string) (*big.Int, error) {
+	ca, caKey, err := loadCA(dir)
+	if err != nil {
+		return nil, err
+	}
+	b, err := os.ReadFile(certFile)
+	if err != nil {
+		return nil, err
+	}
+	certs, err := parseCerts(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", certFile, err)
+	}
+	leaf := certs[0]
+	if err := leaf.CheckSignatureFrom(ca); err != nil {
+		return nil, fmt.Errorf("%s was not issued by the CA in %s", certFile, dir)
+	}
+	var entries []x509.RevocationListEntry
+	number := int64(1)
+	if old, err := os.ReadFile(filepath.Join(dir, CRLFile)); err == nil {
+		block, _ := pem.Decode(old)
+		if block == nil {
+			return nil, fmt.Errorf("%s: no PEM X509 CRL", filepath.Join(dir, CRLFile))
+		}
+		crl, err := x509.ParseRevocationList(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", filepath.Join(dir, CRLFile), err)
+		}
+		entries = crl.RevokedCertificateEntries
+		number = crl.Number.Int64() + 1
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	for _, e := range entries {
+		if e.SerialNumber.Cmp(leaf.SerialNumber) == 0 {
+			return leaf.SerialNumber, nil // already revoked
+		}
+	}
+	entries = append(entries, x509.RevocationListEntry{SerialNumber: leaf.SerialNumber, RevocationTime: time.Now()})
+	return leaf.SerialNumber, writeCRL(dir, ca, caKey, entries, number)
+}
+
+// EnsureCRL writes an empty revocation list into dir when it has none (a
+// CA made before lists existed).
+func EnsureCRL(dir string) error {
+	if _, err := os.Stat(filepath.Join(dir, CRLFile)); err == nil || !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	ca, key, err := loadCA(dir)
+	if err != nil {
+		return err
+	}
+	return writeCRL(dir, ca, key, nil, 1)
+}
+
+// writeCRL signs and writes the CA's revocation list. Members read it from
+// a file rather than fetching it, so its next update lies as far ahead as
+// the CA's expiry.
+func writeCRL(dir string, ca *x509.Certificate, key *ecdsa.PrivateKey, entries []x509.RevocationListEntry, number int64) error {
+	now := time.Now()
+	der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
+		Number:                    big.NewInt(number),
+		ThisUpdate:                now.Add(-clockSkew),
+		NextUpdate:                ca.NotAfter,
+		RevokedCertificateEntries: entries,
+	}, ca, key)
+	if err != nil {
+		return err
+	}
+	return WriteFileAtomic(filepath.Join(dir, CRLFile), pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der}), 0o644)
 }
 
 // IssueRequest says what certificate Issue signs.

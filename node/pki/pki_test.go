@@ -293,3 +293,62 @@ func TestReload(t *testing.T) {
 		t.Errorf("a certificate for %v replaced the node's", got.self)
 	}
 }
+
+// A revocation list cuts off exactly the certificates it lists, is re-read
+// when it changes, and must be signed by the cluster CA.
+func TestRevocationList(t *testing.T) {
+	p := newTestPKI(t, "crl")
+	crl := filepath.Join(p.dir, CRLFile)
+	p.source(RoleNode, "n1")
+	server, err := OpenWithCRL(filepath.Join(p.dir, CACertFile), crl,
+		filepath.Join(p.dir, "n1.crt"), filepath.Join(p.dir, "n1.key"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr, peers := serve(t, server.ServerConfig(nil))
+	go func() {
+		for range peers { // serve reports every handshake; nobody here needs them
+		}
+	}()
+	stolen, kept := p.source(RoleGateway, "stolen"), p.source(RoleGateway, "kept")
+	for _, c := range []*Source{stolen, kept} {
+		if err := roundTrip(addr, c.ClientConfig(nil)); err != nil {
+			t.Fatalf("before revoking: %v", err)
+		}
+	}
+	if _, err := Revoke(p.dir, filepath.Join(p.dir, "stolen.crt")); err != nil {
+		t.Fatal(err)
+	}
+	// The watcher notices the new list (it checks the files' stamps).
+	deadline := time.Now().Add(10 * time.Second)
+	for roundTrip(addr, stolen.ClientConfig(nil)) == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("a revoked certificate still gets through 10s after the list changed")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := roundTrip(addr, kept.ClientConfig(nil)); err != nil {
+		t.Fatalf("a certificate the list does not name: %v", err)
+	}
+	// Revoking again changes nothing; the list keeps both entries.
+	if _, err := Revoke(p.dir, filepath.Join(p.dir, "stolen.crt")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Revoke(p.dir, filepath.Join(p.dir, "kept.crt")); err != nil {
+		t.Fatal(err)
+	}
+	m, err := server.load()
+	if err != nil || len(m.revoked) != 2 {
+		t.Fatalf("revoked = %v, %v; want both", m.revoked, err)
+	}
+	// A list signed by another CA is refused, and so is a certificate of
+	// another CA.
+	other := newTestPKI(t, "crl")
+	if _, err := Revoke(p.dir, filepath.Join(other.dir, CACertFile)); err == nil {
+		t.Fatal("revoked a certificate the CA did not issue")
+	}
+	if _, err := OpenWithCRL(filepath.Join(p.dir, CACertFile), filepath.Join(other.dir, CRLFile),
+		filepath.Join(p.dir, "n1.crt"), filepath.Join(p.dir, "n1.key"), nil); err == nil || !strings.Contains(err.Error(), "not signed") {
+		t.Fatalf("a list from another CA: %v", err)
+	}
+}

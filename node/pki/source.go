@@ -3,6 +3,7 @@ package pki
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -12,36 +13,52 @@ import (
 // ErrNoPeerCertificate: the peer presented no certificate.
 var ErrNoPeerCertificate = errors.New("peer presented no certificate")
 
+// ErrRevoked: the peer's certificate is on the revocation list.
+var ErrRevoked = errors.New("certificate revoked")
+
 // Source is a process's member identity: the CA pool that peers are
 // verified against, and its own certificate and key, re-read when the
 // files change (see watched). A new certificate that names another
 // identity is refused: that is a mistake, not a rotation.
 type Source struct {
-	caFile, certFile, keyFile string
-	files                     *watched[*material]
+	caFile, crlFile, certFile, keyFile string
+	files                              *watched[*material]
 }
 
-// material is one consistent load of the three files.
+// material is one consistent load of the files.
 type material struct {
 	pool *x509.CertPool
 	cert *tls.Certificate
 	self Identity
+	// revoked are the serial numbers (decimal) the CRL lists.
+	revoked map[string]bool
 }
 
 // Open loads caFile, certFile and keyFile. The certificate must be signed
 // by a CA in caFile and carry a Meridian identity.
 func Open(caFile, certFile, keyFile string, log *slog.Logger) (*Source, error) {
+	return OpenWithCRL(caFile, "", certFile, keyFile, log)
+}
+
+// OpenWithCRL is Open with a certificate revocation list (crlFile, PEM,
+// signed by a CA in caFile; "" for none): peers presenting a certificate
+// it lists are refused. It is re-read when it changes, like the others.
+func OpenWithCRL(caFile, crlFile, certFile, keyFile string, log *slog.Logger) (*Source, error) {
 	if caFile == "" || certFile == "" || keyFile == "" {
 		return nil, errors.New("cluster TLS needs all three of --tls-ca, --tls-cert and --tls-key")
 	}
-	s := &Source{caFile: caFile, certFile: certFile, keyFile: keyFile}
+	s := &Source{caFile: caFile, crlFile: crlFile, certFile: certFile, keyFile: keyFile}
+	files := []string{caFile, certFile, keyFile}
+	if crlFile != "" {
+		files = append(files, crlFile)
+	}
 	w, err := newWatched("cluster TLS", log, func(prev *material) (*material, error) {
 		m, err := s.load()
 		if err == nil && prev != nil && m.self != prev.self {
 			return nil, fmt.Errorf("the new certificate names %s, not %s", m.self, prev.self)
 		}
 		return m, err
-	}, caFile, certFile, keyFile)
+	}, files...)
 	if err != nil {
 		return nil, err
 	}
@@ -86,7 +103,45 @@ func (s *Source) load() (*material, error) {
 	if _, err := verifyChain(pool, leaf, inter); err != nil {
 		return nil, fmt.Errorf("%s is not signed by a CA in %s: %w", s.certFile, s.caFile, err)
 	}
-	return &material{pool: pool, cert: &pair, self: self}, nil
+	m := &material{pool: pool, cert: &pair, self: self}
+	if s.crlFile != "" {
+		if m.revoked, err = loadCRL(s.crlFile, cas); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+// loadCRL reads a PEM revocation list and checks that a CA in cas signed
+// it: a list from anyone else could cut members off.
+func loadCRL(path string, cas []*x509.Certificate) (map[string]bool, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	block, _ := pem.Decode(b)
+	if block == nil || block.Type != "X509 CRL" {
+		return nil, fmt.Errorf("%s: no PEM X509 CRL", path)
+	}
+	crl, err := x509.ParseRevocationList(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	signed := false
+	for _, ca := range cas {
+		if crl.CheckSignatureFrom(ca) == nil {
+			signed = true
+			break
+		}
+	}
+	if !signed {
+		return nil, fmt.Errorf("%s: not signed by a CA in the CA file", path)
+	}
+	revoked := map[string]bool{}
+	for _, e := range crl.RevokedCertificateEntries {
+		revoked[e.SerialNumber.String()] = true
+	}
+	return revoked, nil
 }
 
 // current returns the material, reloading it first when a file changed.
@@ -196,11 +251,15 @@ func (s *Source) ClientConfig(expect func(Identity) error, nextProtos ...string)
 	}
 }
 
-// checkPeer checks the identity of a verified peer.
+// checkPeer checks the identity of a verified peer, and that its
+// certificate is not revoked.
 func checkPeer(m *material, cs tls.ConnectionState, allow func(Identity) error) error {
 	id, err := PeerIdentity(cs)
 	if err != nil {
 		return err
+	}
+	if leaf := cs.PeerCertificates[0]; m.revoked[leaf.SerialNumber.String()] {
+		return fmt.Errorf("%w: %s (serial %s)", ErrRevoked, id, leaf.SerialNumber)
 	}
 	if id.Cluster != m.self.Cluster {
 		return fmt.Errorf("%w: peer %s, this cluster %s", ErrWrongCluster, id, m.self.Cluster)
