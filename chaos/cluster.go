@@ -483,13 +483,29 @@ func (c *Cluster) baseConfig(region string, stores map[string]string) yamlConfig
 		y.Regions = append(y.Regions, yamlRegion{Name: r.Name, Store: stores[r.Name]})
 		all = append(all, r.Name)
 	}
-	// The policies seed the cluster at bootstrap: every repository in
-	// every region; critical/ acknowledged only once two regions hold it.
-	y.Replication = yamlReplication{
-		Policies:    []yamlPolicy{{Prefix: "", Regions: all}, {Prefix: CriticalPrefix, MinRegions: min(2, len(all))}},
-		SyncTimeout: "15s",
-	}
+	y.Replication = yamlReplication{Policies: replicationPolicies(all), SyncTimeout: "15s"}
 	return y
+}
+
+// replicationPolicies are the policies the nodes seed the cluster with at
+// bootstrap: every repository in every region; critical/ acknowledged
+// only once two regions hold it.
+func replicationPolicies(regions []string) []yamlPolicy {
+	return []yamlPolicy{{Prefix: "", Regions: regions}, {Prefix: CriticalPrefix, MinRegions: min(2, len(regions))}}
+}
+
+// policyRegions is the regions policies place repo in, as the registry
+// resolves them (the longest matching prefix wins; unset fields inherit):
+// those of the longest matching prefix that names regions, else every
+// region.
+func policyRegions(policies []yamlPolicy, regions []string, repo string) []string {
+	out, longest := regions, -1
+	for _, p := range policies {
+		if strings.HasPrefix(repo, p.Prefix) && len(p.Regions) > 0 && len(p.Prefix) > longest {
+			out, longest = p.Regions, len(p.Prefix)
+		}
+	}
+	return out
 }
 
 func yamlDuration(d time.Duration) string {

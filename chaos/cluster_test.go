@@ -2,7 +2,10 @@ package chaos
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"math/rand/v2"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,6 +13,10 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/meridian-registry/meridian/replication"
 )
 
 // testLog writes progress lines to the test log.
@@ -73,7 +80,8 @@ func findVersitygw() (string, bool) {
 // among them, a revocation of the robot, whose login every gateway must
 // refuse within revokeGrace, and a gossip key rotation that restarts the
 // leader from its key file), runs the scheduler until it has
-// injected every kind once, heals and waits for convergence.
+// injected every kind once, heals and waits for convergence; then
+// collects garbage and reads the region stores (checkGCAndStores).
 func TestShortCluster(t *testing.T) {
 	meridian, versitygw := binaries(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
@@ -249,6 +257,66 @@ func TestShortCluster(t *testing.T) {
 	}
 	if exits := c.UnexpectedExits(); len(exits) > 0 {
 		t.Fatalf("unexpected exits: %+v", exits)
+	}
+	checkGCAndStores(t, ctx, c)
+}
+
+// checkGCAndStores pushes two images, deletes one, runs a last collection
+// through the CLI and waits for its removals: the deleted image's blobs
+// are gone from every region's store, the live one's are all there, and
+// the store check says so, then fails once one live blob is deleted from
+// the S3 region's bucket behind the cluster's back.
+func checkGCAndStores(t *testing.T, ctx context.Context, c *Cluster) {
+	h := NewHistory()
+	w := NewWorkload(WorkloadConfig{Seed: 1, Gateways: c.Gateways(), Admin: c.AdminCredentials(), RequestTimeout: 20 * time.Second}, h)
+	rng := rand.New(rand.NewPCG(3, 4))
+	var imgs []image
+	for k := range 2 {
+		img, err := w.pushImage(ctx, 0, nil, rng, "chaos/gc", fmt.Sprintf("v%d", k), 2, false)
+		if err != nil {
+			t.Fatalf("push: %v", err)
+		}
+		imgs = append(imgs, img)
+	}
+	gone := imgs[1]
+	del := Op{Kind: OpDelete, Repo: gone.repo, Digest: gone.digest, Start: h.Now()}
+	r, err := w.client.do(ctx, c.Gateways()[0], http.MethodDelete, "/v2/"+gone.repo+"/manifests/"+gone.digest, nil, nil)
+	if err != nil || r.status != http.StatusAccepted {
+		t.Fatalf("delete: %v %s", err, errText(r, err))
+	}
+	del.End, del.Outcome = h.Now(), OutcomeOK
+	h.Add(del)
+	holdFor(ctx, gcGrace+time.Second) // the deleted image's blobs outlive the grace
+
+	drain := c.FinalGC(ctx, h, regionNames(c.prof))
+	t.Logf("gc: %s", drain)
+	if !drain.Drained {
+		t.Fatalf("gc did not drain: %s", drain)
+	}
+	stores, err := c.RegionStores(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for region, s := range stores {
+		for _, b := range gone.blobs {
+			if _, err := s.Open(ctx, digest.Digest(b.Digest), 0); !errors.Is(err, replication.ErrBlobNotFound) {
+				t.Errorf("%s still holds %s of the deleted image: %v", region, b.Digest, err)
+			}
+		}
+	}
+	res := CheckLiveManifests(ctx, h.Ops(), stores, c.RegionsOf, drain)
+	wantStatus(t, res, CheckPass)
+	if want := len(imgs[0].blobs) * len(stores); res.Checked != want {
+		t.Fatalf("checked %d copies, want %d: %s", res.Checked, want, res.Detail)
+	}
+	lost := imgs[0].blobs[1]
+	if err := stores["us-east"].(replication.Driver).Delete(ctx, digest.Digest(lost.Digest)); err != nil {
+		t.Fatal(err)
+	}
+	res = CheckLiveManifests(ctx, h.Ops(), stores, c.RegionsOf, drain)
+	wantStatus(t, res, CheckFail)
+	if len(res.Violations) != 1 || !strings.Contains(res.Violations[0].Message, "region us-east: blob "+lost.Digest) {
+		t.Fatalf("violations:\n%s", violationText(res))
 	}
 }
 

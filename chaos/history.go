@@ -29,6 +29,15 @@ const (
 	OpTagWrite OpKind = "tag-write"
 	// OpDelete deletes the manifest Digest from Repo.
 	OpDelete OpKind = "delete"
+	// OpDeleteBlob deletes the blob Digest from Repo (its link: the bytes
+	// stay while another repository links them), after the manifest of
+	// the image that used it was deleted. The registry refuses it (403)
+	// while a manifest of Repo still references the blob.
+	OpDeleteBlob OpKind = "delete-blob"
+	// OpGC is one `meridian gc run` sent to the node Gateway names, with
+	// Request its arguments and Detail what the run did. A run without an
+	// answer (a fault) is unknown: some of its batches may have applied.
+	OpGC OpKind = "gc"
 	// OpRobotWrite is one write request (a blob upload or a manifest PUT)
 	// the robot writer sent as User, a robot account: Request names it,
 	// Outcome OK means the registry acknowledged it (2xx). The revocation
@@ -92,8 +101,10 @@ type Op struct {
 	// User is the account the operation was sent as when it was not the
 	// workload's admin: a robot's login, robot+NAME.
 	User string `json:"user,omitempty"`
-	// Request is an OpRobotWrite's method and path.
+	// Request is an OpRobotWrite's method and path, an OpGC's arguments.
 	Request string `json:"request,omitempty"`
+	// Detail is what an OpGC's run collected.
+	Detail string `json:"detail,omitempty"`
 
 	Cond   string `json:"cond,omitempty"`   // OpTagWrite
 	Expect string `json:"expect,omitempty"` // OpTagWrite with CondIfMatch

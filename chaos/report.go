@@ -60,10 +60,11 @@ type Report struct {
 // Write unavailability is the longest interval within [0, workload]
 // between the ends of consecutive successful writes, counting from 0 to
 // the first and from the last to the window's end: acknowledged pushes,
-// mounts and deletes, and tag writes answered either 2xx or 412 (a 412 is
-// a definite answer from a working leader). Read unavailability is the
-// same for pulls and tag reads answered 2xx or 404. Verifies are not
-// counted: they run after healing.
+// mounts and deletes (of manifests and of blobs), and tag writes
+// answered either 2xx or 412 (a 412 is a definite answer from a working
+// leader). Read unavailability is the same for pulls and tag reads
+// answered 2xx or 404. Verifies (after healing) and garbage collections
+// (the harness's, not a client's) are not counted.
 func NewReport(seed uint64, profile string, started time.Time, workload time.Duration, ops []Op, faults []Fault, quotas []FaultQuota, checks []CheckResult, conv *Convergence) *Report {
 	r := &Report{
 		Seed: seed, Profile: profile, Started: started, Duration: workload,
@@ -142,7 +143,7 @@ func verdict(checks []CheckResult, quotas []FaultQuota, conv *Convergence) []str
 
 func isSuccessfulWrite(op Op) bool {
 	switch op.Kind {
-	case OpPush, OpMount, OpDelete:
+	case OpPush, OpMount, OpDelete, OpDeleteBlob:
 		return op.Outcome == OutcomeOK
 	case OpTagWrite:
 		return op.Outcome == OutcomeOK || op.Outcome == OutcomeFail
@@ -221,7 +222,7 @@ const (
 )
 
 var (
-	kindOrder    = []OpKind{OpPush, OpMount, OpPullManifest, OpPullBlob, OpTagRead, OpTagWrite, OpDelete, OpRobotWrite, OpVerify}
+	kindOrder    = []OpKind{OpPush, OpMount, OpPullManifest, OpPullBlob, OpTagRead, OpTagWrite, OpDelete, OpDeleteBlob, OpGC, OpRobotWrite, OpVerify}
 	outcomeOrder = []Outcome{OutcomeOK, OutcomeFail, OutcomeUnknown, OutcomeNotFound}
 )
 
@@ -430,6 +431,11 @@ func formatOp(op Op) string {
 		fmt.Fprintf(&b, " from=%s", op.From)
 	case OpRobotWrite:
 		fmt.Fprintf(&b, " %s", op.Request)
+	case OpGC:
+		fmt.Fprintf(&b, " %s", op.Request)
+		if op.Detail != "" {
+			fmt.Fprintf(&b, " (%s)", op.Detail)
+		}
 	}
 	if op.User != "" {
 		fmt.Fprintf(&b, " as=%s", op.User)

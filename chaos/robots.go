@@ -83,18 +83,11 @@ func (c *Cluster) adminCommand(ctx context.Context, retry bool, args ...string) 
 		if !n.proc.Running() || n.proc.Paused() {
 			continue
 		}
-		cctx, cancel := context.WithTimeout(ctx, 12*time.Second)
-		argv := append(slices.Clone(args), "--addr", n.grpcAddr, "--timeout", "10s")
-		cmd := exec.CommandContext(cctx, c.opt.Meridian, append(argv, c.pki.tlsFlags(adminID)...)...)
-		cmd.Env = harnessEnv()
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		cancel()
+		out, err := c.runAdmin(ctx, n, 10*time.Second, args...)
 		if err == nil {
-			return string(out), nil
+			return out, nil
 		}
-		errs = append(errs, fmt.Errorf("meridian %s via %s: %v: %s", strings.Join(args, " "), n.spec.ID, err, strings.TrimSpace(stderr.String())))
+		errs = append(errs, err)
 		if !retry || ctx.Err() != nil {
 			break
 		}
@@ -103,6 +96,25 @@ func (c *Cluster) adminCommand(ctx context.Context, retry bool, args ...string) 
 		return "", errors.New("chaos: no node is running")
 	}
 	return "", errors.Join(errs...)
+}
+
+// runAdmin runs `meridian ARGS` with the harness's admin certificate
+// against n's own gRPC listener (not its fault proxy: the harness is not
+// a member), the command's --timeout set to timeout, and returns its
+// stdout.
+func (c *Cluster) runAdmin(ctx context.Context, n *nodeProc, timeout time.Duration, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout+2*time.Second)
+	defer cancel()
+	argv := append(slices.Clone(args), "--addr", n.grpcAddr, "--timeout", timeout.String())
+	cmd := exec.CommandContext(ctx, c.opt.Meridian, append(argv, c.pki.tlsFlags(adminID)...)...)
+	cmd.Env = harnessEnv()
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("meridian %s via %s: %v: %s", strings.Join(args, " "), n.spec.ID, err, strings.TrimSpace(stderr.String()))
+	}
+	return string(out), nil
 }
 
 // newRobot creates the next robot, which may pull and push under

@@ -128,8 +128,16 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 			}
 		}
 	}()
-	logf("workload and faults running")
+	logf("workload and faults running, garbage collection every %v or so (grace %v)", gcEvery, gcGrace)
+	gcCtx, stopGC := context.WithCancel(ctx)
+	gcDone := make(chan struct{})
+	go func() {
+		defer close(gcDone)
+		c.GCLoop(gcCtx, h, rand.New(rand.NewPCG(cfg.Seed, 0x6c)))
+	}()
 	wl.Run(ctx, workload)
+	stopGC()
+	<-gcDone
 	progress.Stop()
 	workloadTook := time.Since(started)
 	<-faultsDone
@@ -148,6 +156,12 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 	conv := c.WaitConverged(convCtx)
 	cancel()
 	logf("convergence: %v after %v (applied index %d) %s", conv.Converged, conv.Took.Round(time.Millisecond), conv.Applied, conv.Detail)
+	// A last collection, and every region done removing what it
+	// condemned, before verifying and reading the stores.
+	finalCtx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	drain := c.FinalGC(finalCtx, h, regionNames(p))
+	cancel()
+	logf("gc: %s", drain)
 	verifyCtx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	n := wl.Verify(verifyCtx, 4)
 	wl.FinalTagReads(verifyCtx)
@@ -156,6 +170,7 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 
 	ops := h.Ops()
 	checks := CheckHistory(ops, linearizabilityTimeout)
+	checks = append(checks, checkStores(ctx, c, ops, drain, logf))
 	if hasKind(quotas, faults, FaultCertRotate) {
 		checks = append(checks, CheckCertRotations(faults))
 	}
@@ -196,6 +211,29 @@ func Run(ctx context.Context, cfg RunConfig) (*Report, error) {
 	return rep, nil
 }
 
+// checkStores runs CheckLiveManifests on the region stores. The bound
+// leaves room for the long profile, whose regions hold a few GB each.
+func checkStores(ctx context.Context, c *Cluster, ops []Op, drain GCDrain, logf func(string, ...any)) CheckResult {
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
+	defer cancel()
+	start := time.Now()
+	stores, err := c.RegionStores(ctx)
+	if err != nil {
+		logf("opening the region stores: %v", err)
+	}
+	r := CheckLiveManifests(ctx, ops, stores, c.RegionsOf, drain)
+	r.Took = time.Since(start)
+	return r
+}
+
+func regionNames(p Profile) []string {
+	var names []string
+	for _, r := range p.Regions {
+		names = append(names, r.Name)
+	}
+	return names
+}
+
 // hasKind reports whether a run with these promises and faults has faults
 // of kind to check: promised ones (none injected is then a check with
 // nothing to check, which fails the run) or injected ones.
@@ -217,6 +255,7 @@ func workloadFor(p Profile, seed uint64, gws []Endpoint) WorkloadConfig {
 	wc := WorkloadConfig{
 		Seed: seed, Gateways: gws,
 		Pushers: 2, Uploaders: 1, Pullers: 2, Taggers: 3, Movers: 1, RobotWriters: 1,
+		DeleteOneIn: 6, SharedLayers: 8,
 		TagSlots: 3, TagGeneration: 120,
 		ChunkedBlobSize: 11 << 20,
 		UploadPause:     3 * time.Second,

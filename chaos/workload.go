@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,8 +31,16 @@ type WorkloadConfig struct {
 	Pullers int
 	// Taggers read and compare-and-swap the shared mutable tags.
 	Taggers int
-	// Movers mount blobs across repositories and delete images.
-	Movers int
+	// Movers mount blobs across repositories and delete whole images
+	// (see Workload.deleteOne), one operation in DeleteOneIn.
+	Movers      int
+	DeleteOneIn int
+	// SharedLayers is the size of a pool of layers that a quarter of the
+	// pushers' and the robot writer's layers come from (0: none), so that
+	// images in many repositories share blobs: deletes and garbage
+	// collection then unlink blobs that other images, and pushes in
+	// flight, still use.
+	SharedLayers int
 	// TagSlots is how many mutable tags exist at once; a tag is retired for
 	// a fresh one after TagGeneration operations or a few writes of unknown
 	// outcome, which keeps each tag's history small enough to check.
@@ -74,6 +83,7 @@ type Workload struct {
 
 	values []image // manifests the mutable tags point at
 	slots  []*tagSlot
+	shared [][]byte // the layer pool (WorkloadConfig.SharedLayers)
 
 	stop <-chan struct{} // closed when clients start no new operations
 }
@@ -119,9 +129,16 @@ func NewWorkload(cfg WorkloadConfig, h *History) *Workload {
 	if cfg.RobotPause <= 0 {
 		cfg.RobotPause = 250 * time.Millisecond
 	}
+	if cfg.DeleteOneIn <= 0 {
+		cfg.DeleteOneIn = 6
+	}
 	w := &Workload{cfg: cfg, h: h, client: newRegistryClient(cfg.RequestTimeout, cfg.Admin), deleted: map[string]bool{}}
 	for i := range cfg.TagSlots {
 		w.slots = append(w.slots, &tagSlot{slot: i})
+	}
+	rng := rand.New(rand.NewPCG(cfg.Seed, 0x54a7ed))
+	for range cfg.SharedLayers {
+		w.shared = append(w.shared, randomBytes(rng, 512+rng.IntN(32<<10)))
 	}
 	return w
 }
@@ -312,15 +329,23 @@ func (w *Workload) pushImage(ctx context.Context, id int, as *sender, rng *rand.
 	}
 	var blobs []Blob
 	for i := range layers {
-		size := 256 + rng.IntN(64<<10)
-		if rng.IntN(20) == 0 {
-			size = 1<<20 + rng.IntN(1<<20)
+		var data []byte
+		switch {
+		case chunked:
+			data = randomBytes(rng, w.cfg.ChunkedBlobSize)
+		case len(w.shared) > 0 && rng.IntN(4) == 0:
+			data = w.shared[rng.IntN(len(w.shared))]
+		default:
+			size := 256 + rng.IntN(64<<10)
+			if rng.IntN(20) == 0 {
+				size = 1<<20 + rng.IntN(1<<20)
+			}
+			data = randomBytes(rng, size)
 		}
-		if chunked {
-			size = w.cfg.ChunkedBlobSize
+		b := Blob{Digest: sha256Digest(data), Size: int64(len(data))}
+		if slices.ContainsFunc(blobs, func(o Blob) bool { return o.Digest == b.Digest }) {
+			continue // a pool layer drawn twice
 		}
-		data := randomBytes(rng, size)
-		b := Blob{Digest: sha256Digest(data), Size: int64(size)}
 		var err error
 		if chunked && i == 0 {
 			gw, err = w.uploadChunked(ctx, as, rng, gw, repo, data, b.Digest)
@@ -657,10 +682,10 @@ func manifestBytes(img image) []byte {
 }
 
 // mover mounts an acknowledged image's blobs into another repository and
-// pushes a manifest there, and now and then deletes an image.
+// pushes a manifest there, and now and then deletes a whole image.
 func (w *Workload) mover(ctx context.Context, id int, rng *rand.Rand) {
 	for k := 0; w.think(ctx, rng); k++ {
-		if rng.IntN(6) == 0 {
+		if rng.IntN(w.cfg.DeleteOneIn) == 0 {
 			w.deleteOne(ctx, id, rng)
 			continue
 		}
@@ -710,9 +735,13 @@ func (w *Workload) mover(ctx context.Context, id int, rng *rand.Rand) {
 	}
 }
 
-// deleteOne deletes a random acknowledged image (never a tag value). The
-// image leaves the pull pool before the request, so pulls only race with
-// deletes the checkers know about.
+// deleteOne deletes a whole acknowledged image (never a tag value): its
+// manifest by digest and then, once that was acknowledged, each of its
+// blobs from the repository. The registry refuses (403) the blobs another
+// manifest of the repository still uses, which the pool's layers often
+// are; the others lose their link at once instead of after a GC grace.
+// The image leaves the pull pool before the request, so pulls only race
+// with deletes the checkers know about.
 func (w *Workload) deleteOne(ctx context.Context, id int, rng *rand.Rand) {
 	w.mu.Lock()
 	if len(w.acked) < 10 {
@@ -744,6 +773,16 @@ func (w *Workload) deleteOne(ctx context.Context, id int, rng *rand.Rand) {
 	op.End, op.Status = w.h.Now(), r.status
 	op.Outcome, op.Err = outcomeOf(r, err), errText(r, err)
 	w.h.Add(op)
+	if op.Outcome != OutcomeOK {
+		return
+	}
+	for _, b := range img.blobs {
+		op := Op{Client: id, Kind: OpDeleteBlob, Gateway: gw.ID, Repo: img.repo, Digest: b.Digest, Start: w.h.Now()}
+		r, err := w.client.do(ctx, gw, http.MethodDelete, "/v2/"+img.repo+"/blobs/"+b.Digest, nil, nil)
+		op.End, op.Status = w.h.Now(), r.status
+		op.Outcome, op.Err = outcomeOf(r, err), errText(r, err)
+		w.h.Add(op)
+	}
 }
 
 // Verify checks, after healing, every acknowledged push that was never the
