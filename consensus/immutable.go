@@ -4,7 +4,6 @@ import (
 	"context"
 
 	"github.com/cockroachdb/pebble/v2"
-	"google.golang.org/protobuf/proto"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
@@ -37,16 +36,7 @@ func applyDeleteImmutableRule(b *pebble.Batch, e *pb.LogEntry) error {
 }
 
 func immutableRules(r pebble.Reader) ([]*pb.ImmutableRule, error) {
-	var rules []*pb.ImmutableRule
-	err := scan(r, key(tableImmutable), "", -1, func(_, v []byte) error {
-		rule := &pb.ImmutableRule{}
-		if err := proto.Unmarshal(v, rule); err != nil {
-			return err
-		}
-		rules = append(rules, rule)
-		return nil
-	})
-	return rules, err
+	return scanValues(r, key(tableImmutable), "", -1, func() *pb.ImmutableRule { return &pb.ImmutableRule{} })
 }
 
 // refuseImmutable refuses changing tag of repo when a rule covers it.

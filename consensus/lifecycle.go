@@ -7,7 +7,6 @@ import (
 	"slices"
 
 	"github.com/cockroachdb/pebble/v2"
-	"google.golang.org/protobuf/proto"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
@@ -540,14 +539,9 @@ func splitPair(k []byte) (string, string, error) {
 func (s *Store) Removals(_ context.Context, region, after string, limit int) ([]*pb.Wanted, error) {
 	var out []*pb.Wanted
 	err := s.read(func(db *pebble.DB) error {
-		return scan(db, prefix(tableRemoval, region), after, limit, func(_, v []byte) error {
-			w := &pb.Wanted{}
-			if err := proto.Unmarshal(v, w); err != nil {
-				return err
-			}
-			out = append(out, w)
-			return nil
-		})
+		var err error
+		out, err = scanValues(db, prefix(tableRemoval, region), after, limit, func() *pb.Wanted { return &pb.Wanted{} })
+		return err
 	})
 	return out, err
 }
@@ -575,16 +569,13 @@ func (s *Store) GCStatus(_ context.Context, regions []string) (*pb.GCRun, []*pb.
 				return err
 			}
 			g.Region = region
-			if err := scan(snap, prefix(tableRemoval, region), "", -1, func(_, v []byte) error {
-				w := &pb.Wanted{}
-				if err := proto.Unmarshal(v, w); err != nil {
-					return err
-				}
+			pending, err := scanValues(snap, prefix(tableRemoval, region), "", -1, func() *pb.Wanted { return &pb.Wanted{} })
+			if err != nil {
+				return err
+			}
+			for _, w := range pending {
 				g.BlobsPending++
 				g.BytesPending += w.Size
-				return nil
-			}); err != nil {
-				return err
 			}
 			out = append(out, g)
 		}

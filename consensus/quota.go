@@ -5,7 +5,6 @@ import (
 	"fmt"
 
 	"github.com/cockroachdb/pebble/v2"
-	"google.golang.org/protobuf/proto"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
@@ -93,16 +92,7 @@ func blobSize(r pebble.Reader, d string) (int64, error) {
 }
 
 func quotaUsages(r pebble.Reader) ([]*pb.QuotaUsage, error) {
-	var out []*pb.QuotaUsage
-	err := scan(r, key(tableQuota), "", -1, func(_, v []byte) error {
-		u := &pb.QuotaUsage{}
-		if err := proto.Unmarshal(v, u); err != nil {
-			return err
-		}
-		out = append(out, u)
-		return nil
-	})
-	return out, err
+	return scanValues(r, key(tableQuota), "", -1, func() *pb.QuotaUsage { return &pb.QuotaUsage{} })
 }
 
 // chargeQuotas applies delta to every quota covering repo: delta returns

@@ -7,7 +7,6 @@ import (
 	"slices"
 
 	"github.com/cockroachdb/pebble/v2"
-	"google.golang.org/protobuf/proto"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
@@ -171,16 +170,7 @@ func removeTag(b *pebble.Batch, repo, tag, d string) error {
 }
 
 func retentionRules(r pebble.Reader) ([]*pb.RetentionRule, error) {
-	var out []*pb.RetentionRule
-	err := scan(r, key(tableRetention), "", -1, func(_, v []byte) error {
-		rule := &pb.RetentionRule{}
-		if err := proto.Unmarshal(v, rule); err != nil {
-			return err
-		}
-		out = append(out, rule)
-		return nil
-	})
-	return out, err
+	return scanValues(r, key(tableRetention), "", -1, func() *pb.RetentionRule { return &pb.RetentionRule{} })
 }
 
 // governing returns the rule with the longest pattern covering repo.

@@ -341,6 +341,21 @@ func (s *Store) Blobs(_ context.Context, after string, limit int) ([]*pb.BlobRec
 	return out, err
 }
 
+// scanValues decodes the values of up to limit keys under p whose suffix
+// sorts after after, each into a fresh message from newMsg.
+func scanValues[M proto.Message](r pebble.Reader, p []byte, after string, limit int, newMsg func() M) ([]M, error) {
+	var out []M
+	err := scan(r, p, after, limit, func(_, v []byte) error {
+		m := newMsg()
+		if err := proto.Unmarshal(v, m); err != nil {
+			return err
+		}
+		out = append(out, m)
+		return nil
+	})
+	return out, err
+}
+
 // scan calls fn for up to limit keys under p whose suffix sorts after after.
 func scan(r pebble.Reader, p []byte, after string, limit int, fn func(k, v []byte) error) error {
 	if limit == 0 {

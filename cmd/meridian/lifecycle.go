@@ -66,10 +66,8 @@ func gcCmd(args []string) error {
 		if err := a.fs.Set("timeout", "10m"); err != nil {
 			return err
 		}
-		if pos, err := parseMixed(a.fs, args[1:]); err != nil {
+		if err := flagsOnly(a, args[1:], "gc run"); err != nil {
 			return err
-		} else if len(pos) > 0 {
-			return fmt.Errorf("gc run takes no arguments (got %v)", pos)
 		}
 		req := &pb.RunGCRequest{DryRun: *dry}
 		a.fs.Visit(func(f *flag.Flag) {
@@ -102,10 +100,8 @@ func gcCmd(args []string) error {
 		printGCRun(resp)
 		return nil
 	case "status":
-		if pos, err := parseMixed(a.fs, args[1:]); err != nil {
+		if err := flagsOnly(a, args[1:], "gc status"); err != nil {
 			return err
-		} else if len(pos) > 0 {
-			return fmt.Errorf("gc status takes no arguments (got %v)", pos)
 		}
 		c, ctx, done, err := a.dial()
 		if err != nil {
@@ -208,6 +204,33 @@ func printGCStatus(s *pb.GCStatusResponse) {
 	w.Flush()
 }
 
+// flagsOnly parses a command that takes flags but no arguments.
+func flagsOnly(a adminFlags, args []string, cmd string) error {
+	pos, err := parseMixed(a.fs, args)
+	if err == nil && len(pos) > 0 {
+		err = fmt.Errorf("%s takes flags only (got %v)", cmd, pos)
+	}
+	return err
+}
+
+// listLifecycle runs a list command: its --json flag, no arguments, and
+// the lifecycle rules from the node.
+func listLifecycle(a adminFlags, args []string, cmd string) (resp *pb.ListLifecycleResponse, asJSON bool, err error) {
+	jsonFlag := a.fs.Bool("json", false, "print JSON")
+	if err := flagsOnly(a, args, cmd); err != nil {
+		return nil, false, err
+	}
+	c, ctx, done, err := a.dial()
+	if err != nil {
+		return nil, false, err
+	}
+	defer done()
+	if resp, err = c.ListLifecycle(ctx, &pb.ListLifecycleRequest{}); err != nil {
+		return nil, false, fmt.Errorf("%s: %w", cmd, readable(err))
+	}
+	return resp, *jsonFlag, nil
+}
+
 func manageLifecycle(a adminFlags, req *pb.ManageLifecycleRequest) error {
 	c, ctx, done, err := a.dial()
 	if err != nil {
@@ -251,10 +274,8 @@ func immutableCmd(args []string) error {
 	case "add", "delete":
 		repos := a.fs.String("repositories", "", `repository pattern: a prefix ("team/app") or glob ("team/*"); empty: every repository`)
 		tags := a.fs.String("tags", "", `tag glob, e.g. "v*" or "*"`)
-		if pos, err := parseMixed(a.fs, args[1:]); err != nil {
+		if err := flagsOnly(a, args[1:], "immutable "+args[0]); err != nil {
 			return err
-		} else if len(pos) > 0 {
-			return fmt.Errorf("immutable %s takes flags only (got %v)", args[0], pos)
 		}
 		if *tags == "" {
 			return fmt.Errorf("immutable %s: --tags is required", args[0])
@@ -270,23 +291,12 @@ func immutableCmd(args []string) error {
 		fmt.Printf("%s immutability rule: %s\n", map[string]string{"add": "added", "delete": "deleted"}[args[0]], rule.Describe())
 		return nil
 	case "list":
-		asJSON := a.fs.Bool("json", false, "print JSON")
-		if pos, err := parseMixed(a.fs, args[1:]); err != nil {
-			return err
-		} else if len(pos) > 0 {
-			return fmt.Errorf("immutable list takes no arguments (got %v)", pos)
-		}
-		c, ctx, done, err := a.dial()
+		resp, asJSON, err := listLifecycle(a, args[1:], "immutable list")
 		if err != nil {
 			return err
 		}
-		defer done()
-		resp, err := c.ListLifecycle(ctx, &pb.ListLifecycleRequest{})
-		if err != nil {
-			return fmt.Errorf("immutable list: %w", readable(err))
-		}
-		if *asJSON {
-			printJSON(resp)
+		if asJSON {
+			printJSON(&pb.ListLifecycleResponse{ImmutableRules: resp.ImmutableRules})
 			return nil
 		}
 		w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
@@ -318,10 +328,8 @@ func quotaCmd(args []string) error {
 		maxBytes := a.fs.String("max-bytes", "0", "storage limit (suffixes KiB, MiB, GiB, TiB; 0: none)")
 		maxRepos := a.fs.Int64("max-repositories", 0, "repository limit (0: none)")
 		maxTags := a.fs.Int64("max-tags", 0, "tag limit (0: none)")
-		if pos, err := parseMixed(a.fs, args[1:]); err != nil {
+		if err := flagsOnly(a, args[1:], "quota "+args[0]); err != nil {
 			return err
-		} else if len(pos) > 0 {
-			return fmt.Errorf("quota %s takes flags only (got %v)", args[0], pos)
 		}
 		var req *pb.ManageLifecycleRequest
 		if args[0] == "delete" {
@@ -340,22 +348,11 @@ func quotaCmd(args []string) error {
 		fmt.Printf("%s the quota on repositories %q\n", map[string]string{"set": "set", "delete": "deleted"}[args[0]], *repos)
 		return nil
 	case "list":
-		asJSON := a.fs.Bool("json", false, "print JSON")
-		if pos, err := parseMixed(a.fs, args[1:]); err != nil {
-			return err
-		} else if len(pos) > 0 {
-			return fmt.Errorf("quota list takes no arguments (got %v)", pos)
-		}
-		c, ctx, done, err := a.dial()
+		resp, asJSON, err := listLifecycle(a, args[1:], "quota list")
 		if err != nil {
 			return err
 		}
-		defer done()
-		resp, err := c.ListLifecycle(ctx, &pb.ListLifecycleRequest{})
-		if err != nil {
-			return fmt.Errorf("quota list: %w", readable(err))
-		}
-		if *asJSON {
+		if asJSON {
 			printJSON(&pb.ListLifecycleResponse{Quotas: resp.Quotas})
 			return nil
 		}
@@ -390,14 +387,6 @@ func retentionCmd(args []string) error {
 	}
 	a := newAdminFlags("retention " + args[0])
 	a.fs.Usage = func() { fmt.Fprint(a.fs.Output(), lifecycleUsage) }
-	noArgs := func() error {
-		if pos, err := parseMixed(a.fs, args[1:]); err != nil {
-			return err
-		} else if len(pos) > 0 {
-			return fmt.Errorf("retention %s takes flags only (got %v)", args[0], pos)
-		}
-		return nil
-	}
 	switch args[0] {
 	case "set", "delete":
 		repos := a.fs.String("repositories", "", `repository pattern: a prefix ("team") or glob ("team/*"); empty: every repository`)
@@ -407,7 +396,7 @@ func retentionCmd(args []string) error {
 		pulled := a.fs.Duration("keep-pulled-within", 0, "keep anything pulled within this window (0: pulls do not count)")
 		var protect repeated
 		a.fs.Var(&protect, "protect", "never delete tags matching this glob (repeatable)")
-		if err := noArgs(); err != nil {
+		if err := flagsOnly(a, args[1:], "retention "+args[0]); err != nil {
 			return err
 		}
 		var req *pb.ManageLifecycleRequest
@@ -424,20 +413,11 @@ func retentionCmd(args []string) error {
 		fmt.Printf("%s the retention rule on repositories %q\n", map[string]string{"set": "set", "delete": "deleted"}[args[0]], *repos)
 		return nil
 	case "list":
-		asJSON := a.fs.Bool("json", false, "print JSON")
-		if err := noArgs(); err != nil {
-			return err
-		}
-		c, ctx, done, err := a.dial()
+		resp, asJSON, err := listLifecycle(a, args[1:], "retention list")
 		if err != nil {
 			return err
 		}
-		defer done()
-		resp, err := c.ListLifecycle(ctx, &pb.ListLifecycleRequest{})
-		if err != nil {
-			return fmt.Errorf("retention list: %w", readable(err))
-		}
-		if *asJSON {
+		if asJSON {
 			printJSON(&pb.ListLifecycleResponse{RetentionRules: resp.RetentionRules})
 			return nil
 		}
@@ -469,7 +449,7 @@ func retentionCmd(args []string) error {
 		if err := a.fs.Set("timeout", "10m"); err != nil {
 			return err
 		}
-		if err := noArgs(); err != nil {
+		if err := flagsOnly(a, args[1:], "retention "+args[0]); err != nil {
 			return err
 		}
 		c, ctx, done, err := a.dial()

@@ -27,22 +27,7 @@ func TestLifecycleCLI(t *testing.T) {
 	data := filepath.Join(t.TempDir(), "data")
 	p := e2eServe(t, data)
 	addr := "--addr=" + p.ready.GRPCAddr
-	cli := func(args ...string) (string, error) {
-		cmd := exec.Command(e2eBinary, append(args, addr)...)
-		cmd.Env = e2eEnv()
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
-		err := cmd.Run()
-		return out.String(), err
-	}
-	mustCLI := func(args ...string) string {
-		t.Helper()
-		out, err := cli(args...)
-		if err != nil {
-			t.Fatalf("meridian %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-		return out
-	}
+	cli, mustCLI := adminCLI(t, addr)
 	refuse := func(want string, args ...string) {
 		t.Helper()
 		out, err := cli(args...)
@@ -210,22 +195,7 @@ func TestRetentionCLI(t *testing.T) {
 		"--gc-pull-resolution", "1s", "--gc-interval", "0"}, e2eLoopback)...)
 	p.waitReady()
 	addr := "--addr=" + p.ready.GRPCAddr
-	cli := func(args ...string) (string, error) {
-		cmd := exec.Command(e2eBinary, append(args, addr)...)
-		cmd.Env = e2eEnv()
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
-		err := cmd.Run()
-		return out.String(), err
-	}
-	mustCLI := func(args ...string) string {
-		t.Helper()
-		out, err := cli(args...)
-		if err != nil {
-			t.Fatalf("meridian %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-		return out
-	}
+	cli, mustCLI := adminCLI(t, addr)
 	for _, tag := range []string{"v1", "v2", "v3", "v4"} {
 		img, _ := random.Image(1024, 1)
 		if err := remote.Write(p.ref("ret/app:"+tag), img); err != nil {
@@ -271,4 +241,27 @@ func TestRetentionCLI(t *testing.T) {
 	if out := mustCLI("audit", "--since", "1h"); !strings.Contains(out, "apply_retention") || !strings.Contains(out, "ret/app:v2") {
 		t.Fatalf("the audit log does not show the retention run:\n%s", out)
 	}
+}
+
+// adminCLI runs meridian admin commands against addr (a --addr flag) with
+// the harness's admin credentials: cli returns the combined output and
+// the error, mustCLI fails the test on an error.
+func adminCLI(t *testing.T, addr string) (cli func(args ...string) (string, error), mustCLI func(args ...string) string) {
+	cli = func(args ...string) (string, error) {
+		cmd := exec.Command(e2eBinary, append(args, addr)...)
+		cmd.Env = e2eEnv()
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		err := cmd.Run()
+		return out.String(), err
+	}
+	mustCLI = func(args ...string) string {
+		t.Helper()
+		out, err := cli(args...)
+		if err != nil {
+			t.Fatalf("meridian %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return out
+	}
+	return cli, mustCLI
 }
