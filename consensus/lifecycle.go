@@ -156,11 +156,8 @@ func refusedWhileReferenced(r pebble.Reader, table byte, repo, d, what, by strin
 // removeManifest removes a manifest, its tags, its referrer entry and its
 // references. The caller has checked that no index lists it.
 func removeManifest(b *pebble.Batch, repo string, rec *pb.ManifestRecord, now int64) error {
-	var tags []string
-	if err := scan(b, prefix(tableTagIndex, repo, rec.Digest), "", -1, func(k, _ []byte) error {
-		tags = append(tags, lastField(k))
-		return nil
-	}); err != nil {
+	tags, err := lastFields(b, prefix(tableTagIndex, repo, rec.Digest))
+	if err != nil {
 		return err
 	}
 	for _, tag := range tags {
@@ -206,11 +203,8 @@ func applyDeleteRepository(b *pebble.Batch, e *pb.LogEntry) error {
 	if err := refuseImmutableTagsOf(b, repo, "", "deleting the repository"); err != nil {
 		return err
 	}
-	var blobs []string
-	if err := scan(b, prefix(tableLink, repo), "", -1, func(k, _ []byte) error {
-		blobs = append(blobs, lastField(k))
-		return nil
-	}); err != nil {
+	blobs, err := lastFields(b, prefix(tableLink, repo))
+	if err != nil {
 		return err
 	}
 	var tags int64
@@ -265,11 +259,8 @@ func planBlob(r pebble.Reader, d string, cutoff int64) (blobPlan, error) {
 		return p, err
 	}
 	p.size = rec.Size
-	var repos []string
-	if err := scan(r, prefix(tableBlobRepos, d), "", -1, func(k, _ []byte) error {
-		repos = append(repos, lastField(k))
-		return nil
-	}); err != nil {
+	repos, err := lastFields(r, prefix(tableBlobRepos, d))
+	if err != nil {
 		return p, err
 	}
 	for _, repo := range repos {

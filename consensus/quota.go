@@ -51,11 +51,8 @@ func applySetQuota(b *pebble.Batch, e *pb.LogEntry) error {
 		}); err != nil {
 			return err
 		}
-		var blobs []string
-		if err := scan(b, prefix(tableLink, repo), "", -1, func(k, _ []byte) error {
-			blobs = append(blobs, lastField(k))
-			return nil
-		}); err != nil {
+		blobs, err := lastFields(b, prefix(tableLink, repo))
+		if err != nil {
 			return err
 		}
 		for _, d := range blobs {

@@ -356,6 +356,17 @@ func scanValues[M proto.Message](r pebble.Reader, p []byte, after string, limit 
 	return out, err
 }
 
+// lastFields returns the last field of every key under p (the tags of a
+// manifest, the blobs of a repository, ...).
+func lastFields(r pebble.Reader, p []byte) ([]string, error) {
+	var out []string
+	err := scan(r, p, "", -1, func(k, _ []byte) error {
+		out = append(out, lastField(k))
+		return nil
+	})
+	return out, err
+}
+
 // scan calls fn for up to limit keys under p whose suffix sorts after after.
 func scan(r pebble.Reader, p []byte, after string, limit int, fn func(k, v []byte) error) error {
 	if limit == 0 {
