@@ -11,7 +11,6 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/meridian-registry/meridian/gateway"
-	"github.com/meridian-registry/meridian/node/pki"
 	"github.com/meridian-registry/meridian/node/transport"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
@@ -286,22 +285,21 @@ func gatewayIntent(cmd *pb.Command) bool {
 	return false
 }
 
-// mayCommit checks the caller of a Commit against the intent: gateways
-// send repository writes, nodes everything (their replicators place blobs,
-// their admin API sets policies). Forwarded writes are Member/Forward,
-// closed to all but nodes by the access table. In plaintext every caller
-// is trusted (loopback or --insecure-cluster).
+// mayCommit checks a Gateway/Commit: it carries repository writes only,
+// whoever calls. Everything else has its own path: placements, removals
+// and regions come from nodes through Member/Forward, policies, deletes of
+// repositories and lifecycle rules through the Admin service, which
+// checks for a cluster admin even in plaintext. A gateway certificate may
+// not send anything else, and a node has no reason to.
 func (n *Node) mayCommit(ctx context.Context, cmd *pb.Command) error {
-	if !n.trust.Secure() {
+	if gatewayIntent(cmd) || cmd.GetIntent() == nil || isAccessIntent(cmd) {
+		// An empty command fails validation with its reason, and an access
+		// change with the way to make it.
 		return nil
 	}
-	id, _ := transport.Caller(ctx) // the interceptor already required one
-	switch {
-	case id.Role == pki.RoleNode:
-		return nil
-	case id.Role == pki.RoleGateway && (gatewayIntent(cmd) || cmd.GetIntent() == nil):
-		return nil // an empty command fails validation with its reason
-	default:
-		return status.Error(codes.PermissionDenied, fmt.Sprintf("%s may not commit %T", id, cmd.GetIntent()))
+	who := "this caller"
+	if id, ok := transport.Caller(ctx); ok {
+		who = id.String()
 	}
+	return status.Error(codes.PermissionDenied, fmt.Sprintf("%s may not commit %T through Gateway/Commit: it takes repository writes only", who, cmd.GetIntent()))
 }

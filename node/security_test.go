@@ -438,10 +438,17 @@ func TestCommitValidatesIntents(t *testing.T) {
 		}
 	}
 	for name, cmd := range map[string]*pb.Command{
-		"place a blob":  {Intent: &pb.Command_PlaceBlob{PlaceBlob: &pb.PlaceBlob{Digest: goodDigest, Size: 1, Region: c.Config(0).Region}}},
-		"set a policy":  {Intent: &pb.Command_SetPolicy{SetPolicy: &pb.SetPolicy{Policy: &pb.Policy{Prefix: "x/"}}}},
-		"set regions":   {Intent: &pb.Command_SetRegions{SetRegions: &pb.SetRegions{Regions: []string{"a"}}}},
-		"delete policy": {Intent: &pb.Command_DeletePolicy{DeletePolicy: &pb.DeletePolicy{Prefix: ""}}},
+		"place a blob":        {Intent: &pb.Command_PlaceBlob{PlaceBlob: &pb.PlaceBlob{Digest: goodDigest, Size: 1, Region: c.Config(0).Region}}},
+		"set a policy":        {Intent: &pb.Command_SetPolicy{SetPolicy: &pb.SetPolicy{Policy: &pb.Policy{Prefix: "x/"}}}},
+		"set regions":         {Intent: &pb.Command_SetRegions{SetRegions: &pb.SetRegions{Regions: []string{"a"}}}},
+		"delete policy":       {Intent: &pb.Command_DeletePolicy{DeletePolicy: &pb.DeletePolicy{Prefix: ""}}},
+		"delete a repository": {Intent: &pb.Command_DeleteRepository{DeleteRepository: &pb.DeleteRepository{Repository: "ok/repo"}}},
+		"remove a blob":       {Intent: &pb.Command_BlobRemoved{BlobRemoved: &pb.BlobRemoved{Digest: goodDigest, Region: c.Config(0).Region}}},
+		"set a quota":         {Intent: &pb.Command_SetQuota{SetQuota: &pb.SetQuota{Quota: &pb.Quota{MaxTags: 1}}}},
+		"lift immutability": {Intent: &pb.Command_DeleteImmutableRule{DeleteImmutableRule: &pb.DeleteImmutableRule{
+			Rule: &pb.ImmutableRule{Tags: "*"}}}},
+		"set a retention rule": {Intent: &pb.Command_SetRetentionRule{SetRetentionRule: &pb.SetRetentionRule{
+			Rule: &pb.RetentionRule{KeepTags: 1}}}},
 	} {
 		if _, err := commit(cmd, false); status.Code(err) != codes.PermissionDenied {
 			t.Errorf("gateway: %s: %v, want PermissionDenied", name, err)
