@@ -28,12 +28,21 @@ REGCTL_VERSION       := v0.11.7
 HELM_VERSION         := v3.21.4
 VERSION              := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: skopeo podman protoc all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
+.PHONY: skopeo podman protoc image all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
 
 all: build
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(MERIDIAN) ./cmd/meridian
+
+## image: the container image (deploy/docker/Dockerfile.local) around a
+## static binary built here, FROM scratch, so no base image is pulled;
+## deploy/docker/Dockerfile builds the same image with the golang image.
+IMAGE ?= meridian:dev
+image:
+	rm -rf $(BIN)/image && mkdir -p $(BIN)/image/data
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(BIN)/image/meridian ./cmd/meridian
+	docker build -f deploy/docker/Dockerfile.local -t $(IMAGE) $(BIN)/image
 
 ## run: a local cluster of three regions, one node each (dev-a on :5100,
 ## dev-b on :5200, dev-c on :5300) behind a gateway on localhost:5000,

@@ -32,6 +32,7 @@ Usage:
   meridian quota …           set, delete, list storage, repository and tag quotas with their usage
   meridian retention …       set, delete, list, run retention rules (newest N tags, untagged, pulled)
   meridian bench [flags]     measure push, pull and manifest GET against the machine's limits
+  meridian healthcheck       exit 0 if a member's /healthz answers 200 (the image's HEALTHCHECK)
   meridian version           print the version
 
 Run 'meridian serve --help' for the node's flags.
@@ -83,6 +84,8 @@ func main() {
 		err = retentionCmd(os.Args[2:])
 	case "bench":
 		err = bench(os.Args[2:])
+	case "healthcheck":
+		err = healthcheck(os.Args[2:])
 	case "version", "--version":
 		fmt.Println("meridian", version)
 	case "help", "-h", "--help":
