@@ -157,9 +157,9 @@ func (n *Node) runGC(ctx context.Context, req *pb.RunGCRequest) (*pb.RunGCRespon
 	return resp, nil
 }
 
-// commitGC proposes the plan in batches, manifests first (a manifest
-// deleted now leaves its blobs for a later run, after their own grace),
-// and reads back what the run did. A run with nothing to collect still
+// commitGC proposes the plan in entries of at most gcBatch items,
+// manifests first (a manifest deleted now leaves its blobs for a later
+// run, after their own grace), and reads back what the run did. A run with nothing to collect still
 // commits one entry, so `gc status` shows when collection last ran.
 func (n *Node) commitGC(ctx context.Context, resp *pb.RunGCResponse, plan *consensus.GCPlan, began time.Time) error {
 	entry := func() *pb.CollectGarbage {
@@ -169,25 +169,22 @@ func (n *Node) commitGC(ctx context.Context, resp *pb.RunGCResponse, plan *conse
 		}
 	}
 	var batches []*pb.CollectGarbage
-	c := entry()
-	flush := func() {
+	for _, ms := range inBatches(plan.Manifests, gcBatch) {
+		c := entry()
+		c.Manifests = ms
 		batches = append(batches, c)
-		c = entry()
 	}
-	for _, m := range plan.Manifests {
-		c.Manifests = append(c.Manifests, m)
-		if len(c.Manifests) == gcBatch {
-			flush()
-		}
+	digests := make([]string, len(plan.Blobs))
+	for i, b := range plan.Blobs {
+		digests[i] = b.Digest
 	}
-	for _, b := range plan.Blobs {
-		c.Blobs = append(c.Blobs, b.Digest)
-		if len(c.Manifests)+len(c.Blobs) >= gcBatch {
-			flush()
-		}
+	for _, ds := range inBatches(digests, gcBatch) {
+		c := entry()
+		c.Blobs = ds
+		batches = append(batches, c)
 	}
-	if len(batches) == 0 || len(c.Manifests)+len(c.Blobs) > 0 {
-		flush()
+	if len(batches) == 0 {
+		batches = append(batches, entry())
 	}
 	for _, b := range batches {
 		if err := n.consensus.Propose(ctx, &pb.LogEntry{Command: &pb.LogEntry_CollectGarbage{CollectGarbage: b}}); err != nil {
@@ -202,6 +199,18 @@ func (n *Node) commitGC(ctx context.Context, resp *pb.RunGCResponse, plan *conse
 		resp.Run = run
 	}
 	return nil
+}
+
+// inBatches splits items into runs of at most size, so a large run is many
+// small log entries rather than one that stalls the log.
+func inBatches[T any](items []T, size int) [][]T {
+	var out [][]T
+	for len(items) > 0 {
+		n := min(size, len(items))
+		out = append(out, items[:n])
+		items = items[n:]
+	}
+	return out
 }
 
 func newRunID(t time.Time) string {

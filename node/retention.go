@@ -36,20 +36,14 @@ func (n *Node) runRetention(ctx context.Context, dry bool, actor *pb.Actor) (*pb
 		return &pb.ApplyRetention{RunId: resp.RunId, PushedBeforeUnixNano: plan.PushedBeforeUnixNano}
 	}
 	var batches []*pb.ApplyRetention
-	c := entry()
-	for _, t := range plan.Tags {
-		c.Tags = append(c.Tags, t)
-		if len(c.Tags) == retentionBatch {
-			batches, c = append(batches, c), entry()
-		}
+	for _, ts := range inBatches(plan.Tags, retentionBatch) {
+		c := entry()
+		c.Tags = ts
+		batches = append(batches, c)
 	}
-	for _, m := range plan.Manifests {
-		c.Manifests = append(c.Manifests, m)
-		if len(c.Tags)+len(c.Manifests) >= retentionBatch {
-			batches, c = append(batches, c), entry()
-		}
-	}
-	if len(c.Tags)+len(c.Manifests) > 0 {
+	for _, ms := range inBatches(plan.Manifests, retentionBatch) {
+		c := entry()
+		c.Manifests = ms
 		batches = append(batches, c)
 	}
 	for _, b := range batches {
