@@ -372,6 +372,14 @@ func auditDetail(e *pb.LogEntry) string {
 		return fmt.Sprintf("subject=%s prefix=%q actions=%s", g.Subject, g.Prefix, strings.Join(g.Actions, ","))
 	case *pb.LogEntry_DeleteGrant:
 		return fmt.Sprintf("subject=%s prefix=%q", c.DeleteGrant.Subject, c.DeleteGrant.Prefix)
+	case *pb.LogEntry_PutWebhook:
+		// Never the secret.
+		w := c.PutWebhook.GetWebhook()
+		return fmt.Sprintf("webhook=%s url=%s repositories=%q events=%s", w.GetName(), w.GetUrl(), w.GetRepositories(), strings.Join(w.GetEvents(), ","))
+	case *pb.LogEntry_DeleteWebhook:
+		return "webhook=" + c.DeleteWebhook.Name
+	case *pb.LogEntry_ReplayDeadLetters:
+		return fmt.Sprintf("webhook=%s replay=%s", c.ReplayDeadLetters.Name, strings.Join(c.ReplayDeadLetters.Ids, ","))
 	}
 	return ""
 }

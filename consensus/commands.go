@@ -69,6 +69,14 @@ func Entry(cmd *pb.Command, actor *pb.Actor, now time.Time) (*pb.LogEntry, error
 		e.Command = &pb.LogEntry_DeleteRetentionRule{DeleteRetentionRule: c.DeleteRetentionRule}
 	case *pb.Command_RecordPulls:
 		e.Command = &pb.LogEntry_RecordPulls{RecordPulls: c.RecordPulls}
+	case *pb.Command_PutWebhook:
+		e.Command = &pb.LogEntry_PutWebhook{PutWebhook: c.PutWebhook}
+	case *pb.Command_DeleteWebhook:
+		e.Command = &pb.LogEntry_DeleteWebhook{DeleteWebhook: c.DeleteWebhook}
+	case *pb.Command_WebhookProgress:
+		e.Command = &pb.LogEntry_WebhookProgress{WebhookProgress: c.WebhookProgress}
+	case *pb.Command_ReplayDeadLetters:
+		e.Command = &pb.LogEntry_ReplayDeadLetters{ReplayDeadLetters: c.ReplayDeadLetters}
 	default:
 		return nil, fmt.Errorf("%w: no command, or one this binary does not know (%T)", pb.ErrInvalidArgument, cmd.GetIntent())
 	}

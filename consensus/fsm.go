@@ -63,11 +63,16 @@ var commands = map[protoreflect.Name]applyFunc{
 	"delete_retention_rule": applyDeleteRetentionRule,
 	"apply_retention":       applyApplyRetention,
 	"record_pulls":          applyRecordPulls,
+
+	"put_webhook":         applyPutWebhook,
+	"delete_webhook":      applyDeleteWebhook,
+	"webhook_progress":    applyWebhookProgress,
+	"replay_dead_letters": applyReplayDeadLetters,
 }
 
 // unaudited are entries the audit log leaves out: members' batched pull
 // times are bookkeeping, not changes anyone asked for.
-var unaudited = map[protoreflect.Name]bool{"record_pulls": true}
+var unaudited = map[protoreflect.Name]bool{"record_pulls": true, "webhook_progress": true}
 
 var commandOneof = (&pb.LogEntry{}).ProtoReflect().Descriptor().Oneofs().ByName("command")
 
@@ -115,6 +120,18 @@ func (f *fsm) Apply(l *raft.Log) any {
 
 	b := db.NewIndexedBatch()
 	defer func() { b.Close() }()
+	// Events are derived before the entry applies (they name what a tag
+	// pointed at before) and kept only if it applies.
+	var events []*pb.Event
+	if !webhookCommands[which.Name()] {
+		hooks, err := anyWebhook(b)
+		if err == nil && hooks {
+			events, err = eventsOf(b, l.Index, e)
+		}
+		if err != nil {
+			panic(fmt.Sprintf("consensus: events of entry %d: %v", l.Index, err))
+		}
+	}
 	result := apply(b, e)
 	var kept keptRejection
 	if errors.As(result, &kept) {
@@ -141,6 +158,9 @@ func (f *fsm) Apply(l *raft.Log) any {
 			if err := b.Set(key(tableAccessMeta, "version"), encodeUint64s(l.Index), nil); err != nil {
 				panic(err)
 			}
+		}
+		if err := recordEvents(b, events); err != nil {
+			panic(fmt.Sprintf("consensus: events of entry %d: %v", l.Index, err))
 		}
 		// Who made the change is written with it: the audit log and the
 		// state cannot disagree.

@@ -49,6 +49,10 @@ import (
 //	v 'V' repo 0 tag                  when the tag was created or last moved → uint64
 //	v 'p' repo 0 digest               when the manifest was last pulled (coarse) → uint64
 //	v 'c' "retention"                 last retention run → RetentionRun
+//	v 'w' name                        webhook → Webhook (secret included)
+//	v 'q' name                        webhook's delivery cursor → WebhookCursor
+//	v 'v' index (8) seq (4)           event of the entry at index, for webhooks → Event
+//	v 'x' name 0 index (8) seq (4)    event a webhook gave up on → DeadLetter
 const layoutVersion byte = 1
 
 const (
@@ -86,6 +90,11 @@ const (
 	tableRetention  byte = 'e'
 	tableTagTime    byte = 'V'
 	tablePulled     byte = 'p'
+
+	tableWebhook       byte = 'w'
+	tableWebhookCursor byte = 'q'
+	tableEvent         byte = 'v'
+	tableDeadLetter    byte = 'x'
 )
 
 const sep byte = 0

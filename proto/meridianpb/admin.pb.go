@@ -31,8 +31,7 @@ var File_meridianpb_admin_proto protoreflect.FileDescriptor
 
 const file_meridianpb_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x16meridianpb/admin.proto\x12\vmeridian.v1\x1a\x18meridianpb/cluster.proto\x1a\x17meridianpb/access.proto\x1a\x1ameridianpb/lifecycle.proto2\xec\n" +
-	"\n" +
+	"\x16meridianpb/admin.proto\x12\vmeridian.v1\x1a\x18meridianpb/cluster.proto\x1a\x17meridianpb/access.proto\x1a\x1ameridianpb/lifecycle.proto\x1a\x1dmeridianpb/webhookadmin.proto2\xeb\f\n" +
 	"\x05Admin\x12=\n" +
 	"\x06Status\x12\x1a.meridian.v1.StatusRequest\x1a\x17.meridian.v1.NodeStatus\x12V\n" +
 	"\rClusterStatus\x12!.meridian.v1.ClusterStatusRequest\x1a\".meridian.v1.ClusterStatusResponse\x12e\n" +
@@ -51,7 +50,10 @@ const file_meridianpb_admin_proto_rawDesc = "" +
 	"\bGCStatus\x12\x1c.meridian.v1.GCStatusRequest\x1a\x1d.meridian.v1.GCStatusResponse\x12\\\n" +
 	"\x0fManageLifecycle\x12#.meridian.v1.ManageLifecycleRequest\x1a$.meridian.v1.ManageLifecycleResponse\x12V\n" +
 	"\rListLifecycle\x12!.meridian.v1.ListLifecycleRequest\x1a\".meridian.v1.ListLifecycleResponse\x12S\n" +
-	"\fRunRetention\x12 .meridian.v1.RunRetentionRequest\x1a!.meridian.v1.RunRetentionResponseB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
+	"\fRunRetention\x12 .meridian.v1.RunRetentionRequest\x1a!.meridian.v1.RunRetentionResponse\x12V\n" +
+	"\rManageWebhook\x12!.meridian.v1.ManageWebhookRequest\x1a\".meridian.v1.ManageWebhookResponse\x12S\n" +
+	"\fListWebhooks\x12 .meridian.v1.ListWebhooksRequest\x1a!.meridian.v1.ListWebhooksResponse\x12P\n" +
+	"\vTestWebhook\x12\x1f.meridian.v1.TestWebhookRequest\x1a .meridian.v1.TestWebhookResponseB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
 
 var file_meridianpb_admin_proto_goTypes = []any{
 	(*StatusRequest)(nil),              // 0: meridian.v1.StatusRequest
@@ -71,23 +73,29 @@ var file_meridianpb_admin_proto_goTypes = []any{
 	(*ManageLifecycleRequest)(nil),     // 14: meridian.v1.ManageLifecycleRequest
 	(*ListLifecycleRequest)(nil),       // 15: meridian.v1.ListLifecycleRequest
 	(*RunRetentionRequest)(nil),        // 16: meridian.v1.RunRetentionRequest
-	(*NodeStatus)(nil),                 // 17: meridian.v1.NodeStatus
-	(*ClusterStatusResponse)(nil),      // 18: meridian.v1.ClusterStatusResponse
-	(*TransferLeadershipResponse)(nil), // 19: meridian.v1.TransferLeadershipResponse
-	(*RemoveServerResponse)(nil),       // 20: meridian.v1.RemoveServerResponse
-	(*GossipKeyringResponse)(nil),      // 21: meridian.v1.GossipKeyringResponse
-	(*ScrubResponse)(nil),              // 22: meridian.v1.ScrubResponse
-	(*ListPoliciesResponse)(nil),       // 23: meridian.v1.ListPoliciesResponse
-	(*SetPolicyResponse)(nil),          // 24: meridian.v1.SetPolicyResponse
-	(*DeletePolicyResponse)(nil),       // 25: meridian.v1.DeletePolicyResponse
-	(*ManageAccessResponse)(nil),       // 26: meridian.v1.ManageAccessResponse
-	(*ListAccessResponse)(nil),         // 27: meridian.v1.ListAccessResponse
-	(*ReadAuditResponse)(nil),          // 28: meridian.v1.ReadAuditResponse
-	(*RunGCResponse)(nil),              // 29: meridian.v1.RunGCResponse
-	(*GCStatusResponse)(nil),           // 30: meridian.v1.GCStatusResponse
-	(*ManageLifecycleResponse)(nil),    // 31: meridian.v1.ManageLifecycleResponse
-	(*ListLifecycleResponse)(nil),      // 32: meridian.v1.ListLifecycleResponse
-	(*RunRetentionResponse)(nil),       // 33: meridian.v1.RunRetentionResponse
+	(*ManageWebhookRequest)(nil),       // 17: meridian.v1.ManageWebhookRequest
+	(*ListWebhooksRequest)(nil),        // 18: meridian.v1.ListWebhooksRequest
+	(*TestWebhookRequest)(nil),         // 19: meridian.v1.TestWebhookRequest
+	(*NodeStatus)(nil),                 // 20: meridian.v1.NodeStatus
+	(*ClusterStatusResponse)(nil),      // 21: meridian.v1.ClusterStatusResponse
+	(*TransferLeadershipResponse)(nil), // 22: meridian.v1.TransferLeadershipResponse
+	(*RemoveServerResponse)(nil),       // 23: meridian.v1.RemoveServerResponse
+	(*GossipKeyringResponse)(nil),      // 24: meridian.v1.GossipKeyringResponse
+	(*ScrubResponse)(nil),              // 25: meridian.v1.ScrubResponse
+	(*ListPoliciesResponse)(nil),       // 26: meridian.v1.ListPoliciesResponse
+	(*SetPolicyResponse)(nil),          // 27: meridian.v1.SetPolicyResponse
+	(*DeletePolicyResponse)(nil),       // 28: meridian.v1.DeletePolicyResponse
+	(*ManageAccessResponse)(nil),       // 29: meridian.v1.ManageAccessResponse
+	(*ListAccessResponse)(nil),         // 30: meridian.v1.ListAccessResponse
+	(*ReadAuditResponse)(nil),          // 31: meridian.v1.ReadAuditResponse
+	(*RunGCResponse)(nil),              // 32: meridian.v1.RunGCResponse
+	(*GCStatusResponse)(nil),           // 33: meridian.v1.GCStatusResponse
+	(*ManageLifecycleResponse)(nil),    // 34: meridian.v1.ManageLifecycleResponse
+	(*ListLifecycleResponse)(nil),      // 35: meridian.v1.ListLifecycleResponse
+	(*RunRetentionResponse)(nil),       // 36: meridian.v1.RunRetentionResponse
+	(*ManageWebhookResponse)(nil),      // 37: meridian.v1.ManageWebhookResponse
+	(*ListWebhooksResponse)(nil),       // 38: meridian.v1.ListWebhooksResponse
+	(*TestWebhookResponse)(nil),        // 39: meridian.v1.TestWebhookResponse
 }
 var file_meridianpb_admin_proto_depIdxs = []int32{
 	0,  // 0: meridian.v1.Admin.Status:input_type -> meridian.v1.StatusRequest
@@ -107,25 +115,31 @@ var file_meridianpb_admin_proto_depIdxs = []int32{
 	14, // 14: meridian.v1.Admin.ManageLifecycle:input_type -> meridian.v1.ManageLifecycleRequest
 	15, // 15: meridian.v1.Admin.ListLifecycle:input_type -> meridian.v1.ListLifecycleRequest
 	16, // 16: meridian.v1.Admin.RunRetention:input_type -> meridian.v1.RunRetentionRequest
-	17, // 17: meridian.v1.Admin.Status:output_type -> meridian.v1.NodeStatus
-	18, // 18: meridian.v1.Admin.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
-	19, // 19: meridian.v1.Admin.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
-	20, // 20: meridian.v1.Admin.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
-	21, // 21: meridian.v1.Admin.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
-	22, // 22: meridian.v1.Admin.Scrub:output_type -> meridian.v1.ScrubResponse
-	23, // 23: meridian.v1.Admin.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
-	24, // 24: meridian.v1.Admin.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
-	25, // 25: meridian.v1.Admin.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
-	26, // 26: meridian.v1.Admin.ManageAccess:output_type -> meridian.v1.ManageAccessResponse
-	27, // 27: meridian.v1.Admin.ListAccess:output_type -> meridian.v1.ListAccessResponse
-	28, // 28: meridian.v1.Admin.ReadAudit:output_type -> meridian.v1.ReadAuditResponse
-	29, // 29: meridian.v1.Admin.RunGC:output_type -> meridian.v1.RunGCResponse
-	30, // 30: meridian.v1.Admin.GCStatus:output_type -> meridian.v1.GCStatusResponse
-	31, // 31: meridian.v1.Admin.ManageLifecycle:output_type -> meridian.v1.ManageLifecycleResponse
-	32, // 32: meridian.v1.Admin.ListLifecycle:output_type -> meridian.v1.ListLifecycleResponse
-	33, // 33: meridian.v1.Admin.RunRetention:output_type -> meridian.v1.RunRetentionResponse
-	17, // [17:34] is the sub-list for method output_type
-	0,  // [0:17] is the sub-list for method input_type
+	17, // 17: meridian.v1.Admin.ManageWebhook:input_type -> meridian.v1.ManageWebhookRequest
+	18, // 18: meridian.v1.Admin.ListWebhooks:input_type -> meridian.v1.ListWebhooksRequest
+	19, // 19: meridian.v1.Admin.TestWebhook:input_type -> meridian.v1.TestWebhookRequest
+	20, // 20: meridian.v1.Admin.Status:output_type -> meridian.v1.NodeStatus
+	21, // 21: meridian.v1.Admin.ClusterStatus:output_type -> meridian.v1.ClusterStatusResponse
+	22, // 22: meridian.v1.Admin.TransferLeadership:output_type -> meridian.v1.TransferLeadershipResponse
+	23, // 23: meridian.v1.Admin.RemoveServer:output_type -> meridian.v1.RemoveServerResponse
+	24, // 24: meridian.v1.Admin.GossipKeyring:output_type -> meridian.v1.GossipKeyringResponse
+	25, // 25: meridian.v1.Admin.Scrub:output_type -> meridian.v1.ScrubResponse
+	26, // 26: meridian.v1.Admin.ListPolicies:output_type -> meridian.v1.ListPoliciesResponse
+	27, // 27: meridian.v1.Admin.SetPolicy:output_type -> meridian.v1.SetPolicyResponse
+	28, // 28: meridian.v1.Admin.DeletePolicy:output_type -> meridian.v1.DeletePolicyResponse
+	29, // 29: meridian.v1.Admin.ManageAccess:output_type -> meridian.v1.ManageAccessResponse
+	30, // 30: meridian.v1.Admin.ListAccess:output_type -> meridian.v1.ListAccessResponse
+	31, // 31: meridian.v1.Admin.ReadAudit:output_type -> meridian.v1.ReadAuditResponse
+	32, // 32: meridian.v1.Admin.RunGC:output_type -> meridian.v1.RunGCResponse
+	33, // 33: meridian.v1.Admin.GCStatus:output_type -> meridian.v1.GCStatusResponse
+	34, // 34: meridian.v1.Admin.ManageLifecycle:output_type -> meridian.v1.ManageLifecycleResponse
+	35, // 35: meridian.v1.Admin.ListLifecycle:output_type -> meridian.v1.ListLifecycleResponse
+	36, // 36: meridian.v1.Admin.RunRetention:output_type -> meridian.v1.RunRetentionResponse
+	37, // 37: meridian.v1.Admin.ManageWebhook:output_type -> meridian.v1.ManageWebhookResponse
+	38, // 38: meridian.v1.Admin.ListWebhooks:output_type -> meridian.v1.ListWebhooksResponse
+	39, // 39: meridian.v1.Admin.TestWebhook:output_type -> meridian.v1.TestWebhookResponse
+	20, // [20:40] is the sub-list for method output_type
+	0,  // [0:20] is the sub-list for method input_type
 	0,  // [0:0] is the sub-list for extension type_name
 	0,  // [0:0] is the sub-list for extension extendee
 	0,  // [0:0] is the sub-list for field type_name
@@ -139,6 +153,7 @@ func file_meridianpb_admin_proto_init() {
 	file_meridianpb_cluster_proto_init()
 	file_meridianpb_access_proto_init()
 	file_meridianpb_lifecycle_proto_init()
+	file_meridianpb_webhookadmin_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{

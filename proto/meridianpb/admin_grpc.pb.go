@@ -43,6 +43,9 @@ const (
 	Admin_ManageLifecycle_FullMethodName    = "/meridian.v1.Admin/ManageLifecycle"
 	Admin_ListLifecycle_FullMethodName      = "/meridian.v1.Admin/ListLifecycle"
 	Admin_RunRetention_FullMethodName       = "/meridian.v1.Admin/RunRetention"
+	Admin_ManageWebhook_FullMethodName      = "/meridian.v1.Admin/ManageWebhook"
+	Admin_ListWebhooks_FullMethodName       = "/meridian.v1.Admin/ListWebhooks"
+	Admin_TestWebhook_FullMethodName        = "/meridian.v1.Admin/TestWebhook"
 )
 
 // AdminClient is the client API for Admin service.
@@ -84,6 +87,12 @@ type AdminClient interface {
 	// RunRetention applies the retention rules on the leader now (a dry run
 	// lists what it would delete).
 	RunRetention(ctx context.Context, in *RunRetentionRequest, opts ...grpc.CallOption) (*RunRetentionResponse, error)
+	// Webhooks (`meridian webhook`): configuration and dead-letter replays
+	// through the log, delivery status from the node asked, and a test
+	// delivery sent by the node asked.
+	ManageWebhook(ctx context.Context, in *ManageWebhookRequest, opts ...grpc.CallOption) (*ManageWebhookResponse, error)
+	ListWebhooks(ctx context.Context, in *ListWebhooksRequest, opts ...grpc.CallOption) (*ListWebhooksResponse, error)
+	TestWebhook(ctx context.Context, in *TestWebhookRequest, opts ...grpc.CallOption) (*TestWebhookResponse, error)
 }
 
 type adminClient struct {
@@ -264,6 +273,36 @@ func (c *adminClient) RunRetention(ctx context.Context, in *RunRetentionRequest,
 	return out, nil
 }
 
+func (c *adminClient) ManageWebhook(ctx context.Context, in *ManageWebhookRequest, opts ...grpc.CallOption) (*ManageWebhookResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ManageWebhookResponse)
+	err := c.cc.Invoke(ctx, Admin_ManageWebhook_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) ListWebhooks(ctx context.Context, in *ListWebhooksRequest, opts ...grpc.CallOption) (*ListWebhooksResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListWebhooksResponse)
+	err := c.cc.Invoke(ctx, Admin_ListWebhooks_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) TestWebhook(ctx context.Context, in *TestWebhookRequest, opts ...grpc.CallOption) (*TestWebhookResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TestWebhookResponse)
+	err := c.cc.Invoke(ctx, Admin_TestWebhook_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -303,6 +342,12 @@ type AdminServer interface {
 	// RunRetention applies the retention rules on the leader now (a dry run
 	// lists what it would delete).
 	RunRetention(context.Context, *RunRetentionRequest) (*RunRetentionResponse, error)
+	// Webhooks (`meridian webhook`): configuration and dead-letter replays
+	// through the log, delivery status from the node asked, and a test
+	// delivery sent by the node asked.
+	ManageWebhook(context.Context, *ManageWebhookRequest) (*ManageWebhookResponse, error)
+	ListWebhooks(context.Context, *ListWebhooksRequest) (*ListWebhooksResponse, error)
+	TestWebhook(context.Context, *TestWebhookRequest) (*TestWebhookResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -363,6 +408,15 @@ func (UnimplementedAdminServer) ListLifecycle(context.Context, *ListLifecycleReq
 }
 func (UnimplementedAdminServer) RunRetention(context.Context, *RunRetentionRequest) (*RunRetentionResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RunRetention not implemented")
+}
+func (UnimplementedAdminServer) ManageWebhook(context.Context, *ManageWebhookRequest) (*ManageWebhookResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ManageWebhook not implemented")
+}
+func (UnimplementedAdminServer) ListWebhooks(context.Context, *ListWebhooksRequest) (*ListWebhooksResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListWebhooks not implemented")
+}
+func (UnimplementedAdminServer) TestWebhook(context.Context, *TestWebhookRequest) (*TestWebhookResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method TestWebhook not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -691,6 +745,60 @@ func _Admin_RunRetention_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_ManageWebhook_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ManageWebhookRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ManageWebhook(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ManageWebhook_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ManageWebhook(ctx, req.(*ManageWebhookRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_ListWebhooks_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListWebhooksRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ListWebhooks(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ListWebhooks_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ListWebhooks(ctx, req.(*ListWebhooksRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_TestWebhook_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TestWebhookRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).TestWebhook(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_TestWebhook_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).TestWebhook(ctx, req.(*TestWebhookRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -765,6 +873,18 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RunRetention",
 			Handler:    _Admin_RunRetention_Handler,
+		},
+		{
+			MethodName: "ManageWebhook",
+			Handler:    _Admin_ManageWebhook_Handler,
+		},
+		{
+			MethodName: "ListWebhooks",
+			Handler:    _Admin_ListWebhooks_Handler,
+		},
+		{
+			MethodName: "TestWebhook",
+			Handler:    _Admin_TestWebhook_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

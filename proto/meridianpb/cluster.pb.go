@@ -161,6 +161,10 @@ type Command struct {
 	//	*Command_SetRetentionRule
 	//	*Command_DeleteRetentionRule
 	//	*Command_RecordPulls
+	//	*Command_PutWebhook
+	//	*Command_DeleteWebhook
+	//	*Command_WebhookProgress
+	//	*Command_ReplayDeadLetters
 	Intent        isCommand_Intent `protobuf_oneof:"intent"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -437,6 +441,42 @@ func (x *Command) GetRecordPulls() *RecordPulls {
 	return nil
 }
 
+func (x *Command) GetPutWebhook() *PutWebhook {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_PutWebhook); ok {
+			return x.PutWebhook
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetDeleteWebhook() *DeleteWebhook {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_DeleteWebhook); ok {
+			return x.DeleteWebhook
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetWebhookProgress() *WebhookProgress {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_WebhookProgress); ok {
+			return x.WebhookProgress
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetReplayDeadLetters() *ReplayDeadLetters {
+	if x != nil {
+		if x, ok := x.Intent.(*Command_ReplayDeadLetters); ok {
+			return x.ReplayDeadLetters
+		}
+	}
+	return nil
+}
+
 type isCommand_Intent interface {
 	isCommand_Intent()
 }
@@ -545,6 +585,22 @@ type Command_RecordPulls struct {
 	RecordPulls *RecordPulls `protobuf:"bytes,26,opt,name=record_pulls,json=recordPulls,proto3,oneof"`
 }
 
+type Command_PutWebhook struct {
+	PutWebhook *PutWebhook `protobuf:"bytes,27,opt,name=put_webhook,json=putWebhook,proto3,oneof"`
+}
+
+type Command_DeleteWebhook struct {
+	DeleteWebhook *DeleteWebhook `protobuf:"bytes,28,opt,name=delete_webhook,json=deleteWebhook,proto3,oneof"`
+}
+
+type Command_WebhookProgress struct {
+	WebhookProgress *WebhookProgress `protobuf:"bytes,29,opt,name=webhook_progress,json=webhookProgress,proto3,oneof"`
+}
+
+type Command_ReplayDeadLetters struct {
+	ReplayDeadLetters *ReplayDeadLetters `protobuf:"bytes,30,opt,name=replay_dead_letters,json=replayDeadLetters,proto3,oneof"`
+}
+
 func (*Command_PutManifest) isCommand_Intent() {}
 
 func (*Command_DeleteManifest) isCommand_Intent() {}
@@ -596,6 +652,14 @@ func (*Command_SetRetentionRule) isCommand_Intent() {}
 func (*Command_DeleteRetentionRule) isCommand_Intent() {}
 
 func (*Command_RecordPulls) isCommand_Intent() {}
+
+func (*Command_PutWebhook) isCommand_Intent() {}
+
+func (*Command_DeleteWebhook) isCommand_Intent() {}
+
+func (*Command_WebhookProgress) isCommand_Intent() {}
+
+func (*Command_ReplayDeadLetters) isCommand_Intent() {}
 
 // CommitRequest carries an intent to Gateway/Commit, or to Member/Forward
 // when a follower passes a write it validated on to the leader.
@@ -3375,10 +3439,10 @@ var File_meridianpb_cluster_proto protoreflect.FileDescriptor
 
 const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\n" +
-	"\x18meridianpb/cluster.proto\x12\vmeridian.v1\x1a\x19meridianpb/meridian.proto\x1a\x17meridianpb/access.proto\"G\n" +
+	"\x18meridianpb/cluster.proto\x12\vmeridian.v1\x1a\x19meridianpb/meridian.proto\x1a\x17meridianpb/access.proto\x1a\x18meridianpb/webhook.proto\"G\n" +
 	"\x06Result\x12%\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x11.meridian.v1.CodeR\x04code\x12\x16\n" +
-	"\x06detail\x18\x02 \x01(\tR\x06detail\"\x8c\r\n" +
+	"\x06detail\x18\x02 \x01(\tR\x06detail\"\xaa\x0f\n" +
 	"\aCommand\x12=\n" +
 	"\fput_manifest\x18\x01 \x01(\v2\x18.meridian.v1.PutManifestH\x00R\vputManifest\x12F\n" +
 	"\x0fdelete_manifest\x18\x02 \x01(\v2\x1b.meridian.v1.DeleteManifestH\x00R\x0edeleteManifest\x127\n" +
@@ -3413,7 +3477,12 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\fdelete_quota\x18\x17 \x01(\v2\x18.meridian.v1.DeleteQuotaH\x00R\vdeleteQuota\x12M\n" +
 	"\x12set_retention_rule\x18\x18 \x01(\v2\x1d.meridian.v1.SetRetentionRuleH\x00R\x10setRetentionRule\x12V\n" +
 	"\x15delete_retention_rule\x18\x19 \x01(\v2 .meridian.v1.DeleteRetentionRuleH\x00R\x13deleteRetentionRule\x12=\n" +
-	"\frecord_pulls\x18\x1a \x01(\v2\x18.meridian.v1.RecordPullsH\x00R\vrecordPullsB\b\n" +
+	"\frecord_pulls\x18\x1a \x01(\v2\x18.meridian.v1.RecordPullsH\x00R\vrecordPulls\x12:\n" +
+	"\vput_webhook\x18\x1b \x01(\v2\x17.meridian.v1.PutWebhookH\x00R\n" +
+	"putWebhook\x12C\n" +
+	"\x0edelete_webhook\x18\x1c \x01(\v2\x1a.meridian.v1.DeleteWebhookH\x00R\rdeleteWebhook\x12I\n" +
+	"\x10webhook_progress\x18\x1d \x01(\v2\x1c.meridian.v1.WebhookProgressH\x00R\x0fwebhookProgress\x12P\n" +
+	"\x13replay_dead_letters\x18\x1e \x01(\v2\x1e.meridian.v1.ReplayDeadLettersH\x00R\x11replayDeadLettersB\b\n" +
 	"\x06intent\"z\n" +
 	"\rCommitRequest\x12.\n" +
 	"\acommand\x18\x01 \x01(\v2\x14.meridian.v1.CommandR\acommand\x12(\n" +
@@ -3721,12 +3790,16 @@ var file_meridianpb_cluster_proto_goTypes = []any{
 	(*SetRetentionRule)(nil),           // 74: meridian.v1.SetRetentionRule
 	(*DeleteRetentionRule)(nil),        // 75: meridian.v1.DeleteRetentionRule
 	(*RecordPulls)(nil),                // 76: meridian.v1.RecordPulls
-	(*Actor)(nil),                      // 77: meridian.v1.Actor
-	(*ManifestRecord)(nil),             // 78: meridian.v1.ManifestRecord
-	(*Referrer)(nil),                   // 79: meridian.v1.Referrer
-	(*BlobRecord)(nil),                 // 80: meridian.v1.BlobRecord
-	(*UploadKey)(nil),                  // 81: meridian.v1.UploadKey
-	(*Policy)(nil),                     // 82: meridian.v1.Policy
+	(*PutWebhook)(nil),                 // 77: meridian.v1.PutWebhook
+	(*DeleteWebhook)(nil),              // 78: meridian.v1.DeleteWebhook
+	(*WebhookProgress)(nil),            // 79: meridian.v1.WebhookProgress
+	(*ReplayDeadLetters)(nil),          // 80: meridian.v1.ReplayDeadLetters
+	(*Actor)(nil),                      // 81: meridian.v1.Actor
+	(*ManifestRecord)(nil),             // 82: meridian.v1.ManifestRecord
+	(*Referrer)(nil),                   // 83: meridian.v1.Referrer
+	(*BlobRecord)(nil),                 // 84: meridian.v1.BlobRecord
+	(*UploadKey)(nil),                  // 85: meridian.v1.UploadKey
+	(*Policy)(nil),                     // 86: meridian.v1.Policy
 }
 var file_meridianpb_cluster_proto_depIdxs = []int32{
 	50, // 0: meridian.v1.Result.code:type_name -> meridian.v1.Code
@@ -3756,47 +3829,51 @@ var file_meridianpb_cluster_proto_depIdxs = []int32{
 	74, // 24: meridian.v1.Command.set_retention_rule:type_name -> meridian.v1.SetRetentionRule
 	75, // 25: meridian.v1.Command.delete_retention_rule:type_name -> meridian.v1.DeleteRetentionRule
 	76, // 26: meridian.v1.Command.record_pulls:type_name -> meridian.v1.RecordPulls
-	2,  // 27: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
-	77, // 28: meridian.v1.CommitRequest.actor:type_name -> meridian.v1.Actor
-	1,  // 29: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
-	7,  // 30: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
-	10, // 31: meridian.v1.ScrubResponse.mismatches:type_name -> meridian.v1.ScrubMismatch
-	0,  // 32: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 33: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
-	78, // 34: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
-	0,  // 35: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 36: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
-	0,  // 37: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 38: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
-	0,  // 39: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 40: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
-	79, // 41: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
-	0,  // 42: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
-	1,  // 43: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
-	80, // 44: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
-	1,  // 45: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 46: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
-	80, // 47: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
-	27, // 48: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
-	27, // 49: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
-	81, // 50: meridian.v1.GetUploadKeyResponse.keys:type_name -> meridian.v1.UploadKey
-	9,  // 51: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
-	33, // 52: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
-	36, // 53: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
-	37, // 54: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
-	35, // 55: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
-	39, // 56: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
-	82, // 57: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
-	82, // 58: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
-	1,  // 59: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 60: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
-	1,  // 61: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
-	1,  // 62: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
-	63, // [63:63] is the sub-list for method output_type
-	63, // [63:63] is the sub-list for method input_type
-	63, // [63:63] is the sub-list for extension type_name
-	63, // [63:63] is the sub-list for extension extendee
-	0,  // [0:63] is the sub-list for field type_name
+	77, // 27: meridian.v1.Command.put_webhook:type_name -> meridian.v1.PutWebhook
+	78, // 28: meridian.v1.Command.delete_webhook:type_name -> meridian.v1.DeleteWebhook
+	79, // 29: meridian.v1.Command.webhook_progress:type_name -> meridian.v1.WebhookProgress
+	80, // 30: meridian.v1.Command.replay_dead_letters:type_name -> meridian.v1.ReplayDeadLetters
+	2,  // 31: meridian.v1.CommitRequest.command:type_name -> meridian.v1.Command
+	81, // 32: meridian.v1.CommitRequest.actor:type_name -> meridian.v1.Actor
+	1,  // 33: meridian.v1.CommitResponse.result:type_name -> meridian.v1.Result
+	7,  // 34: meridian.v1.GossipKeyringResponse.members:type_name -> meridian.v1.GossipKeyringMember
+	10, // 35: meridian.v1.ScrubResponse.mismatches:type_name -> meridian.v1.ScrubMismatch
+	0,  // 36: meridian.v1.GetManifestRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 37: meridian.v1.GetManifestResponse.result:type_name -> meridian.v1.Result
+	82, // 38: meridian.v1.GetManifestResponse.manifest:type_name -> meridian.v1.ManifestRecord
+	0,  // 39: meridian.v1.GetTagRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 40: meridian.v1.GetTagResponse.result:type_name -> meridian.v1.Result
+	0,  // 41: meridian.v1.ListRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 42: meridian.v1.ListResponse.result:type_name -> meridian.v1.Result
+	0,  // 43: meridian.v1.ListReferrersRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 44: meridian.v1.ListReferrersResponse.result:type_name -> meridian.v1.Result
+	83, // 45: meridian.v1.ListReferrersResponse.referrers:type_name -> meridian.v1.Referrer
+	0,  // 46: meridian.v1.GetLinkedBlobRequest.consistency:type_name -> meridian.v1.Consistency
+	1,  // 47: meridian.v1.GetLinkedBlobResponse.result:type_name -> meridian.v1.Result
+	84, // 48: meridian.v1.GetLinkedBlobResponse.blob:type_name -> meridian.v1.BlobRecord
+	1,  // 49: meridian.v1.GetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 50: meridian.v1.WaitBlobPlacedResponse.result:type_name -> meridian.v1.Result
+	84, // 51: meridian.v1.WaitBlobPlacedResponse.blob:type_name -> meridian.v1.BlobRecord
+	27, // 52: meridian.v1.PingRequest.coordinate:type_name -> meridian.v1.Coordinate
+	27, // 53: meridian.v1.PingResponse.coordinate:type_name -> meridian.v1.Coordinate
+	85, // 54: meridian.v1.GetUploadKeyResponse.keys:type_name -> meridian.v1.UploadKey
+	9,  // 55: meridian.v1.NodeStatus.last_scrub:type_name -> meridian.v1.ScrubResponse
+	33, // 56: meridian.v1.MemberStatus.status:type_name -> meridian.v1.NodeStatus
+	36, // 57: meridian.v1.MemberStatus.gateway:type_name -> meridian.v1.GatewayStatus
+	37, // 58: meridian.v1.GatewayStatus.nodes:type_name -> meridian.v1.UpstreamNode
+	35, // 59: meridian.v1.ClusterStatusResponse.members:type_name -> meridian.v1.MemberStatus
+	39, // 60: meridian.v1.ClusterStatusResponse.regions:type_name -> meridian.v1.RegionLag
+	86, // 61: meridian.v1.ListPoliciesResponse.policies:type_name -> meridian.v1.Policy
+	86, // 62: meridian.v1.SetPolicyRequest.policy:type_name -> meridian.v1.Policy
+	1,  // 63: meridian.v1.SetPolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 64: meridian.v1.DeletePolicyResponse.result:type_name -> meridian.v1.Result
+	1,  // 65: meridian.v1.TransferLeadershipResponse.result:type_name -> meridian.v1.Result
+	1,  // 66: meridian.v1.RemoveServerResponse.result:type_name -> meridian.v1.Result
+	67, // [67:67] is the sub-list for method output_type
+	67, // [67:67] is the sub-list for method input_type
+	67, // [67:67] is the sub-list for extension type_name
+	67, // [67:67] is the sub-list for extension extendee
+	0,  // [0:67] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_cluster_proto_init() }
@@ -3806,6 +3883,7 @@ func file_meridianpb_cluster_proto_init() {
 	}
 	file_meridianpb_meridian_proto_init()
 	file_meridianpb_access_proto_init()
+	file_meridianpb_webhook_proto_init()
 	file_meridianpb_cluster_proto_msgTypes[1].OneofWrappers = []any{
 		(*Command_PutManifest)(nil),
 		(*Command_DeleteManifest)(nil),
@@ -3833,6 +3911,10 @@ func file_meridianpb_cluster_proto_init() {
 		(*Command_SetRetentionRule)(nil),
 		(*Command_DeleteRetentionRule)(nil),
 		(*Command_RecordPulls)(nil),
+		(*Command_PutWebhook)(nil),
+		(*Command_DeleteWebhook)(nil),
+		(*Command_WebhookProgress)(nil),
+		(*Command_ReplayDeadLetters)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

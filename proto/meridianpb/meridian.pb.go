@@ -149,6 +149,10 @@ type LogEntry struct {
 	//	*LogEntry_DeleteRetentionRule
 	//	*LogEntry_ApplyRetention
 	//	*LogEntry_RecordPulls
+	//	*LogEntry_PutWebhook
+	//	*LogEntry_DeleteWebhook
+	//	*LogEntry_WebhookProgress
+	//	*LogEntry_ReplayDeadLetters
 	Command isLogEntry_Command `protobuf_oneof:"command"`
 	// Who asked for this change (absent for the cluster's housekeeping); the
 	// audit log is written from it when the entry applies.
@@ -496,6 +500,42 @@ func (x *LogEntry) GetRecordPulls() *RecordPulls {
 	return nil
 }
 
+func (x *LogEntry) GetPutWebhook() *PutWebhook {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_PutWebhook); ok {
+			return x.PutWebhook
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetDeleteWebhook() *DeleteWebhook {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_DeleteWebhook); ok {
+			return x.DeleteWebhook
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetWebhookProgress() *WebhookProgress {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_WebhookProgress); ok {
+			return x.WebhookProgress
+		}
+	}
+	return nil
+}
+
+func (x *LogEntry) GetReplayDeadLetters() *ReplayDeadLetters {
+	if x != nil {
+		if x, ok := x.Command.(*LogEntry_ReplayDeadLetters); ok {
+			return x.ReplayDeadLetters
+		}
+	}
+	return nil
+}
+
 func (x *LogEntry) GetActor() *Actor {
 	if x != nil {
 		return x.Actor
@@ -635,6 +675,22 @@ type LogEntry_RecordPulls struct {
 	RecordPulls *RecordPulls `protobuf:"bytes,41,opt,name=record_pulls,json=recordPulls,proto3,oneof"`
 }
 
+type LogEntry_PutWebhook struct {
+	PutWebhook *PutWebhook `protobuf:"bytes,42,opt,name=put_webhook,json=putWebhook,proto3,oneof"`
+}
+
+type LogEntry_DeleteWebhook struct {
+	DeleteWebhook *DeleteWebhook `protobuf:"bytes,43,opt,name=delete_webhook,json=deleteWebhook,proto3,oneof"`
+}
+
+type LogEntry_WebhookProgress struct {
+	WebhookProgress *WebhookProgress `protobuf:"bytes,44,opt,name=webhook_progress,json=webhookProgress,proto3,oneof"`
+}
+
+type LogEntry_ReplayDeadLetters struct {
+	ReplayDeadLetters *ReplayDeadLetters `protobuf:"bytes,45,opt,name=replay_dead_letters,json=replayDeadLetters,proto3,oneof"`
+}
+
 func (*LogEntry_PutManifest) isLogEntry_Command() {}
 
 func (*LogEntry_DeleteManifest) isLogEntry_Command() {}
@@ -698,6 +754,14 @@ func (*LogEntry_DeleteRetentionRule) isLogEntry_Command() {}
 func (*LogEntry_ApplyRetention) isLogEntry_Command() {}
 
 func (*LogEntry_RecordPulls) isLogEntry_Command() {}
+
+func (*LogEntry_PutWebhook) isLogEntry_Command() {}
+
+func (*LogEntry_DeleteWebhook) isLogEntry_Command() {}
+
+func (*LogEntry_WebhookProgress) isLogEntry_Command() {}
+
+func (*LogEntry_ReplayDeadLetters) isLogEntry_Command() {}
 
 // PutManifest stores a manifest and optionally points tags at it.
 type PutManifest struct {
@@ -3280,7 +3344,7 @@ var File_meridianpb_meridian_proto protoreflect.FileDescriptor
 
 const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\n" +
-	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\x1a\x17meridianpb/access.proto\"\x99\x11\n" +
+	"\x19meridianpb/meridian.proto\x12\vmeridian.v1\x1a\x17meridianpb/access.proto\x1a\x18meridianpb/webhook.proto\"\xb7\x13\n" +
 	"\bLogEntry\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12$\n" +
 	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\x12=\n" +
@@ -3324,7 +3388,12 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\x12set_retention_rule\x18& \x01(\v2\x1d.meridian.v1.SetRetentionRuleH\x00R\x10setRetentionRule\x12V\n" +
 	"\x15delete_retention_rule\x18' \x01(\v2 .meridian.v1.DeleteRetentionRuleH\x00R\x13deleteRetentionRule\x12F\n" +
 	"\x0fapply_retention\x18( \x01(\v2\x1b.meridian.v1.ApplyRetentionH\x00R\x0eapplyRetention\x12=\n" +
-	"\frecord_pulls\x18) \x01(\v2\x18.meridian.v1.RecordPullsH\x00R\vrecordPulls\x12(\n" +
+	"\frecord_pulls\x18) \x01(\v2\x18.meridian.v1.RecordPullsH\x00R\vrecordPulls\x12:\n" +
+	"\vput_webhook\x18* \x01(\v2\x17.meridian.v1.PutWebhookH\x00R\n" +
+	"putWebhook\x12C\n" +
+	"\x0edelete_webhook\x18+ \x01(\v2\x1a.meridian.v1.DeleteWebhookH\x00R\rdeleteWebhook\x12I\n" +
+	"\x10webhook_progress\x18, \x01(\v2\x1c.meridian.v1.WebhookProgressH\x00R\x0fwebhookProgress\x12P\n" +
+	"\x13replay_dead_letters\x18- \x01(\v2\x1e.meridian.v1.ReplayDeadLettersH\x00R\x11replayDeadLetters\x12(\n" +
 	"\x05actor\x18\x03 \x01(\v2\x12.meridian.v1.ActorR\x05actorB\t\n" +
 	"\acommand\"\xd1\x03\n" +
 	"\vPutManifest\x12\x1e\n" +
@@ -3626,7 +3695,11 @@ var file_meridianpb_meridian_proto_goTypes = []any{
 	(*DeleteGrant)(nil),         // 52: meridian.v1.DeleteGrant
 	(*RotateTokenKey)(nil),      // 53: meridian.v1.RotateTokenKey
 	(*TrimAudit)(nil),           // 54: meridian.v1.TrimAudit
-	(*Actor)(nil),               // 55: meridian.v1.Actor
+	(*PutWebhook)(nil),          // 55: meridian.v1.PutWebhook
+	(*DeleteWebhook)(nil),       // 56: meridian.v1.DeleteWebhook
+	(*WebhookProgress)(nil),     // 57: meridian.v1.WebhookProgress
+	(*ReplayDeadLetters)(nil),   // 58: meridian.v1.ReplayDeadLetters
+	(*Actor)(nil),               // 59: meridian.v1.Actor
 }
 var file_meridianpb_meridian_proto_depIdxs = []int32{
 	2,  // 0: meridian.v1.LogEntry.put_manifest:type_name -> meridian.v1.PutManifest
@@ -3661,26 +3734,30 @@ var file_meridianpb_meridian_proto_depIdxs = []int32{
 	29, // 29: meridian.v1.LogEntry.delete_retention_rule:type_name -> meridian.v1.DeleteRetentionRule
 	30, // 30: meridian.v1.LogEntry.apply_retention:type_name -> meridian.v1.ApplyRetention
 	34, // 31: meridian.v1.LogEntry.record_pulls:type_name -> meridian.v1.RecordPulls
-	55, // 32: meridian.v1.LogEntry.actor:type_name -> meridian.v1.Actor
-	42, // 33: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
-	9,  // 34: meridian.v1.UploadKeyRing.keys:type_name -> meridian.v1.UploadKey
-	15, // 35: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
-	43, // 36: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
-	20, // 37: meridian.v1.SetImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
-	20, // 38: meridian.v1.DeleteImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
-	23, // 39: meridian.v1.QuotaUsage.quota:type_name -> meridian.v1.Quota
-	23, // 40: meridian.v1.SetQuota.quota:type_name -> meridian.v1.Quota
-	27, // 41: meridian.v1.SetRetentionRule.rule:type_name -> meridian.v1.RetentionRule
-	31, // 42: meridian.v1.ApplyRetention.tags:type_name -> meridian.v1.RetentionTag
-	32, // 43: meridian.v1.ApplyRetention.manifests:type_name -> meridian.v1.RetentionManifest
-	35, // 44: meridian.v1.RecordPulls.pulls:type_name -> meridian.v1.Pull
-	37, // 45: meridian.v1.CollectGarbage.manifests:type_name -> meridian.v1.ManifestRef
-	44, // 46: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
-	47, // [47:47] is the sub-list for method output_type
-	47, // [47:47] is the sub-list for method input_type
-	47, // [47:47] is the sub-list for extension type_name
-	47, // [47:47] is the sub-list for extension extendee
-	0,  // [0:47] is the sub-list for field type_name
+	55, // 32: meridian.v1.LogEntry.put_webhook:type_name -> meridian.v1.PutWebhook
+	56, // 33: meridian.v1.LogEntry.delete_webhook:type_name -> meridian.v1.DeleteWebhook
+	57, // 34: meridian.v1.LogEntry.webhook_progress:type_name -> meridian.v1.WebhookProgress
+	58, // 35: meridian.v1.LogEntry.replay_dead_letters:type_name -> meridian.v1.ReplayDeadLetters
+	59, // 36: meridian.v1.LogEntry.actor:type_name -> meridian.v1.Actor
+	42, // 37: meridian.v1.PutManifest.annotations:type_name -> meridian.v1.PutManifest.AnnotationsEntry
+	9,  // 38: meridian.v1.UploadKeyRing.keys:type_name -> meridian.v1.UploadKey
+	15, // 39: meridian.v1.SetPolicy.policy:type_name -> meridian.v1.Policy
+	43, // 40: meridian.v1.ManifestRecord.annotations:type_name -> meridian.v1.ManifestRecord.AnnotationsEntry
+	20, // 41: meridian.v1.SetImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
+	20, // 42: meridian.v1.DeleteImmutableRule.rule:type_name -> meridian.v1.ImmutableRule
+	23, // 43: meridian.v1.QuotaUsage.quota:type_name -> meridian.v1.Quota
+	23, // 44: meridian.v1.SetQuota.quota:type_name -> meridian.v1.Quota
+	27, // 45: meridian.v1.SetRetentionRule.rule:type_name -> meridian.v1.RetentionRule
+	31, // 46: meridian.v1.ApplyRetention.tags:type_name -> meridian.v1.RetentionTag
+	32, // 47: meridian.v1.ApplyRetention.manifests:type_name -> meridian.v1.RetentionManifest
+	35, // 48: meridian.v1.RecordPulls.pulls:type_name -> meridian.v1.Pull
+	37, // 49: meridian.v1.CollectGarbage.manifests:type_name -> meridian.v1.ManifestRef
+	44, // 50: meridian.v1.Referrer.annotations:type_name -> meridian.v1.Referrer.AnnotationsEntry
+	51, // [51:51] is the sub-list for method output_type
+	51, // [51:51] is the sub-list for method input_type
+	51, // [51:51] is the sub-list for extension type_name
+	51, // [51:51] is the sub-list for extension extendee
+	0,  // [0:51] is the sub-list for field type_name
 }
 
 func init() { file_meridianpb_meridian_proto_init() }
@@ -3689,6 +3766,7 @@ func file_meridianpb_meridian_proto_init() {
 		return
 	}
 	file_meridianpb_access_proto_init()
+	file_meridianpb_webhook_proto_init()
 	file_meridianpb_meridian_proto_msgTypes[0].OneofWrappers = []any{
 		(*LogEntry_PutManifest)(nil),
 		(*LogEntry_DeleteManifest)(nil),
@@ -3722,6 +3800,10 @@ func file_meridianpb_meridian_proto_init() {
 		(*LogEntry_DeleteRetentionRule)(nil),
 		(*LogEntry_ApplyRetention)(nil),
 		(*LogEntry_RecordPulls)(nil),
+		(*LogEntry_PutWebhook)(nil),
+		(*LogEntry_DeleteWebhook)(nil),
+		(*LogEntry_WebhookProgress)(nil),
+		(*LogEntry_ReplayDeadLetters)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

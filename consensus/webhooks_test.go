@@ -1,0 +1,116 @@
+package consensus
+
+import (
+	"context"
+	"testing"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+func putWebhook(name, repos string) *pb.LogEntry {
+	return &pb.LogEntry{Command: &pb.LogEntry_PutWebhook{PutWebhook: &pb.PutWebhook{Webhook: &pb.Webhook{
+		Name: name, Url: "https://ci.example/hook", Repositories: repos, Secret: "s3cret"}}}}
+}
+
+func progress(p *pb.WebhookProgress) *pb.LogEntry {
+	return &pb.LogEntry{Command: &pb.LogEntry_WebhookProgress{WebhookProgress: p}}
+}
+
+func (h *testFSM) events(index uint64, seq uint32) []*pb.Event {
+	h.tb.Helper()
+	evs, err := h.store.EventsAfter(context.Background(), index, seq, 1000)
+	if err != nil {
+		h.tb.Fatal(err)
+	}
+	return evs
+}
+
+func eventKinds(evs []*pb.Event) []string {
+	var out []string
+	for _, ev := range evs {
+		out = append(out, ev.Kind+" "+EventID(ev.Index, ev.Seq))
+	}
+	return out
+}
+
+// Events are kept only while a webhook exists, in log order, with what a
+// moved tag pointed at before; progress moves a cursor forward only, and
+// events every cursor passed are dropped.
+func TestEventsFollowTheLog(t *testing.T) {
+	h := newTestFSM(t)
+	h.mustApply(put(manifest("app", "before", "v1")))
+	if evs := h.events(0, 0); len(evs) != 0 {
+		t.Fatalf("events with no webhook: %v", eventKinds(evs))
+	}
+	h.mustApply(putWebhook("ci", "app"))
+	h.reject(putWebhook("ci", "app"), pb.Errorf(pb.Code_CODE_PRECONDITION_FAILED, "webhook ci already exists (replace it with --replace)"))
+	v1 := digestOf("before")
+	h.mustApply(put(manifest("app", "after", "v1", "v2")))
+	pushIndex := h.index
+	h.mustApply(deleteTag("app", "v2"))
+	h.reject(deleteTag("app", "nope"), pb.Errorf(pb.Code_CODE_MANIFEST_UNKNOWN, "")) // refused: no event
+	h.mustApply(placeBlob("app", digestOf("layer"), 5, "us")) // the upload's own region: part of the push
+	h.mustApply(&pb.LogEntry{Command: &pb.LogEntry_PlaceBlob{PlaceBlob: &pb.PlaceBlob{Digest: digestOf("layer"), Size: 5, Region: "eu"}}})
+
+	evs := h.events(0, 0)
+	want := []string{"manifest.pushed", "tag.updated", "tag.updated", "tag.deleted", "blob.placed"}
+	if len(evs) != len(want) {
+		t.Fatalf("events %v, want kinds %v", eventKinds(evs), want)
+	}
+	for i, ev := range evs {
+		if ev.Kind != want[i] {
+			t.Fatalf("event %d is %s, want %s (all: %v)", i, ev.Kind, want[i], eventKinds(evs))
+		}
+	}
+	if evs[0].Index != pushIndex || evs[1].Index != pushIndex || evs[1].Seq != 1 {
+		t.Fatalf("the push's events are at %s and %s, want index %d", EventID(evs[0].Index, evs[0].Seq), EventID(evs[1].Index, evs[1].Seq), pushIndex)
+	}
+	if evs[1].Tag != "v1" || evs[1].PreviousDigest != v1 || evs[2].Tag != "v2" || evs[2].PreviousDigest != "" {
+		t.Fatalf("tag events %+v %+v: want v1 moved from %s and v2 new", evs[1], evs[2], v1)
+	}
+	if evs[3].PreviousDigest != digestOf("after") {
+		t.Fatalf("tag.deleted names %q, want the manifest it pointed at", evs[3].PreviousDigest)
+	}
+	if len(evs[4].Repositories) != 1 || evs[4].Repositories[0] != "app" || evs[4].Region != "eu" {
+		t.Fatalf("blob.placed %+v: want repository app, region eu", evs[4])
+	}
+
+	// A second webhook starts after the newest event.
+	h.mustApply(putWebhook("audit", ""))
+	cur, _ := h.store.WebhookCursor(context.Background(), "audit")
+	if cur.Index != evs[4].Index {
+		t.Fatalf("new webhook's cursor at %d, want %d", cur.Index, evs[4].Index)
+	}
+	// ci delivered the first two; audit's cursor holds the rest.
+	h.mustApply(progress(&pb.WebhookProgress{Name: "ci", Index: evs[1].Index, Seq: evs[1].Seq, Delivered: 2}))
+	if got := h.events(0, 0); len(got) != 3 {
+		t.Fatalf("after ci's progress %d events kept, want 3 (%v)", len(got), eventKinds(got))
+	}
+	// A stale progress does not move the cursor back.
+	h.mustApply(progress(&pb.WebhookProgress{Name: "ci", Index: evs[0].Index, Seq: 0}))
+	if cur, _ := h.store.WebhookCursor(context.Background(), "ci"); cur.Index != evs[1].Index || cur.Seq != evs[1].Seq || cur.Delivered != 2 {
+		t.Fatalf("cursor %+v after a stale progress", cur)
+	}
+	// Dead letters, replay, and their removal once delivered.
+	dead := &pb.DeadLetter{Event: evs[2], Attempts: 5, LastError: "503"}
+	h.mustApply(progress(&pb.WebhookProgress{Name: "ci", Index: evs[4].Index, Seq: evs[4].Seq, Dead: []*pb.DeadLetter{dead}}))
+	id := EventID(evs[2].Index, evs[2].Seq)
+	h.mustApply(&pb.LogEntry{Command: &pb.LogEntry_ReplayDeadLetters{ReplayDeadLetters: &pb.ReplayDeadLetters{Name: "ci", Ids: []string{id}}}})
+	letters, _ := h.store.DeadLetters(context.Background(), "ci", -1)
+	if len(letters) != 1 || !letters[0].Replay {
+		t.Fatalf("dead letters %v, want one queued for replay", letters)
+	}
+	h.reject(&pb.LogEntry{Command: &pb.LogEntry_ReplayDeadLetters{ReplayDeadLetters: &pb.ReplayDeadLetters{Name: "ci", Ids: []string{"1-9"}}}}, pb.Errorf(pb.Code_CODE_NAME_UNKNOWN, ""))
+	h.mustApply(progress(&pb.WebhookProgress{Name: "ci", Index: evs[4].Index, Seq: evs[4].Seq, Replayed: []string{id}}))
+	if letters, _ := h.store.DeadLetters(context.Background(), "ci", -1); len(letters) != 0 {
+		t.Fatalf("dead letters %v after the replay delivered", letters)
+	}
+	// Deleting the last webhooks drops every event, and events stop.
+	h.mustApply(&pb.LogEntry{Command: &pb.LogEntry_DeleteWebhook{DeleteWebhook: &pb.DeleteWebhook{Name: "ci"}}})
+	h.mustApply(&pb.LogEntry{Command: &pb.LogEntry_DeleteWebhook{DeleteWebhook: &pb.DeleteWebhook{Name: "audit"}}})
+	h.mustApply(put(manifest("app", "later", "v3")))
+	if got := h.events(0, 0); len(got) != 0 {
+		t.Fatalf("events with no webhook left: %v", eventKinds(got))
+	}
+	h.checkApplied()
+}
