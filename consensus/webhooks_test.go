@@ -49,7 +49,7 @@ func TestEventsFollowTheLog(t *testing.T) {
 	pushIndex := h.index
 	h.mustApply(deleteTag("app", "v2"))
 	h.reject(deleteTag("app", "nope"), pb.Errorf(pb.Code_CODE_MANIFEST_UNKNOWN, "")) // refused: no event
-	h.mustApply(placeBlob("app", digestOf("layer"), 5, "us")) // the upload's own region: part of the push
+	h.mustApply(placeBlob("app", digestOf("layer"), 5, "us"))                        // the upload's own region: part of the push
 	h.mustApply(&pb.LogEntry{Command: &pb.LogEntry_PlaceBlob{PlaceBlob: &pb.PlaceBlob{Digest: digestOf("layer"), Size: 5, Region: "eu"}}})
 
 	evs := h.events(0, 0)

@@ -325,6 +325,13 @@ func TestAdminAPIRefusesNonAdmins(t *testing.T) {
 			},
 			"ListLifecycle": func() error { _, err := adm.ListLifecycle(ctx, &pb.ListLifecycleRequest{}); return err },
 			"RunRetention":  func() error { _, err := adm.RunRetention(ctx, &pb.RunRetentionRequest{}); return err },
+			"ManageWebhook": func() error {
+				_, err := adm.ManageWebhook(ctx, &pb.ManageWebhookRequest{Change: &pb.ManageWebhookRequest_Put{Put: &pb.PutWebhook{Webhook: &pb.Webhook{
+					Name: "exfil", Url: "https://attacker.example/", Secret: "0123456789abcdef0123"}}}})
+				return err
+			},
+			"ListWebhooks": func() error { _, err := adm.ListWebhooks(ctx, &pb.ListWebhooksRequest{}); return err },
+			"TestWebhook":  func() error { _, err := adm.TestWebhook(ctx, &pb.TestWebhookRequest{Name: "x"}); return err },
 			"Commit of a repository delete": func() error {
 				_, err := gw.Commit(ctx, &pb.CommitRequest{Command: &pb.Command{Intent: &pb.Command_DeleteRepository{
 					DeleteRepository: &pb.DeleteRepository{Repository: "team/app"}}}})
@@ -338,7 +345,8 @@ func TestAdminAPIRefusesNonAdmins(t *testing.T) {
 				return err
 			},
 		}
-		lifecycle := []string{"RunGC", "GCStatus", "ManageLifecycle", "ListLifecycle", "RunRetention", "Commit of a repository delete"}
+		lifecycle := []string{"RunGC", "GCStatus", "ManageLifecycle", "ListLifecycle", "RunRetention", "Commit of a repository delete",
+			"ManageWebhook", "ListWebhooks", "TestWebhook"}
 		for method, call := range calls {
 			if slices.Contains(lifecycle, method) && (name == "a wrong password" || name == "a robot's credentials") {
 				// Bad passwords count against the address's failed-login

@@ -320,6 +320,9 @@ var adminMethods = map[string]bool{
 	pb.Admin_ManageLifecycle_FullMethodName:    true,
 	pb.Admin_ListLifecycle_FullMethodName:      true,
 	pb.Admin_RunRetention_FullMethodName:       true,
+	pb.Admin_ManageWebhook_FullMethodName:      true,
+	pb.Admin_ListWebhooks_FullMethodName:       true,
+	pb.Admin_TestWebhook_FullMethodName:        true,
 	pb.Gateway_GetAccessState_FullMethodName:   true,
 }
 

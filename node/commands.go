@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/meridian-registry/meridian/consensus"
 	"github.com/meridian-registry/meridian/gateway"
 	"github.com/meridian-registry/meridian/node/transport"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -97,6 +98,30 @@ func (n *Node) validateCommand(ctx context.Context, cmd *pb.Command) error {
 			if p.UnixNano <= 0 || p.UnixNano > latest {
 				return invalid("record pulls: time %d is not a time of a pull", p.UnixNano)
 			}
+		}
+		return nil
+	case *pb.Command_PutWebhook:
+		return checkWebhook(c.PutWebhook.GetWebhook())
+	case *pb.Command_DeleteWebhook:
+		if !webhookNameRE.MatchString(c.DeleteWebhook.GetName()) {
+			return invalid("webhook name %q: use 1-63 letters, digits, '.', '_' or '-'", c.DeleteWebhook.GetName())
+		}
+		return nil
+	case *pb.Command_ReplayDeadLetters:
+		r := c.ReplayDeadLetters
+		if !webhookNameRE.MatchString(r.GetName()) {
+			return invalid("webhook name %q: use 1-63 letters, digits, '.', '_' or '-'", r.GetName())
+		}
+		for _, id := range r.GetIds() {
+			if _, _, err := consensus.ParseEventID(id); err != nil {
+				return invalid("%v", err)
+			}
+		}
+		return nil
+	case *pb.Command_WebhookProgress:
+		p := c.WebhookProgress
+		if !webhookNameRE.MatchString(p.GetName()) || p.GetIndex() == 0 {
+			return invalid("webhook progress: a webhook name and an index")
 		}
 		return nil
 	case *pb.Command_SetRegions:

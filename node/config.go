@@ -133,6 +133,8 @@ type Config struct {
 	Auth AuthConfig `yaml:"auth"`
 	// GC schedules garbage collection.
 	GC GCConfig `yaml:"gc"`
+	// Webhooks tunes webhook delivery.
+	Webhooks WebhookConfig `yaml:"webhooks"`
 
 	// LogLevel is debug, info, warn or error; LogFormat is text or json.
 	LogLevel  string `yaml:"log_level"`
@@ -176,6 +178,7 @@ func DefaultConfig() Config {
 		LogFormat:         "text",
 		Auth:              defaultAuthConfig(),
 		GC:                defaultGCConfig(),
+		Webhooks:          defaultWebhookConfig(),
 	}
 }
 
@@ -237,6 +240,9 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("max_blob_size cannot be negative"))
 	}
 	if err := c.GC.validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.Webhooks.validate(); err != nil {
 		errs = append(errs, err)
 	}
 	if c.Replication.ScrubInterval < 0 || c.Replication.ScrubRate < 0 {

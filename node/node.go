@@ -33,19 +33,20 @@ type Node struct {
 	cfg    Config
 	logger *slog.Logger
 
-	consensus  *consensus.Node
-	membership *membership.Membership
-	regions    *replication.Regions
-	localStore replication.Driver
-	replicator *replication.Replicator
-	scrubber   *replication.Scrubber
-	rtt        *membership.RTT
-	gateway    *gateway.Gateway
-	registry   *prometheus.Registry
-	gc         gcRunner
-	gcMetrics  *gcMetrics
-	peers      *peers
-	trust      *transport.Trust
+	consensus      *consensus.Node
+	membership     *membership.Membership
+	regions        *replication.Regions
+	localStore     replication.Driver
+	replicator     *replication.Replicator
+	scrubber       *replication.Scrubber
+	rtt            *membership.RTT
+	gateway        *gateway.Gateway
+	registry       *prometheus.Registry
+	gc             gcRunner
+	gcMetrics      *gcMetrics
+	webhookMetrics *webhookMetrics
+	peers          *peers
+	trust          *transport.Trust
 	// access checks HTTP requests and admin credentials; nil when
 	// authentication is off (insecure_no_auth).
 	access      *auth.Authority
@@ -116,6 +117,9 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	}
 	n.registry = prometheus.NewRegistry()
 	n.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if n.webhookMetrics, err = newWebhookMetrics(n.registry); err != nil {
+		return err
+	}
 	if n.gcMetrics, err = newGCMetrics(n.registry); err != nil {
 		return err
 	}
@@ -233,7 +237,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := n.joinCluster(ctx, hasState); err != nil {
 		return err
 	}
-	n.wg.Add(10)
+	n.wg.Add(11)
 	if n.access != nil {
 		n.wg.Add(1)
 		go n.keepAccessCurrent()
@@ -248,6 +252,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	go n.runReplicator()
 	go n.scheduleGC()
 	go n.runPullLog()
+	go n.runWebhooks()
 
 	if err := n.writeReadyFile(); err != nil {
 		return err

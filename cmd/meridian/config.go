@@ -157,6 +157,10 @@ var serveOptions = []option{
 	durationOpt("gc-grace", "how long a blob goes unreferenced before garbage collection takes it", func(c *node.Config) *time.Duration { return &c.GC.Grace }),
 	durationOpt("gc-untagged", "collect manifests untagged and unreferenced this long (0: keep them)", func(c *node.Config) *time.Duration { return &c.GC.Untagged }),
 	durationOpt("gc-pull-resolution", "how coarsely pulls are recorded for retention rules (0: not recorded)", func(c *node.Config) *time.Duration { return &c.GC.PullResolution }),
+	intOpt("webhook-max-attempts", "times an event is sent to a webhook before it becomes a dead letter", func(c *node.Config) *int { return &c.Webhooks.MaxAttempts }),
+	durationOpt("webhook-backoff", "wait after a webhook's first failed attempt; doubles per attempt", func(c *node.Config) *time.Duration { return &c.Webhooks.Backoff }),
+	durationOpt("webhook-max-backoff", "longest wait between attempts of one webhook event", func(c *node.Config) *time.Duration { return &c.Webhooks.MaxBackoff }),
+	durationOpt("webhook-timeout", "time limit of one webhook delivery attempt", func(c *node.Config) *time.Duration { return &c.Webhooks.Timeout }),
 	stringOpt("log-level", "debug, info, warn or error", func(c *node.Config) *string { return &c.LogLevel }),
 	stringOpt("log-format", "text or json", func(c *node.Config) *string { return &c.LogFormat }),
 }

@@ -31,6 +31,7 @@ Usage:
   meridian immutable …       add, delete, list tag immutability rules
   meridian quota …           set, delete, list storage, repository and tag quotas with their usage
   meridian retention …       set, delete, list, run retention rules (newest N tags, untagged, pulled)
+  meridian webhook …         add, delete, list, test webhooks; show deliveries, replay dead letters
   meridian bench [flags]     measure push, pull and manifest GET against the machine's limits
   meridian healthcheck       exit 0 if a member's /healthz answers 200 (the image's HEALTHCHECK)
   meridian version           print the version
@@ -82,6 +83,8 @@ func main() {
 		err = quotaCmd(os.Args[2:])
 	case "retention":
 		err = retentionCmd(os.Args[2:])
+	case "webhook":
+		err = webhookCmd(os.Args[2:])
 	case "bench":
 		err = bench(os.Args[2:])
 	case "healthcheck":
