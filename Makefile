@@ -28,7 +28,7 @@ REGCTL_VERSION       := v0.11.7
 HELM_VERSION         := v3.21.4
 VERSION              := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: skopeo podman protoc image all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
+.PHONY: skopeo podman protoc image helm-check all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
 
 all: build
 
@@ -56,9 +56,18 @@ run: build
 TEST_ENV := MERIDIAN_CONFORMANCE=$(TOOLS)/conformance MERIDIAN_VERSITYGW=$(TOOLS)/versitygw MERIDIAN_REQUIRE_S3=1 \
   MERIDIAN_DISTRIBUTION=$(TOOLS)/registry MERIDIAN_CRANE=$(TOOLS)/crane MERIDIAN_ORAS=$(TOOLS)/oras \
   MERIDIAN_REGCTL=$(TOOLS)/regctl MERIDIAN_HELM=$(TOOLS)/helm MERIDIAN_SKOPEO=$$(command -v skopeo) MERIDIAN_PODMAN=$$(command -v podman)
-test: vet fmt-check proto-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry $(TOOLS)/crane $(TOOLS)/oras $(TOOLS)/regctl $(TOOLS)/helm skopeo podman
+test: vet fmt-check proto-check helm-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry $(TOOLS)/crane $(TOOLS)/oras $(TOOLS)/regctl $(TOOLS)/helm skopeo podman
 	$(TEST_ENV) $(GO) test -count=1 -timeout 25m ./...
 	$(MAKE) chaos-short
+
+## helm-check: lint the chart and render it with each values file it ships
+## (the Go test in deploy/helm then checks what the rendered objects hold).
+HELM_CHART := deploy/helm/meridian
+helm-check: $(TOOLS)/helm
+	$(TOOLS)/helm lint $(HELM_CHART)
+	$(TOOLS)/helm lint $(HELM_CHART) -f $(HELM_CHART)/values-three-regions.yaml
+	$(TOOLS)/helm template meridian $(HELM_CHART) >/dev/null
+	$(TOOLS)/helm template meridian $(HELM_CHART) -f $(HELM_CHART)/values-three-regions.yaml >/dev/null
 
 ## chaos: real meridian processes, with mutual TLS and encrypted gossip,
 ## under a seeded workload and a seeded schedule that cycles through every

@@ -121,8 +121,8 @@ func (n *Node) Open(ctx context.Context) (err error) {
 	}
 	advertise := n.cfg.RaftListener.Addr()
 	if n.cfg.AdvertiseRaft != "" {
-		if advertise, err = net.ResolveTCPAddr("tcp", n.cfg.AdvertiseRaft); err != nil {
-			return fmt.Errorf("advertise raft address: %w", err)
+		if advertise, err = advertiseAddr(n.cfg.AdvertiseRaft); err != nil {
+			return err
 		}
 	}
 	n.transport = raft.NewNetworkTransportWithLogger(
@@ -375,6 +375,33 @@ func (n *Node) Close() error {
 
 // streamLayer is hashicorp/raft's TCP stream layer over a caller-provided
 // listener; TLS can wrap it later without touching Raft.
+// hostAddr is an advertised Raft address kept as written. A host name
+// stays a name in the Raft configuration and is resolved at every dial, so
+// servers that all come back on new IPs at once (the pods of a restarted
+// StatefulSet, reached by stable DNS names) still find each other; with
+// resolved IPs they would keep dialing the old ones and never elect a
+// leader, and only a leader updates addresses.
+type hostAddr string
+
+func (a hostAddr) Network() string { return "tcp" }
+func (a hostAddr) String() string  { return string(a) }
+
+// advertiseAddr checks an advertised host:port without resolving it: the
+// name of a pod that was just created may not resolve yet.
+func advertiseAddr(s string) (net.Addr, error) {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return nil, fmt.Errorf("advertise raft address %q: %w", s, err)
+	}
+	if _, err := net.LookupPort("tcp", port); err != nil || port == "0" {
+		return nil, fmt.Errorf("advertise raft address %q: want a fixed port", s)
+	}
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		return nil, fmt.Errorf("advertise raft address %q: want a host other nodes can dial", s)
+	}
+	return hostAddr(s), nil
+}
+
 type streamLayer struct {
 	net.Listener
 	advertise net.Addr

@@ -451,3 +451,26 @@ func BenchmarkPropose(b *testing.B) {
 	})
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "ops/s")
 }
+
+// TestNodeKeepsAdvertisedHostName: an advertised Raft address that is a host
+// name stays a name in the configuration (resolved at each dial), so servers
+// that return on new IPs are still reached; bad addresses are refused.
+func TestNodeKeepsAdvertisedHostName(t *testing.T) {
+	ln := listenExcept(t, "")
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	name := net.JoinHostPort("localhost", port)
+	n := startNode(t, t.TempDir(), func(c *Config) { c.RaftListener, c.AdvertiseRaft = ln, name })
+	if got := n.Addr(); got != name {
+		t.Fatalf("Addr() = %q, want %q", got, name)
+	}
+	if got := raftAddressOf(t, n, "node-1"); string(got) != name {
+		t.Fatalf("configuration holds %q, want %q", got, name)
+	}
+	propose(t, n, put(manifest("repo", "m", "t")))
+
+	for _, bad := range []string{"localhost", ":5002", "0.0.0.0:5002", "localhost:0", "localhost:http-alt-x"} {
+		if _, err := advertiseAddr(bad); err == nil {
+			t.Errorf("advertiseAddr(%q) accepted", bad)
+		}
+	}
+}

@@ -111,6 +111,18 @@ type Standalone struct {
 // gatewayIDRE is what a member id may be, as for nodes.
 var gatewayIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 
+// CertificateCovers reports whether a gateway certificate for certID may run
+// as gatewayID: the same id, or certID followed by '-' and a suffix. Replicas
+// of one gateway deployment share a certificate, yet each needs its own id in
+// gossip (an alive member's id is never taken twice), so they run as
+// "gw-east-<pod>" with the certificate of "gw-east". Nodes authorize a
+// gateway by its certificate's role, not by the gossip id, so the suffix
+// grants nothing.
+func CertificateCovers(certID, gatewayID string) bool {
+	suffix, ok := strings.CutPrefix(gatewayID, certID)
+	return ok && (suffix == "" || len(suffix) > 1 && suffix[0] == '-')
+}
+
 // NewStandalone checks cfg; Start runs the gateway.
 func NewStandalone(cfg StandaloneConfig) (*Standalone, error) {
 	if cfg.Logger == nil {
@@ -132,8 +144,8 @@ func NewStandalone(cfg StandaloneConfig) (*Standalone, error) {
 	if len(cfg.Join) == 0 {
 		errs = append(errs, errors.New("join: a gateway needs at least one member's gossip address"))
 	}
-	if id := cfg.Trust.Identity(); cfg.Trust.Secure() && (id.Role != pki.RoleGateway || id.ID != cfg.ID) {
-		errs = append(errs, fmt.Errorf("tls_cert is %s: a gateway's certificate must have role gateway and its gateway_id %q", id, cfg.ID))
+	if id := cfg.Trust.Identity(); cfg.Trust.Secure() && (id.Role != pki.RoleGateway || !CertificateCovers(id.ID, cfg.ID)) {
+		errs = append(errs, fmt.Errorf("tls_cert is %s: a gateway's certificate must have role gateway and name its gateway_id %q (the same id, or the id and a '-suffix')", id, cfg.ID))
 	}
 	if err := transport.CheckListeners(map[string]string{"gossip_addr": cfg.GossipAddr}, cfg.Trust.Secure(), len(cfg.GossipKeys) > 0, cfg.InsecureCluster); err != nil {
 		errs = append(errs, err)

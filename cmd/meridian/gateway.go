@@ -22,7 +22,7 @@ import (
 // the same format as a node's (nodes and gateways can share one), and keys
 // that only concern nodes are ignored.
 var gatewayOptions = []option{
-	stringOpt("gateway-id", "this gateway's name in gossip and cluster status (default: gateway-<host>-<random>)", func(c *node.Config) *string { return &c.GatewayID }),
+	stringOpt("gateway-id", "this gateway's name in gossip and cluster status: its certificate's id, or that id and a -suffix (default: the certificate's id; without TLS gateway-<host>-<random>)", func(c *node.Config) *string { return &c.GatewayID }),
 	stringOpt("cluster-id", "cluster identity; must match the nodes'", func(c *node.Config) *string { return &c.ClusterID }),
 	stringOpt("region", "region this gateway runs in (uploads go to the nearest of a repository's regions)", func(c *node.Config) *string { return &c.Region }),
 	stringOpt("zone", "zone within the region (same-zone nodes win ties)", func(c *node.Config) *string { return &c.Zone }),
