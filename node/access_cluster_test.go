@@ -325,6 +325,14 @@ func TestAdminAPIRefusesNonAdmins(t *testing.T) {
 			},
 			"ListLifecycle": func() error { _, err := adm.ListLifecycle(ctx, &pb.ListLifecycleRequest{}); return err },
 			"RunRetention":  func() error { _, err := adm.RunRetention(ctx, &pb.RunRetentionRequest{}); return err },
+			"Backup": func() error {
+				st, err := adm.Backup(ctx, &pb.BackupRequest{})
+				if err != nil {
+					return err
+				}
+				_, err = st.Recv()
+				return err
+			},
 			"Commit of a repository delete": func() error {
 				_, err := gw.Commit(ctx, &pb.CommitRequest{Command: &pb.Command{Intent: &pb.Command_DeleteRepository{
 					DeleteRepository: &pb.DeleteRepository{Repository: "team/app"}}}})
@@ -338,7 +346,7 @@ func TestAdminAPIRefusesNonAdmins(t *testing.T) {
 				return err
 			},
 		}
-		lifecycle := []string{"RunGC", "GCStatus", "ManageLifecycle", "ListLifecycle", "RunRetention", "Commit of a repository delete"}
+		lifecycle := []string{"RunGC", "GCStatus", "ManageLifecycle", "ListLifecycle", "RunRetention", "Backup", "Commit of a repository delete"}
 		for method, call := range calls {
 			if slices.Contains(lifecycle, method) && (name == "a wrong password" || name == "a robot's credentials") {
 				// Bad passwords count against the address's failed-login
