@@ -199,21 +199,21 @@ func restoreCmd(args []string) error {
 	describeBackup(hdr, copies)
 
 	ctx := context.Background()
-	problems := checkStores(ctx, cfg, byRegion, rf.workers)
+	problems, bad := checkStores(ctx, cfg, byRegion, rf.workers)
 	for _, p := range problems {
 		fmt.Println(p)
 	}
 	switch {
 	case len(problems) > 0 && rf.check:
-		return fmt.Errorf("restore --check: %d of %d blob copies are missing or unreadable (listed above)", len(problems), copies)
+		return fmt.Errorf("restore --check: %d of %d blob copies are missing or could not be checked (listed above)", bad, copies)
 	case len(problems) > 0 && !rf.allowMissing:
-		return fmt.Errorf("restore: %d of %d blob copies are missing or unreadable (listed above): restore the stores from their own backups, "+
-			"or pass --allow-missing to restore without them", len(problems), copies)
+		return fmt.Errorf("restore: %d of %d blob copies are missing or could not be checked (listed above): restore the stores from their own backups, "+
+			"or pass --allow-missing to restore without them", bad, copies)
 	case rf.check:
 		fmt.Printf("%s verified; the stores hold all %d blob copies it lists\n", rf.from, copies)
 		return nil
 	case len(problems) > 0:
-		fmt.Printf("restoring without %d blob copies (--allow-missing)\n", len(problems))
+		fmt.Printf("restoring without %d blob copies (--allow-missing)\n", bad)
 	}
 
 	f, err := os.Open(rf.from)
@@ -255,9 +255,9 @@ func checkNewDataDir(dir string) error {
 
 // checkStores stats every listed blob in its region's store, workers at a
 // time, and describes each copy that is missing, of another size, or
-// cannot be checked, sorted.
-func checkStores(ctx context.Context, cfg node.Config, byRegion map[string][]*pb.BackupBlob, workers int) []string {
-	var problems []string
+// cannot be checked (a whole region in one line), sorted; bad counts the
+// copies.
+func checkStores(ctx context.Context, cfg node.Config, byRegion map[string][]*pb.BackupBlob, workers int) (problems []string, bad int) {
 	type job struct {
 		d    replication.Driver
 		blob *pb.BackupBlob
@@ -273,6 +273,7 @@ func checkStores(ctx context.Context, cfg node.Config, byRegion map[string][]*pb
 				if p := statBlob(ctx, j.d, j.blob); p != "" {
 					mu.Lock()
 					problems = append(problems, p)
+					bad++
 					mu.Unlock()
 				}
 			}
@@ -292,6 +293,7 @@ func checkStores(ctx context.Context, cfg node.Config, byRegion map[string][]*pb
 		if err != nil {
 			mu.Lock()
 			problems = append(problems, fmt.Sprintf("UNCHECKED region %s: %d blob copies: %v", region, len(blobs), err))
+			bad += len(blobs)
 			mu.Unlock()
 			continue
 		}
@@ -302,7 +304,7 @@ func checkStores(ctx context.Context, cfg node.Config, byRegion map[string][]*pb
 	close(jobs)
 	wg.Wait()
 	slices.Sort(problems)
-	return problems
+	return problems, bad
 }
 
 func statBlob(ctx context.Context, d replication.Driver, b *pb.BackupBlob) string {
