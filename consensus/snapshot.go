@@ -34,13 +34,21 @@ var errCorruptSnapshot = errors.New("consensus: corrupt snapshot stream")
 // WAL: Raft compacts the log behind a snapshot, so every entry the snapshot
 // covers must be durable in the store first.
 func (s *Store) snapshot() (raft.FSMSnapshot, error) {
+	return s.pin(true)
+}
+
+// pin pins a Pebble snapshot of the store (after syncing the WAL when sync
+// is set); a restore waits until it is released.
+func (s *Store) pin(sync bool) (*storeSnapshot, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if s.db == nil {
 		return nil, ErrClosed
 	}
-	if err := s.db.LogData(nil, pebble.Sync); err != nil {
-		return nil, fmt.Errorf("sync state store: %w", err)
+	if sync {
+		if err := s.db.LogData(nil, pebble.Sync); err != nil {
+			return nil, fmt.Errorf("sync state store: %w", err)
+		}
 	}
 	s.snapshots.Add(1)
 	return &storeSnapshot{snap: s.db.NewSnapshot(), done: s.snapshots.Done}, nil
@@ -144,6 +152,15 @@ func (s *Store) restore(r io.Reader) error {
 }
 
 func buildFromSnapshot(dir string, r io.Reader) error {
+	return buildStore(dir, func(set func(k, v []byte) error) error {
+		return readSnapshot(bufio.NewReaderSize(r, 1<<20), set)
+	})
+}
+
+// buildStore creates a Pebble store in dir holding the pairs fill hands to
+// set. The last batch commits (synced) only once fill returned nil; on an
+// error the caller removes dir.
+func buildStore(dir string, fill func(set func(k, v []byte) error) error) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
@@ -156,13 +173,41 @@ func buildFromSnapshot(dir string, r io.Reader) error {
 			db.Close()
 		}
 	}()
-	sr := &snapshotReader{r: bufio.NewReaderSize(r, 1<<20), h: sha256.New()}
+	b := db.NewBatch()
+	defer func() { b.Close() }()
+	err = fill(func(k, v []byte) error {
+		if err := b.Set(k, v, nil); err != nil {
+			return err
+		}
+		if b.Len() > 4<<20 {
+			if err := b.Commit(pebble.NoSync); err != nil {
+				return err
+			}
+			b.Close()
+			b = db.NewBatch()
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if err := b.Commit(pebble.Sync); err != nil {
+		return err
+	}
+	err = db.Close()
+	db = nil
+	return err
+}
+
+// readSnapshot parses one snapshot stream from r, handing each pair to fn,
+// and verifies its checksum. It reads r exactly to the stream's end, so a
+// stream embedded in a longer file (a backup) leaves the rest unread.
+func readSnapshot(r byteReader, fn func(k, v []byte) error) error {
+	sr := &snapshotReader{r: r, h: sha256.New()}
 	magic := make([]byte, len(snapshotMagic))
 	if _, err := io.ReadFull(sr, magic); err != nil || !bytes.Equal(magic, snapshotMagic) {
 		return fmt.Errorf("%w: bad header", errCorruptSnapshot)
 	}
-	b := db.NewBatch()
-	defer func() { b.Close() }()
 	for {
 		k, err := sr.frame()
 		if err != nil {
@@ -175,15 +220,8 @@ func buildFromSnapshot(dir string, r io.Reader) error {
 		if err != nil {
 			return err
 		}
-		if err := b.Set(k, v, nil); err != nil {
+		if err := fn(k, v); err != nil {
 			return err
-		}
-		if b.Len() > 4<<20 {
-			if err := b.Commit(pebble.NoSync); err != nil {
-				return err
-			}
-			b.Close()
-			b = db.NewBatch()
 		}
 	}
 	want := sr.h.Sum(nil)
@@ -191,18 +229,20 @@ func buildFromSnapshot(dir string, r io.Reader) error {
 	if _, err := io.ReadFull(sr.r, got); err != nil || !bytes.Equal(got, want) {
 		return fmt.Errorf("%w: checksum mismatch", errCorruptSnapshot)
 	}
-	if err := b.Commit(pebble.Sync); err != nil {
-		return err
-	}
-	err = db.Close()
-	db = nil
-	return err
+	return nil
+}
+
+// byteReader is what the stream parsers read from: a *bufio.Reader, or a
+// snapshotReader hashing an outer stream.
+type byteReader interface {
+	io.Reader
+	io.ByteReader
 }
 
 // snapshotReader hashes every byte it hands out, so the trailing checksum
 // can be checked against exactly what was parsed.
 type snapshotReader struct {
-	r *bufio.Reader
+	r byteReader
 	h hash.Hash
 }
 
@@ -227,14 +267,14 @@ const maxSnapshotFrame = 64 << 20
 func (s *snapshotReader) frame() ([]byte, error) {
 	n, err := binary.ReadUvarint(s)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", errCorruptSnapshot, err)
+		return nil, fmt.Errorf("%w: %w", errCorruptSnapshot, err)
 	}
 	if n > maxSnapshotFrame {
 		return nil, fmt.Errorf("%w: frame of %d bytes", errCorruptSnapshot, n)
 	}
 	b := make([]byte, n)
 	if _, err := io.ReadFull(s, b); err != nil {
-		return nil, fmt.Errorf("%w: %v", errCorruptSnapshot, err)
+		return nil, fmt.Errorf("%w: %w", errCorruptSnapshot, err)
 	}
 	return b, nil
 }

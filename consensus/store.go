@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"log/slog"
 	"os"
@@ -405,25 +406,44 @@ func (s *Store) Digest() (sum []byte, index uint64, err error) {
 		if index, _, err = appliedIndex(snap); err != nil {
 			return err
 		}
-		h := sha256.New()
-		it, err := snap.NewIter(&pebble.IterOptions{})
-		if err != nil {
-			return err
-		}
-		defer it.Close()
-		applied := key(tableApplied)
-		for ok := it.First(); ok; ok = it.Next() {
-			if bytes.Equal(it.Key(), applied) {
-				continue
-			}
-			writeFrame(h, it.Key())
-			writeFrame(h, it.Value())
-		}
-		sum = h.Sum(nil)
-		return it.Error()
+		sum, err = stateDigest(snap)
+		return err
 	})
 	return sum, index, err
 }
+
+// stateDigest is Digest of what r holds.
+func stateDigest(r pebble.Reader) ([]byte, error) {
+	it, err := r.NewIter(&pebble.IterOptions{})
+	if err != nil {
+		return nil, err
+	}
+	defer it.Close()
+	d := newDigester()
+	for ok := it.First(); ok; ok = it.Next() {
+		d.add(it.Key(), it.Value())
+	}
+	return d.sum(), it.Error()
+}
+
+// digester hashes pairs in key order as Digest does: everything but the
+// applied index, which differs between replicas holding the same state.
+type digester struct {
+	h       hash.Hash
+	applied []byte
+}
+
+func newDigester() *digester { return &digester{h: sha256.New(), applied: key(tableApplied)} }
+
+func (d *digester) add(k, v []byte) {
+	if bytes.Equal(k, d.applied) {
+		return
+	}
+	writeFrame(d.h, k)
+	writeFrame(d.h, v)
+}
+
+func (d *digester) sum() []byte { return d.h.Sum(nil) }
 
 func writeFrame(w io.Writer, b []byte) error {
 	var n [binary.MaxVarintLen64]byte

@@ -48,9 +48,11 @@ var memberAccess = transport.Access{
 	pb.Admin_ClusterStatus_FullMethodName: nodesAdmins,
 	pb.Admin_ListPolicies_FullMethodName:  nodesAdmins,
 	// No node forwards these (gossip carries a keyring change, the node
-	// asked scrubs itself): a node certificate has no business with them.
+	// asked scrubs itself or writes the backup): a node certificate has no
+	// business with them.
 	pb.Admin_GossipKeyring_FullMethodName: adminCertOrUser,
 	pb.Admin_Scrub_FullMethodName:         adminCertOrUser,
+	pb.Admin_Backup_FullMethodName:        adminCertOrUser,
 
 	// Deleting stored blobs and purging uploads is for nodes alone (their
 	// replicator and purger).

@@ -332,6 +332,14 @@ func TestAdminAPIRefusesNonAdmins(t *testing.T) {
 			},
 			"ListWebhooks": func() error { _, err := adm.ListWebhooks(ctx, &pb.ListWebhooksRequest{}); return err },
 			"TestWebhook":  func() error { _, err := adm.TestWebhook(ctx, &pb.TestWebhookRequest{Name: "x"}); return err },
+			"Backup": func() error {
+				st, err := adm.Backup(ctx, &pb.BackupRequest{})
+				if err != nil {
+					return err
+				}
+				_, err = st.Recv()
+				return err
+			},
 			"Commit of a repository delete": func() error {
 				_, err := gw.Commit(ctx, &pb.CommitRequest{Command: &pb.Command{Intent: &pb.Command_DeleteRepository{
 					DeleteRepository: &pb.DeleteRepository{Repository: "team/app"}}}})
@@ -345,7 +353,7 @@ func TestAdminAPIRefusesNonAdmins(t *testing.T) {
 				return err
 			},
 		}
-		lifecycle := []string{"RunGC", "GCStatus", "ManageLifecycle", "ListLifecycle", "RunRetention", "Commit of a repository delete",
+		lifecycle := []string{"RunGC", "GCStatus", "ManageLifecycle", "ListLifecycle", "RunRetention", "Backup", "Commit of a repository delete",
 			"ManageWebhook", "ListWebhooks", "TestWebhook"}
 		for method, call := range calls {
 			if slices.Contains(lifecycle, method) && (name == "a wrong password" || name == "a robot's credentials") {

@@ -323,6 +323,7 @@ var adminMethods = map[string]bool{
 	pb.Admin_ManageWebhook_FullMethodName:      true,
 	pb.Admin_ListWebhooks_FullMethodName:       true,
 	pb.Admin_TestWebhook_FullMethodName:        true,
+	pb.Admin_Backup_FullMethodName:             true,
 	pb.Gateway_GetAccessState_FullMethodName:   true,
 }
 
@@ -338,6 +339,26 @@ func (n *Node) adminInterceptor(ctx context.Context, req any, info *grpc.UnarySe
 	}
 	return handler(pb.WithActor(ctx, actor), req)
 }
+
+// adminStreamInterceptor is adminInterceptor for streaming methods.
+func (n *Node) adminStreamInterceptor(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if !adminMethods[info.FullMethod] {
+		return handler(srv, ss)
+	}
+	actor, err := n.adminActor(ss.Context())
+	if err != nil {
+		return err
+	}
+	return handler(srv, actorStream{ServerStream: ss, ctx: pb.WithActor(ss.Context(), actor)})
+}
+
+// actorStream is a server stream whose context names the caller.
+type actorStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s actorStream) Context() context.Context { return s.ctx }
 
 // adminActor authenticates the caller of an admin method.
 func (n *Node) adminActor(ctx context.Context) (*pb.Actor, error) {

@@ -172,7 +172,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := n.setupAccess(ctx); err != nil {
 		return err
 	}
-	n.grpcServer = grpc.NewServer(append(n.trust.MemberServerOptions(memberAccess), grpc.ChainUnaryInterceptor(n.adminInterceptor))...)
+	n.grpcServer = grpc.NewServer(append(n.trust.MemberServerOptions(memberAccess), grpc.ChainUnaryInterceptor(n.adminInterceptor), grpc.ChainStreamInterceptor(n.adminStreamInterceptor))...)
 	pb.RegisterMemberServer(n.grpcServer, memberServer{n: n})
 	pb.RegisterGatewayServer(n.grpcServer, gatewayServer{n: n})
 	pb.RegisterAdminServer(n.grpcServer, adminServer{n: n})

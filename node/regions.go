@@ -75,6 +75,10 @@ func (c Config) regionList() []RegionConfig {
 	return []RegionConfig{{Name: c.Region, Store: "file://" + dir}}
 }
 
+// RegionStores is every region with its store, as a node of this
+// configuration reaches them (`meridian restore` checks them).
+func (c Config) RegionStores() []RegionConfig { return c.regionList() }
+
 func (c Config) regionNames() []string {
 	var names []string
 	for _, r := range c.regionList() {

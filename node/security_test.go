@@ -211,7 +211,7 @@ func TestServicesAdmitTheirRolesOnly(t *testing.T) {
 			return true
 		case service == "Gateway":
 			return role != pki.RoleAdmin
-		case method == "GossipKeyring" || method == "Scrub":
+		case method == "GossipKeyring" || method == "Scrub" || method == "Backup":
 			return role == pki.RoleAdmin
 		default: // Admin
 			return role != pki.RoleGateway
@@ -254,6 +254,40 @@ func TestServicesAdmitTheirRolesOnly(t *testing.T) {
 				})
 			}
 		}
+	}
+	// Streaming methods: the transport's answer comes with the first
+	// message.
+	for _, sd := range []grpc.ServiceDesc{pb.Member_ServiceDesc, pb.Gateway_ServiceDesc, pb.Admin_ServiceDesc} {
+		service := strings.TrimPrefix(sd.ServiceName, "meridian.v1.")
+		for _, sm := range sd.Streams {
+			for role, conn := range callers {
+				t.Run(service+"/"+sm.StreamName+"/"+role, func(t *testing.T) {
+					cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+					defer cancel()
+					desc := sm
+					st, err := conn.NewStream(cctx, &desc, "/"+sd.ServiceName+"/"+sm.StreamName)
+					if err == nil {
+						if err = st.SendMsg(&emptypb.Empty{}); err == nil {
+							st.CloseSend()
+							err = st.RecvMsg(&emptypb.Empty{})
+						}
+					}
+					code := status.Code(err)
+					refused := code == codes.PermissionDenied || code == codes.Unauthenticated
+					switch want := allowed(service, sm.StreamName, role); {
+					case want && refused:
+						t.Errorf("refused to a %s certificate: %v", role, err)
+					case want && err != nil:
+						t.Errorf("a %s certificate: %v", role, err)
+					case !want && code != codes.PermissionDenied:
+						t.Errorf("a %s certificate got %v (%v), want PermissionDenied", role, code, err)
+					}
+				})
+			}
+		}
+	}
+	if len(pb.Admin_ServiceDesc.Streams) == 0 {
+		t.Fatal("the Admin service has no streaming method: the loop above probed nothing")
 	}
 	// The probes moved nothing.
 	if l := mustLeader(t, ctx, c); l != leader {

@@ -328,15 +328,20 @@ func clusterRecover(args []string) error {
 // runs TLS: the connection closes before gRPC starts.
 func hintTLS(secure bool) grpc.UnaryClientInterceptor {
 	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-		err := invoker(ctx, method, req, reply, cc, opts...)
-		if err != nil && !secure && status.Code(err) == codes.Unavailable {
-			return status.Errorf(codes.Unavailable, "%s (if the cluster runs TLS, give an admin certificate: --tls-ca, --tls-cert, --tls-key or MERIDIAN_TLS_*)", status.Convert(err).Message())
-		}
-		if err != nil && status.Code(err) == codes.Unauthenticated && !strings.Contains(status.Convert(err).Message(), "MERIDIAN_USERNAME") {
-			return fmt.Errorf("%s (an admin certificate, --tls-*, or an admin user: MERIDIAN_USERNAME and MERIDIAN_PASSWORD, or --username and --password-file)", status.Convert(err).Message())
-		}
-		return err
+		return explainAdminError(invoker(ctx, method, req, reply, cc, opts...), secure)
 	}
+}
+
+// explainAdminError adds what to do to the failures an admin command meets
+// when its credentials do not fit the cluster.
+func explainAdminError(err error, secure bool) error {
+	if err != nil && !secure && status.Code(err) == codes.Unavailable {
+		return status.Errorf(codes.Unavailable, "%s (if the cluster runs TLS, give an admin certificate: --tls-ca, --tls-cert, --tls-key or MERIDIAN_TLS_*)", status.Convert(err).Message())
+	}
+	if err != nil && status.Code(err) == codes.Unauthenticated && !strings.Contains(status.Convert(err).Message(), "MERIDIAN_USERNAME") {
+		return fmt.Errorf("%s (an admin certificate, --tls-*, or an admin user: MERIDIAN_USERNAME and MERIDIAN_PASSWORD, or --username and --password-file)", status.Convert(err).Message())
+	}
+	return err
 }
 
 // clusterGossipKey changes or lists the gossip keyring of every member.

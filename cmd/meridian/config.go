@@ -184,9 +184,13 @@ func envName(flagName string) string {
 
 // loadConfig fills a node.Config from defaults, then the YAML file named by
 // --config (or MERIDIAN_CONFIG), then MERIDIAN_* variables, then flags.
-func loadConfig(name string, args []string, opts []option, defaults node.Config) (node.Config, error) {
+// extra adds flags of the command's own that are no node setting.
+func loadConfig(name string, args []string, opts []option, defaults node.Config, extra ...func(*flag.FlagSet)) (node.Config, error) {
 	fs := flag.NewFlagSet("meridian "+name, flag.ContinueOnError)
 	configFile := fs.String("config", os.Getenv("MERIDIAN_CONFIG"), "YAML configuration file (env MERIDIAN_CONFIG)")
+	for _, add := range extra {
+		add(fs)
+	}
 	type setting struct {
 		opt   option
 		value string

@@ -27,6 +27,9 @@ Usage:
   meridian access …          grant, revoke, list permissions on repository prefixes
   meridian audit [flags]     read the audit log (who changed what, from where)
   meridian gc …              run (or dry-run) garbage collection, show what it freed per region
+  meridian backup --to FILE  write a backup of the replicated state and the blob list per region
+  meridian restore --from FILE [serve flags]
+                             prepare a data dir that starts a new cluster from a backup (--check: verify only)
   meridian repo delete NAME  delete a repository (its tags, manifests and blob links)
   meridian immutable …       add, delete, list tag immutability rules
   meridian quota …           set, delete, list storage, repository and tag quotas with their usage
@@ -75,6 +78,12 @@ func main() {
 		err = auditCmd(os.Args[2:])
 	case "gc":
 		err = gcCmd(os.Args[2:])
+	case "backup":
+		private() // the file holds password hashes and signing keys
+		err = backupCmd(os.Args[2:])
+	case "restore":
+		private()
+		err = restoreCmd(os.Args[2:])
 	case "repo":
 		err = repoCmd(os.Args[2:])
 	case "immutable":

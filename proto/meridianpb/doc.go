@@ -4,8 +4,8 @@
 // holds the gRPC services a node serves, one per caller role: Member
 // (member.proto, node to node), Gateway (gateway.proto, gateways' reads and
 // writes), Admin (admin.proto, operator commands), whose messages are in
-// cluster.proto and access.proto, and BlobStore (blobstore.proto, a
-// region's blob store).
+// cluster.proto, access.proto, lifecycle.proto and backup.proto, and
+// BlobStore (blobstore.proto, a region's blob store).
 //
 // meridian.pb.go is generated from meridian.proto by `make proto`; errors.go
 // is written by hand.
