@@ -373,8 +373,6 @@ func (n *Node) Close() error {
 	return errors.Join(errs...)
 }
 
-// streamLayer is hashicorp/raft's TCP stream layer over a caller-provided
-// listener; TLS can wrap it later without touching Raft.
 // hostAddr is an advertised Raft address kept as written. A host name
 // stays a name in the Raft configuration and is resolved at every dial, so
 // servers that all come back on new IPs at once (the pods of a restarted
@@ -402,6 +400,8 @@ func advertiseAddr(s string) (net.Addr, error) {
 	return hostAddr(s), nil
 }
 
+// streamLayer is hashicorp/raft's TCP stream layer over a caller-provided
+// listener; TLS can wrap it later without touching Raft.
 type streamLayer struct {
 	net.Listener
 	advertise net.Addr
