@@ -108,7 +108,7 @@ func (n *Node) checkLogFormat(need uint32) error {
 	}
 	var behind []string
 	for _, s := range servers {
-		v, ok := uint32(1), false
+		v, ok := uint32(1), true
 		if n.cfg.LogVersionOf != nil {
 			v, ok = n.cfg.LogVersionOf(s.ID)
 		}
