@@ -8,14 +8,15 @@ import (
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
-// Entry builds the log entry of a validated command: this binary's format
-// version and the proposer's time, fixed here so every replica applies the
-// same thing. It is the one place a command becomes a LogEntry; callers
+// Entry builds the log entry of a validated command: the log format its
+// command needs (CommandVersion, so that older binaries keep applying the
+// commands they know) and the proposer's time, fixed here so every replica
+// applies the same thing. It is the one place a command becomes a LogEntry; callers
 // outside this package send commands, never entries. actor (who asked; nil
 // for the cluster's own housekeeping) rides in the same entry, and the
 // audit log is written from it as the entry applies.
 func Entry(cmd *pb.Command, actor *pb.Actor, now time.Time) (*pb.LogEntry, error) {
-	e := &pb.LogEntry{Version: LogVersion, TimeUnixNano: now.UnixNano(), Actor: actor}
+	e := &pb.LogEntry{Version: CommandVersion(cmd), TimeUnixNano: now.UnixNano(), Actor: actor}
 	switch c := cmd.GetIntent().(type) {
 	case *pb.Command_PutManifest:
 		e.Command = &pb.LogEntry_PutManifest{PutManifest: c.PutManifest}

@@ -10,8 +10,8 @@ import (
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
 
-// Every intent a Command can carry becomes an entry of this binary's
-// version with the proposer's time, whose command the FSM applies; an
+// Every intent a Command can carry becomes an entry of its command's
+// format version with the proposer's time, whose command the FSM applies; an
 // empty command becomes nothing.
 func TestEntryCoversEveryIntent(t *testing.T) {
 	now := time.Unix(1700000000, 42)
@@ -27,7 +27,7 @@ func TestEntryCoversEveryIntent(t *testing.T) {
 			t.Errorf("%s: %v", f.Name(), err)
 			continue
 		}
-		if e.Version != LogVersion || e.TimeUnixNano != now.UnixNano() || e.Command == nil {
+		if e.Version != CommandVersion(cmd) || e.TimeUnixNano != now.UnixNano() || e.Command == nil {
 			t.Errorf("%s: entry %v", f.Name(), e)
 		}
 		// The entry's command is the same message under the same name.

@@ -15,8 +15,9 @@ import (
 )
 
 // LogVersion is the newest LogEntry format this binary applies. An entry with
-// a newer version panics the node rather than being applied wrongly; upgrade
-// every node before proposing entries of a new version.
+// a newer version panics the node rather than being applied wrongly, so the
+// leader proposes one only when every server advertises that it applies it
+// (versions.go).
 const LogVersion uint32 = 1
 
 // applyFunc applies one command to batch. It returns a business error (a
@@ -106,8 +107,8 @@ func (f *fsm) Apply(l *raft.Log) any {
 	if err := proto.Unmarshal(l.Data, e); err != nil {
 		panic(fmt.Sprintf("consensus: entry %d does not decode: %v", l.Index, err))
 	}
-	if e.Version == 0 || e.Version > LogVersion {
-		panic(fmt.Sprintf("consensus: entry %d has format version %d; this binary applies up to %d", l.Index, e.Version, LogVersion))
+	if e.Version == 0 || e.Version > appliesUpTo() {
+		panic(fmt.Sprintf("consensus: entry %d has format version %d; this binary applies up to %d", l.Index, e.Version, appliesUpTo()))
 	}
 	which := e.ProtoReflect().WhichOneof(commandOneof)
 	if which == nil {

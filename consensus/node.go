@@ -42,6 +42,11 @@ type Config struct {
 	SnapshotThreshold uint64
 	SnapshotInterval  time.Duration
 	TrailingLogs      uint64
+	// LogVersionOf reports the newest log format server id applies, as it
+	// advertises, and whether it is alive to say so (the node answers from
+	// gossip). The leader proposes an entry of a format above 1 only when
+	// every server of the configuration applies it. nil: none is known to.
+	LogVersionOf func(id string) (version uint32, alive bool)
 	// Dial opens Raft connections to peers; nil means net.DialTimeout. Tests
 	// use it to cut nodes off from each other.
 	Dial func(addr string, timeout time.Duration) (net.Conn, error)
@@ -213,8 +218,13 @@ func (n *Node) Propose(ctx context.Context, e *pb.LogEntry) error {
 // propose is Propose, also returning the entry's log index once applied
 // (0 when it was not).
 func (n *Node) propose(ctx context.Context, e *pb.LogEntry) (uint64, error) {
-	if e.Version == 0 {
-		e.Version = LogVersion
+	// An entry is stamped with the format its command needs, never less,
+	// and enters the log only once every server can apply that format.
+	if need := entryVersion(e); e.Version < need {
+		e.Version = need
+	}
+	if err := n.checkLogFormat(e.Version); err != nil {
+		return 0, err
 	}
 	if e.TimeUnixNano == 0 {
 		e.TimeUnixNano = time.Now().UnixNano()

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/meridian-registry/meridian/consensus"
 	"github.com/meridian-registry/meridian/node/membership"
 )
 
@@ -21,7 +22,7 @@ func (n *Node) startMembership() error {
 		ID: n.cfg.NodeID, ClusterID: n.cfg.ClusterID, Region: n.cfg.Region, Zone: n.cfg.Zone,
 		Role: membership.RoleServer, RaftAddr: n.consensus.Addr(), GRPCAddr: n.GRPCAddr(),
 		HTTPAddr: n.advertisedHTTP(), Version: membership.ProtocolVersion,
-		Topology: n.cfg.topologyFingerprint(),
+		Topology: n.cfg.topologyFingerprint(), LogVersion: consensus.LogVersion,
 	}
 	mc.BindAddr = n.cfg.GossipAddr
 	mc.AdvertiseAddr = n.cfg.AdvertiseGossip
@@ -43,6 +44,21 @@ func (n *Node) startMembership() error {
 	}
 	n.membership = m
 	return nil
+}
+
+// logVersionOf is the log format server id advertises in gossip, and
+// whether it is alive there to advertise it (consensus.Config.LogVersionOf).
+// It is only asked before an entry of a format above 1 is proposed, which
+// no node does before it serves, so gossip has started by then.
+func (n *Node) logVersionOf(id string) (uint32, bool) {
+	if n.membership == nil {
+		return 0, false
+	}
+	m, ok := n.membership.Member(id)
+	if !ok || m.State != membership.StateAlive || m.Role != membership.RoleServer {
+		return 0, false
+	}
+	return m.LogVersion, true
 }
 
 // joinCluster joins gossip. A node without state that was told to join

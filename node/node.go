@@ -155,6 +155,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	cc.ElectionTimeout = n.cfg.RaftElectionTimeout
 	cc.Logger = n.logger
 	cc.Dial = n.trust.RaftDial(n.cfg.Dial)
+	cc.LogVersionOf = n.logVersionOf
 	n.consensus = consensus.NewNode(cc)
 	if err := n.consensus.Open(ctx); err != nil {
 		raftLn.Close()

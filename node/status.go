@@ -29,6 +29,7 @@ func (n *Node) status() *pb.NodeStatus {
 		CommitIndex: st.CommitIndex, AppliedIndex: st.AppliedIndex, LastLogIndex: st.LastLogIndex,
 		RaftAddr: n.consensus.Addr(), GrpcAddr: n.GRPCAddr(), HttpAddr: n.advertisedHTTP(),
 		Version: Version, UptimeSeconds: int64(time.Since(n.started).Seconds()),
+		LogVersion: consensus.LogVersion,
 	}
 	if servers, err := n.consensus.Servers(); err == nil {
 		s.Suffrage = suffrageOf(servers, n.cfg.NodeID)

@@ -170,11 +170,12 @@ func clusterStatus(args []string) error {
 	}
 	fmt.Printf("cluster %s: leader %s, commit index %d (answered by %s)\n\n", st.ClusterId, leader, st.LeaderCommitIndex, st.AnsweredBy)
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "ID\tREGION\tROLE\tSUFFRAGE\tHEALTH\tRAFT\tAPPLIED\tLAG\tSTATE DIGEST\tHTTP")
+	fmt.Fprintln(w, "ID\tREGION\tROLE\tSUFFRAGE\tHEALTH\tRAFT\tAPPLIED\tLAG\tSTATE DIGEST\tVERSION\tLOG FORMAT\tHTTP")
 	for _, m := range st.Members {
-		raftState, applied, lag, digest, http := "-", "-", "-", "-", "-"
+		raftState, applied, lag, digest, version, logFormat, http := "-", "-", "-", "-", "-", "-", "-"
 		if s := m.Status; s != nil {
 			raftState, applied = s.RaftState, fmt.Sprint(s.AppliedIndex)
+			version, logFormat = dash(s.Version), fmt.Sprint(max(s.LogVersion, 1)) // binaries without the field apply format 1
 			if st.LeaderCommitIndex >= s.AppliedIndex {
 				lag = fmt.Sprint(st.LeaderCommitIndex - s.AppliedIndex)
 			} else {
@@ -185,7 +186,7 @@ func clusterStatus(args []string) error {
 		} else if m.Error != "" {
 			raftState = "unreachable"
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Id, dash(m.Region), m.Role, m.Suffrage, m.Health, raftState, applied, lag, digest, http)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Id, dash(m.Region), m.Role, m.Suffrage, m.Health, raftState, applied, lag, digest, version, logFormat, http)
 	}
 	if err := w.Flush(); err != nil {
 		return err

@@ -80,7 +80,13 @@ var e2eAdminPasswordFile = sync.OnceValue(func() string {
 // e2eBuild builds this package into out with the test binary's -race and
 // -tags, so a race test also races the server.
 func e2eBuild(out string) (string, error) {
-	args := []string{"build", "-o", out}
+	return e2eBuildIn(".", ".", out)
+}
+
+// e2eBuildIn builds pkg (relative to dir) into out the way e2eBuild does,
+// with extra build flags.
+func e2eBuildIn(dir, pkg, out string, extra ...string) (string, error) {
+	args := append([]string{"build", "-o", out}, extra...)
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		for _, s := range bi.Settings {
 			switch {
@@ -93,7 +99,8 @@ func e2eBuild(out string) (string, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "go", append(args, ".")...)
+	cmd := exec.CommandContext(ctx, "go", append(args, pkg)...)
+	cmd.Dir = dir
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go %s: %w\n%s", strings.Join(args, " "), err, b)
 	}
@@ -163,6 +170,12 @@ type e2eProc struct {
 // ends if it is still running.
 func e2eStart(t testing.TB, readyFile string, env []string, args ...string) *e2eProc {
 	t.Helper()
+	return e2eStartBinary(t, e2eBinary, readyFile, env, args...)
+}
+
+// e2eStartBinary is e2eStart with another meridian binary.
+func e2eStartBinary(t testing.TB, binary, readyFile string, env []string, args ...string) *e2eProc {
+	t.Helper()
 	if err := os.Remove(readyFile); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		t.Fatal(err)
 	}
@@ -172,7 +185,7 @@ func e2eStart(t testing.TB, readyFile string, env []string, args ...string) *e2e
 	}
 	defer logFile.Close()
 	p := &e2eProc{t: t, name: "meridian", readyFile: readyFile, logPath: logFile.Name(), exited: make(chan struct{})}
-	p.cmd = exec.Command(e2eBinary, args...)
+	p.cmd = exec.Command(binary, args...)
 	p.cmd.Env = env
 	p.cmd.Stdout, p.cmd.Stderr = logFile, logFile
 	// Gone with the test process, even if it dies without cleanups.

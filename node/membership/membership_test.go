@@ -615,12 +615,17 @@ func TestUnreadEventsNeverBlockGossip(t *testing.T) {
 
 func TestMetaEncoding(t *testing.T) {
 	m := Meta{ID: "n1", ClusterID: "c", Region: "eu", Zone: "eu-1", Role: RoleGateway,
-		RaftAddr: "10.0.0.1:5002", GRPCAddr: "[::1]:5001", HTTPAddr: "10.0.0.1:5000", Version: 7, Topology: "0123456789ab"}
+		RaftAddr: "10.0.0.1:5002", GRPCAddr: "[::1]:5001", HTTPAddr: "10.0.0.1:5000", Version: 7, Topology: "0123456789ab", LogVersion: 2}
 	b := encodeMeta(wireMeta{Meta: m, instance: 42})
-	// Metadata of a binary that predates Topology ends before it.
-	old := b[:len(b)-1-len(m.Topology)]
-	if got, err := decodeMeta("n1", old); err != nil || got.Topology != "" || got.HTTPAddr != m.HTTPAddr {
+	// Metadata of a binary that predates Topology ends before it, and one
+	// that predates LogVersion applies log format 1.
+	old := b[:len(b)-2-len(m.Topology)]
+	if got, err := decodeMeta("n1", old); err != nil || got.Topology != "" || got.HTTPAddr != m.HTTPAddr || got.LogVersion != 1 {
 		t.Errorf("without topology: %+v %v", got, err)
+	}
+	noLog := b[:len(b)-1]
+	if got, err := decodeMeta("n1", noLog); err != nil || got.Topology != m.Topology || got.LogVersion != 1 {
+		t.Errorf("without log version: %+v %v, want topology %q and log version 1", got, err, m.Topology)
 	}
 	got, err := decodeMeta("n1", b)
 	if err != nil || got.Meta != m || got.instance != 42 {
@@ -631,7 +636,7 @@ func TestMetaEncoding(t *testing.T) {
 		t.Errorf("with trailing bytes: %+v %v", got, err)
 	}
 	for i := range len(b) {
-		if i == len(old) {
+		if i == len(old) || i == len(noLog) {
 			continue
 		}
 		if _, err := decodeMeta("n1", b[:i]); err == nil {

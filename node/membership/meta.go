@@ -46,6 +46,12 @@ type Meta struct {
 	// Topology fingerprints the member's configured region list; members
 	// whose fingerprints differ are refused (empty: not compared).
 	Topology string
+	// LogVersion is the newest Raft log format the member applies
+	// (consensus.LogVersion of its binary); the leader proposes entries of
+	// a newer format only when every server applies it. Metadata of
+	// binaries from before the field decodes as 1; gateways apply no log
+	// and leave it zero.
+	LogVersion uint32
 }
 
 // Wire format of the metadata (memberlist limits it to MetaMaxSize bytes):
@@ -56,6 +62,7 @@ type Meta struct {
 //	7 strings   ClusterID, Region, Zone, Role, RaftAddr, GRPCAddr, HTTPAddr,
 //	            each a uvarint length then the bytes
 //	1 string    Topology (appended later; absent in older metadata)
+//	uvarint     LogVersion (appended later; absent in older metadata: 1)
 //
 // The ID is not encoded: it is the memberlist node name. Decoders ignore
 // trailing bytes, so later versions of this binary may append fields without
@@ -88,6 +95,7 @@ func encodeMeta(w wireMeta) []byte {
 	}
 	buf = binary.AppendUvarint(buf, uint64(len(w.Topology)))
 	buf = append(buf, w.Topology...)
+	buf = binary.AppendUvarint(buf, uint64(w.LogVersion))
 	return buf
 }
 
@@ -125,6 +133,15 @@ func decodeMeta(id string, b []byte) (wireMeta, error) {
 			return w, errMetaTruncated
 		}
 		w.Topology = string(b[n : n+int(l)])
+		b = b[n+int(l):]
+	}
+	w.LogVersion = 1 // what every binary from before the field applies
+	if len(b) > 0 {
+		v, n := binary.Uvarint(b)
+		if n <= 0 || v > uint64(^uint32(0)) {
+			return w, errMetaTruncated
+		}
+		w.LogVersion = uint32(v)
 	}
 	return w, nil
 }

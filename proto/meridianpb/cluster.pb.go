@@ -2346,7 +2346,11 @@ type NodeStatus struct {
 	Version          string `protobuf:"bytes,17,opt,name=version,proto3" json:"version,omitempty"`
 	UptimeSeconds    int64  `protobuf:"varint,18,opt,name=uptime_seconds,json=uptimeSeconds,proto3" json:"uptime_seconds,omitempty"`
 	// The node's last finished background scrub pass (none yet: absent).
-	LastScrub     *ScrubResponse `protobuf:"bytes,19,opt,name=last_scrub,json=lastScrub,proto3" json:"last_scrub,omitempty"`
+	LastScrub *ScrubResponse `protobuf:"bytes,19,opt,name=last_scrub,json=lastScrub,proto3" json:"last_scrub,omitempty"`
+	// The newest Raft log format the node's binary applies
+	// (consensus.LogVersion). Zero from binaries that predate the field,
+	// which apply format 1.
+	LogVersion    uint32 `protobuf:"varint,20,opt,name=log_version,json=logVersion,proto3" json:"log_version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2512,6 +2516,13 @@ func (x *NodeStatus) GetLastScrub() *ScrubResponse {
 		return x.LastScrub
 	}
 	return nil
+}
+
+func (x *NodeStatus) GetLogVersion() uint32 {
+	if x != nil {
+		return x.LogVersion
+	}
+	return 0
 }
 
 type ClusterStatusRequest struct {
@@ -3608,7 +3619,7 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x14GetUploadKeyResponse\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\fR\x03key\x12*\n" +
 	"\x04keys\x18\x02 \x03(\v2\x16.meridian.v1.UploadKeyR\x04keys\"\x0f\n" +
-	"\rStatusRequest\"\xe5\x04\n" +
+	"\rStatusRequest\"\x86\x05\n" +
 	"\n" +
 	"NodeStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1d\n" +
@@ -3633,7 +3644,9 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\aversion\x18\x11 \x01(\tR\aversion\x12%\n" +
 	"\x0euptime_seconds\x18\x12 \x01(\x03R\ruptimeSeconds\x129\n" +
 	"\n" +
-	"last_scrub\x18\x13 \x01(\v2\x1a.meridian.v1.ScrubResponseR\tlastScrub\"\x16\n" +
+	"last_scrub\x18\x13 \x01(\v2\x1a.meridian.v1.ScrubResponseR\tlastScrub\x12\x1f\n" +
+	"\vlog_version\x18\x14 \x01(\rR\n" +
+	"logVersion\"\x16\n" +
 	"\x14ClusterStatusRequest\"\x8f\x02\n" +
 	"\fMemberStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +

@@ -1,0 +1,129 @@
+package consensus
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"sync/atomic"
+
+	"google.golang.org/protobuf/reflect/protoreflect"
+
+	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+)
+
+// Log format versions, and the gate that keeps a mixed cluster applying
+// the same log.
+//
+// An entry carries the format its command needs, not the newest format of
+// the binary that proposed it: commands that exist since format 1 are
+// stamped 1 forever, so a node of an older release keeps applying every
+// entry except those of commands added after it. A release that adds a
+// command older binaries cannot apply raises LogVersion and lists the
+// command in commandVersions with that version. The leader proposes such an
+// entry only once every server of the Raft configuration advertises (in
+// gossip) that it applies the format; until then the change is refused, and
+// the rolling upgrade must finish first.
+
+// commandVersions maps a LogEntry command (its oneof field name, which is
+// also the Command intent's) to the first log format that can apply it.
+// A command not listed needs format 1.
+var commandVersions = map[string]uint32{}
+
+// versionTable is what entries are stamped and checked against; tests swap
+// it (OverrideCommandVersionForTest) while nodes may be running.
+type versionTable struct {
+	commands map[string]uint32
+	// applies is the newest format Apply accepts: LogVersion.
+	applies uint32
+}
+
+var versions atomic.Pointer[versionTable]
+
+func init() {
+	versions.Store(&versionTable{commands: commandVersions, applies: LogVersion})
+}
+
+func (t *versionTable) of(command protoreflect.Name) uint32 {
+	if v, ok := t.commands[string(command)]; ok {
+		return v
+	}
+	return 1
+}
+
+// CommandVersion is the log format an entry of cmd is stamped with: 1 for
+// a command every release applies, more for one added later. The node
+// layer asks it before proposing, so that it can refuse a change the
+// cluster is not ready for with a clear reason.
+func CommandVersion(cmd *pb.Command) uint32 {
+	f := cmd.ProtoReflect().WhichOneof(intentOneof)
+	if f == nil {
+		return 1
+	}
+	return versions.Load().of(f.Name())
+}
+
+var intentOneof = (&pb.Command{}).ProtoReflect().Descriptor().Oneofs().ByName("intent")
+
+// entryVersion is the format e's command needs.
+func entryVersion(e *pb.LogEntry) uint32 {
+	which := e.ProtoReflect().WhichOneof(commandOneof)
+	if which == nil {
+		return 1
+	}
+	return versions.Load().of(which.Name())
+}
+
+// appliesUpTo is the newest format this process applies: LogVersion.
+func appliesUpTo() uint32 { return versions.Load().applies }
+
+// OverrideCommandVersionForTest makes entries of command (a LogEntry oneof
+// field name, such as "set_policy") need log format version, and lets
+// this process apply up to that format, as a binary of a newer release
+// would. It exists so that tests can exercise the format gate with a
+// command that needs a newer format; it returns the function that undoes
+// it. Nothing else may call it.
+func OverrideCommandVersionForTest(command string, version uint32) (restore func()) {
+	if commandOneof.Fields().ByName(protoreflect.Name(command)) == nil {
+		panic(fmt.Sprintf("consensus: no log command %q", command))
+	}
+	old := versions.Load()
+	t := &versionTable{commands: maps.Clone(old.commands), applies: max(old.applies, version)}
+	t.commands[command] = version
+	versions.Store(t)
+	return func() { versions.Store(old) }
+}
+
+// checkLogFormat refuses an entry of format need unless every server of
+// the Raft configuration applies it, as far as Config.LogVersionOf knows.
+// Only the leader proposes, so the check runs where the entry would enter
+// the log, whichever node the change came through.
+func (n *Node) checkLogFormat(need uint32) error {
+	if need <= 1 {
+		return nil
+	}
+	servers, err := n.Servers()
+	if err != nil {
+		return fmt.Errorf("%w: read the Raft configuration: %v", pb.ErrUnavailable, err)
+	}
+	var behind []string
+	for _, s := range servers {
+		v, ok := uint32(1), true
+		if n.cfg.LogVersionOf != nil {
+			v, ok = n.cfg.LogVersionOf(s.ID)
+		}
+		switch {
+		case !ok:
+			behind = append(behind, s.ID+" (not alive in gossip)")
+		case v < need:
+			behind = append(behind, fmt.Sprintf("%s (format %d)", s.ID, max(v, 1)))
+		}
+	}
+	if len(behind) == 0 {
+		return nil
+	}
+	slices.Sort(behind)
+	return pb.Errorf(pb.Code_CODE_PRECONDITION_FAILED,
+		"this change needs log format %d on every node of the Raft configuration; %s still run an older Meridian or cannot be asked (finish the rolling upgrade first)",
+		need, strings.Join(behind, ", "))
+}
