@@ -261,7 +261,7 @@ func ensurePKI(dir string, plan pkiPlan) (made []string, err error) {
 		if _, _, err := pki.Issue(dir, m); err != nil {
 			return nil, fmt.Errorf("certificate for %s: %w", m.ID, err)
 		}
-		made = append(made, fmt.Sprintf("a %s certificate for %s", m.Role, m.ID))
+		made = append(made, fmt.Sprintf("the certificate of %s %s", m.Role, m.ID))
 	}
 	if plan.adminPassword {
 		path := filepath.Join(dir, node.AdminPasswordFileName)
