@@ -25,9 +25,9 @@ const versitygwVersion = "v1.8.0"
 
 // The services of one region, and the regions the test does not stop.
 var (
-	usEast       = []string{"us-east-1", "us-east-2", "s3-us-east", "gateway-us-east"}
-	nodes        = []string{"us-east-1", "us-east-2", "eu-west-1", "eu-west-2", "ap-south-1"}
-	longRunning  = append(append([]string{}, nodes...), "gateway-us-east", "gateway-eu-west")
+	usEast      = []string{"us-east-1", "us-east-2", "s3-us-east", "gateway-us-east"}
+	nodes       = []string{"us-east-1", "us-east-2", "eu-west-1", "eu-west-2", "ap-south-1"}
+	longRunning = append(append([]string{}, nodes...), "gateway-us-east", "gateway-eu-west")
 )
 
 // TestComposeThreeRegions runs compose.yaml as a user would, with the S3
