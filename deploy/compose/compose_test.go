@@ -23,7 +23,8 @@ import (
 // no static binary is given: the Makefile's VERSITYGW_VERSION.
 const versitygwVersion = "v1.8.0"
 
-// The services of one region, and the regions the test does not stop.
+// The containers of us-east (the region the test takes down), the nodes,
+// and every node and gateway.
 var (
 	usEast      = []string{"us-east-1", "us-east-2", "s3-us-east", "gateway-us-east"}
 	nodes       = []string{"us-east-1", "us-east-2", "eu-west-1", "eu-west-2", "ap-south-1"}
