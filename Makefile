@@ -6,6 +6,8 @@
 #   make chaos        a 30-minute fault-injection run (3 regions, 5 nodes, 2 gateways)
 #   make chaos-short  the same harness, smaller, at most 5 minutes
 #   make bench        performance figures next to this machine's limits
+#   make compose-test three regions on one machine with docker compose
+#                     (deploy/compose), proven with the docker CLI
 #
 # Tools are installed with `go install` at pinned versions into bin/tools;
 # their builds are cached in the Go build cache.
@@ -28,7 +30,7 @@ REGCTL_VERSION       := v0.11.7
 HELM_VERSION         := v3.21.4
 VERSION              := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: skopeo podman protoc image helm-check all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
+.PHONY: skopeo podman protoc image helm-check compose-test all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
 
 all: build
 
@@ -44,6 +46,21 @@ image:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(BIN)/image/meridian ./cmd/meridian
 	docker build -f deploy/docker/Dockerfile.local -t $(IMAGE) $(BIN)/image
 
+## compose-test: deploy/compose/compose.yaml with docker-compose: the image
+## (make image) and a versitygw S3 image FROM scratch around a static
+## versitygw, five nodes and two gateways in three regions; pushes and pulls
+## with the docker CLI, takes a region down and back (TestComposeThreeRegions,
+## about two minutes once the images are built).
+VERSITYGW_STATIC := $(TOOLS)/static/versitygw
+compose-test: image $(VERSITYGW_STATIC)
+	MERIDIAN_COMPOSE=1 MERIDIAN_COMPOSE_IMAGE=$(IMAGE) MERIDIAN_COMPOSE_VERSITYGW=$(VERSITYGW_STATIC) \
+	  $(GO) test -count=1 -timeout 20m -v -run TestComposeThreeRegions ./deploy/compose/
+
+# A static versitygw for an image FROM scratch (the one in bin/tools is
+# built with cgo).
+$(VERSITYGW_STATIC):
+	CGO_ENABLED=0 GOBIN=$(TOOLS)/static $(GO) install github.com/versity/versitygw/cmd/versitygw@$(VERSITYGW_VERSION)
+
 ## run: a local cluster of three regions, one node each (dev-a on :5100,
 ## dev-b on :5200, dev-c on :5300) behind a gateway on localhost:5000,
 ## data under ./data/dev (kept between runs).
@@ -51,12 +68,14 @@ run: build
 	$(MERIDIAN) dev --dir data/dev
 
 ## test: static checks, every package's tests (unit, integration, restart,
-## real clients, geo-replication against real S3 servers) and the OCI
+## real clients, geo-replication against real S3 servers, the container
+## image and the compose deployment where a Docker engine runs) and the OCI
 ## conformance suite against a real node; then the short chaos run.
 TEST_ENV := MERIDIAN_CONFORMANCE=$(TOOLS)/conformance MERIDIAN_VERSITYGW=$(TOOLS)/versitygw MERIDIAN_REQUIRE_S3=1 \
   MERIDIAN_DISTRIBUTION=$(TOOLS)/registry MERIDIAN_CRANE=$(TOOLS)/crane MERIDIAN_ORAS=$(TOOLS)/oras \
-  MERIDIAN_REGCTL=$(TOOLS)/regctl MERIDIAN_HELM=$(TOOLS)/helm MERIDIAN_SKOPEO=$$(command -v skopeo) MERIDIAN_PODMAN=$$(command -v podman)
-test: vet fmt-check proto-check helm-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(TOOLS)/registry $(TOOLS)/crane $(TOOLS)/oras $(TOOLS)/regctl $(TOOLS)/helm skopeo podman
+  MERIDIAN_REGCTL=$(TOOLS)/regctl MERIDIAN_HELM=$(TOOLS)/helm MERIDIAN_SKOPEO=$$(command -v skopeo) MERIDIAN_PODMAN=$$(command -v podman) \
+  MERIDIAN_COMPOSE=1 MERIDIAN_COMPOSE_VERSITYGW=$(VERSITYGW_STATIC)
+test: vet fmt-check proto-check helm-check fuzz $(TOOLS)/conformance $(TOOLS)/versitygw $(VERSITYGW_STATIC) $(TOOLS)/registry $(TOOLS)/crane $(TOOLS)/oras $(TOOLS)/regctl $(TOOLS)/helm skopeo podman
 	$(TEST_ENV) $(GO) test -count=1 -timeout 25m ./...
 	$(MAKE) chaos-short
 

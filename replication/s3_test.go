@@ -1064,3 +1064,33 @@ func TestS3PurgeInterrupted(t *testing.T) {
 		}
 	})
 }
+
+// TestEnsureBucket: a new cluster's stores are set up by creating each
+// region's bucket once; running it again changes nothing, the store then
+// opens, and wrong credentials are an error rather than "exists".
+func TestEnsureBucket(t *testing.T) {
+	srv := s3test.Start(t)
+	cfg := replication.StoreConfig{Region: "us-east", URL: srv.URL("fresh")}
+	if _, err := replication.OpenStore(t.Context(), cfg); err == nil {
+		t.Fatal("OpenStore of a missing bucket succeeded")
+	}
+	for i, want := range []bool{true, false} {
+		created, err := replication.EnsureBucket(t.Context(), cfg)
+		if err != nil {
+			t.Fatalf("EnsureBucket (run %d): %v", i+1, err)
+		}
+		if created != want {
+			t.Fatalf("EnsureBucket (run %d) created=%v, want %v", i+1, created, want)
+		}
+	}
+	if _, err := replication.OpenStore(t.Context(), cfg); err != nil {
+		t.Fatalf("OpenStore after EnsureBucket: %v", err)
+	}
+	bad := replication.StoreConfig{Region: "us-east", URL: srv.URL("other"), AccessKey: "nobody", SecretKey: "not-the-secret"}
+	if _, err := replication.EnsureBucket(t.Context(), bad); err == nil {
+		t.Fatal("EnsureBucket with wrong credentials succeeded")
+	}
+	if created, err := replication.EnsureBucket(t.Context(), replication.StoreConfig{Region: "local", URL: "file://" + t.TempDir()}); err != nil || created {
+		t.Fatalf("EnsureBucket of a file store: created=%v err=%v, want nothing to do", created, err)
+	}
+}

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"unicode"
 
+	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
 	"github.com/minio/minio-go/v7/pkg/s3utils"
 )
 
@@ -333,16 +335,9 @@ func OpenStore(ctx context.Context, cfg StoreConfig) (Driver, error) {
 		}
 		return d, nil
 	default:
-		s3cfg := u.S3
-		accessVar, secretVar := credentialVars(cfg.Region)
-		switch {
-		case (cfg.AccessKey == "") != (cfg.SecretKey == ""):
-			return nil, fmt.Errorf("replication: region %q: store %s: set both %s and %s, or neither", cfg.Region, u, accessVar, secretVar)
-		case cfg.AccessKey != "":
-			s3cfg.AccessKey, s3cfg.SecretKey = cfg.AccessKey, cfg.SecretKey
-		case s3cfg.AccessKey == "":
-			return nil, fmt.Errorf("replication: region %q: store %s has no credentials: set %s and %s, or put ACCESS:SECRET@ in the URL",
-				cfg.Region, u, accessVar, secretVar)
+		s3cfg, err := s3ConfigOf(cfg, u)
+		if err != nil {
+			return nil, err
 		}
 		d, err := NewS3(ctx, s3cfg)
 		if err != nil {
@@ -353,5 +348,67 @@ func OpenStore(ctx context.Context, cfg StoreConfig) (Driver, error) {
 			return nil, err
 		}
 		return d, nil
+	}
+}
+
+// s3ConfigOf is the S3 configuration of an s3:// store, with the
+// credentials of cfg in place of the URL's when cfg has them.
+func s3ConfigOf(cfg StoreConfig, u StoreURL) (S3Config, error) {
+	s3cfg := u.S3
+	accessVar, secretVar := credentialVars(cfg.Region)
+	switch {
+	case (cfg.AccessKey == "") != (cfg.SecretKey == ""):
+		return S3Config{}, fmt.Errorf("replication: region %q: store %s: set both %s and %s, or neither", cfg.Region, u, accessVar, secretVar)
+	case cfg.AccessKey != "":
+		s3cfg.AccessKey, s3cfg.SecretKey = cfg.AccessKey, cfg.SecretKey
+	case s3cfg.AccessKey == "":
+		return S3Config{}, fmt.Errorf("replication: region %q: store %s has no credentials: set %s and %s, or put ACCESS:SECRET@ in the URL",
+			cfg.Region, u, accessVar, secretVar)
+	}
+	return s3cfg, nil
+}
+
+// EnsureBucket creates the bucket of an s3:// store unless it exists, and
+// reports whether it created it; a file:// store needs nothing (its
+// directory is made when a process opens it). Nodes never create buckets
+// (NewS3 refuses a missing one, which is usually a typo); this is for
+// setting up a new cluster's stores, as `meridian store init` does.
+func EnsureBucket(ctx context.Context, cfg StoreConfig) (created bool, err error) {
+	u, err := ParseStoreURL(cfg.URL)
+	if err != nil {
+		return false, fmt.Errorf("%w (region %q)", err, cfg.Region)
+	}
+	if u.Scheme == "file" {
+		return false, nil
+	}
+	s3cfg, err := s3ConfigOf(cfg, u)
+	if err != nil {
+		return false, err
+	}
+	s3cfg = s3cfg.withDefaults()
+	lookup := minio.BucketLookupAuto
+	if s3cfg.PathStyle {
+		lookup = minio.BucketLookupPath
+	}
+	client, err := minio.New(s3cfg.Endpoint, &minio.Options{
+		Creds:        credentials.NewStaticV4(s3cfg.AccessKey, s3cfg.SecretKey, ""),
+		Secure:       s3cfg.Secure,
+		Region:       s3cfg.Region,
+		BucketLookup: lookup,
+		MaxRetries:   1, // the caller decides how long to keep trying
+	})
+	if err != nil {
+		return false, fmt.Errorf("replication: region %q: s3 store %s: %w", cfg.Region, s3cfg, err)
+	}
+	err = client.MakeBucket(ctx, s3cfg.Bucket, minio.MakeBucketOptions{Region: s3cfg.Region})
+	switch code := s3Code(err); {
+	case err == nil:
+		return true, nil
+	case code == "BucketAlreadyOwnedByYou" || code == "BucketAlreadyExists":
+		// BucketAlreadyExists can also mean another account owns it; the
+		// nodes' start check (NewS3) then reports the credentials.
+		return false, nil
+	default:
+		return false, fmt.Errorf("replication: region %q: s3 store %s: create bucket %q: %w", cfg.Region, s3cfg, s3cfg.Bucket, err)
 	}
 }

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"flag"
 	"fmt"
@@ -10,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/meridian-registry/meridian/node"
 	"github.com/meridian-registry/meridian/node/pki"
 )
 
@@ -17,6 +20,7 @@ const caUsage = `Usage:
   meridian ca init  --dir DIR [--cluster-id ID]
   meridian ca issue --dir DIR --role node|gateway|admin --id ID [--dns NAME]… [--ip IP]… [--validity 8760h]
   meridian ca revoke --dir DIR (--id ID | --cert FILE)
+  meridian ca bootstrap --dir DIR [--cluster-id ID] [--node ID]… [--gateway ID]… [--admin ID]… [--dns NAME]… [--admin-password]
 
 init writes a new cluster CA into DIR: DIR/ca.crt, DIR/ca.key (0600) and a
 fresh gossip key DIR/gossip.key (0600). The CA names the cluster
@@ -36,6 +40,14 @@ revocation list DIR/ca.crl (init writes an empty one). Members started with
 as soon as the new list reaches them: they re-read it when it changes. Copy
 ca.crl wherever ca.crt goes. A new certificate issued for the same ID has a
 new serial number and is not revoked.
+
+bootstrap makes DIR hold what a new cluster's members need, creating only
+what is missing, so it can run before every start (a compose or Kubernetes
+init step): the CA and gossip key (as init), the revocation list, a
+certificate for each --node, --gateway and --admin ID (each with every
+--dns name), and with --admin-password a generated password for the first
+admin in DIR/admin-password (0600), for the nodes' --admin-password-file.
+Existing files are kept as they are; secrets are never printed.
 `
 
 func ca(args []string) error {
@@ -50,6 +62,8 @@ func ca(args []string) error {
 		return caIssue(args[1:])
 	case "revoke":
 		return caRevoke(args[1:])
+	case "bootstrap":
+		return caBootstrap(args[1:])
 	case "help", "-h", "--help":
 		fmt.Print(caUsage)
 		return nil
@@ -167,4 +181,105 @@ func caRevoke(args []string) error {
 	}
 	fmt.Printf("revoked %s (serial %s) in %s; copy it to every member's --tls-crl\n", path, serial, filepath.Join(*dir, pki.CRLFile))
 	return nil
+}
+
+func caBootstrap(args []string) error {
+	fs := flag.NewFlagSet("ca bootstrap", flag.ContinueOnError)
+	fs.Usage = func() { fmt.Fprint(fs.Output(), caUsage) }
+	dir := fs.String("dir", "", "directory for the CA, certificates and secrets (created 0700)")
+	clusterID := fs.String("cluster-id", "meridian", "the cluster's id, as the nodes' --cluster-id (used when the CA is created)")
+	password := fs.Bool("admin-password", false, "also generate the first admin's password into DIR/"+node.AdminPasswordFileName)
+	var nodes, gateways, admins, dns repeated
+	fs.Var(&nodes, "node", "a node id to issue a certificate for (repeatable)")
+	fs.Var(&gateways, "gateway", "a gateway id to issue a certificate for (repeatable)")
+	fs.Var(&admins, "admin", "an admin name to issue a certificate for (repeatable)")
+	fs.Var(&dns, "dns", "a DNS name put on every certificate issued, for HTTPS clients (repeatable)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("ca bootstrap: unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	if *dir == "" {
+		return errors.New("ca bootstrap: --dir is required")
+	}
+	plan := pkiPlan{clusterID: *clusterID, adminPassword: *password}
+	for _, group := range []struct {
+		role string
+		ids  []string
+	}{{pki.RoleNode, nodes}, {pki.RoleGateway, gateways}, {pki.RoleAdmin, admins}} {
+		for _, id := range group.ids {
+			plan.members = append(plan.members, pki.IssueRequest{Role: group.role, ID: id, DNSNames: dns})
+		}
+	}
+	made, err := ensurePKI(*dir, plan)
+	if err != nil {
+		return fmt.Errorf("ca bootstrap: %w", err)
+	}
+	if len(made) == 0 {
+		fmt.Printf("%s already holds everything asked for\n", *dir)
+	}
+	for _, m := range made {
+		fmt.Printf("created %s\n", m)
+	}
+	return nil
+}
+
+// pkiPlan is what a cluster's secrets directory must hold.
+type pkiPlan struct {
+	clusterID     string
+	members       []pki.IssueRequest
+	adminPassword bool
+}
+
+// ensurePKI creates in dir whatever of plan is missing (CA and gossip key,
+// revocation list, member certificates, first admin's password) and keeps
+// what exists; it returns what it created.
+func ensurePKI(dir string, plan pkiPlan) (made []string, err error) {
+	seen := map[string]bool{}
+	for _, m := range plan.members {
+		if seen[m.ID] {
+			return nil, fmt.Errorf("id %q is given twice: certificates are named by id", m.ID)
+		}
+		seen[m.ID] = true
+	}
+	if _, err := os.Stat(filepath.Join(dir, pki.CACertFile)); errors.Is(err, os.ErrNotExist) {
+		if err := pki.InitCA(dir, plan.clusterID); err != nil {
+			return nil, err
+		}
+		made = append(made, fmt.Sprintf("the cluster CA for %q (%s, %s)", plan.clusterID, pki.CACertFile, pki.GossipKeyFile))
+	} else if err != nil {
+		return nil, err
+	}
+	if err := pki.EnsureCRL(dir); err != nil {
+		return nil, err
+	}
+	for _, m := range plan.members {
+		if _, err := os.Stat(filepath.Join(dir, m.ID+".crt")); err == nil {
+			continue
+		}
+		if _, _, err := pki.Issue(dir, m); err != nil {
+			return nil, fmt.Errorf("certificate for %s: %w", m.ID, err)
+		}
+		made = append(made, fmt.Sprintf("the certificate of %s %s", m.Role, m.ID))
+	}
+	if plan.adminPassword {
+		path := filepath.Join(dir, node.AdminPasswordFileName)
+		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+			if err := pki.WriteFileAtomic(path, []byte(newSecret()+"\n"), 0o600); err != nil {
+				return nil, err
+			}
+			made = append(made, "the first admin's password ("+path+")")
+		} else if err != nil {
+			return nil, err
+		}
+	}
+	return made, nil
+}
+
+// newSecret is 256 random bits, URL-safe: a password no one has to type.
+func newSecret() string {
+	b := make([]byte, 32)
+	rand.Read(b)
+	return base64.RawURLEncoding.EncodeToString(b)
 }

@@ -50,3 +50,70 @@ func TestCACommands(t *testing.T) {
 		}
 	}
 }
+
+// ca bootstrap, as an init step runs it before every start: the first run
+// makes the CA, the certificates and the admin password; a second run with
+// one more node issues only that node's certificate and keeps every other
+// file byte for byte (a changed CA or password would lock the running
+// cluster out).
+func TestCABootstrap(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pki")
+	args := []string{"bootstrap", "--dir", dir, "--cluster-id", "prod", "--node", "n1", "--node", "n2",
+		"--gateway", "gw", "--admin", "ops", "--admin-password"}
+	if err := ca(args); err != nil {
+		t.Fatal(err)
+	}
+	for id, want := range map[string]string{"n1": "spiffe://prod/node/n1", "gw": "spiffe://prod/gateway/gw", "ops": "spiffe://prod/admin/ops"} {
+		s, err := pki.OpenWithCRL(filepath.Join(dir, pki.CACertFile), filepath.Join(dir, pki.CRLFile),
+			filepath.Join(dir, id+".crt"), filepath.Join(dir, id+".key"), nil)
+		if err != nil {
+			t.Fatalf("%s: %v", id, err)
+		}
+		if got := s.Identity().String(); got != want {
+			t.Errorf("%s: identity %s, want %s", id, got, want)
+		}
+	}
+	pwFile := filepath.Join(dir, "admin-password")
+	fi, err := os.Stat(pwFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("admin-password has mode %v, want 0600", fi.Mode().Perm())
+	}
+	before := map[string][]byte{}
+	for _, f := range []string{pki.CACertFile, pki.CAKeyFile, pki.GossipKeyFile, "n1.crt", "n1.key", "admin-password"} {
+		b, err := os.ReadFile(filepath.Join(dir, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		before[f] = b
+	}
+	if pw := strings.TrimSpace(string(before["admin-password"])); len(pw) < 40 {
+		t.Errorf("generated password %d characters long, want 256 bits", len(pw))
+	}
+	if err := ca(append(args, "--node", "n3")); err != nil {
+		t.Fatal(err)
+	}
+	for f, b := range before {
+		if now, _ := os.ReadFile(filepath.Join(dir, f)); string(now) != string(b) {
+			t.Errorf("the second run changed %s", f)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "n3.crt")); err != nil {
+		t.Errorf("the second run did not issue n3's certificate: %v", err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"bootstrap"}, "--dir is required"},
+		{[]string{"bootstrap", "--dir", dir, "--node", "x", "--gateway", "x"}, `"x" is given twice`},
+		{[]string{"bootstrap", "--dir", t.TempDir(), "--node", "../x"}, `id "../x"`},
+	} {
+		err := ca(tc.args)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("meridian ca %s: %v, want an error with %q", strings.Join(tc.args, " "), err, tc.want)
+		}
+	}
+}

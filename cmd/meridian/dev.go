@@ -33,25 +33,20 @@ const (
 	devAdminID   = "admin"
 )
 
-// devPKI creates the dev cluster's CA and gossip key in dir, and a
-// certificate for every member and for an admin, unless they exist.
+// devPKI creates the dev cluster's CA, gossip key and revocation list in
+// dir, and a certificate for every member and for an admin, unless they
+// exist.
 func devPKI(dir string) error {
-	if _, err := os.Stat(filepath.Join(dir, pki.CACertFile)); errors.Is(err, os.ErrNotExist) {
-		if err := pki.InitCA(dir, node.DefaultConfig().ClusterID); err != nil {
-			return fmt.Errorf("dev CA: %w", err)
-		}
-	}
-	certs := map[string]string{devGatewayID: pki.RoleGateway, devAdminID: pki.RoleAdmin}
+	plan := pkiPlan{clusterID: node.DefaultConfig().ClusterID, members: []pki.IssueRequest{
+		{Role: pki.RoleGateway, ID: devGatewayID}, {Role: pki.RoleAdmin, ID: devAdminID}}}
 	for _, d := range devNodes {
-		certs[d.id] = pki.RoleNode
+		plan.members = append(plan.members, pki.IssueRequest{Role: pki.RoleNode, ID: d.id})
 	}
-	for id, role := range certs {
-		if _, err := os.Stat(filepath.Join(dir, id+".crt")); err == nil {
-			continue
-		}
-		if _, _, err := pki.Issue(dir, pki.IssueRequest{Role: role, ID: id, DNSNames: []string{"localhost"}}); err != nil {
-			return fmt.Errorf("dev certificate for %s: %w", id, err)
-		}
+	for i := range plan.members {
+		plan.members[i].DNSNames = []string{"localhost"}
+	}
+	if _, err := ensurePKI(dir, plan); err != nil {
+		return fmt.Errorf("dev certificates: %w", err)
 	}
 	return nil
 }
@@ -84,9 +79,6 @@ func dev(args []string) error {
 	// dev cluster runs with every trust setting a production one has.
 	pkiDir := filepath.Join(*dir, "pki")
 	if err := devPKI(pkiDir); err != nil {
-		return err
-	}
-	if err := pki.EnsureCRL(pkiDir); err != nil {
 		return err
 	}
 	secure := func(c *node.Config, id string) {

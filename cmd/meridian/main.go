@@ -19,7 +19,8 @@ Usage:
   meridian dev               run a local 3-region cluster with a gateway (what make run starts)
   meridian cluster …         status, transfer-leader, remove, recover
   meridian policy …          list, set, delete replication policies
-  meridian ca …              init a cluster CA, issue member certificates
+  meridian ca …              init a cluster CA, issue member certificates, bootstrap a cluster's secrets
+  meridian store init        create the region stores' missing S3 buckets
   meridian scrub             re-hash stored blobs in every region, repair wrong copies
   meridian user …            add, list, passwd, delete users
   meridian team …            add a team of users
@@ -64,6 +65,8 @@ func main() {
 		err = policy(os.Args[2:])
 	case "ca":
 		err = ca(os.Args[2:])
+	case "store":
+		err = storeCmd(os.Args[2:])
 	case "scrub":
 		err = scrub(os.Args[2:])
 	case "user":
