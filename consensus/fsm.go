@@ -18,7 +18,7 @@ import (
 // a newer version panics the node rather than being applied wrongly, so the
 // leader proposes one only when every server advertises that it applies it
 // (versions.go).
-const LogVersion uint32 = 1
+const LogVersion uint32 = 2
 
 // applyFunc applies one command to batch. It returns a business error (a
 // *meridianpb.Error) to reject the command; the batch is then discarded except

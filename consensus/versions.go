@@ -28,7 +28,15 @@ import (
 // commandVersions maps a LogEntry command (its oneof field name, which is
 // also the Command intent's) to the first log format that can apply it.
 // A command not listed needs format 1.
-var commandVersions = map[string]uint32{}
+var commandVersions = map[string]uint32{
+	// Format 2: webhooks (webhooks.go). Releases before them panic on these
+	// entries, so a cluster takes its first webhook once every node runs a
+	// release that has them.
+	"put_webhook":         2,
+	"delete_webhook":      2,
+	"webhook_progress":    2,
+	"replay_dead_letters": 2,
+}
 
 // versionTable is what entries are stamped and checked against; tests swap
 // it (OverrideCommandVersionForTest) while nodes may be running.

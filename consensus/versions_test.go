@@ -2,6 +2,7 @@ package consensus
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -18,13 +19,13 @@ func setPolicyCmd(prefix string) *pb.Command {
 // binary's newest: a command of format 1 stays format 1 when a newer
 // command exists, so older binaries keep applying it.
 func TestEntryStampsTheCommandsVersion(t *testing.T) {
-	defer OverrideCommandVersionForTest("set_policy", 2)()
+	defer OverrideCommandVersionForTest("set_policy", LogVersion+1)()
 	now := time.Unix(1700000000, 0)
 	put := &pb.Command{Intent: &pb.Command_DeleteTag{DeleteTag: &pb.DeleteTag{Repository: "r", Tag: "t"}}}
 	for _, tc := range []struct {
 		cmd  *pb.Command
 		want uint32
-	}{{put, 1}, {setPolicyCmd("x/"), 2}} {
+	}{{put, 1}, {setPolicyCmd("x/"), LogVersion + 1}} {
 		e, err := Entry(tc.cmd, nil, now)
 		if err != nil {
 			t.Fatal(err)
@@ -64,8 +65,8 @@ func (g *fakeGossip) logVersionOf(id string) (uint32, bool) {
 // servers holding it back, commits nothing, keeps committing entries of
 // format 1 meanwhile, and accepts the entry once every server applies it.
 func TestLogFormatGate(t *testing.T) {
-	defer OverrideCommandVersionForTest("set_policy", 2)()
-	gossip := &fakeGossip{versions: map[string]uint32{"node-1": 2, "node-2": 1}}
+	defer OverrideCommandVersionForTest("set_policy", LogVersion+1)()
+	gossip := &fakeGossip{versions: map[string]uint32{"node-1": LogVersion + 1, "node-2": 1}}
 	n := startNode(t, t.TempDir(), func(c *Config) { c.LogVersionOf = gossip.logVersionOf })
 	ctx, cancel := context.WithTimeout(context.Background(), nodeTestTimeout)
 	defer cancel()
@@ -82,7 +83,7 @@ func TestLogFormatGate(t *testing.T) {
 	refused := func(want string) {
 		t.Helper()
 		_, err := n.Commit(ctx, setPolicyCmd("x/"), nil)
-		if pb.CodeOf(err) != pb.Code_CODE_PRECONDITION_FAILED || !strings.Contains(err.Error(), "log format 2") ||
+		if pb.CodeOf(err) != pb.Code_CODE_PRECONDITION_FAILED || !strings.Contains(err.Error(), fmt.Sprintf("log format %d", LogVersion+1)) ||
 			!strings.Contains(err.Error(), want) {
 			t.Fatalf("set_policy of format 2: %v, want PRECONDITION_FAILED naming %q", err, want)
 		}
@@ -101,7 +102,7 @@ func TestLogFormatGate(t *testing.T) {
 		t.Fatalf("a format 1 command while node-2 is behind: index %d, %v", index, err)
 	}
 
-	gossip.set("node-2", 2)
+	gossip.set("node-2", LogVersion+1)
 	if _, err := n.Commit(ctx, setPolicyCmd("x/"), nil); err != nil {
 		t.Fatalf("set_policy once every server applies format 2: %v", err)
 	}

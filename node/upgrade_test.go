@@ -2,6 +2,7 @@ package node_test
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -19,8 +20,10 @@ import (
 // stands in for a command of a newer release; every node of this process
 // applies it, so only the gate stands between it and the log.
 func TestLogFormatGateAcrossTheCluster(t *testing.T) {
+	// A format newer than this release's stands in for the next release's.
+	next, current := consensus.LogVersion+1, consensus.LogVersion
 	// Registered before the cluster, so undone after it stops.
-	t.Cleanup(consensus.OverrideCommandVersionForTest("set_policy", 2))
+	t.Cleanup(consensus.OverrideCommandVersionForTest("set_policy", next))
 	c := clustertest.New(t, 3)
 	ctx := within(t, 3*time.Minute)
 	leader := mustLeader(t, ctx, c)
@@ -69,13 +72,13 @@ func TestLogFormatGateAcrossTheCluster(t *testing.T) {
 	refusedNaming := func(behind ...int) {
 		t.Helper()
 		var last error
-		waitFor(t, ctx, "a refusal naming exactly the nodes still on format 1", func() bool {
+		waitFor(t, ctx, "a refusal naming exactly the nodes still on this release's format", func() bool {
 			last = setPolicy()
-			if pb.CodeOf(last) != pb.Code_CODE_PRECONDITION_FAILED || !strings.Contains(last.Error(), "log format 2") {
-				t.Fatalf("set a policy of log format 2: %v, want a refusal", last)
+			if pb.CodeOf(last) != pb.Code_CODE_PRECONDITION_FAILED || !strings.Contains(last.Error(), fmt.Sprintf("log format %d", next)) {
+				t.Fatalf("set a policy of log format %d: %v, want a refusal", next, last)
 			}
 			for i := range 3 {
-				named := strings.Contains(last.Error(), c.Node(i).ID()+" (format 1)")
+				named := strings.Contains(last.Error(), fmt.Sprintf("%s (format %d)", c.Node(i).ID(), current))
 				if named != slices.Contains(behind, i) {
 					return false
 				}
@@ -90,13 +93,13 @@ func TestLogFormatGateAcrossTheCluster(t *testing.T) {
 	}
 
 	refusedNaming(0, 1, 2)
-	advertise(leader, 2)
-	advertise(follower, 2)
+	advertise(leader, next)
+	advertise(follower, next)
 	last := (leader + 2) % 3
 	refusedNaming(last)
 
-	advertise(last, 2)
-	waitFor(t, ctx, "the policy to commit once every node advertises format 2", func() bool {
+	advertise(last, next)
+	waitFor(t, ctx, "the policy to commit once every node advertises the newer format", func() bool {
 		err := setPolicy()
 		if err != nil && pb.CodeOf(err) != pb.Code_CODE_PRECONDITION_FAILED {
 			t.Fatalf("set a policy: %v", err)

@@ -660,6 +660,16 @@ func TestRollingUpgrade(t *testing.T) {
 	if st.LeaderId != first {
 		t.Fatalf("leadership left the new node: %s", versions(st))
 	}
+	// A change of the new log format (a webhook) is refused by the new
+	// leader while old nodes would crash on it.
+	webhookAdd := func() (string, error) {
+		out, err := exec.Command(e2eBinary, slices.Concat([]string{"webhook", "add", "ci", "--url", "https://ci.example/hook",
+			"--addr", u.node(first).grpc}, u.adminFlags)...).CombinedOutput()
+		return string(out), err
+	}
+	if out, err := webhookAdd(); err == nil || !strings.Contains(out, "finish the rolling upgrade") {
+		t.Fatalf("a webhook added to a mixed cluster: %v\n%s\nwant the log-format refusal", err, out)
+	}
 
 	u.upgrade(second, e2eBinary)
 	delete(old, second)
@@ -668,6 +678,19 @@ func TestRollingUpgrade(t *testing.T) {
 	u.upgrade(leader, e2eBinary)
 	delete(old, leader)
 	step("every node upgraded", old)
+	// Now the new format is everyone's: the webhook goes in, and every node
+	// applies it.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		out, err := webhookAdd()
+		if err == nil {
+			break
+		}
+		if !strings.Contains(out, "finish the rolling upgrade") || time.Now().After(deadline) {
+			t.Fatalf("a webhook added once every node is upgraded: %v\n%s", err, out)
+		}
+		time.Sleep(500 * time.Millisecond) // gossip still carries a restarted node's format
+	}
 
 	c.progress(t, 5)
 	c.finish()
