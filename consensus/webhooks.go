@@ -364,21 +364,13 @@ func (s *Store) WebhookCursor(_ context.Context, name string) (*pb.WebhookCursor
 // EventsAfter returns up to limit events after (index, seq), in log order.
 func (s *Store) EventsAfter(_ context.Context, index uint64, seq uint32, limit int) ([]*pb.Event, error) {
 	var out []*pb.Event
-	err := s.read(func(db *pebble.DB) error {
-		_, upper := tableBounds(tableEvent)
-		it, err := db.NewIter(&pebble.IterOptions{LowerBound: append(eventKey(index, seq), 0), UpperBound: upper})
-		if err != nil {
-			return err
+	err := s.eachEventAfter(index, seq, func(v []byte) (bool, error) {
+		ev := &pb.Event{}
+		if err := proto.Unmarshal(v, ev); err != nil {
+			return false, err
 		}
-		defer it.Close()
-		for ok := it.First(); ok && len(out) < limit; ok = it.Next() {
-			ev := &pb.Event{}
-			if err := proto.Unmarshal(it.Value(), ev); err != nil {
-				return err
-			}
-			out = append(out, ev)
-		}
-		return it.Error()
+		out = append(out, ev)
+		return len(out) < limit, nil
 	})
 	return out, err
 }
@@ -386,19 +378,31 @@ func (s *Store) EventsAfter(_ context.Context, index uint64, seq uint32, limit i
 // CountEventsAfter counts the events after (index, seq), up to max.
 func (s *Store) CountEventsAfter(_ context.Context, index uint64, seq uint32, max int64) (int64, error) {
 	var n int64
-	err := s.read(func(db *pebble.DB) error {
+	err := s.eachEventAfter(index, seq, func([]byte) (bool, error) {
+		n++
+		return n < max, nil
+	})
+	return n, err
+}
+
+// eachEventAfter calls fn with each stored event after (index, seq), in
+// log order, while it returns true.
+func (s *Store) eachEventAfter(index uint64, seq uint32, fn func(v []byte) (bool, error)) error {
+	return s.read(func(db *pebble.DB) error {
 		_, upper := tableBounds(tableEvent)
 		it, err := db.NewIter(&pebble.IterOptions{LowerBound: append(eventKey(index, seq), 0), UpperBound: upper})
 		if err != nil {
 			return err
 		}
 		defer it.Close()
-		for ok := it.First(); ok && n < max; ok = it.Next() {
-			n++
+		for ok := it.First(); ok; ok = it.Next() {
+			more, err := fn(it.Value())
+			if err != nil || !more {
+				return err
+			}
 		}
 		return it.Error()
 	})
-	return n, err
 }
 
 // DeadLetters lists up to limit dead letters of webhook name (limit < 0: all).
