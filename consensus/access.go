@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"net/url"
 	"sort"
 	"strings"
 	"time"
@@ -375,7 +376,12 @@ func auditDetail(e *pb.LogEntry) string {
 	case *pb.LogEntry_PutWebhook:
 		// Never the secret.
 		w := c.PutWebhook.GetWebhook()
-		return fmt.Sprintf("webhook=%s url=%s repositories=%q events=%s", w.GetName(), w.GetUrl(), w.GetRepositories(), strings.Join(w.GetEvents(), ","))
+		// Nor the URL's path or query, which may hold a token.
+		where := "(unparsable)"
+		if u, err := url.Parse(w.GetUrl()); err == nil {
+			where = u.Scheme + "://" + u.Host
+		}
+		return fmt.Sprintf("webhook=%s url=%s repositories=%q events=%s", w.GetName(), where, w.GetRepositories(), strings.Join(w.GetEvents(), ","))
 	case *pb.LogEntry_DeleteWebhook:
 		return "webhook=" + c.DeleteWebhook.Name
 	case *pb.LogEntry_ReplayDeadLetters:

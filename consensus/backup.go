@@ -3,8 +3,10 @@ package consensus
 import (
 	"bufio"
 	"bytes"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -302,8 +304,16 @@ func RestoreBackup(cfg RestoreConfig, r io.Reader) (hdr *pb.BackupHeader, err er
 
 	stateDir := filepath.Join(cfg.DataDir, "state")
 	err = buildStore(stateDir, func(set func(k, v []byte) error) (err error) {
-		hdr, err = ScanBackup(r, BackupVisitor{Pair: set})
-		return err
+		if hdr, err = ScanBackup(r, BackupVisitor{Pair: set}); err != nil {
+			return err
+		}
+		// The restored log reuses the indexes the old cluster went on to
+		// use after the backup; a new epoch keeps event ids unique.
+		var epoch [6]byte
+		if _, err := rand.Read(epoch[:]); err != nil {
+			return err
+		}
+		return set(key(tableEpoch), []byte(hex.EncodeToString(epoch[:])))
 	})
 	if err != nil {
 		return nil, err

@@ -101,6 +101,14 @@ func TestBackupRestoresANewCluster(t *testing.T) {
 		t.Fatalf("configuration %v, want the restored node alone", servers)
 	}
 
+	// Events of the restored log get ids the old cluster never used.
+	if epoch, err := n.Store().EventEpoch(); err != nil || len(epoch) != 12 {
+		t.Fatalf("restored store's event epoch %q (%v), want a fresh one", epoch, err)
+	}
+	if epoch, _ := src.store.EventEpoch(); epoch != "" {
+		t.Fatalf("a store never restored has epoch %q", epoch)
+	}
+
 	// Writes after the backup's index are applied, not skipped as replays.
 	propose(t, n, put(manifest("after/restore", "new", "v1")))
 	wantTag(t, n.Store(), "after/restore", "v1", digestOf("new"))

@@ -427,16 +427,20 @@ func stateDigest(r pebble.Reader) ([]byte, error) {
 }
 
 // digester hashes pairs in key order as Digest does: everything but the
-// applied index, which differs between replicas holding the same state.
+// applied index, which differs between replicas holding the same state,
+// and a restore's epoch, so that a restored store shows the digest of the
+// backup it holds.
 type digester struct {
-	h       hash.Hash
-	applied []byte
+	h              hash.Hash
+	applied, epoch []byte
 }
 
-func newDigester() *digester { return &digester{h: sha256.New(), applied: key(tableApplied)} }
+func newDigester() *digester {
+	return &digester{h: sha256.New(), applied: key(tableApplied), epoch: key(tableEpoch)}
+}
 
 func (d *digester) add(k, v []byte) {
-	if bytes.Equal(k, d.applied) {
+	if bytes.Equal(k, d.applied) || bytes.Equal(k, d.epoch) {
 		return
 	}
 	writeFrame(d.h, k)

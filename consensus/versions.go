@@ -38,6 +38,14 @@ var commandVersions = map[string]uint32{
 	"replay_dead_letters": 2,
 }
 
+// followUpCommands need a newer format but act on something whose creation
+// already passed the gate (a webhook's progress, replay or delete: every
+// server applied format 2 when the webhook went in). They are not gated
+// again, so a server that is down does not stall delivery.
+var followUpCommands = map[protoreflect.Name]bool{
+	"webhook_progress": true, "replay_dead_letters": true, "delete_webhook": true,
+}
+
 // versionTable is what entries are stamped and checked against; tests swap
 // it (OverrideCommandVersionForTest) while nodes may be running.
 type versionTable struct {
@@ -60,9 +68,8 @@ func (t *versionTable) of(command protoreflect.Name) uint32 {
 }
 
 // CommandVersion is the log format an entry of cmd is stamped with: 1 for
-// a command every release applies, more for one added later. The node
-// layer asks it before proposing, so that it can refuse a change the
-// cluster is not ready for with a clear reason.
+// a command every release applies, more for one added later (Entry stamps
+// it; propose refuses it while a server cannot apply it).
 func CommandVersion(cmd *pb.Command) uint32 {
 	f := cmd.ProtoReflect().WhichOneof(intentOneof)
 	if f == nil {
@@ -102,12 +109,13 @@ func OverrideCommandVersionForTest(command string, version uint32) (restore func
 	return func() { versions.Store(old) }
 }
 
-// checkLogFormat refuses an entry of format need unless every server of
-// the Raft configuration applies it, as far as Config.LogVersionOf knows.
-// Only the leader proposes, so the check runs where the entry would enter
-// the log, whichever node the change came through.
-func (n *Node) checkLogFormat(need uint32) error {
-	if need <= 1 {
+// checkLogFormat refuses entry e, of a format above 1, unless every server
+// of the Raft configuration applies it, as far as Config.LogVersionOf
+// knows. Only the leader proposes, so the check runs where the entry would
+// enter the log, whichever node the change came through.
+func (n *Node) checkLogFormat(e *pb.LogEntry) error {
+	need := e.Version
+	if which := e.ProtoReflect().WhichOneof(commandOneof); need <= 1 || which != nil && followUpCommands[which.Name()] {
 		return nil
 	}
 	servers, err := n.Servers()

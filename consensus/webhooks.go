@@ -39,6 +39,19 @@ func EventID(index uint64, seq uint32) string {
 	return strconv.FormatUint(index, 10) + "-" + strconv.FormatUint(uint64(seq), 10)
 }
 
+// EventEpoch is "" for a log that was never restored from a backup, and a
+// random text for one that was: delivered event ids carry it, since a
+// restored log reuses indexes the old cluster had already used.
+func (s *Store) EventEpoch() (string, error) {
+	var epoch string
+	err := s.read(func(db *pebble.DB) error {
+		b, _, err := get(db, key(tableEpoch))
+		epoch = string(b)
+		return err
+	})
+	return epoch, err
+}
+
 // ParseEventID is EventID's inverse.
 func ParseEventID(id string) (index uint64, seq uint32, err error) {
 	i, s, ok := strings.Cut(id, "-")

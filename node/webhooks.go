@@ -130,6 +130,13 @@ func (n *Node) runWebhooks() {
 			want[h.Name] = h
 		}
 		for name, w := range workers {
+			select {
+			case <-w.done:
+				// It stopped on an error (after a pause): start it again.
+				delete(workers, name)
+				continue
+			default:
+			}
 			if h, ok := want[name]; !ok || !proto.Equal(h, w.hook) {
 				stopWorker(name)
 			}
@@ -206,10 +213,18 @@ func (n *Node) send(ctx context.Context, client *http.Client, h *pb.Webhook, ce 
 	req.Header.Set("User-Agent", "meridian/"+Version)
 	resp, err := client.Do(req)
 	if err != nil {
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			// Not the URL: its path or query may hold a token, and the
+			// error lands in the state, the CLI and the log.
+			err = fmt.Errorf("%s %s: %w", ue.Op, redactURL(h.Url), ue.Err)
+		}
 		return attempt{err: err}
 	}
 	defer resp.Body.Close()
 	detail, _ := io.ReadAll(io.LimitReader(resp.Body, 256))
+	// Drained (boundedly), the connection serves the next delivery.
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	if resp.StatusCode/100 != 2 {
 		return attempt{status: resp.StatusCode, err: fmt.Errorf("receiver answered %s: %s", resp.Status, strings.TrimSpace(string(detail)))}
 	}
@@ -219,7 +234,13 @@ func (n *Node) send(ctx context.Context, client *http.Client, h *pb.Webhook, ce 
 // sendWithRetries sends an event until it is accepted, its attempts run
 // out, or ctx ends (then ok is false and nothing may be recorded).
 func (n *Node) sendWithRetries(ctx context.Context, client *http.Client, h *pb.Webhook, ev *pb.Event, maxAttempts int) (last attempt, tries int, ok bool) {
-	ce := webhook.FromEvent(n.cfg.ClusterID, consensus.EventID(ev.Index, ev.Seq), ev)
+	id := consensus.EventID(ev.Index, ev.Seq)
+	if epoch, err := n.consensus.Store().EventEpoch(); err != nil {
+		return attempt{err: err}, 0, false
+	} else if epoch != "" {
+		id = epoch + "-" + id
+	}
+	ce := webhook.FromEvent(n.cfg.ClusterID, id, ev)
 	wait := n.cfg.Webhooks.Backoff
 	for tries = 1; ; tries++ {
 		last = n.send(ctx, client, h, ce)
@@ -254,6 +275,7 @@ func (n *Node) deliverWebhook(ctx context.Context, h *pb.Webhook) {
 		n.logger.Error("webhooks: cannot deliver", "webhook", h.Name, "err", err)
 		return
 	}
+	defer client.CloseIdleConnections()
 	store := n.consensus.Store()
 	for ctx.Err() == nil {
 		changed := n.consensus.Changed()
@@ -264,6 +286,7 @@ func (n *Node) deliverWebhook(ctx context.Context, h *pb.Webhook) {
 		letters, err := store.DeadLetters(ctx, h.Name, -1)
 		if err != nil {
 			n.logger.Warn("webhooks: read dead letters", "webhook", h.Name, "err", err)
+			pause(ctx, time.Second)
 			return
 		}
 		if replays := slices.DeleteFunc(letters, func(d *pb.DeadLetter) bool { return !d.Replay }); len(replays) > 0 {
@@ -273,6 +296,7 @@ func (n *Node) deliverWebhook(ctx context.Context, h *pb.Webhook) {
 		evs, err := store.EventsAfter(ctx, cur.Index, cur.Seq, webhookBatch)
 		if err != nil {
 			n.logger.Warn("webhooks: read events", "webhook", h.Name, "err", err)
+			pause(ctx, time.Second)
 			return
 		}
 		if len(evs) == 0 {
@@ -343,14 +367,32 @@ func (n *Node) commitProgress(ctx context.Context, prog *pb.WebhookProgress) boo
 	if err != nil {
 		if ctx.Err() == nil {
 			n.logger.Warn("webhooks: record progress", "webhook", prog.Name, "err", err)
-			select {
-			case <-ctx.Done():
-			case <-time.After(time.Second):
-			}
+			pause(ctx, time.Second)
 		}
 		return false
 	}
 	return true
+}
+
+// redactURL keeps a webhook URL's scheme and host: enough to tell
+// receivers apart, without a token its path or query may carry.
+func redactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" {
+		return "(webhook URL)"
+	}
+	if u.Path == "" && u.RawQuery == "" {
+		return u.Scheme + "://" + u.Host
+	}
+	return u.Scheme + "://" + u.Host + "/…"
+}
+
+// pause waits d or until ctx ends.
+func pause(ctx context.Context, d time.Duration) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
+	}
 }
 
 func errText(err error) string {
@@ -482,6 +524,7 @@ func (s adminServer) TestWebhook(ctx context.Context, req *pb.TestWebhookRequest
 	actor := pb.ActorFrom(ctx)
 	ce := webhook.FromEvent(s.n.cfg.ClusterID, id, &pb.Event{Kind: "webhook.test", TimeUnixNano: time.Now().UnixNano(),
 		Principal: actor.GetPrincipal(), Detail: "a test delivery from " + s.n.cfg.NodeID})
+	defer client.CloseIdleConnections()
 	start := time.Now()
 	a := s.n.send(ctx, client, h, ce)
 	return &pb.TestWebhookResponse{Result: &pb.Result{}, EventId: id, StatusCode: int32(a.status), Error: errText(a.err),

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -393,8 +394,41 @@ func TestWebhookWrongSecretAndDeadLetters(t *testing.T) {
 	if got := recv.pushed()["dl/app"]; len(got) != 1 || got[0] != d.String() {
 		t.Fatalf("after the replay the receiver has pushes %v, want %s", got, d)
 	}
-	mustCLI("webhook", "delete", "ci")
-	if out := mustCLI("webhook", "list"); strings.Contains(out, "ci") {
+
+	// A server that is down (gossip has declared it dead) does not stall
+	// delivery: progress entries are not held back by the log-format gate.
+	lead := c.leader(0, 1, 2)
+	down := (lead + 1) % 3
+	c.nodes[down].kill()
+	c.nodes[lead].poll("the stopped node declared dead", time.Minute, func() error {
+		st, err := c.status(lead)
+		if err != nil {
+			return err
+		}
+		for _, m := range st.Members {
+			if m.Id == fmt.Sprintf("n%d", down) && m.Health != "alive" {
+				return nil
+			}
+		}
+		return fmt.Errorf("n%d still alive in gossip", down)
+	})
+	img2, _ := random.Image(256, 1)
+	if err := remote.Write(c.nodes[lead].ref("dl/down:v1"), img2); err != nil {
+		t.Fatal(err)
+	}
+	c.nodes[lead].poll("delivery with a server down", time.Minute, func() error {
+		if len(recv.pushed()["dl/down"]) == 0 {
+			return errors.New("not delivered yet")
+		}
+		return nil
+	})
+	_, mustLeadCLI := adminCLI(t, "--addr="+c.nodes[lead].ready.GRPCAddr)
+	if out := mustLeadCLI("webhook", "deliveries", "ci"); !strings.Contains(out, " 0 events after it") {
+		t.Fatalf("progress not recorded with a server down:\n%s", out)
+	}
+
+	mustLeadCLI("webhook", "delete", "ci")
+	if out := mustLeadCLI("webhook", "list"); strings.Contains(out, "ci") {
 		t.Fatalf("deleted webhook still listed:\n%s", out)
 	}
 }
