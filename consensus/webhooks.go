@@ -1,6 +1,7 @@
 package consensus
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -278,14 +279,21 @@ func applyWebhookProgress(b *pebble.Batch, e *pb.LogEntry) error {
 	if p.LastAttemptUnixNano > 0 {
 		cur.LastStatus, cur.LastError, cur.LastAttemptUnixNano = p.LastStatus, p.LastError, p.LastAttemptUnixNano
 	}
-	if err := setProto(b, ck, cur); err != nil {
-		return err
-	}
 	for _, d := range append(p.Dead, p.FailedAgain...) {
 		d.Replay = false
 		if err := setProto(b, deadLetterKey(p.Name, d.GetEvent().GetIndex(), d.GetEvent().GetSeq()), d); err != nil {
 			return err
 		}
+	}
+	if p.MaxDeadLetters > 0 && len(p.Dead) > 0 {
+		dropped, err := dropOldestDeadLetters(b, p.Name, p.MaxDeadLetters)
+		if err != nil {
+			return err
+		}
+		cur.DroppedDeadLetters += dropped
+	}
+	if err := setProto(b, ck, cur); err != nil {
+		return err
 	}
 	for _, id := range p.Replayed {
 		i, s, err := ParseEventID(id)
@@ -297,6 +305,27 @@ func applyWebhookProgress(b *pebble.Batch, e *pb.LogEntry) error {
 		}
 	}
 	return pruneEvents(b)
+}
+
+// dropOldestDeadLetters keeps the newest max dead letters of webhook name:
+// a receiver that stays down must not grow the state without bound.
+func dropOldestDeadLetters(b *pebble.Batch, name string, max int64) (int64, error) {
+	p := prefix(tableDeadLetter, name)
+	var keys [][]byte
+	err := scan(b, p, "", -1, func(k, _ []byte) error {
+		keys = append(keys, bytes.Clone(k))
+		return nil
+	})
+	if err != nil || int64(len(keys)) <= max {
+		return 0, err
+	}
+	excess := keys[:int64(len(keys))-max] // keys sort in log order: oldest first
+	for _, k := range excess {
+		if err := b.Delete(k, nil); err != nil {
+			return 0, err
+		}
+	}
+	return int64(len(excess)), nil
 }
 
 func applyReplayDeadLetters(b *pebble.Batch, e *pb.LogEntry) error {

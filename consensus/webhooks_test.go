@@ -2,6 +2,7 @@ package consensus
 
 import (
 	"context"
+	"fmt"
 	"testing"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -113,4 +114,34 @@ func TestEventsFollowTheLog(t *testing.T) {
 		t.Fatalf("events with no webhook left: %v", eventKinds(got))
 	}
 	h.checkApplied()
+}
+
+// Dead letters beyond the progress entry's limit are dropped oldest first,
+// and counted.
+func TestDeadLettersAreBounded(t *testing.T) {
+	h := newTestFSM(t)
+	h.mustApply(putWebhook("ci", ""))
+	for i := range 5 {
+		h.mustApply(put(manifest("app", fmt.Sprintf("m%d", i), "v1")))
+	}
+	evs := h.events(0, 0)
+	var dead []*pb.DeadLetter
+	for _, ev := range evs {
+		dead = append(dead, &pb.DeadLetter{Event: ev, Attempts: 1, LastError: "down"})
+	}
+	last := evs[len(evs)-1]
+	h.mustApply(progress(&pb.WebhookProgress{Name: "ci", Index: last.Index, Seq: last.Seq, Dead: dead, MaxDeadLetters: 3}))
+	letters, _ := h.store.DeadLetters(context.Background(), "ci", -1)
+	if len(letters) != 3 {
+		t.Fatalf("%d dead letters kept, want 3", len(letters))
+	}
+	if first := letters[0].Event; first.Index != evs[len(evs)-3].Index || first.Seq != evs[len(evs)-3].Seq {
+		t.Fatalf("oldest kept dead letter is %s, want %s: the oldest go first", EventID(first.Index, first.Seq), EventID(evs[len(evs)-3].Index, evs[len(evs)-3].Seq))
+	}
+	if cur, _ := h.store.WebhookCursor(context.Background(), "ci"); cur.DroppedDeadLetters != int64(len(evs)-3) {
+		t.Fatalf("cursor counts %d dropped, want %d", cur.DroppedDeadLetters, len(evs)-3)
+	}
+	if got := h.events(0, 0); len(got) != 0 {
+		t.Fatalf("events %v kept past every cursor", eventKinds(got))
+	}
 }

@@ -38,15 +38,18 @@ type WebhookConfig struct {
 	MaxBackoff time.Duration `yaml:"max_backoff"`
 	// Timeout bounds one attempt.
 	Timeout time.Duration `yaml:"timeout"`
+	// MaxDeadLetters bounds the dead letters kept per webhook; the oldest
+	// go first (0: no limit).
+	MaxDeadLetters int `yaml:"max_dead_letters"`
 }
 
 func defaultWebhookConfig() WebhookConfig {
-	return WebhookConfig{MaxAttempts: 8, Backoff: time.Second, MaxBackoff: 5 * time.Minute, Timeout: 10 * time.Second}
+	return WebhookConfig{MaxAttempts: 8, Backoff: time.Second, MaxBackoff: 5 * time.Minute, Timeout: 10 * time.Second, MaxDeadLetters: 10000}
 }
 
 func (c WebhookConfig) validate() error {
-	if c.MaxAttempts < 1 || c.Backoff <= 0 || c.MaxBackoff < c.Backoff || c.Timeout <= 0 {
-		return errors.New("webhooks: max_attempts must be at least 1, backoff and timeout positive, max_backoff at least backoff")
+	if c.MaxAttempts < 1 || c.Backoff <= 0 || c.MaxBackoff < c.Backoff || c.Timeout <= 0 || c.MaxDeadLetters < 0 {
+		return errors.New("webhooks: max_attempts must be at least 1, backoff and timeout positive, max_backoff at least backoff, max_dead_letters not negative")
 	}
 	return nil
 }
@@ -277,6 +280,11 @@ func (n *Node) deliverWebhook(ctx context.Context, h *pb.Webhook) {
 	}
 	defer client.CloseIdleConnections()
 	store := n.consensus.Store()
+	// down is set once an event ran out of attempts: the receiver is
+	// likely gone, so each later event gets one attempt until one goes
+	// through. A receiver that stays down turns the backlog into dead
+	// letters in minutes instead of holding every event for its retries.
+	down := false
 	for ctx.Err() == nil {
 		changed := n.consensus.Changed()
 		cur, err := store.WebhookCursor(ctx, h.Name)
@@ -307,14 +315,19 @@ func (n *Node) deliverWebhook(ctx context.Context, h *pb.Webhook) {
 			}
 			continue
 		}
-		prog := &pb.WebhookProgress{Name: h.Name}
+		prog := &pb.WebhookProgress{Name: h.Name, MaxDeadLetters: int64(n.cfg.Webhooks.MaxDeadLetters)}
 		flushed := time.Now()
 		for _, ev := range evs {
 			if webhookMatches(h, ev) {
-				last, tries, ok := n.sendWithRetries(ctx, client, h, ev, n.cfg.Webhooks.MaxAttempts)
+				attempts := n.cfg.Webhooks.MaxAttempts
+				if down {
+					attempts = 1
+				}
+				last, tries, ok := n.sendWithRetries(ctx, client, h, ev, attempts)
 				if !ok {
 					return // leadership or the configuration changed: record nothing
 				}
+				down = last.err != nil
 				prog.LastStatus, prog.LastAttemptUnixNano, prog.LastError = int32(last.status), time.Now().UnixNano(), errText(last.err)
 				if last.err != nil {
 					n.webhookMetrics.dead.WithLabelValues(h.Name).Inc()
@@ -329,7 +342,7 @@ func (n *Node) deliverWebhook(ctx context.Context, h *pb.Webhook) {
 				if !n.commitProgress(ctx, prog) {
 					return
 				}
-				prog, flushed = &pb.WebhookProgress{Name: h.Name}, time.Now()
+				prog, flushed = &pb.WebhookProgress{Name: h.Name, MaxDeadLetters: int64(n.cfg.Webhooks.MaxDeadLetters)}, time.Now()
 			}
 		}
 		if prog.Index > 0 && !n.commitProgress(ctx, prog) {

@@ -160,6 +160,7 @@ var serveOptions = []option{
 	intOpt("webhook-max-attempts", "times an event is sent to a webhook before it becomes a dead letter", func(c *node.Config) *int { return &c.Webhooks.MaxAttempts }),
 	durationOpt("webhook-backoff", "wait after a webhook's first failed attempt; doubles per attempt", func(c *node.Config) *time.Duration { return &c.Webhooks.Backoff }),
 	durationOpt("webhook-max-backoff", "longest wait between attempts of one webhook event", func(c *node.Config) *time.Duration { return &c.Webhooks.MaxBackoff }),
+	intOpt("webhook-max-dead-letters", "dead letters kept per webhook, the oldest dropped first (0: no limit)", func(c *node.Config) *int { return &c.Webhooks.MaxDeadLetters }),
 	durationOpt("webhook-timeout", "time limit of one webhook delivery attempt", func(c *node.Config) *time.Duration { return &c.Webhooks.Timeout }),
 	stringOpt("log-level", "debug, info, warn or error", func(c *node.Config) *string { return &c.LogLevel }),
 	stringOpt("log-format", "text or json", func(c *node.Config) *string { return &c.LogFormat }),

@@ -181,6 +181,9 @@ func webhookCmd(args []string) error {
 		cur := st.GetCursor()
 		fmt.Printf("webhook %s: delivered %d, through event %d-%d; %d events after it (not all for this webhook); %d dead letters\n",
 			name, cur.GetDelivered(), cur.GetIndex(), cur.GetSeq(), st.Pending, st.DeadLetterCount)
+		if d := cur.GetDroppedDeadLetters(); d > 0 {
+			fmt.Printf("%d older dead letters were dropped (webhooks.max_dead_letters)\n", d)
+		}
 		fmt.Printf("last attempt: %s\n", lastAttempt(cur))
 		if len(st.DeadLetters) > 0 {
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)

@@ -476,8 +476,11 @@ type WebhookProgress struct {
 	LastStatus          int32  `protobuf:"varint,8,opt,name=last_status,json=lastStatus,proto3" json:"last_status,omitempty"`
 	LastError           string `protobuf:"bytes,9,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
 	LastAttemptUnixNano int64  `protobuf:"varint,10,opt,name=last_attempt_unix_nano,json=lastAttemptUnixNano,proto3" json:"last_attempt_unix_nano,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Keep at most this many dead letters, dropping the oldest (0: no
+	// limit); the leader's webhooks.max_dead_letters.
+	MaxDeadLetters int64 `protobuf:"varint,11,opt,name=max_dead_letters,json=maxDeadLetters,proto3" json:"max_dead_letters,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *WebhookProgress) Reset() {
@@ -580,6 +583,13 @@ func (x *WebhookProgress) GetLastAttemptUnixNano() int64 {
 	return 0
 }
 
+func (x *WebhookProgress) GetMaxDeadLetters() int64 {
+	if x != nil {
+		return x.MaxDeadLetters
+	}
+	return 0
+}
+
 // ReplayDeadLetters queues a webhook's dead letters (all, or those named)
 // for another round of delivery.
 type ReplayDeadLetters struct {
@@ -643,8 +653,10 @@ type WebhookCursor struct {
 	LastStatus          int32                  `protobuf:"varint,4,opt,name=last_status,json=lastStatus,proto3" json:"last_status,omitempty"`
 	LastError           string                 `protobuf:"bytes,5,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
 	LastAttemptUnixNano int64                  `protobuf:"varint,6,opt,name=last_attempt_unix_nano,json=lastAttemptUnixNano,proto3" json:"last_attempt_unix_nano,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Dead letters dropped over max_dead_letters.
+	DroppedDeadLetters int64 `protobuf:"varint,7,opt,name=dropped_dead_letters,json=droppedDeadLetters,proto3" json:"dropped_dead_letters,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *WebhookCursor) Reset() {
@@ -719,6 +731,13 @@ func (x *WebhookCursor) GetLastAttemptUnixNano() int64 {
 	return 0
 }
 
+func (x *WebhookCursor) GetDroppedDeadLetters() int64 {
+	if x != nil {
+		return x.DroppedDeadLetters
+	}
+	return 0
+}
+
 var File_meridianpb_webhook_proto protoreflect.FileDescriptor
 
 const file_meridianpb_webhook_proto_rawDesc = "" +
@@ -762,7 +781,7 @@ const file_meridianpb_webhook_proto_rawDesc = "" +
 	"\n" +
 	"last_error\x18\x03 \x01(\tR\tlastError\x12(\n" +
 	"\x10failed_unix_nano\x18\x04 \x01(\x03R\x0efailedUnixNano\x12\x16\n" +
-	"\x06replay\x18\x05 \x01(\bR\x06replay\"\xe5\x02\n" +
+	"\x06replay\x18\x05 \x01(\bR\x06replay\"\x8f\x03\n" +
 	"\x0fWebhookProgress\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x10\n" +
@@ -776,10 +795,11 @@ const file_meridianpb_webhook_proto_rawDesc = "" +
 	"\n" +
 	"last_error\x18\t \x01(\tR\tlastError\x123\n" +
 	"\x16last_attempt_unix_nano\x18\n" +
-	" \x01(\x03R\x13lastAttemptUnixNano\"9\n" +
+	" \x01(\x03R\x13lastAttemptUnixNano\x12(\n" +
+	"\x10max_dead_letters\x18\v \x01(\x03R\x0emaxDeadLetters\"9\n" +
 	"\x11ReplayDeadLetters\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
-	"\x03ids\x18\x02 \x03(\tR\x03ids\"\xca\x01\n" +
+	"\x03ids\x18\x02 \x03(\tR\x03ids\"\xfc\x01\n" +
 	"\rWebhookCursor\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\rR\x03seq\x12\x1c\n" +
@@ -788,7 +808,8 @@ const file_meridianpb_webhook_proto_rawDesc = "" +
 	"lastStatus\x12\x1d\n" +
 	"\n" +
 	"last_error\x18\x05 \x01(\tR\tlastError\x123\n" +
-	"\x16last_attempt_unix_nano\x18\x06 \x01(\x03R\x13lastAttemptUnixNanoB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
+	"\x16last_attempt_unix_nano\x18\x06 \x01(\x03R\x13lastAttemptUnixNano\x120\n" +
+	"\x14dropped_dead_letters\x18\a \x01(\x03R\x12droppedDeadLettersB8Z6github.com/meridian-registry/meridian/proto/meridianpbb\x06proto3"
 
 var (
 	file_meridianpb_webhook_proto_rawDescOnce sync.Once
