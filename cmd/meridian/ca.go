@@ -250,12 +250,19 @@ func ensurePKI(dir string, plan pkiPlan) (made []string, err error) {
 		made = append(made, fmt.Sprintf("the cluster CA for %q (%s, %s)", plan.clusterID, pki.CACertFile, pki.GossipKeyFile))
 	} else if err != nil {
 		return nil, err
+	} else if id, err := pki.CAClusterID(dir); err != nil {
+		return nil, err
+	} else if id != plan.clusterID {
+		return nil, fmt.Errorf("%s holds the CA of cluster %q, not %q: use another directory or --cluster-id %s", dir, id, plan.clusterID, id)
 	}
 	if err := pki.EnsureCRL(dir); err != nil {
 		return nil, err
 	}
 	for _, m := range plan.members {
 		if _, err := os.Stat(filepath.Join(dir, m.ID+".crt")); err == nil {
+			if _, err := os.Stat(filepath.Join(dir, m.ID+".key")); err != nil {
+				return nil, fmt.Errorf("%s.crt is there but not its key (%v): remove the certificate to issue a new pair", m.ID, err)
+			}
 			continue
 		}
 		if _, _, err := pki.Issue(dir, m); err != nil {

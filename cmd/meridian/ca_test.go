@@ -103,13 +103,18 @@ func TestCABootstrap(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "n3.crt")); err != nil {
 		t.Errorf("the second run did not issue n3's certificate: %v", err)
 	}
+	if err := os.Remove(filepath.Join(dir, "n2.key")); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		args []string
 		want string
 	}{
 		{[]string{"bootstrap"}, "--dir is required"},
+		{args, "n2.crt is there but not its key"},
 		{[]string{"bootstrap", "--dir", dir, "--node", "x", "--gateway", "x"}, `"x" is given twice`},
 		{[]string{"bootstrap", "--dir", t.TempDir(), "--node", "../x"}, `id "../x"`},
+		{[]string{"bootstrap", "--dir", dir, "--cluster-id", "staging", "--node", "n1"}, `the CA of cluster "prod", not "staging"`},
 	} {
 		err := ca(tc.args)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -248,6 +248,15 @@ func Issue(dir string, req IssueRequest) (certPath, keyPath string, err error) {
 }
 
 // loadCA reads the CA certificate and key of dir.
+// CAClusterID is the cluster id the CA in dir was made for.
+func CAClusterID(dir string) (string, error) {
+	ca, _, err := loadCA(dir)
+	if err != nil {
+		return "", err
+	}
+	return trustDomainOf(ca), nil
+}
+
 func loadCA(dir string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
 	certPEM, err := os.ReadFile(filepath.Join(dir, CACertFile))
 	if err != nil {
