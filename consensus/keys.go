@@ -53,6 +53,7 @@ import (
 //	v 'q' name                        webhook's delivery cursor → WebhookCursor
 //	v 'v' index (8) seq (4)           event of the entry at index, for webhooks → Event
 //	v 'x' name 0 index (8) seq (4)    event a webhook gave up on → DeadLetter
+//	v 'y' name 0 index (8) seq (4)    dead letter queued for replay → empty
 //	v 'E'                             epoch of a restored log (random, set by restore) → text
 const layoutVersion byte = 1
 
@@ -97,6 +98,7 @@ const (
 	tableEvent         byte = 'v'
 	tableDeadLetter    byte = 'x'
 	tableEpoch         byte = 'E'
+	tableReplayQueue   byte = 'y'
 )
 
 const sep byte = 0

@@ -71,7 +71,17 @@ func ParseEventID(id string) (index uint64, seq uint32, err error) {
 }
 
 func deadLetterKey(name string, index uint64, seq uint32) []byte {
-	k := prefix(tableDeadLetter, name)
+	return letterKey(tableDeadLetter, name, index, seq)
+}
+
+// replayKey marks a dead letter queued for replay, so the deliverer finds
+// the queue without reading every dead letter.
+func replayKey(name string, index uint64, seq uint32) []byte {
+	return letterKey(tableReplayQueue, name, index, seq)
+}
+
+func letterKey(table byte, name string, index uint64, seq uint32) []byte {
+	k := prefix(table, name)
 	k = binary.BigEndian.AppendUint64(k, index)
 	return binary.BigEndian.AppendUint32(k, seq)
 }
@@ -232,9 +242,11 @@ func applyDeleteWebhook(b *pebble.Batch, e *pb.LogEntry) error {
 			return err
 		}
 	}
-	p := prefix(tableDeadLetter, name)
-	if err := b.DeleteRange(p, upperBound(p), nil); err != nil {
-		return err
+	for _, table := range []byte{tableDeadLetter, tableReplayQueue} {
+		p := prefix(table, name)
+		if err := b.DeleteRange(p, upperBound(p), nil); err != nil {
+			return err
+		}
 	}
 	return pruneEvents(b)
 }
@@ -281,7 +293,11 @@ func applyWebhookProgress(b *pebble.Batch, e *pb.LogEntry) error {
 	}
 	for _, d := range append(p.Dead, p.FailedAgain...) {
 		d.Replay = false
-		if err := setProto(b, deadLetterKey(p.Name, d.GetEvent().GetIndex(), d.GetEvent().GetSeq()), d); err != nil {
+		i, sq := d.GetEvent().GetIndex(), d.GetEvent().GetSeq()
+		if err := setProto(b, deadLetterKey(p.Name, i, sq), d); err != nil {
+			return err
+		}
+		if err := b.Delete(replayKey(p.Name, i, sq), nil); err != nil {
 			return err
 		}
 	}
@@ -300,8 +316,10 @@ func applyWebhookProgress(b *pebble.Batch, e *pb.LogEntry) error {
 		if err != nil {
 			return pb.Errorf(pb.Code_CODE_INVALID_ARGUMENT, "%v", err)
 		}
-		if err := b.Delete(deadLetterKey(p.Name, i, s), nil); err != nil {
-			return err
+		for _, k := range [][]byte{deadLetterKey(p.Name, i, s), replayKey(p.Name, i, s)} {
+			if err := b.Delete(k, nil); err != nil {
+				return err
+			}
 		}
 	}
 	return pruneEvents(b)
@@ -321,7 +339,11 @@ func dropOldestDeadLetters(b *pebble.Batch, name string, max int64) (int64, erro
 	}
 	excess := keys[:int64(len(keys))-max] // keys sort in log order: oldest first
 	for _, k := range excess {
+		queued := append(prefix(tableReplayQueue, name), k[len(p):]...)
 		if err := b.Delete(k, nil); err != nil {
+			return 0, err
+		}
+		if err := b.Delete(queued, nil); err != nil {
 			return 0, err
 		}
 	}
@@ -339,6 +361,9 @@ func applyReplayDeadLetters(b *pebble.Batch, e *pb.LogEntry) error {
 	}
 	mark := func(k []byte, d *pb.DeadLetter) error {
 		d.Replay = true
+		if err := b.Set(replayKey(r.Name, d.GetEvent().GetIndex(), d.GetEvent().GetSeq()), nil, nil); err != nil {
+			return err
+		}
 		return setProto(b, k, d)
 	}
 	if len(r.Ids) == 0 {
@@ -445,6 +470,36 @@ func (s *Store) eachEventAfter(index uint64, seq uint32, fn func(v []byte) (bool
 		}
 		return it.Error()
 	})
+}
+
+// QueuedReplays returns up to limit dead letters of webhook name queued
+// for replay, oldest first.
+func (s *Store) QueuedReplays(_ context.Context, name string, limit int) ([]*pb.DeadLetter, error) {
+	var out []*pb.DeadLetter
+	err := s.read(func(db *pebble.DB) error {
+		p := prefix(tableReplayQueue, name)
+		return scan(db, p, "", limit, func(k, _ []byte) error {
+			d := &pb.DeadLetter{}
+			ok, err := getProto(db, append(prefix(tableDeadLetter, name), k[len(p):]...), d)
+			if err == nil && ok {
+				out = append(out, d)
+			}
+			return err
+		})
+	})
+	return out, err
+}
+
+// DeadLetterCount counts the dead letters of webhook name.
+func (s *Store) DeadLetterCount(_ context.Context, name string) (int64, error) {
+	var n int64
+	err := s.read(func(db *pebble.DB) error {
+		return scan(db, prefix(tableDeadLetter, name), "", -1, func(_, _ []byte) error {
+			n++
+			return nil
+		})
+	})
+	return n, err
 }
 
 // DeadLetters lists up to limit dead letters of webhook name (limit < 0: all).

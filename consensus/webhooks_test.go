@@ -101,10 +101,26 @@ func TestEventsFollowTheLog(t *testing.T) {
 	if len(letters) != 1 || !letters[0].Replay {
 		t.Fatalf("dead letters %v, want one queued for replay", letters)
 	}
+	queued := func() int {
+		q, err := h.store.QueuedReplays(context.Background(), "ci", 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(q)
+	}
+	if queued() != 1 {
+		t.Fatal("the replay queue does not hold the dead letter")
+	}
+	// A replay that fails again leaves the queue, and the letter stays.
+	h.mustApply(progress(&pb.WebhookProgress{Name: "ci", Index: evs[4].Index, Seq: evs[4].Seq, FailedAgain: []*pb.DeadLetter{dead}}))
+	if n, _ := h.store.DeadLetterCount(context.Background(), "ci"); queued() != 0 || n != 1 {
+		t.Fatalf("after a failed replay: %d queued, %d dead letters; want 0 and 1", queued(), n)
+	}
+	h.mustApply(&pb.LogEntry{Command: &pb.LogEntry_ReplayDeadLetters{ReplayDeadLetters: &pb.ReplayDeadLetters{Name: "ci"}}})
 	h.reject(&pb.LogEntry{Command: &pb.LogEntry_ReplayDeadLetters{ReplayDeadLetters: &pb.ReplayDeadLetters{Name: "ci", Ids: []string{"1-9"}}}}, pb.Errorf(pb.Code_CODE_NAME_UNKNOWN, ""))
 	h.mustApply(progress(&pb.WebhookProgress{Name: "ci", Index: evs[4].Index, Seq: evs[4].Seq, Replayed: []string{id}}))
-	if letters, _ := h.store.DeadLetters(context.Background(), "ci", -1); len(letters) != 0 {
-		t.Fatalf("dead letters %v after the replay delivered", letters)
+	if letters, _ := h.store.DeadLetters(context.Background(), "ci", -1); len(letters) != 0 || queued() != 0 {
+		t.Fatalf("dead letters %v (%d queued) after the replay delivered", letters, queued())
 	}
 	// Deleting the last webhooks drops every event, and events stop.
 	h.mustApply(&pb.LogEntry{Command: &pb.LogEntry_DeleteWebhook{DeleteWebhook: &pb.DeleteWebhook{Name: "ci"}}})

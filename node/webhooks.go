@@ -291,13 +291,13 @@ func (n *Node) deliverWebhook(ctx context.Context, h *pb.Webhook) {
 		if err != nil || cur == nil {
 			return // deleted; the supervisor notices too
 		}
-		letters, err := store.DeadLetters(ctx, h.Name, -1)
+		replays, err := store.QueuedReplays(ctx, h.Name, webhookBatch)
 		if err != nil {
 			n.logger.Warn("webhooks: read dead letters", "webhook", h.Name, "err", err)
 			pause(ctx, time.Second)
 			return
 		}
-		if replays := slices.DeleteFunc(letters, func(d *pb.DeadLetter) bool { return !d.Replay }); len(replays) > 0 {
+		if len(replays) > 0 {
 			n.replayDeadLetters(ctx, client, h, cur, replays)
 			continue
 		}
@@ -498,13 +498,13 @@ func (s adminServer) ListWebhooks(ctx context.Context, req *pb.ListWebhooksReque
 				return nil, pb.ToStatus(err)
 			}
 		}
-		letters, err := store.DeadLetters(ctx, h.Name, -1)
-		if err != nil {
+		if st.DeadLetterCount, err = store.DeadLetterCount(ctx, h.Name); err != nil {
 			return nil, pb.ToStatus(err)
 		}
-		st.DeadLetterCount = int64(len(letters))
 		if req.DeadLetters {
-			st.DeadLetters = letters
+			if st.DeadLetters, err = store.DeadLetters(ctx, h.Name, -1); err != nil {
+				return nil, pb.ToStatus(err)
+			}
 		}
 		resp.Webhooks = append(resp.Webhooks, st)
 	}
