@@ -136,6 +136,7 @@ func (n *Node) runWebhooks() {
 			select {
 			case <-w.done:
 				// It stopped on an error (after a pause): start it again.
+				w.cancel()
 				delete(workers, name)
 				continue
 			default:
