@@ -160,6 +160,9 @@ func (f *fsm) Apply(l *raft.Log) any {
 				panic(err)
 			}
 		}
+		if err := noteLogFormat(b, e.Version); err != nil {
+			panic(fmt.Sprintf("consensus: apply entry %d: %v", l.Index, err))
+		}
 		if err := recordEvents(b, events); err != nil {
 			panic(fmt.Sprintf("consensus: events of entry %d: %v", l.Index, err))
 		}

@@ -54,6 +54,7 @@ import (
 //	v 'v' index (8) seq (4)           event of the entry at index, for webhooks → Event
 //	v 'x' name 0 index (8) seq (4)    event a webhook gave up on → DeadLetter
 //	v 'y' name 0 index (8) seq (4)    dead letter queued for replay → empty
+//	v 'f'                             newest log format an applied entry had → uint64
 //	v 'E'                             epoch of a restored log (random, set by restore) → text
 const layoutVersion byte = 1
 
@@ -99,6 +100,7 @@ const (
 	tableDeadLetter    byte = 'x'
 	tableEpoch         byte = 'E'
 	tableReplayQueue   byte = 'y'
+	tableLogFormat     byte = 'f'
 )
 
 const sep byte = 0

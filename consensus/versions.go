@@ -1,12 +1,14 @@
 package consensus
 
 import (
+	"encoding/binary"
 	"fmt"
 	"maps"
 	"slices"
 	"strings"
 	"sync/atomic"
 
+	"github.com/cockroachdb/pebble/v2"
 	"google.golang.org/protobuf/reflect/protoreflect"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -142,4 +144,31 @@ func (n *Node) checkLogFormat(e *pb.LogEntry) error {
 	return pb.Errorf(pb.Code_CODE_PRECONDITION_FAILED,
 		"this change needs log format %d on every node of the Raft configuration; %s still run an older Meridian or cannot be asked (finish the rolling upgrade first)",
 		need, strings.Join(behind, ", "))
+}
+
+// noteLogFormat records the newest format an applied entry had: a server
+// of an older release must not join a log holding entries it cannot apply.
+func noteLogFormat(b *pebble.Batch, version uint32) error {
+	if version <= 1 {
+		return nil
+	}
+	v, ok, err := get(b, key(tableLogFormat))
+	if err != nil || ok && len(v) == 8 && binary.BigEndian.Uint64(v) >= uint64(version) {
+		return err
+	}
+	return b.Set(key(tableLogFormat), encodeUint64s(uint64(version)), nil)
+}
+
+// NewestLogFormat is the newest log format among the entries applied so
+// far (1 when none needed more).
+func (s *Store) NewestLogFormat() (uint32, error) {
+	v := uint32(1)
+	err := s.read(func(db *pebble.DB) error {
+		b, ok, err := get(db, key(tableLogFormat))
+		if err == nil && ok && len(b) == 8 {
+			v = uint32(binary.BigEndian.Uint64(b))
+		}
+		return err
+	})
+	return v, err
 }

@@ -78,6 +78,14 @@ func (n *Node) reconcileOnce(ctx context.Context) error {
 		s, known := inConfig[id]
 		switch {
 		case !known:
+			if newest, err := n.consensus.Store().NewestLogFormat(); err != nil {
+				return err
+			} else if v := max(m.LogVersion, 1); v < newest {
+				// It would stop at the first entry it cannot apply.
+				n.logger.Warn("not adding a server of an older release: the log holds entries of a newer format",
+					"id", id, "its_log_format", v, "log_holds", newest)
+				continue
+			}
 			if err := n.trust.VerifyNode(ctx, n.cfg.Dial, m.RaftAddr, id); err != nil {
 				n.logger.Warn("not adding a server whose certificate does not match its gossip id", "id", id, "raft_addr", m.RaftAddr, "err", err)
 				continue

@@ -711,6 +711,51 @@ func TestRollingUpgrade(t *testing.T) {
 		}
 	}
 	u.converged("after the upgrade")
+
+	// The log now holds format-2 entries (the webhook): a node of the old
+	// release that tries to join is kept out of the Raft configuration,
+	// where it would stop at the first of them.
+	if out, err := exec.Command(e2eBinary, "ca", "issue", "--dir", u.pki, "--role", "node", "--id", "n3").CombinedOutput(); err != nil {
+		t.Fatalf("issue n3: %v\n%s", err, out)
+	}
+	p := upgradePorts(t, 4)
+	n3 := &upgradeNode{id: "n3", dir: filepath.Join(u.dir, "n3"), http: p[0], grpc: p[1]}
+	n3.args = slices.Clone(u.nodes[1].args) // a joiner's flags
+	for flag, v := range map[string]string{"--node-id": "n3", "--data-dir": n3.dir, "--http-addr": p[0], "--grpc-addr": p[1],
+		"--raft-addr": p[2], "--gossip-addr": p[3], "--tls-cert": filepath.Join(u.pki, "n3.crt"), "--tls-key": filepath.Join(u.pki, "n3.key")} {
+		i := slices.Index(n3.args, flag)
+		if i < 0 {
+			t.Fatalf("no %s in %v", flag, n3.args)
+		}
+		n3.args[i+1] = v
+	}
+	u.start(n3, oldBin, "old")
+	seen := time.Time{}
+	for deadline := time.Now().Add(time.Minute); ; {
+		st, err := u.status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range st.Members {
+			if m.Id != "n3" {
+				continue
+			}
+			if m.Suffrage != "none" {
+				t.Fatalf("an old-release node joined a log of format 2: %s is a %s", m.Id, m.Suffrage)
+			}
+			if m.Health == "alive" && seen.IsZero() {
+				seen = time.Now()
+			}
+		}
+		if !seen.IsZero() && time.Since(seen) > 10*time.Second {
+			break // alive in gossip for 10 s, never added
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("n3 never showed up in gossip:\n%s", n3.proc.logTail())
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	n3.proc.kill()
 	t.Logf("rolling upgrade from %s: %v (old build %v, cluster %v)", commit[:12], time.Since(began).Round(time.Second),
 		built.Sub(began).Round(time.Second), time.Since(built).Round(time.Second))
 }
