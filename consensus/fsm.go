@@ -83,6 +83,12 @@ type fsm struct {
 	logger *slog.Logger
 	// onApplied, when set, learns each index once its batch is committed.
 	onApplied func(index uint64)
+	// webhooks caches whether a webhook exists (only then are events
+	// derived), so the apply loop does not look it up for every entry. It
+	// is read from the store again after a webhook command or a restore,
+	// the only things that change it; Apply and Restore run one at a time.
+	webhooks      bool
+	webhooksKnown bool
 }
 
 // Apply decodes and applies one entry. An entry that does not decode, or
@@ -124,9 +130,15 @@ func (f *fsm) Apply(l *raft.Log) any {
 	// Events are derived before the entry applies (they name what a tag
 	// pointed at before) and kept only if it applies.
 	var events []*pb.Event
-	if !webhookCommands[which.Name()] {
-		hooks, err := anyWebhook(b)
-		if err == nil && hooks {
+	if webhookCommands[which.Name()] {
+		f.webhooksKnown = false // this entry may add or delete one
+	} else {
+		var err error
+		if !f.webhooksKnown {
+			f.webhooks, err = anyWebhook(b)
+			f.webhooksKnown = err == nil
+		}
+		if err == nil && f.webhooks {
 			events, err = eventsOf(b, l.Index, e)
 		}
 		if err != nil {
@@ -196,6 +208,7 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 // Restore replaces the store's contents with a snapshot stream.
 func (f *fsm) Restore(r io.ReadCloser) error {
 	defer r.Close()
+	f.webhooksKnown = false
 	if err := f.store.restore(r); err != nil {
 		return err
 	}
