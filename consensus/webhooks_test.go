@@ -3,6 +3,7 @@ package consensus
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -159,5 +160,22 @@ func TestDeadLettersAreBounded(t *testing.T) {
 	}
 	if got := h.events(0, 0); len(got) != 0 {
 		t.Fatalf("events %v kept past every cursor", eventKinds(got))
+	}
+}
+
+// The audit record of a webhook change names the receiver's scheme and
+// host only: a token in the URL's path or query, like the secret, stays
+// out of the audit log.
+func TestWebhookAuditLeavesOutSecrets(t *testing.T) {
+	e := &pb.LogEntry{Command: &pb.LogEntry_PutWebhook{PutWebhook: &pb.PutWebhook{Webhook: &pb.Webhook{
+		Name: "chat", Url: "https://hooks.example/services/T0K3N?key=abc", Secret: "s3cret-s3cret-s3cret"}}}}
+	d := auditDetail(e)
+	for _, leak := range []string{"T0K3N", "key=abc", "s3cret"} {
+		if strings.Contains(d, leak) {
+			t.Fatalf("audit detail %q contains %q", d, leak)
+		}
+	}
+	if !strings.Contains(d, "https://hooks.example") || !strings.Contains(d, "webhook=chat") {
+		t.Fatalf("audit detail %q does not name the webhook and its host", d)
 	}
 }
