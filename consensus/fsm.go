@@ -18,7 +18,7 @@ import (
 // a newer version panics the node rather than being applied wrongly, so the
 // leader proposes one only when every server advertises that it applies it
 // (versions.go).
-const LogVersion uint32 = 2
+const LogVersion uint32 = 3
 
 // applyFunc applies one command to batch. It returns a business error (a
 // *meridianpb.Error) to reject the command; the batch is then discarded except
@@ -144,6 +144,11 @@ func (f *fsm) Apply(l *raft.Log) any {
 		if err != nil {
 			panic(fmt.Sprintf("consensus: events of entry %d: %v", l.Index, err))
 		}
+	}
+	// The entry's own index, readable while it applies: garbage collection
+	// stamps a removal with it (lifecycle.go).
+	if err := b.Set(key(tableApplied), encodeUint64s(l.Index, l.Term), nil); err != nil {
+		panic(err)
 	}
 	result := apply(b, e)
 	var kept keptRejection
@@ -444,6 +449,11 @@ func applyLinkBlob(b *pebble.Batch, e *pb.LogEntry) error {
 			return pb.Errorf(pb.Code_CODE_BLOB_UNKNOWN, "blob %s not found", c.Digest)
 		}
 		return pb.Errorf(pb.Code_CODE_UNAVAILABLE, "blob %s is being garbage-collected; push it again in a moment", c.Digest)
+	}
+	if c.PlacedRegion != "" && e.Version >= 3 {
+		if err := refuseIfRemovedSince(b, c.Digest, c.WrittenAfterIndex); err != nil {
+			return err
+		}
 	}
 	if c.PlacedRegion == "" {
 		// A mount: the bytes must already be somewhere, and in the source

@@ -41,8 +41,10 @@ import (
 //	v 'O' digest                      blob record with no link, since → uint64
 //	v 'H' repo 0 digest               manifest with no tag, since → uint64
 //	v 'Z' region 0 digest             condemned blob the region must remove → Wanted
+//	v 'z' digest                      blob whose last copy collection removed → index, time (uint64s)
 //	v 'c' "run"                       last garbage-collection run → GCRun
 //	v 'c' "freed" 0 region            what collection freed in a region → GCRegion
+//	v 'c' "removed-pruned"            newest index of a pruned 'z' row → uint64
 //	v 'i' repositories 0 tags         tag immutability rule → ImmutableRule
 //	v 'Q' repositories                quota and its usage → QuotaUsage
 //	v 'e' repositories                retention rule → RetentionRule
@@ -87,6 +89,7 @@ const (
 	tableOrphanBlob byte = 'O'
 	tableUntagged   byte = 'H'
 	tableRemoval    byte = 'Z'
+	tableRemoved    byte = 'z'
 	tableGC         byte = 'c'
 	tableImmutable  byte = 'i'
 	tableQuota      byte = 'Q'

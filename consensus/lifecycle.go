@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/cockroachdb/pebble/v2"
 
@@ -28,6 +29,18 @@ import (
 // be linked or mounted, and each region holding it gets a removal row ('Z')
 // that its replicator works off (delete the bytes, then BlobRemoved). The
 // record goes with the last region's removal.
+//
+// A new push of the same digest writes to the same place in a region's
+// store, and it writes before it links (LinkBlob with placed_region): an
+// upload that wrote its bytes just before a removal deleted them must not
+// link once the record is gone, or the registry acknowledges a blob whose
+// bytes no region holds. So the last removal leaves a row ('z') with its
+// log index, and an upload's link says after which index its gateway wrote
+// (written_after_index): every removal committed by then had deleted before
+// the write, while one committed later may have deleted the new bytes, and
+// the link is refused (the client pushes again). Rows older than
+// removedKeep go at the next run; a link written before the newest pruned
+// row is refused, since nothing says what was removed after it.
 
 // putTime writes a candidate row's since time.
 func putTime(b *pebble.Batch, k []byte, t int64) error {
@@ -321,6 +334,9 @@ func applyCollectGarbage(b *pebble.Batch, e *pb.LogEntry) error {
 			RunId: c.RunId, StartedUnixNano: c.RunStartedUnixNano,
 			UnreferencedBeforeUnixNano: c.UnreferencedBeforeUnixNano, UntaggedBeforeUnixNano: c.UntaggedBeforeUnixNano,
 		}
+		if err := pruneRemoved(b, now-int64(removedKeep)); err != nil {
+			return err
+		}
 	}
 	run.FinishedUnixNano = now
 	run.Candidates += int64(len(c.Blobs) + len(c.Manifests))
@@ -425,12 +441,79 @@ func applyBlobRemoved(b *pebble.Batch, e *pb.LogEntry) error {
 		return err
 	}
 	if rec.CondemnedUnixNano != 0 && len(rec.Regions) == 0 {
+		if e.Version >= 3 {
+			index, _, err := appliedIndex(b)
+			if err != nil {
+				return err
+			}
+			if err := b.Set(key(tableRemoved, c.Digest), encodeUint64s(index, uint64(e.TimeUnixNano)), nil); err != nil {
+				return err
+			}
+		}
 		return b.Delete(key(tableBlob, c.Digest), nil)
 	}
 	if err := setProto(b, key(tableBlob, c.Digest), rec); err != nil {
 		return err
 	}
 	return recomputeBlob(b, c.Digest, e.TimeUnixNano)
+}
+
+// removedKeep is how long the row of a removed blob stays: far longer than
+// an upload takes from writing its bytes to linking them.
+const removedKeep = time.Hour
+
+// refuseIfRemovedSince refuses an upload's link of blob d when its bytes,
+// written after index writtenAfter, may have been deleted by a removal
+// committed after that index.
+func refuseIfRemovedSince(r pebble.Reader, d string, writtenAfter uint64) error {
+	v, ok, err := get(r, key(tableRemoved, d))
+	if err != nil {
+		return err
+	}
+	if ok && len(v) == 16 && binary.BigEndian.Uint64(v) > writtenAfter {
+		return pb.Errorf(pb.Code_CODE_UNAVAILABLE,
+			"blob %s was garbage-collected while this upload wrote it; push it again", d)
+	}
+	pv, ok, err := get(r, key(tableGC, "removed-pruned"))
+	if err != nil {
+		return err
+	}
+	if ok && len(pv) == 8 && binary.BigEndian.Uint64(pv) > writtenAfter {
+		return pb.Errorf(pb.Code_CODE_UNAVAILABLE,
+			"the upload of blob %s is older than what garbage collection remembers; push it again", d)
+	}
+	return nil
+}
+
+// pruneRemoved drops the rows of blobs removed before cutoff and remembers
+// the newest index among them.
+func pruneRemoved(b *pebble.Batch, cutoff int64) error {
+	var old [][]byte
+	var newest uint64
+	if err := scan(b, key(tableRemoved), "", -1, func(k, v []byte) error {
+		if len(v) == 16 && int64(binary.BigEndian.Uint64(v[8:])) < cutoff {
+			old = append(old, slices.Clone(k))
+			newest = max(newest, binary.BigEndian.Uint64(v))
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	for _, k := range old {
+		if err := b.Delete(k, nil); err != nil {
+			return err
+		}
+	}
+	if newest == 0 {
+		return nil
+	}
+	pk := key(tableGC, "removed-pruned")
+	if pv, ok, err := get(b, pk); err != nil {
+		return err
+	} else if ok && len(pv) == 8 {
+		newest = max(newest, binary.BigEndian.Uint64(pv))
+	}
+	return b.Set(pk, encodeUint64s(newest), nil)
 }
 
 // GCPlan is what a collection run at the store's current state would do.

@@ -169,8 +169,76 @@ func TestGCCondemnsUnreferencedBlobsAfterGrace(t *testing.T) {
 		t.Fatalf("regions = %+v; want eu 1 freed, us 1 freed and 1 pending", regions)
 	}
 
-	// Once gone, the same digest pushes afresh.
-	h.mustApply(placeBlob("third", layer, int64(len(layer)), "us"))
+	// Once gone, the same digest pushes afresh, but only an upload that
+	// wrote its bytes after the last removal committed: one that wrote
+	// before may have had them deleted under it.
+	removedAt := h.index
+	stale := placeBlob("third", layer, int64(len(layer)), "us")
+	stale.GetLinkBlob().WrittenAfterIndex = removedAt - 1
+	h.reject(stale, pb.ErrUnavailable)
+	fresh := placeBlob("third", layer, int64(len(layer)), "us")
+	fresh.GetLinkBlob().WrittenAfterIndex = removedAt
+	h.mustApply(fresh)
+	h.checkApplied()
+}
+
+// TestGCRemovalFencesUploads checks the row a removal leaves: it refuses
+// links of uploads written before it, not after, only in log format 3,
+// and a run prunes it after removedKeep, then refuses uploads older than
+// what it pruned.
+func TestGCRemovalFencesUploads(t *testing.T) {
+	h := newTestFSM(t)
+	layer := digestOf("layer")
+	h.mustApply(placeBlob("app", layer, 5, "us"))
+	written := h.index // an upload in flight wrote after this
+	h.gc("run1")
+	h.mustApply(blobRemoved(layer, "us"))
+	removedAt := h.index
+	link := func(fence uint64) *pb.LogEntry {
+		e := placeBlob("app", layer, 5, "us")
+		e.GetLinkBlob().WrittenAfterIndex = fence
+		return e
+	}
+	h.reject(link(written), pb.ErrUnavailable)
+	h.reject(link(removedAt-1), pb.ErrUnavailable)
+	// Format 1 (a cluster still upgrading) has no fence, as before.
+	old := link(written)
+	old.Version = 1
+	old.GetLinkBlob().WrittenAfterIndex = 0
+	h.mustApply(old)
+
+	// A later removal of the same digest: the row moves to it.
+	h.mustApply(unlinkBlob("app", layer))
+	h.gc("run2")
+	h.mustApply(blobRemoved(layer, "us"))
+	h.reject(link(removedAt), pb.ErrUnavailable)
+	removedAt = h.index - 1 // the removal, before the rejected link
+	h.mustApply(link(removedAt))
+
+	// A run after removedKeep prunes the row; an upload written before the
+	// pruned removal is refused, one after it links.
+	other := digestOf("other")
+	h.mustApply(placeBlob("app", other, 5, "us"))
+	h.mustApply(unlinkBlob("app", layer))
+	h.mustApply(unlinkBlob("app", other))
+	plan, err := h.store.PlanGC(context.Background(), h.now(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	later := collectEntry("run3", h.now(), 0, plan)
+	later.TimeUnixNano = h.now() + int64(removedKeep) + 1
+	h.mustApply(later)
+	if _, ok, err := get(h.store.db, key(tableRemoved, layer)); err != nil || ok {
+		t.Fatalf("row of a removal older than removedKeep after a run: %v, %v; want pruned", ok, err)
+	}
+	// A digest never removed: only what was pruned can refuse it.
+	never := func(fence uint64) *pb.LogEntry {
+		e := placeBlob("app", digestOf("never"), 5, "us")
+		e.GetLinkBlob().WrittenAfterIndex = fence
+		return e
+	}
+	h.reject(never(removedAt-1), pb.ErrUnavailable)
+	h.mustApply(never(removedAt))
 	h.checkApplied()
 }
 

@@ -223,7 +223,7 @@ func (n *Node) propose(ctx context.Context, e *pb.LogEntry) (uint64, error) {
 	if need := entryVersion(e); e.Version < need {
 		e.Version = need
 	}
-	if err := n.checkLogFormat(e); err != nil {
+	if err := n.checkLogFormat(e); err != nil && !degrade(e) {
 		return 0, err
 	}
 	if e.TimeUnixNano == 0 {

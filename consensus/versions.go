@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 
 	"github.com/cockroachdb/pebble/v2"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -38,6 +39,34 @@ var commandVersions = map[string]uint32{
 	"delete_webhook":      2,
 	"webhook_progress":    2,
 	"replay_dead_letters": 2,
+	// Format 3: an upload's link carries written_after_index and the last
+	// removal of a blob leaves its index (lifecycle.go), so a push cannot
+	// link bytes that garbage collection deleted under it. Both commands
+	// existed before: see degradableCommands.
+	"link_blob":    3,
+	"blob_removed": 3,
+}
+
+// degradableCommands existed before the format listed for them added a
+// safeguard. While a server cannot apply that format they enter the log in
+// format 1, as older releases wrote them, rather than being refused: a
+// rolling upgrade must not stop pushes or garbage collection.
+var degradableCommands = map[protoreflect.Name]bool{"link_blob": true, "blob_removed": true}
+
+// degrade rewrites e in format 1 when its command allows it, dropping what
+// format 1 does not have; it reports whether it did.
+func degrade(e *pb.LogEntry) bool {
+	which := e.ProtoReflect().WhichOneof(commandOneof)
+	if which == nil || !degradableCommands[which.Name()] || e.Version <= 1 {
+		return false
+	}
+	e.Version = 1
+	if l := e.GetLinkBlob(); l != nil && l.WrittenAfterIndex != 0 {
+		l = proto.Clone(l).(*pb.LinkBlob)
+		l.WrittenAfterIndex = 0
+		e.Command = &pb.LogEntry_LinkBlob{LinkBlob: l}
+	}
+	return true
 }
 
 // followUpCommands need a newer format but act on something whose creation

@@ -44,6 +44,13 @@ type Metadata interface {
 	// UploadKeys returns the cluster's upload-token key ring, oldest first;
 	// empty until the first key is installed.
 	UploadKeys(ctx context.Context) ([]*pb.UploadKey, error)
+	// WriteFence returns a log index whose entries were all committed
+	// before the call returned, so bytes written after it come after them:
+	// an upload's link carries it, and garbage collection refuses the link
+	// when it removed the blob later, since that removal may have deleted
+	// the new bytes (LinkBlob.written_after_index). An older index is
+	// still correct, only more often refused.
+	WriteFence(ctx context.Context) (uint64, error)
 }
 
 // Config tunes the gateway. DefaultConfig gives working values.

@@ -325,6 +325,8 @@ func (m *fakeMetadata) WaitPlaced(ctx context.Context, d string, n int) (*pb.Blo
 	}
 }
 
+func (m *fakeMetadata) WriteFence(context.Context) (uint64, error) { return 0, nil }
+
 func (m *fakeMetadata) UploadKeys(context.Context) ([]*pb.UploadKey, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -240,6 +240,12 @@ func (g *Gateway) retryCompletedPut(w http.ResponseWriter, r *http.Request, rt r
 		}
 		return g.finish(w, r, rt, want)
 	}
+	// Bytes the store still holds after the fence outlived every removal
+	// up to it; the link is refused if a later one may have deleted them.
+	fence, err := g.meta.WriteFence(r.Context())
+	if err != nil {
+		return err
+	}
 	size, err := store.Stat(r.Context(), want)
 	if err != nil || size < st.Offset {
 		return unknown
@@ -252,7 +258,7 @@ func (g *Gateway) retryCompletedPut(w http.ResponseWriter, r *http.Request, rt r
 	if !sessionMade(r, st, want, size) {
 		return unknown
 	}
-	if err := g.link(r.Context(), rt, st.Region, want, size); err != nil {
+	if err := g.link(r.Context(), rt, st.Region, want, size, fence); err != nil {
 		return err
 	}
 	return g.finish(w, r, rt, want)
@@ -411,6 +417,11 @@ func (g *Gateway) complete(w http.ResponseWriter, r *http.Request, rt route, sto
 		store.CancelUpload(r.Context(), st.ID)
 		return errorf(CodeDigestInvalid, "content has digest %s, not %s", got, want)
 	}
+	// Taken before the bytes become the blob: see Metadata.WriteFence.
+	fence, err := g.meta.WriteFence(r.Context())
+	if err != nil {
+		return err
+	}
 	if err := store.CommitUpload(r.Context(), st.ID, st.Offset, want); err != nil {
 		if errors.Is(err, replication.ErrUploadOffset) {
 			// A chunk landed through this same token after we looked:
@@ -419,16 +430,17 @@ func (g *Gateway) complete(w http.ResponseWriter, r *http.Request, rt route, sto
 		}
 		return g.storeError(err)
 	}
-	if err := g.link(r.Context(), rt, st.Region, want, st.Offset); err != nil {
+	if err := g.link(r.Context(), rt, st.Region, want, st.Offset, fence); err != nil {
 		return err
 	}
 	return g.finish(w, r, rt, want)
 }
 
-// link commits that region holds the blob and that rt.name links it.
-func (g *Gateway) link(ctx context.Context, rt route, region string, d digest.Digest, size int64) error {
+// link commits that region holds the blob and that rt.name links it; the
+// bytes were written after log index fence (Metadata.WriteFence).
+func (g *Gateway) link(ctx context.Context, rt route, region string, d digest.Digest, size int64, fence uint64) error {
 	return g.meta.Commit(ctx, &pb.Command{Intent: &pb.Command_LinkBlob{LinkBlob: &pb.LinkBlob{
-		Repository: rt.name, Digest: d.String(), Size: size, PlacedRegion: region}}})
+		Repository: rt.name, Digest: d.String(), Size: size, PlacedRegion: region, WrittenAfterIndex: fence}}})
 }
 
 // sessionDigest returns the digest of the session's bytes. sha256 comes from

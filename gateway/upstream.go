@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -79,6 +80,10 @@ type Upstream struct {
 	rtt     *membership.RTT
 	logger  *slog.Logger
 	metrics *upstreamMetrics
+
+	// applied is the newest applied index a ping answer carried
+	// (Metadata.WriteFence).
+	applied atomic.Uint64
 
 	mu        sync.Mutex
 	pinging   map[string]bool // node ids with a ping in flight
@@ -326,6 +331,9 @@ func (u *Upstream) ping(ctx context.Context, n UpstreamNode) {
 		if err != nil {
 			u.fail(n.ID, err)
 			return
+		}
+		for old := u.applied.Load(); resp.AppliedIndex > old && !u.applied.CompareAndSwap(old, resp.AppliedIndex); {
+			old = u.applied.Load()
 		}
 		if warm {
 			warm = false

@@ -200,6 +200,11 @@ func (m upstreamMetadata) WaitPlaced(ctx context.Context, digest string, regions
 	})
 }
 
+// WriteFence is the newest applied index a node reported in a ping.
+func (m upstreamMetadata) WriteFence(context.Context) (uint64, error) {
+	return m.u.applied.Load(), nil
+}
+
 func (m upstreamMetadata) UploadKeys(ctx context.Context) ([]*pb.UploadKey, error) {
 	pol := m.reads()
 	pol.answersUnavailable = true

@@ -328,11 +328,16 @@ func TestGCRacingPushesLoseNothing(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, b := range blobs {
-			if err := verifyStored(d, b); err != nil {
-				t.Fatalf("a blob of an acknowledged image in %s: %v", r.Name, err)
+		for tag, img := range acked {
+			for _, b := range imageBlobs(t, img) {
+				if err := verifyStored(d, b); err != nil {
+					t.Errorf("blob %s of acknowledged image %s in %s: %v", b, tag, r.Name, err)
+				}
 			}
 		}
+	}
+	if t.Failed() {
+		t.FailNow()
 	}
 	for tag, img := range acked {
 		for i := range 3 {

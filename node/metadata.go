@@ -83,6 +83,13 @@ func (m clusterMetadata) LinkedBlob(ctx context.Context, repo, digest string) (*
 	return read(ctx, m, func() (*pb.BlobRecord, error) { return m.store.LinkedBlob(ctx, repo, digest) }, pb.ErrBlobUnknown)
 }
 
+// WriteFence is this replica's applied index: every entry up to it was
+// committed before anything the caller writes next.
+func (m clusterMetadata) WriteFence(context.Context) (uint64, error) {
+	index, _, err := m.store.AppliedIndex()
+	return index, err
+}
+
 func (m clusterMetadata) UploadKeys(ctx context.Context) ([]*pb.UploadKey, error) {
 	k, err := m.store.UploadKeys(ctx)
 	if err != nil || len(k) > 0 {

@@ -48,8 +48,12 @@ func (n *Node) pingPeers() {
 
 func (s gatewayServer) Ping(context.Context, *pb.PingRequest) (*pb.PingResponse, error) {
 	n := s.n
+	applied, _, err := n.consensus.Store().AppliedIndex()
+	if err != nil {
+		return nil, pb.ToStatus(err)
+	}
 	return &pb.PingResponse{NodeId: n.cfg.NodeID, Region: n.cfg.Region, Zone: n.cfg.Zone,
-		Coordinate: pb.CoordinateToProto(n.rtt.Coordinate())}, nil
+		Coordinate: pb.CoordinateToProto(n.rtt.Coordinate()), AppliedIndex: applied}, nil
 }
 
 func (s gatewayServer) GetPolicy(ctx context.Context, req *pb.GetPolicyRequest) (*pb.GetPolicyResponse, error) {

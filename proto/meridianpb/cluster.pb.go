@@ -2128,11 +2128,15 @@ func (x *PingRequest) GetCoordinate() *Coordinate {
 }
 
 type PingResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	Region        string                 `protobuf:"bytes,2,opt,name=region,proto3" json:"region,omitempty"`
-	Zone          string                 `protobuf:"bytes,3,opt,name=zone,proto3" json:"zone,omitempty"`
-	Coordinate    *Coordinate            `protobuf:"bytes,4,opt,name=coordinate,proto3" json:"coordinate,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	NodeId     string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Region     string                 `protobuf:"bytes,2,opt,name=region,proto3" json:"region,omitempty"`
+	Zone       string                 `protobuf:"bytes,3,opt,name=zone,proto3" json:"zone,omitempty"`
+	Coordinate *Coordinate            `protobuf:"bytes,4,opt,name=coordinate,proto3" json:"coordinate,omitempty"`
+	// The last log index the node's state reflects. Whatever a gateway writes
+	// to a blob store after this answer comes after every entry up to it
+	// (LinkBlob.written_after_index).
+	AppliedIndex  uint64 `protobuf:"varint,5,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2193,6 +2197,13 @@ func (x *PingResponse) GetCoordinate() *Coordinate {
 		return x.Coordinate
 	}
 	return nil
+}
+
+func (x *PingResponse) GetAppliedIndex() uint64 {
+	if x != nil {
+		return x.AppliedIndex
+	}
+	return 0
 }
 
 type GetUploadKeyRequest struct {
@@ -3607,14 +3618,15 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\afrom_id\x18\x01 \x01(\tR\x06fromId\x127\n" +
 	"\n" +
 	"coordinate\x18\x02 \x01(\v2\x17.meridian.v1.CoordinateR\n" +
-	"coordinate\"\x8c\x01\n" +
+	"coordinate\"\xb1\x01\n" +
 	"\fPingResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x16\n" +
 	"\x06region\x18\x02 \x01(\tR\x06region\x12\x12\n" +
 	"\x04zone\x18\x03 \x01(\tR\x04zone\x127\n" +
 	"\n" +
 	"coordinate\x18\x04 \x01(\v2\x17.meridian.v1.CoordinateR\n" +
-	"coordinate\"\x15\n" +
+	"coordinate\x12#\n" +
+	"\rapplied_index\x18\x05 \x01(\x04R\fappliedIndex\"\x15\n" +
 	"\x13GetUploadKeyRequest\"T\n" +
 	"\x14GetUploadKeyResponse\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\fR\x03key\x12*\n" +

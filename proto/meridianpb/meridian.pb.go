@@ -1016,14 +1016,20 @@ func (x *DeleteTag) GetTag() string {
 // without it the blob must already be placed somewhere (a mount), and with
 // mount_from set it must be linked in that repository.
 type LinkBlob struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Repository    string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
-	Digest        string                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
-	Size          int64                  `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
-	PlacedRegion  string                 `protobuf:"bytes,4,opt,name=placed_region,json=placedRegion,proto3" json:"placed_region,omitempty"`
-	MountFrom     string                 `protobuf:"bytes,5,opt,name=mount_from,json=mountFrom,proto3" json:"mount_from,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Repository   string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
+	Digest       string                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	Size         int64                  `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
+	PlacedRegion string                 `protobuf:"bytes,4,opt,name=placed_region,json=placedRegion,proto3" json:"placed_region,omitempty"`
+	MountFrom    string                 `protobuf:"bytes,5,opt,name=mount_from,json=mountFrom,proto3" json:"mount_from,omitempty"`
+	// written_after_index: an upload's bytes were written to placed_region's
+	// store after a replica had applied this log index. Garbage collection
+	// that removed the blob at a later index may have deleted those bytes (a
+	// removal deletes before it commits), so such a link is refused and the
+	// client pushes again. Entries of log format 3 only (consensus/lifecycle.go).
+	WrittenAfterIndex uint64 `protobuf:"varint,6,opt,name=written_after_index,json=writtenAfterIndex,proto3" json:"written_after_index,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *LinkBlob) Reset() {
@@ -1089,6 +1095,13 @@ func (x *LinkBlob) GetMountFrom() string {
 		return x.MountFrom
 	}
 	return ""
+}
+
+func (x *LinkBlob) GetWrittenAfterIndex() uint64 {
+	if x != nil {
+		return x.WrittenAfterIndex
+	}
+	return 0
 }
 
 // UnlinkBlob removes a blob from a repository. It is refused while a
@@ -3425,7 +3438,7 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\n" +
 	"repository\x18\x01 \x01(\tR\n" +
 	"repository\x12\x10\n" +
-	"\x03tag\x18\x02 \x01(\tR\x03tag\"\x9a\x01\n" +
+	"\x03tag\x18\x02 \x01(\tR\x03tag\"\xca\x01\n" +
 	"\bLinkBlob\x12\x1e\n" +
 	"\n" +
 	"repository\x18\x01 \x01(\tR\n" +
@@ -3434,7 +3447,8 @@ const file_meridianpb_meridian_proto_rawDesc = "" +
 	"\x04size\x18\x03 \x01(\x03R\x04size\x12#\n" +
 	"\rplaced_region\x18\x04 \x01(\tR\fplacedRegion\x12\x1d\n" +
 	"\n" +
-	"mount_from\x18\x05 \x01(\tR\tmountFrom\"D\n" +
+	"mount_from\x18\x05 \x01(\tR\tmountFrom\x12.\n" +
+	"\x13written_after_index\x18\x06 \x01(\x04R\x11writtenAfterIndex\"D\n" +
 	"\n" +
 	"UnlinkBlob\x12\x1e\n" +
 	"\n" +
