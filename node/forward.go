@@ -44,7 +44,7 @@ func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
 		index, err = n.consensus.Commit(ctx, cmd, actor)
 		return err
 	})
-	if index > 0 && changesPolicy(cmd) {
+	if index > 0 && seenAtOnce(cmd) {
 		wctx, cancel := context.WithTimeout(ctx, n.cfg.ApplyTimeout)
 		defer cancel()
 		if werr := n.consensus.WaitApplied(wctx, index); werr != nil {
@@ -56,11 +56,13 @@ func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
 	return err
 }
 
-// changesPolicy reports commands whose effect this node must see at once:
-// pushes through it right after follow the repository's policy.
-func changesPolicy(cmd *pb.Command) bool {
+// seenAtOnce reports commands whose effect this node must see at once:
+// pushes through it right after a policy change follow the new policy, and
+// the replicator must not read a removal it committed as still to do (it
+// would delete again, perhaps a new push's bytes).
+func seenAtOnce(cmd *pb.Command) bool {
 	switch cmd.GetIntent().(type) {
-	case *pb.Command_SetPolicy, *pb.Command_DeletePolicy:
+	case *pb.Command_SetPolicy, *pb.Command_DeletePolicy, *pb.Command_BlobRemoved:
 		return true
 	}
 	return false

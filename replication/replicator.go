@@ -37,7 +37,8 @@ type PlacementSource interface {
 	// Removals lists blobs garbage collection condemned that region still
 	// holds, by digest after after.
 	Removals(ctx context.Context, region, after string, limit int) ([]*pb.Wanted, error)
-	// Removed commits, through Raft, that region no longer holds digest.
+	// Removed commits, through Raft, that region no longer holds digest,
+	// and returns once this node's state shows it.
 	Removed(ctx context.Context, digest, region string) error
 }
 
@@ -271,6 +272,19 @@ func (r *Replicator) done(k string, err error) {
 // so a later push of the same digest cannot lose its new copy.
 func (r *Replicator) remove(ctx context.Context, w *pb.Wanted) error {
 	dgst := digest.Digest(w.Digest)
+	// The work list may be a page read before this node applied a removal
+	// it committed itself (Removed returns once it applied): deleting
+	// again then could take the bytes of a new push of the digest.
+	rec, err := r.cfg.Source.Blob(ctx, w.Digest)
+	switch {
+	case errors.Is(err, pb.ErrBlobUnknown):
+		return nil
+	case err != nil:
+		r.removals.WithLabelValues("failed").Inc()
+		return err
+	case rec.CondemnedUnixNano == 0 || !slices.Contains(rec.Regions, r.cfg.Region):
+		return nil
+	}
 	d, _ := r.cfg.Regions.Driver(r.cfg.Region)
 	if err := d.Delete(ctx, dgst); err != nil && !errors.Is(err, ErrBlobNotFound) {
 		r.removals.WithLabelValues("failed").Inc()
