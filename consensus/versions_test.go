@@ -2,11 +2,14 @@ package consensus
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/cockroachdb/pebble/v2"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
 )
@@ -108,5 +111,55 @@ func TestLogFormatGate(t *testing.T) {
 	}
 	if ps, err := n.Store().Policies(ctx); err != nil || len(ps) != 1 || ps[0].Prefix != "x/" {
 		t.Fatalf("policies after the commit: %v (%v)", ps, err)
+	}
+}
+
+// A command that existed before its format was raised (an upload's link)
+// still commits while a server cannot apply the new format: in format 1,
+// without what format 1 lacks (the upload's fence). Once every server
+// applies the format, it enters the log in it.
+func TestLogFormatDegradesOlderCommands(t *testing.T) {
+	gossip := &fakeGossip{versions: map[string]uint32{"node-1": LogVersion, "node-2": 1}}
+	n := startNode(t, t.TempDir(), func(c *Config) { c.LogVersionOf = gossip.logVersionOf })
+	ctx, cancel := context.WithTimeout(context.Background(), nodeTestTimeout)
+	defer cancel()
+	gone := listenExcept(t, "")
+	addr := gone.Addr().String()
+	gone.Close()
+	if err := n.AddServer(ctx, "node-2", addr, false); err != nil {
+		t.Fatalf("AddServer: %v", err)
+	}
+	format := func() uint64 {
+		t.Helper()
+		var v []byte
+		if err := n.Store().read(func(db *pebble.DB) error {
+			var err error
+			v, _, err = get(db, key(tableLogFormat))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if len(v) != 8 {
+			return 1
+		}
+		return binary.BigEndian.Uint64(v)
+	}
+	link := &pb.LinkBlob{Repository: "r", Digest: "sha256:" + strings.Repeat("a", 64), Size: 1, PlacedRegion: "us", WrittenAfterIndex: 7}
+	cmd := &pb.Command{Intent: &pb.Command_LinkBlob{LinkBlob: link}}
+	if _, err := n.Commit(ctx, cmd, nil); err != nil {
+		t.Fatalf("a link while node-2 applies format 1: %v", err)
+	}
+	if got := format(); got != 1 {
+		t.Fatalf("log format after a link while node-2 is behind: %d, want 1", got)
+	}
+	if link.WrittenAfterIndex != 7 {
+		t.Fatalf("degrading changed the caller's command: %+v", link)
+	}
+	gossip.set("node-2", LogVersion)
+	if _, err := n.Commit(ctx, cmd, nil); err != nil {
+		t.Fatalf("a link once every server applies format %d: %v", LogVersion, err)
+	}
+	if got := format(); got != uint64(LogVersion) {
+		t.Fatalf("log format after the link: %d, want %d", got, LogVersion)
 	}
 }

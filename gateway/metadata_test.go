@@ -37,6 +37,12 @@ type fakeMetadata struct {
 	proposals int
 	// policy is what Policy answers for every repository.
 	policy pb.EffectivePolicy
+	// fence counts WriteFence calls and is what the last one answered;
+	// onFence, when set, runs at each call. linkFences are the fences
+	// of the links with a placement, in order.
+	fence      uint64
+	onFence    func()
+	linkFences []uint64
 }
 
 type repoKey struct{ repo, digest string }
@@ -180,6 +186,9 @@ func (m *fakeMetadata) deleteTag(c *pb.DeleteTag) error {
 
 func (m *fakeMetadata) linkBlob(c *pb.LinkBlob) error {
 	m.keyFields(c.Repository, c.Digest)
+	if c.PlacedRegion != "" {
+		m.linkFences = append(m.linkFences, c.WrittenAfterIndex)
+	}
 	rec, found := m.blobs[c.Digest]
 	if c.PlacedRegion == "" {
 		if !found {
@@ -325,7 +334,16 @@ func (m *fakeMetadata) WaitPlaced(ctx context.Context, d string, n int) (*pb.Blo
 	}
 }
 
-func (m *fakeMetadata) WriteFence(context.Context) (uint64, error) { return 0, nil }
+func (m *fakeMetadata) WriteFence(context.Context) (uint64, error) {
+	m.mu.Lock()
+	m.fence++
+	fence, on := m.fence, m.onFence
+	m.mu.Unlock()
+	if on != nil {
+		on()
+	}
+	return fence, nil
+}
 
 func (m *fakeMetadata) UploadKeys(context.Context) ([]*pb.UploadKey, error) {
 	m.mu.Lock()

@@ -2,8 +2,11 @@ package gateway
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +14,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+	"github.com/meridian-registry/meridian/replication"
 )
 
 // patch sends one chunk with its Content-Range and returns the reply.
@@ -565,4 +569,32 @@ func TestFinishedSessionLinksNothing(t *testing.T) {
 	h.do(t, "PUT", put, bytes.NewReader(content[30:])).wantStatus(t, http.StatusCreated)
 	h.do(t, "PUT", put, bytes.NewReader(content[30:])).wantStatus(t, http.StatusCreated)
 	h.wantBlob(t, "app", content)
+}
+
+// An upload's link carries a fence taken before its bytes became the blob,
+// so garbage collection can refuse it when a removal may have deleted them
+// (LinkBlob.written_after_index); a PUT retried after the bytes were
+// committed takes a new one.
+func TestUploadLinkCarriesFence(t *testing.T) {
+	h := newHarness(t)
+	content := randomBytes(40)
+	d := digest.FromBytes(content)
+	h.meta.onFence = func() {
+		if _, err := h.store.Stat(context.Background(), d); !errors.Is(err, replication.ErrBlobNotFound) {
+			t.Errorf("fence taken when the store holds the blob already (%v)", err)
+		}
+	}
+	loc := h.startUpload(t, "app")
+	loc = h.patch(t, loc, 0, content).wantSession(t, http.StatusAccepted, "0-39")
+	h.meta.setFail(fmt.Errorf("%w: %v", pb.ErrNotLeader, "election in progress"))
+	h.do(t, "PUT", loc+"?digest="+d.String(), nil).wantError(t, http.StatusServiceUnavailable, "UNAVAILABLE")
+	h.meta.setFail(nil)
+	h.meta.onFence = nil
+	h.do(t, "PUT", loc+"?digest="+d.String(), nil).wantStatus(t, http.StatusCreated)
+	h.wantBlob(t, "app", content)
+	h.meta.mu.Lock()
+	defer h.meta.mu.Unlock()
+	if !slices.Equal(h.meta.linkFences, []uint64{2}) || h.meta.fence != 2 {
+		t.Fatalf("links carried fences %v after %d fences; want [2]: the retry's own", h.meta.linkFences, h.meta.fence)
+	}
 }
