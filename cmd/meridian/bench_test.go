@@ -157,29 +157,39 @@ func checkReport(t *testing.T, rep *benchReport, withDistribution bool) {
 	if len(m.PushMonolithic.RunsMBps) != 2 || len(m.Pull.RunsMBps) != 2 {
 		t.Errorf("want 2 runs of each push and pull, got %v and %v", m.PushMonolithic.RunsMBps, m.Pull.RunsMBps)
 	}
-	// The targets: both pushes, the pull, the manifest GET with Distribution
-	// (without it, it cannot be judged) and bearer vs anonymous.
-	var results []string
+	// The targets: both pushes against the disk (and the monolithic one
+	// against Distribution), the pull, the manifest GET against Distribution
+	// (without it, it cannot be judged) and against the same bytes as a static
+	// file, and bearer vs anonymous.
+	judged := map[string]string{}
 	for _, row := range rep.Rows {
 		if row.Target != "" {
-			results = append(results, row.Result)
+			judged[row.Figure] = row.Result
 		}
 	}
-	distrWant := "n/a"
+	metOrMissed := []string{verdictMet, verdictMissed}
+	want := map[string][]string{
+		"meridian push, monolithic": metOrMissed, "meridian push, chunked": metOrMissed,
+		"meridian pull, GET + sha256":                                     metOrMissed,
+		"meridian manifest GET by tag, 4 clients":                         {verdictNA},
+		"meridian manifest GET by tag vs the same bytes as a static file": metOrMissed,
+		"meridian manifest GET by tag, bearer token vs anonymous":         metOrMissed,
+	}
 	if withDistribution {
-		distrWant = "PASS or MISS"
+		want["meridian manifest GET by tag, 4 clients"] = metOrMissed
+		want["meridian push (fsync) vs distribution (no fsync)"] = metOrMissed
 	}
-	if len(results) != 5 {
-		t.Fatalf("%d targets judged (%q), want 5", len(results), results)
+	if len(judged) != len(want) {
+		t.Errorf("%d targets judged (%q), want %d", len(judged), judged, len(want))
 	}
-	for i, r := range results {
-		want := "PASS or MISS"
-		if i == 3 {
-			want = distrWant
+	for fig, verdicts := range want {
+		if got, ok := judged[fig]; !ok || !slices.Contains(verdicts, got) {
+			t.Errorf("%s judged %q, want one of %q", fig, got, verdicts)
 		}
-		if !slices.Contains(strings.Split(want, " or "), r) {
-			t.Errorf("target %d judged %q, want %s", i, r, want)
-		}
+	}
+	if st := rep.Limits.Static.ManifestGET; st == nil || st.Requests == 0 || st.Errors != 0 ||
+		len(st.SlicesRPS) != len(m.ManifestGET.SlicesRPS) {
+		t.Errorf("static manifest load: %+v, want one slice for each of meridian's, without errors", st)
 	}
 
 	var table bytes.Buffer
@@ -468,7 +478,7 @@ func TestManifestLoadCountsErrors(t *testing.T) {
 	}
 	vs := byFigure["meridian manifest GET by tag, bearer token vs anonymous"]
 	// The ratio is the median of the per-slice ratios, 0.9 and 1.1.
-	if vs.Result != "PASS" || math.Abs(vs.Ratio-1.1) > 1e-9 || vs.LimitValue != 1000 {
+	if vs.Result != verdictMet || math.Abs(vs.Ratio-1.1) > 1e-9 || vs.LimitValue != 1000 {
 		t.Errorf("bearer vs anonymous row: %+v", vs)
 	}
 	if tk := byFigure["meridian token issuance"]; tk.Result != "ERR" || tk.Unit != "tokens/s" || tk.Target != "" {
