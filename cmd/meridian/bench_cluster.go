@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -39,8 +40,10 @@ type benchClusterSpec struct {
 	id            string
 	regions       []benchRegion
 	nodeRegions   []string
-	gatewayRegion string
+	gatewayRegion string // "": no gateway
 	mtls          bool
+	// serveArgs are added to every node's flags.
+	serveArgs []string
 }
 
 // memberReady is what `meridian serve` and `meridian gateway` write to
@@ -57,6 +60,8 @@ type memberReady struct {
 // clusterMember is one running node or gateway.
 type clusterMember struct {
 	id    string
+	dir   string   // of its ready file and log
+	argv  []string // without --ready-file, to start it again
 	proc  *process
 	ready memberReady
 	base  string // http://HOST:PORT of its registry API
@@ -124,7 +129,7 @@ func startBenchCluster(ctx context.Context, meridian []string, dir string, spec 
 		args := slices.Concat(meridian, []string{"serve", "--node-id", ids[i], "--region", region,
 			"--data-dir", filepath.Join(dir, ids[i]), "--admin-password-file", pwFile,
 			"--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0"},
-			common, secure(ids[i]))
+			common, secure(ids[i]), spec.serveArgs)
 		if i > 0 {
 			args = append(args, "--join", c.nodes[0].ready.GossipAddr)
 		}
@@ -138,6 +143,9 @@ func startBenchCluster(ctx context.Context, meridian []string, dir string, spec 
 		if err := waitHTTP(ctx, m.proc, m.base+"/readyz", http.StatusOK); err != nil {
 			return nil, fmt.Errorf("%w%s", err, m.proc.logTail())
 		}
+	}
+	if spec.gatewayRegion == "" {
+		return c, nil
 	}
 	args := slices.Concat(meridian, []string{"gateway", "--gateway-id", "gateway", "--region", spec.gatewayRegion,
 		"--http-addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0", "--join", c.nodes[0].ready.GossipAddr}, common, secure("gateway"))
@@ -178,12 +186,15 @@ func startBenchCluster(ctx context.Context, meridian []string, dir string, spec 
 func startMember(ctx context.Context, id, dir string, argv []string) (*clusterMember, error) {
 	ready := filepath.Join(dir, id+".ready.json")
 	os.Remove(ready)
-	argv = append(slices.Clone(argv), "--ready-file", ready)
-	p, err := startProcess(id, filepath.Join(dir, id+".log"), nil, argv...)
+	logPath := filepath.Join(dir, id+".log")
+	if _, err := os.Stat(logPath); err == nil {
+		os.Rename(logPath, logPath+"."+strconv.FormatInt(time.Now().UnixNano(), 10)) // a restart keeps the first run's log
+	}
+	p, err := startProcess(id, logPath, nil, append(slices.Clone(argv), "--ready-file", ready)...)
 	if err != nil {
 		return nil, err
 	}
-	m := &clusterMember{id: id, proc: p}
+	m := &clusterMember{id: id, dir: dir, argv: argv, proc: p}
 	err = poll(ctx, p, "the ready file", func() error {
 		b, err := os.ReadFile(ready)
 		if err != nil {
@@ -221,8 +232,11 @@ func (c *benchCluster) stop() error {
 // mtlsLabel says how the cluster's members talk to each other, for rows'
 // details.
 func (c *benchCluster) mtlsLabel() string {
-	if c.spec.mtls {
+	if c.spec.mtls && c.gw != nil {
 		return "mTLS on between gateway and nodes, encrypted gossip"
+	}
+	if c.spec.mtls {
+		return "mTLS on between nodes, encrypted gossip"
 	}
 	return "mTLS off"
 }

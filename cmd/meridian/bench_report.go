@@ -54,6 +54,7 @@ type benchReport struct {
 	DistributionSkipped string          `json:"distribution_skipped,omitempty"`
 	Cluster             *clusterResult  `json:"cluster,omitempty"`
 	S3                  *s3Result       `json:"s3,omitempty"`
+	Scale               *scaleResult    `json:"scale,omitempty"`
 	Error               string          `json:"error,omitempty"`
 
 	Rows []benchRow `json:"rows"`
@@ -194,6 +195,7 @@ func (r *benchReport) buildRows() {
 	}
 	r.clusterRows(add)
 	r.s3Rows(add)
+	r.scaleRows(add)
 }
 
 // compareWithFaster judges the node's pull against the faster of
@@ -378,7 +380,11 @@ func (r *benchReport) writeTable(w io.Writer) {
 	if busy(e.LoadAvgStart, e.CPUs) || busy(e.LoadAvgEnd, e.CPUs) {
 		fmt.Fprintf(w, "WARNING: the machine had more runnable work than its %d CPUs; the figures, the CPU-bound ones most, are unreliable.\n", e.CPUs)
 	}
-	fmt.Fprintf(w, "blob %s (chunks %s), median of %d runs, manifest GET load %d clients for %s\n\n", mib(r.SizeBytes), mib(r.ChunkBytes), r.Runs, r.Concurrency, r.LoadDuration)
+	if r.Scale != nil {
+		fmt.Fprintf(w, "scale run: %d tags in one repository\n\n", r.Scale.Tags)
+	} else {
+		fmt.Fprintf(w, "blob %s (chunks %s), median of %d runs, manifest GET load %d clients for %s\n\n", mib(r.SizeBytes), mib(r.ChunkBytes), r.Runs, r.Concurrency, r.LoadDuration)
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "FIGURE\tVALUE\tCOMPARED WITH\tLIMIT\tRATIO\tTARGET\tRESULT")
 	for _, row := range r.Rows {
@@ -419,8 +425,11 @@ func (r *benchReport) writeTable(w io.Writer) {
 }
 
 func formatValue(v float64, unit string) string {
-	if unit == "req/s" || unit == "tokens/s" || unit == "commits/s" {
+	switch unit {
+	case "req/s", "tokens/s", "commits/s", "MiB":
 		return fmt.Sprintf("%.0f %s", v, unit)
+	case "ms", "s":
+		return fmt.Sprintf("%.2f %s", v, unit)
 	}
 	return fmt.Sprintf("%.1f %s", v, unit)
 }
