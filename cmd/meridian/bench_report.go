@@ -426,6 +426,8 @@ func (r *benchReport) writeTable(w io.Writer) {
 
 func formatValue(v float64, unit string) string {
 	switch unit {
+	case "": // a row that only carries a verdict and its reason
+		return ""
 	case "req/s", "tokens/s", "commits/s", "MiB":
 		return fmt.Sprintf("%.0f %s", v, unit)
 	case "ms", "s":
