@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -274,5 +275,78 @@ func TestRunBenchCluster(t *testing.T) {
 		if r := rows[fig]; r.Result != verdictMet && r.Result != verdictMissed {
 			t.Errorf("%s: %+v, want judged MET or MISSED", fig, r)
 		}
+	}
+}
+
+func TestNextLink(t *testing.T) {
+	for _, tc := range []struct{ link, want string }{
+		{"", ""},
+		{`</v2/a/tags/list?last=t9&n=2>; rel="next"`, "http://h:1/v2/a/tags/list?last=t9&n=2"},
+		{`<http://other/x>; rel="prev", </v2/a/tags/list?n=2&last=b>; rel="next"`, "http://h:1/v2/a/tags/list?n=2&last=b"},
+		{`</v2/a/tags/list?n=2>; rel="prev"`, ""},
+	} {
+		got, err := nextLink("http://h:1", tc.link)
+		if err != nil || got != tc.want {
+			t.Errorf("nextLink(%q) = %q, %v; want %q", tc.link, got, err, tc.want)
+		}
+	}
+}
+
+// TestScaleRows: the p99 growth is judged as at most 1.5×, RSS under 1 GiB,
+// and a run without a snapshot says why.
+func TestScaleRows(t *testing.T) {
+	rep := &benchReport{Scale: &scaleResult{Tags: 1_000_000, Committed: 1_000_000,
+		Commits:    loadResult{Concurrency: 32, Requests: 1_000_000, RPS: 1500},
+		TagGetBase: loadResult{Concurrency: 4, Requests: 1000, P99Ms: 2}, TagGetFull: loadResult{Concurrency: 4, Requests: 1000, P99Ms: 3},
+		RSS: map[string]int64{"n0": 100 << 20, "n1": 1 << 30}, PeakRSS: map[string]int64{"n0": 120 << 20, "n1": 1 << 30}}}
+	rep.buildRows()
+	rows := rowsByFigure(rep.Rows)
+	if r := rows["scale: tag GET at 1000000 tags, p99"]; r.Result != verdictMet || r.Ratio != 1.5 {
+		t.Errorf("p99 1.5× the 1k figure: %+v, want MET", r)
+	}
+	if rows["scale: RSS of node n0"].Result != verdictMet || rows["scale: RSS of node n1"].Result != verdictMissed {
+		t.Errorf("RSS rows: %+v / %+v", rows["scale: RSS of node n0"], rows["scale: RSS of node n1"])
+	}
+	if r := rows["scale: Raft snapshot"]; r.Result != verdictNA {
+		t.Errorf("no snapshot: %+v", r)
+	}
+	rep.Scale.TagGetFull.P99Ms = 3.1
+	rep.Scale.Snapshot = &snapshotInfo{Node: "n0", Index: 9000, Bytes: 5 << 20, WriteSeconds: 0.5}
+	rep.buildRows()
+	rows = rowsByFigure(rep.Rows)
+	if r := rows["scale: tag GET at 1000000 tags, p99"]; r.Result != verdictMissed {
+		t.Errorf("p99 1.55× the 1k figure: %+v, want MISSED", r)
+	}
+	if r := rows["scale: Raft snapshot size"]; r.Value != 5 || !strings.Contains(r.Detail, "index 9000") {
+		t.Errorf("snapshot row: %+v", r)
+	}
+}
+
+// TestNewestSnapshot reads a snapshot store's layout: the highest index
+// wins, its size is its files', its write time runs from the name's
+// milliseconds to meta.json's modification.
+func TestNewestSnapshot(t *testing.T) {
+	dir := t.TempDir()
+	created := time.Now().Add(-3 * time.Second).Truncate(time.Millisecond)
+	mk := func(name string, state int) {
+		d := filepath.Join(dir, "raft", "snapshots", name)
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(d, "state.bin"), make([]byte, state), 0o644)
+		os.WriteFile(filepath.Join(d, "meta.json"), []byte("{}"), 0o644)
+	}
+	mk("2-100-"+strconv.FormatInt(created.UnixMilli(), 10), 10)
+	mk("3-250-"+strconv.FormatInt(created.UnixMilli(), 10), 1000)
+	mk("3-90-"+strconv.FormatInt(created.UnixMilli(), 10), 5000)
+	s, err := newestSnapshot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Index != 250 || s.Bytes != 1002 || s.WriteSeconds < 2.5 || s.WriteSeconds > 60 {
+		t.Errorf("newest snapshot %+v, want index 250, 1002 bytes, written about 3 s after creation", s)
+	}
+	if _, err := newestSnapshot(t.TempDir()); err == nil {
+		t.Error("an empty data dir has a snapshot")
 	}
 }

@@ -516,11 +516,12 @@ func TestParseBenchFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if opts.size != 256<<20 || opts.chunk != 16<<20 || opts.concurrency != 32 || opts.duration != 10*time.Second || opts.runs != 3 || opts.dir != "." {
+	if opts.size != 256<<20 || opts.chunk != 16<<20 || opts.concurrency != 32 || opts.duration != 10*time.Second || opts.runs != 3 || opts.dir != "." ||
+		!opts.cluster || opts.scale || opts.tags != 1_000_000 {
 		t.Errorf("defaults: %+v", opts)
 	}
 	for _, args := range [][]string{
-		{"--size", "0"}, {"--size", "lots"}, {"--concurrency", "0"}, {"--duration", "-1s"}, {"--runs", "0"}, {"extra"},
+		{"--size", "0"}, {"--size", "lots"}, {"--concurrency", "0"}, {"--duration", "-1s"}, {"--runs", "0"}, {"extra"}, {"--scale", "--tags", "0"},
 	} {
 		if _, err := parseBenchFlags(args); err == nil {
 			t.Errorf("%q: accepted", args)
@@ -528,6 +529,10 @@ func TestParseBenchFlags(t *testing.T) {
 	}
 	opts, err = parseBenchFlags([]string{"--size", "4MiB", "--duration", "1s", "--concurrency", "8", "--json", "x.json", "--keep"})
 	if err != nil || opts.size != 4<<20 || opts.concurrency != 8 || opts.jsonFile != "x.json" || !opts.keep {
+		t.Errorf("parsed %+v, %v", opts, err)
+	}
+	opts, err = parseBenchFlags([]string{"--scale", "--tags", "5000", "--cluster=false", "--versitygw", "none"})
+	if err != nil || !opts.scale || opts.tags != 5000 || opts.cluster || opts.versitygw != "none" {
 		t.Errorf("parsed %+v, %v", opts, err)
 	}
 }
