@@ -6,6 +6,7 @@
 #   make chaos        a 30-minute fault-injection run (3 regions, 5 nodes, 2 gateways)
 #   make chaos-short  the same harness, smaller, at most 5 minutes
 #   make bench        performance figures next to this machine's limits
+#   make bench-scale  one repository filled with TAGS tags (1,000,000)
 #   make compose-test three regions on one machine with docker compose
 #                     (deploy/compose), proven with the docker CLI
 #
@@ -30,7 +31,7 @@ REGCTL_VERSION       := v0.11.7
 HELM_VERSION         := v3.21.4
 VERSION              := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: skopeo podman protoc image helm-check compose-test all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench chaos chaos-short tools clean
+.PHONY: skopeo podman protoc image helm-check compose-test all build run test test-minio unit conformance vet fmt-check proto proto-check fuzz bench bench-scale chaos chaos-short tools clean
 
 all: build
 
@@ -202,23 +203,27 @@ fuzz:
 	  done; \
 	done
 
-## bench: push/pull/manifest-GET figures beside the disk's fsync rate, the
-## sha256 rate, nginx (installed from Debian when missing) and CNCF
-## Distribution doing the same work; then a 3-node loopback cluster's
-## tag-update latency and throughput (1 and 32 writers), local vs strong tag
-## reads, and leader failover time; then geo-replication on versitygw: the
-## lag from a blob PUT's 201 to its placement in all three regions of a
-## loopback cluster (one run: -benchtime 1x), and replication.Copy between
-## two S3 servers beside a raw minio-go copy of the same bytes; then a real
-## `meridian gateway` process in front of three `meridian serve` processes:
-## manifest GETs at 500 req/s and a 256 MiB blob GET through the gateway
-## beside the node it prefers, and a 2 GiB blob streamed through the gateway
-## with its peak RSS (one run: -benchtime 1x); a garbage-collection pass over
-## 100k manifests and 200k blobs (time, peak heap), and push latency with and
-## without a collection loop running.
+## bench: `meridian bench`, one table with every performance target and its
+## reference measured in the same run, MET or MISSED: a node's push, pull
+## and manifest GETs beside the disk's fsync rate, the sha256 rate, nginx
+## (installed from Debian when missing, else Go's file server, labelled) and
+## CNCF Distribution; a `meridian gateway` in front of three `meridian serve`
+## processes (mutual TLS, file:// regions): blob and manifest GETs beside
+## the node, a 64-client pull storm beside nginx, tag commits through a
+## follower; a gateway on a versitygw S3 region beside raw minio-go GET and
+## multipart PUT. Then a 3-node loopback cluster's tag-update latency and
+## throughput (1 and 32 writers), local vs strong tag reads, and leader
+## failover time; then geo-replication on versitygw: the lag from a blob
+## PUT's 201 to its placement in all three regions of a loopback cluster
+## (one run: -benchtime 1x), and replication.Copy between two S3 servers
+## beside a raw minio-go copy of the same bytes; then the gateway process's
+## manifest GETs at 500 req/s with mTLS off and on and a 2 GiB blob streamed
+## through it with its peak RSS (one run: -benchtime 1x); a
+## garbage-collection pass over 100k manifests and 200k blobs (time, peak
+## heap), and push latency with and without a collection loop running.
 bench: build $(TOOLS)/registry $(TOOLS)/versitygw
 	@command -v nginx >/dev/null || (apt-get install -y nginx >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y nginx >/dev/null)) || echo "nginx unavailable: comparing with Go's file server"
-	$(MERIDIAN) bench --distribution $(TOOLS)/registry
+	$(MERIDIAN) bench --distribution $(TOOLS)/registry --versitygw $(TOOLS)/versitygw
 	$(GO) test -run '^$$' -bench 'TagUpdate|TagRead' -benchtime 2000x -timeout 30m ./node/
 	$(GO) test -run '^$$' -bench 'LeaderFailover' -benchtime 10x -timeout 30m ./node/
 	$(GO) test -run '^$$' -bench 'LogStore|Propose' -benchtime 2000x ./consensus/
@@ -227,6 +232,14 @@ bench: build $(TOOLS)/registry $(TOOLS)/versitygw
 	MERIDIAN_VERSITYGW=$(TOOLS)/versitygw $(GO) test -run '^$$' -bench 'ReplicationLag' -benchtime 1x -timeout 30m ./node/
 	MERIDIAN_VERSITYGW=$(TOOLS)/versitygw $(GO) test -run '^$$' -bench 'CrossRegionCopy' -benchtime 5x -timeout 30m ./replication/
 	$(GO) test -run '^$$' -bench 'Gateway' -benchtime 1x -timeout 30m ./cmd/meridian/
+
+## bench-scale: one repository of a 3-node cluster filled with TAGS tags
+## through a follower: commit rate, tag GET p50/p99 at 1k and TAGS tags, the
+## tags list paged through, RSS per node, the Raft snapshot's size and write
+## time, a follower's restart and catch-up. TAGS=5000 is a quick check.
+TAGS ?= 1000000
+bench-scale: build
+	$(MERIDIAN) bench --scale --tags $(TAGS)
 
 clean:
 	rm -rf bin data

@@ -27,6 +27,10 @@ type benchOptions struct {
 	dir          string
 	distribution string // path, "" to look on PATH, "none" to skip
 	nginx        string // path, "" to look on PATH, "none" for Go's file server
+	versitygw    string // path, "" to look on PATH, "none" to skip the S3 rows
+	cluster      bool   // run the gateway, pull storm, tag commit and S3 rows
+	scale        bool   // run the scale measurement instead
+	tags         int    // of the scale measurement
 	runs         int
 	keep         bool
 	jsonFile     string
@@ -36,6 +40,9 @@ type benchOptions struct {
 	// Tests point them at the test binary.
 	serveCmd []string
 	serveEnv []string
+	// meridianCmd is the meridian binary and the arguments that come
+	// before a subcommand, for the cluster's `serve` and `gateway`.
+	meridianCmd []string
 	// progress receives one line per step.
 	progress io.Writer
 }
@@ -76,6 +83,7 @@ func bench(args []string) error {
 		return fmt.Errorf("bench: finding the meridian binary: %w", err)
 	}
 	opts.serveCmd = []string{exe, "serve"}
+	opts.meridianCmd = []string{exe}
 	opts.progress = os.Stderr
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -85,7 +93,11 @@ func bench(args []string) error {
 		stop() // a second Ctrl-C kills at once; children die with us (Pdeathsig)
 	}()
 
-	rep, err := runBench(ctx, opts)
+	run := runBench
+	if opts.scale {
+		run = runScale
+	}
+	rep, err := run(ctx, opts)
 	if rep != nil {
 		if err != nil {
 			rep.Error = err.Error()
@@ -113,6 +125,10 @@ func parseBenchFlags(args []string) (benchOptions, error) {
 	fs.StringVar(&opts.dir, "dir", ".", "directory whose filesystem holds every data dir and the disk test (a temp dir is made inside)")
 	fs.StringVar(&opts.distribution, "distribution", "", `CNCF Distribution "registry" binary (default: from PATH; "none" skips it)`)
 	fs.StringVar(&opts.nginx, "nginx", "", `nginx binary for the static file server (default: from PATH; "none" uses Go's http.FileServer)`)
+	fs.StringVar(&opts.versitygw, "versitygw", "", `versitygw binary for the S3 rows (default: from PATH; "none" skips them)`)
+	fs.BoolVar(&opts.cluster, "cluster", true, "also start a 3-node cluster and a gateway: gateway, pull storm, tag commit and S3 rows")
+	fs.BoolVar(&opts.scale, "scale", false, "instead, fill one repository of a 3-node cluster with --tags tags and measure what grows with them")
+	fs.IntVar(&opts.tags, "tags", 1_000_000, "tags of the --scale run")
 	fs.BoolVar(&opts.keep, "keep", false, "keep the temp dir (data dirs, configs, server logs)")
 	fs.StringVar(&opts.jsonFile, "json", "", "also write the results as JSON to this file")
 	if err := fs.Parse(args); err != nil {
@@ -135,6 +151,8 @@ func parseBenchFlags(args []string) (benchOptions, error) {
 		return opts, errors.New("--concurrency must be positive")
 	case opts.runs <= 0:
 		return opts, errors.New("--runs must be positive")
+	case opts.tags <= 0:
+		return opts, errors.New("--tags must be positive")
 	}
 	return opts, nil
 }
@@ -145,7 +163,7 @@ func parseBenchFlags(args []string) (benchOptions, error) {
 func findBinary(flagValue, name string) (path, reason string) {
 	switch flagValue {
 	case "none":
-		return "", "disabled with --" + map[string]string{"nginx": "nginx", "registry": "distribution"}[name] + "=none"
+		return "", "disabled with --" + map[string]string{"nginx": "nginx", "registry": "distribution", "versitygw": "versitygw"}[name] + "=none"
 	case "":
 		p, err := exec.LookPath(name)
 		if err != nil {

@@ -326,7 +326,12 @@ func waitHTTP(ctx context.Context, p *process, url string, status int) error {
 // poll calls check every 20 ms until it succeeds, the process exits, ctx
 // ends or startTimeout passes.
 func poll(ctx context.Context, p *process, what string, check func() error) error {
-	deadline := time.Now().Add(startTimeout)
+	return pollFor(ctx, p, what, startTimeout, check)
+}
+
+// pollFor is poll with a timeout of its own.
+func pollFor(ctx context.Context, p *process, what string, timeout time.Duration, check func() error) error {
+	deadline := time.Now().Add(timeout)
 	t := time.NewTicker(20 * time.Millisecond)
 	defer t.Stop()
 	for {

@@ -104,9 +104,22 @@ func runBench(ctx context.Context, opts benchOptions) (*benchReport, error) {
 	if err := w.run(ctx, targets); err != nil {
 		return rep, err
 	}
+	// The single node and Distribution are done: stopped, they leave the
+	// cores to the cluster.
 	for _, t := range targets {
 		if err := t.proc.stop(); err != nil {
 			return rep, fmt.Errorf("bench: %w", err)
+		}
+	}
+	if opts.cluster {
+		// A failure here is recorded in its rows; the S3 part still runs.
+		cw := &clusterWorkload{opts: opts, root: root, static: static, staticDir: staticDir, rep: rep, logf: logf}
+		clusterErr := cw.runFileCluster(ctx)
+		if ctx.Err() != nil {
+			return rep, ctx.Err()
+		}
+		if err := errors.Join(clusterErr, cw.runS3(ctx)); err != nil {
+			return rep, err
 		}
 	}
 	return rep, static.stop()
@@ -114,6 +127,7 @@ func runBench(ctx context.Context, opts benchOptions) (*benchReport, error) {
 
 // staticServer serves the disk test's files.
 type staticServer struct {
+	base  string // http://HOST:PORT of the docroot
 	url   string // of the first disk test's file
 	label string
 	stop  func() error
@@ -128,13 +142,13 @@ func startStatic(ctx context.Context, opts benchOptions, prefix, docroot string)
 		if err != nil {
 			return nil, err
 		}
-		return &staticServer{"http://" + addr + "/blob", "Go http.FileServer, in-process (nginx: " + reason + ")", stop}, nil
+		return &staticServer{"http://" + addr, "http://" + addr + "/blob", "Go http.FileServer, in-process (nginx: " + reason + ")", stop}, nil
 	}
 	p, addr, err := startNginx(ctx, bin, prefix, docroot)
 	if err != nil {
 		return nil, fmt.Errorf("bench: nginx: %w", err)
 	}
-	return &staticServer{"http://" + addr + "/blob", "nginx " + nginxVersion(bin) + " (sendfile on)", p.stop}, nil
+	return &staticServer{"http://" + addr, "http://" + addr + "/blob", "nginx " + nginxVersion(bin) + " (sendfile on, worker_processes auto)", p.stop}, nil
 }
 
 // benchTarget is a registry under test and what was measured on it.
@@ -269,6 +283,17 @@ func (w *workload) run(ctx context.Context, targets []*benchTarget) error {
 	if err := each("prepare the manifest load", func(t *benchTarget) error { return t.prepareLoad(ctx) }); err != nil {
 		return err
 	}
+	// The static file server serves the same manifest bytes as a file.
+	var staticLoad loadSample
+	staticManifest := ""
+	if w.static != nil && w.diskDir != "" {
+		if err := os.WriteFile(filepath.Join(w.diskDir, "manifest"), manifest, 0o644); err != nil {
+			return err
+		}
+		staticManifest = w.static.base + "/manifest"
+	}
+	staticClient := newBenchClient(w.opts.concurrency)
+	defer staticClient.CloseIdleConnections()
 	// Slices of about 2 s, alternating between the registries (and on
 	// Meridian between the token and anonymous loads), so that whatever
 	// else the machine does hits them alike.
@@ -288,6 +313,20 @@ func (w *workload) run(ctx context.Context, targets []*benchTarget) error {
 		if err != nil {
 			return err
 		}
+		if staticManifest != "" {
+			s := manifestLoad(ctx, staticClient, staticManifest, "", len(manifest), w.opts.concurrency, slice)
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			staticLoad.merge(s)
+			if len(s.lat) == 0 {
+				return fmt.Errorf("bench: static file server: no manifest GET succeeded: %s", s.firstErr)
+			}
+		}
+	}
+	if staticManifest != "" {
+		r := staticLoad.result(w.opts.concurrency)
+		w.rep.Limits.Static.ManifestGET = &r
 	}
 	for _, t := range live {
 		t.res.ManifestGET = t.load.result(w.opts.concurrency)

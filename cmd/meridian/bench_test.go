@@ -157,29 +157,39 @@ func checkReport(t *testing.T, rep *benchReport, withDistribution bool) {
 	if len(m.PushMonolithic.RunsMBps) != 2 || len(m.Pull.RunsMBps) != 2 {
 		t.Errorf("want 2 runs of each push and pull, got %v and %v", m.PushMonolithic.RunsMBps, m.Pull.RunsMBps)
 	}
-	// The targets: both pushes, the pull, the manifest GET with Distribution
-	// (without it, it cannot be judged) and bearer vs anonymous.
-	var results []string
+	// The targets: both pushes against the disk (and the monolithic one
+	// against Distribution), the pull, the manifest GET against Distribution
+	// (without it, it cannot be judged) and against the same bytes as a static
+	// file, and bearer vs anonymous.
+	judged := map[string]string{}
 	for _, row := range rep.Rows {
 		if row.Target != "" {
-			results = append(results, row.Result)
+			judged[row.Figure] = row.Result
 		}
 	}
-	distrWant := "n/a"
+	metOrMissed := []string{verdictMet, verdictMissed}
+	want := map[string][]string{
+		"meridian push, monolithic": metOrMissed, "meridian push, chunked": metOrMissed,
+		"meridian pull, GET + sha256":                                     metOrMissed,
+		"meridian manifest GET by tag, 4 clients":                         {verdictNA},
+		"meridian manifest GET by tag vs the same bytes as a static file": metOrMissed,
+		"meridian manifest GET by tag, bearer token vs anonymous":         metOrMissed,
+	}
 	if withDistribution {
-		distrWant = "PASS or MISS"
+		want["meridian manifest GET by tag, 4 clients"] = metOrMissed
+		want["meridian push (fsync) vs distribution (no fsync)"] = metOrMissed
 	}
-	if len(results) != 5 {
-		t.Fatalf("%d targets judged (%q), want 5", len(results), results)
+	if len(judged) != len(want) {
+		t.Errorf("%d targets judged (%q), want %d", len(judged), judged, len(want))
 	}
-	for i, r := range results {
-		want := "PASS or MISS"
-		if i == 3 {
-			want = distrWant
+	for fig, verdicts := range want {
+		if got, ok := judged[fig]; !ok || !slices.Contains(verdicts, got) {
+			t.Errorf("%s judged %q, want one of %q", fig, got, verdicts)
 		}
-		if !slices.Contains(strings.Split(want, " or "), r) {
-			t.Errorf("target %d judged %q, want %s", i, r, want)
-		}
+	}
+	if st := rep.Limits.Static.ManifestGET; st == nil || st.Requests == 0 || st.Errors != 0 ||
+		len(st.SlicesRPS) != len(m.ManifestGET.SlicesRPS) {
+		t.Errorf("static manifest load: %+v, want one slice for each of meridian's, without errors", st)
 	}
 
 	var table bytes.Buffer
@@ -468,7 +478,7 @@ func TestManifestLoadCountsErrors(t *testing.T) {
 	}
 	vs := byFigure["meridian manifest GET by tag, bearer token vs anonymous"]
 	// The ratio is the median of the per-slice ratios, 0.9 and 1.1.
-	if vs.Result != "PASS" || math.Abs(vs.Ratio-1.1) > 1e-9 || vs.LimitValue != 1000 {
+	if vs.Result != verdictMet || math.Abs(vs.Ratio-1.1) > 1e-9 || vs.LimitValue != 1000 {
 		t.Errorf("bearer vs anonymous row: %+v", vs)
 	}
 	if tk := byFigure["meridian token issuance"]; tk.Result != "ERR" || tk.Unit != "tokens/s" || tk.Target != "" {
@@ -506,11 +516,12 @@ func TestParseBenchFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if opts.size != 256<<20 || opts.chunk != 16<<20 || opts.concurrency != 32 || opts.duration != 10*time.Second || opts.runs != 3 || opts.dir != "." {
+	if opts.size != 256<<20 || opts.chunk != 16<<20 || opts.concurrency != 32 || opts.duration != 10*time.Second || opts.runs != 3 || opts.dir != "." ||
+		!opts.cluster || opts.scale || opts.tags != 1_000_000 {
 		t.Errorf("defaults: %+v", opts)
 	}
 	for _, args := range [][]string{
-		{"--size", "0"}, {"--size", "lots"}, {"--concurrency", "0"}, {"--duration", "-1s"}, {"--runs", "0"}, {"extra"},
+		{"--size", "0"}, {"--size", "lots"}, {"--concurrency", "0"}, {"--duration", "-1s"}, {"--runs", "0"}, {"extra"}, {"--scale", "--tags", "0"},
 	} {
 		if _, err := parseBenchFlags(args); err == nil {
 			t.Errorf("%q: accepted", args)
@@ -518,6 +529,10 @@ func TestParseBenchFlags(t *testing.T) {
 	}
 	opts, err = parseBenchFlags([]string{"--size", "4MiB", "--duration", "1s", "--concurrency", "8", "--json", "x.json", "--keep"})
 	if err != nil || opts.size != 4<<20 || opts.concurrency != 8 || opts.jsonFile != "x.json" || !opts.keep {
+		t.Errorf("parsed %+v, %v", opts, err)
+	}
+	opts, err = parseBenchFlags([]string{"--scale", "--tags", "5000", "--cluster=false", "--versitygw", "none"})
+	if err != nil || !opts.scale || opts.tags != 5000 || opts.cluster || opts.versitygw != "none" {
 		t.Errorf("parsed %+v, %v", opts, err)
 	}
 }

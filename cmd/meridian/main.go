@@ -36,7 +36,7 @@ Usage:
   meridian quota …           set, delete, list storage, repository and tag quotas with their usage
   meridian retention …       set, delete, list, run retention rules (newest N tags, untagged, pulled)
   meridian webhook …         add, delete, list, test webhooks; show deliveries, replay dead letters
-  meridian bench [flags]     measure push, pull and manifest GET against the machine's limits
+  meridian bench [flags]     measure a node, a gateway and a cluster against their references (--scale: many tags)
   meridian healthcheck       exit 0 if a member's /healthz answers 200 (the image's HEALTHCHECK)
   meridian version           print the version
 
