@@ -30,6 +30,7 @@ type coalescer[T any] struct {
 // that callers arriving now join.
 type flight[T any] struct {
 	running bool
+	cur     *round[T] // the round under way, nil when none runs
 	next    *round[T]
 }
 
@@ -62,7 +63,7 @@ func (c *coalescer[T]) do(ctx context.Context, key string, fetch func(ctx contex
 	r := f.next
 	lead := !f.running
 	if lead {
-		f.running, f.next = true, nil
+		f.running, f.cur, f.next = true, r, nil
 	} else {
 		r.waiters++
 	}
@@ -92,6 +93,7 @@ func (c *coalescer[T]) run(key string, f *flight[T], r *round[T]) {
 		close(r.done)
 		c.mu.Lock()
 		r, f.next = f.next, nil
+		f.cur = r
 		if r == nil {
 			f.running = false
 			delete(c.flight, key)
