@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -109,6 +110,9 @@ func benchManifestClosedLoop(b *testing.B, mtls bool) {
 		}
 	}
 	b.StopTimer()
+	if shared, err := mfbenchMetric(c.gw.url("/metrics"), "meridian_gateway_upstream_shared_manifest_reads_total"); err == nil {
+		b.Logf("gateway: %.0f manifest GETs (warm-up included) shared a node read; %d measured", shared, targets[0].count)
+	}
 	gw, nd := float64(targets[0].count)/targets[0].secs, float64(targets[1].count)/targets[1].secs
 	b.ReportMetric(gw, "gw-req/s")
 	b.ReportMetric(nd, "node-req/s")
@@ -217,6 +221,25 @@ func mfbenchPerf(b *testing.B, dir, name string, proc, node *e2eProc, both bool)
 			cmd.Wait()
 		}
 	}
+}
+
+// mfbenchMetric reads an unlabelled sample from a Prometheus text page.
+func mfbenchMetric(url, name string) (float64, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.Lines(string(b)) {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			return strconv.ParseFloat(strings.TrimSpace(v), 64)
+		}
+	}
+	return 0, fmt.Errorf("%s: no %s", url, name)
 }
 
 func mfbenchLoadAvg() string {
