@@ -22,7 +22,7 @@ import (
 type coalescer[T any] struct {
 	mu     sync.Mutex
 	flight map[string]*flight[T]
-	// shared counts callers answered by a round another caller led.
+	// shared counts callers that joined a round instead of starting it.
 	shared func()
 }
 
@@ -30,14 +30,14 @@ type coalescer[T any] struct {
 // that callers arriving now join.
 type flight[T any] struct {
 	running bool
-	cur     *round[T] // the round under way, nil when none runs
 	next    *round[T]
 }
 
 type round[T any] struct {
 	fetch func(ctx context.Context) (T, error)
 	done  chan struct{}
-	// waiters counts the callers that joined it (its leader aside).
+	// waiters counts the callers that joined it (not the one that
+	// started it), for tests.
 	waiters int
 	v       T
 	err     error
@@ -63,7 +63,7 @@ func (c *coalescer[T]) do(ctx context.Context, key string, fetch func(ctx contex
 	r := f.next
 	lead := !f.running
 	if lead {
-		f.running, f.cur, f.next = true, r, nil
+		f.running, f.next = true, nil
 	} else {
 		r.waiters++
 	}
@@ -93,7 +93,6 @@ func (c *coalescer[T]) run(key string, f *flight[T], r *round[T]) {
 		close(r.done)
 		c.mu.Lock()
 		r, f.next = f.next, nil
-		f.cur = r
 		if r == nil {
 			f.running = false
 			delete(c.flight, key)
