@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"regexp"
 	"strings"
 
 	"github.com/opencontainers/go-digest"
@@ -32,12 +31,78 @@ type route struct {
 	ref  string // tag or digest, blob digest, or upload token
 }
 
-const maxNameLength = 255
-
-var (
-	nameRE = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$`)
-	tagRE  = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
+const (
+	maxNameLength = 255
+	maxTagLength  = 128
 )
+
+// The spec's grammar, which validName and validTag implement by hand: every
+// request checks a name and most a tag, and a regexp costs more than the
+// rest of a manifest GET's parsing (paths_test.go checks them against
+// these).
+//
+//	name: ^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$
+//	tag:  ^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$
+
+// validName reports whether name matches the name grammar (length aside).
+func validName(name string) bool {
+	if name == "" {
+		return false
+	}
+	for len(name) > 0 {
+		comp, rest, more := strings.Cut(name, "/")
+		if !validNameComponent(comp) || more && rest == "" {
+			return false
+		}
+		name = rest
+	}
+	return true
+}
+
+// validNameComponent: runs of [a-z0-9] joined by ".", "_", "__" or "-+".
+func validNameComponent(c string) bool {
+	i := 0
+	for {
+		start := i
+		for i < len(c) && (c[i] >= 'a' && c[i] <= 'z' || c[i] >= '0' && c[i] <= '9') {
+			i++
+		}
+		switch {
+		case i == start:
+			return false
+		case i == len(c):
+			return true
+		}
+		switch c[i] {
+		case '.':
+			i++
+		case '_':
+			i++
+			if i < len(c) && c[i] == '_' {
+				i++
+			}
+		case '-':
+			for i < len(c) && c[i] == '-' {
+				i++
+			}
+		default:
+			return false
+		}
+	}
+}
+
+func validTag(tag string) bool {
+	if len(tag) == 0 || len(tag) > maxTagLength || tag[0] == '.' || tag[0] == '-' {
+		return false
+	}
+	for i := 0; i < len(tag); i++ {
+		c := tag[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '.' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
 
 // parsePath parses the escaped path of a /v2/ request. It works from the
 // right end, since names may contain "blobs", "uploads" or "manifests".
@@ -91,7 +156,7 @@ func parsePath(escaped string) (route, error) {
 
 // validateName checks a repository name against the spec's grammar.
 func validateName(name string) error {
-	if name == "" || len(name) > maxNameLength || !nameRE.MatchString(name) {
+	if name == "" || len(name) > maxNameLength || !validName(name) {
 		return errorf(CodeNameInvalid, "invalid repository name %q", truncate(name, 300))
 	}
 	return nil
@@ -99,7 +164,7 @@ func validateName(name string) error {
 
 // validateTag checks a tag against the spec's grammar.
 func validateTag(tag string) error {
-	if !tagRE.MatchString(tag) {
+	if !validTag(tag) {
 		return errorf(CodeManifestInvalid, "invalid tag %q", truncate(tag, 200))
 	}
 	return nil

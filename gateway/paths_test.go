@@ -1,6 +1,8 @@
 package gateway
 
 import (
+	"math/rand/v2"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -260,5 +262,45 @@ func TestIsDigestRef(t *testing.T) {
 		if got := isDigestRef(ref); got != want {
 			t.Errorf("isDigestRef(%q) = %v, want %v", ref, got, want)
 		}
+	}
+}
+
+// The hand-written name and tag checks accept exactly what the spec's
+// regular expressions accept: random strings over an alphabet of every
+// character class the grammar treats apart, and every short one.
+func TestNameAndTagGrammar(t *testing.T) {
+	nameRE := regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$`)
+	tagRE := regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
+	const alphabet = "a9Z._-/:%"
+	check := func(s string) {
+		if got, want := validName(s), nameRE.MatchString(s); got != want {
+			t.Errorf("validName(%q) = %v, the grammar says %v", s, got, want)
+		}
+		if got, want := validTag(s), tagRE.MatchString(s); got != want {
+			t.Errorf("validTag(%q) = %v, the grammar says %v", s, got, want)
+		}
+	}
+	// Every string of up to 5 characters.
+	var all func(prefix string, n int)
+	all = func(prefix string, n int) {
+		check(prefix)
+		if n == 0 {
+			return
+		}
+		for i := range len(alphabet) {
+			all(prefix+alphabet[i:i+1], n-1)
+		}
+	}
+	all("", 5)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 50000 {
+		b := make([]byte, rng.IntN(140))
+		for i := range b {
+			b[i] = alphabet[rng.IntN(len(alphabet))]
+		}
+		check(string(b))
+	}
+	for _, s := range []string{strings.Repeat("a", 128), strings.Repeat("a", 129), "_" + strings.Repeat("b", 127), "library/ubuntu", "a__b", "a___b", "a--b", "a-.b", "a/", "/a", "a//b"} {
+		check(s)
 	}
 }

@@ -80,6 +80,8 @@ type Upstream struct {
 	rtt     *membership.RTT
 	logger  *slog.Logger
 	metrics *upstreamMetrics
+	// manifests shares concurrent reads of one manifest or tag.
+	manifests *coalescer[*pb.ManifestRecord]
 
 	// applied is the newest applied index a ping answer carried
 	// (Metadata.WriteFence).
@@ -135,6 +137,7 @@ func NewUpstream(cfg UpstreamConfig) (*Upstream, error) {
 		rtt: membership.NewRTT(), logger: cfg.Logger.With("component", "upstream"), metrics: m,
 		pinging: map[string]bool{}, published: map[string]bool{}, seen: map[string]bool{},
 	}
+	u.manifests = newCoalescer[*pb.ManifestRecord](m.sharedReads.Inc)
 	if u.dial == nil {
 		u.pool = cfg.Trust.NewPool(cfg.NetDial)
 		u.dial = func(addr string) (grpc.ClientConnInterface, error) { return u.pool.Conn(addr) }
@@ -385,6 +388,9 @@ type upstreamMetrics struct {
 	rtt       *prometheus.GaugeVec
 	preferred *prometheus.GaugeVec
 	failovers prometheus.Counter
+	// sharedReads counts manifest reads answered by a round trip that
+	// another request of the same manifest or tag made.
+	sharedReads prometheus.Counter
 }
 
 func newUpstreamMetrics(reg prometheus.Registerer) (*upstreamMetrics, error) {
@@ -401,9 +407,13 @@ func newUpstreamMetrics(reg prometheus.Registerer) (*upstreamMetrics, error) {
 			Namespace: "meridian", Subsystem: "gateway", Name: "upstream_failovers_total",
 			Help: "Metadata calls sent again to the next nearest node after a node failed to answer.",
 		}),
+		sharedReads: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "meridian", Subsystem: "gateway", Name: "upstream_shared_manifest_reads_total",
+			Help: "Manifest reads answered by a node read that a concurrent request of the same manifest or tag made after this one arrived.",
+		}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.rtt, m.preferred, m.failovers} {
+		for _, c := range []prometheus.Collector{m.rtt, m.preferred, m.failovers, m.sharedReads} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}

@@ -119,7 +119,15 @@ func transportFailure(err error) bool {
 
 func (m upstreamMetadata) reads() callPolicy { return callPolicy{timeout: m.u.cfg.CallTimeout} }
 
+// Manifest reads a manifest by digest; concurrent reads of the same one
+// share a round trip (see coalescer).
 func (m upstreamMetadata) Manifest(ctx context.Context, repo, digest string) (*pb.ManifestRecord, error) {
+	return m.u.manifests.do(ctx, "d\x00"+repo+"\x00"+digest, func(ctx context.Context) (*pb.ManifestRecord, error) {
+		return m.manifest(ctx, repo, digest)
+	})
+}
+
+func (m upstreamMetadata) manifest(ctx context.Context, repo, digest string) (*pb.ManifestRecord, error) {
 	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) (*pb.ManifestRecord, *pb.Result, error) {
 		resp, err := c.GetManifest(ctx, &pb.GetManifestRequest{Repository: repo, Digest: digest, Consistency: m.consistency()}, opts...)
 		return resp.GetManifest(), resp.GetResult(), err
@@ -129,8 +137,15 @@ func (m upstreamMetadata) Manifest(ctx context.Context, repo, digest string) (*p
 // ManifestByTag reads the manifest tag points at in one round trip to one
 // node (same consistency as Tag then Manifest). A node too old to know
 // the request's tag field says so by not setting TagResolved; then the
-// two calls are made.
+// two calls are made. Concurrent reads of the same tag share a round trip
+// (see coalescer).
 func (m upstreamMetadata) ManifestByTag(ctx context.Context, repo, tag string) (*pb.ManifestRecord, error) {
+	return m.u.manifests.do(ctx, "t\x00"+repo+"\x00"+tag, func(ctx context.Context) (*pb.ManifestRecord, error) {
+		return m.manifestByTag(ctx, repo, tag)
+	})
+}
+
+func (m upstreamMetadata) manifestByTag(ctx context.Context, repo, tag string) (*pb.ManifestRecord, error) {
 	type answer struct {
 		rec      *pb.ManifestRecord
 		resolved bool
@@ -144,7 +159,7 @@ func (m upstreamMetadata) ManifestByTag(ctx context.Context, repo, tag string) (
 		if err != nil {
 			return nil, err
 		}
-		return m.Manifest(ctx, repo, d)
+		return m.manifest(ctx, repo, d)
 	}
 	return a.rec, err
 }

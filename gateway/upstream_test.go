@@ -298,7 +298,7 @@ type upstreamEnv struct {
 	srv *httptest.Server
 }
 
-func newUpstreamEnv(t *testing.T, ctx context.Context, c *clustertest.Cluster, zone string, ping time.Duration) *upstreamEnv {
+func newUpstreamEnv(t *testing.T, ctx context.Context, c *clustertest.Cluster, zone string, ping time.Duration, adjust ...func(*gateway.UpstreamConfig)) *upstreamEnv {
 	t.Helper()
 	logger := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	mc := membership.DefaultConfig()
@@ -321,10 +321,14 @@ func newUpstreamEnv(t *testing.T, ctx context.Context, c *clustertest.Cluster, z
 
 	tn := newTestNet(t)
 	reg := prometheus.NewRegistry()
-	up, err := gateway.NewUpstream(gateway.UpstreamConfig{
+	ucfg := gateway.UpstreamConfig{
 		ID: "gateway-test", Region: "local", Zone: zone, Members: gossip.Members, Dial: tn.dial,
 		PingInterval: ping, Logger: logger, Registerer: reg,
-	})
+	}
+	for _, f := range adjust {
+		f(&ucfg)
+	}
+	up, err := gateway.NewUpstream(ucfg)
 	if err != nil {
 		t.Fatal(err)
 	}
