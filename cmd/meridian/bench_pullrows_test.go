@@ -88,7 +88,7 @@ func pullRowsRun(b *testing.B, targets []*pullRowsTarget) {
 			}
 			t.mbps = append(t.mbps, float64(pullRowsSize)/1e6/d.Seconds())
 			if t.proc != nil {
-				t.cpu = append(t.cpu, (t.proc.cpuTime() - cpu0).Seconds()/(float64(pullRowsSize)/1e9))
+				t.cpu = append(t.cpu, (t.proc.cpuTime()-cpu0).Seconds()/(float64(pullRowsSize)/1e9))
 			}
 		}
 	}
