@@ -252,3 +252,6 @@ func (s *S3) fetchRange(key string) fetchFunc {
 		return err
 	}
 }
+
+// ReadBuffersInUse is how many of the driver's read buffers readers hold.
+func (s *S3) ReadBuffersInUse() int { return len(s.reads.slots) }
