@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"maps"
 	"net/http"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -306,15 +307,77 @@ func (s *statusWriter) Write(b []byte) (int, error) {
 	return s.ResponseWriter.Write(b)
 }
 
-// ReadFrom keeps the sendfile path of the underlying writer.
+// ReadFrom keeps the sendfile path of the underlying writer for files (the
+// filesystem store's blobs, whole or under io.LimitReader). Other sources
+// are copied in large writes: a source that buffers (the S3 store's parts)
+// writes its buffers straight to the response through its WriteTo, which
+// io.LimitReader would hide; any other through a pooled 1 MiB buffer rather
+// than net/http's 32 KiB, which costs a syscall and a wakeup of the reader
+// every 32 KiB.
 func (s *statusWriter) ReadFrom(src io.Reader) (int64, error) {
 	if !s.wrote {
 		s.code, s.wrote = http.StatusOK, true
 	}
-	if rf, ok := s.ResponseWriter.(io.ReaderFrom); ok {
-		return rf.ReadFrom(src)
+	inner := src
+	lr, limited := src.(*io.LimitedReader)
+	if limited {
+		inner = lr.R
 	}
-	return io.Copy(s.ResponseWriter, src)
+	if _, file := inner.(*os.File); file {
+		if rf, ok := s.ResponseWriter.(io.ReaderFrom); ok {
+			return rf.ReadFrom(src)
+		}
+		return io.Copy(s.ResponseWriter, src)
+	}
+	if wt, ok := inner.(io.WriterTo); ok {
+		if !limited {
+			return wt.WriteTo(s.ResponseWriter)
+		}
+		lw := &limitedWriter{w: s.ResponseWriter, n: lr.N}
+		n, err := wt.WriteTo(lw)
+		lr.N -= n
+		if err == errLimitReached {
+			err = nil
+		}
+		return n, err
+	}
+	bp := copyBuffers.Get().(*[]byte)
+	defer copyBuffers.Put(bp)
+	return io.CopyBuffer(writerOnly{s.ResponseWriter}, src, *bp)
+}
+
+// copyBuffers are statusWriter.ReadFrom's buffers.
+var copyBuffers = sync.Pool{New: func() any {
+	b := make([]byte, 1<<20)
+	return &b
+}}
+
+// writerOnly hides a writer's ReadFrom, so io.CopyBuffer uses the buffer.
+type writerOnly struct{ io.Writer }
+
+// limitedWriter takes n bytes, then fails with errLimitReached: it bounds a
+// WriteTo the way io.LimitedReader bounds reads.
+type limitedWriter struct {
+	w io.Writer
+	n int64
+}
+
+var errLimitReached = errors.New("gateway: write limit reached")
+
+func (l *limitedWriter) Write(p []byte) (int, error) {
+	if l.n <= 0 {
+		return 0, errLimitReached
+	}
+	short := int64(len(p)) > l.n
+	if short {
+		p = p[:l.n]
+	}
+	n, err := l.w.Write(p)
+	l.n -= int64(n)
+	if err == nil && short {
+		err = errLimitReached
+	}
+	return n, err
 }
 
 func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }

@@ -122,6 +122,7 @@ type S3 struct {
 	client *minio.Client
 	core   minio.Core
 	bufs   sync.Pool // *[]byte of PartSize
+	reads  *readBudget
 	locks  uploadLocks
 }
 
@@ -150,6 +151,13 @@ type S3Config struct {
 	// are copied as parallel UploadPartCopy pieces of 1 to 2 times this size
 	// (default 256 MiB, at least 5 MiB, at most 2.5 GiB).
 	CopyPartSize int64
+	// ReadPartSize is the size of the ranged GETs a blob larger than it is
+	// read with, several at once (default 8 MiB, at least 64 KiB).
+	ReadPartSize int64
+	// ReadBuffers bounds the memory of those reads: at most this many
+	// ReadPartSize buffers are in use across all readers; a reader that
+	// finds none free streams one GET instead (default 16).
+	ReadBuffers int
 	// MaxRetries is how many times minio-go tries a request that fails
 	// with a retryable error (default 0: minio-go's 10).
 	MaxRetries int
@@ -164,6 +172,7 @@ const (
 	S3MinPartSize = 5 << 20
 
 	s3MaxPartSize     = 5 << 30
+	s3MinReadPartSize = 64 << 10
 	s3MaxParts        = 10000
 	s3CopyConcurrency = 4
 	s3MaxStateSize    = 1 << 20
@@ -182,6 +191,12 @@ func (c S3Config) withDefaults() S3Config {
 	}
 	if c.CopyPartSize == 0 {
 		c.CopyPartSize = DefaultS3CopyPartSize
+	}
+	if c.ReadPartSize == 0 {
+		c.ReadPartSize = DefaultS3ReadPartSize
+	}
+	if c.ReadBuffers == 0 {
+		c.ReadBuffers = DefaultS3ReadBuffers
 	}
 	if c.Prefix = strings.Trim(c.Prefix, "/"); c.Prefix != "" {
 		c.Prefix += "/"
@@ -203,6 +218,10 @@ func (c S3Config) Validate() error {
 		return fmt.Errorf("replication: s3 store %s: part size %d is outside S3's 5 MiB to 5 GiB", c, c.PartSize)
 	case c.CopyPartSize < S3MinPartSize || c.CopyPartSize > s3MaxPartSize/2:
 		return fmt.Errorf("replication: s3 store %s: copy part size %d is outside 5 MiB to 2.5 GiB", c, c.CopyPartSize)
+	case c.ReadPartSize < s3MinReadPartSize || c.ReadPartSize > s3MaxPartSize:
+		return fmt.Errorf("replication: s3 store %s: read part size %d is outside 64 KiB to 5 GiB", c, c.ReadPartSize)
+	case c.ReadBuffers < 0:
+		return fmt.Errorf("replication: s3 store %s: negative ReadBuffers", c)
 	case c.MaxRetries < 0:
 		return fmt.Errorf("replication: s3 store %s: negative MaxRetries", c)
 	}
@@ -255,7 +274,8 @@ func NewS3(ctx context.Context, cfg S3Config) (*S3, error) {
 	if err != nil {
 		return nil, fmt.Errorf("replication: s3 store %s: %w", cfg, err)
 	}
-	s := &S3{cfg: cfg, client: client, core: minio.Core{Client: client}}
+	s := &S3{cfg: cfg, client: client, core: minio.Core{Client: client},
+		reads: newReadBudget(int(cfg.ReadPartSize), cfg.ReadBuffers)}
 	s.bufs.New = func() any {
 		b := make([]byte, cfg.PartSize)
 		return &b
@@ -325,8 +345,10 @@ func (s *S3) Stat(ctx context.Context, dgst digest.Digest) (int64, error) {
 	return l.Size, nil
 }
 
-// Open implements Driver with the link's GET and one (ranged) GET of the
-// data object, whose body streams to the caller.
+// Open implements Driver with the link's GET, then either parallel ranged
+// GETs of the data object (more than ReadPartSize bytes to read, and read
+// buffers free: see s3read.go) or one (ranged) GET whose body streams to the
+// caller. Errors of the first part are Open's; later ones are the reader's.
 func (s *S3) Open(ctx context.Context, dgst digest.Digest, offset int64) (io.ReadCloser, error) {
 	if err := checkDigest(dgst); err != nil {
 		return nil, err
@@ -347,11 +369,23 @@ func (s *S3) Open(ctx context.Context, dgst digest.Digest, offset int64) (io.Rea
 	case offset == l.Size: // S3 refuses a range that starts at the end
 		return io.NopCloser(bytes.NewReader(nil)), nil
 	}
+	key := s.key(l.Data)
+	if l.Size-offset > s.cfg.ReadPartSize {
+		if bufs := s.reads.take(s3ReadAhead); len(bufs) > 0 {
+			fail := func(err error) error { return s.blobError(dgst, err) }
+			r := newPartReader(ctx, s.fetchRange(key), fail, s.reads, bufs, offset, l.Size)
+			if err := r.start(); err != nil {
+				r.Close()
+				return nil, err
+			}
+			return r, nil
+		}
+	}
 	var opts minio.GetObjectOptions
 	if offset > 0 {
 		opts.SetRange(offset, 0) // bytes=offset-
 	}
-	body, _, _, err := s.core.GetObject(ctx, s.cfg.Bucket, s.key(l.Data), opts)
+	body, _, _, err := s.core.GetObject(ctx, s.cfg.Bucket, key, opts)
 	if err != nil {
 		return nil, s.blobError(dgst, err) // a link whose data is gone is no blob
 	}

@@ -33,8 +33,9 @@ func TestS3Conformance(t *testing.T) {
 }
 
 // s3Config is the configuration of the drivers under test: parts of the
-// smallest size S3 allows, so that a few MiB cross part boundaries, and
-// copy pieces small enough that a 20 MiB copy runs in parallel pieces.
+// smallest size S3 allows, so that a few MiB cross part boundaries, copy
+// pieces small enough that a 20 MiB copy runs in parallel pieces, and read
+// parts of 1 MiB, so that reads of a few MiB are parallel ranged GETs.
 func s3Config(srv *s3test.Server, bucket, prefix string) replication.S3Config {
 	return replication.S3Config{
 		Endpoint:     srv.Endpoint(),
@@ -45,6 +46,7 @@ func s3Config(srv *s3test.Server, bucket, prefix string) replication.S3Config {
 		PathStyle:    true,
 		PartSize:     replication.S3MinPartSize,
 		CopyPartSize: 8 << 20,
+		ReadPartSize: 1 << 20,
 	}
 }
 

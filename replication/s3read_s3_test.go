@@ -1,0 +1,226 @@
+package replication_test
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
+
+	"github.com/meridian-registry/meridian/replication"
+	"github.com/meridian-registry/meridian/replication/s3test"
+)
+
+// rangedGETs counts the GETs of data objects a FaultProxy sees, and how
+// many of them asked for a closed range (bytes=a-b, a parallel part).
+type rangedGETs struct {
+	mu          sync.Mutex
+	gets, parts int
+}
+
+func (c *rangedGETs) observe(r *http.Request) {
+	if r.Method != http.MethodGet || !strings.Contains(r.URL.Path, "/data/") {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.gets++
+	if rg := r.Header.Get("Range"); strings.HasPrefix(rg, "bytes=") && !strings.HasSuffix(rg, "-") {
+		c.parts++
+	}
+}
+
+func (c *rangedGETs) take() (gets, parts int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	gets, parts = c.gets, c.parts
+	c.gets, c.parts = 0, 0
+	return gets, parts
+}
+
+// TestS3ParallelRead reads a blob of several read parts from offsets
+// around part boundaries: the bytes are the blob's, they come from ranged
+// GETs of one part each, and every buffer is back once the readers close.
+func TestS3ParallelRead(t *testing.T) {
+	srv := s3test.Start(t)
+	srv.CreateBucket(t, "parallel")
+	proxy := s3test.NewFaultProxy(t, srv.Endpoint())
+	var count rangedGETs
+	proxy.SetObserver(count.observe)
+	const part = 64 << 10
+	d := newS3(t, srv, "parallel", "", func(c *replication.S3Config) {
+		c.Endpoint = proxy.Addr()
+		c.ReadPartSize = part
+		c.ReadBuffers = 8
+	})
+	content := s3Random(40, 20*part+12345)
+	dgst := s3Push(t, d, content)
+	count.take()
+	size := int64(len(content))
+	for _, off := range []int64{0, 1, part - 1, part, 3*part + 7, size - part - 1, size - part, size - 1, size} {
+		rc, err := d.Open(t.Context(), dgst, off)
+		if err != nil {
+			t.Fatalf("Open at %d: %v", off, err)
+		}
+		var got bytes.Buffer
+		if off%2 == 0 {
+			_, err = io.Copy(&got, rc) // WriteTo
+		} else {
+			_, err = io.Copy(&got, struct{ io.Reader }{rc}) // Read
+		}
+		rc.Close()
+		if err != nil {
+			t.Fatalf("reading from %d: %v", off, err)
+		}
+		if !bytes.Equal(got.Bytes(), content[off:]) {
+			t.Fatalf("read %d bytes from offset %d, not the blob's %d from there", got.Len(), off, size-off)
+		}
+		gets, parts := count.take()
+		wantParallel := size-off > part
+		if wantParallel && (parts != gets || gets != int((size-off+part-1)/part)) {
+			t.Errorf("offset %d: %d GETs of the data, %d of them ranged parts; want one ranged GET per %d-byte part", off, gets, parts, part)
+		}
+		if !wantParallel && parts != 0 {
+			t.Errorf("offset %d: %d ranged parts for the last %d bytes, want one streamed GET", off, parts, size-off)
+		}
+	}
+	if n := d.ReadBuffersInUse(); n != 0 {
+		t.Errorf("%d read buffers taken after every reader closed", n)
+	}
+
+	// Half a blob, then Close: the parts in flight stop, the buffers return.
+	rc, err := d.Open(t.Context(), dgst, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(rc, make([]byte, size/2)); err != nil {
+		t.Fatal(err)
+	}
+	rc.Close()
+	if n := d.ReadBuffersInUse(); n != 0 {
+		t.Errorf("%d read buffers taken after a reader closed halfway", n)
+	}
+	if _, err := rc.Read(make([]byte, 1)); err == nil {
+		t.Error("Read after Close succeeded")
+	}
+}
+
+// TestS3ParallelReadBudget opens more readers at once than the read
+// buffers allow: those that find none stream a single GET, and all read
+// their blob whole.
+func TestS3ParallelReadBudget(t *testing.T) {
+	srv := s3test.Start(t)
+	srv.CreateBucket(t, "budget")
+	proxy := s3test.NewFaultProxy(t, srv.Endpoint())
+	var count rangedGETs
+	proxy.SetObserver(count.observe)
+	const part = 64 << 10
+	d := newS3(t, srv, "budget", "", func(c *replication.S3Config) {
+		c.Endpoint = proxy.Addr()
+		c.ReadPartSize = part
+		c.ReadBuffers = 4 // one reader's read-ahead
+	})
+	content := s3Random(41, 10*part+1)
+	dgst := s3Push(t, d, content)
+	count.take()
+	var readers []io.ReadCloser
+	for range 3 {
+		rc, err := d.Open(t.Context(), dgst, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		readers = append(readers, rc)
+	}
+	if n := d.ReadBuffersInUse(); n != 4 {
+		t.Errorf("%d read buffers taken by 3 readers of a budget of 4, want all 4", n)
+	}
+	for i, rc := range readers {
+		got, err := io.ReadAll(rc)
+		rc.Close()
+		if err != nil || !bytes.Equal(got, content) {
+			t.Fatalf("reader %d: %d bytes, %v; want the blob's %d", i, len(got), err, len(content))
+		}
+	}
+	gets, parts := count.take()
+	if streamed := gets - parts; streamed != 2 || parts != 11 {
+		t.Errorf("%d ranged part GETs and %d streamed GETs; want one reader's 11 parts and 2 streams", parts, streamed)
+	}
+	if n := d.ReadBuffersInUse(); n != 0 {
+		t.Errorf("%d read buffers taken after every reader closed", n)
+	}
+}
+
+// TestS3ParallelReadFailures checks that a part the store fails, or a data
+// object shorter than its link says, fails the read instead of ending it
+// early, and that a failing first part fails Open.
+func TestS3ParallelReadFailures(t *testing.T) {
+	srv := s3test.Start(t)
+	srv.CreateBucket(t, "failures")
+	proxy := s3test.NewFaultProxy(t, srv.Endpoint())
+	const part = 64 << 10
+	d := newS3(t, srv, "failures", "", func(c *replication.S3Config) {
+		c.Endpoint = proxy.Addr()
+		c.ReadPartSize = part
+		c.MaxRetries = 1
+	})
+	content := s3Random(42, 8*part)
+	dgst := s3Push(t, d, content)
+
+	// Parts from the fourth on fail.
+	proxy.SetFilter(func(r *http.Request) bool {
+		var a, b int64
+		_, err := fmt.Sscanf(r.Header.Get("Range"), "bytes=%d-%d", &a, &b)
+		return r.Method == http.MethodGet && err == nil && a >= 3*part
+	})
+	proxy.SetFailure(http.StatusInternalServerError, "InternalError")
+	proxy.SetMode(s3test.Fail)
+	rc, err := d.Open(t.Context(), dgst, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(rc)
+	rc.Close()
+	if err == nil || errors.Is(err, replication.ErrBlobNotFound) {
+		t.Errorf("read through failing parts: %v, want the store's error", err)
+	}
+	if !bytes.Equal(got, content[:3*part]) {
+		t.Errorf("read %d bytes before the failure, want the 3 parts before it", len(got))
+	}
+	if rc, err := d.Open(t.Context(), dgst, 3*part+5); err == nil {
+		rc.Close()
+		t.Error("Open whose first part fails succeeded")
+	}
+	proxy.SetMode(s3test.Pass)
+
+	// The data object loses its tail behind the driver's back.
+	mc, err := minio.New(srv.Endpoint(), &minio.Options{Creds: credentials.NewStaticV4(srv.AccessKey(), srv.SecretKey(), "")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dataKey string
+	for _, k := range s3ListKeys(t, mc, "failures", "data/") {
+		dataKey = k
+	}
+	short := content[:5*part+100]
+	if _, err := mc.PutObject(t.Context(), "failures", dataKey, bytes.NewReader(short), int64(len(short)), minio.PutObjectOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rc, err = d.Open(t.Context(), dgst, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := io.Copy(io.Discard, rc)
+	rc.Close()
+	if !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Errorf("read of a data object shorter than its link: %d bytes, %v; want io.ErrUnexpectedEOF", n, err)
+	}
+	if n := d.ReadBuffersInUse(); n != 0 {
+		t.Errorf("%d read buffers taken after every reader closed", n)
+	}
+}
