@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"testing"
@@ -73,7 +74,11 @@ func benchGatewayBlobPath(b *testing.B, mtls bool) {
 		}
 		return blobpathSize / 1e6 / time.Since(start).Seconds()
 	}
-	var gw, node []float64
+	// A second gateway that mounts its region's directory, as the region's
+	// nodes do (--share-region-directory), with its cache off.
+	shared := blobpathSharedGateway(b, c, mtls)
+
+	var gw, node, sharedGW []float64
 	cold := get(c.gw.url(""))
 	if dir := os.Getenv("BENCH_BLOBPATH_PERF_DIR"); dir != "" {
 		// Profile the gateway and its node (perf) and count the gateway's
@@ -102,6 +107,7 @@ func benchGatewayBlobPath(b *testing.B, mtls bool) {
 	for range rounds {
 		node = append(node, get(nodeProc.url("")))
 		gw = append(gw, get(c.gw.url("")))
+		sharedGW = append(sharedGW, get(shared.url("")))
 	}
 
 	storm := func(base string) float64 {
@@ -133,7 +139,25 @@ func benchGatewayBlobPath(b *testing.B, mtls bool) {
 	b.ReportMetric(gwbenchMedian(gw), "gw-MB/s")
 	b.ReportMetric(gwbenchMedian(node), "node-MB/s")
 	b.ReportMetric(gwbenchMedian(gw)/gwbenchMedian(node), "gw/node")
+	b.ReportMetric(gwbenchMedian(sharedGW), "gw-shared-dir-MB/s")
 	b.ReportMetric(stormGW, "storm-gw-MB/s")
 	b.ReportMetric(stormNode, "storm-node-MB/s")
 	b.ReportMetric(0, "ns/op")
+}
+
+// blobpathSharedGateway starts a gateway with the cluster's settings, its
+// cache off and its region's directory shared.
+func blobpathSharedGateway(b *testing.B, c *gwe2eCluster, mtls bool) *e2eProc {
+	args := slices.Concat([]string{"gateway", "--gateway-id", "gateway-shared", "--region", gwe2eRegions[0],
+		"--http-addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0", "--join", c.nodes[0].ready.GossipAddr,
+		"--share-region-directory", "--blob-cache", "0", "--cluster-id", "gwe2e", "--gossip-profile", "local"}, c.regions)
+	if mtls {
+		pkiDir := filepath.Join(c.dir, "pki")
+		args = append(args, "--gossip-key-file", filepath.Join(pkiDir, "gossip.key"), "--tls-ca", filepath.Join(pkiDir, "ca.crt"),
+			"--tls-cert", filepath.Join(pkiDir, "gateway.crt"), "--tls-key", filepath.Join(pkiDir, "gateway.key"))
+	}
+	p := gwe2eStart(b, "gateway-shared", c.dir, args...)
+	p.waitWritten()
+	p.waitReady()
+	return p
 }
