@@ -19,15 +19,16 @@ import (
 	"github.com/meridian-registry/meridian/replication"
 )
 
-// gatedStore counts blob opens; while gate is open (non-nil and not yet
-// closed) its readers block before their first byte, and with corrupt set
-// they flip the first byte of every blob.
+// gatedStore counts blob opens. Its readers block before their first byte
+// until gate (when set) is closed, and after their first read until pause
+// (when set) is closed; with corrupt set they flip the first byte of every
+// blob.
 type gatedStore struct {
 	replication.Driver
-	opens   atomic.Int32
-	mu      sync.Mutex
-	gate    chan struct{}
-	corrupt bool
+	opens       atomic.Int32
+	mu          sync.Mutex
+	gate, pause chan struct{}
+	corrupt     bool
 }
 
 func (s *gatedStore) Open(ctx context.Context, d digest.Digest, off int64) (io.ReadCloser, error) {
@@ -37,21 +38,30 @@ func (s *gatedStore) Open(ctx context.Context, d digest.Digest, off int64) (io.R
 	}
 	s.opens.Add(1)
 	s.mu.Lock()
-	gate, corrupt := s.gate, s.corrupt
+	gate, pause, corrupt := s.gate, s.pause, s.corrupt
 	s.mu.Unlock()
-	return &gatedReader{rc: rc, gate: gate, flip: corrupt && off == 0}, nil
+	return &gatedReader{ctx: ctx, rc: rc, gate: gate, pause: pause, flip: corrupt && off == 0}, nil
 }
 
+// gatedReader fails once its context ends, as a stream from a node does.
 type gatedReader struct {
-	rc   io.ReadCloser
-	gate chan struct{}
-	flip bool
+	ctx         context.Context
+	rc          io.ReadCloser
+	gate, pause chan struct{}
+	reads       int
+	flip        bool
 }
 
 func (r *gatedReader) Read(p []byte) (int, error) {
 	if r.gate != nil {
 		<-r.gate
 		r.gate = nil
+	}
+	if r.reads++; r.reads == 2 && r.pause != nil {
+		<-r.pause
+	}
+	if err := r.ctx.Err(); err != nil {
+		return 0, err
 	}
 	n, err := r.rc.Read(p)
 	if r.flip && n > 0 {
@@ -124,8 +134,13 @@ func TestBlobCacheFanOut(t *testing.T) {
 	d := h.pushBlob(t, "app", content)
 
 	store.mu.Lock()
-	store.gate = make(chan struct{})
+	gate, pause := make(chan struct{}), make(chan struct{})
+	store.gate, store.pause = gate, pause
 	store.mu.Unlock()
+	var openGate, openPause sync.Once
+	release := func() { openGate.Do(func() { close(gate) }) }
+	resume := func() { openPause.Do(func() { close(pause) }) }
+	t.Cleanup(func() { release(); resume() }) // a failed test must not hang its server
 	const readers = 16
 	bodies := make([][]byte, readers)
 	errs := make([]error, readers)
@@ -140,17 +155,8 @@ func TestBlobCacheFanOut(t *testing.T) {
 			time.Sleep(time.Millisecond)
 		}
 	}
-	for i := range readers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			bodies[i], errs[i] = getBlobBody(context.Background(), h, d)
-		}()
-		if i == 0 {
-			waitCount("fill", 1) // the others join it
-		}
-	}
-	// One more reader hangs up after its first bytes.
+	// The reader that starts the fill hangs up after its first bytes: the
+	// fill goes on for the others.
 	quitter, quit := context.WithCancel(context.Background())
 	quitDone := make(chan struct{})
 	go func() {
@@ -165,6 +171,14 @@ func TestBlobCacheFanOut(t *testing.T) {
 		io.ReadFull(resp.Body, make([]byte, 4096))
 		quit()
 	}()
+	waitCount("fill", 1)
+	for i := range readers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			bodies[i], errs[i] = getBlobBody(context.Background(), h, d)
+		}()
+	}
 	// A range from the middle joins the fill too.
 	var ranged []byte
 	var rangeErr error
@@ -175,11 +189,12 @@ func TestBlobCacheFanOut(t *testing.T) {
 	}()
 	waitCount("join", readers+1)
 	store.mu.Lock()
-	close(store.gate)
 	store.gate = nil
 	store.mu.Unlock()
+	release()
+	<-quitDone // the fill is paused after its first read until then
+	resume()
 	wg.Wait()
-	<-quitDone
 	for i := range readers {
 		if errs[i] != nil || !bytes.Equal(bodies[i], content) {
 			t.Fatalf("reader %d: %d bytes, err %v; want the blob's %d bytes", i, len(bodies[i]), errs[i], len(content))
