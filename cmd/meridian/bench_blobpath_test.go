@@ -35,10 +35,11 @@ func blobpathRounds() int {
 }
 
 // BenchmarkGatewayBlobPath reports, with cluster TLS off and on, the MB/s of
-// a 256 MiB blob GET through the gateway (the first GET of the blob, cold,
-// and the median of the later ones) and from the node it prefers, and the
-// aggregate MB/s of 64 clients GETting one 64 MiB blob at once through the
-// gateway.
+// a 256 MiB blob GET from the node the gateway prefers and through: the
+// default gateway (blob cached; cold: the first GET of fresh blobs), a
+// gateway without cache (every byte through a node over gRPC), and one that
+// shares its region's directory; then the aggregate MB/s of 64 clients
+// GETting one 64 MiB blob at once through the gateway and from the node.
 func BenchmarkGatewayBlobPath(b *testing.B) {
 	for _, mtls := range []bool{false, true} {
 		b.Run(fmt.Sprintf("mtls=%v", mtls), func(b *testing.B) { benchGatewayBlobPath(b, mtls) })
@@ -55,8 +56,17 @@ func benchGatewayBlobPath(b *testing.B, mtls bool) {
 
 	const repo = "bench/blobpath"
 	digest := gwe2eBlobDigest(b, 71, blobpathSize)
+	// Fresh blobs, each read once through the cached gateway: its cold path.
+	var coldDigests []string
+	for i := range rounds {
+		d := gwe2eBlobDigest(b, uint64(80+i), blobpathSize)
+		if err := gwe2ePushBlob(context.Background(), client, c.gw.url(""), repo, d, uint64(80+i), blobpathSize); err != nil {
+			b.Fatal(err)
+		}
+		coldDigests = append(coldDigests, d)
+	}
 	stormDigest := gwe2eBlobDigest(b, 72, blobpathStormSize)
-	ctx, cancel := context.WithTimeout(context.Background(), gwe2eTransferTimeout(blobpathSize*int64(4+2*rounds)))
+	ctx, cancel := context.WithTimeout(context.Background(), gwe2eTransferTimeout(blobpathSize*int64(8+5*rounds)))
 	defer cancel()
 	if err := gwe2ePushBlob(ctx, client, c.gw.url(""), repo, digest, 71, blobpathSize); err != nil {
 		b.Fatal(err)
@@ -67,19 +77,22 @@ func benchGatewayBlobPath(b *testing.B, mtls bool) {
 	c.waitReplicated(gwe2eTransferTimeout(blobpathSize))
 
 	b.ResetTimer()
-	get := func(base string) float64 {
+	getBlob := func(base, digest string) float64 {
 		start := time.Now()
 		if err := gwe2eGetBlob(ctx, client, base, repo, digest, blobpathSize, false); err != nil {
 			b.Fatal(err)
 		}
 		return blobpathSize / 1e6 / time.Since(start).Seconds()
 	}
-	// A second gateway that mounts its region's directory, as the region's
-	// nodes do (--share-region-directory), with its cache off.
-	shared := blobpathSharedGateway(b, c, mtls)
+	get := func(base string) float64 { return getBlob(base, digest) }
+	// Two more gateways: one that mounts its region's directory as the
+	// region's nodes do (--share-region-directory), and one reading through
+	// a node with no cache; neither caches.
+	shared := blobpathGateway(b, c, mtls, "gateway-shared", "--share-region-directory", "--blob-cache", "0")
+	direct := blobpathGateway(b, c, mtls, "gateway-direct", "--blob-cache", "0")
 
-	var gw, node, sharedGW []float64
-	cold := get(c.gw.url(""))
+	var gw, node, sharedGW, directGW, cold []float64
+	get(c.gw.url("")) // fills the cache with it
 	if dir := os.Getenv("BENCH_BLOBPATH_PERF_DIR"); dir != "" {
 		// Profile the gateway and its node (perf) and count the gateway's
 		// syscalls (strace -c) over three GETs through the gateway.
@@ -108,6 +121,10 @@ func benchGatewayBlobPath(b *testing.B, mtls bool) {
 		node = append(node, get(nodeProc.url("")))
 		gw = append(gw, get(c.gw.url("")))
 		sharedGW = append(sharedGW, get(shared.url("")))
+		directGW = append(directGW, get(direct.url("")))
+	}
+	for _, d := range coldDigests {
+		cold = append(cold, getBlob(c.gw.url(""), d))
 	}
 
 	storm := func(base string) float64 {
@@ -135,7 +152,8 @@ func benchGatewayBlobPath(b *testing.B, mtls bool) {
 	stormNode := storm(nodeProc.url(""))
 	b.StopTimer()
 
-	b.ReportMetric(cold, "gw-cold-MB/s")
+	b.ReportMetric(gwbenchMedian(cold), "gw-cold-MB/s")
+	b.ReportMetric(gwbenchMedian(directGW), "gw-nocache-MB/s")
 	b.ReportMetric(gwbenchMedian(gw), "gw-MB/s")
 	b.ReportMetric(gwbenchMedian(node), "node-MB/s")
 	b.ReportMetric(gwbenchMedian(gw)/gwbenchMedian(node), "gw/node")
@@ -145,18 +163,18 @@ func benchGatewayBlobPath(b *testing.B, mtls bool) {
 	b.ReportMetric(0, "ns/op")
 }
 
-// blobpathSharedGateway starts a gateway with the cluster's settings, its
-// cache off and its region's directory shared.
-func blobpathSharedGateway(b *testing.B, c *gwe2eCluster, mtls bool) *e2eProc {
-	args := slices.Concat([]string{"gateway", "--gateway-id", "gateway-shared", "--region", gwe2eRegions[0],
+// blobpathGateway starts another gateway with the cluster's settings and
+// extra flags; id must extend "gateway" (its certificate's id) by "-...".
+func blobpathGateway(b *testing.B, c *gwe2eCluster, mtls bool, id string, extra ...string) *e2eProc {
+	args := slices.Concat([]string{"gateway", "--gateway-id", id, "--region", gwe2eRegions[0],
 		"--http-addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0", "--join", c.nodes[0].ready.GossipAddr,
-		"--share-region-directory", "--blob-cache", "0", "--cluster-id", "gwe2e", "--gossip-profile", "local"}, c.regions)
+		"--cluster-id", "gwe2e", "--gossip-profile", "local"}, extra, c.regions)
 	if mtls {
 		pkiDir := filepath.Join(c.dir, "pki")
 		args = append(args, "--gossip-key-file", filepath.Join(pkiDir, "gossip.key"), "--tls-ca", filepath.Join(pkiDir, "ca.crt"),
 			"--tls-cert", filepath.Join(pkiDir, "gateway.crt"), "--tls-key", filepath.Join(pkiDir, "gateway.key"))
 	}
-	p := gwe2eStart(b, "gateway-shared", c.dir, args...)
+	p := gwe2eStart(b, id, c.dir, args...)
 	p.waitWritten()
 	p.waitReady()
 	return p
