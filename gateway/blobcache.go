@@ -345,11 +345,15 @@ func (c *blobCache) fill(e *cacheEntry, body io.ReadCloser) {
 		return
 	}
 	defer f.Close()
+	// The hash runs beside the copy (pipelinedHash), so that readers
+	// following the file do not wait for it; only the last byte does.
 	h := e.d.Algorithm().Hash()
+	src := newPipelinedHash(body, h)
+	defer src.Wait()
 	buf := make([]byte, 1<<20)
 	var written int64
 	for {
-		n, rerr := body.Read(buf)
+		n, rerr := src.Read(buf)
 		if n > 0 {
 			if written+int64(n) > e.size {
 				c.finish(e, fmt.Errorf("gateway: blob cache: %s: the store sent more than its %d bytes", e.d, e.size), "digest")
@@ -359,7 +363,6 @@ func (c *blobCache) fill(e *cacheEntry, body io.ReadCloser) {
 				c.finish(e, fmt.Errorf("gateway: blob cache: %w", err), "write")
 				return
 			}
-			h.Write(buf[:n])
 			written += int64(n)
 			e.advance(written)
 		}
@@ -371,6 +374,7 @@ func (c *blobCache) fill(e *cacheEntry, body io.ReadCloser) {
 			return
 		}
 	}
+	src.Wait()
 	if got := digest.NewDigest(e.d.Algorithm(), h); written != e.size || got != e.d {
 		c.finish(e, fmt.Errorf("gateway: blob cache: the store's %d bytes for %s hash to %s", written, e.d, got), "digest")
 		return
