@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
@@ -185,7 +186,7 @@ type cachedDriver struct {
 // resuming after a broken source), else straight from the driver.
 func (cd *cachedDriver) Open(ctx context.Context, d digest.Digest, offset int64) (io.ReadCloser, error) {
 	c := cd.cache
-	if rc, ok, err := c.openExisting(d, offset); ok {
+	if rc, ok, err := c.openExisting(ctx, d, offset); ok {
 		return rc, err
 	}
 	if offset != 0 || d.Validate() != nil {
@@ -203,7 +204,7 @@ func (cd *cachedDriver) Open(ctx context.Context, d digest.Digest, offset int64)
 	}
 	if joined {
 		c.metrics.requests.WithLabelValues("join").Inc()
-		return e.follow(offset)
+		return e.follow(ctx, offset)
 	}
 	// The fill opens the driver here, so that a blob the store does not
 	// hold fails this Open as it would uncached; on the cache's context,
@@ -214,7 +215,7 @@ func (cd *cachedDriver) Open(ctx context.Context, d digest.Digest, offset int64)
 		return nil, err
 	}
 	c.metrics.requests.WithLabelValues("fill").Inc()
-	rc, err := e.follow(0)
+	rc, err := e.follow(ctx, 0)
 	if err != nil {
 		body.Close()
 		c.finish(e, err, "open")
@@ -243,7 +244,7 @@ func (c *blobCache) forget(d digest.Digest) {
 
 // openExisting serves d from an entry when there is one: the *os.File of a
 // complete entry, a follower of a filling one. ok is false without an entry.
-func (c *blobCache) openExisting(d digest.Digest, offset int64) (io.ReadCloser, bool, error) {
+func (c *blobCache) openExisting(ctx context.Context, d digest.Digest, offset int64) (io.ReadCloser, bool, error) {
 	c.mu.Lock()
 	e := c.entries[d]
 	if e == nil {
@@ -262,7 +263,7 @@ func (c *blobCache) openExisting(d digest.Digest, offset int64) (io.ReadCloser, 
 	e.mu.Unlock()
 	if !complete {
 		c.metrics.requests.WithLabelValues("join").Inc()
-		rc, err := e.follow(offset)
+		rc, err := e.follow(ctx, offset)
 		return rc, err == nil, err
 	}
 	f, err := os.Open(e.path)
@@ -331,6 +332,9 @@ func (c *blobCache) evictLocked(e *cacheEntry) {
 	}
 }
 
+// fillStallTimeout is how long a fill may wait for the store's next bytes.
+const fillStallTimeout = 30 * time.Second
+
 // fill copies body into e's file, hashing as it goes.
 func (c *blobCache) fill(e *cacheEntry, body io.ReadCloser) {
 	defer c.wg.Done()
@@ -339,6 +343,10 @@ func (c *blobCache) fill(e *cacheEntry, body io.ReadCloser) {
 	// it), and ends only with the cache.
 	stop := context.AfterFunc(c.ctx, func() { body.Close() })
 	defer stop()
+	// A store that stops sending would hold every follower: a fill that
+	// makes no progress for fillStallTimeout fails, and they fail over.
+	stalled := time.AfterFunc(fillStallTimeout, func() { body.Close() })
+	defer stalled.Stop()
 	f, err := os.OpenFile(e.path, os.O_WRONLY, 0)
 	if err != nil {
 		c.finish(e, err, "write")
@@ -365,6 +373,7 @@ func (c *blobCache) fill(e *cacheEntry, body io.ReadCloser) {
 			}
 			written += int64(n)
 			e.advance(written)
+			stalled.Reset(fillStallTimeout)
 		}
 		if rerr == io.EOF {
 			break
@@ -426,7 +435,7 @@ func (e *cacheEntry) readable() (limit int64, done bool, err error, changed <-ch
 }
 
 // follow opens a reader of e from offset that waits for the fill.
-func (e *cacheEntry) follow(offset int64) (io.ReadCloser, error) {
+func (e *cacheEntry) follow(ctx context.Context, offset int64) (io.ReadCloser, error) {
 	f, err := os.Open(e.path)
 	if err != nil {
 		return nil, err
@@ -435,7 +444,7 @@ func (e *cacheEntry) follow(offset int64) (io.ReadCloser, error) {
 		f.Close()
 		return nil, err
 	}
-	return &cacheFollower{e: e, f: f, pos: offset, closed: make(chan struct{})}, nil
+	return &cacheFollower{e: e, f: f, pos: offset, ctx: ctx, closed: make(chan struct{})}, nil
 }
 
 // cacheFollower reads an entry while it is filled. Its file's offset is
@@ -444,6 +453,7 @@ type cacheFollower struct {
 	e         *cacheEntry
 	f         *os.File
 	pos       int64
+	ctx       context.Context // the reader's: a client gone stops waiting
 	closeOnce sync.Once
 	closed    chan struct{}
 }
@@ -467,6 +477,8 @@ func (r *cacheFollower) wait() (int64, error) {
 		case <-changed:
 		case <-r.closed:
 			return 0, errFollowerClosed
+		case <-r.ctx.Done():
+			return 0, r.ctx.Err()
 		}
 	}
 }

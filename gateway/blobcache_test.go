@@ -346,3 +346,55 @@ func TestBlobCacheBound(t *testing.T) {
 		t.Fatalf("a blob over half the bound: bypass %d→%d, %d bytes cached", bypass, cacheCount(c, "bypass"), c.used)
 	}
 }
+
+// A reader waiting on a fill that makes no progress returns once its own
+// context ends, without ending the fill for the others.
+func TestBlobCacheReaderLeavesStalledFill(t *testing.T) {
+	store := &gatedStore{Driver: newFS(t)}
+	c, err := newBlobCache(BlobCacheConfig{MaxBytes: 64 << 20, Dir: t.TempDir()}, slog.New(slog.DiscardHandler), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.close()
+	cd := c.wrap("local", store)
+	content := randomBytes(1 << 20)
+	d := digest.FromBytes(content)
+	bg := context.Background()
+	id, _ := cd.StartUpload(bg)
+	if _, err := cd.WriteUpload(bg, id, 0, bytes.NewReader(content)); err != nil {
+		t.Fatal(err)
+	}
+	if err := cd.CommitUpload(bg, id, int64(len(content)), d); err != nil {
+		t.Fatal(err)
+	}
+	gate := make(chan struct{})
+	store.gate = gate
+	ctx, cancel := context.WithCancel(bg)
+	leaving, err := cd.Open(ctx, d, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer leaving.Close()
+	staying, err := cd.Open(bg, d, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer staying.Close()
+	done := make(chan error, 1)
+	go func() { _, err := io.ReadAll(leaving); done <- err }()
+	cancel()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("a reader whose context ended read to the end of a stalled fill")
+		}
+	case <-time.After(5 * time.Second):
+		close(gate)
+		t.Fatal("a reader whose context ended still waits on a stalled fill")
+	}
+	close(gate)
+	got, err := io.ReadAll(staying)
+	if err != nil || !bytes.Equal(got, content) {
+		t.Fatalf("the other reader: %d bytes, err %v", len(got), err)
+	}
+}
