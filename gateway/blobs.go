@@ -93,8 +93,7 @@ func (g *Gateway) streamBlob(w http.ResponseWriter, r *http.Request, rec *pb.Blo
 			headers = true
 			g.metrics.blobReads.WithLabelValues(region, "stream").Inc()
 		}
-		// io.Copy onto the response lets net/http sendfile from an *os.File.
-		n, err := io.Copy(w, io.LimitReader(body, end-start-sent))
+		n, err := sendBody(w, body, end-start-sent)
 		body.Close()
 		sent += n
 		g.metrics.blobReadBytes.WithLabelValues(region).Add(float64(n))
@@ -124,6 +123,16 @@ func (g *Gateway) streamBlob(w http.ResponseWriter, r *http.Request, rec *pb.Blo
 	}
 	g.logger.Error("no region could serve a blob", "digest", d, "regions", rec.Regions, "err", lastErr)
 	return errorf(CodeUnavailable, "no region holding blob %s can serve it right now", d)
+}
+
+// sendBody copies n bytes of body to w. io.Copy onto the response lets
+// net/http sendfile from an *os.File, and a reader following a blob cache
+// fill sendfiles each stretch of its file as it arrives.
+func sendBody(w io.Writer, body io.Reader, n int64) (int64, error) {
+	if f, ok := body.(*cacheFollower); ok {
+		return f.copyN(w, n)
+	}
+	return io.Copy(w, io.LimitReader(body, n))
 }
 
 // parseRange interprets a Range header against a blob of size bytes and

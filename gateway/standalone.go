@@ -63,6 +63,16 @@ type StandaloneConfig struct {
 	ReadyFile string
 	// Gateway tunes the OCI API (limits, timeouts).
 	Gateway Config
+	// BlobCache shares one upstream read among concurrent readers of a blob
+	// and keeps hot blobs on local disk; a zero MaxBytes turns it off. S3
+	// regions are read directly, never through it.
+	BlobCache BlobCacheConfig
+	// ShareRegionDirectory says the gateway sees its own region's file://
+	// directory, mounted as the region's nodes mount it (same host, or a
+	// shared volume): it then reads and writes that store itself, as a node
+	// does, instead of through a node. Other regions are still reached
+	// through their nodes.
+	ShareRegionDirectory bool
 	// Dial, when set, opens the gateway's connections to nodes (tests put
 	// TCP proxies in between); nil means plain TCP.
 	Dial func(ctx context.Context, addr string) (net.Conn, error)
@@ -100,6 +110,7 @@ type Standalone struct {
 	members  *membership.Membership
 	upstream *Upstream
 	regions  *replication.Regions
+	cache    *blobCache // nil when off
 	gateway  *Gateway
 
 	httpLn  net.Listener
@@ -160,6 +171,9 @@ func NewStandalone(cfg StandaloneConfig) (*Standalone, error) {
 	if !found && cfg.Region != "" {
 		errs = append(errs, fmt.Errorf("region %q is not among the configured regions", cfg.Region))
 	}
+	if cfg.BlobCache.MaxBytes < 0 {
+		errs = append(errs, errors.New("blob_cache: the size cannot be negative"))
+	}
 	if err := cfg.Gateway.Validate(); err != nil {
 		errs = append(errs, err)
 	}
@@ -219,16 +233,27 @@ func (s *Standalone) Start(ctx context.Context) (err error) {
 	}); err != nil {
 		return err
 	}
-	// Every file:// store, this region's included, is a directory only
-	// that region's nodes see: the gateway reaches it through them.
+	// Every file:// store, this region's included unless it is shared with
+	// the gateway, is a directory only that region's nodes see: the gateway
+	// reaches it through them.
 	var regionStores []replication.StoreConfig
 	for _, r := range s.cfg.Regions {
 		regionStores = append(regionStores, replication.StoreConfig{Region: r.Name, URL: r.Store, AccessKey: r.AccessKey, SecretKey: r.SecretKey})
 	}
 	if s.regions, err = replication.OpenRegions(ctx, replication.OpenRegionsConfig{
 		Local: s.cfg.Region, Stores: regionStores, Remote: s.upstream.RegionConn, Logger: s.logger,
+		OwnDirectory: s.cfg.ShareRegionDirectory,
 	}); err != nil {
 		return err
+	}
+	if s.cfg.BlobCache.MaxBytes > 0 {
+		if s.cache, err = newBlobCache(s.cfg.BlobCache, s.logger, s.registry); err != nil {
+			return err
+		}
+		for _, name := range s.regions.Names() {
+			d, _ := s.regions.Driver(name)
+			s.regions.Add(name, s.cache.wrap(name, d))
+		}
 	}
 	gc := s.cfg.Gateway
 	gc.Logger = s.logger
@@ -398,6 +423,9 @@ func (s *Standalone) Close(ctx context.Context) error {
 	}
 	if s.members != nil {
 		errs = append(errs, s.members.Close())
+	}
+	if s.cache != nil {
+		errs = append(errs, s.cache.close())
 	}
 	if s.upstream != nil {
 		errs = append(errs, s.upstream.Close())

@@ -19,6 +19,7 @@ import (
 	"github.com/meridian-registry/meridian/node/membership"
 	"github.com/meridian-registry/meridian/node/transport"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
+	"github.com/meridian-registry/meridian/replication"
 )
 
 // UpstreamConfig configures an Upstream. Zero durations take defaults.
@@ -139,7 +140,7 @@ func NewUpstream(cfg UpstreamConfig) (*Upstream, error) {
 	}
 	u.manifests = newCoalescer[*pb.ManifestRecord](m.sharedReads.Inc)
 	if u.dial == nil {
-		u.pool = cfg.Trust.NewPool(cfg.NetDial)
+		u.pool = cfg.Trust.NewPool(cfg.NetDial, replication.RemoteDialOptions()...)
 		u.dial = func(addr string) (grpc.ClientConnInterface, error) { return u.pool.Conn(addr) }
 	}
 	return u, nil

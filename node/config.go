@@ -43,6 +43,14 @@ type Config struct {
 	// GatewayID names a standalone gateway (meridian gateway) in gossip;
 	// nodes ignore it. Empty: gateway-<host>-<random>.
 	GatewayID string `yaml:"gateway_id"`
+	// GatewayBlobCache bounds a standalone gateway's on-disk cache of hot
+	// blobs read from file:// regions (0: off); GatewayBlobCacheDir holds
+	// it (empty: a temporary directory). GatewayShareRegionDirectory says
+	// the gateway mounts its region's file:// directory as the nodes do and
+	// uses it directly. Nodes ignore all three.
+	GatewayBlobCache            ByteSize `yaml:"gateway_blob_cache"`
+	GatewayBlobCacheDir         string   `yaml:"gateway_blob_cache_dir"`
+	GatewayShareRegionDirectory bool     `yaml:"gateway_share_region_directory"`
 	// Region and Zone place the node; its blobs land in its region's store.
 	Region string `yaml:"region"`
 	Zone   string `yaml:"zone"`

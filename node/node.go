@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -173,7 +174,8 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := n.setupAccess(ctx); err != nil {
 		return err
 	}
-	n.grpcServer = grpc.NewServer(append(n.trust.MemberServerOptions(memberAccess), grpc.ChainUnaryInterceptor(n.adminInterceptor), grpc.ChainStreamInterceptor(n.adminStreamInterceptor))...)
+	n.grpcServer = grpc.NewServer(slices.Concat(n.trust.MemberServerOptions(memberAccess), replication.RemoteServerOptions(),
+		[]grpc.ServerOption{grpc.ChainUnaryInterceptor(n.adminInterceptor), grpc.ChainStreamInterceptor(n.adminStreamInterceptor)})...)
 	pb.RegisterMemberServer(n.grpcServer, memberServer{n: n})
 	pb.RegisterGatewayServer(n.grpcServer, gatewayServer{n: n})
 	pb.RegisterAdminServer(n.grpcServer, adminServer{n: n})

@@ -53,9 +53,45 @@ var errChunkAborted = errors.New("replication: chunk aborted by the client")
 const (
 	// remoteChunkSize is the data carried by one message in either direction.
 	remoteChunkSize = 256 << 10
+	// remoteReadChunkSize is the data of one message a node streams to a
+	// reader: larger than remoteChunkSize, since fewer messages cost less
+	// framing, allocation and wake-ups per byte. Readers accept any size up
+	// to the connection's message limit.
+	remoteReadChunkSize = 1 << 20
 	// maxRemoteChunk is the largest data a server accepts in one message.
 	maxRemoteChunk = 4 << 20
+
+	// Flow control and socket buffers for connections carrying blob
+	// streams. gRPC's defaults (a 64 KiB window grown by estimation, 32 KiB
+	// read and write buffers) cost a read syscall and a wake-up per 32 KiB
+	// and stall the sender until the window grows.
+	remoteStreamWindow = 4 << 20
+	remoteConnWindow   = 16 << 20
+	remoteSocketBuffer = 256 << 10
 )
+
+// RemoteDialOptions tune a client connection that carries Remote blob
+// streams: fixed flow-control windows of several MiB and larger socket
+// buffers.
+func RemoteDialOptions() []grpc.DialOption {
+	return []grpc.DialOption{
+		grpc.WithInitialWindowSize(remoteStreamWindow),
+		grpc.WithInitialConnWindowSize(remoteConnWindow),
+		grpc.WithReadBufferSize(remoteSocketBuffer),
+		grpc.WithWriteBufferSize(remoteSocketBuffer),
+	}
+}
+
+// RemoteServerOptions are RemoteDialOptions' counterpart for a server of
+// BlobStoreServer (uploads stream towards it).
+func RemoteServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.InitialWindowSize(remoteStreamWindow),
+		grpc.InitialConnWindowSize(remoteConnWindow),
+		grpc.ReadBufferSize(remoteSocketBuffer),
+		grpc.WriteBufferSize(remoteSocketBuffer),
+	}
+}
 
 // NewRemote returns a driver for region reached through the nodes conns
 // returns. conns is called once per operation and should return a connection

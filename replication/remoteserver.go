@@ -86,7 +86,7 @@ func (s *BlobStoreServer) Open(req *pb.OpenBlobRequest, stream pb.BlobStore_Open
 			length = fi.Size() - req.GetOffset()
 		}
 	}
-	return sendStream(rc, length, stream)
+	return sendStream(rc, length, remoteReadChunkSize, stream)
 }
 
 // Delete implements pb.BlobStoreServer.
@@ -196,7 +196,7 @@ func (s *BlobStoreServer) OpenUpload(req *pb.OpenUploadRequest, stream pb.BlobSt
 		return toStatus(err)
 	}
 	defer rc.Close()
-	return sendStream(rc, -1, stream)
+	return sendStream(rc, -1, remoteReadChunkSize, stream)
 }
 
 // CommitUpload implements pb.BlobStoreServer.
@@ -236,13 +236,13 @@ func (s *BlobStoreServer) PurgeUploads(ctx context.Context, req *pb.PurgeUploads
 	return &pb.PurgeUploadsResponse{Removed: int64(n)}, nil
 }
 
-// sendStream sends r in messages of remoteChunkSize, the first one (sent
-// even when r is empty) announcing length. Only one message is in memory at
-// a time; Send blocks while the client's flow-control window is full.
-func sendStream(r io.Reader, length int64, stream interface{ Send(*pb.BlobChunk) error }) error {
+// sendStream sends r in messages of chunk bytes, the first one (sent even
+// when r is empty) announcing length. Only one message is in memory at a
+// time; Send blocks while the client's flow-control window is full.
+func sendStream(r io.Reader, length int64, chunk int, stream interface{ Send(*pb.BlobChunk) error }) error {
 	for first := true; ; first = false {
 		// A fresh buffer per message: gRPC may keep a sent message.
-		buf := make([]byte, remoteChunkSize)
+		buf := make([]byte, chunk)
 		n, rerr := readChunk(r, buf)
 		if rerr != nil && rerr != io.EOF {
 			return toStatus(fmt.Errorf("replication: reading for the stream: %w", rerr))

@@ -35,6 +35,9 @@ var gatewayOptions = []option{
 	stringOpt("read-consistency", "local or strong, as on nodes", func(c *node.Config) *string { return &c.ReadConsistency }),
 	stringOpt("gossip-profile", "gossip timings: lan, wan or local", func(c *node.Config) *string { return &c.GossipProfile }),
 	stringOpt("ready-file", "write JSON with the gateway's id and actual addresses here once serving", func(c *node.Config) *string { return &c.ReadyFile }),
+	sizeOpt("blob-cache", "bytes of hot blobs from file:// regions kept on local disk, one upstream read shared by concurrent readers (0: off)", func(c *node.Config) *node.ByteSize { return &c.GatewayBlobCache }),
+	stringOpt("blob-cache-dir", "directory of the blob cache, emptied at start (default: a temporary directory)", func(c *node.Config) *string { return &c.GatewayBlobCacheDir }),
+	boolOpt("share-region-directory", "this gateway mounts its region's file:// directory as the region's nodes do, and reads and writes it itself instead of through a node", func(c *node.Config) *bool { return &c.GatewayShareRegionDirectory }),
 	sizeOpt("max-manifest-size", "largest accepted manifest, bytes", func(c *node.Config) *node.ByteSize { return &c.MaxManifestSize }),
 	sizeOpt("max-blob-size", "largest accepted blob, bytes (0: no limit)", func(c *node.Config) *node.ByteSize { return &c.MaxBlobSize }),
 	durationOpt("upload-ttl", "how long an upload session stays usable", func(c *node.Config) *time.Duration { return &c.UploadTTL }),
@@ -106,6 +109,7 @@ func readPassword(file string) (string, error) {
 func gatewayDefaults() node.Config {
 	c := node.DefaultConfig()
 	c.GossipAddr = "127.0.0.1:5004"
+	c.GatewayBlobCache = 1 << 30
 	return c
 }
 
@@ -115,6 +119,8 @@ func standaloneConfig(c node.Config) (gateway.StandaloneConfig, error) {
 		ID: c.GatewayID, ClusterID: c.ClusterID, Region: c.Region, Zone: c.Zone, HTTPAddr: c.HTTPAddr,
 		GossipAddr: c.GossipAddr, AdvertiseGossip: c.AdvertiseGossip, Join: c.Join,
 		ReadConsistency: c.ReadConsistency, ReadyFile: c.ReadyFile, JoinTimeout: c.JoinTimeout,
+		BlobCache:            gateway.BlobCacheConfig{MaxBytes: int64(c.GatewayBlobCache), Dir: c.GatewayBlobCacheDir},
+		ShareRegionDirectory: c.GatewayShareRegionDirectory,
 	}
 	switch c.GossipProfile {
 	case "lan":
