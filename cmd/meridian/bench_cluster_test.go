@@ -248,7 +248,7 @@ func TestRunBenchCluster(t *testing.T) {
 	if c == nil || c.Error != "" {
 		t.Fatalf("cluster part: %+v", c)
 	}
-	for name, p := range map[string]pullResult{"gateway pull": c.GatewayPull, "node pull": c.NodePull,
+	for name, p := range map[string]pullResult{"gateway pull": c.GatewayPull, "gateway first pull": c.GatewayColdPull, "node pull": c.NodePull,
 		"gateway storm": c.GatewayStorm, "static storm": c.StaticStorm} {
 		if len(p.RunsMBps) != 1 || !(p.MBps > 0) {
 			t.Errorf("%s: %+v, want one measured run", name, p)

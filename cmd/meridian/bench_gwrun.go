@@ -34,6 +34,9 @@ type clusterResult struct {
 
 	GatewayPull pullResult `json:"gateway_pull"`
 	NodePull    pullResult `json:"node_pull"`
+	// GatewayColdPull is each run's first read of a blob of its own through
+	// the gateway: what its blob cache costs a blob nobody read before.
+	GatewayColdPull pullResult `json:"gateway_cold_pull"`
 
 	GatewayManifestGET loadResult `json:"gateway_manifest_get_by_tag"`
 	NodeManifestGET    loadResult `json:"node_manifest_get_by_tag"`
@@ -112,11 +115,17 @@ func (w *clusterWorkload) fileCluster(ctx context.Context, res *clusterResult) e
 	pulled := newBlobSpec(1, w.opts.size) // the node part's pulled blob
 	storm := newBlobSpec(2001, min(stormSize, w.opts.size))
 	res.StormBytes = storm.size
-	w.logf("cluster: pushing a %s blob, a %s one and a manifest through the gateway", mib(pulled.size), mib(storm.size))
+	// One blob per run that only that run's first GET reads: the gateway's
+	// blob cache has not seen it, so the GET pays for filling it.
+	cold := make([]blobSpec, w.opts.runs)
+	for i := range cold {
+		cold[i] = newBlobSpec(uint64(3001+i), w.opts.size)
+	}
+	w.logf("cluster: pushing %d blobs of %s, a %s one and a manifest through the gateway", 1+len(cold), mib(pulled.size), mib(storm.size))
 	if _, err := pushSmall(ctx, gw, c.gw.base, config, sha256Digest(config)); err != nil {
 		return fmt.Errorf("bench: cluster: push through the gateway: %w", err)
 	}
-	for _, b := range []blobSpec{pulled, storm} {
+	for _, b := range append([]blobSpec{pulled, storm}, cold...) {
 		if _, err := pushMonolithic(ctx, gw, c.gw.base, b, true); err != nil {
 			return fmt.Errorf("bench: cluster: push through the gateway: %w", err)
 		}
@@ -138,7 +147,12 @@ func (w *clusterWorkload) fileCluster(ctx context.Context, res *clusterResult) e
 	defer nc.CloseIdleConnections()
 
 	for i := range w.opts.runs {
-		w.logf("cluster run %d/%d: GET %s through the gateway, then from %s", i+1, w.opts.runs, mib(pulled.size), n.ready.NodeID)
+		w.logf("cluster run %d/%d: GET a new %s blob through the gateway, then the pulled one through the gateway and from %s", i+1, w.opts.runs, mib(pulled.size), n.ready.NodeID)
+		d, err := pullOnce(ctx, gw, c.gw.base+"/v2/"+benchRepo+"/blobs/"+cold[i].digest, cold[i])
+		if err != nil {
+			return fmt.Errorf("bench: cluster: first pull of a blob: %w", err)
+		}
+		res.GatewayColdPull.add(cold[i].size, d)
 		for _, t := range []struct {
 			c    *http.Client
 			base string

@@ -266,6 +266,12 @@ func (r *benchReport) clusterRows(add func(benchRow)) {
 		compare(&row, "the node it fronts", c.NodePull.MBps, pairedRatio(c.GatewayPull.RunsMBps, c.NodePull.RunsMBps), true, targetGatewayPullOfNode)
 		add(row)
 	}
+	if c.GatewayColdPull.Bytes > 0 && c.NodePull.Bytes > 0 {
+		row := benchRow{Figure: fmt.Sprintf("gateway pull %s, first read of a blob", mib(c.GatewayColdPull.Bytes)), Value: c.GatewayColdPull.MBps, Unit: "MB/s",
+			Detail: fmt.Sprintf("GET + sha256 of a blob no one read through the gateway before (its blob cache fills as it streams); reference: the node it prefers, %s; %s", c.PreferredNode, sec)}
+		compare(&row, "the node it fronts", c.NodePull.MBps, pairedRatio(c.GatewayColdPull.RunsMBps, c.NodePull.RunsMBps), true, targetGatewayPullOfNode)
+		add(row)
+	}
 	if g, n := c.GatewayManifestGET, c.NodeManifestGET; g.Requests > 0 && n.Requests > 0 {
 		row := benchRow{Figure: fmt.Sprintf("gateway manifest GET by tag, %d clients", g.Concurrency), Value: g.RPS, Unit: "req/s",
 			Detail: fmt.Sprintf("bearer token; gateway p50 %.2f ms, p99 %.2f ms; node %s p50 %.2f ms, p99 %.2f ms; %s",

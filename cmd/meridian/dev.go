@@ -132,7 +132,7 @@ func dev(args []string) error {
 	}
 
 	// The gateway: in us-east, in front of all three nodes.
-	gc := node.DefaultConfig()
+	gc := gatewayDefaults() // as `meridian gateway` runs, blob cache included
 	gc.Region = devNodes[0].region
 	gc.Regions = regions
 	gc.HTTPAddr = ":5000"
