@@ -127,7 +127,7 @@ func newBlobCache(cfg BlobCacheConfig, logger *slog.Logger, reg prometheus.Regis
 		entries: map[digest.Digest]*cacheEntry{}, lru: list.New()}
 	if c.dir == "" {
 		if c.dir, err = os.MkdirTemp("", "meridian-blob-cache-"); err != nil {
-			return nil, fmt.Errorf("gateway: blob cache: %w", err)
+			return nil, fmt.Errorf("gateway: blob cache: %w: %w", errNoTempDir, err)
 		}
 		c.temp = true
 	} else {
@@ -162,12 +162,25 @@ func (c *blobCache) close() error {
 	return errors.Join(errs...)
 }
 
-// wrap returns d with its blob reads served through the cache. Drivers with
-// optional interfaces (S3 presigns URLs and hints chunk sizes) are returned
-// as they are, since the wrapper would hide them.
-func (c *blobCache) wrap(region string, d replication.Driver) replication.Driver {
+// errNoTempDir means the cache was to make a temporary directory and could
+// not.
+var errNoTempDir = errors.New("no temporary directory for the blob cache")
+
+// cacheable reports whether the cache serves d's reads: not those of
+// drivers with optional interfaces (S3 presigns URLs and hints chunk
+// sizes), which the wrapper would hide, nor of a directory read directly.
+func cacheable(d replication.Driver) bool {
 	switch d.(type) {
 	case replication.Presigner, replication.ChunkHinter, *replication.Filesystem:
+		return false
+	}
+	return true
+}
+
+// wrap returns d with its blob reads served through the cache, when
+// cacheable.
+func (c *blobCache) wrap(region string, d replication.Driver) replication.Driver {
+	if !cacheable(d) {
 		return d
 	}
 	return &cachedDriver{Driver: d, region: region, cache: c}

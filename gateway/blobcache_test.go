@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -396,5 +397,62 @@ func TestBlobCacheReaderLeavesStalledFill(t *testing.T) {
 	got, err := io.ReadAll(staying)
 	if err != nil || !bytes.Equal(got, content) {
 		t.Fatalf("the other reader: %d bytes, err %v", len(got), err)
+	}
+}
+
+// TestStandaloneBlobCacheOpens checks when a standalone gateway puts the
+// blob cache in front of its regions: only for regions reached through
+// nodes, never failing a start for want of a temporary directory (an image
+// FROM scratch has no /tmp), but failing it for a directory the operator
+// named and the cache cannot use.
+func TestStandaloneBlobCacheOpens(t *testing.T) {
+	dirStore, err := replication.OpenStore(context.Background(), replication.StoreConfig{Region: "local", URL: "file://" + t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	standalone := func(cache BlobCacheConfig, remote bool) *Standalone {
+		regions := replication.NewRegions("local")
+		regions.Add("local", dirStore)
+		if remote {
+			regions.Add("far", replication.NewRemote("far", nil))
+		}
+		return &Standalone{cfg: StandaloneConfig{BlobCache: cache}, logger: slog.New(slog.DiscardHandler),
+			registry: prometheus.NewRegistry(), regions: regions}
+	}
+	cached := func(s *Standalone, region string) bool {
+		d, _ := s.regions.Driver(region)
+		_, ok := d.(*cachedDriver)
+		return ok
+	}
+
+	s := standalone(BlobCacheConfig{MaxBytes: 1 << 20}, true)
+	if err := s.openBlobCache(); err != nil {
+		t.Fatal(err)
+	}
+	if s.cache == nil || !cached(s, "far") || cached(s, "local") {
+		t.Fatalf("cache %v, far cached %v, local cached %v: want the cache in front of the remote region only", s.cache, cached(s, "far"), cached(s, "local"))
+	}
+	if err := s.cache.close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s = standalone(BlobCacheConfig{MaxBytes: 1 << 20}, false)
+	if err := s.openBlobCache(); err != nil || s.cache != nil {
+		t.Fatalf("no region to cache: cache %v, err %v; want none and no error", s.cache, err)
+	}
+
+	t.Setenv("TMPDIR", "/nonexistent/meridian-test")
+	s = standalone(BlobCacheConfig{MaxBytes: 1 << 20}, true)
+	if err := s.openBlobCache(); err != nil || s.cache != nil || cached(s, "far") {
+		t.Fatalf("without a temporary directory: cache %v, err %v; want the gateway to run uncached", s.cache, err)
+	}
+
+	file := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s = standalone(BlobCacheConfig{MaxBytes: 1 << 20, Dir: filepath.Join(file, "cache")}, true)
+	if err := s.openBlobCache(); err == nil {
+		t.Fatal("a cache directory that cannot be made: want an error")
 	}
 }

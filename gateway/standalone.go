@@ -183,6 +183,40 @@ func NewStandalone(cfg StandaloneConfig) (*Standalone, error) {
 	return &Standalone{cfg: cfg, logger: cfg.Logger.With("gateway_id", cfg.ID)}, nil
 }
 
+// openBlobCache puts the blob cache in front of every region it serves
+// (those reached through nodes). There is none when it is off or no region
+// would use it (S3 stores only), and none, with a warning, when the default
+// temporary directory cannot be made (an image without /tmp): the cache
+// speeds reads up but is not needed to serve them. A cache directory the
+// operator named must work.
+func (s *Standalone) openBlobCache() error {
+	if s.cfg.BlobCache.MaxBytes <= 0 {
+		return nil
+	}
+	cached := false
+	for _, name := range s.regions.Names() {
+		d, _ := s.regions.Driver(name)
+		cached = cached || cacheable(d)
+	}
+	if !cached {
+		return nil
+	}
+	cache, err := newBlobCache(s.cfg.BlobCache, s.logger, s.registry)
+	if errors.Is(err, errNoTempDir) && s.cfg.BlobCache.Dir == "" {
+		s.logger.Warn("no blob cache: give it a directory with gateway_blob_cache_dir (--blob-cache-dir), or set gateway_blob_cache to 0", "err", err)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	s.cache = cache
+	for _, name := range s.regions.Names() {
+		d, _ := s.regions.Driver(name)
+		s.regions.Add(name, s.cache.wrap(name, d))
+	}
+	return nil
+}
+
 // Start joins the cluster and begins serving; it returns once serving.
 func (s *Standalone) Start(ctx context.Context) (err error) {
 	defer func() {
@@ -246,14 +280,8 @@ func (s *Standalone) Start(ctx context.Context) (err error) {
 	}); err != nil {
 		return err
 	}
-	if s.cfg.BlobCache.MaxBytes > 0 {
-		if s.cache, err = newBlobCache(s.cfg.BlobCache, s.logger, s.registry); err != nil {
-			return err
-		}
-		for _, name := range s.regions.Names() {
-			d, _ := s.regions.Driver(name)
-			s.regions.Add(name, s.cache.wrap(name, d))
-		}
+	if err := s.openBlobCache(); err != nil {
+		return err
 	}
 	gc := s.cfg.Gateway
 	gc.Logger = s.logger
