@@ -57,12 +57,15 @@ func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
 }
 
 // seenAtOnce reports commands whose effect this node must see at once:
-// pushes through it right after a policy change follow the new policy, and
-// the replicator must not read a removal it committed as still to do (it
-// would delete again, perhaps a new push's bytes).
+// pushes through it right after a policy change follow the new policy, the
+// replicator must not read a removal it committed as still to do (it would
+// delete again, perhaps a new push's bytes), and `meridian webhook list`
+// right after `webhook add`, `delete` or a replay through the same node
+// shows it.
 func seenAtOnce(cmd *pb.Command) bool {
 	switch cmd.GetIntent().(type) {
-	case *pb.Command_SetPolicy, *pb.Command_DeletePolicy, *pb.Command_BlobRemoved:
+	case *pb.Command_SetPolicy, *pb.Command_DeletePolicy, *pb.Command_BlobRemoved,
+		*pb.Command_PutWebhook, *pb.Command_DeleteWebhook, *pb.Command_ReplayDeadLetters:
 		return true
 	}
 	return false
