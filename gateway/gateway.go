@@ -336,7 +336,7 @@ func (s *statusWriter) ReadFrom(src io.Reader) (int64, error) {
 		lw := &limitedWriter{w: s.ResponseWriter, n: lr.N}
 		n, err := wt.WriteTo(lw)
 		lr.N -= n
-		if err == errLimitReached {
+		if errors.Is(err, errLimitReached) {
 			err = nil
 		}
 		return n, err
