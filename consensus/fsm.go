@@ -145,11 +145,15 @@ func (f *fsm) Apply(l *raft.Log) any {
 			panic(fmt.Sprintf("consensus: events of entry %d: %v", l.Index, err))
 		}
 	}
-	// The entry's own index, readable while it applies: garbage collection
-	// stamps a removal with it (lifecycle.go).
-	if err := b.Set(key(tableApplied), encodeUint64s(l.Index, l.Term), nil); err != nil {
-		panic(err)
+	// The entry's own index, readable while it applies (garbage collection
+	// stamps a removal with it, lifecycle.go), and the applied index once
+	// the batch commits. A batch replaced below sets it again.
+	setApplied := func() {
+		if err := b.Set(key(tableApplied), encodeUint64s(l.Index, l.Term), nil); err != nil {
+			panic(err)
+		}
 	}
+	setApplied()
 	result := apply(b, e)
 	var kept keptRejection
 	if errors.As(result, &kept) {
@@ -157,6 +161,7 @@ func (f *fsm) Apply(l *raft.Log) any {
 		// keptRejection).
 		b.Close()
 		b = db.NewIndexedBatch()
+		setApplied()
 		if err := kept.keep(b); err != nil {
 			panic(fmt.Sprintf("consensus: apply entry %d: %v", l.Index, err))
 		}
@@ -171,6 +176,7 @@ func (f *fsm) Apply(l *raft.Log) any {
 		// Rejected: keep nothing but the applied index.
 		b.Close()
 		b = db.NewBatch()
+		setApplied()
 	} else {
 		if accessCommands[which.Name()] {
 			if err := b.Set(key(tableAccessMeta, "version"), encodeUint64s(l.Index), nil); err != nil {
@@ -190,9 +196,6 @@ func (f *fsm) Apply(l *raft.Log) any {
 				panic(fmt.Sprintf("consensus: audit entry %d: %v", l.Index, err))
 			}
 		}
-	}
-	if err := b.Set(key(tableApplied), encodeUint64s(l.Index, l.Term), nil); err != nil {
-		panic(err)
 	}
 	// The Raft log is synced; a crash that loses this unsynced batch replays
 	// the entry. Snapshot() syncs before the log behind it is compacted.

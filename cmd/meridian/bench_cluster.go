@@ -164,16 +164,7 @@ func startBenchCluster(ctx context.Context, meridian []string, dir string, spec 
 		if err != nil {
 			return err
 		}
-		healthy := 0
-		for _, n := range st.Nodes {
-			if n.Healthy && n.RttKnown {
-				healthy++
-			}
-		}
-		if healthy != len(c.nodes) || st.PreferredNode == "" {
-			return fmt.Errorf("%d of %d nodes healthy and measured, preferred %q", healthy, len(c.nodes), st.PreferredNode)
-		}
-		return nil
+		return everyNodeMeasured(st, len(c.nodes))
 	})
 	if err != nil {
 		return nil, fmt.Errorf("%w%s", err, c.gw.proc.logTail())
@@ -412,4 +403,20 @@ func (s *s3Server) client() (*minio.Client, error) {
 // storeURL is the --region-store URL of the bench bucket.
 func (s *s3Server) storeURL() string {
 	return fmt.Sprintf("s3://%s:%s@%s/%s?secure=false", s.access, s.secret, s.addr, benchBucket)
+}
+
+// everyNodeMeasured says why a gateway is not yet ready to be measured:
+// until it sees all nodes healthy, with a round-trip time each, and prefers
+// one, its reads may go anywhere.
+func everyNodeMeasured(st *pb.GatewayStatus, nodes int) error {
+	healthy := 0
+	for _, n := range st.Nodes {
+		if n.Healthy && n.RttKnown {
+			healthy++
+		}
+	}
+	if healthy != nodes || st.PreferredNode == "" {
+		return fmt.Errorf("%d of %d nodes healthy and measured, preferred %q", healthy, nodes, st.PreferredNode)
+	}
+	return nil
 }

@@ -165,16 +165,7 @@ func gwe2eStartClusterTLS(tb testing.TB, mtls bool) *gwe2eCluster {
 		if err != nil {
 			return err
 		}
-		healthy := 0
-		for _, n := range st.Nodes {
-			if n.Healthy && n.RttKnown {
-				healthy++
-			}
-		}
-		if healthy != len(c.nodes) || st.PreferredNode == "" {
-			return fmt.Errorf("%d of %d nodes healthy and measured, preferred %q", healthy, len(c.nodes), st.PreferredNode)
-		}
-		return nil
+		return everyNodeMeasured(st, len(c.nodes))
 	})
 	return c
 }
