@@ -87,6 +87,10 @@ type Upstream struct {
 	// applied is the newest applied index a ping answer carried
 	// (Metadata.WriteFence).
 	applied atomic.Uint64
+	// written is the highest log index of a write a node acknowledged to
+	// this gateway. Reads carry it as min_index, so whichever node answers
+	// has applied the gateway's own writes first.
+	written atomic.Uint64
 
 	mu        sync.Mutex
 	pinging   map[string]bool // node ids with a ping in flight
@@ -336,9 +340,7 @@ func (u *Upstream) ping(ctx context.Context, n UpstreamNode) {
 			u.fail(n.ID, err)
 			return
 		}
-		for old := u.applied.Load(); resp.AppliedIndex > old && !u.applied.CompareAndSwap(old, resp.AppliedIndex); {
-			old = u.applied.Load()
-		}
+		raise(&u.applied, resp.AppliedIndex)
 		if warm {
 			warm = false
 			continue

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -129,7 +130,7 @@ func (m upstreamMetadata) Manifest(ctx context.Context, repo, digest string) (*p
 
 func (m upstreamMetadata) manifest(ctx context.Context, repo, digest string) (*pb.ManifestRecord, error) {
 	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) (*pb.ManifestRecord, *pb.Result, error) {
-		resp, err := c.GetManifest(ctx, &pb.GetManifestRequest{Repository: repo, Digest: digest, Consistency: m.consistency()}, opts...)
+		resp, err := c.GetManifest(ctx, &pb.GetManifestRequest{Repository: repo, Digest: digest, Consistency: m.consistency(), MinIndex: m.u.written.Load()}, opts...)
 		return resp.GetManifest(), resp.GetResult(), err
 	})
 }
@@ -151,7 +152,7 @@ func (m upstreamMetadata) manifestByTag(ctx context.Context, repo, tag string) (
 		resolved bool
 	}
 	a, err := read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) (answer, *pb.Result, error) {
-		resp, err := c.GetManifest(ctx, &pb.GetManifestRequest{Repository: repo, Tag: tag, Consistency: m.consistency()}, opts...)
+		resp, err := c.GetManifest(ctx, &pb.GetManifestRequest{Repository: repo, Tag: tag, Consistency: m.consistency(), MinIndex: m.u.written.Load()}, opts...)
 		return answer{resp.GetManifest(), resp.GetTagResolved()}, resp.GetResult(), err
 	})
 	if err == nil && !a.resolved || err != nil && !a.resolved && pb.CodeOf(err) == pb.Code_CODE_MANIFEST_UNKNOWN {
@@ -166,35 +167,35 @@ func (m upstreamMetadata) manifestByTag(ctx context.Context, repo, tag string) (
 
 func (m upstreamMetadata) Tag(ctx context.Context, repo, tag string) (string, error) {
 	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) (string, *pb.Result, error) {
-		resp, err := c.GetTag(ctx, &pb.GetTagRequest{Repository: repo, Tag: tag, Consistency: m.consistency()}, opts...)
+		resp, err := c.GetTag(ctx, &pb.GetTagRequest{Repository: repo, Tag: tag, Consistency: m.consistency(), MinIndex: m.u.written.Load()}, opts...)
 		return resp.GetDigest(), resp.GetResult(), err
 	})
 }
 
 func (m upstreamMetadata) Tags(ctx context.Context, repo, after string, limit int) ([]string, error) {
 	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) ([]string, *pb.Result, error) {
-		resp, err := c.ListTags(ctx, &pb.ListRequest{Repository: repo, After: after, Limit: limit32(limit), Consistency: m.consistency()}, opts...)
+		resp, err := c.ListTags(ctx, &pb.ListRequest{Repository: repo, After: after, Limit: limit32(limit), Consistency: m.consistency(), MinIndex: m.u.written.Load()}, opts...)
 		return resp.GetItems(), resp.GetResult(), err
 	})
 }
 
 func (m upstreamMetadata) Repositories(ctx context.Context, after string, limit int) ([]string, error) {
 	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) ([]string, *pb.Result, error) {
-		resp, err := c.ListRepositories(ctx, &pb.ListRequest{After: after, Limit: limit32(limit), Consistency: m.consistency()}, opts...)
+		resp, err := c.ListRepositories(ctx, &pb.ListRequest{After: after, Limit: limit32(limit), Consistency: m.consistency(), MinIndex: m.u.written.Load()}, opts...)
 		return resp.GetItems(), resp.GetResult(), err
 	})
 }
 
 func (m upstreamMetadata) Referrers(ctx context.Context, repo, subject string) ([]*pb.Referrer, error) {
 	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) ([]*pb.Referrer, *pb.Result, error) {
-		resp, err := c.ListReferrers(ctx, &pb.ListReferrersRequest{Repository: repo, Subject: subject, Consistency: m.consistency()}, opts...)
+		resp, err := c.ListReferrers(ctx, &pb.ListReferrersRequest{Repository: repo, Subject: subject, Consistency: m.consistency(), MinIndex: m.u.written.Load()}, opts...)
 		return resp.GetReferrers(), resp.GetResult(), err
 	})
 }
 
 func (m upstreamMetadata) LinkedBlob(ctx context.Context, repo, digest string) (*pb.BlobRecord, error) {
 	return read(ctx, m.u, m.reads(), func(ctx context.Context, c pb.GatewayClient, opts ...grpc.CallOption) (*pb.BlobRecord, *pb.Result, error) {
-		resp, err := c.GetLinkedBlob(ctx, &pb.GetLinkedBlobRequest{Repository: repo, Digest: digest, Consistency: m.consistency()}, opts...)
+		resp, err := c.GetLinkedBlob(ctx, &pb.GetLinkedBlobRequest{Repository: repo, Digest: digest, Consistency: m.consistency(), MinIndex: m.u.written.Load()}, opts...)
 		return resp.GetBlob(), resp.GetResult(), err
 	})
 }
@@ -231,6 +232,13 @@ func (m upstreamMetadata) UploadKeys(ctx context.Context) ([]*pb.UploadKey, erro
 		}
 		return resp.GetKeys(), nil, err
 	})
+}
+
+// raise sets *v to at least x.
+func raise(v *atomic.Uint64, x uint64) {
+	for old := v.Load(); x > old && !v.CompareAndSwap(old, x); {
+		old = v.Load()
+	}
 }
 
 func limit32(n int) int32 { return int32(min(max(n, 0), math.MaxInt32)) }
@@ -283,6 +291,7 @@ func (u *Upstream) commit(ctx context.Context, req *pb.CommitRequest, resend boo
 		var p peer.Peer
 		resp, err := pb.NewGatewayClient(conn).Commit(ctx, req, grpc.Peer(&p))
 		if err == nil {
+			raise(&u.written, resp.GetIndex())
 			return resp.GetResult().Err()
 		}
 		if ctx.Err() != nil {

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -106,6 +107,40 @@ func TestUpstreamPushPull(t *testing.T) {
 	}
 	if _, err := env.up.RegionConn("elsewhere")(ctx); !errors.Is(err, pb.ErrUnavailable) {
 		t.Errorf("RegionConn of an unknown region: %v, want %v", err, pb.ErrUnavailable)
+	}
+}
+
+// TestUpstreamReadsCarryOwnWrites: after a push through the gateway, every
+// read it sends names, as min_index, the newest index a node acknowledged
+// to it, so the node answering has applied the push first (the node side
+// is TestGatewayReadWaitsForMinIndex). Without it, a tags list right after
+// a push could come from a follower that has not applied the push yet.
+func TestUpstreamReadsCarryOwnWrites(t *testing.T) {
+	c := clustertest.New(t, 3)
+	ctx := within(t, 2*time.Minute)
+	env := newUpstreamEnv(t, ctx, c, "", 100*time.Millisecond)
+	if err := remote.Write(env.ref(t, "ryw/app:v1"), randomImage(t), remote.WithContext(ctx)); err != nil {
+		t.Fatalf("push: %v", err)
+	}
+	_, committed := env.net.indexes()
+	if committed == 0 {
+		t.Fatal("no Commit answer carried a log index")
+	}
+	env.net.reset()
+	if tags, err := remote.List(env.ref(t, "ryw/app:v1").Context(), remote.WithContext(ctx)); err != nil || len(tags) != 1 {
+		t.Fatalf("tags: %v, %v; want [v1]", tags, err)
+	}
+	if resp := env.get(t, "/v2/ryw/app/manifests/v1"); resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET by tag: status %d", resp.StatusCode)
+	}
+	reads, _ := env.net.indexes()
+	if len(reads) < 2 {
+		t.Fatalf("recorded %d reads, want the tags list and the manifest GET", len(reads))
+	}
+	for _, r := range reads {
+		if r.minIndex < committed {
+			t.Errorf("%s carried min_index %d, below the push's index %d", r.method, r.minIndex, committed)
+		}
 	}
 }
 
@@ -558,6 +593,15 @@ type testNet struct {
 	conns   map[string][]*testConn
 	clients map[string]*grpc.ClientConn
 	counts  map[string]map[string]int // address → method → calls
+	// reads lists every read's method and min_index; committed is the
+	// highest index a Commit answer carried.
+	reads     []indexedRead
+	committed uint64
+}
+
+type indexedRead struct {
+	method   string
+	minIndex uint64
 }
 
 func newTestNet(t *testing.T) *testNet {
@@ -588,8 +632,11 @@ func (n *testNet) dial(addr string) (grpc.ClientConnInterface, error) {
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: time.Second}),
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return n.connect(ctx, addr) }),
 		grpc.WithUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-			n.count(addr, method[strings.LastIndex(method, "/")+1:])
-			return invoker(ctx, method, req, reply, cc, opts...)
+			short := method[strings.LastIndex(method, "/")+1:]
+			n.count(addr, short)
+			err := invoker(ctx, method, req, reply, cc, opts...)
+			n.recordIndexes(short, req, reply)
+			return err
 		}))
 	if err != nil {
 		return nil, err
@@ -647,6 +694,25 @@ func (n *testNet) count(addr, method string) {
 	n.counts[addr][method]++
 }
 
+// recordIndexes notes a read's min_index and a Commit answer's index.
+func (n *testNet) recordIndexes(method string, req, reply any) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if r, ok := req.(interface{ GetMinIndex() uint64 }); ok {
+		n.reads = append(n.reads, indexedRead{method, r.GetMinIndex()})
+	}
+	if c, ok := reply.(*pb.CommitResponse); ok {
+		n.committed = max(n.committed, c.GetIndex())
+	}
+}
+
+// indexes returns the reads recorded and the highest committed index.
+func (n *testNet) indexes() ([]indexedRead, uint64) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return slices.Clone(n.reads), n.committed
+}
+
 func (n *testNet) calls(addr, method string) int {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -667,6 +733,7 @@ func (n *testNet) reset() {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.counts = map[string]map[string]int{}
+	n.reads = nil
 }
 
 func (n *testNet) setDelay(addr string, d time.Duration) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -20,13 +21,23 @@ import (
 // commits nothing. A policy change returns once this node has applied it
 // too, so the next push through the same node follows it; other writes
 // do not wait (a follower learns of a commit with the leader's next
-// append, up to a heartbeat later: tens of milliseconds on every write).
+// append, up to a heartbeat later: tens of milliseconds on every write);
+// instead the node's next local read waits for it (Node.acked), so only
+// a read right after a write pays that wait.
 //
 // The actor in ctx (pb.WithActor) is recorded in the entry for the audit
 // log.
 func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
+	_, err := n.commitIndexed(ctx, cmd)
+	return err
+}
+
+// commitIndexed is commit that also returns the log index the entry was
+// committed at (0 when none is known: nothing was sent, or the leader
+// refused it before proposing).
+func (n *Node) commitIndexed(ctx context.Context, cmd *pb.Command) (uint64, error) {
 	if err := n.validateCommand(ctx, cmd); err != nil {
-		return err
+		return 0, err
 	}
 	var index uint64
 	actor := pb.ActorFrom(ctx)
@@ -44,6 +55,7 @@ func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
 		index, err = n.consensus.Commit(ctx, cmd, actor)
 		return err
 	})
+	noteAcked(&n.acked, index)
 	if index > 0 && seenAtOnce(cmd) {
 		wctx, cancel := context.WithTimeout(ctx, n.cfg.ApplyTimeout)
 		defer cancel()
@@ -53,7 +65,7 @@ func (n *Node) commit(ctx context.Context, cmd *pb.Command) error {
 			n.logger.Warn("a write committed by the leader is not yet applied here", "index", index, "err", werr)
 		}
 	}
-	return err
+	return index, err
 }
 
 // seenAtOnce reports commands whose effect this node must see at once:
@@ -197,4 +209,14 @@ func (n *Node) catchUp(ctx context.Context) error {
 	}
 	n.caughtUp.Store(true)
 	return nil
+}
+
+// noteAcked raises *acked to index.
+func noteAcked(acked *atomic.Uint64, index uint64) {
+	for {
+		cur := acked.Load()
+		if index <= cur || acked.CompareAndSwap(cur, index) {
+			return
+		}
+	}
 }

@@ -23,6 +23,10 @@ type clusterMetadata struct {
 	n      *Node
 	store  *consensus.Store
 	strong bool
+	// minIndex is the newest write the asking gateway acknowledged (0 for
+	// the in-process gateway, whose writes are this node's own: see
+	// Node.acked). Local reads wait until the replica has applied it.
+	minIndex uint64
 }
 
 func (n *Node) metadata(strong bool) clusterMetadata {
@@ -46,6 +50,10 @@ func read[T any](ctx context.Context, m clusterMetadata, fn func() (T, error), m
 		}
 		return fn()
 	}
+	if err := m.readOwnWrites(ctx); err != nil {
+		var zero T
+		return zero, err
+	}
 	v, err := fn()
 	for _, target := range miss {
 		if errors.Is(err, target) {
@@ -57,6 +65,25 @@ func read[T any](ctx context.Context, m clusterMetadata, fn func() (T, error), m
 		}
 	}
 	return v, err
+}
+
+// readOwnWrites waits until the replica has applied every write the
+// asker could have been told about: this node's acknowledged writes and
+// the gateway's min_index. Usually both are applied already and this is
+// two atomic loads; a follower that lags waits for the leader's next
+// append, bounded by the apply timeout, and then answers ErrUnavailable
+// so the gateway asks another node.
+func (m clusterMetadata) readOwnWrites(ctx context.Context) error {
+	want := max(m.minIndex, m.n.acked.Load())
+	if want == 0 || m.n.consensus.AppliedIndex() >= want {
+		return nil
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, m.n.cfg.ApplyTimeout)
+		defer cancel()
+	}
+	return m.n.consensus.WaitApplied(ctx, want)
 }
 
 func (m clusterMetadata) Manifest(ctx context.Context, repo, digest string) (*pb.ManifestRecord, error) {

@@ -57,6 +57,11 @@ type Node struct {
 	// caughtUp is set once this replica has applied a read index from the
 	// leader since it started; before that its reads wait for one.
 	caughtUp atomic.Bool
+	// acked is the highest log index of a write this node acknowledged.
+	// Local reads wait until the replica has applied it, so a client reads
+	// its own writes through the node that took them (a follower learns of
+	// a commit up to a heartbeat after the leader answered).
+	acked atomic.Uint64
 	// skipReadIndex turns catchUp into a no-op: every read answers from
 	// the replica as it stands, misses and strong reads unconfirmed. Only
 	// tests set it (export_test.go), to show what the read index guards.

@@ -73,11 +73,12 @@ func (s gatewayServer) Commit(ctx context.Context, req *pb.CommitRequest) (*pb.C
 		return nil, err
 	}
 	ctx = pb.WithActor(ctx, s.n.callerActor(ctx, req.Actor))
-	r, gerr := answer(s.n.commit(ctx, req.Command))
+	index, err := s.n.commitIndexed(ctx, req.Command)
+	r, gerr := answer(err)
 	if gerr != nil {
 		return nil, gerr
 	}
-	return &pb.CommitResponse{Result: r}, nil
+	return &pb.CommitResponse{Result: r, Index: index}, nil
 }
 
 func (s adminServer) Status(context.Context, *pb.StatusRequest) (*pb.NodeStatus, error) {
@@ -160,8 +161,16 @@ func adminError(err error) error {
 
 func consistency(c pb.Consistency) bool { return c == pb.Consistency_CONSISTENCY_STRONG }
 
+// gatewayRead is the Metadata a gateway's read is served from: the
+// requested consistency, after the replica has applied minIndex.
+func (s gatewayServer) gatewayRead(c pb.Consistency, minIndex uint64) clusterMetadata {
+	m := s.n.metadata(consistency(c))
+	m.minIndex = minIndex
+	return m
+}
+
 func (s gatewayServer) GetManifest(ctx context.Context, req *pb.GetManifestRequest) (*pb.GetManifestResponse, error) {
-	md := s.n.metadata(consistency(req.Consistency))
+	md := s.gatewayRead(req.Consistency, req.MinIndex)
 	dgst, err := req.Digest, error(nil)
 	byTag := req.Tag != "" && dgst == ""
 	if byTag {
@@ -179,7 +188,7 @@ func (s gatewayServer) GetManifest(ctx context.Context, req *pb.GetManifestReque
 }
 
 func (s gatewayServer) GetTag(ctx context.Context, req *pb.GetTagRequest) (*pb.GetTagResponse, error) {
-	d, err := s.n.metadata(consistency(req.Consistency)).Tag(ctx, req.Repository, req.Tag)
+	d, err := s.gatewayRead(req.Consistency, req.MinIndex).Tag(ctx, req.Repository, req.Tag)
 	r, gerr := answer(err)
 	if gerr != nil {
 		return nil, gerr
@@ -188,7 +197,7 @@ func (s gatewayServer) GetTag(ctx context.Context, req *pb.GetTagRequest) (*pb.G
 }
 
 func (s gatewayServer) ListTags(ctx context.Context, req *pb.ListRequest) (*pb.ListResponse, error) {
-	items, err := s.n.metadata(consistency(req.Consistency)).Tags(ctx, req.Repository, req.After, int(req.Limit))
+	items, err := s.gatewayRead(req.Consistency, req.MinIndex).Tags(ctx, req.Repository, req.After, int(req.Limit))
 	r, gerr := answer(err)
 	if gerr != nil {
 		return nil, gerr
@@ -197,7 +206,7 @@ func (s gatewayServer) ListTags(ctx context.Context, req *pb.ListRequest) (*pb.L
 }
 
 func (s gatewayServer) ListRepositories(ctx context.Context, req *pb.ListRequest) (*pb.ListResponse, error) {
-	items, err := s.n.metadata(consistency(req.Consistency)).Repositories(ctx, req.After, int(req.Limit))
+	items, err := s.gatewayRead(req.Consistency, req.MinIndex).Repositories(ctx, req.After, int(req.Limit))
 	r, gerr := answer(err)
 	if gerr != nil {
 		return nil, gerr
@@ -206,7 +215,7 @@ func (s gatewayServer) ListRepositories(ctx context.Context, req *pb.ListRequest
 }
 
 func (s gatewayServer) ListReferrers(ctx context.Context, req *pb.ListReferrersRequest) (*pb.ListReferrersResponse, error) {
-	refs, err := s.n.metadata(consistency(req.Consistency)).Referrers(ctx, req.Repository, req.Subject)
+	refs, err := s.gatewayRead(req.Consistency, req.MinIndex).Referrers(ctx, req.Repository, req.Subject)
 	r, gerr := answer(err)
 	if gerr != nil {
 		return nil, gerr
@@ -215,7 +224,7 @@ func (s gatewayServer) ListReferrers(ctx context.Context, req *pb.ListReferrersR
 }
 
 func (s gatewayServer) GetLinkedBlob(ctx context.Context, req *pb.GetLinkedBlobRequest) (*pb.GetLinkedBlobResponse, error) {
-	b, err := s.n.metadata(consistency(req.Consistency)).LinkedBlob(ctx, req.Repository, req.Digest)
+	b, err := s.gatewayRead(req.Consistency, req.MinIndex).LinkedBlob(ctx, req.Repository, req.Digest)
 	r, gerr := answer(err)
 	if gerr != nil {
 		return nil, gerr

@@ -1214,7 +1214,11 @@ type GetManifestRequest struct {
 	Consistency Consistency            `protobuf:"varint,3,opt,name=consistency,proto3,enum=meridian.v1.Consistency" json:"consistency,omitempty"`
 	// tag, when set instead of digest, is resolved first on the same node
 	// with the same consistency: a pull by tag in one round trip.
-	Tag           string `protobuf:"bytes,4,opt,name=tag,proto3" json:"tag,omitempty"`
+	Tag string `protobuf:"bytes,4,opt,name=tag,proto3" json:"tag,omitempty"`
+	// min_index: a local read first waits (briefly) until this replica has
+	// applied this index: the newest write the asking gateway had
+	// acknowledged, so a gateway reads its own writes on any node.
+	MinIndex      uint64 `protobuf:"varint,5,opt,name=min_index,json=minIndex,proto3" json:"min_index,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1275,6 +1279,13 @@ func (x *GetManifestRequest) GetTag() string {
 		return x.Tag
 	}
 	return ""
+}
+
+func (x *GetManifestRequest) GetMinIndex() uint64 {
+	if x != nil {
+		return x.MinIndex
+	}
+	return 0
 }
 
 type GetManifestResponse struct {
@@ -1341,10 +1352,12 @@ func (x *GetManifestResponse) GetTagResolved() bool {
 }
 
 type GetTagRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Repository    string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
-	Tag           string                 `protobuf:"bytes,2,opt,name=tag,proto3" json:"tag,omitempty"`
-	Consistency   Consistency            `protobuf:"varint,3,opt,name=consistency,proto3,enum=meridian.v1.Consistency" json:"consistency,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Repository  string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
+	Tag         string                 `protobuf:"bytes,2,opt,name=tag,proto3" json:"tag,omitempty"`
+	Consistency Consistency            `protobuf:"varint,3,opt,name=consistency,proto3,enum=meridian.v1.Consistency" json:"consistency,omitempty"`
+	// min_index: as in GetManifestRequest.
+	MinIndex      uint64 `protobuf:"varint,4,opt,name=min_index,json=minIndex,proto3" json:"min_index,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1400,6 +1413,13 @@ func (x *GetTagRequest) GetConsistency() Consistency {
 	return Consistency_CONSISTENCY_LOCAL
 }
 
+func (x *GetTagRequest) GetMinIndex() uint64 {
+	if x != nil {
+		return x.MinIndex
+	}
+	return 0
+}
+
 type GetTagResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Result        *Result                `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
@@ -1453,11 +1473,13 @@ func (x *GetTagResponse) GetDigest() string {
 }
 
 type ListRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Repository    string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
-	After         string                 `protobuf:"bytes,2,opt,name=after,proto3" json:"after,omitempty"`
-	Limit         int32                  `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
-	Consistency   Consistency            `protobuf:"varint,4,opt,name=consistency,proto3,enum=meridian.v1.Consistency" json:"consistency,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Repository  string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
+	After       string                 `protobuf:"bytes,2,opt,name=after,proto3" json:"after,omitempty"`
+	Limit       int32                  `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
+	Consistency Consistency            `protobuf:"varint,4,opt,name=consistency,proto3,enum=meridian.v1.Consistency" json:"consistency,omitempty"`
+	// min_index: as in GetManifestRequest.
+	MinIndex      uint64 `protobuf:"varint,5,opt,name=min_index,json=minIndex,proto3" json:"min_index,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1520,6 +1542,13 @@ func (x *ListRequest) GetConsistency() Consistency {
 	return Consistency_CONSISTENCY_LOCAL
 }
 
+func (x *ListRequest) GetMinIndex() uint64 {
+	if x != nil {
+		return x.MinIndex
+	}
+	return 0
+}
+
 type ListResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Result        *Result                `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
@@ -1573,10 +1602,12 @@ func (x *ListResponse) GetItems() []string {
 }
 
 type ListReferrersRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Repository    string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
-	Subject       string                 `protobuf:"bytes,2,opt,name=subject,proto3" json:"subject,omitempty"`
-	Consistency   Consistency            `protobuf:"varint,3,opt,name=consistency,proto3,enum=meridian.v1.Consistency" json:"consistency,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Repository  string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
+	Subject     string                 `protobuf:"bytes,2,opt,name=subject,proto3" json:"subject,omitempty"`
+	Consistency Consistency            `protobuf:"varint,3,opt,name=consistency,proto3,enum=meridian.v1.Consistency" json:"consistency,omitempty"`
+	// min_index: as in GetManifestRequest.
+	MinIndex      uint64 `protobuf:"varint,4,opt,name=min_index,json=minIndex,proto3" json:"min_index,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1632,6 +1663,13 @@ func (x *ListReferrersRequest) GetConsistency() Consistency {
 	return Consistency_CONSISTENCY_LOCAL
 }
 
+func (x *ListReferrersRequest) GetMinIndex() uint64 {
+	if x != nil {
+		return x.MinIndex
+	}
+	return 0
+}
+
 type ListReferrersResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Result        *Result                `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
@@ -1685,10 +1723,12 @@ func (x *ListReferrersResponse) GetReferrers() []*Referrer {
 }
 
 type GetLinkedBlobRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Repository    string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
-	Digest        string                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
-	Consistency   Consistency            `protobuf:"varint,3,opt,name=consistency,proto3,enum=meridian.v1.Consistency" json:"consistency,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Repository  string                 `protobuf:"bytes,1,opt,name=repository,proto3" json:"repository,omitempty"`
+	Digest      string                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	Consistency Consistency            `protobuf:"varint,3,opt,name=consistency,proto3,enum=meridian.v1.Consistency" json:"consistency,omitempty"`
+	// min_index: as in GetManifestRequest.
+	MinIndex      uint64 `protobuf:"varint,4,opt,name=min_index,json=minIndex,proto3" json:"min_index,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1742,6 +1782,13 @@ func (x *GetLinkedBlobRequest) GetConsistency() Consistency {
 		return x.Consistency
 	}
 	return Consistency_CONSISTENCY_LOCAL
+}
+
+func (x *GetLinkedBlobRequest) GetMinIndex() uint64 {
+	if x != nil {
+		return x.MinIndex
+	}
+	return 0
 }
 
 type GetLinkedBlobResponse struct {
@@ -3542,52 +3589,57 @@ const file_meridianpb_cluster_proto_rawDesc = "" +
 	"\x06detail\x18\x04 \x01(\tR\x06detail\"\x12\n" +
 	"\x10ReadIndexRequest\")\n" +
 	"\x11ReadIndexResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index\"\x9a\x01\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"\xb7\x01\n" +
 	"\x12GetManifestRequest\x12\x1e\n" +
 	"\n" +
 	"repository\x18\x01 \x01(\tR\n" +
 	"repository\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\tR\x06digest\x12:\n" +
 	"\vconsistency\x18\x03 \x01(\x0e2\x18.meridian.v1.ConsistencyR\vconsistency\x12\x10\n" +
-	"\x03tag\x18\x04 \x01(\tR\x03tag\"\x9e\x01\n" +
+	"\x03tag\x18\x04 \x01(\tR\x03tag\x12\x1b\n" +
+	"\tmin_index\x18\x05 \x01(\x04R\bminIndex\"\x9e\x01\n" +
 	"\x13GetManifestResponse\x12+\n" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\x127\n" +
 	"\bmanifest\x18\x02 \x01(\v2\x1b.meridian.v1.ManifestRecordR\bmanifest\x12!\n" +
-	"\ftag_resolved\x18\x03 \x01(\bR\vtagResolved\"}\n" +
+	"\ftag_resolved\x18\x03 \x01(\bR\vtagResolved\"\x9a\x01\n" +
 	"\rGetTagRequest\x12\x1e\n" +
 	"\n" +
 	"repository\x18\x01 \x01(\tR\n" +
 	"repository\x12\x10\n" +
 	"\x03tag\x18\x02 \x01(\tR\x03tag\x12:\n" +
-	"\vconsistency\x18\x03 \x01(\x0e2\x18.meridian.v1.ConsistencyR\vconsistency\"U\n" +
+	"\vconsistency\x18\x03 \x01(\x0e2\x18.meridian.v1.ConsistencyR\vconsistency\x12\x1b\n" +
+	"\tmin_index\x18\x04 \x01(\x04R\bminIndex\"U\n" +
 	"\x0eGetTagResponse\x12+\n" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\x12\x16\n" +
-	"\x06digest\x18\x02 \x01(\tR\x06digest\"\x95\x01\n" +
+	"\x06digest\x18\x02 \x01(\tR\x06digest\"\xb2\x01\n" +
 	"\vListRequest\x12\x1e\n" +
 	"\n" +
 	"repository\x18\x01 \x01(\tR\n" +
 	"repository\x12\x14\n" +
 	"\x05after\x18\x02 \x01(\tR\x05after\x12\x14\n" +
 	"\x05limit\x18\x03 \x01(\x05R\x05limit\x12:\n" +
-	"\vconsistency\x18\x04 \x01(\x0e2\x18.meridian.v1.ConsistencyR\vconsistency\"Q\n" +
+	"\vconsistency\x18\x04 \x01(\x0e2\x18.meridian.v1.ConsistencyR\vconsistency\x12\x1b\n" +
+	"\tmin_index\x18\x05 \x01(\x04R\bminIndex\"Q\n" +
 	"\fListResponse\x12+\n" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\x12\x14\n" +
-	"\x05items\x18\x02 \x03(\tR\x05items\"\x8c\x01\n" +
+	"\x05items\x18\x02 \x03(\tR\x05items\"\xa9\x01\n" +
 	"\x14ListReferrersRequest\x12\x1e\n" +
 	"\n" +
 	"repository\x18\x01 \x01(\tR\n" +
 	"repository\x12\x18\n" +
 	"\asubject\x18\x02 \x01(\tR\asubject\x12:\n" +
-	"\vconsistency\x18\x03 \x01(\x0e2\x18.meridian.v1.ConsistencyR\vconsistency\"y\n" +
+	"\vconsistency\x18\x03 \x01(\x0e2\x18.meridian.v1.ConsistencyR\vconsistency\x12\x1b\n" +
+	"\tmin_index\x18\x04 \x01(\x04R\bminIndex\"y\n" +
 	"\x15ListReferrersResponse\x12+\n" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\x123\n" +
-	"\treferrers\x18\x02 \x03(\v2\x15.meridian.v1.ReferrerR\treferrers\"\x8a\x01\n" +
+	"\treferrers\x18\x02 \x03(\v2\x15.meridian.v1.ReferrerR\treferrers\"\xa7\x01\n" +
 	"\x14GetLinkedBlobRequest\x12\x1e\n" +
 	"\n" +
 	"repository\x18\x01 \x01(\tR\n" +
 	"repository\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\tR\x06digest\x12:\n" +
-	"\vconsistency\x18\x03 \x01(\x0e2\x18.meridian.v1.ConsistencyR\vconsistency\"q\n" +
+	"\vconsistency\x18\x03 \x01(\x0e2\x18.meridian.v1.ConsistencyR\vconsistency\x12\x1b\n" +
+	"\tmin_index\x18\x04 \x01(\x04R\bminIndex\"q\n" +
 	"\x15GetLinkedBlobResponse\x12+\n" +
 	"\x06result\x18\x01 \x01(\v2\x13.meridian.v1.ResultR\x06result\x12+\n" +
 	"\x04blob\x18\x02 \x01(\v2\x17.meridian.v1.BlobRecordR\x04blob\"2\n" +
