@@ -336,6 +336,7 @@ func (s *Standalone) routes() http.Handler {
 	mux.Handle("/v2", s.gateway.Handler())
 	if s.cfg.Access != nil {
 		mux.Handle("/auth/token", s.cfg.Access.TokenHandler())
+		mux.Handle("/debug/pprof/", s.cfg.Access.AdminOnly(ProfileHandler()))
 	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })

@@ -21,6 +21,8 @@ type AccessControl interface {
 	// Follow keeps the state current with fetch until ctx ends.
 	Follow(ctx context.Context, fetch func(ctx context.Context, known uint64) (*pb.AccessState, error))
 	Ready() bool
+	// AdminOnly serves h to cluster admins only.
+	AdminOnly(h http.Handler) http.Handler
 }
 
 // AccessState fetches the cluster's access state from the nearest node

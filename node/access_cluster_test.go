@@ -272,6 +272,30 @@ func TestAuditLogAcrossRegions(t *testing.T) {
 	if s := httpStatus(t, c.URL(2), "GET", "/admin/audit", "", nil); s != http.StatusUnauthorized {
 		t.Errorf("GET /admin/audit without credentials: %d, want 401", s)
 	}
+
+	// Runtime profiles, on a node and on a gateway: admins only.
+	for name, base := range map[string]string{"node 2": c.URL(2), "the gateway": "http://" + gw.HTTPAddr()} {
+		for _, path := range []string{"/debug/pprof/", "/debug/pprof/heap", "/debug/pprof/profile?seconds=1"} {
+			if s := httpStatus(t, base, "GET", path, "", nil); s != http.StatusUnauthorized {
+				t.Errorf("GET %s on %s without credentials: %d, want 401", path, name, s)
+			}
+			if s := httpStatus(t, base, "GET", path, as, nil); s != http.StatusForbidden {
+				t.Errorf("GET %s on %s as a non-admin: %d, want 403", path, name, s)
+			}
+		}
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, base+"/debug/pprof/profile?seconds=1", nil)
+		req.SetBasicAuth(admin.AdminUser, admin.AdminPassword)
+		resp, err := rawClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		prof, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		// A CPU profile is gzip-compressed protobuf.
+		if resp.StatusCode != http.StatusOK || len(prof) < 2 || prof[0] != 0x1f || prof[1] != 0x8b {
+			t.Errorf("GET a CPU profile from %s as admin: %s, %d bytes starting %q", name, resp.Status, len(prof), prof[:min(len(prof), 16)])
+		}
+	}
 }
 
 // The admin API, on a node without cluster TLS, as an attacker on the

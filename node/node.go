@@ -278,7 +278,8 @@ func (n *Node) routes() http.Handler {
 	mux.Handle("/v2", api)
 	if n.access != nil {
 		mux.Handle("/auth/token", n.access.TokenHandler())
-		mux.HandleFunc("GET /admin/audit", n.serveAudit)
+		mux.Handle("GET /admin/audit", n.access.AdminOnly(http.HandlerFunc(n.serveAudit)))
+		mux.Handle("/debug/pprof/", n.access.AdminOnly(gateway.ProfileHandler()))
 	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
