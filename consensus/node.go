@@ -138,6 +138,14 @@ func (n *Node) Open(ctx context.Context) (err error) {
 	rc.Logger = hlog
 	rc.NoSnapshotRestoreOnStart = true // the Pebble store is itself durable
 	rc.NoLegacyTelemetry = true
+	// An idle leader tells followers of a new commit index after
+	// CommitTimeout (up to twice it, randomised); Raft's default is 50 ms.
+	// Local reads after a write through a follower, misses confirmed with
+	// the leader and strong reads on followers all wait for that: 5 ms
+	// makes a push then a tags list through a follower about 8 times
+	// faster, for one empty AppendEntries per follower every 5-10 ms while
+	// idle.
+	rc.CommitTimeout = 5 * time.Millisecond
 	rc.SnapshotThreshold = n.cfg.SnapshotThreshold
 	rc.SnapshotInterval = n.cfg.SnapshotInterval
 	rc.TrailingLogs = n.cfg.TrailingLogs

@@ -30,6 +30,8 @@ func TestFollowerReadsItsOwnWrites(t *testing.T) {
 	client := c.Client()
 	const repo = "ryw/app"
 	blobs := pushBlobs(t, ctx, c, follower, repo)
+	start := time.Now()
+	defer func() { t.Logf("30 pushes and lists in %v", time.Since(start)) }()
 	for k := range 30 {
 		tag := fmt.Sprintf("t%d", k)
 		if _, status, err := putManifest(ctx, client, c.URL(follower), repo, tag, manifestBody(blobs, k)); err != nil || status != http.StatusCreated {
