@@ -29,7 +29,19 @@ type BlobCacheConfig struct {
 	// Either way its contents are removed at start and at close: the cache
 	// never serves bytes it did not fetch and verify itself.
 	Dir string
+	// FillOnFirstRead caches a blob from its first read. By default a
+	// blob is cached from its second read, or when a second reader asks
+	// while the first streams it: filling costs a one-off pull about
+	// 40% of its rate (the page-cache write and the digest check), and
+	// one-off pulls are common (CI jobs), while a blob many clients want
+	// is asked for twice soon enough.
+	FillOnFirstRead bool
 }
+
+// maxSeenOnce bounds the digests remembered as read once; past it the
+// memory starts over, so a blob read once long ago is read uncached once
+// more before it is cached.
+const maxSeenOnce = 1 << 16
 
 // blobCache shares one upstream read of a blob among every reader that asks
 // for it while it is fetched (single flight with fan-out: a pull storm costs
@@ -62,6 +74,9 @@ type blobCache struct {
 	entries map[digest.Digest]*cacheEntry
 	lru     *list.List // complete entries, most recently used first
 	seq     int
+	// seenOnce holds blobs read once and not cached (see
+	// BlobCacheConfig.FillOnFirstRead).
+	seenOnce map[digest.Digest]struct{}
 }
 
 // cacheEntry is one blob in the cache.
@@ -89,7 +104,7 @@ func newBlobCacheMetrics(reg prometheus.Registerer) (*blobCacheMetrics, error) {
 	m := &blobCacheMetrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "meridian", Subsystem: "gateway", Name: "blob_cache_requests_total",
-			Help: "Blob reads by how the cache answered: hit (a complete, verified copy), join (a fill under way), fill (started one), bypass (not cached: too large, a range, or no room).",
+			Help: "Blob reads by how the cache answered: hit (a complete, verified copy), join (a fill under way), fill (started one), first (a blob's first read, streamed uncached), bypass (not cached: too large, a range, or no room).",
 		}, []string{"result"}),
 		bytes: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: "meridian", Subsystem: "gateway", Name: "blob_cache_bytes",
@@ -124,7 +139,7 @@ func newBlobCache(cfg BlobCacheConfig, logger *slog.Logger, reg prometheus.Regis
 		return nil, err
 	}
 	c := &blobCache{cfg: cfg, dir: cfg.Dir, logger: logger, metrics: m,
-		entries: map[digest.Digest]*cacheEntry{}, lru: list.New()}
+		entries: map[digest.Digest]*cacheEntry{}, lru: list.New(), seenOnce: map[digest.Digest]struct{}{}}
 	if c.dir == "" {
 		if c.dir, err = os.MkdirTemp("", "meridian-blob-cache-"); err != nil {
 			return nil, fmt.Errorf("gateway: blob cache: %w: %w", errNoTempDir, err)
@@ -204,6 +219,10 @@ func (cd *cachedDriver) Open(ctx context.Context, d digest.Digest, offset int64)
 	}
 	if offset != 0 || d.Validate() != nil {
 		c.metrics.requests.WithLabelValues("bypass").Inc()
+		return cd.Driver.Open(ctx, d, offset)
+	}
+	if !c.admit(d) {
+		c.metrics.requests.WithLabelValues("first").Inc()
 		return cd.Driver.Open(ctx, d, offset)
 	}
 	size, err := cd.Driver.Stat(ctx, d)
@@ -290,6 +309,27 @@ func (c *blobCache) openExisting(ctx context.Context, d digest.Digest, offset in
 	}
 	c.metrics.requests.WithLabelValues("hit").Inc()
 	return f, true, nil
+}
+
+// admit reports whether a read of d, which has no entry, is to fill one:
+// always with FillOnFirstRead, else only if d was read before. A blob asked
+// for by many clients at once is read once uncached, and the second
+// reader's fill serves the rest.
+func (c *blobCache) admit(d digest.Digest) bool {
+	if c.cfg.FillOnFirstRead {
+		return true
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.seenOnce[d]; ok {
+		delete(c.seenOnce, d)
+		return true
+	}
+	if len(c.seenOnce) >= maxSeenOnce {
+		clear(c.seenOnce)
+	}
+	c.seenOnce[d] = struct{}{}
+	return false
 }
 
 // reserve finds d's entry or makes room for a new one of size bytes,

@@ -32,7 +32,7 @@ func BenchmarkBlobCacheColdRead(b *testing.B) {
 			var store replication.Driver = opaqueStore{fs}
 			var c *blobCache
 			if cached {
-				if c, err = newBlobCache(BlobCacheConfig{MaxBytes: 256 << 20, Dir: b.TempDir()}, slog.New(slog.DiscardHandler), nil); err != nil {
+				if c, err = newBlobCache(BlobCacheConfig{MaxBytes: 256 << 20, Dir: b.TempDir(), FillOnFirstRead: true}, slog.New(slog.DiscardHandler), nil); err != nil {
 					b.Fatal(err)
 				}
 				defer c.close()

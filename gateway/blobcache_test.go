@@ -75,10 +75,15 @@ func (r *gatedReader) Read(p []byte) (int, error) {
 func (r *gatedReader) Close() error { return r.rc.Close() }
 
 // cachedRegions is a gateway whose regions are read through a blob cache of
-// max bytes.
+// max bytes that fills on a blob's first read.
 func cachedRegions(t *testing.T, max int64, local, far replication.Driver) (*harness, *blobCache) {
 	t.Helper()
-	c, err := newBlobCache(BlobCacheConfig{MaxBytes: max, Dir: t.TempDir()}, slog.New(slog.DiscardHandler), nil)
+	return cachedRegionsWith(t, BlobCacheConfig{MaxBytes: max, Dir: t.TempDir(), FillOnFirstRead: true}, local, far)
+}
+
+func cachedRegionsWith(t *testing.T, cfg BlobCacheConfig, local, far replication.Driver) (*harness, *blobCache) {
+	t.Helper()
+	c, err := newBlobCache(cfg, slog.New(slog.DiscardHandler), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -224,11 +229,88 @@ func TestBlobCacheFanOut(t *testing.T) {
 	}
 }
 
+// By default a blob's first read streams from the store uncached; its
+// second read fills the cache, and the reads after that are hits. A second
+// reader that arrives while the first still streams starts the fill, and a
+// third joins it: a pull storm costs the store two streams, not one per
+// client.
+func TestBlobCacheFillsFromTheSecondRead(t *testing.T) {
+	store := &gatedStore{Driver: newFS(t)}
+	h, c := cachedRegionsWith(t, BlobCacheConfig{MaxBytes: 64 << 20, Dir: t.TempDir()}, store, newFS(t))
+	content := randomBytes(2 << 20)
+	h.pushBlob(t, "app", content)
+
+	h.wantBlob(t, "app", content)
+	if cacheCount(c, "first") != 1 || cacheCount(c, "fill") != 0 || store.opens.Load() != 1 {
+		t.Fatalf("first read: %d first, %d fills, %d store opens; want 1, 0, 1", cacheCount(c, "first"), cacheCount(c, "fill"), store.opens.Load())
+	}
+	h.wantBlob(t, "app", content)
+	if cacheCount(c, "fill") != 1 || store.opens.Load() != 2 {
+		t.Fatalf("second read: %d fills, %d store opens; want 1 and 2", cacheCount(c, "fill"), store.opens.Load())
+	}
+	for range 3 {
+		h.wantBlob(t, "app", content)
+	}
+	if cacheCount(c, "hit") != 3 || store.opens.Load() != 2 {
+		t.Fatalf("three more reads: %d hits, %d store opens; want 3 and 2", cacheCount(c, "hit"), store.opens.Load())
+	}
+
+	// Concurrent readers of a new blob.
+	other := randomBytes(2 << 20)
+	d2 := h.pushBlob(t, "app", other)
+	store.mu.Lock()
+	gate := make(chan struct{})
+	store.gate = gate
+	store.mu.Unlock()
+	var release sync.Once
+	t.Cleanup(func() { release.Do(func() { close(gate) }) })
+	const readers = 6
+	bodies := make([][]byte, readers)
+	errs := make([]error, readers)
+	var wg sync.WaitGroup
+	start := func(i int) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			bodies[i], errs[i] = getBlobBody(context.Background(), h, d2)
+		}()
+	}
+	waitCount := func(result string, n int) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); cacheCount(c, result) < n; time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d %s, want %d", cacheCount(c, result), result, n)
+			}
+		}
+	}
+	start(0)
+	waitCount("first", 2)
+	start(1)
+	waitCount("fill", 2)
+	for i := 2; i < readers; i++ {
+		start(i)
+	}
+	waitCount("join", readers-2)
+	store.mu.Lock()
+	store.gate = nil
+	store.mu.Unlock()
+	release.Do(func() { close(gate) })
+	wg.Wait()
+	for i := range readers {
+		if errs[i] != nil || !bytes.Equal(bodies[i], other) {
+			t.Fatalf("reader %d: %d bytes, %v; want the blob's %d bytes", i, len(bodies[i]), errs[i], len(other))
+		}
+	}
+	if n := store.opens.Load(); n != 4 {
+		t.Fatalf("the store was opened %d times in all, want 4: two per blob", n)
+	}
+}
+
 // A fill whose bytes do not match the digest is dropped, and its readers
 // never get the blob's last byte; the next read fetches again.
 func TestBlobCacheVerifiesDigest(t *testing.T) {
 	store := &gatedStore{Driver: newFS(t)}
-	c, err := newBlobCache(BlobCacheConfig{MaxBytes: 64 << 20, Dir: t.TempDir()}, slog.New(slog.DiscardHandler), nil)
+	c, err := newBlobCache(BlobCacheConfig{MaxBytes: 64 << 20, Dir: t.TempDir(), FillOnFirstRead: true}, slog.New(slog.DiscardHandler), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -352,7 +434,7 @@ func TestBlobCacheBound(t *testing.T) {
 // context ends, without ending the fill for the others.
 func TestBlobCacheReaderLeavesStalledFill(t *testing.T) {
 	store := &gatedStore{Driver: newFS(t)}
-	c, err := newBlobCache(BlobCacheConfig{MaxBytes: 64 << 20, Dir: t.TempDir()}, slog.New(slog.DiscardHandler), nil)
+	c, err := newBlobCache(BlobCacheConfig{MaxBytes: 64 << 20, Dir: t.TempDir(), FillOnFirstRead: true}, slog.New(slog.DiscardHandler), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -248,7 +248,8 @@ func TestRunBenchCluster(t *testing.T) {
 	if c == nil || c.Error != "" {
 		t.Fatalf("cluster part: %+v", c)
 	}
-	for name, p := range map[string]pullResult{"gateway pull": c.GatewayPull, "gateway first pull": c.GatewayColdPull, "node pull": c.NodePull,
+	for name, p := range map[string]pullResult{"gateway pull": c.GatewayPull, "gateway first pull": c.GatewayColdPull,
+		"gateway second pull": c.GatewayFillPull, "node pull": c.NodePull,
 		"gateway storm": c.GatewayStorm, "static storm": c.StaticStorm} {
 		if len(p.RunsMBps) != 1 || !(p.MBps > 0) {
 			t.Errorf("%s: %+v, want one measured run", name, p)
@@ -265,7 +266,8 @@ func TestRunBenchCluster(t *testing.T) {
 			t.Errorf("manifest load: %+v", l)
 		}
 	}
-	want := []string{"gateway pull 2 MiB, file:// regions", "gateway manifest GET by tag, 4 clients",
+	want := []string{"gateway pull 2 MiB, file:// regions", "gateway pull 2 MiB, first read of a blob",
+		"gateway pull 2 MiB, second read of a blob", "gateway manifest GET by tag, 4 clients",
 		"pull storm: 64 clients GET one 2 MiB blob, gateway", "tag commits, 3 nodes, 32 writers through a follower"}
 	if opts.versitygw != "none" {
 		want = append(want, "gateway pull 2 MiB, S3 region (versitygw)", "gateway push 2 MiB, S3 region (versitygw)")
