@@ -614,41 +614,54 @@ func (s *faultSchedule) transfer(ctx context.Context) error {
 // through the majority until a write is acknowledged; then reads the probe
 // tag through the cut node, which cannot have the new value: it must
 // answer 503 in strong mode, and answers the old value in local mode.
+//
+// A node cut off just after it acknowledged a write of its own, before it
+// learned that the write committed, refuses local reads too (it will not
+// answer older than its own writes): then the schedule heals it and tries
+// again, so that the local-mode probe meets a node with nothing pending.
 func (s *faultSchedule) cutAndProbe(ctx context.Context) error {
 	x := s.rng.IntN(s.c.Size())
 	majority := othersThan(s.c, x)
-	before, err := s.writeProbe(ctx, majority, "before")
-	if err != nil {
-		return err
-	}
-	// A healthy node serves it at once (strong) or within a replication
-	// round trip (local); the bound only keeps a broken one from holding
-	// the run to its deadline.
-	var seen readOutcome
-	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	if !pollUntil(sctx, func() bool {
-		seen, err = s.rec.get(sctx, s.client, x, http.MethodGet, probeTag, false)
-		return err != nil || seen.value == before
-	}) || err != nil {
-		return fmt.Errorf("fault schedule: node %d did not serve the probe value %s within 30s (last %+v): %v", x, shortDigest(before), seen, err)
-	}
+	for attempt := 1; ; attempt++ {
+		before, err := s.writeProbe(ctx, majority, "before")
+		if err != nil {
+			return err
+		}
+		// A healthy node serves it at once (strong) or within a replication
+		// round trip (local); the bound only keeps a broken one from holding
+		// the run to its deadline.
+		var seen readOutcome
+		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		if !pollUntil(sctx, func() bool {
+			seen, err = s.rec.get(sctx, s.client, x, http.MethodGet, probeTag, false)
+			return err != nil || seen.value == before
+		}) || err != nil {
+			cancel()
+			return fmt.Errorf("fault schedule: node %d did not serve the probe value %s within 30s (last %+v): %v", x, shortDigest(before), seen, err)
+		}
+		cancel()
 
-	s.c.Cut(x)
-	s.run.cutNode, s.run.cutFrom = x, s.rec.now()
-	s.event("cut node %d off from nodes %v (Raft and gRPC; HTTP and gossip stay up)", x, majority)
-	after, err := s.writeProbe(ctx, majority, "during")
-	if err != nil {
-		return err
+		s.c.Cut(x)
+		s.run.cutNode, s.run.cutFrom = x, s.rec.now()
+		s.event("cut node %d off from nodes %v (Raft and gRPC; HTTP and gossip stay up)", x, majority)
+		after, err := s.writeProbe(ctx, majority, "during")
+		if err != nil {
+			return err
+		}
+		s.event("probe tag rewritten through the majority, from %s to %s", shortDigest(before), shortDigest(after))
+		got, err := s.rec.get(ctx, s.client, x, http.MethodGet, probeTag, false)
+		if err != nil {
+			return fmt.Errorf("fault schedule: %w", err)
+		}
+		if got.status == http.StatusServiceUnavailable && s.c.Node(x).OwnWritesPending() && attempt < 5 {
+			s.event("cut node %d answered 503: it holds a write it acknowledged and has not applied; heal and cut again", x)
+			s.c.Heal(x)
+			continue
+		}
+		s.run.probe = probeResult{before: before, after: after, status: got.status, got: got.value}
+		s.event("cut node %d answered the probe read with status %d and %s", x, got.status, shortDigest(got.value))
+		return nil
 	}
-	s.event("probe tag rewritten through the majority, from %s to %s", shortDigest(before), shortDigest(after))
-	got, err := s.rec.get(ctx, s.client, x, http.MethodGet, probeTag, false)
-	if err != nil {
-		return fmt.Errorf("fault schedule: %w", err)
-	}
-	s.run.probe = probeResult{before: before, after: after, status: got.status, got: got.value}
-	s.event("cut node %d answered the probe read with status %d and %s", x, got.status, shortDigest(got.value))
-	return nil
 }
 
 // writeProbe writes a fresh manifest to the probe tag through the given
