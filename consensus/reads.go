@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -18,10 +19,15 @@ type appliedWaiter struct {
 	mu      sync.Mutex
 	applied uint64
 	changed chan struct{} // closed and replaced on every advance
+	// last mirrors applied for readers that only compare (every local
+	// read checks it), so they take no lock.
+	last atomic.Uint64
 }
 
 func newAppliedWaiter(start uint64) *appliedWaiter {
-	return &appliedWaiter{applied: start, changed: make(chan struct{})}
+	w := &appliedWaiter{applied: start, changed: make(chan struct{})}
+	w.last.Store(start)
+	return w
 }
 
 // advance records that index has been applied.
@@ -32,6 +38,7 @@ func (w *appliedWaiter) advance(index uint64) {
 		return
 	}
 	w.applied = index
+	w.last.Store(index)
 	close(w.changed)
 	w.changed = make(chan struct{})
 }
@@ -109,8 +116,7 @@ func (n *Node) lastSnapshotIndex() uint64 {
 
 // AppliedIndex is the last index this node's state store reflects.
 func (n *Node) AppliedIndex() uint64 {
-	i, _ := n.applied.current()
-	return i
+	return n.applied.last.Load()
 }
 
 // ReadIndex returns an index that a linearizable read must have applied
