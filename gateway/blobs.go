@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -78,7 +79,7 @@ func (g *Gateway) streamBlob(w http.ResponseWriter, r *http.Request, rec *pb.Blo
 			}
 		}
 		began := time.Now()
-		body, err := store.Open(r.Context(), d, start+sent)
+		body, err := openStretch(r.Context(), store, d, start+sent, end-start-sent)
 		g.stores.Observe(region, time.Since(began), err)
 		if err != nil {
 			if r.Context().Err() != nil {
@@ -123,6 +124,15 @@ func (g *Gateway) streamBlob(w http.ResponseWriter, r *http.Request, rec *pb.Blo
 	}
 	g.logger.Error("no region could serve a blob", "digest", d, "regions", rec.Regions, "err", lastErr)
 	return errorf(CodeUnavailable, "no region holding blob %s can serve it right now", d)
+}
+
+// openStretch opens the n bytes of d from offset: with OpenRange where the
+// store has it, so that it reads nothing past them.
+func openStretch(ctx context.Context, store replication.Driver, d digest.Digest, offset, n int64) (io.ReadCloser, error) {
+	if ro, ok := store.(replication.RangeOpener); ok {
+		return ro.OpenRange(ctx, d, offset, n)
+	}
+	return store.Open(ctx, d, offset)
 }
 
 // sendBody copies n bytes of body to w. io.Copy onto the response lets

@@ -154,6 +154,15 @@ type Presigner interface {
 	PresignGet(ctx context.Context, dgst digest.Digest, ttl time.Duration) (*url.URL, error)
 }
 
+// RangeOpener is implemented by drivers that read a stretch of a blob more
+// cheaply when they know where it ends (S3: no bytes fetched past it). A
+// gateway serving a Range request, or resuming one, uses it instead of Open.
+type RangeOpener interface {
+	// OpenRange reads length bytes of committed blob dgst from offset;
+	// offset+length must not pass the blob's end. ErrBlobNotFound as Open.
+	OpenRange(ctx context.Context, dgst digest.Digest, offset, length int64) (io.ReadCloser, error)
+}
+
 // ServerSideCopier is implemented by drivers that can copy a committed blob
 // from another store on the same backend endpoint without the bytes passing
 // through this process (S3 CopyObject between buckets of one endpoint).

@@ -129,6 +129,7 @@ type S3 struct {
 var (
 	_ Driver           = (*S3)(nil)
 	_ Presigner        = (*S3)(nil)
+	_ RangeOpener      = (*S3)(nil)
 	_ ServerSideCopier = (*S3)(nil)
 )
 
@@ -350,6 +351,22 @@ func (s *S3) Stat(ctx context.Context, dgst digest.Digest) (int64, error) {
 // buffers free: see s3read.go) or one (ranged) GET whose body streams to the
 // caller. Errors of the first part are Open's; later ones are the reader's.
 func (s *S3) Open(ctx context.Context, dgst digest.Digest, offset int64) (io.ReadCloser, error) {
+	return s.open(ctx, dgst, offset, -1)
+}
+
+// OpenRange implements RangeOpener: the parts and the GET stop at the
+// range's end, so a small range of a large blob costs the store that
+// range, not a read part and its read-ahead.
+func (s *S3) OpenRange(ctx context.Context, dgst digest.Digest, offset, length int64) (io.ReadCloser, error) {
+	if length < 0 {
+		return nil, fmt.Errorf("replication: open blob %s: negative length %d", dgst, length)
+	}
+	return s.open(ctx, dgst, offset, length)
+}
+
+// open reads dgst from offset to its end, or length bytes when length is
+// not negative.
+func (s *S3) open(ctx context.Context, dgst digest.Digest, offset, length int64) (io.ReadCloser, error) {
 	if err := checkDigest(dgst); err != nil {
 		return nil, err
 	}
@@ -363,17 +380,21 @@ func (s *S3) Open(ctx context.Context, dgst digest.Digest, offset int64) (io.Rea
 	if err != nil {
 		return nil, err
 	}
+	end := l.Size
+	if length >= 0 {
+		end = offset + length
+	}
 	switch {
-	case offset > l.Size:
-		return nil, fmt.Errorf("replication: open blob %s: offset %d outside its %d bytes", dgst, offset, l.Size)
-	case offset == l.Size: // S3 refuses a range that starts at the end
+	case offset > l.Size || end > l.Size:
+		return nil, fmt.Errorf("replication: open blob %s: bytes %d to %d outside its %d bytes", dgst, offset, end, l.Size)
+	case offset == end: // S3 refuses a range that starts at the end
 		return io.NopCloser(bytes.NewReader(nil)), nil
 	}
 	key := s.key(l.Data)
-	if l.Size-offset > s.cfg.ReadPartSize {
+	if end-offset > s.cfg.ReadPartSize {
 		if bufs := s.reads.take(s3ReadAhead); len(bufs) > 0 {
 			fail := func(err error) error { return s.blobError(dgst, err) }
-			r := newPartReader(ctx, s.fetchRange(key), fail, s.reads, bufs, offset, l.Size)
+			r := newPartReader(ctx, s.fetchRange(key), fail, s.reads, bufs, offset, end)
 			if err := r.start(); err != nil {
 				r.Close()
 				return nil, err
@@ -382,7 +403,10 @@ func (s *S3) Open(ctx context.Context, dgst digest.Digest, offset int64) (io.Rea
 		}
 	}
 	var opts minio.GetObjectOptions
-	if offset > 0 {
+	switch {
+	case end < l.Size:
+		opts.SetRange(offset, end-1) // bytes=offset-(end-1)
+	case offset > 0:
 		opts.SetRange(offset, 0) // bytes=offset-
 	}
 	body, _, _, err := s.core.GetObject(ctx, s.cfg.Bucket, key, opts)

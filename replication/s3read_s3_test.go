@@ -224,3 +224,78 @@ func TestS3ParallelReadFailures(t *testing.T) {
 		t.Errorf("%d read buffers taken after every reader closed", n)
 	}
 }
+
+// TestS3OpenRange reads stretches of a blob of many read parts: each
+// stretch's bytes are the blob's, and no GET asks the store for a byte
+// past the stretch's end (a small range of a large blob costs one small
+// GET, not a read part and its read-ahead).
+func TestS3OpenRange(t *testing.T) {
+	srv := s3test.Start(t)
+	srv.CreateBucket(t, "ranges")
+	proxy := s3test.NewFaultProxy(t, srv.Endpoint())
+	var mu sync.Mutex
+	var ranges []string
+	proxy.SetObserver(func(r *http.Request) {
+		if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/data/") {
+			mu.Lock()
+			ranges = append(ranges, r.Header.Get("Range"))
+			mu.Unlock()
+		}
+	})
+	taken := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		out := ranges
+		ranges = nil
+		return out
+	}
+	const part = 64 << 10
+	d := newS3(t, srv, "ranges", "", func(c *replication.S3Config) {
+		c.Endpoint = proxy.Addr()
+		c.ReadPartSize = part
+		c.ReadBuffers = 8
+	})
+	var ro replication.RangeOpener = d
+	content := s3Random(43, 20*part+12345)
+	dgst := s3Push(t, d, content)
+	taken()
+	size := int64(len(content))
+	for _, tc := range []struct{ off, n int64 }{
+		{10 * part, 100}, {0, 1}, {3*part + 7, 5 * part}, {size - 100, 100}, {part - 1, part + 2}, {7, size - 7}, {size, 0},
+	} {
+		rc, err := ro.OpenRange(t.Context(), dgst, tc.off, tc.n)
+		if err != nil {
+			t.Fatalf("OpenRange(%d, %d): %v", tc.off, tc.n, err)
+		}
+		got, err := io.ReadAll(rc)
+		rc.Close()
+		if err != nil || !bytes.Equal(got, content[tc.off:tc.off+tc.n]) {
+			t.Fatalf("OpenRange(%d, %d): %d bytes, %v; want the blob's %d bytes from there", tc.off, tc.n, len(got), err, tc.n)
+		}
+		var fetched int64
+		for _, rg := range taken() {
+			var a, b int64 = 0, size - 1
+			if rg != "" {
+				if _, err := fmt.Sscanf(rg, "bytes=%d-%d", &a, &b); err != nil {
+					if _, err := fmt.Sscanf(rg, "bytes=%d-", &a); err != nil {
+						t.Fatalf("unreadable Range %q", rg)
+					}
+					b = size - 1
+				}
+			}
+			if a < tc.off || b >= tc.off+tc.n {
+				t.Errorf("OpenRange(%d, %d) asked the store for %q, outside the range", tc.off, tc.n, rg)
+			}
+			fetched += b - a + 1
+		}
+		if fetched != tc.n {
+			t.Errorf("OpenRange(%d, %d) fetched %d bytes from the store, want exactly %d", tc.off, tc.n, fetched, tc.n)
+		}
+	}
+	if _, err := ro.OpenRange(t.Context(), dgst, size-10, 11); err == nil {
+		t.Error("OpenRange past the blob's end succeeded")
+	}
+	if n := d.ReadBuffersInUse(); n != 0 {
+		t.Errorf("%d read buffers taken after every reader closed", n)
+	}
+}
