@@ -34,6 +34,7 @@ type benchOptions struct {
 	runs         int
 	keep         bool
 	jsonFile     string
+	profiles     string // directory for CPU profiles of the cluster's loads
 
 	// serveCmd starts a Meridian node: the binary and the arguments that
 	// come before serve's flags. serveEnv is added to its environment.
@@ -131,6 +132,7 @@ func parseBenchFlags(args []string) (benchOptions, error) {
 	fs.IntVar(&opts.tags, "tags", 1_000_000, "tags of the --scale run")
 	fs.BoolVar(&opts.keep, "keep", false, "keep the temp dir (data dirs, configs, server logs)")
 	fs.StringVar(&opts.jsonFile, "json", "", "also write the results as JSON to this file")
+	fs.StringVar(&opts.profiles, "profiles", "", "write CPU profiles (go tool pprof) of the gateway and its node during the cluster's manifest GET load, and of the leader and the follower during the tag commits, into this directory")
 	if err := fs.Parse(args); err != nil {
 		return opts, err
 	}

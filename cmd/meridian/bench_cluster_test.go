@@ -240,6 +240,7 @@ func TestRunBenchCluster(t *testing.T) {
 		t.Logf("versitygw not found (%v): the S3 rows are skipped", err)
 		opts.versitygw = "none"
 	}
+	opts.profiles = t.TempDir()
 	rep, err := runBench(context.Background(), opts)
 	if err != nil {
 		t.Fatal(err)
@@ -247,6 +248,15 @@ func TestRunBenchCluster(t *testing.T) {
 	c := rep.Cluster
 	if c == nil || c.Error != "" {
 		t.Fatalf("cluster part: %+v", c)
+	}
+	// --profiles: a CPU profile (gzip-compressed protobuf) of each member
+	// under each load.
+	for _, name := range []string{"manifest-get-gateway", "manifest-get-node-behind-gateway", "manifest-get-node-direct",
+		"tag-commits-leader", "tag-commits-follower"} {
+		b, err := os.ReadFile(filepath.Join(opts.profiles, name+".pprof"))
+		if err != nil || len(b) < 2 || b[0] != 0x1f || b[1] != 0x8b {
+			t.Errorf("profile %s: %d bytes, %v; want a gzip-compressed CPU profile", name, len(b), err)
+		}
 	}
 	for name, p := range map[string]pullResult{"gateway pull": c.GatewayPull, "gateway first pull": c.GatewayColdPull,
 		"gateway second pull": c.GatewayFillPull, "node pull": c.NodePull,

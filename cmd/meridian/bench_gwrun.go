@@ -216,7 +216,23 @@ func (w *clusterWorkload) clusterManifestLoad(ctx context.Context, c *benchClust
 			order[0], order[1] = order[1], order[0]
 		}
 		for _, s := range order {
+			var profiled func() error
+			if i == 0 {
+				// The first slice of each side: the gateway and the node it
+				// asks while the load goes through the gateway, the node
+				// alone while the load goes to it.
+				members := map[string]string{"manifest-get-node-direct": n.base}
+				if s == sides[0] {
+					members = map[string]string{"manifest-get-gateway": c.gw.base, "manifest-get-node-behind-gateway": n.base}
+				}
+				profiled = c.profileDuring(ctx, w.opts.profiles, slice, members)
+			}
 			got := manifestLoad(ctx, s.c, s.base+"/v2/"+benchRepo+"/manifests/"+benchTag, s.auth, manifestLen, w.opts.concurrency, slice)
+			if profiled != nil {
+				if err := profiled(); err != nil {
+					return err
+				}
+			}
 			if err := ctx.Err(); err != nil {
 				return err
 			}
@@ -387,6 +403,13 @@ func (w *clusterWorkload) tagCommits(ctx context.Context, c *benchCluster, manif
 	defer hc.CloseIdleConnections()
 	w.logf("tag commits: %d writers PUT the manifest under new tags through follower %s (leader %s) for %s", tagWriters, f.ready.NodeID, leader, w.opts.duration)
 	var writer atomic.Int32
+	var leaderBase string
+	for _, n := range c.nodes {
+		if n.ready.NodeID == leader {
+			leaderBase = n.base
+		}
+	}
+	profiled := c.profileDuring(ctx, w.opts.profiles, w.opts.duration, map[string]string{"tag-commits-leader": leaderBase, "tag-commits-follower": f.base})
 	s := closedLoop(ctx, tagWriters, w.opts.duration, func() func() error {
 		id := writer.Add(1)
 		n := 0
@@ -397,6 +420,9 @@ func (w *clusterWorkload) tagCommits(ctx context.Context, c *benchCluster, manif
 		}
 	})
 	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := profiled(); err != nil {
 		return err
 	}
 	r := s.result(tagWriters)
