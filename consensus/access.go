@@ -392,7 +392,12 @@ func auditDetail(e *pb.LogEntry) string {
 
 // AccessVersion is the log index of the last access change (0: none).
 func (s *Store) AccessVersion() (uint64, error) {
-	var v uint64
+	s.accessMu.Lock()
+	v, known, gen := s.accessVersion, s.accessKnown, s.accessGen
+	s.accessMu.Unlock()
+	if known {
+		return v, nil
+	}
 	err := s.read(func(db *pebble.DB) error {
 		b, ok, err := get(db, key(tableAccessMeta, "version"))
 		if err == nil && ok && len(b) == 8 {
@@ -400,7 +405,35 @@ func (s *Store) AccessVersion() (uint64, error) {
 		}
 		return err
 	})
-	return v, err
+	if err != nil {
+		return 0, err
+	}
+	// Cached only if no apply or restore came in between: what this read
+	// found may already be older than what they recorded.
+	s.accessMu.Lock()
+	if s.accessGen == gen {
+		s.accessVersion, s.accessKnown = v, true
+	}
+	s.accessMu.Unlock()
+	return v, nil
+}
+
+// accessChanged records that the entry at index, which changed the access
+// state, is committed to the store.
+func (s *Store) accessChanged(index uint64) {
+	s.accessMu.Lock()
+	defer s.accessMu.Unlock()
+	s.accessGen++
+	s.accessVersion, s.accessKnown = index, true
+}
+
+// forgetAccessVersion makes the next AccessVersion read the store (after a
+// restore replaced it).
+func (s *Store) forgetAccessVersion() {
+	s.accessMu.Lock()
+	defer s.accessMu.Unlock()
+	s.accessGen++
+	s.accessKnown = false
 }
 
 // AccessState reads the whole access state at one point: identities

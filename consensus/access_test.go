@@ -164,3 +164,53 @@ func hasGrant(st *pb.AccessState, subject, prefix, action string) bool {
 	}
 	return false
 }
+
+// The access version every write checks is kept in memory: it follows
+// each applied access change, stays put on a rejected one and on other
+// entries, and after a restore it is the restored state's.
+func TestAccessVersionFollowsAppliesAndRestores(t *testing.T) {
+	h := newTestFSM(t)
+	version := func() uint64 {
+		t.Helper()
+		v, err := h.store.AccessVersion()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	if v := version(); v != 0 {
+		t.Fatalf("a new store's access version is %d, want 0", v)
+	}
+	putUser := func(name string) error {
+		return h.apply(&pb.LogEntry{Command: &pb.LogEntry_PutUser{PutUser: &pb.PutUser{User: &pb.User{Name: name, PasswordHash: []byte("h")}}}})
+	}
+	if err := putUser("bob"); err != nil {
+		t.Fatal(err)
+	}
+	if v := version(); v != 1 {
+		t.Fatalf("after a user at index 1: version %d", v)
+	}
+	snap := snapshotOf(t, h.store) // at version 1
+	if err := h.apply(&pb.LogEntry{Command: &pb.LogEntry_LinkBlob{LinkBlob: &pb.LinkBlob{
+		Repository: "app", Digest: "sha256:" + sixtyFour("a"), Size: 1, PlacedRegion: "r"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.apply(&pb.LogEntry{Command: &pb.LogEntry_PutTeam{PutTeam: &pb.PutTeam{Team: &pb.Team{Name: "x", Members: []string{"ghost"}}}}}); err == nil {
+		t.Fatal("a team of an unknown user was applied")
+	}
+	if v := version(); v != 1 {
+		t.Fatalf("after a push and a rejected team: version %d, want 1", v)
+	}
+	if err := putUser("carol"); err != nil {
+		t.Fatal(err)
+	}
+	if v := version(); v != 4 {
+		t.Fatalf("after a user at index 4: version %d", v)
+	}
+	if err := restoreInto(h.store, snap); err != nil {
+		t.Fatal(err)
+	}
+	if v := version(); v != 1 {
+		t.Fatalf("after restoring a snapshot at version 1: version %d", v)
+	}
+}

@@ -202,6 +202,9 @@ func (f *fsm) Apply(l *raft.Log) any {
 	if err := b.Commit(pebble.NoSync); err != nil {
 		panic(fmt.Sprintf("consensus: commit entry %d: %v", l.Index, err))
 	}
+	if result == nil && accessCommands[which.Name()] {
+		f.store.accessChanged(l.Index)
+	}
 	if f.onApplied != nil {
 		f.onApplied(l.Index)
 	}
@@ -217,7 +220,10 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 func (f *fsm) Restore(r io.ReadCloser) error {
 	defer r.Close()
 	f.webhooksKnown = false
-	if err := f.store.restore(r); err != nil {
+	err := f.store.restore(r)
+	// Whether or not it succeeded, the store may now hold another state.
+	f.store.forgetAccessVersion()
+	if err != nil {
 		return err
 	}
 	if f.onApplied != nil {
