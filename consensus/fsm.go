@@ -220,10 +220,7 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 func (f *fsm) Restore(r io.ReadCloser) error {
 	defer r.Close()
 	f.webhooksKnown = false
-	err := f.store.restore(r)
-	// Whether or not it succeeded, the store may now hold another state.
-	f.store.forgetAccessVersion()
-	if err != nil {
+	if err := f.store.restore(r); err != nil {
 		return err
 	}
 	if f.onApplied != nil {

@@ -127,6 +127,9 @@ func (s *Store) restore(r io.Reader) error {
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	// Before the lock is released, whatever happens below: no reader may
+	// take the old store's access version for the new store's.
+	defer s.forgetAccessVersion()
 	s.snapshots.Wait()
 	if s.db != nil {
 		if err := s.db.Close(); err != nil {

@@ -40,7 +40,8 @@ type Store struct {
 	// accessVersion caches the access state's version, which every write
 	// checks (a Pebble read each time cost the leader 7% of its CPU under
 	// tag commits). The apply loop sets it after committing an entry that
-	// changed access; a restore forgets it. See AccessVersion.
+	// changed access; a restore forgets it while it holds mu. See
+	// AccessVersion.
 	accessMu      sync.Mutex
 	accessVersion uint64
 	accessKnown   bool

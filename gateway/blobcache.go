@@ -322,7 +322,9 @@ func (c *blobCache) admit(d digest.Digest) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if _, ok := c.seenOnce[d]; ok {
-		delete(c.seenOnce, d)
+		// Forgotten only once an entry exists (reserve): readers that
+		// arrive while this one asks the store for the size are admitted
+		// too, and join its fill.
 		return true
 	}
 	if len(c.seenOnce) >= maxSeenOnce {
@@ -364,6 +366,7 @@ func (c *blobCache) reserve(d digest.Digest, size int64) (e *cacheEntry, joined 
 	}
 	f.Close()
 	c.entries[d] = e
+	delete(c.seenOnce, d)
 	c.used += size
 	c.metrics.bytes.Set(float64(c.used))
 	return e, false

@@ -3,6 +3,7 @@ package gateway
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -30,6 +31,15 @@ type gatedStore struct {
 	mu          sync.Mutex
 	gate, pause chan struct{}
 	corrupt     bool
+	statDelay   time.Duration // Stat answers after it
+}
+
+func (s *gatedStore) Stat(ctx context.Context, d digest.Digest) (int64, error) {
+	s.mu.Lock()
+	delay := s.statDelay
+	s.mu.Unlock()
+	time.Sleep(delay)
+	return s.Driver.Stat(ctx, d)
 }
 
 func (s *gatedStore) Open(ctx context.Context, d digest.Digest, off int64) (io.ReadCloser, error) {
@@ -303,6 +313,39 @@ func TestBlobCacheFillsFromTheSecondRead(t *testing.T) {
 	}
 	if n := store.opens.Load(); n != 4 {
 		t.Fatalf("the store was opened %d times in all, want 4: two per blob", n)
+	}
+
+	// Readers that arrive while the second one still asks the store for
+	// the blob's size are admitted too, and join its fill.
+	third := randomBytes(2 << 20)
+	d3 := h.pushBlob(t, "app", third)
+	store.mu.Lock()
+	store.statDelay = 200 * time.Millisecond
+	store.mu.Unlock()
+	opens := store.opens.Load()
+	h.wantBlob(t, "app", third) // the first read
+	var late sync.WaitGroup
+	lateErrs := make([]error, 8)
+	for i := range lateErrs {
+		late.Add(1)
+		go func() {
+			defer late.Done()
+			body, err := getBlobBody(context.Background(), h, d3)
+			if err == nil && !bytes.Equal(body, third) {
+				err = fmt.Errorf("%d bytes, not the blob's", len(body))
+			}
+			lateErrs[i] = err
+		}()
+		time.Sleep(10 * time.Millisecond)
+	}
+	late.Wait()
+	for i, err := range lateErrs {
+		if err != nil {
+			t.Fatalf("late reader %d: %v", i, err)
+		}
+	}
+	if n := store.opens.Load() - opens; n != 2 {
+		t.Fatalf("a first read and 8 readers arriving during the next one's size lookup opened the store %d times, want 2", n)
 	}
 }
 

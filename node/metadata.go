@@ -3,8 +3,10 @@ package node
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"sync/atomic"
+	"time"
 
 	"github.com/meridian-registry/meridian/consensus"
 	pb "github.com/meridian-registry/meridian/proto/meridianpb"
@@ -70,21 +72,46 @@ func read[T any](ctx context.Context, m clusterMetadata, fn func() (T, error), m
 // readOwnWrites waits until the replica has applied every write the
 // asker could have been told about: this node's acknowledged writes and
 // the gateway's min_index. Usually both are applied already and this is
-// two atomic loads; a follower that lags waits for the leader's next
-// append, bounded by the apply timeout, and then answers ErrUnavailable
-// so the gateway asks another node.
+// two atomic loads. A follower that lags gets ownWritesWait to apply
+// them; past that it catches up with the leader instead, whose read index
+// covers every write acknowledged in this cluster (and so also a
+// min_index from before the cluster was restored from a backup, which its
+// log may never reach). A node that cannot do either answers
+// errBehindOwnWrites, which the gateway's read takes as "ask another
+// node".
 func (m clusterMetadata) readOwnWrites(ctx context.Context) error {
 	want := max(m.minIndex, m.n.acked.Load())
 	if want == 0 || m.n.consensus.AppliedIndex() >= want {
 		return nil
 	}
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, m.n.cfg.ApplyTimeout)
-		defer cancel()
+	wctx, cancel := context.WithTimeout(ctx, ownWritesWait)
+	err := m.n.consensus.WaitApplied(wctx, want)
+	cancel()
+	if err == nil {
+		return nil
 	}
-	return m.n.consensus.WaitApplied(ctx, want)
+	cctx, cancel := context.WithTimeout(ctx, ownWritesCatchUp)
+	defer cancel()
+	if err := m.catchUpOnce(cctx); err != nil {
+		return fmt.Errorf("%w: %w: %w", pb.ErrUnavailable, errBehindOwnWrites, err)
+	}
+	return nil
 }
+
+// ownWritesWait bounds waiting for a replica to apply writes it (or the
+// asking gateway) already saw acknowledged, before asking the leader: a
+// follower learns of a commit within the leader's commit timeout (10-20
+// ms) and a network hop.
+const ownWritesWait = 250 * time.Millisecond
+
+// ownWritesCatchUp bounds catching up with the leader after that: a node
+// that cannot, say one cut off from the leader, answers soon, so that the
+// gateway asks another node well within its own call timeout.
+const ownWritesCatchUp = 2 * time.Second
+
+// errBehindOwnWrites: this replica could not show the caller its own
+// writes (wrapped with pb.ErrUnavailable: a 503 over HTTP).
+var errBehindOwnWrites = errors.New("this node has not applied writes the caller saw acknowledged, and cannot catch up with the leader")
 
 func (m clusterMetadata) Manifest(ctx context.Context, repo, digest string) (*pb.ManifestRecord, error) {
 	return read(ctx, m, func() (*pb.ManifestRecord, error) { return m.store.Manifest(ctx, repo, digest) }, pb.ErrManifestUnknown)

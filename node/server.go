@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -161,6 +162,17 @@ func adminError(err error) error {
 
 func consistency(c pb.Consistency) bool { return c == pb.Consistency_CONSISTENCY_STRONG }
 
+// readAnswer is answer for a gateway's read. A replica that cannot show
+// the gateway its own writes answers with a gRPC Unavailable status, not a
+// business result, so that the gateway asks its next node instead of
+// passing a 503 on.
+func readAnswer(err error) (*pb.Result, error) {
+	if errors.Is(err, errBehindOwnWrites) {
+		return nil, pb.ToStatus(err)
+	}
+	return answer(err)
+}
+
 // gatewayRead is the Metadata a gateway's read is served from: the
 // requested consistency, after the replica has applied minIndex.
 func (s gatewayServer) gatewayRead(c pb.Consistency, minIndex uint64) clusterMetadata {
@@ -180,7 +192,7 @@ func (s gatewayServer) GetManifest(ctx context.Context, req *pb.GetManifestReque
 	if err == nil {
 		m, err = md.Manifest(ctx, req.Repository, dgst)
 	}
-	r, gerr := answer(err)
+	r, gerr := readAnswer(err)
 	if gerr != nil {
 		return nil, gerr
 	}
@@ -189,7 +201,7 @@ func (s gatewayServer) GetManifest(ctx context.Context, req *pb.GetManifestReque
 
 func (s gatewayServer) GetTag(ctx context.Context, req *pb.GetTagRequest) (*pb.GetTagResponse, error) {
 	d, err := s.gatewayRead(req.Consistency, req.MinIndex).Tag(ctx, req.Repository, req.Tag)
-	r, gerr := answer(err)
+	r, gerr := readAnswer(err)
 	if gerr != nil {
 		return nil, gerr
 	}
@@ -198,7 +210,7 @@ func (s gatewayServer) GetTag(ctx context.Context, req *pb.GetTagRequest) (*pb.G
 
 func (s gatewayServer) ListTags(ctx context.Context, req *pb.ListRequest) (*pb.ListResponse, error) {
 	items, err := s.gatewayRead(req.Consistency, req.MinIndex).Tags(ctx, req.Repository, req.After, int(req.Limit))
-	r, gerr := answer(err)
+	r, gerr := readAnswer(err)
 	if gerr != nil {
 		return nil, gerr
 	}
@@ -207,7 +219,7 @@ func (s gatewayServer) ListTags(ctx context.Context, req *pb.ListRequest) (*pb.L
 
 func (s gatewayServer) ListRepositories(ctx context.Context, req *pb.ListRequest) (*pb.ListResponse, error) {
 	items, err := s.gatewayRead(req.Consistency, req.MinIndex).Repositories(ctx, req.After, int(req.Limit))
-	r, gerr := answer(err)
+	r, gerr := readAnswer(err)
 	if gerr != nil {
 		return nil, gerr
 	}
@@ -216,7 +228,7 @@ func (s gatewayServer) ListRepositories(ctx context.Context, req *pb.ListRequest
 
 func (s gatewayServer) ListReferrers(ctx context.Context, req *pb.ListReferrersRequest) (*pb.ListReferrersResponse, error) {
 	refs, err := s.gatewayRead(req.Consistency, req.MinIndex).Referrers(ctx, req.Repository, req.Subject)
-	r, gerr := answer(err)
+	r, gerr := readAnswer(err)
 	if gerr != nil {
 		return nil, gerr
 	}
@@ -225,7 +237,7 @@ func (s gatewayServer) ListReferrers(ctx context.Context, req *pb.ListReferrersR
 
 func (s gatewayServer) GetLinkedBlob(ctx context.Context, req *pb.GetLinkedBlobRequest) (*pb.GetLinkedBlobResponse, error) {
 	b, err := s.gatewayRead(req.Consistency, req.MinIndex).LinkedBlob(ctx, req.Repository, req.Digest)
-	r, gerr := answer(err)
+	r, gerr := readAnswer(err)
 	if gerr != nil {
 		return nil, gerr
 	}
