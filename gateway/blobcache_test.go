@@ -122,6 +122,43 @@ func cacheCount(c *blobCache, result string) int {
 	return int(metricValue(c.metrics.requests.WithLabelValues(result)))
 }
 
+// waitCacheCount waits up to 10 s until the cache has answered n reads
+// with result.
+func waitCacheCount(t *testing.T, c *blobCache, result string, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); cacheCount(c, result) < n; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("readers did not all reach the cache: %d %s, want %d", cacheCount(c, result), result, n)
+		}
+	}
+}
+
+// committedInCache commits content to store and returns a cache (filling
+// on first reads, closed at the test's end) wrapping it, the wrapped
+// driver, and the blob's digest.
+func committedInCache(t *testing.T, store replication.Driver, content []byte) (*blobCache, replication.Driver, digest.Digest) {
+	t.Helper()
+	c, err := newBlobCache(BlobCacheConfig{MaxBytes: 64 << 20, Dir: t.TempDir(), FillOnFirstRead: true}, slog.New(slog.DiscardHandler), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.close() })
+	cd := c.wrap("local", store)
+	d := digest.FromBytes(content)
+	ctx := context.Background()
+	id, err := cd.StartUpload(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cd.WriteUpload(ctx, id, 0, bytes.NewReader(content)); err != nil {
+		t.Fatal(err)
+	}
+	if err := cd.CommitUpload(ctx, id, int64(len(content)), d); err != nil {
+		t.Fatal(err)
+	}
+	return c, cd, d
+}
+
 // getBlobBody GETs a blob with the client's own context and returns the body.
 func getBlobBody(ctx context.Context, h *harness, d digest.Digest, header ...string) ([]byte, error) {
 	req, err := http.NewRequestWithContext(ctx, "GET", h.srv.URL+"/v2/app/blobs/"+d.String(), nil)
@@ -161,16 +198,7 @@ func TestBlobCacheFanOut(t *testing.T) {
 	bodies := make([][]byte, readers)
 	errs := make([]error, readers)
 	var wg sync.WaitGroup
-	waitCount := func(result string, n int) {
-		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
-		for cacheCount(c, result) < n {
-			if time.Now().After(deadline) {
-				t.Fatalf("readers did not all reach the cache: %d %s, want %d", cacheCount(c, result), result, n)
-			}
-			time.Sleep(time.Millisecond)
-		}
-	}
+	waitCount := func(result string, n int) { t.Helper(); waitCacheCount(t, c, result, n) }
 	// The reader that starts the fill hangs up after its first bytes: the
 	// fill goes on for the others.
 	quitter, quit := context.WithCancel(context.Background())
@@ -285,14 +313,7 @@ func TestBlobCacheFillsFromTheSecondRead(t *testing.T) {
 			bodies[i], errs[i] = getBlobBody(context.Background(), h, d2)
 		}()
 	}
-	waitCount := func(result string, n int) {
-		t.Helper()
-		for deadline := time.Now().Add(10 * time.Second); cacheCount(c, result) < n; time.Sleep(time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("%d %s, want %d", cacheCount(c, result), result, n)
-			}
-		}
-	}
+	waitCount := func(result string, n int) { t.Helper(); waitCacheCount(t, c, result, n) }
 	start(0)
 	waitCount("first", 2)
 	start(1)
@@ -353,22 +374,9 @@ func TestBlobCacheFillsFromTheSecondRead(t *testing.T) {
 // never get the blob's last byte; the next read fetches again.
 func TestBlobCacheVerifiesDigest(t *testing.T) {
 	store := &gatedStore{Driver: newFS(t)}
-	c, err := newBlobCache(BlobCacheConfig{MaxBytes: 64 << 20, Dir: t.TempDir(), FillOnFirstRead: true}, slog.New(slog.DiscardHandler), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.close()
-	cd := c.wrap("local", store)
 	content := randomBytes(3 << 20)
-	d := digest.FromBytes(content)
+	c, cd, d := committedInCache(t, store, content)
 	ctx := context.Background()
-	id, _ := cd.StartUpload(ctx)
-	if _, err := cd.WriteUpload(ctx, id, 0, bytes.NewReader(content)); err != nil {
-		t.Fatal(err)
-	}
-	if err := cd.CommitUpload(ctx, id, int64(len(content)), d); err != nil {
-		t.Fatal(err)
-	}
 
 	store.corrupt = true
 	rc, err := cd.Open(ctx, d, 0)
@@ -477,22 +485,9 @@ func TestBlobCacheBound(t *testing.T) {
 // context ends, without ending the fill for the others.
 func TestBlobCacheReaderLeavesStalledFill(t *testing.T) {
 	store := &gatedStore{Driver: newFS(t)}
-	c, err := newBlobCache(BlobCacheConfig{MaxBytes: 64 << 20, Dir: t.TempDir(), FillOnFirstRead: true}, slog.New(slog.DiscardHandler), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.close()
-	cd := c.wrap("local", store)
 	content := randomBytes(1 << 20)
-	d := digest.FromBytes(content)
+	_, cd, d := committedInCache(t, store, content)
 	bg := context.Background()
-	id, _ := cd.StartUpload(bg)
-	if _, err := cd.WriteUpload(bg, id, 0, bytes.NewReader(content)); err != nil {
-		t.Fatal(err)
-	}
-	if err := cd.CommitUpload(bg, id, int64(len(content)), d); err != nil {
-		t.Fatal(err)
-	}
 	gate := make(chan struct{})
 	store.gate = gate
 	ctx, cancel := context.WithCancel(bg)

@@ -22,13 +22,7 @@ import (
 // committed only with the leader's next append, so without the follower
 // waiting for its own acknowledged writes the list is often stale.
 func TestFollowerReadsItsOwnWrites(t *testing.T) {
-	c := clustertest.New(t, 3)
-	ctx := within(t, 2*time.Minute)
-	leader, err := c.Leader(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	follower := (leader + 1) % 3
+	c, ctx, _, follower := threeNodes(t)
 	client := c.Client()
 	const repo = "ryw/app"
 	blobs := pushBlobs(t, ctx, c, follower, repo)
@@ -56,13 +50,7 @@ func TestFollowerReadsItsOwnWrites(t *testing.T) {
 // off while the tag moves through the leader, so its replica is stale for
 // certain; the same read without min_index shows the stale value.
 func TestGatewayReadWaitsForMinIndex(t *testing.T) {
-	c := clustertest.New(t, 3)
-	ctx := within(t, 2*time.Minute)
-	leader, err := c.Leader(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	follower := (leader + 1) % 3
+	c, ctx, leader, follower := threeNodes(t)
 	client := c.Client()
 	const repo = "ryw/gw"
 	blobs := pushBlobs(t, ctx, c, leader, repo)
@@ -126,6 +114,19 @@ func TestGatewayReadWaitsForMinIndex(t *testing.T) {
 		t.Fatalf("at a min_index beyond the log, the follower answered %q, %v, %v; want %s", d, res, err, digestOf(bodyB))
 	}
 	t.Logf("a read at a min_index beyond the log answered after %v", time.Since(start).Round(time.Millisecond))
+}
+
+// threeNodes starts a three-node cluster and returns it with a context
+// for the test, its leader and a follower.
+func threeNodes(t *testing.T) (c *clustertest.Cluster, ctx context.Context, leader, follower int) {
+	t.Helper()
+	c = clustertest.New(t, 3)
+	ctx = within(t, 2*time.Minute)
+	leader, err := c.Leader(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, ctx, leader, (leader + 1) % 3
 }
 
 // listTags is GET /v2/<repo>/tags/list.
