@@ -44,21 +44,31 @@ func (c *rangedGETs) take() (gets, parts int) {
 	return gets, parts
 }
 
+// part is the read part size of partedS3's drivers.
+const part = 64 << 10
+
+// partedS3 is an S3 driver on a new bucket of a real S3 server, reached
+// through a fault proxy, that reads blobs of more than part bytes in
+// parts; tweak adjusts the rest of its configuration.
+func partedS3(t *testing.T, bucket string, tweak func(*replication.S3Config)) (*replication.S3, *s3test.FaultProxy, *s3test.Server) {
+	t.Helper()
+	srv := s3test.Start(t)
+	srv.CreateBucket(t, bucket)
+	proxy := s3test.NewFaultProxy(t, srv.Endpoint())
+	return newS3(t, srv, bucket, "", func(c *replication.S3Config) {
+		c.Endpoint = proxy.Addr()
+		c.ReadPartSize = part
+		tweak(c)
+	}), proxy, srv
+}
+
 // TestS3ParallelRead reads a blob of several read parts from offsets
 // around part boundaries: the bytes are the blob's, they come from ranged
 // GETs of one part each, and every buffer is back once the readers close.
 func TestS3ParallelRead(t *testing.T) {
-	srv := s3test.Start(t)
-	srv.CreateBucket(t, "parallel")
-	proxy := s3test.NewFaultProxy(t, srv.Endpoint())
+	d, proxy, _ := partedS3(t, "parallel", func(c *replication.S3Config) { c.ReadBuffers = 8 })
 	var count rangedGETs
 	proxy.SetObserver(count.observe)
-	const part = 64 << 10
-	d := newS3(t, srv, "parallel", "", func(c *replication.S3Config) {
-		c.Endpoint = proxy.Addr()
-		c.ReadPartSize = part
-		c.ReadBuffers = 8
-	})
 	content := s3Random(40, 20*part+12345)
 	dgst := s3Push(t, d, content)
 	count.take()
@@ -115,17 +125,9 @@ func TestS3ParallelRead(t *testing.T) {
 // buffers allow: those that find none stream a single GET, and all read
 // their blob whole.
 func TestS3ParallelReadBudget(t *testing.T) {
-	srv := s3test.Start(t)
-	srv.CreateBucket(t, "budget")
-	proxy := s3test.NewFaultProxy(t, srv.Endpoint())
+	d, proxy, _ := partedS3(t, "budget", func(c *replication.S3Config) { c.ReadBuffers = 4 }) // one reader's read-ahead
 	var count rangedGETs
 	proxy.SetObserver(count.observe)
-	const part = 64 << 10
-	d := newS3(t, srv, "budget", "", func(c *replication.S3Config) {
-		c.Endpoint = proxy.Addr()
-		c.ReadPartSize = part
-		c.ReadBuffers = 4 // one reader's read-ahead
-	})
 	content := s3Random(41, 10*part+1)
 	dgst := s3Push(t, d, content)
 	count.take()
@@ -160,15 +162,7 @@ func TestS3ParallelReadBudget(t *testing.T) {
 // object shorter than its link says, fails the read instead of ending it
 // early, and that a failing first part fails Open.
 func TestS3ParallelReadFailures(t *testing.T) {
-	srv := s3test.Start(t)
-	srv.CreateBucket(t, "failures")
-	proxy := s3test.NewFaultProxy(t, srv.Endpoint())
-	const part = 64 << 10
-	d := newS3(t, srv, "failures", "", func(c *replication.S3Config) {
-		c.Endpoint = proxy.Addr()
-		c.ReadPartSize = part
-		c.MaxRetries = 1
-	})
+	d, proxy, srv := partedS3(t, "failures", func(c *replication.S3Config) { c.MaxRetries = 1 })
 	content := s3Random(42, 8*part)
 	dgst := s3Push(t, d, content)
 
@@ -230,9 +224,7 @@ func TestS3ParallelReadFailures(t *testing.T) {
 // past the stretch's end (a small range of a large blob costs one small
 // GET, not a read part and its read-ahead).
 func TestS3OpenRange(t *testing.T) {
-	srv := s3test.Start(t)
-	srv.CreateBucket(t, "ranges")
-	proxy := s3test.NewFaultProxy(t, srv.Endpoint())
+	d, proxy, _ := partedS3(t, "ranges", func(c *replication.S3Config) { c.ReadBuffers = 8 })
 	var mu sync.Mutex
 	var ranges []string
 	proxy.SetObserver(func(r *http.Request) {
@@ -249,12 +241,6 @@ func TestS3OpenRange(t *testing.T) {
 		ranges = nil
 		return out
 	}
-	const part = 64 << 10
-	d := newS3(t, srv, "ranges", "", func(c *replication.S3Config) {
-		c.Endpoint = proxy.Addr()
-		c.ReadPartSize = part
-		c.ReadBuffers = 8
-	})
 	var ro replication.RangeOpener = d
 	content := s3Random(43, 20*part+12345)
 	dgst := s3Push(t, d, content)

@@ -234,7 +234,12 @@ func (c *benchCluster) mtlsLabel() string {
 
 // gatewayStatus is the gateway's view of the nodes (GET /status).
 func (c *benchCluster) gatewayStatus(ctx context.Context) (*pb.GatewayStatus, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.gw.base+"/status", nil)
+	return fetchGatewayStatus(ctx, c.gw.base)
+}
+
+// fetchGatewayStatus GETs /status from the gateway at base.
+func fetchGatewayStatus(ctx context.Context, base string) (*pb.GatewayStatus, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/status", nil)
 	if err != nil {
 		return nil, err
 	}

@@ -172,20 +172,7 @@ func gwe2eStartClusterTLS(tb testing.TB, mtls bool) *gwe2eCluster {
 
 // gatewayStatus is the gateway's view of the nodes (its GET /status).
 func (c *gwe2eCluster) gatewayStatus() (*pb.GatewayStatus, error) {
-	resp, err := http.Get(c.gw.url("/status"))
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET /status: %s: %s", resp.Status, b)
-	}
-	st := &pb.GatewayStatus{}
-	return st, protojson.UnmarshalOptions{DiscardUnknown: true}.Unmarshal(b, st)
+	return fetchGatewayStatus(context.Background(), c.gw.url(""))
 }
 
 // preferred is the node the gateway sends metadata reads to now.
